@@ -1,0 +1,234 @@
+"""`vitedge export`: PyTorch ViT -> ONNX, proven against PyTorch before it is written.
+
+The file is produced in a scratch folder, checked with ``onnx.checker``, run by ONNX Runtime on the
+same random and real inputs as PyTorch, and only then moved to its destination together with its
+manifest.  A failed check leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._io import atomic_dir, commit_files
+from .errors import VitedgeError
+from .manifest import Manifest, TensorSpec
+from .models.loading import ModelSpec, load_model
+
+log = logging.getLogger("vitedge")
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 18
+MIN_OPSET, MAX_OPSET = 13, 21
+_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf caps a file at 2 GB; stay well below
+
+
+@dataclass
+class Tolerance:
+    atol: float = 1e-4
+    rtol: float = 1e-3  # relative to the largest reference magnitude
+
+    def limit(self, ref: np.ndarray) -> float:
+        return self.atol + self.rtol * float(np.abs(ref).max())
+
+
+def compare_outputs(ref: np.ndarray, out: np.ndarray) -> dict:
+    """Agreement numbers between a reference and a candidate output (same shape)."""
+    ref = np.asarray(ref, np.float64)
+    out = np.asarray(out, np.float64)
+    diff = np.abs(ref - out)
+    a, b = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    noise = ((a - b) ** 2).sum()
+    snr = float("inf") if noise == 0 else float(10 * np.log10((a**2).sum() / noise))
+    res = {
+        "max_abs_error": float(diff.max()),
+        "max_rel_error": float(diff.max() / (np.abs(ref).max() + 1e-12)),
+        "mean_abs_error": float(diff.mean()),
+        "cosine_min": float(cos.min()),
+        "cosine_mean": float(cos.mean()),
+        "snr_db": snr,
+        "finite": bool(np.isfinite(out).all()),
+    }
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        res["top1_agreement"] = float((ref.argmax(1) == out.argmax(1)).mean())
+    return res
+
+
+def _verification_inputs(spec: ModelSpec, images: list[Path] | None, batch: int | None) -> dict[str, np.ndarray]:
+    h, w = spec.preprocessing.img_size
+    c = spec.config.in_channels if spec.config else 3
+    n = batch or 2
+    rng = np.random.default_rng(0)
+    sets = {"random": rng.standard_normal((n, c, h, w)).astype(np.float32)}
+    if images:
+        arr = spec.preprocessing.batch(images[: max(n, 4)])
+        if batch:  # fixed batch: use exactly that many
+            idx = np.arange(batch) % len(arr)
+            arr = arr[idx]
+        sets["images"] = arr
+    return sets
+
+
+def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, external: bool) -> None:
+    with warnings.catch_warnings(), _quiet_torch_onnx():
+        warnings.simplefilter("ignore")
+        if opset >= 17:
+            kw = {"dynamic_shapes": {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}} if dynamic_batch else {}
+            prog = torch.onnx.export(
+                model, (dummy,), None, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], verbose=False, **kw,
+            )
+            prog.save(str(path), external_data=external)
+        else:  # opsets below 17 only exist in the TorchScript exporter
+            kw = {"dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}} if dynamic_batch else {}
+            torch.onnx.export(
+                model, (dummy,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], do_constant_folding=True, **kw,
+            )
+
+
+class _quiet_torch_onnx:
+    """The torch.onnx exporter logs progress lines at WARNING/INFO; keep the CLI readable."""
+
+    def __enter__(self):
+        self._levels = {}
+        for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+            lg = logging.getLogger(name)
+            self._levels[name] = lg.level
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for name, lvl in self._levels.items():
+            logging.getLogger(name).setLevel(lvl)
+
+
+def _tensor_specs(model_proto) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    from onnx import helper
+
+    def spec(v):
+        dims = [d.dim_param or d.dim_value if (d.dim_param or d.dim_value) else "?" for d in v.type.tensor_type.shape.dim]
+        return TensorSpec(v.name, dims, helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name)
+
+    return [spec(v) for v in model_proto.graph.input], [spec(v) for v in model_proto.graph.output]
+
+
+def embed_metadata(model_proto, manifest: Manifest) -> None:
+    """Put the manifest essentials into the ONNX file itself (survives without the sidecar)."""
+    essentials = {
+        "model": manifest.model, "preprocessing": manifest.preprocessing, "labels": manifest.labels,
+        "task": manifest.task, "precision": manifest.precision,
+    }
+    keep = [p for p in model_proto.metadata_props if p.key != "vitedge"]
+    del model_proto.metadata_props[:]
+    model_proto.metadata_props.extend(keep)
+    entry = model_proto.metadata_props.add()
+    entry.key, entry.value = "vitedge", json.dumps(essentials)
+
+
+def ort_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise VitedgeError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:240]}") from None
+
+
+def export_onnx(
+    model: "str | Path | torch.nn.Module | ModelSpec",
+    output: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    batch: int | None = None,
+    img_size: int | None = None,
+    images: list[Path] | None = None,
+    tolerance: Tolerance | None = None,
+) -> tuple[Path, Manifest]:
+    """Export to ONNX and verify it.  ``batch=None`` means dynamic batch.
+
+    Returns the ONNX path and its manifest (also written as ``<stem>.vitedge.json``).
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise VitedgeError(f"opset {opset} is not supported", f"choose an opset from {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+    if batch is not None and batch < 1:
+        raise VitedgeError(f"batch {batch} must be >= 1 (or 'dynamic')")
+    spec = model if isinstance(model, ModelSpec) else load_model(model, img_size=img_size)
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise VitedgeError(f"output {output} must end in .onnx")
+    tolerance = tolerance or Tolerance()
+    torch_model = spec.model.eval()
+    h, w = spec.preprocessing.img_size
+    c = spec.config.in_channels if spec.config else 3
+    dummy = torch.zeros(batch or 2, c, h, w)
+    n_bytes = sum(p.numel() * p.element_size() for p in torch_model.parameters())
+    external = n_bytes > _EXTERNAL_DATA_BYTES
+
+    inputs = _verification_inputs(spec, images, batch)
+    with torch.inference_mode():
+        refs = {k: torch_model(torch.from_numpy(v)).numpy() for k, v in inputs.items()}
+    if not all(np.isfinite(r).all() for r in refs.values()):
+        raise VitedgeError("the PyTorch model itself produces NaN/inf on the verification inputs", "check the weights")
+
+    import onnx
+
+    with atomic_dir(output.parent) as scratch:
+        tmp = scratch / output.name
+        try:
+            with torch.no_grad():
+                _torch_export(torch_model, dummy, tmp, opset, batch is None, external)
+        except Exception as exc:
+            raise VitedgeError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+        try:
+            onnx.checker.check_model(str(tmp))  # path form handles external data / >2 GB
+        except onnx.checker.ValidationError as exc:
+            raise VitedgeError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+        sess = ort_session(tmp)
+        in_name = sess.get_inputs()[0].name
+        checks = {}
+        for key, x in inputs.items():
+            out = sess.run(None, {in_name: x})[0]
+            res = compare_outputs(refs[key], out)
+            res["tolerance"] = tolerance.limit(refs[key])
+            res["passed"] = bool(res["finite"] and res["max_abs_error"] <= res["tolerance"])
+            res["batch"] = int(x.shape[0])
+            checks[key] = res
+        del sess
+        failed = [k for k, r in checks.items() if not r["passed"]]
+        if failed:
+            r = checks[failed[0]]
+            raise VitedgeError(
+                f"ONNX output differs from PyTorch on {failed[0]} inputs: max abs error {r['max_abs_error']:.3g} > tolerance {r['tolerance']:.3g}",
+                "try another --opset; report the model if it persists",
+            )
+
+        proto = onnx.load(str(tmp), load_external_data=False)
+        ins, outs = _tensor_specs(proto)
+        manifest = Manifest(
+            artifact=output.name, format="onnx", precision="fp32", backend=None,
+            task="classification" if (spec.config and spec.config.num_classes) or spec.labels else "features",
+            model=spec.model_info(), preprocessing=spec.preprocessing.to_dict(), labels=spec.labels,
+            inputs=ins, outputs=outs, opset=opset, assumptions=list(spec.notes),
+            verification={"reference": "pytorch-fp32", "checks": checks, "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol}},
+        )
+        embed_metadata(proto, manifest)
+        onnx.save(proto, str(tmp))  # external-data references are kept (load_external_data=False)
+        files = sorted(p.name for p in scratch.iterdir())
+        manifest.hash_files(scratch, files)
+        manifest.save(scratch / output.name)
+        side = Manifest.sidecar_path(output).name
+        commit_files(scratch, {f: output.parent / f for f in files + [side]})
+    return output, manifest

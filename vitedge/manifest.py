@@ -1,0 +1,156 @@
+"""The manifest: what an artifact is, how to feed it, and how it was proven.
+
+Every artifact vitedge writes (ONNX file, OpenVINO IR, TensorRT engine) gets a JSON sidecar
+``<stem>.vitedge.json`` next to it.  It records the model config, the preprocessing and labels (so
+the artifact can be served without guessing), input/output names and shapes, precision, the file
+hashes, and the measured agreement with the FP32 reference.  Each step copies its parent's
+manifest and extends it, so the lineage (export -> quantize -> compile) stays readable.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ._io import sha256_file, write_json_atomic
+from .errors import VitedgeError
+
+MANIFEST_SUFFIX = ".vitedge.json"
+SCHEMA_VERSION = 1
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("vitedge", "torch", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    out["python"] = platform.python_version()
+    return out
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list  # ints, or strings for dynamic dims ("batch")
+    dtype: str = "float32"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], list(d["shape"]), d.get("dtype", "float32"))
+
+
+@dataclass
+class Manifest:
+    artifact: str  # file name, relative to the manifest's folder
+    format: str  # onnx | openvino | openvino-blob | tensorrt
+    precision: str = "fp32"  # fp32 | fp16 | bf16 | int8 | mixed
+    backend: str | None = None  # onnxruntime | openvino | tensorrt (what the artifact is built for)
+    task: str = "classification"  # classification | features (non-classifier outputs)
+    model: dict = field(default_factory=dict)  # {"family": "vit", "config": {...}, "source": ...}
+    preprocessing: dict = field(default_factory=dict)
+    labels: list[str] | None = None
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    opset: int | None = None
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    verification: dict = field(default_factory=dict)
+    quantization: dict = field(default_factory=dict)
+    compile: dict = field(default_factory=dict)
+    assumptions: list[str] = field(default_factory=list)
+    lineage: list[dict] = field(default_factory=list)  # parents, oldest first
+    versions: dict = field(default_factory=library_versions)
+    created: str = field(default_factory=_now)
+    schema_version: int = SCHEMA_VERSION
+
+    # -- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        d = dict(d)
+        d["inputs"] = [TensorSpec.from_dict(t) for t in d.get("inputs", [])]
+        d["outputs"] = [TensorSpec.from_dict(t) for t in d.get("outputs", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    # -- locations --------------------------------------------------------------------------
+    @staticmethod
+    def sidecar_path(artifact: str | Path) -> Path:
+        artifact = Path(artifact)
+        return artifact.with_name(artifact.stem + MANIFEST_SUFFIX)
+
+    def save(self, artifact_path: str | Path) -> Path:
+        """Write the sidecar next to ``artifact_path`` (atomically)."""
+        path = self.sidecar_path(artifact_path)
+        write_json_atomic(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise VitedgeError(f"manifest {path} does not exist") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise VitedgeError(f"manifest {path} is not a valid vitedge manifest ({exc})", "re-create it with vitedge") from None
+
+    @classmethod
+    def find(cls, path: str | Path) -> tuple[Path, "Manifest | None"]:
+        """Locate an artifact and its manifest from a file, a sidecar or a bundle folder.
+
+        Returns ``(artifact_path, manifest_or_None)``.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise VitedgeError(f"{path} does not exist")
+        if path.is_dir():
+            candidates = [path / f"engine{MANIFEST_SUFFIX}"] if (path / f"engine{MANIFEST_SUFFIX}").exists() else sorted(path.glob(f"*{MANIFEST_SUFFIX}"))
+            if len(candidates) != 1:
+                raise VitedgeError(
+                    f"folder {path} holds {len(candidates)} vitedge manifests",
+                    "point to the artifact file itself, or keep one engine.vitedge.json in the folder",
+                )
+            man = cls.load(candidates[0])
+            return path / man.artifact, man
+        if path.name.endswith(MANIFEST_SUFFIX):
+            man = cls.load(path)
+            return path.parent / man.artifact, man
+        side = cls.sidecar_path(path)
+        return path, (cls.load(side) if side.exists() else None)
+
+    # -- derivation -------------------------------------------------------------------------
+    def derive(self, artifact: str, fmt: str, **changes) -> "Manifest":
+        """A child manifest: same model and preprocessing, parent recorded in the lineage."""
+        child = copy.deepcopy(self)
+        child.lineage = list(self.lineage) + [
+            {"artifact": self.artifact, "format": self.format, "precision": self.precision, "files": dict(self.files)}
+        ]
+        child.artifact, child.format = artifact, fmt
+        child.files, child.verification, child.created = {}, {}, _now()
+        child.versions = library_versions()
+        for k, v in changes.items():
+            setattr(child, k, v)
+        return child
+
+    def hash_files(self, folder: Path, names: list[str]) -> None:
+        self.files = {n: sha256_file(folder / n) for n in names}
+
+    @property
+    def preprocessing_obj(self):
+        from .preprocess import Preprocessing
+
+        return Preprocessing.from_dict(self.preprocessing) if self.preprocessing else None

@@ -1,0 +1,357 @@
+"""Load a trained ViT from local files into a :class:`ModelSpec`.  Nothing is ever downloaded.
+
+Supported sources (tried in this order):
+
+* a preset name (``vit_tiny`` ... ``vit_huge``): random weights, for trials and speed tests;
+* a ``torch.nn.Module`` (Python API only);
+* vitedge's own checkpoint: a ``.safetensors`` file whose metadata carries the config,
+  preprocessing and labels (written by :func:`save_checkpoint`);
+* a timm-style ViT/DeiT state dict (``.pth``/``.pt``/``.bin``/``.safetensors``): config inferred
+  from tensor shapes;
+* a Hugging Face ``ViTForImageClassification`` folder (``config.json`` + weights, optional
+  ``preprocessor_config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import VitedgeError
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .vit import PRESETS, ViTConfig, VisionTransformer, preset_config
+
+CHECKPOINT_METADATA_KEY = "vitedge"
+
+
+@dataclass
+class ModelSpec:
+    """A PyTorch model plus everything needed to deploy it."""
+
+    model: nn.Module
+    preprocessing: Preprocessing
+    config: ViTConfig | None = None  # None for a generic nn.Module
+    labels: list[str] | None = None
+    source: str = "<module>"
+    notes: list[str] = field(default_factory=list)  # what the loader had to assume
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.config.num_classes if self.config else (len(self.labels) if self.labels else None)
+
+    def model_info(self) -> dict:
+        info = {"family": "vit" if self.config else "module", "source": self.source}
+        if self.config:
+            info["config"] = self.config.to_dict()
+        return info
+
+
+# ------------------------------------------------------------------------------------------
+# vitedge checkpoint
+# ------------------------------------------------------------------------------------------
+def save_checkpoint(spec: ModelSpec, path: str | Path) -> Path:
+    """Write weights + config + preprocessing + labels as one ``.safetensors`` file."""
+    from safetensors.torch import save_file
+
+    from .._io import atomic_output
+
+    if spec.config is None:
+        raise VitedgeError("only vitedge VisionTransformer models can be saved as vitedge checkpoints")
+    meta = {
+        "config": spec.config.to_dict(),
+        "preprocessing": spec.preprocessing.to_dict(),
+        "labels": spec.labels,
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in spec.model.state_dict().items()}
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata={CHECKPOINT_METADATA_KEY: json.dumps(meta)})
+    return path
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise VitedgeError(f"{path} is not a readable safetensors file ({exc})") from None
+    return tensors, meta
+
+
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt/pickled files
+        raise VitedgeError(
+            f"{path} cannot be read as a PyTorch state dict ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+            "save weights with torch.save(model.state_dict(), path) or as .safetensors",
+        ) from None
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise VitedgeError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}, {}
+
+
+# ------------------------------------------------------------------------------------------
+# timm layout
+# ------------------------------------------------------------------------------------------
+_HEAD_DIM_BY_WIDTH = {1280: 80}  # ViT-H/14 uses 16 heads of 80; the other standard sizes use 64
+
+
+def _infer_timm_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int | None) -> tuple[ViTConfig, list[str]]:
+    notes = []
+    for unsupported, what in (("dist_token", "distilled DeiT (two heads)"), ("reg_token", "ViT with register tokens"),
+                              ("fc_norm.weight", "global-pool ViT (no CLS head)"), ("norm_pre.weight", "CLIP-style ViT")):
+        if unsupported in sd:
+            raise VitedgeError(f"{path} is a {what}, which is not the classic ViT vitedge supports", "use a CLS-token ViT/DeiT checkpoint")
+    w = sd["patch_embed.proj.weight"]
+    d_model, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
+    if w.shape[2] != w.shape[3]:
+        raise VitedgeError(f"{path}: non-square patches {tuple(w.shape[2:])} are not supported")
+    layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if not layers:
+        raise VitedgeError(f"{path} has a patch embedding but no 'blocks.N' encoder layers")
+    n_tokens = sd["pos_embed"].shape[1]
+    grid = int(round((n_tokens - 1) ** 0.5))
+    if grid * grid != n_tokens - 1:
+        raise VitedgeError(f"{path}: pos_embed of {n_tokens} tokens is not CLS + a square patch grid")
+    if num_heads is None:
+        num_heads = d_model // _HEAD_DIM_BY_WIDTH.get(d_model, 64)
+        notes.append(f"num_heads={num_heads} assumed from width {d_model} (pass num_heads to override)")
+    head = sd.get("head.weight")
+    cfg = ViTConfig(
+        img_size=grid * patch, patch_size=patch, in_channels=in_ch,
+        num_classes=head.shape[0] if head is not None else 0, d_model=d_model, num_heads=num_heads,
+        num_layers=len(layers), d_ff=sd["blocks.0.mlp.fc1.weight"].shape[0], dropout=0.0,
+        layer_norm_eps=1e-6, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+    )
+    return cfg, notes
+
+
+# ------------------------------------------------------------------------------------------
+# Hugging Face layout
+# ------------------------------------------------------------------------------------------
+_HF_RENAMES = [
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    (r"^layernorm\.", "norm."),
+    (r"^classifier\.", "head."),
+]
+_HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.(?:attention|self)\.(query|key|value)\.(weight|bias)$")
+
+
+def hf_to_timm(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Rename HF ViT keys (transformers 4.x and 5.x) to the timm layout, fusing q/k/v."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        k = key.removeprefix("vit.")
+        if k.startswith("pooler."):
+            continue  # ViTModel's pooler is unused by the classifier
+        if m := _HF_QKV.match(k):
+            qkv.setdefault((int(m.group(1)), m.group(3)), {})[m.group(2)] = t
+            continue
+        for pat, rep in _HF_RENAMES:
+            new, n = re.subn(pat, rep, k)
+            if n:
+                out[new] = t
+                break
+        else:
+            raise VitedgeError(f"{path}: unexpected Hugging Face key {key!r}", "only ViTForImageClassification / ViTModel checkpoints are supported")
+    for (layer, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise VitedgeError(f"{path}: layer {layer} lacks one of query/key/value {kind}")
+        out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
+    return out
+
+
+def _hf_preprocessing(folder: Path, img_size: int) -> tuple[Preprocessing, list[str]]:
+    path = folder / "preprocessor_config.json"
+    if not path.exists():
+        return (
+            Preprocessing(img_size=img_size, resize=None, center_crop=False, interpolation="bilinear",
+                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+            ["no preprocessor_config.json: assumed ViTImageProcessor defaults (resize to size, bilinear, mean=std=0.5)"],
+        )
+    cfg = json.loads(path.read_text())
+    return preprocessing_from_hf(cfg, img_size), []
+
+
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "bilinear"}
+
+
+def preprocessing_from_hf(cfg: dict, img_size: int) -> Preprocessing:
+    """Preprocessing equal to a Hugging Face image-processor config (ViTImageProcessor and kin)."""
+    size = cfg.get("size", {})
+    crop = cfg.get("crop_size") if cfg.get("do_center_crop") else None
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    if crop:
+        target = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        resize = size.get("shortest_edge") or size.get("height")
+        center = True
+    elif "height" in size:
+        target, resize, center = (size["height"], size["width"]), None, False
+    else:
+        target, resize, center = (img_size, img_size), size.get("shortest_edge"), True
+    return Preprocessing(
+        img_size=target,
+        resize=resize if cfg.get("do_resize", True) else None,
+        center_crop=center,
+        interpolation=_PIL_RESAMPLE.get(cfg.get("resample", 2), "bilinear"),
+        mean=tuple(cfg.get("image_mean", IMAGENET_MEAN)) if cfg.get("do_normalize", True) else (0.0, 0.0, 0.0),
+        std=tuple(cfg.get("image_std", IMAGENET_STD)) if cfg.get("do_normalize", True) else (1.0, 1.0, 1.0),
+        scale=cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0,
+    )
+
+
+def _load_hf_folder(folder: Path) -> ModelSpec:
+    cfg_path = folder / "config.json"
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise VitedgeError(f"{cfg_path} is not valid JSON ({exc})") from None
+    if hf.get("model_type") not in ("vit", "deit"):
+        raise VitedgeError(f"{cfg_path}: model_type {hf.get('model_type')!r} is not a ViT", "vitedge loads model_type 'vit' (ViTForImageClassification)")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise VitedgeError(f"{cfg_path}: hidden_act {hf['hidden_act']!r} is not supported (only exact 'gelu')")
+    weights = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).exists()]
+    if not weights:
+        raise VitedgeError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin")
+    sd, _ = _read_state_dict(weights[0])
+    sd = hf_to_timm(sd, weights[0])
+    id2label = hf.get("id2label") or {}
+    num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    cfg = ViTConfig(
+        img_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 16), in_channels=hf.get("num_channels", 3),
+        num_classes=num_classes, d_model=hf["hidden_size"], num_heads=hf["num_attention_heads"],
+        num_layers=hf["num_hidden_layers"], d_ff=hf["intermediate_size"], dropout=0.0,
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12), qkv_bias=hf.get("qkv_bias", True),
+    )
+    model = _build(cfg, sd, weights[0])
+    labels = [id2label.get(str(i), str(i)) for i in range(num_classes)] if id2label else None
+    pre, notes = _hf_preprocessing(folder, cfg.img_size)
+    return ModelSpec(model, pre, cfg, labels, str(folder), notes)
+
+
+# ------------------------------------------------------------------------------------------
+def _build(cfg: ViTConfig, sd: dict[str, torch.Tensor], path: Path) -> VisionTransformer:
+    model = VisionTransformer.from_config(cfg)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise VitedgeError(f"{path}: weights do not match a ViT of the inferred config: {'; '.join(parts)}")
+    for k, t in sd.items():
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise VitedgeError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(own[k].shape)} for {cfg}")
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    return model.eval()
+
+
+def _labels_from(meta_labels, num_classes: int) -> list[str] | None:
+    if meta_labels and len(meta_labels) == num_classes:
+        return list(meta_labels)
+    return None
+
+
+def load_model(
+    source: "str | Path | nn.Module",
+    *,
+    img_size: int | None = None,
+    num_heads: int | None = None,
+    preprocessing: Preprocessing | None = None,
+    labels: list[str] | None = None,
+) -> ModelSpec:
+    """Load a ViT from a preset name, a module, a checkpoint file or a Hugging Face folder.
+
+    ``img_size`` changes the input resolution (position embeddings are interpolated);
+    ``preprocessing`` and ``labels`` override what the checkpoint says.
+    """
+    if isinstance(source, nn.Module):
+        spec = _from_module(source, img_size)
+    elif isinstance(source, str) and source.replace("-", "_").lower() in PRESETS and not Path(source).exists():
+        cfg = preset_config(source, **({"img_size": img_size} if img_size else {}))
+        model = VisionTransformer.from_config(cfg).eval()
+        spec = ModelSpec(model, Preprocessing.for_size(cfg.img_size), cfg, None, f"preset:{source}",
+                         ["random weights (preset): fine for shape and speed trials, meaningless predictions"])
+    else:
+        spec = _from_path(Path(source), num_heads)
+    if img_size and spec.config and img_size != spec.config.img_size:
+        if img_size % spec.config.patch_size:
+            raise VitedgeError(f"img_size {img_size} is not divisible by the patch size {spec.config.patch_size}")
+        spec.preprocessing = replace(spec.preprocessing, img_size=(img_size, img_size),
+                                     resize=None if spec.preprocessing.resize is None else int(round(img_size * spec.preprocessing.resize / spec.preprocessing.img_size[0])))
+        spec.notes.append(f"input resolution {img_size}: position embeddings interpolated from {spec.config.img_size}")
+    if preprocessing is not None:
+        spec.preprocessing = preprocessing
+    if labels is not None:
+        spec.labels = list(labels)
+    return spec
+
+
+def _from_module(module: nn.Module, img_size: int | None) -> ModelSpec:
+    module = module.eval()
+    if isinstance(module, VisionTransformer):
+        cfg = module.config
+        return ModelSpec(module, Preprocessing.for_size(img_size or cfg.img_size), cfg, None, type(module).__name__,
+                         ["preprocessing not given: assumed ImageNet mean/std, resize + center crop"])
+    if img_size is None:
+        raise VitedgeError(f"{type(module).__name__} is not a vitedge VisionTransformer", "pass img_size= so vitedge knows the input shape")
+    return ModelSpec(module, Preprocessing.for_size(img_size), None, None, type(module).__name__,
+                     ["generic nn.Module: preprocessing assumed ImageNet mean/std, resize + center crop"])
+
+
+def _from_path(path: Path, num_heads: int | None) -> ModelSpec:
+    if not path.exists():
+        hint = f"give a checkpoint file, a Hugging Face folder, or a preset: {', '.join(PRESETS)}"
+        raise VitedgeError(f"model {path} does not exist", hint)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return _load_hf_folder(path)
+        raise VitedgeError(f"folder {path} has no config.json", "a model folder must be a Hugging Face save_pretrained folder")
+    if path.suffix not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
+        raise VitedgeError(f"{path}: unknown model file type {path.suffix!r}", "use .safetensors, .pth, .pt or .bin")
+    sd, meta = _read_state_dict(path)
+    if CHECKPOINT_METADATA_KEY in meta:
+        info = json.loads(meta[CHECKPOINT_METADATA_KEY])
+        cfg = ViTConfig.from_dict(info["config"])
+        model = _build(cfg, sd, path)
+        pre = Preprocessing.from_dict(info["preprocessing"])
+        return ModelSpec(model, pre, cfg, _labels_from(info.get("labels"), cfg.num_classes), str(path))
+    if "patch_embed.proj.weight" in sd and "pos_embed" in sd:
+        cfg, notes = _infer_timm_config(sd, path, num_heads)
+        model = _build(cfg, sd, path)
+        notes.append("timm state dict: preprocessing assumed ImageNet mean/std, bicubic resize (crop 0.9)")
+        return ModelSpec(model, Preprocessing.for_size(cfg.img_size), cfg, None, str(path), notes)
+    if any(k.startswith(("vit.embeddings", "embeddings.patch_embeddings")) for k in sd):
+        raise VitedgeError(f"{path} looks like Hugging Face ViT weights", "load the whole save_pretrained folder (with config.json) instead of the weights file")
+    sample = ", ".join(list(sd)[:3])
+    raise VitedgeError(
+        f"{path} is not a ViT checkpoint vitedge knows (keys like {sample})",
+        "expected timm keys (patch_embed.proj, cls_token, pos_embed, blocks.N...) or a vitedge/Hugging Face checkpoint",
+    )

@@ -1,0 +1,227 @@
+"""The classic Vision Transformer (Dosovitskiy et al., 2020), written to export cleanly.
+
+Layout mirrors timm's ``VisionTransformer`` so that its state dicts map one to one:
+``patch_embed.proj`` (stride-P conv), ``cls_token``, ``pos_embed``, ``blocks.N`` (pre-norm
+attention + GELU MLP with residuals), ``norm`` and ``head`` on the CLS token.
+
+The default ``forward`` is plain tensor algebra (MatMul / Softmax / LayerNorm / Gelu) so every
+exporter and backend sees the same simple graph.  ``forward(x, return_attention=True)`` also
+returns the attention maps, per layer, as ``(batch, heads, tokens, tokens)`` tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything needed to rebuild a :class:`VisionTransformer`."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 1000
+    d_model: int = 768
+    num_heads: int = 12
+    num_layers: int = 12
+    d_ff: int = 3072
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ViTConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ViT config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+# name -> (d_model, num_heads, num_layers, d_ff); all patch 16.
+PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "vit_tiny": (192, 3, 12, 768),
+    "vit_small": (384, 6, 12, 1536),
+    "vit_base": (768, 12, 12, 3072),
+    "vit_large": (1024, 16, 24, 4096),
+    "vit_huge": (1280, 16, 32, 5120),
+}
+
+
+def preset_config(name: str, **overrides) -> ViTConfig:
+    """Config of a named preset (``vit_tiny`` ... ``vit_huge``), with optional overrides."""
+    key = name.replace("-", "_").lower()
+    if key not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    d, h, n, ff = PRESETS[key]
+    return ViTConfig(**{"patch_size": 16, "d_model": d, "num_heads": h, "num_layers": n, "d_ff": ff, **overrides})
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_channels: int, d_model: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, d_model, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, qkv_bias: bool, dropout: float):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
+        self.proj = nn.Linear(d_model, d_model)
+        self.attn_drop = nn.Dropout(dropout)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, hd)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = self.attn_drop(attn) @ v
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
+        return (out, attn) if return_attention else (out, None)
+
+
+class Mlp(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.qkv_bias, cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg.d_model, cfg.d_ff, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        y, attn = self.attn(self.norm1(x), return_attention)
+        x = x + y
+        x = x + self.mlp(self.norm2(x))
+        return x, attn
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier.  Accepts any input size divisible by ``patch_size``."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        num_classes: int = 1000,
+        d_model: int = 768,
+        num_heads: int = 12,
+        num_layers: int = 12,
+        d_ff: int = 3072,
+        dropout: float = 0.1,
+        layer_norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
+    ):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        self.config = ViTConfig(
+            img_size, patch_size, in_channels, num_classes, d_model, num_heads, num_layers, d_ff,
+            dropout, layer_norm_eps, qkv_bias,
+        )
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, in_channels, d_model)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d_model))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, d_model))
+        self.pos_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(self.config) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    @classmethod
+    def from_config(cls, cfg: ViTConfig) -> "VisionTransformer":
+        return cls(**cfg.to_dict())
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Position embeddings for a ``grid_h x grid_w`` patch grid (bicubic, CLS kept)."""
+        pos = self.pos_embed
+        n_trained = pos.shape[1] - 1
+        side = int(math.isqrt(n_trained))
+        if side * side != n_trained:
+            raise ValueError(f"trained position embedding of {n_trained} patches is not a square grid")
+        if (grid_h, grid_w) == (side, side):
+            return pos
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+        d = pos.shape[-1]
+        patch_pos = patch_pos.reshape(1, side, side, d).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, d)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def forward_features(self, x: torch.Tensor, return_attention: bool = False):
+        p = self.config.patch_size
+        h, w = x.shape[-2:]
+        if h % p or w % p:
+            raise ValueError(f"input size {h}x{w} is not divisible by the patch size {p}")
+        tokens = self.patch_embed(x)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, tokens], dim=1) + self.interpolate_pos_embed(h // p, w // p)
+        x = self.pos_drop(x)
+        maps = []
+        for blk in self.blocks:
+            x, attn = blk(x, return_attention)
+            if return_attention:
+                maps.append(attn)
+        return self.norm(x), maps
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        feats, maps = self.forward_features(x, return_attention)
+        logits = self.head(feats[:, 0])
+        return (logits, maps) if return_attention else logits
+
+
+def create_model(name: str, **overrides) -> VisionTransformer:
+    """Build a preset with random weights (for trials; train or load weights for real use)."""
+    return VisionTransformer.from_config(preset_config(name, **overrides))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["ViTConfig", "VisionTransformer", "PRESETS", "preset_config", "create_model", "count_parameters"]

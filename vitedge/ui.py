@@ -1,0 +1,31 @@
+"""Terminal output: one console for results (stdout), one for messages (stderr), progress bars."""
+
+from __future__ import annotations
+
+from typing import Iterable, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+T = TypeVar("T")
+
+
+def progress() -> Progress:
+    """A progress bar on stderr (hidden when stderr is not a terminal)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=err_console, transient=True,
+    )
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterable[T]:
+    with progress() as bar:
+        yield from bar.track(items, total=total, description=description)
+
+
+def note(message: str) -> None:
+    """An informational line on stderr (assumptions, choices made for the user)."""
+    err_console.print(f"[cyan]note:[/] {message}", soft_wrap=True)
