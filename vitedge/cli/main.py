@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 
@@ -10,7 +11,7 @@ from ..errors import VitedgeError
 from ..ui import console, err_console
 
 # sub-command modules; each defines a click command called ``command``
-_COMMANDS = ["export"]
+_COMMANDS = ["export", "quantize", "compile", "predict", "validate", "benchmark", "run", "recipes", "check"]
 
 
 class _Group(click.Group):
@@ -36,4 +37,5 @@ def main(verbose: bool) -> None:
 
 
 for _name in _COMMANDS:
-    main.add_command(importlib.import_module(f"{__package__}.{_name}").command)
+    if importlib.util.find_spec(f"{__package__}.{_name}") is not None:
+        main.add_command(importlib.import_module(f"{__package__}.{_name}").command)

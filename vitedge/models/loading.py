@@ -27,6 +27,8 @@ from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .vit import PRESETS, ViTConfig, VisionTransformer, preset_config
 
 CHECKPOINT_METADATA_KEY = "vitedge"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+REFERENCE_CHECKPOINT = ASSETS / "digits_vit.safetensors"  # trained by scripts/train_reference.py
 
 
 @dataclass
@@ -289,9 +291,13 @@ def load_model(
 ) -> ModelSpec:
     """Load a ViT from a preset name, a module, a checkpoint file or a Hugging Face folder.
 
+    ``"reference"`` names the shipped digits ViT (``vitedge/assets/digits_vit.safetensors``).
+
     ``img_size`` changes the input resolution (position embeddings are interpolated);
     ``preprocessing`` and ``labels`` override what the checkpoint says.
     """
+    if isinstance(source, str) and source == "reference" and not Path(source).exists():
+        source = REFERENCE_CHECKPOINT
     if isinstance(source, nn.Module):
         spec = _from_module(source, img_size)
     elif isinstance(source, str) and source.replace("-", "_").lower() in PRESETS and not Path(source).exists():

@@ -1,0 +1,66 @@
+"""Shared fixtures: the shipped reference model, its ONNX export, small random ViTs, data folders.
+
+Expensive artifacts are built once per session and must be treated as read-only by tests
+(copy them into ``tmp_path`` before modifying).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+ROOT = Path(__file__).resolve().parent.parent
+CALIB_DIR = ROOT / "calibration_data" / "digits" / "calib"
+VAL_DIR = ROOT / "calibration_data" / "digits" / "val"
+
+
+@pytest.fixture(scope="session")
+def calib_dir() -> Path:
+    return CALIB_DIR
+
+
+@pytest.fixture(scope="session")
+def val_dir() -> Path:
+    """Held-out labelled images of the reference model (class/image layout)."""
+    return VAL_DIR
+
+
+@pytest.fixture(scope="session")
+def ref_spec():
+    from vitedge import load_model
+
+    return load_model("reference")
+
+
+@pytest.fixture(scope="session")
+def ref_onnx(tmp_path_factory, ref_spec) -> Path:
+    """The reference model exported to FP32 ONNX (dynamic batch), with its manifest."""
+    from vitedge import export_onnx
+
+    out = tmp_path_factory.mktemp("ref") / "ref.onnx"
+    export_onnx(ref_spec, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    """A small random-weight ViT (shape tests only: its predictions mean nothing)."""
+    import torch
+
+    from vitedge import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=32, patch_size=16, num_classes=7, d_model=64, num_heads=2, num_layers=2, d_ff=128, dropout=0.0).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_vit) -> Path:
+    from vitedge import export_onnx
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    export_onnx(tiny_vit, out)
+    return out
