@@ -8,10 +8,11 @@ from .manifest import Manifest
 from .models.loading import ModelSpec, load_model, save_checkpoint
 from .models.vit import PRESETS, ViTConfig, VisionTransformer, create_model
 from .preprocess import Preprocessing
+from .runtime import load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable", "GateFailed", "Manifest", "ModelSpec", "PRESETS", "Preprocessing", "ViTConfig",
-    "VisionTransformer", "VitedgeError", "create_model", "export_onnx", "load_model", "save_checkpoint",
+    "VisionTransformer", "VitedgeError", "create_model", "export_onnx", "load", "load_model", "save_checkpoint",
 ]
