@@ -1,0 +1,392 @@
+"""Recipes: the whole pipeline (export -> quantize -> compile -> validate) in one YAML file.
+
+A recipe is validated against :data:`SCHEMA` (JSON Schema, checked with ``jsonschema``) when it
+is loaded; errors name the file, the line and the key.  Paths inside a recipe are relative to the
+recipe file.  :func:`run_recipe` runs the steps into one output folder; a step whose inputs
+(content hashes of its input files) and options are unchanged is not redone.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ._io import sha256_file, write_json_atomic
+from .errors import VitedgeError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+STATE_FILE = ".vitedge-run.json"
+
+_PATH = {"type": "string", "minLength": 1}
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "vitedge recipe",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "model", "steps"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$", "description": "short identifier"},
+        "description": {"type": "string", "description": "one line shown by `vitedge recipes`"},
+        "model": {
+            "description": "checkpoint file / Hugging Face folder (relative to the recipe), a preset name, 'reference', or an ONNX file",
+            "type": "string", "minLength": 1,
+        },
+        "img_size": {"type": "integer", "minimum": 16, "description": "input resolution (default: the model's)"},
+        "data": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "calibration": {**_PATH, "description": "calibration images (folder, .npy or .npz)"},
+                "validation": {**_PATH, "description": "validation images (class/image folders give top-1/top-5)"},
+                "labelled": {"type": "boolean", "description": "use class folders as labels (default: when the model's labels match)"},
+            },
+        },
+        "steps": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["export"],
+            "properties": {
+                "export": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {
+                        "opset": {"type": "integer", "minimum": 13, "maximum": 21},
+                        "batch": {"oneOf": [{"const": "dynamic"}, {"type": "integer", "minimum": 1}]},
+                    },
+                },
+                "quantize": {
+                    "type": "object", "additionalProperties": False, "required": ["precision"],
+                    "properties": {
+                        "precision": {"enum": ["int8", "fp16"]},
+                        "backend": {"enum": ["onnxruntime", "openvino", "tensorrt"]},
+                        "samples": {"type": "integer", "minimum": 1},
+                        "method": {"enum": ["minmax", "percentile", "entropy"]},
+                        "max_drop": {"type": "number", "minimum": 0},
+                        "seed": {"type": "integer"},
+                    },
+                },
+                "compile": {
+                    "type": "object", "additionalProperties": False, "required": ["target"],
+                    "properties": {
+                        "target": {"enum": ["onnxruntime", "openvino", "tensorrt"]},
+                        "batch": {"oneOf": [{"const": "dynamic"}, {"type": "integer", "minimum": 1}]},
+                        "threads": {"type": "integer", "minimum": 1},
+                        "hint": {"enum": ["latency", "throughput"]},
+                        "precision_hint": {"enum": ["f32", "bf16", "f16"]},
+                        "device": {"type": "string"},
+                        "export_blob": {"type": "boolean"},
+                    },
+                },
+                "validate": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {
+                        "max_drop": {"type": "number", "minimum": 0, "description": "top-1 drop gate, percentage points"},
+                        "min_speedup": {"type": "number", "minimum": 0, "description": "speed-up gate over the FP32 reference"},
+                        "samples": {"type": "integer", "minimum": 1, "description": "validation images used (default: all)"},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path | None  # the YAML file (None for recipes built in code)
+    data: dict
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def description(self) -> str:
+        return self.data.get("description", "")
+
+    def resolve(self, value: str | None) -> str | None:
+        """A path relative to the recipe file; preset names and 'reference' pass through."""
+        if value is None:
+            return None
+        p = Path(value)
+        if p.is_absolute():
+            return str(p)
+        cand = self.base_dir / p
+        if cand.exists() or "/" in value or p.suffix:
+            return str(cand)
+        return value  # a preset name or "reference"
+
+    def with_changes(self, **changes) -> "Recipe":
+        """A copy with top-level or dotted keys changed (e.g. ``{"steps.quantize.samples": 8}``)."""
+        data = copy.deepcopy(self.data)
+        for dotted, value in changes.items():
+            node = data
+            *parents, last = dotted.split(".")
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[last] = value
+        _validate(data, self.path or Path("<recipe>"), None)
+        return Recipe(data["name"], self.path, data, self.base_dir)
+
+
+def _line_index(text: str) -> dict[tuple, int]:
+    """JSON path (tuple of keys) -> 1-based line number, from the YAML node tree."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value
+                lines[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _validate(data: Any, path: Path, text: str | None) -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if not errors:
+        return
+    err = jsonschema.exceptions.best_match(errors)
+    keypath = tuple(err.absolute_path)
+    where = ".".join(map(str, keypath)) or "(top level)"
+    if err.validator == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        if extra:
+            keypath = keypath + (extra[0],)
+            where = ".".join(map(str, keypath))
+            allowed = ", ".join(err.schema.get("properties", {}))
+            msg = f"unknown key {extra[0]!r} (allowed: {allowed})"
+        else:
+            msg = err.message
+    else:
+        msg = err.message
+    line = ""
+    if text is not None:
+        idx = _line_index(text)
+        while keypath and keypath not in idx:
+            keypath = keypath[:-1]
+        if keypath in idx:
+            line = f":{idx[keypath]}"
+    raise VitedgeError(f"{path}{line}: {where}: {msg}", "see `vitedge recipes --schema` for the recipe format")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe.  ``path`` may also be the name of a shipped recipe."""
+    path = Path(path)
+    if not path.exists() and not path.suffix and (RECIPES_DIR / f"{path}.yaml").exists():
+        path = RECIPES_DIR / f"{path}.yaml"
+    if not path.exists():
+        raise VitedgeError(f"recipe {path} does not exist", "run `vitedge recipes` to list the shipped ones")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise VitedgeError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    _validate(data, path, text)
+    return Recipe(data["name"], path, data, path.parent.resolve())
+
+
+def list_recipes(folder: Path = RECIPES_DIR) -> list[Recipe]:
+    return [load_recipe(p) for p in sorted(folder.glob("*.yaml"))]
+
+
+# ------------------------------------------------------------------------------------------
+# running
+# ------------------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    step: str
+    status: str  # "done" | "cached"
+    outputs: list[str]
+    seconds: float
+    summary: str = ""
+
+
+@dataclass
+class RunResult:
+    recipe: str
+    out_dir: Path
+    steps: list[StepResult]
+    engine: Path | None
+    report: dict | None = None
+
+
+def _key(step: str, options: dict, inputs: list[Path]) -> str:
+    from . import __version__
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"step": step, "options": options, "vitedge": __version__}, sort_keys=True, default=str).encode())
+    for p in inputs:
+        p = Path(p)
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+            h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _model_inputs(model: str) -> list[Path]:
+    p = Path(model)
+    return [p] if p.exists() else []
+
+
+def _artifact_inputs(artifact: Path) -> list[Path]:
+    """An artifact's files: itself, its manifest and any data/weights files beside it with its stem."""
+    files = [artifact]
+    files += [q for q in artifact.parent.glob(artifact.name + ".data")]
+    files += [artifact.with_suffix(".bin")] if artifact.suffix == ".xml" else []
+    side = artifact.with_name(artifact.stem + ".vitedge.json")
+    return files + ([side] if side.exists() else [])
+
+
+class _Runner:
+    def __init__(self, recipe: Recipe, out_dir: Path, force: bool, log: Callable[[str], None]):
+        self.recipe, self.out, self.force, self.log = recipe, out_dir, force, log
+        self.state_path = out_dir / STATE_FILE
+        self.state = {} if force or not self.state_path.exists() else json.loads(self.state_path.read_text())
+        self.results: list[StepResult] = []
+
+    def step(self, name: str, options: dict, inputs: list[Path], outputs: list[Path], fn: Callable[[], str]) -> None:
+        key = _key(name, options, inputs)
+        prev = self.state.get(name)
+        if (not self.force and prev and prev["key"] == key and all(p.exists() for p in outputs)
+                and all(sha256_file(self.out / f) == h for f, h in prev.get("hashes", {}).items() if (self.out / f).exists())):
+            self.results.append(StepResult(name, "cached", [str(p) for p in outputs], 0.0, prev.get("summary", "")))
+            self.log(f"{name}: unchanged, skipped")
+            return
+        self.log(f"{name}: running")
+        t0 = time.perf_counter()
+        try:
+            summary = fn() or ""
+        except VitedgeError as exc:
+            self.state.pop(name, None)
+            self._save()
+            raise type(exc)(f"recipe {self.recipe.name}: step '{name}' failed: {exc}") from None
+        files = [p for out in outputs for p in (_artifact_inputs(out) if out.suffix != ".json" else [out]) if p.exists()]
+        self.state[name] = {
+            "key": key, "summary": summary,
+            "hashes": {str(p.relative_to(self.out)): sha256_file(p) for p in files if p.is_relative_to(self.out)},
+        }
+        self._save()
+        self.results.append(StepResult(name, "done", [str(p) for p in outputs], time.perf_counter() - t0, summary))
+
+    def _save(self) -> None:
+        write_json_atomic(self.state_path, self.state)
+
+
+def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *, force: bool = False,
+               log: Callable[[str], None] = lambda msg: None) -> RunResult:
+    """Run every step of ``recipe`` into ``out_dir`` (default ``runs/<name>``)."""
+    from .compilation import compile_model
+    from .export import export_onnx
+    from .manifest import Manifest
+    from .models.loading import load_model
+    from .quantization import quantize
+    from .validation import validate
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    out = Path(out_dir) if out_dir else Path("runs") / recipe.name
+    out.mkdir(parents=True, exist_ok=True)
+    d, steps = recipe.data, recipe.data["steps"]
+    data = d.get("data", {})
+    model = recipe.resolve(d["model"])
+    calib = recipe.resolve(data.get("calibration"))
+    val = recipe.resolve(data.get("validation"))
+    run = _Runner(recipe, out, force, log)
+
+    # export (or take a given ONNX file as it is)
+    exp = dict(steps.get("export") or {})
+    if str(model).endswith(".onnx"):
+        onnx_path = Path(model)
+    else:
+        onnx_path = out / "model.onnx"
+        batch = exp.get("batch", "dynamic")
+
+        def do_export():
+            spec = load_model(model, img_size=d.get("img_size"))
+            _, man = export_onnx(spec, onnx_path, opset=exp.get("opset", 18), batch=None if batch == "dynamic" else batch)
+            err = max(c["max_abs_error"] for c in man.verification["checks"].values())
+            return f"verified vs PyTorch, max abs error {err:.1e}"
+
+        run.step("export", {**exp, "img_size": d.get("img_size")}, _model_inputs(model), [onnx_path], do_export)
+    current = onnx_path
+
+    # quantize
+    q = steps.get("quantize")
+    if q:
+        backend = q.get("backend") or (steps.get("compile") or {}).get("target", "onnxruntime")
+        suffix = ".xml" if backend == "openvino" else ".onnx"
+        q_path = out / f"model.{q['precision']}{suffix}"
+        qopts = {**q, "backend": backend}
+
+        def do_quantize():
+            _, man = quantize(current, q_path, precision=q["precision"], backend=backend, calib=calib,
+                              samples=q.get("samples"), method=q.get("method", "minmax"), max_drop=q.get("max_drop"),
+                              val=val if q.get("max_drop") is not None else None, seed=q.get("seed", 0))
+            agree = man.quantization.get("agreement", {}) if isinstance(man.quantization, dict) else {}
+            parts = [f"{k} {v:.4f}" for k, v in agree.items() if isinstance(v, float)][:2]
+            return ", ".join(parts)
+
+        run.step("quantize", qopts, _artifact_inputs(current) + ([Path(calib)] if calib else []), [q_path], do_quantize)
+        current = q_path
+
+    # compile
+    c = steps.get("compile")
+    engine = current
+    if c:
+        suffix = {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}[c["target"]]
+        engine = out / f"engine{suffix}"
+        copts = {k: v for k, v in c.items() if k != "target"}
+        if copts.get("batch") == "dynamic":
+            copts["batch"] = None
+
+        def do_compile():
+            compile_model(current, engine, target=c["target"], **copts)
+            return f"{c['target']} engine"
+
+        run.step("compile", c, _artifact_inputs(current), [engine], do_compile)
+
+    # validate
+    report = None
+    v = steps.get("validate")
+    if v is not None:
+        rep_dir = out / "report"
+        reference = model if not str(model).endswith(".onnx") else str(onnx_path)
+
+        def do_validate():
+            nonlocal report
+            rep = validate(engine, reference, data=val, max_drop=v.get("max_drop"), min_speedup=v.get("min_speedup"),
+                           out_dir=rep_dir, **({"samples": v["samples"]} if "samples" in v else {}))
+            report = rep.to_dict() if hasattr(rep, "to_dict") else None
+            return getattr(rep, "summary", lambda: "")() if callable(getattr(rep, "summary", None)) else ""
+
+        run.step("validate", v, _artifact_inputs(engine) + ([Path(val)] if val else []), [rep_dir / "report.json"], do_validate)
+        if report is None and (rep_dir / "report.json").exists():
+            report = json.loads((rep_dir / "report.json").read_text())
+
+    # the bundle: engine.vitedge.json at the top of the output folder points at the engine
+    if engine != out / "engine.onnx" and engine.parent == out and engine.stem != "engine":
+        pass
+    if Manifest.sidecar_path(engine).exists() and Manifest.sidecar_path(engine).name != "engine.vitedge.json":
+        man = Manifest.load(Manifest.sidecar_path(engine))
+        man.artifact = str(engine.relative_to(out)) if engine.is_relative_to(out) else str(engine.resolve())
+        write_json_atomic(out / "engine.vitedge.json", man.to_dict())
+    return RunResult(recipe.name, out, run.results, engine, report)
