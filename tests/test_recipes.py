@@ -56,7 +56,7 @@ def test_wrong_value_names_line(tmp_path):
 def test_missing_required_and_bad_yaml(tmp_path):
     with pytest.raises(VitedgeError, match="'steps' is a required property"):
         load_recipe(_write(tmp_path, "name: x\nmodel: reference\n"))
-    with pytest.raises(VitedgeError, match=r"r\.yaml:2: not valid YAML"):
+    with pytest.raises(VitedgeError, match=r"r\.yaml:3: not valid YAML"):
         load_recipe(_write(tmp_path, "name: x\nmodel: [unclosed\n"))
     with pytest.raises(VitedgeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
