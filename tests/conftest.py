@@ -64,3 +64,17 @@ def tiny_onnx(tmp_path_factory, tiny_vit) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
     export_onnx(tiny_vit, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory) -> Path:
+    """Real colour photos: crops of the two photographs scikit-learn ships (china.jpg, flower.jpg)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    out = tmp_path_factory.mktemp("photos")
+    for name, arr in zip(("china", "flower"), load_sample_images().images):
+        h, w, _ = arr.shape
+        for i, (top, left) in enumerate([(0, 0), (0, w // 3), (h // 4, w // 2), (h // 3, 0), (h // 2, w // 4), (h // 5, w // 5), (0, w // 2), (h // 3, w // 3)]):
+            Image.fromarray(arr[top : top + h // 2 + 20 * i, left : left + w // 2]).save(out / f"{name}_{i}.jpg", quality=92)
+    return out
