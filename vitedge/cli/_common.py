@@ -33,3 +33,35 @@ def list_images_arg(folder: Path | None) -> list[Path] | None:
     if not found:
         raise VitedgeError(f"no images (jpg/png/bmp/webp) found in {folder}")
     return found
+
+
+def preprocessing_options(f):
+    """Flags describing the preprocessing of a model that has no vitedge manifest."""
+    opts = [
+        click.option("--preprocessing", "pre_json", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="JSON with img_size, resize, center_crop, interpolation, mean, std, channel_order (models without a manifest)."),
+        click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box"]), default=None,
+                     help="Resize interpolation (models without a manifest)."),
+        click.option("--crop/--no-crop", default=None, help="Center-crop after the resize (models without a manifest)."),
+        click.option("--resize", type=int, default=None, help="Resize the shorter side to this before cropping (models without a manifest)."),
+        click.option("--std", default=None, help="Per-channel std, e.g. 0.229,0.224,0.225 (models without a manifest)."),
+        click.option("--mean", default=None, help="Per-channel mean, e.g. 0.485,0.456,0.406 (models without a manifest)."),
+        click.option("--img-size", "pre_img_size", type=int, default=None, help="Input resolution (models without a manifest)."),
+    ]
+    for o in opts:
+        f = o(f)
+    return f
+
+
+def preprocessing_from_cli(pre_json=None, interpolation=None, crop=None, resize=None, std=None, mean=None, pre_img_size=None):
+    """The Preprocessing the flags describe, or None when no flag was given."""
+    if not any(v is not None for v in (pre_json, interpolation, crop, resize, std, mean, pre_img_size)):
+        return None
+    from ..foreign import preprocessing_from_options
+    from ..ui import note
+
+    pre, assumed = preprocessing_from_options(img_size=pre_img_size, mean=mean, std=std, resize=resize, crop=crop,
+                                              interpolation=interpolation, json_path=pre_json)
+    for a in assumed:
+        note(f"assumed {a}")
+    return pre
