@@ -84,21 +84,29 @@ class ImageSet:
     def _from_array_file(cls, path: Path) -> "ImageSet":
         try:
             data = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise VitedgeError(f"{path} cannot be read as a numpy file ({exc})") from None
         labels = None
         if isinstance(data, np.lib.npyio.NpzFile):
-            keys = list(data.keys())
-            key = next((k for k in ("images", "x", "pixel_values") if k in keys), keys[0] if keys else None)
-            if key is None:
-                raise VitedgeError(f"{path} is an empty .npz")
-            arr = data[key]
-            lk = next((k for k in ("labels", "y") if k in keys), None)
-            labels = [str(v) for v in data[lk]] if lk else None
+            with data:
+                keys = list(data.keys())
+                key = next((k for k in ("images", "x", "pixel_values") if k in keys), keys[0] if keys else None)
+                if key is None:
+                    raise VitedgeError(f"{path} is an empty .npz")
+                try:
+                    arr = data[key]
+                    lk = next((k for k in ("labels", "y") if k in keys), None)
+                    labels = _label_strings(data[lk]) if lk else None
+                except (ValueError, OSError) as exc:
+                    raise VitedgeError(f"{path} cannot be read as a numpy file ({exc})") from None
         else:
             arr = data
+        if arr.dtype.kind not in "fiub":
+            raise VitedgeError(f"{path}: array of dtype {arr.dtype} is not numeric image data")
         if arr.ndim != 4:
             raise VitedgeError(f"{path}: array of shape {arr.shape} is not (N, C, H, W) preprocessed images")
+        if labels is not None and len(labels) != len(arr):
+            raise VitedgeError(f"{path}: {len(labels)} labels for {len(arr)} images")
         arr = arr.astype(np.float32, copy=False)
         if not np.isfinite(arr).all():
             raise VitedgeError(f"{path} contains NaN or inf values", "fix the preprocessing that produced it")
@@ -181,7 +189,16 @@ class ImageSet:
     def load_all(self, pre: Preprocessing | None, min_count: int = 1) -> Batch:
         """All items at once (for small validation sets)."""
         parts = list(self.batches(pre, 64, min_count))
+        if not parts:
+            raise VitedgeError(f"no usable images in {self.source} ({len(self.skipped)} unreadable)")
         return Batch(np.concatenate([b.x for b in parts]), sum((b.labels for b in parts), []), sum((b.names for b in parts), []))
+
+
+def _label_strings(values: np.ndarray) -> list[str]:
+    """npz labels as strings; integer-valued numbers become "3", not "3.0"."""
+    if values.dtype.kind == "f" and np.all(np.mod(values, 1) == 0):
+        values = values.astype(np.int64)
+    return [str(v) for v in values.reshape(-1)]
 
 
 def label_indices(labels: Sequence[str | None], class_names: Sequence[str] | None, source: str) -> np.ndarray:
@@ -189,9 +206,11 @@ def label_indices(labels: Sequence[str | None], class_names: Sequence[str] | Non
     lookup = {name: i for i, name in enumerate(class_names)} if class_names else {}
     out = []
     for lbl in labels:
+        if lbl is None:
+            raise VitedgeError(f"{source} has unlabelled images", "put images in class_name/ sub-folders (or give labels in the .npz)")
         if lbl in lookup:
             out.append(lookup[lbl])
-        elif lbl is not None and lbl.isdigit():
+        elif lbl.isdigit() and (not class_names or int(lbl) < len(class_names)):
             out.append(int(lbl))
         else:
             raise VitedgeError(

@@ -68,7 +68,7 @@ def _verification_inputs(spec: ModelSpec, images: list[Path] | None, batch: int 
     n = batch or 2
     rng = np.random.default_rng(0)
     sets = {"random": rng.standard_normal((n, c, h, w)).astype(np.float32)}
-    if images:
+    if images and c == 3:  # real images are RGB; other channel counts are checked on random inputs only
         arr = spec.preprocessing.batch(images[: max(n, 4)])
         if batch:  # fixed batch: use exactly that many
             idx = np.arange(batch) % len(arr)
@@ -77,22 +77,55 @@ def _verification_inputs(spec: ModelSpec, images: list[Path] | None, batch: int 
     return sets
 
 
+def _task(spec: ModelSpec, ref: np.ndarray) -> str:
+    """classification when the output is class logits, else features."""
+    if spec.config is not None:
+        return "classification" if spec.config.num_classes > 0 else "features"
+    return "classification" if ref.ndim == 2 and (spec.labels or ref.shape[1] > 1) else "features"
+
+
 def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, external: bool) -> None:
     with warnings.catch_warnings(), _quiet_torch_onnx():
         warnings.simplefilter("ignore")
         if opset >= 17:
-            kw = {"dynamic_shapes": {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}} if dynamic_batch else {}
+            # positional form: works whatever the forward argument is called
+            kw = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=4096)},)} if dynamic_batch else {}
             prog = torch.onnx.export(
                 model, (dummy,), None, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], verbose=False, **kw,
             )
             prog.save(str(path), external_data=external)
-        else:  # opsets below 17 only exist in the TorchScript exporter
+        else:  # opsets below 17 only exist in the TorchScript exporter (LayerNorm is decomposed)
             kw = {"dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}} if dynamic_batch else {}
             torch.onnx.export(
                 model, (dummy,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], do_constant_folding=True, **kw,
             )
+            if external:  # one .data file beside the graph, as the dynamo path writes it
+                import onnx
+
+                proto = onnx.load(str(path))  # also reads any per-tensor files torch wrote
+                for f in path.parent.iterdir():
+                    if f != path:
+                        f.unlink()
+                onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                          location=path.name + ".data", size_threshold=1024)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, one-line reason from an exporter exception (whose first line is often boilerplate)."""
+    import re
+
+    seen = []
+    while exc is not None and len(seen) < 5:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in reversed(seen):  # the root cause says most
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
+        lines = [ln for ln in lines if ln]
+        if lines:
+            return f"{type(e).__name__}: {lines[0][:300]}"
+    return type(seen[0]).__name__
 
 
 class _quiet_torch_onnx:
@@ -164,12 +197,22 @@ def export_onnx(
         raise VitedgeError(f"opset {opset} is not supported", f"choose an opset from {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     if batch is not None and batch < 1:
         raise VitedgeError(f"batch {batch} must be >= 1 (or 'dynamic')")
-    spec = model if isinstance(model, ModelSpec) else load_model(model, img_size=img_size)
     output = Path(output)
     if output.suffix != ".onnx":
         raise VitedgeError(f"output {output} must end in .onnx")
+    if output.is_dir():
+        raise VitedgeError(f"output {output} is a folder", "give a file name ending in .onnx")
+    spec = load_model(model, img_size=img_size)  # a ModelSpec passes through (img_size still applies)
+    if images is None:
+        from .data import default_check_images
+
+        images = default_check_images()  # a few shipped real images, when available
     tolerance = tolerance or Tolerance()
     torch_model = spec.model.eval()
+    bad = [name for name, t in torch_model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise VitedgeError(f"the model weights contain NaN/inf ({len(bad)} tensors, e.g. {bad[0]})",
+                           "the checkpoint is damaged or training diverged; nothing was exported")
     h, w = spec.preprocessing.img_size
     c = spec.config.in_channels if spec.config else 3
     dummy = torch.zeros(batch or 2, c, h, w)
@@ -180,7 +223,7 @@ def export_onnx(
     with torch.inference_mode():
         refs = {k: torch_model(torch.from_numpy(v)).numpy() for k, v in inputs.items()}
     if not all(np.isfinite(r).all() for r in refs.values()):
-        raise VitedgeError("the PyTorch model itself produces NaN/inf on the verification inputs", "check the weights")
+        raise VitedgeError("the PyTorch model itself produces NaN/inf on the verification inputs", "check the weights; nothing was exported")
 
     import onnx
 
@@ -190,7 +233,7 @@ def export_onnx(
             with torch.no_grad():
                 _torch_export(torch_model, dummy, tmp, opset, batch is None, external)
         except Exception as exc:
-            raise VitedgeError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+            raise VitedgeError(f"torch.onnx.export failed: {_reason(exc)}", "try another --opset (below 17 uses the TorchScript exporter)") from None
         try:
             onnx.checker.check_model(str(tmp))  # path form handles external data / >2 GB
         except onnx.checker.ValidationError as exc:
@@ -219,7 +262,7 @@ def export_onnx(
         ins, outs = _tensor_specs(proto)
         manifest = Manifest(
             artifact=output.name, format="onnx", precision="fp32", backend=None,
-            task="classification" if (spec.config and spec.config.num_classes) or spec.labels else "features",
+            task=_task(spec, refs["random"]),
             model=spec.model_info(), preprocessing=spec.preprocessing.to_dict(), labels=spec.labels,
             inputs=ins, outputs=outs, opset=opset, assumptions=list(spec.notes),
             verification={"reference": "pytorch-fp32", "checks": checks, "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol}},

@@ -104,8 +104,11 @@ class Preprocessing:
         if self.resize is None:
             return img.resize((w, h), interp)
         iw, ih = img.size
-        s = self.resize / min(iw, ih)
-        nw, nh = max(1, round(iw * s)), max(1, round(ih * s))
+        # shorter side -> resize, longer side truncated like torchvision / Hugging Face
+        if iw <= ih:
+            nw, nh = self.resize, max(1, int(self.resize * ih / iw))
+        else:
+            nw, nh = max(1, int(self.resize * iw / ih)), self.resize
         img = img.resize((nw, nh), interp)
         if self.center_crop:
             if nw < w or nh < h:

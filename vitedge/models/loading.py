@@ -116,9 +116,18 @@ _HEAD_DIM_BY_WIDTH = {1280: 80}  # ViT-H/14 uses 16 heads of 80; the other stand
 def _infer_timm_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int | None) -> tuple[ViTConfig, list[str]]:
     notes = []
     for unsupported, what in (("dist_token", "distilled DeiT (two heads)"), ("reg_token", "ViT with register tokens"),
-                              ("fc_norm.weight", "global-pool ViT (no CLS head)"), ("norm_pre.weight", "CLIP-style ViT")):
+                              ("fc_norm.weight", "global-pool ViT (no CLS head)"), ("norm_pre.weight", "CLIP-style ViT"),
+                              ("blocks.0.ls1.gamma", "ViT with LayerScale (DeiT III / CaiT style)"),
+                              ("blocks.0.attn.q_norm.weight", "ViT with QK-norm"),
+                              ("attn_pool.latent", "attention-pool ViT (no CLS head)")):
         if unsupported in sd:
             raise VitedgeError(f"{path} is a {what}, which is not the classic ViT vitedge supports", "use a CLS-token ViT/DeiT checkpoint")
+    for key in ("blocks.0.mlp.fc1.weight", "blocks.0.attn.qkv.weight"):
+        if key not in sd:
+            raise VitedgeError(f"{path} has a patch embedding but no {key}", "expected timm ViT blocks (blocks.N.attn.qkv, blocks.N.mlp.fc1 ...)")
+    if sd["pos_embed"].ndim != 3 or sd["patch_embed.proj.weight"].ndim != 4:
+        raise VitedgeError(f"{path}: pos_embed {tuple(sd['pos_embed'].shape)} / patch_embed.proj.weight "
+                           f"{tuple(sd['patch_embed.proj.weight'].shape)} are not the (1, tokens, D) / (D, C, P, P) of a ViT")
     w = sd["patch_embed.proj.weight"]
     d_model, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
     if w.shape[2] != w.shape[3]:
@@ -131,8 +140,13 @@ def _infer_timm_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int |
     if grid * grid != n_tokens - 1:
         raise VitedgeError(f"{path}: pos_embed of {n_tokens} tokens is not CLS + a square patch grid")
     if num_heads is None:
-        num_heads = d_model // _HEAD_DIM_BY_WIDTH.get(d_model, 64)
+        head_dim = _HEAD_DIM_BY_WIDTH.get(d_model, 64)
+        if d_model % head_dim:
+            raise VitedgeError(f"{path}: cannot guess the number of heads for width {d_model}", "pass num_heads= to load_model")
+        num_heads = d_model // head_dim
         notes.append(f"num_heads={num_heads} assumed from width {d_model} (pass num_heads to override)")
+    elif num_heads < 1 or d_model % num_heads:
+        raise VitedgeError(f"{path}: width {d_model} is not divisible by num_heads={num_heads}")
     head = sd.get("head.weight")
     cfg = ViTConfig(
         img_size=grid * patch, patch_size=patch, in_channels=in_ch,
@@ -150,15 +164,27 @@ _HF_RENAMES = [
     (r"^embeddings\.cls_token$", "cls_token"),
     (r"^embeddings\.position_embeddings$", "pos_embed"),
     (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    # saved files (transformers 4.x, and 5.x save_pretrained, which writes the 4.x names)
     (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
     (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
     (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
     (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
     (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    # transformers 5.x in-memory names (torch.save(model.state_dict()) of a 5.x model)
+    (r"^layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"^layers\.(\d+)\.mlp\.(fc1|fc2)\.", r"blocks.\1.mlp.\2."),
     (r"^layernorm\.", "norm."),
     (r"^classifier\.", "head."),
 ]
-_HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.(?:attention|self)\.(query|key|value)\.(weight|bias)$")
+# q/k/v, fused into timm's qkv: 4.x "attention.attention.query" (older: "attention.self.query"),
+# 5.x in memory "layers.N.attention.q_proj".
+_HF_QKV = re.compile(
+    r"^(?:encoder\.layer\.(\d+)\.attention\.(?:attention|self)\.(query|key|value)"
+    r"|layers\.(\d+)\.attention\.(q|k|v)_proj)\.(weight|bias)$"
+)
+_QKV_NAME = {"q": "query", "k": "key", "v": "value"}
 
 
 def hf_to_timm(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -170,7 +196,9 @@ def hf_to_timm(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tenso
         if k.startswith("pooler."):
             continue  # ViTModel's pooler is unused by the classifier
         if m := _HF_QKV.match(k):
-            qkv.setdefault((int(m.group(1)), m.group(3)), {})[m.group(2)] = t
+            layer = int(m.group(1) or m.group(3))
+            part = m.group(2) or _QKV_NAME[m.group(4)]
+            qkv.setdefault((layer, m.group(5)), {})[part] = t
             continue
         for pat, rep in _HF_RENAMES:
             new, n = re.subn(pat, rep, k)
@@ -194,8 +222,11 @@ def _hf_preprocessing(folder: Path, img_size: int) -> tuple[Preprocessing, list[
                           mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
             ["no preprocessor_config.json: assumed ViTImageProcessor defaults (resize to size, bilinear, mean=std=0.5)"],
         )
-    cfg = json.loads(path.read_text())
-    return preprocessing_from_hf(cfg, img_size), []
+    try:
+        cfg = json.loads(path.read_text())
+        return preprocessing_from_hf(cfg, img_size), []
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
+        raise VitedgeError(f"{path} is not a valid image-processor config ({type(exc).__name__}: {exc})") from None
 
 
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "bilinear"}
@@ -226,38 +257,75 @@ def preprocessing_from_hf(cfg: dict, img_size: int) -> Preprocessing:
     )
 
 
+def _hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The state dict of a save_pretrained folder (single file or sharded with an index)."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).exists():
+            sd, _ = _read_state_dict(folder / name)
+            return sd, folder / name
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / name
+        if index.exists():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+                raise VitedgeError(f"{index} is not a valid weight index ({type(exc).__name__}: {exc})") from None
+            sd: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                if not (folder / shard).exists():
+                    raise VitedgeError(f"{index} names shard {shard}, which is missing from {folder}")
+                sd.update(_read_state_dict(folder / shard)[0])
+            return sd, index
+    raise VitedgeError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin",
+                       "save the model with save_pretrained() into this folder")
+
+
 def _load_hf_folder(folder: Path) -> ModelSpec:
     cfg_path = folder / "config.json"
     try:
         hf = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise VitedgeError(f"{cfg_path} is not valid JSON ({exc})") from None
-    if hf.get("model_type") not in ("vit", "deit"):
-        raise VitedgeError(f"{cfg_path}: model_type {hf.get('model_type')!r} is not a ViT", "vitedge loads model_type 'vit' (ViTForImageClassification)")
+    if not isinstance(hf, dict):
+        raise VitedgeError(f"{cfg_path} is not a Hugging Face model config (a JSON object)")
+    model_type = hf.get("model_type")
+    if model_type == "deit":
+        raise VitedgeError(f"{cfg_path}: model_type 'deit' is a distilled DeiT (extra distillation token), which is not the classic ViT vitedge supports",
+                           "use a CLS-token ViT; DeiT weights saved as ViTForImageClassification (model_type 'vit') load fine")
+    if model_type != "vit":
+        raise VitedgeError(f"{cfg_path}: model_type {model_type!r} is not a ViT", "vitedge loads model_type 'vit' (ViTForImageClassification / ViTModel)")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise VitedgeError(f"{cfg_path}: hidden_act {hf['hidden_act']!r} is not supported (only exact 'gelu')")
-    weights = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).exists()]
-    if not weights:
-        raise VitedgeError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin")
-    sd, _ = _read_state_dict(weights[0])
-    sd = hf_to_timm(sd, weights[0])
+    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size") if k not in hf]
+    if missing:
+        raise VitedgeError(f"{cfg_path} lacks {', '.join(missing)}", "save the model with save_pretrained() to get a complete config")
+    image_size, patch_size = hf.get("image_size", 224), hf.get("patch_size", 16)
+    if not isinstance(image_size, int) or not isinstance(patch_size, int):
+        raise VitedgeError(f"{cfg_path}: only square image_size/patch_size are supported (got {image_size!r}, {patch_size!r})")
+    sd, weights = _hf_weights(folder)
+    sd = hf_to_timm(sd, weights)
     id2label = hf.get("id2label") or {}
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     cfg = ViTConfig(
-        img_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 16), in_channels=hf.get("num_channels", 3),
+        img_size=image_size, patch_size=patch_size, in_channels=hf.get("num_channels", 3),
         num_classes=num_classes, d_model=hf["hidden_size"], num_heads=hf["num_attention_heads"],
         num_layers=hf["num_hidden_layers"], d_ff=hf["intermediate_size"], dropout=0.0,
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12), qkv_bias=hf.get("qkv_bias", True),
     )
-    model = _build(cfg, sd, weights[0])
-    labels = [id2label.get(str(i), str(i)) for i in range(num_classes)] if id2label else None
+    model = _build(cfg, sd, weights)
+    labels = [str(id2label.get(str(i), i)) for i in range(num_classes)] if id2label else None
     pre, notes = _hf_preprocessing(folder, cfg.img_size)
+    if num_classes == 0:
+        notes.append("no classifier weights: the model outputs CLS features, not class logits")
     return ModelSpec(model, pre, cfg, labels, str(folder), notes)
 
 
 # ------------------------------------------------------------------------------------------
 def _build(cfg: ViTConfig, sd: dict[str, torch.Tensor], path: Path) -> VisionTransformer:
-    model = VisionTransformer.from_config(cfg)
+    try:
+        model = VisionTransformer.from_config(cfg)
+    except ValueError as exc:
+        raise VitedgeError(f"{path}: {exc}") from None
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -282,7 +350,7 @@ def _labels_from(meta_labels, num_classes: int) -> list[str] | None:
 
 
 def load_model(
-    source: "str | Path | nn.Module",
+    source: "str | Path | nn.Module | ModelSpec",
     *,
     img_size: int | None = None,
     num_heads: int | None = None,
@@ -292,27 +360,36 @@ def load_model(
     """Load a ViT from a preset name, a module, a checkpoint file or a Hugging Face folder.
 
     ``"reference"`` names the shipped digits ViT (``vitedge/assets/digits_vit.safetensors``).
+    A :class:`ModelSpec` is passed through (a shallow copy, so overrides do not touch the original).
 
     ``img_size`` changes the input resolution (position embeddings are interpolated);
+    ``num_heads`` overrides the head count guessed for timm state dicts;
     ``preprocessing`` and ``labels`` override what the checkpoint says.
     """
+    if img_size is not None and img_size < 1:
+        raise VitedgeError(f"img_size {img_size} must be a positive multiple of the patch size")
     if isinstance(source, str) and source == "reference" and not Path(source).exists():
         source = REFERENCE_CHECKPOINT
-    if isinstance(source, nn.Module):
+    if isinstance(source, ModelSpec):
+        spec = replace(source, notes=list(source.notes), labels=list(source.labels) if source.labels else source.labels)
+    elif isinstance(source, nn.Module):
         spec = _from_module(source, img_size)
     elif isinstance(source, str) and source.replace("-", "_").lower() in PRESETS and not Path(source).exists():
+        if img_size and img_size % 16:
+            raise VitedgeError(f"img_size {img_size} is not divisible by the patch size 16 of preset {source}")
         cfg = preset_config(source, **({"img_size": img_size} if img_size else {}))
         model = VisionTransformer.from_config(cfg).eval()
         spec = ModelSpec(model, Preprocessing.for_size(cfg.img_size), cfg, None, f"preset:{source}",
                          ["random weights (preset): fine for shape and speed trials, meaningless predictions"])
     else:
         spec = _from_path(Path(source), num_heads)
-    if img_size and spec.config and img_size != spec.config.img_size:
+    if img_size and spec.config and (img_size, img_size) != tuple(spec.preprocessing.img_size):
         if img_size % spec.config.patch_size:
             raise VitedgeError(f"img_size {img_size} is not divisible by the patch size {spec.config.patch_size}")
         spec.preprocessing = replace(spec.preprocessing, img_size=(img_size, img_size),
                                      resize=None if spec.preprocessing.resize is None else int(round(img_size * spec.preprocessing.resize / spec.preprocessing.img_size[0])))
-        spec.notes.append(f"input resolution {img_size}: position embeddings interpolated from {spec.config.img_size}")
+        if img_size != spec.config.img_size:
+            spec.notes.append(f"input resolution {img_size}: position embeddings interpolated from {spec.config.img_size}")
     if preprocessing is not None:
         spec.preprocessing = preprocessing
     if labels is not None:
@@ -344,10 +421,13 @@ def _from_path(path: Path, num_heads: int | None) -> ModelSpec:
         raise VitedgeError(f"{path}: unknown model file type {path.suffix!r}", "use .safetensors, .pth, .pt or .bin")
     sd, meta = _read_state_dict(path)
     if CHECKPOINT_METADATA_KEY in meta:
-        info = json.loads(meta[CHECKPOINT_METADATA_KEY])
-        cfg = ViTConfig.from_dict(info["config"])
+        try:
+            info = json.loads(meta[CHECKPOINT_METADATA_KEY])
+            cfg = ViTConfig.from_dict(info["config"])
+            pre = Preprocessing.from_dict(info["preprocessing"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise VitedgeError(f"{path}: vitedge metadata is damaged ({type(exc).__name__}: {exc})", "re-save it with save_checkpoint") from None
         model = _build(cfg, sd, path)
-        pre = Preprocessing.from_dict(info["preprocessing"])
         return ModelSpec(model, pre, cfg, _labels_from(info.get("labels"), cfg.num_classes), str(path))
     if "patch_embed.proj.weight" in sd and "pos_embed" in sd:
         cfg, notes = _infer_timm_config(sd, path, num_heads)
