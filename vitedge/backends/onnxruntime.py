@@ -1,4 +1,11 @@
-"""ONNX Runtime backend: the embedded default that runs everywhere."""
+"""ONNX Runtime backend: the embedded default that runs everywhere.
+
+A compiled ONNX Runtime engine (``vitedge compile --target onnxruntime``) is the graph already
+optimised at the portable "extended" level; loading it runs only the fast hardware-specific passes.
+The thread count recorded at compile time is used unless ``threads=`` is given.  CUDA / TensorRT
+execution providers are used when the installed onnxruntime has them (``providers=`` overrides).
+``InferenceSession.run`` is thread-safe, so one engine serves concurrent callers without a lock.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ import numpy as np
 from ..errors import VitedgeError
 from ..manifest import Manifest
 from .base import Engine
+
+OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def session_options(threads: int | None = None, optimized_model_path: str | None = None, opt_level: str = "all"):
@@ -26,6 +35,8 @@ def session_options(threads: int | None = None, optimized_model_path: str | None
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }
+    if opt_level not in levels:
+        raise VitedgeError(f"unknown ONNX Runtime optimisation level {opt_level!r}", f"use one of {', '.join(levels)}")
     so.graph_optimization_level = levels[opt_level]
     if optimized_model_path:
         so.optimized_model_filepath = optimized_model_path
@@ -43,20 +54,36 @@ def available_providers(prefer_gpu: bool = True) -> list[str]:
 class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
-    def __init__(self, artifact: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, artifact: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None,
+                 opt_level: str | None = None):
         super().__init__(artifact, manifest)
         import onnxruntime as ort
 
+        settings = manifest.compile if manifest and manifest.backend == "onnxruntime" else {}
+        threads = threads or settings.get("threads")
+        opt_level = opt_level or settings.get("runtime_opt_level", "all")
+        if providers is not None:
+            unknown = [p for p in providers if p not in ort.get_available_providers()]
+            if unknown:
+                raise VitedgeError(f"ONNX Runtime provider {unknown[0]} is not in this onnxruntime build",
+                                   f"available: {', '.join(ort.get_available_providers())}")
+        self.threads = threads or (os.cpu_count() or 1)
         try:
-            self.session = ort.InferenceSession(str(artifact), session_options(threads), providers=providers or available_providers())
+            self.session = ort.InferenceSession(str(artifact), session_options(threads, opt_level=opt_level),
+                                                providers=providers or available_providers())
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise VitedgeError(f"ONNX Runtime cannot load {artifact}: {str(exc).splitlines()[0][:240]}") from None
+            raise VitedgeError(f"ONNX Runtime cannot load {artifact}: {str(exc).splitlines()[0][:240]}",
+                               "is the file complete? re-create it with vitedge compile") from None
+        self.providers = self.session.get_providers()
         self._names = [o.name for o in self.session.get_outputs()]
         self._input = self.session.get_inputs()[0].name
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         # InferenceSession.run is thread-safe: concurrent callers need no lock
-        return dict(zip(self._names, self.session.run(None, {self._input: batch})))
+        try:
+            return dict(zip(self._names, self.session.run(None, {self._input: batch})))
+        except AttributeError:
+            raise VitedgeError(f"engine for {self.artifact} is closed") from None
 
     def _release(self) -> None:
         del self.session

@@ -1,8 +1,17 @@
-"""OpenVINO backend: fastest on Intel/AMD CPUs (and other OpenVINO devices)."""
+"""OpenVINO backend: fastest on Intel/AMD CPUs (and other OpenVINO devices).
+
+Opens an IR (``.xml``/``.bin``) or a compiled blob (``.blob``, from ``vitedge compile --blob``).
+The device and the properties recorded at compile time (performance hint, threads, streams,
+inference precision) are used unless ``device=``/``config=`` override them.  When an IR has a blob
+beside it that was exported by the same OpenVINO version for the same device, the blob is imported
+instead of compiling the IR again (a faster cold start); ``use_blob=False`` turns that off.
+
+Thread-safe: each call takes its own infer request from a pool (as many as OpenVINO recommends for
+the hint, at least 2), so concurrent callers run in parallel on throughput engines.
+"""
 
 from __future__ import annotations
 
-import os
 import queue
 from pathlib import Path
 
@@ -12,41 +21,96 @@ from ..errors import VitedgeError
 from ..manifest import Manifest
 from .base import Engine
 
+_core = None
+
 
 def core():
+    """One shared ``ov.Core`` (creating it loads the device plugins)."""
+    global _core
+    if _core is None:
+        import openvino as ov
+
+        _core = ov.Core()
+    return _core
+
+
+def _blob_usable(artifact: Path, manifest: Manifest | None, device: str) -> Path | None:
     import openvino as ov
 
-    return ov.Core()
+    info = (manifest.compile.get("blob") if manifest else None) or {}
+    if not info or artifact.suffix != ".xml":
+        return None
+    blob = artifact.parent / info["file"]
+    if blob.exists() and info.get("device") == device and info.get("openvino") == ov.__version__:
+        return blob
+    return None
 
 
 class OpenVINOEngine(Engine):
-    """Runs an IR (``.xml``/``.bin``) or a compiled blob.  Thread-safe via a pool of infer requests."""
+    """Runs an IR or a compiled blob.  Thread-safe via a pool of infer requests."""
 
     backend = "openvino"
 
-    def __init__(self, artifact: Path, manifest: Manifest, device: str = "CPU", config: dict | None = None, requests: int = 2):
+    def __init__(self, artifact: Path, manifest: Manifest, device: str | None = None, config: dict | None = None,
+                 requests: int | None = None, use_blob: bool = True):
         super().__init__(artifact, manifest)
+        import openvino as ov
+
+        settings = manifest.compile if manifest and manifest.backend == "openvino" else {}
+        device = device or settings.get("device") or "CPU"
+        cfg = {"PERFORMANCE_HINT": "LATENCY", **settings.get("openvino_config", {}), **(config or {})}
+        self.device = device
+        blob = artifact if artifact.suffix == ".blob" else (_blob_usable(artifact, manifest, device) if use_blob else None)
+        if artifact.suffix == ".blob":
+            info = settings.get("blob") or {}
+            if info.get("openvino") and info["openvino"] != ov.__version__:
+                raise VitedgeError(f"{artifact.name} was exported by OpenVINO {info['openvino']}, this is {ov.__version__}",
+                                   "open the .xml instead, or re-create the blob with vitedge compile --blob")
+            if info.get("device") and info["device"] != device:
+                raise VitedgeError(f"{artifact.name} was compiled for {info['device']}, not {device}",
+                                   "open the .xml to compile for another device")
         c = core()
-        cfg = {"PERFORMANCE_HINT": "LATENCY", **(manifest.compile.get("openvino_config", {}) if manifest else {}), **(config or {})}
         try:
-            if artifact.suffix == ".blob":
-                with open(artifact, "rb") as f:
+            if blob is not None:
+                with open(blob, "rb") as f:
                     self.compiled = c.import_model(f.read(), device, cfg)
             else:
                 self.compiled = c.compile_model(c.read_model(str(artifact)), device, cfg)
         except Exception as exc:  # openvino raises RuntimeError with long traces
-            raise VitedgeError(f"OpenVINO cannot load {artifact} on {device}: {str(exc).strip().splitlines()[0][:240]}") from None
+            msg = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+            raise VitedgeError(f"OpenVINO cannot load {artifact} on {device}: {msg}",
+                               "is the file complete? re-create it with vitedge compile") from None
+        self.from_blob = blob is not None
         self._outputs = list(self.compiled.outputs)
         self._names = [o.get_any_name() for o in self._outputs]
+        if requests is None:
+            try:
+                requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+            except Exception:  # not every device reports it
+                requests = 2
         self._pool: queue.Queue = queue.Queue()
-        for _ in range(max(1, requests)):
+        for _ in range(max(2, requests)):
             self._pool.put(self.compiled.create_infer_request())
+
+    @property
+    def properties(self) -> dict:
+        """The properties the device actually applied (hint, threads, streams, precision)."""
+        out = {}
+        for key in ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS", "INFERENCE_PRECISION_HINT"):
+            try:
+                v = self.compiled.get_property(key)
+                out[key] = v.to_string() if hasattr(v, "to_string") else str(v)
+            except Exception:  # property not supported by this device
+                pass
+        return out
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         req = self._pool.get()  # each caller gets its own infer request: safe for concurrent use
         try:
             res = req.infer({0: batch})
             return {n: np.array(res[o]) for n, o in zip(self._names, self._outputs)}
+        except RuntimeError as exc:
+            raise VitedgeError(f"OpenVINO could not run a batch of shape {tuple(batch.shape)}: {str(exc).strip().splitlines()[0][:200]}") from None
         finally:
             self._pool.put(req)
 

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import VitedgeError
+from ..ui import console
+
+
+def _expand(images: tuple[str, ...]) -> list[Path]:
+    from ..data import list_images
+
+    out: list[Path] = []
+    for item in images:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise VitedgeError(f"no images (jpg/png/bmp/webp) found in {p}")
+            out.extend(found)
+        elif not p.exists():
+            raise VitedgeError(f"image {p} does not exist")
+        else:
+            out.append(p)
+    return out
+
+
+@click.command("predict")
+@click.argument("engine", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Labels shown per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document: [{image, top: [{label, index, prob}]}].")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default=None,
+              help="Run with another backend than the engine's own (e.g. an ONNX file with OpenVINO).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per inference call.")
+def command(engine, images, top_k, as_json, backend, batch_size):
+    """Classify IMAGE files (or folders of images) with ENGINE (any artifact, its manifest or a bundle folder)."""
+    from ..runtime import load
+
+    paths = _expand(images)
+    results = []
+    with load(engine, backend=backend) as eng:
+        for i in range(0, len(paths), batch_size):
+            chunk = paths[i : i + batch_size]
+            for p, pred in zip(chunk, eng.predict(chunk, top_k=top_k)):
+                results.append((p, pred))
+    if as_json:
+        click.echo(json.dumps([{"image": str(p), **pred.to_dict()} for p, pred in results], indent=2))
+        return
+    for p, pred in results:
+        tops = ", ".join(f"{lbl} {prob:.1%}" for lbl, prob in zip(pred.labels, pred.probs))
+        console.print(f"{p}: {tops}", soft_wrap=True)

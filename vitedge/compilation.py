@@ -1,0 +1,425 @@
+"""`vitedge compile`: turn an exported / quantized model into a deployable engine.
+
+Inputs: the FP32 ONNX written by ``vitedge export``, or the FP16 ONNX, INT8 QDQ ONNX or OpenVINO IR
+written by ``vitedge quantize`` (a model name or checkpoint is exported first).  Targets:
+
+* ``onnxruntime`` - the graph optimised once and saved (``SessionOptions.optimized_model_filepath``)
+  so a process starts without re-optimising; portable "extended" level, CPU provider;
+* ``openvino`` - an IR (``.xml``/``.bin``) with the performance hint, threads/streams and inference
+  precision recorded for the runtime; optionally the compiled blob (``.blob``) for a fast cold start;
+* ``tensorrt`` - a serialized ``.engine`` for NVIDIA GPUs (see :mod:`vitedge.backends.tensorrt`).
+
+Every engine is run on random and real inputs against the model it was compiled from before it is
+written, and the agreement goes into its manifest.  As everywhere in vitedge, files are produced in
+a scratch folder and moved into place only when every step passed.
+
+Default shape (``batch="auto"``): a *latency* engine is made static at batch 1 - measured faster
+than a dynamic-batch engine for single-frame inference on both CPU backends (see docs/runtime.md);
+the runtime still accepts any batch by running it in chunks.  A *throughput* engine keeps the
+dynamic batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._io import atomic_dir, commit_files
+from .errors import VitedgeError
+from .manifest import Manifest, TensorSpec
+
+log = logging.getLogger("vitedge")
+
+TARGETS = ("onnxruntime", "openvino", "tensorrt")
+HINTS = ("latency", "throughput")
+PRECISION_HINTS = ("f32", "bf16", "f16")
+_SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}
+_DEFAULT_NAME = {"onnxruntime": "{stem}.ort.onnx", "openvino": "{stem}.ov.xml", "tensorrt": "{stem}.engine"}
+_MIN_COSINE = 0.99  # an engine this far from its source is broken, not merely lower precision
+
+
+# -- inputs -------------------------------------------------------------------------------------
+def _source(model, img_size, scratch: Path) -> tuple[Path, Manifest]:
+    """The artifact to compile and its manifest (exporting a model name/checkpoint first)."""
+    from .models.loading import ModelSpec
+
+    if isinstance(model, (str, Path)) and not isinstance(model, ModelSpec):
+        p = Path(model)
+        if p.suffix in (".onnx", ".xml") or p.name.endswith(".vitedge.json"):
+            artifact, man = Manifest.find(p)
+            if not artifact.exists():
+                raise VitedgeError(f"artifact {artifact} named by the manifest does not exist")
+            if man is None:
+                if artifact.suffix != ".onnx":
+                    raise VitedgeError(f"{artifact} has no vitedge manifest", "compile the ONNX file, or re-create the IR with vitedge quantize")
+                from .foreign import manifest_for_onnx
+
+                man = manifest_for_onnx(artifact)
+            if img_size is not None and not _size_matches(man, img_size):
+                raise VitedgeError(
+                    f"{artifact} takes {tuple(man.inputs[0].shape[2:])} inputs, not {img_size}: a compiled engine cannot change the resolution",
+                    "re-export the model with --img-size (position embeddings are interpolated there)",
+                )
+            if artifact.suffix not in (".onnx", ".xml"):
+                raise VitedgeError(f"{artifact} cannot be compiled", "compile an ONNX file or OpenVINO IR (.xml)")
+            return artifact, man
+        if p.suffix in (".engine", ".plan", ".blob"):
+            raise VitedgeError(f"{p} is already a compiled engine", "compile the ONNX file it came from")
+    from .export import export_onnx
+
+    out = scratch / "exported.onnx"
+    _, man = export_onnx(model, out, img_size=img_size)
+    return out, man
+
+
+def _size_matches(man: Manifest, img_size) -> bool:
+    hw = man.inputs[0].shape[2:] if man.inputs else []
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return all(not isinstance(d, int) or d <= 0 or d == s for d, s in zip(hw, size))
+
+
+def _dims(man: Manifest) -> list:
+    if not man.inputs:
+        raise VitedgeError(f"{man.artifact}: the manifest lists no input", "re-create it with vitedge export")
+    return list(man.inputs[0].shape)
+
+
+def resolve_batch(batch, hint: str) -> int | None:
+    """``'auto'`` -> 1 for latency engines, dynamic (None) for throughput; 'dynamic' -> None."""
+    if batch is None or (isinstance(batch, str) and batch.lower() == "dynamic"):
+        return None
+    if isinstance(batch, str) and batch.lower() == "auto":
+        return 1 if hint == "latency" else None
+    try:
+        b = int(batch)
+    except (TypeError, ValueError):
+        raise VitedgeError(f"batch {batch!r} is not 'auto', 'dynamic' or a positive integer") from None
+    if b < 1:
+        raise VitedgeError(f"batch {b} must be >= 1 (or 'dynamic' / 'auto')")
+    return b
+
+
+def _check_options(target, hint, precision_hint, threads, device):
+    if target not in TARGETS:
+        raise VitedgeError(f"unknown target {target!r}", f"use one of {', '.join(TARGETS)}")
+    if hint not in HINTS:
+        raise VitedgeError(f"unknown performance hint {hint!r}", "use latency or throughput")
+    if precision_hint is not None and precision_hint not in PRECISION_HINTS:
+        raise VitedgeError(f"unknown precision hint {precision_hint!r}", f"use one of {', '.join(PRECISION_HINTS)}")
+    if threads is not None and int(threads) < 1:
+        raise VitedgeError(f"threads {threads} must be >= 1")
+
+
+# -- ONNX helpers -------------------------------------------------------------------------------
+def set_static_batch(proto, batch: int) -> None:
+    """Fix the batch dimension of every graph input and output of an ONNX model (in place)."""
+    for v in list(proto.graph.input) + list(proto.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if dims and not dims[0].dim_value:
+            dims[0].Clear()
+            dims[0].dim_value = batch
+        elif dims and dims[0].dim_value != batch:
+            raise VitedgeError(f"the model has a fixed batch of {dims[0].dim_value}, not {batch}", "compile with --batch "
+                               f"{dims[0].dim_value}, or re-export with --batch dynamic")
+    del proto.graph.value_info[:]  # stale symbolic shapes; re-inferred by the runtimes
+
+
+def _specs_with_batch(specs: list[TensorSpec], batch: int | None) -> list[TensorSpec]:
+    if batch is None:
+        return [TensorSpec(s.name, list(s.shape), s.dtype) for s in specs]
+    return [TensorSpec(s.name, [batch] + list(s.shape[1:]), s.dtype) for s in specs]
+
+
+def onnx_precision(path: Path) -> str:
+    """What an ONNX file holds: int8 (QDQ / QOperator), fp16 weights, or fp32."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    ops = {n.op_type for n in proto.graph.node}
+    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "MatMulInteger", "QLinearConv"}:
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+# -- verification -------------------------------------------------------------------------------
+def _check_inputs(man: Manifest, batch: int | None) -> dict[str, np.ndarray]:
+    from .data import default_check_images
+
+    dims = _dims(man)
+    c, h, w = [d if isinstance(d, int) and d > 0 else 0 for d in dims[1:4]] + [0] * (3 - len(dims[1:4]))
+    pre = man.preprocessing_obj
+    if pre is not None:
+        h, w = pre.img_size
+        c = c or 3
+    if not (c and h and w):
+        return {}
+    n = batch or 3  # an odd count exercises the runtime's chunking on fixed-batch engines too
+    sets = {"random": np.random.default_rng(0).standard_normal((n, c, h, w)).astype(np.float32)}
+    images = default_check_images()
+    if images and pre is not None:
+        sets["images"] = pre.batch(images)
+    return sets
+
+
+def _reference_outputs(src: Path, man: Manifest, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if src.suffix == ".onnx":
+        from .backends.onnxruntime import OnnxRuntimeEngine
+
+        eng = OnnxRuntimeEngine(src, man, providers=["CPUExecutionProvider"], opt_level="basic")
+    else:
+        from .backends.openvino import OpenVINOEngine
+
+        eng = OpenVINOEngine(src, man, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"}, use_blob=False)
+    with eng:
+        return {k: eng.infer(x) for k, x in inputs.items()}
+
+
+def _verify(engine, refs: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict:
+    from .export import compare_outputs
+
+    checks = {}
+    for key, x in inputs.items():
+        out = engine.infer(x)
+        r = compare_outputs(refs[key], out)
+        r["batch"] = int(len(x))
+        checks[key] = r
+    for key, r in checks.items():
+        if not r["finite"] or r["cosine_min"] < _MIN_COSINE:
+            raise VitedgeError(
+                f"the compiled engine disagrees with its source on {key} inputs (cosine {r['cosine_min']:.4f}, finite={r['finite']})",
+                "try --precision-hint f32 or another target; report the model if it persists",
+            )
+    return checks
+
+
+# -- ONNX Runtime -------------------------------------------------------------------------------
+def _compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint,
+                         device, opt_level: str = "extended") -> tuple[list[str], dict, str]:
+    import onnx
+    import onnxruntime as ort
+
+    from .backends.onnxruntime import available_providers, session_options
+
+    if src.suffix != ".onnx":
+        raise VitedgeError(f"{src.name} is an OpenVINO IR: ONNX Runtime runs ONNX files", "compile the ONNX file, or use --target openvino")
+    if precision_hint not in (None, "f32"):
+        raise VitedgeError(f"ONNX Runtime on CPU has no {precision_hint} precision hint",
+                           "make an FP16/INT8 model with vitedge quantize, then compile it")
+    if device not in (None, "CPU", "cpu"):
+        raise VitedgeError(f"--device {device} applies to OpenVINO", "ONNX Runtime picks CUDA/TensorRT providers itself when installed")
+    work = src
+    big = src.stat().st_size > 1_800_000_000 or any(p.suffix == ".data" for p in src.parent.glob(src.name + "*"))
+    if batch is not None:
+        proto = onnx.load(str(src), load_external_data=True)
+        set_static_batch(proto, batch)
+        work = scratch / "static.onnx"
+        onnx.save(proto, str(work), save_as_external_data=big, location="static.onnx.data" if big else None)
+    so = session_options(threads, optimized_model_path=str(scratch / out_name), opt_level=opt_level)
+    if big:
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", out_name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        # CPU provider only: a model optimised for CUDA/TensorRT nodes would not load on a CPU
+        ort.InferenceSession(str(work), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise VitedgeError(f"ONNX Runtime cannot optimise {src.name}: {str(exc).splitlines()[0][:240]}") from None
+    files = [out_name] + ([out_name + ".data"] if (scratch / (out_name + ".data")).exists() else [])
+    settings = {
+        "opt_level": opt_level,
+        "runtime_opt_level": "all",  # hardware-specific layout passes run at load, in milliseconds
+        "threads": threads,
+        "providers": available_providers(),
+        "onnxruntime": ort.__version__,
+    }
+    return files, settings, man.precision
+
+
+# -- OpenVINO -----------------------------------------------------------------------------------
+def openvino_config(hint: str, threads: int | None, streams: int | str | None, precision_hint: str | None) -> dict[str, str]:
+    """The properties given to ``Core.compile_model`` (strings, as OpenVINO accepts them)."""
+    cfg = {"PERFORMANCE_HINT": hint.upper()}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = str(int(threads))
+    if streams is not None:
+        cfg["NUM_STREAMS"] = str(streams).upper()
+    if precision_hint:
+        cfg["INFERENCE_PRECISION_HINT"] = precision_hint
+    return cfg
+
+
+def check_device(device: str) -> None:
+    from .backends.openvino import core
+
+    avail = core().available_devices
+    base = device.split(":", 1)[0].split(".", 1)[0]
+    if base in ("AUTO", "MULTI", "HETERO", "BATCH"):
+        return
+    if device not in avail and base not in {d.split(".", 1)[0] for d in avail}:
+        raise VitedgeError(f"OpenVINO device {device!r} is not present on this machine", f"available: {', '.join(avail) or 'none'}")
+
+
+def _type_name(value) -> str:
+    return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
+def default_precision_hint(precision: str) -> str | None:
+    """OpenVINO's inference precision when none is asked for.
+
+    INT8 models: ``f32`` for the ops left in float - a bf16 hint made INT8 ViTs slower on this class
+    of CPU (issue 9: reorders between INT8 and BF16 layouts).  FP32/FP16 models: the device default
+    (bf16 on CPUs with AVX-512 BF16 or AMX, where it is ~1.5x faster on ViTs; f32 elsewhere).
+    """
+    return "f32" if precision == "int8" else None
+
+
+def _compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint,
+                      device, streams=None, export_blob=False) -> tuple[list[str], dict, str]:
+    import openvino as ov
+
+    from .backends.openvino import core
+
+    device = device or "CPU"
+    check_device(device)
+    precision = man.precision
+    try:
+        model = ov.convert_model(str(src)) if src.suffix == ".onnx" else core().read_model(str(src))
+    except Exception as exc:  # openvino raises RuntimeError/OpConversionFailure with long traces
+        raise VitedgeError(f"OpenVINO cannot read {src.name}: {str(exc).strip().splitlines()[0][:240]}") from None
+    if batch is not None:
+        shape = list(model.inputs[0].get_partial_shape())
+        if shape[0].is_static and shape[0].get_length() != batch:
+            raise VitedgeError(f"{src.name} has a fixed batch of {shape[0].get_length()}, not {batch}",
+                               f"compile with --batch {shape[0].get_length()}, or re-export with --batch dynamic")
+        model.reshape({model.inputs[0]: ov.PartialShape([batch] + shape[1:])})
+    # FP32 weights stay FP32 (save_model would halve them by default); FP16 inputs keep FP16
+    ov.save_model(model, str(scratch / out_name), compress_to_fp16=precision == "fp16")
+    files = [out_name, Path(out_name).with_suffix(".bin").name]
+    cfg = openvino_config(hint, threads, streams, precision_hint or default_precision_hint(precision))
+    settings: dict[str, Any] = {"device": device, "openvino_config": cfg, "openvino": ov.__version__}
+    try:
+        compiled = core().compile_model(str(scratch / out_name), device, cfg)
+    except Exception as exc:
+        raise VitedgeError(f"OpenVINO cannot compile {src.name} for {device}: {str(exc).strip().splitlines()[0][:240]}") from None
+    settings["inference_precision"] = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")) if device == "CPU" else None
+    if export_blob:
+        blob = Path(out_name).with_suffix(".blob").name
+        data = compiled.export_model()  # bytes, or io.BytesIO in recent OpenVINO releases
+        (scratch / blob).write_bytes(data.getvalue() if hasattr(data, "getvalue") else data)
+        files.append(blob)
+        settings["blob"] = {"file": blob, "device": device, "openvino": ov.__version__}
+    del compiled
+    if precision == "fp32" and precision_hint in ("bf16", "f16"):
+        precision = "bf16" if precision_hint == "bf16" else "fp16"
+    return files, settings, precision
+
+
+# -- public API ---------------------------------------------------------------------------------
+def default_output(src_name: str, target: str, folder: Path) -> Path:
+    stem = src_name
+    for suffix in (".onnx", ".xml"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return folder / _DEFAULT_NAME[target].format(stem=stem)
+
+
+def compile_model(
+    model: "str | Path | Any",
+    output: str | Path | None = None,
+    *,
+    target: str = "onnxruntime",
+    batch: "int | str | None" = "auto",
+    img_size: int | None = None,
+    threads: int | None = None,
+    hint: str = "latency",
+    precision_hint: str | None = None,
+    device: str | None = None,
+    streams: "int | str | None" = None,
+    export_blob: bool = False,
+    workspace_mb: int = 1024,
+    profile: "str | tuple | None" = None,
+    timing_cache: str | Path | None = None,
+    verify: bool = True,
+) -> tuple[Path, Manifest]:
+    """Compile ``model`` for ``target``; returns the engine path and its manifest (also saved).
+
+    ``model``: an ONNX file (FP32 from export, FP16/INT8 from quantize), an OpenVINO IR ``.xml``,
+    or a model name/checkpoint (exported first).  ``batch``: ``"auto"`` (static 1 for latency,
+    dynamic for throughput), ``None``/``"dynamic"`` or a fixed size.  ``threads``: intra-op threads
+    (default: all cores).  ``hint``: ``latency`` or ``throughput``.  ``precision_hint``: ``f32``,
+    ``bf16`` or ``f16`` for the ops computed in float (OpenVINO: inference precision; TensorRT:
+    builder flags, default f16).  ``device``: OpenVINO device (CPU, GPU, AUTO, ...).  ``streams``:
+    OpenVINO streams.  ``export_blob``: also write the OpenVINO compiled blob (fast cold start).
+    ``workspace_mb``, ``profile`` (``"min,opt,max"`` batch sizes), ``timing_cache``: TensorRT.
+    """
+    _check_options(target, hint, precision_hint, threads, device)
+    batch = resolve_batch(batch, hint)
+    if export_blob and target != "openvino":
+        raise VitedgeError("--blob is an OpenVINO option", "use --target openvino, or drop --blob")
+    t0 = time.perf_counter()
+    parent = Path(output).parent if output is not None else Path(model).parent if isinstance(model, (str, Path)) and Path(model).suffix else Path.cwd()
+    with atomic_dir(parent) as scratch:
+        src, man = _source(model, img_size, scratch)
+        output = Path(output) if output is not None else default_output(src.name if src.parent != scratch else "model.onnx", target, parent)
+        if output.suffix != _SUFFIX[target]:
+            raise VitedgeError(f"output {output} must end in {_SUFFIX[target]} for target {target}")
+        if output.resolve() == src.resolve():
+            raise VitedgeError(f"output {output} would overwrite its input", "choose another -o")
+        if src.suffix == ".onnx" and man.precision == "fp32" and man.format == "onnx" and not man.quantization:
+            man.precision = onnx_precision(src)  # foreign/quantized files without a precise manifest
+        if target == "tensorrt":
+            from .backends.tensorrt import build_engine
+
+            files, settings, precision = build_engine(src, man, scratch, output.name, batch=batch, hint=hint,
+                                                      precision_hint=precision_hint, workspace_mb=workspace_mb,
+                                                      profile=profile, timing_cache=timing_cache, img_size=img_size)
+        elif target == "onnxruntime":
+            files, settings, precision = _compile_onnxruntime(src, man, scratch, output.name, batch=batch, threads=threads,
+                                                              hint=hint, precision_hint=precision_hint, device=device)
+        else:
+            files, settings, precision = _compile_openvino(src, man, scratch, output.name, batch=batch, threads=threads, hint=hint,
+                                                           precision_hint=precision_hint, device=device, streams=streams,
+                                                           export_blob=export_blob)
+        settings = {"target": target, "batch": batch if batch is not None else "dynamic", "hint": hint,
+                    "precision_hint": precision_hint, "source": src.name if src.parent != scratch else str(model), **settings}
+        child = man.derive(output.name, {"onnxruntime": "onnx", "openvino": "openvino", "tensorrt": "tensorrt"}[target],
+                           backend=target, precision=precision,
+                           inputs=_specs_with_batch(man.inputs, batch), outputs=_specs_with_batch(man.outputs, batch))
+        child.compile = settings
+        if verify and target != "tensorrt":
+            inputs = _check_inputs(man, batch)
+            if inputs:
+                refs = _reference_outputs(src, man, inputs)
+                from .runtime import load
+
+                child.save(scratch / output.name)
+                with load(scratch / output.name) as eng:
+                    child.verification = {"reference": settings["source"], "checks": _verify(eng, refs, inputs)}
+        settings["compile_seconds"] = round(time.perf_counter() - t0, 2)
+        child.hash_files(scratch, files)
+        child.save(scratch / output.name)
+        side = Manifest.sidecar_path(output).name
+        commit_files(scratch, {f: output.parent / f for f in files + [side]})
+    return output, child
+
+
+def engine_summary(path: Path, man: Manifest) -> list[str]:
+    """Human-readable lines describing a compiled engine (used by the CLI)."""
+    c = man.compile
+    size = sum((path.parent / f).stat().st_size for f in man.files if (path.parent / f).exists()) / 1e6
+    lines = [f"{c.get('target')} engine, {man.precision}, batch {c.get('batch')}, hint {c.get('hint')}, {size:.1f} MB"]
+    if c.get("openvino_config"):
+        lines.append("OpenVINO config: " + ", ".join(f"{k}={v}" for k, v in c["openvino_config"].items())
+                     + (f" (runs in {c['inference_precision']})" if c.get("inference_precision") else ""))
+    if c.get("blob"):
+        lines.append(f"compiled blob {c['blob']['file']} for {c['blob']['device']} (OpenVINO {c['blob']['openvino']})")
+    for key, r in man.verification.get("checks", {}).items():
+        lines.append(f"checked on {key} inputs (batch {r['batch']}) vs {man.verification['reference']}: "
+                     f"cosine {r['cosine_min']:.6f}, max abs error {r['max_abs_error']:.2e}"
+                     + (f", top-1 agreement {r['top1_agreement']:.0%}" if "top1_agreement" in r else ""))
+    return lines
