@@ -76,6 +76,11 @@ def save_checkpoint(spec: ModelSpec, path: str | Path) -> Path:
     return path
 
 
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else f"{type(exc).__name__}, empty or truncated file"
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import SafetensorError, safe_open
 
@@ -84,18 +89,29 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise VitedgeError(f"{path} is not a readable safetensors file ({exc})") from None
+        raise VitedgeError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
     return tensors, meta
 
 
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch zip archive / legacy pickle
+        raise VitedgeError(f"{path} is not a PyTorch file (neither a torch.save zip archive nor a pickle; empty or corrupt?)",
+                           "save weights with torch.save(model.state_dict(), path) or as .safetensors")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt/pickled files
+        text = str(exc)
+        if "Weights only load failed" in text:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise VitedgeError(f"{path} holds pickled Python objects{what}, not just tensors; vitedge does not unpickle code",
+                               "save model.state_dict() instead of the whole model, or use .safetensors") from None
         raise VitedgeError(
-            f"{path} cannot be read as a PyTorch state dict ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+            f"{path} cannot be read as a PyTorch state dict ({_first_line(exc)})",
             "save weights with torch.save(model.state_dict(), path) or as .safetensors",
         ) from None
     for key in ("state_dict", "model", "model_state_dict", "module"):
