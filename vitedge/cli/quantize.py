@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..ui import console
+
+
+@click.command("quantize")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--int8", "precision", flag_value="int8", help="INT8 with calibration (MatMul/Gemm/Conv; LayerNorm/Softmax/GELU stay float).")
+@click.option("--fp16", "precision", flag_value="fp16", help="FP16 weights/math, FP32 inputs/outputs.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="Target runtime: onnxruntime/tensorrt write .onnx (QDQ), openvino writes IR .xml+.bin.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration images: folder (recursive, class sub-folders allowed) or preprocessed .npy/.npz. "
+                   "Required for INT8 except for the reference model.")
+@click.option("--samples", type=int, default=None, help="Calibration images to use (default: all, up to 300; sampled with --seed).")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True,
+              help="Activation range calibration.")
+@click.option("--max-drop", type=float, default=None,
+              help="Top-1 points INT8 may lose (on --val labels, else vs FP32 predictions); the most sensitive layers are kept "
+                   "in float until it fits. Writes <out>.sensitivity.md/.json.")
+@click.option("--val", type=click.Path(path_type=Path), default=None,
+              help="Held-out images for the agreement numbers and --max-drop (default: a held-out part of --calib).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and the held-out split.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Output .onnx (onnxruntime, tensorrt) or .xml (openvino).")
+def command(model, precision, backend, calib, samples, method, max_drop, val, seed, output):
+    """Quantize an FP32 ONNX export (MODEL.onnx with its manifest) to INT8 or FP16 and measure it against FP32."""
+    from ..errors import VitedgeError
+    from ..quantization import quantize
+
+    if precision is None:
+        raise VitedgeError("choose a precision", "pass --int8 or --fp16")
+    path, man = quantize(model, output, precision=precision, backend=backend, calib=calib, samples=samples, method=method,
+                         max_drop=max_drop, val=val, seed=seed)
+    q, v = man.quantization, man.verification
+    if precision == "int8":
+        cal = q.get("calibration", {})
+        scheme = q.get("config", {}).get("scheme") or q.get("range_estimator", "")
+        console.print(f"INT8 for {backend}: {scheme}, method {method}, per-channel weights, "
+                      f"calibrated on {cal.get('size')} images of {cal.get('source')} (seed {seed})")
+        if q.get("excluded_nodes"):
+            console.print(f"kept in float: {', '.join(q['excluded_nodes'])}")
+    else:
+        console.print(f"FP16 for {backend}" + (f": {len(q.get('excluded_nodes', []))} LayerNorm/Softmax nodes kept in FP32" if backend != "openvino" else ": FP16-compressed weights"))
+    a = v["agreement"]
+    line = (f"agreement with FP32 on {v['images']} images ({v['eval_set']}): top-1 {100 * a.get('top1_agreement', 1):.2f}%, "
+            f"cosine min {a['cosine_min']:.5f} mean {a['cosine_mean']:.6f}, SNR {a['snr_db'] if a['snr_db'] is not None else float('inf'):.1f} dB")
+    if "top1" in a:
+        line += f"; top-1 accuracy {100 * a['top1']:.2f}% vs FP32 {100 * a['top1_fp32']:.2f}%"
+    console.print(line)
+    if v.get("note"):
+        console.print(v["note"])
+    size_in = Path(model).stat().st_size
+    size_out = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
+    console.print(f"[green]wrote[/] {path} ({size_out / 1e6:.2f} MB, {size_in / max(size_out, 1):.1f}x smaller than FP32) and {man.sidecar_path(path)}")
+    if q.get("max_drop", {}).get("report"):
+        console.print(f"sensitivity table: {path.parent / q['max_drop']['report']}")

@@ -1,0 +1,253 @@
+"""``vitedge quantize``: INT8 (calibrated) and FP16 artifacts for ONNX Runtime, OpenVINO and TensorRT.
+
+Defaults are ViT-aware: only the matrix work (MatMul/Gemm/Conv) is quantized, LayerNorm, Softmax
+and GELU stay in float; weights are per-channel.  Every artifact is measured against the FP32 model
+on held-out images and the numbers go into its manifest.  See ``docs/quantize.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from .._io import atomic_dir, commit_files
+from ..errors import GateFailed, VitedgeError
+from ..export import embed_metadata
+from ..manifest import Manifest
+from ..runtime import load
+from ..ui import note
+from .calibration import EvalSet, StreamingBatches, plan_data
+
+log = logging.getLogger("vitedge")
+
+PRECISIONS = ("int8", "fp16")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+METHODS = ("minmax", "percentile", "entropy")
+_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv", "MatMulInteger",
+              "ConvInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd"}
+
+__all__ = ["quantize", "PRECISIONS", "BACKENDS", "METHODS"]
+
+
+def _clean(obj):
+    """JSON-safe numbers (inf/nan -> None)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _open_model(model) -> tuple[Path, Manifest]:
+    import onnx
+
+    path = Path(model)
+    if not path.exists():
+        raise VitedgeError(f"model {path} does not exist", "give the .onnx file written by `vitedge export`")
+    if path.is_dir() or path.suffix.lower() != ".onnx":
+        raise VitedgeError(f"{path} is not an ONNX file", "quantize takes a .onnx file from `vitedge export`")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends
+        raise VitedgeError(f"{path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with `vitedge export`") from None
+    if not proto.graph.node:
+        raise VitedgeError(f"{path} is not a readable ONNX file (empty graph)", "re-export it with `vitedge export`")
+    _, man = Manifest.find(path)
+    if man is None:
+        from ..foreign import manifest_for_onnx
+
+        man = manifest_for_onnx(path)
+        note(f"{path.name} has no vitedge manifest: using what the file says")
+    if man.precision not in ("fp32", None):
+        raise VitedgeError(f"{path.name} is already {man.precision} (manifest)", "quantize the FP32 export instead")
+    from onnx import TensorProto
+
+    ops = {n.op_type for n in proto.graph.node}
+    if ops & _QUANT_OPS:
+        raise VitedgeError(f"{path.name} is already quantized (it contains {sorted(ops & _QUANT_OPS)[0]})", "quantize the FP32 export instead")
+    if any(i.data_type == TensorProto.FLOAT16 for i in proto.graph.initializer):
+        raise VitedgeError(f"{path.name} is already FP16 (half-precision weights)", "quantize the FP32 export instead")
+    if not man.inputs:
+        raise VitedgeError(f"{path.name} declares no inputs")
+    return path, man
+
+
+def _check_args(precision, backend, method, max_drop, samples, output: Path, model: Path):
+    if precision not in PRECISIONS:
+        raise VitedgeError(f"precision {precision!r} is not supported", "use int8 or fp16")
+    if backend not in BACKENDS:
+        raise VitedgeError(f"backend {backend!r} is not supported", f"use one of {', '.join(BACKENDS)}")
+    if method not in METHODS:
+        raise VitedgeError(f"calibration method {method!r} is not supported", f"use one of {', '.join(METHODS)}")
+    if max_drop is not None:
+        if precision != "int8":
+            raise VitedgeError("--max-drop applies to INT8 only", "drop --max-drop, or use --int8")
+        if not (max_drop >= 0):
+            raise VitedgeError(f"--max-drop {max_drop} must be >= 0 (top-1 percentage points)")
+    if samples is not None and samples < 1:
+        raise VitedgeError(f"--samples {samples} must be >= 1")
+    want = ".xml" if backend == "openvino" else ".onnx"
+    if output.suffix.lower() != want:
+        raise VitedgeError(f"output {output} must end in {want} for backend {backend}",
+                           "OpenVINO writes IR (.xml + .bin); onnxruntime and tensorrt write .onnx")
+    if output.resolve() == model.resolve():
+        raise VitedgeError("output would overwrite the input model", "choose another -o path")
+
+
+def quantize(model, output, *, precision: str = "int8", backend: str = "onnxruntime", calib=None, samples: int | None = None,
+             method: str = "minmax", max_drop: float | None = None, val=None, seed: int = 0) -> tuple[Path, Manifest]:
+    """Quantize an FP32 ONNX export to INT8 or FP16 for a backend, measure it against FP32, write it with its manifest.
+
+    ``model``: a ``.onnx`` file with its ``.vitedge.json`` sidecar.  ``output``: ``.onnx``
+    (onnxruntime, tensorrt) or ``.xml`` (openvino).  ``calib``: folder of images / ``.npy`` /
+    ``.npz`` (INT8; optional for the reference model, whose digits images ship with vitedge).
+    ``val``: held-out images for the agreement numbers and ``max_drop`` (default: a seeded held-out
+    part of ``calib``).  ``max_drop``: top-1 percentage points INT8 may lose; the most sensitive
+    layers are kept in float until it fits (a per-layer sensitivity report is written next to the
+    output).  Returns the artifact path and its manifest.
+    """
+    output = Path(output)
+    precision, backend, method = str(precision).lower(), str(backend).lower(), str(method).lower()
+    src_path = Path(model)
+    _check_args(precision, backend, method, max_drop, samples, output, src_path)
+    src, parent = _open_model(src_path)
+    pre = parent.preprocessing_obj
+    plan = plan_data(parent, pre, precision=precision, calib=calib, val=val, samples=samples, seed=seed)
+    for n in plan.notes:
+        note(n)
+
+    ev = EvalSet(plan.eval, pre, plan.eval_source, parent.labels, parent.inputs[0].shape, seed)
+    with load(src, backend="onnxruntime") as ref_engine:
+        ev.set_reference(ref_engine)
+
+    fmt = "openvino" if backend == "openvino" else "onnx"
+    qinfo: dict = {"precision": precision, "backend": backend}
+    report_files: list[str] = []
+    with atomic_dir(output.parent) as scratch:
+        tmp_out = scratch / output.name
+        if precision == "fp16":
+            from .fp16 import onnx_fp16, openvino_fp16
+
+            if backend == "openvino":
+                openvino_fp16(src, tmp_out)
+                qinfo.update(tool="openvino.save_model(compress_to_fp16=True)", excluded_nodes=[],
+                             notes=["weights stored as FP16; the CPU plugin decides the compute precision"])
+            else:
+                from .fp16 import FP16_KEEP_FLOAT
+
+                kept = onnx_fp16(src, tmp_out)
+                qinfo.update(tool="onnxruntime.transformers.float16 (keep_io_types)", io="float32", excluded_nodes=kept,
+                             kept_float_op_types=FP16_KEEP_FLOAT)
+            note(f"FP16 for {backend}: inputs/outputs FP32" + ("" if backend == "openvino" else f", {len(qinfo['excluded_nodes'])} LayerNorm/Softmax nodes kept in FP32"))
+        else:
+            stream = StreamingBatches(plan.calib, pre, 1 if backend == "openvino" else 8, min_count=samples or 1)
+            qinfo.update(method=method, per_channel=True, op_types=["MatMul", "Gemm", "Conv"])
+            if backend == "openvino":
+                from .openvino_int8 import quantize_openvino
+
+                if max_drop is not None:
+                    note(f"accuracy control: NNCF keeps layers in float until the {ev.drop_kind} is <= {max_drop} pp on {ev.source}")
+                info = quantize_openvino(src, tmp_out, stream, len(plan.calib), method, ev, max_drop)
+                float_ops = info.pop("float_ops")
+                qinfo.update(info, excluded_nodes=float_ops)
+                if max_drop is not None:
+                    _openvino_report(output, scratch, src, method, ev, max_drop, float_ops, report_files)
+                note(f"OpenVINO INT8 with NNCF (Transformer model type, {info['range_estimator']} ranges)")
+            else:
+                _ort_int8(src, tmp_out, scratch, backend, method, stream, parent, ev, max_drop, qinfo, output, report_files)
+            qinfo["calibration"] = {
+                "source": plan.calib_source, "fingerprint": plan.calib.fingerprint(), "size": len(plan.calib) - stream.skipped,
+                "requested": len(plan.calib), "skipped_unreadable": stream.skipped, "seed": seed,
+            }
+            if stream.skipped:
+                note(f"{stream.skipped} unreadable calibration images skipped")
+
+        # embed the essentials in ONNX outputs, as export does (so the file is self-describing)
+        if fmt == "onnx":
+            import onnx
+
+            proto = onnx.load(str(tmp_out), load_external_data=False)
+            tmp_man = parent.derive(output.name, fmt, precision=precision, backend=backend)
+            embed_metadata(proto, tmp_man)
+            onnx.save(proto, str(tmp_out))
+
+        files = sorted(p.name for p in scratch.iterdir() if p.name == output.name or (fmt == "openvino" and p.name == output.with_suffix(".bin").name)
+                       or p.name.startswith(output.name + ".data"))
+        man = parent.derive(output.name, fmt, precision=precision, backend=backend, quantization=_clean(qinfo))
+        man.hash_files(scratch, files)
+        man.save(tmp_out)
+        with load(tmp_out, backend="openvino" if backend == "openvino" else "onnxruntime") as eng:
+            metrics = ev.measure(ev.logits(eng))
+        man.verification = _clean({
+            "reference": f"fp32 onnx ({src.name}, onnxruntime)", "engine": "openvino" if backend == "openvino" else "onnxruntime",
+            "eval_set": ev.source, "images": len(ev), "random_inputs": ev.random, "agreement": metrics,
+            "drop_pp": ev.drop_pp(metrics) if not ev.random else None, "drop_kind": ev.drop_kind,
+        })
+        if backend == "tensorrt":
+            man.verification["note"] = "TensorRT is not installed here: the QDQ file was executed by ONNX Runtime (same Q/DQ arithmetic); build the engine with `vitedge compile --backend tensorrt`"
+        if precision == "int8" and backend == "openvino" and max_drop is not None and ev.drop_pp(metrics) > max_drop + 1e-9:
+            raise GateFailed(f"--max-drop {max_drop} pp cannot be met with OpenVINO: NNCF's best model still loses {ev.drop_pp(metrics):.2f} pp on {ev.source}",
+                             "raise --max-drop, give more calibration images, or use --backend onnxruntime")
+        man.save(tmp_out)
+        side = Manifest.sidecar_path(output).name
+        commit_files(scratch, {f: output.parent / f for f in files + [side] + report_files})
+    return output, man
+
+
+def _ort_int8(src, tmp_out, scratch, backend, method, stream, parent, ev, max_drop, qinfo, output, report_files):
+    from . import ort_int8, sensitivity
+
+    cfg = ort_int8.ort_cpu_config() if backend == "onnxruntime" else ort_int8.tensorrt_config()
+    note(f"INT8 {cfg.label} for {backend}: {cfg.reason}")
+    prepared = ort_int8.prepare(src, scratch / "prepared.onnx")
+    cache = ort_int8.calibrate(prepared, stream, parent.inputs[0].name, method, scratch, symmetric=cfg.activation_symmetric)
+    ort_int8.quantize_qdq(prepared, tmp_out, cache, cfg, method)
+    qinfo.update(tool="onnxruntime.quantization.quantize_static (QDQ)", config=cfg.to_dict(), excluded_nodes=[])
+    if max_drop is None:
+        return
+    full = sensitivity._run(tmp_out, ev)
+    nodes = ort_int8.quantizable_nodes(prepared)
+    report = {"model": src.name, "backend": backend, "method": method, "scheme": cfg.label, "eval_set": ev.source, "images": len(ev),
+              "drop_kind": ev.drop_kind, "max_drop": max_drop, "full_int8_drop_pp": full["drop_pp"], "kept_float": [], "steps": []}
+    stem = output.name[: -len(output.suffix)]
+    rj, rm = f"{stem}.sensitivity.json", f"{stem}.sensitivity.md"
+    note(f"all layers INT8: {ev.drop_kind} {full['drop_pp']:.2f} pp on {ev.source} (budget {max_drop} pp); ranking {len(nodes)} layers")
+    ranking = sensitivity.rank_layers(prepared, cache, cfg, method, nodes, ev, scratch)
+    report["layers"] = ranking
+    if full["drop_pp"] <= max_drop + 1e-9:
+        report["result"] = "budget met with every layer in INT8"
+        met, keep = True, []
+    else:
+        keep, best, steps, met = sensitivity.search(prepared, tmp_out, cache, cfg, method, ranking, ev, max_drop, full, scratch)
+        report.update(kept_float=keep if met else [], steps=steps)
+        report["result"] = (f"budget met keeping {len(keep)} of {len(nodes)} layers in float" if met else
+                            f"budget NOT met: keeping {len(keep)} of {len(nodes)} layers in float still loses {best['drop_pp']:.2f} pp")
+    sensitivity.write_report(scratch / rj, scratch / rm, _clean(report))
+    if not met:  # the report is useful on its own: keep it, but write no model
+        commit_files(scratch, {rj: output.parent / rj, rm: output.parent / rm})
+        raise GateFailed(f"--max-drop {max_drop} pp cannot be met: {report['result']} on {ev.source} (sensitivity table: {output.parent / rm})",
+                         "raise --max-drop, give more or better calibration images, or try --method percentile/entropy")
+    qinfo["excluded_nodes"] = keep
+    qinfo["max_drop"] = {"budget_pp": max_drop, "full_int8_drop_pp": full["drop_pp"], "kept_float": keep, "report": rm,
+                         "measured_on": ev.source, "metric": ev.drop_kind}
+    note(f"kept {len(keep)} most sensitive layers in float: {', '.join(keep) or 'none'}")
+    report_files += [rj, rm]
+
+
+def _openvino_report(output, scratch, src, method, ev, max_drop, float_ops, report_files):
+    """NNCF's accuracy control ranks internally; the report lists what it kept in float."""
+    stem = output.name[: -len(output.suffix)]
+    rj, rm = f"{stem}.sensitivity.json", f"{stem}.sensitivity.md"
+    info = {"model": src.name, "backend": "openvino", "method": method, "eval_set": ev.source, "images": len(ev),
+            "drop_kind": ev.drop_kind, "max_drop": max_drop, "kept_float": float_ops,
+            "ranking": "NNCF quantize_with_accuracy_control (ranks quantizer groups by their effect on the metric)"}
+    (scratch / rj).write_text(json.dumps(_clean(info), indent=2) + "\n")
+    lines = [f"# INT8 accuracy control report: {src.name} (OpenVINO)", "", f"- measured on: {ev.source} ({len(ev)} images), metric: {ev.drop_kind}",
+             f"- budget: {max_drop} pp", "- ranking and reverting done by NNCF's accuracy control", "", "MatMul/Convolution ops left in float:", ""]
+    lines += [f"- `{n}`" for n in float_ops] or ["- none"]
+    (scratch / rm).write_text("\n".join(lines) + "\n")
+    report_files += [rj, rm]

@@ -1,0 +1,231 @@
+"""Calibration and evaluation data for quantization.
+
+* :func:`plan_data` turns ``--calib``/``--val``/``--samples``/``--seed`` into a deterministic
+  calibration subset and a held-out evaluation set (``--val`` if given, else a seeded part of the
+  calibration folder that calibration never sees).
+* :class:`StreamingBatches` feeds a calibrator batch by batch (with a progress bar), so neither the
+  images nor the activations of the whole set are held in memory at once.
+* :class:`EvalSet` holds the (small) evaluation set and computes agreement with FP32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..data import SHIPPED_CALIBRATION, ImageSet, label_indices
+from ..errors import VitedgeError
+from ..export import compare_outputs
+from ..manifest import Manifest
+from ..preprocess import Preprocessing
+from ..ui import progress
+
+log = logging.getLogger("vitedge")
+
+DEFAULT_SAMPLES = 300  # calibration images used when --samples is not given (NNCF's default too)
+HOLDOUT_FRACTION = 0.2  # part of the calibration folder kept for evaluation when --val is absent
+MIN_FOR_HOLDOUT = 10
+MAX_HOLDOUT = 500
+EVAL_CACHE_BYTES = 512 * 1024 * 1024  # evaluation arrays kept in memory up to this size
+SHIPPED_DIGITS = SHIPPED_CALIBRATION / "digits" / "calib"
+
+
+def is_reference_model(manifest: Manifest) -> bool:
+    from ..models.loading import REFERENCE_CHECKPOINT
+
+    src = str((manifest.model or {}).get("source", ""))
+    return bool(src) and Path(src).name == REFERENCE_CHECKPOINT.name
+
+
+def subset(ims: ImageSet, idx) -> ImageSet:
+    idx = [int(i) for i in idx]
+    if ims.arrays is not None:
+        return ImageSet(ims.source, [], [ims.labels[i] for i in idx], arrays=ims.arrays[idx])
+    return ImageSet(ims.source, [ims.paths[i] for i in idx], [ims.labels[i] for i in idx])
+
+
+@dataclass
+class DataPlan:
+    calib: ImageSet | None  # what the calibrator sees (None for FP16)
+    eval: ImageSet | None  # held-out images for agreement / max-drop (None: no real images at hand)
+    eval_source: str  # human description of where the evaluation images come from
+    calib_source: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_fits(ims: ImageSet, manifest: Manifest, pre: Preprocessing | None, what: str) -> None:
+    shape = manifest.inputs[0].shape if manifest.inputs else None
+    if shape:
+        ims.check_shape(shape)
+        if ims.arrays is None and pre is not None:
+            hw = [d for d in shape[2:4]]
+            if all(isinstance(d, int) for d in hw) and tuple(hw) != tuple(pre.img_size):
+                raise VitedgeError(f"the manifest preprocessing makes {pre.img_size} images but the model takes {tuple(shape)}",
+                                   "fix the preprocessing in the model's .vitedge.json")
+    if ims.arrays is None and pre is None:
+        raise VitedgeError(f"{what} {ims.source} holds images but the model has no preprocessing in its manifest",
+                           "export the model with vitedge, or pass preprocessed arrays as .npy/.npz")
+
+
+def plan_data(manifest: Manifest, pre: Preprocessing | None, *, precision: str, calib, val, samples: int | None, seed: int) -> DataPlan:
+    """Choose calibration and evaluation sets, deterministically for a seed."""
+    notes: list[str] = []
+    calib_set = None
+    if calib is not None:
+        calib_set = ImageSet.from_path(calib)
+    elif is_reference_model(manifest) and SHIPPED_DIGITS.is_dir():
+        calib_set = ImageSet.from_path(SHIPPED_DIGITS)
+        notes.append(f"calibration images: the shipped digits set ({SHIPPED_DIGITS})")
+    elif precision == "int8":
+        raise VitedgeError("INT8 needs calibration images (--calib DIR, .npy or .npz)",
+                           "the shipped digits images only suit the reference model; give ~100-500 images like your deployment data")
+    if calib_set is not None:
+        _check_fits(calib_set, manifest, pre, "calibration data")
+    val_set = ImageSet.from_path(val) if val is not None else None
+    if val_set is not None:
+        _check_fits(val_set, manifest, pre, "validation data")
+
+    if precision != "int8":  # FP16: nothing to calibrate, everything can be used for evaluation
+        if val_set is not None:
+            return DataPlan(None, val_set, f"--val {val_set.source}", notes=notes)
+        if calib_set is not None:
+            return DataPlan(None, calib_set, f"calibration images {calib_set.source}", notes=notes)
+        return DataPlan(None, None, "random inputs (no images given)", notes=notes + ["no images given: FP16 verified on random inputs only; pass --val DIR"])
+
+    n = len(calib_set)
+    if val_set is not None:
+        pool, eval_set, eval_source = calib_set, val_set, f"--val {val_set.source}"
+    elif n >= MIN_FOR_HOLDOUT:
+        k = min(MAX_HOLDOUT, max(1, int(round(n * HOLDOUT_FRACTION))))
+        perm = np.random.default_rng(seed).permutation(n)
+        hold, rest = np.sort(perm[:k]), np.sort(perm[k:])
+        pool, eval_set = subset(calib_set, rest), subset(calib_set, hold)
+        eval_source = f"{k} held-out images of {calib_set.source} (seed {seed}, not used for calibration)"
+    else:
+        pool, eval_set = calib_set, calib_set
+        eval_source = f"the {n} calibration images themselves (too few to hold any out; pass --val DIR)"
+        notes.append(f"only {n} calibration images: agreement is measured on them; pass --val DIR for an honest number")
+    want = samples if samples is not None else min(DEFAULT_SAMPLES, len(pool))
+    if samples is not None and samples < 1:
+        raise VitedgeError(f"--samples {samples} must be >= 1")
+    if want > len(pool):
+        held = "" if pool is calib_set else f" ({len(calib_set) - len(pool)} held out for evaluation; pass --val DIR to use all)"
+        raise VitedgeError(f"asked for {want} calibration samples but {calib_set.source} has only {len(pool)} usable for calibration{held}",
+                           "lower --samples or add images")
+    chosen = pool.sample(want, seed)
+    return DataPlan(chosen, eval_set, eval_source, calib_source=calib_set.source, notes=notes)
+
+
+class StreamingBatches:
+    """Re-iterable stream of preprocessed calibration batches, with a progress bar per pass.
+
+    Unreadable images are skipped (and counted in :attr:`skipped`); fewer usable images than
+    ``min_count`` raise a one-line error.  An error raised while a library iterates is kept in
+    :attr:`error`, so the caller can re-raise it instead of the library's wrapper.
+    """
+
+    def __init__(self, ims: ImageSet, pre: Preprocessing | None, batch_size: int, min_count: int, label: str = "calibrating"):
+        self.ims, self.pre, self.batch_size, self.min_count, self.label = ims, pre, batch_size, min_count, label
+        self.error: VitedgeError | None = None
+        self.seen = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.ims) // self.batch_size)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        self.seen = 0
+        try:
+            with progress() as bar:
+                task = bar.add_task(self.label, total=len(self.ims))
+                for b in self.ims.batches(self.pre, self.batch_size, self.min_count):
+                    self.seen += len(b.x)
+                    bar.update(task, completed=self.seen)
+                    yield b.x
+        except VitedgeError as exc:
+            self.error = exc
+            raise
+
+    @property
+    def skipped(self) -> int:
+        return len(self.ims.skipped)
+
+    def raise_if_failed(self, exc: BaseException) -> None:
+        """Turn a library failure caused by our data into our own one-line error."""
+        if self.error is not None:
+            raise self.error from None
+        if isinstance(exc, VitedgeError):
+            raise exc
+
+
+class EvalSet:
+    """Held-out images with FP32 reference logits; measures a candidate against them."""
+
+    def __init__(self, ims: ImageSet | None, pre: Preprocessing | None, source: str, class_names, input_shape, seed: int = 0):
+        self.source = source
+        self.ims = ims
+        self.pre = pre
+        self._x: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+        self.random = ims is None
+        self.ref: np.ndarray | None = None
+        self.skipped = 0
+        if ims is None:  # no images: random inputs in the model's shape (FP16 only)
+            c, h, w = (d if isinstance(d, int) else 3 for d in input_shape[1:4]) if len(input_shape) == 4 else (3, 224, 224)
+            self._x = np.random.default_rng(seed).standard_normal((8, c, h, w)).astype(np.float32)
+            self.count = len(self._x)
+            return
+        item = 4 * int(np.prod([d for d in input_shape[1:] if isinstance(d, int)] or [3 * 224 * 224]))
+        if item * len(ims) <= EVAL_CACHE_BYTES:
+            b = ims.load_all(pre)
+            self._x = b.x
+            lbls = b.labels
+        else:
+            lbls = [lbl for b in ims.batches(pre, 32) for lbl in b.labels]
+        if lbls and all(lbl is not None for lbl in lbls):
+            self.labels = label_indices(lbls, class_names, ims.source)
+        self.count = len(lbls)
+        self.skipped = len(ims.skipped)
+
+    def __len__(self) -> int:
+        return len(self._x) if self._x is not None else self.count
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
+    def batches(self, bs: int = 64) -> Iterator[np.ndarray]:
+        if self._x is not None:
+            for i in range(0, len(self._x), bs):
+                yield self._x[i : i + bs]
+        else:
+            for b in self.ims.batches(self.pre, bs):
+                yield b.x
+
+    def logits(self, engine) -> np.ndarray:
+        return np.concatenate([engine.infer(x) for x in self.batches()])
+
+    def set_reference(self, engine) -> None:
+        self.ref = self.logits(engine)
+
+    def measure(self, out: np.ndarray) -> dict:
+        """Agreement of candidate logits with FP32 (+ accuracies when labelled)."""
+        res = compare_outputs(self.ref, out)
+        res["images"] = int(len(out))
+        if self.labelled and self.ref.ndim == 2:
+            res["top1_fp32"] = float((self.ref.argmax(1) == self.labels).mean())
+            res["top1"] = float((out.argmax(1) == self.labels).mean())
+        return res
+
+    def drop_pp(self, metrics: dict) -> float:
+        """The --max-drop quantity: top-1 points lost on labels, else % disagreement with FP32."""
+        if "top1" in metrics:
+            return 100.0 * (metrics["top1_fp32"] - metrics["top1"])
+        return 100.0 * (1.0 - metrics.get("top1_agreement", 1.0))
+
+    @property
+    def drop_kind(self) -> str:
+        return "top-1 accuracy drop (labelled)" if self.labelled else "top-1 disagreement with FP32"

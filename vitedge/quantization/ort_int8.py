@@ -1,0 +1,200 @@
+"""INT8 QDQ ONNX with ONNX Runtime's static quantizer (used for the onnxruntime and tensorrt targets).
+
+Calibration is run once into a range cache; every quantized variant (the plain model and those the
+accuracy-aware search builds) is then produced from the same ranges, quickly and reproducibly.
+
+Calibration is streamed: ``collect_data`` is called per chunk of batches, which merges the ranges
+(MinMax) or histograms (entropy/percentile) as it goes, so activations of the whole set never sit
+in memory.  (ONNX Runtime's own ``CalibMaxIntermediateOutputs`` option is not used: in this
+version it drops the collected outputs instead of merging them.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import platform
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import VitedgeError
+from .calibration import StreamingBatches
+
+log = logging.getLogger("vitedge")
+
+QUANT_OP_TYPES = ["MatMul", "Gemm", "Conv"]  # LayerNorm, Softmax, GELU stay float (ViT-aware default)
+CALIB_BATCH = 8
+CHUNK_BATCHES = 4  # batches per collect_data call (bounds activation memory)
+
+
+@dataclass
+class QDQConfig:
+    """How the QDQ model is built (recorded in the manifest)."""
+
+    target: str  # onnxruntime | tensorrt
+    activation_type: str  # QUInt8 | QInt8
+    weight_type: str = "QInt8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    activation_symmetric: bool = False
+    op_types: list[str] = field(default_factory=lambda: list(QUANT_OP_TYPES))
+    extra_options: dict = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        a = "U8" if self.activation_type == "QUInt8" else "S8"
+        w = "U8" if self.weight_type == "QUInt8" else "S8"
+        return f"{a}{w}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scheme"] = self.label
+        return d
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def ort_cpu_config() -> QDQConfig:
+    """The activation/weight types that run fast on this CPU with ONNX Runtime."""
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64"):
+        return QDQConfig("onnxruntime", "QInt8", activation_symmetric=True,
+                         reason="ARM CPU: symmetric S8S8 suits the ARM int8 kernels")
+    flags = cpu_flags()
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return QDQConfig("onnxruntime", "QUInt8",
+                         reason="x86 CPU with VNNI: U8S8 (uint8 activations, int8 weights) uses the VNNI dot-product kernels")
+    return QDQConfig("onnxruntime", "QUInt8", reduce_range=True,
+                     reason="x86 CPU without VNNI: U8S8 with 7-bit weights (reduce_range) avoids int16 saturation")
+
+
+def tensorrt_config() -> QDQConfig:
+    """Explicit-quantization QDQ for TensorRT: symmetric int8 everywhere, Q/DQ only on MatMul/Conv/Gemm inputs."""
+    return QDQConfig(
+        "tensorrt", "QInt8", activation_symmetric=True,
+        extra_options={
+            "QuantizeBias": False,  # TensorRT keeps biases in float and fuses them itself
+            "OpTypesToExcludeOutputQuantization": list(QUANT_OP_TYPES),  # Q/DQ on inputs only
+            "DedicatedQDQPair": True,  # every Q/DQ feeds exactly one MatMul/Conv/Gemm
+        },
+        reason="TensorRT explicit quantization: symmetric S8S8 (zero point 0), per-channel weights, Q/DQ on MatMul/Conv/Gemm inputs",
+    )
+
+
+def _method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
+
+
+def prepare(model: Path, out: Path) -> Path:
+    """Shape inference (``quant_pre_process`` without graph rewrites, so node names stay the exporter's)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(model), str(out), skip_optimization=True, skip_symbolic_shape=False)
+    except Exception as exc:  # symbolic shape inference fails on some graphs; onnx shape inference is enough
+        log.debug("symbolic shape inference failed (%s); using onnx shape inference only", exc)
+        try:
+            quant_pre_process(str(model), str(out), skip_optimization=True, skip_symbolic_shape=True)
+        except Exception as exc2:
+            raise VitedgeError(f"shape inference failed on {model.name}: {str(exc2).splitlines()[0][:200]}") from None
+    return out
+
+
+class _ListReader:
+    """An ONNX Runtime CalibrationDataReader over a few preprocessed batches."""
+
+    def __init__(self, batches: list, input_name: str):
+        self._it = iter(batches)
+        self.name = input_name
+
+    def get_next(self):
+        x = next(self._it, None)
+        return None if x is None else {self.name: x}
+
+
+def calibrate(model: Path, stream: StreamingBatches, input_name: str, method: str, scratch: Path, symmetric: bool = False) -> Path:
+    """Collect activation ranges into a cache file (streamed); returns its path."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    calib_opts = {"symmetric": symmetric} if method == "minmax" else {}
+    if method == "percentile":
+        calib_opts["percentile"] = 99.999
+    cache = scratch / "ranges.json"
+    quiet = contextlib.redirect_stdout(io.StringIO())  # the histogram calibrators print progress lines
+    try:
+        quiet.__enter__()
+        calibrator = create_calibrator(model, QUANT_OP_TYPES, augmented_model_path=str(scratch / "augmented.onnx"),
+                                       calibrate_method=_method(method), extra_options=calib_opts)
+        chunk: list = []
+        got_any = False
+        for x in stream:  # a few batches per collect_data call: ranges/histograms merge as they go
+            chunk.append(x)
+            if len(chunk) == CHUNK_BATCHES:
+                calibrator.collect_data(_ListReader(chunk, input_name))
+                chunk, got_any = [], True
+        if chunk:
+            calibrator.collect_data(_ListReader(chunk, input_name))
+            got_any = True
+        if not got_any:
+            raise VitedgeError(f"no usable calibration images in {stream.ims.source}")
+        ranges = calibrator.compute_data()
+        save_tensors_data(ranges, cache)
+        del calibrator
+    except VitedgeError:
+        raise
+    except Exception as exc:
+        stream.raise_if_failed(exc)
+        raise VitedgeError(f"calibration failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        quiet.__exit__(None, None, None)
+    return cache
+
+
+def quantize_qdq(model: Path, out: Path, cache: Path, cfg: QDQConfig, method: str, *, exclude=(), only=None) -> Path:
+    """Write a QDQ model from cached ranges. ``exclude`` keeps nodes float; ``only`` quantizes just those nodes."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    extra = {"ActivationSymmetric": cfg.activation_symmetric, "WeightSymmetric": True, **cfg.extra_options}
+    big = model.stat().st_size > 1_800_000_000 or any(model.parent.glob(model.name + ".data"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            root = logging.getLogger()
+            was, root.disabled = root.disabled, True  # ORT logs warnings through the root logger
+            try:
+                quantize_static(
+                    str(model), str(out), None, calibration_cache_path=str(cache), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(cfg.op_types), per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+                    activation_type=getattr(QuantType, cfg.activation_type), weight_type=getattr(QuantType, cfg.weight_type),
+                    nodes_to_exclude=list(exclude), nodes_to_quantize=list(only) if only else None,
+                    calibrate_method=_method(method), extra_options=extra, use_external_data_format=big,
+                )
+            finally:
+                root.disabled = was
+    except Exception as exc:
+        raise VitedgeError(f"ONNX Runtime quantization failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    return out
+
+
+def quantizable_nodes(model: Path) -> list[str]:
+    import onnx
+
+    g = onnx.load(str(model), load_external_data=False).graph
+    return [n.name for n in g.node if n.op_type in QUANT_OP_TYPES]
