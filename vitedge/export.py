@@ -12,6 +12,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -188,11 +189,17 @@ def export_onnx(
     img_size: int | None = None,
     images: list[Path] | None = None,
     tolerance: Tolerance | None = None,
+    on_stage: "Callable[[str], None] | None" = None,
 ) -> tuple[Path, Manifest]:
     """Export to ONNX and verify it.  ``batch=None`` means dynamic batch.
 
+    ``images`` are real images for the check (default: a few shipped ones when available; ``[]``
+    for random inputs only).  ``on_stage`` is called with a short description of each step
+    (the CLI shows it as a status line).
+
     Returns the ONNX path and its manifest (also written as ``<stem>.vitedge.json``).
     """
+    stage = on_stage or (lambda text: None)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise VitedgeError(f"opset {opset} is not supported", f"choose an opset from {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     if batch is not None and batch < 1:
@@ -219,6 +226,7 @@ def export_onnx(
     n_bytes = sum(p.numel() * p.element_size() for p in torch_model.parameters())
     external = n_bytes > _EXTERNAL_DATA_BYTES
 
+    stage("running PyTorch on the check inputs")
     inputs = _verification_inputs(spec, images, batch)
     with torch.inference_mode():
         refs = {k: torch_model(torch.from_numpy(v)).numpy() for k, v in inputs.items()}
@@ -229,16 +237,19 @@ def export_onnx(
 
     with atomic_dir(output.parent) as scratch:
         tmp = scratch / output.name
+        stage(f"exporting with torch.onnx (opset {opset}" + (", external data)" if external else ")"))
         try:
             with torch.no_grad():
                 _torch_export(torch_model, dummy, tmp, opset, batch is None, external)
         except Exception as exc:
             raise VitedgeError(f"torch.onnx.export failed: {_reason(exc)}", "try another --opset (below 17 uses the TorchScript exporter)") from None
+        stage("onnx.checker")
         try:
             onnx.checker.check_model(str(tmp))  # path form handles external data / >2 GB
         except onnx.checker.ValidationError as exc:
             raise VitedgeError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
+        stage("verifying with ONNX Runtime against PyTorch")
         sess = ort_session(tmp)
         in_name = sess.get_inputs()[0].name
         checks = {}
@@ -258,6 +269,7 @@ def export_onnx(
                 "try another --opset; report the model if it persists",
             )
 
+        stage("writing the manifest")
         proto = onnx.load(str(tmp), load_external_data=False)
         ins, outs = _tensor_specs(proto)
         manifest = Manifest(
