@@ -1,0 +1,200 @@
+"""`vitedge validate`: accuracy drop with a paired interval, measured speed-up, gates, reports.
+
+Real engines only: the reference digits ViT exported to ONNX, quantized to INT8 by vitedge and run
+by ONNX Runtime and OpenVINO, on the real held-out digit images.  Timing budgets are tiny: these
+tests check that latency is measured and reported, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from vitedge.errors import GateFailed, VitedgeError
+from vitedge.report import SCHEMA, Report
+from vitedge.validation import EngineSpec, paired_drop, validate, wilson_interval
+
+FAST = dict(time_budget=0.05, rounds=2, warmup=1, min_runs=4)
+
+
+@pytest.fixture(scope="module")
+def int8_onnx(tmp_path_factory, ref_onnx, calib_dir) -> Path:
+    """The reference model quantized to INT8 (ONNX Runtime QDQ) by vitedge quantize."""
+    from vitedge.quantization import quantize
+
+    out = tmp_path_factory.mktemp("int8") / "ref.int8.onnx"
+    path, _ = quantize(ref_onnx, out, precision="int8", backend="onnxruntime", calib=calib_dir, samples=32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def labelled_report(tmp_path_factory, int8_onnx, ref_onnx, val_dir) -> tuple[Report, Path]:
+    out = tmp_path_factory.mktemp("report")
+    rep = validate([int8_onnx, EngineSpec(ref_onnx, "openvino", {"config": {"INFERENCE_PRECISION_HINT": "f32"}})], "reference",
+                   data=val_dir, samples=120, batch_sizes=(1, 2), out_dir=out, **FAST)
+    return rep, out
+
+
+def _cli(args: list[str]):
+    from vitedge.cli.main import main
+
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+# -- statistics ---------------------------------------------------------------------------------
+def test_paired_drop_interval_contains_estimate_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    ref = rng.random(400) < 0.9
+    eng = ref.copy()
+    flip = rng.choice(400, 12, replace=False)
+    eng[flip] = ~eng[flip]
+    b, c = int((ref & ~eng).sum()), int((~ref & eng).sum())
+    for method in ("agresti-min", "bootstrap"):
+        d = paired_drop(ref, eng, method=method)
+        assert d["drop_pp"] == pytest.approx(100 * (b - c) / 400)
+        assert d["reference_only"] == b and d["engine_only"] == c
+        lo, hi = d["ci95_pp"]
+        assert lo < d["drop_pp"] < hi or (lo <= d["drop_pp"] <= hi and b == c)
+        assert hi - lo < 5
+    # identical predictions: the drop is 0 but a finite sample still leaves uncertainty
+    same = paired_drop(ref, ref)
+    assert same["drop_pp"] == 0 and same["ci95_pp"][0] < 0 < same["ci95_pp"][1]
+    wide = paired_drop(ref[:50], ref[:50])["ci95_pp"]
+    assert wide[1] - wide[0] > same["ci95_pp"][1] - same["ci95_pp"][0]
+    # the agreement interval brackets the proportion
+    lo, hi = wilson_interval(90, 100)
+    assert lo < 0.9 < hi
+
+
+# -- labelled data, Python API -------------------------------------------------------------------
+def test_int8_engine_reports_drop_interval_and_speedup(labelled_report, int8_onnx):
+    rep, _ = labelled_report
+    assert rep.labelled and rep.data["data"]["images"] == 120
+    ref = rep.reference
+    assert ref["backend"] == "pytorch" and ref["speedup"] == pytest.approx(1.0)
+    assert 0.9 < ref["accuracy"]["top1"] <= 1.0  # the reference model's held-out accuracy is 98.6 %
+    int8 = next(e for e in rep.engines if e["precision"] == "int8")
+    vs = int8["vs_reference"]
+    lo, hi = vs["top1_drop_ci95_pp"]
+    assert lo <= vs["top1_drop_pp"] <= hi and hi > lo
+    assert vs["top1_drop_pp"] == pytest.approx(100 * (ref["accuracy"]["top1"] - int8["accuracy"]["top1"]))
+    assert vs["top5_drop_ci95_pp"] is not None
+    assert 0.99 < vs["cosine_mean"] <= 1.0 + 1e-9 and vs["snr_db"] > 10
+    assert len(vs["worst"]) == 10 and vs["worst"][0]["image"].endswith(".png")
+    # the speed-up is the ratio of medians measured in this run
+    assert int8["speedup"] == pytest.approx(ref["latency"]["p50_ms"] / int8["latency"]["p50_ms"])
+    lat = int8["latency"]
+    assert lat["runs"] >= 4 and lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    assert [t["batch"] for t in int8["throughput"]] == [1, 2] and all(t["images_per_s"] > 0 for t in int8["throughput"])
+    assert int8["size_bytes"] == int8_onnx.stat().st_size and int8["load_s"] > 0
+    # which precision the layers really run in: all matrix work of the QDQ model is INT8
+    assert int8["precision_breakdown"]["int8_mac_share"] > 0.9
+
+
+def test_openvino_fp32_engine_and_precision_listing(labelled_report):
+    rep, _ = labelled_report
+    ov = next(e for e in rep.engines if e["backend"] == "openvino")
+    assert ov["name"] == "openvino fp32 (fp32 hint)"
+    assert ov["vs_reference"]["cosine_min"] > 0.9999  # FP32 vs FP32
+    pb = ov["precision_breakdown"]
+    assert pb["mac_share"] == {"fp32": pytest.approx(1.0)}  # the f32 hint really gives FP32 kernels
+    assert {layer["type"] for layer in pb["layers"]} >= {"FullyConnected"}
+
+
+def test_report_files_match_schema(labelled_report):
+    rep, out = labelled_report
+    data = json.loads((out / "report.json").read_text())
+    jsonschema.validate(data, SCHEMA)
+    assert data["machine"]["instruction_sets"].keys() >= {"AVX2", "AVX-512F", "AVX-512 VNNI", "AVX-512 BF16", "AMX-INT8"}
+    md = (out / "report.md").read_text()
+    assert "top-1 drop (95% CI)" in md and "onnxruntime int8" in md and "| pytorch fp32 (ref)" in md
+    html = (out / "report.html").read_text()
+    assert html.count("<svg") == 2  # latency distribution + accuracy vs latency
+    for m in rep.models:  # every model compared appears in both plots
+        assert html.count(f"<title>{m['name']}") >= 2
+    assert not re.search(r"""(src|href)=["']?(http|//)""", html)  # self-contained
+    assert Report.load(out).engines[0]["name"] == rep.engines[0]["name"]
+
+
+# -- gates through the CLI ----------------------------------------------------------------------
+def test_cli_missed_gate_exits_1_after_writing_report(tmp_path, int8_onnx, val_dir):
+    out = tmp_path / "rep"
+    res = _cli(["validate", str(int8_onnx), "-r", "reference", "-d", str(val_dir), "--samples", "40", "--runs", "6",
+                "--batch-sizes", "1", "--min-speedup", "1000", "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "speed-up" in res.output and "--min-speedup 1000x" in res.output
+    data = json.loads((out / "report.json").read_text())
+    assert data["gates"]["passed"] is False and data["models"][1]["gate_failures"]
+    assert (out / "report.html").exists() and (out / "report.md").exists()
+
+
+def test_cli_met_gates_exit_0(tmp_path, int8_onnx, val_dir):
+    out = tmp_path / "rep"
+    res = _cli(["validate", str(int8_onnx), "-r", "reference", "-d", str(val_dir), "--samples", "40", "--runs", "6",
+                "--batch-sizes", "1", "--min-speedup", "0.001", "--max-drop", "50", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "all gates passed" in res.output and "onnxruntime int8" in res.output
+    assert json.loads((out / "report.json").read_text())["gates"]["passed"] is True
+
+
+def test_strict_drop_gate_uses_the_interval(tmp_path, ref_onnx, val_dir):
+    # the FP32 ONNX agrees with PyTorch on every image: drop 0, so --max-drop 0 passes on the estimate...
+    rep = validate(ref_onnx, "reference", data=val_dir, samples=40, batch_sizes=(1,), max_drop=0.0, **FAST)
+    assert rep.engines[0]["vs_reference"]["top1_drop_pp"] == 0 and rep.passed
+    # ...but not on the upper end of its confidence interval (40 images cannot prove a 0 pp drop)
+    with pytest.raises(GateFailed, match="upper bound exceeds --max-drop 0 pp") as info:
+        validate(ref_onnx, "reference", data=val_dir, samples=40, batch_sizes=(1,), max_drop=0.0, strict=True,
+                 out_dir=tmp_path / "strict", **FAST)
+    assert info.value.exit_code == 1 and (tmp_path / "strict" / "report.json").exists()
+
+
+# -- unlabelled data ------------------------------------------------------------------------------
+def test_unlabelled_data_gives_agreement(tmp_path, ref_onnx, val_dir):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, p in enumerate(sorted(val_dir.rglob("*.png"))[::12]):
+        shutil.copy(p, flat / f"img{i:03d}.png")
+    rep = validate(EngineSpec(ref_onnx, "openvino"), ref_onnx, data=flat, batch_sizes=(1,), max_drop=50,
+                   out_dir=tmp_path / "rep", **FAST)
+    assert not rep.labelled and rep.reference["backend"] == "onnxruntime" and rep.reference["accuracy"] is None
+    vs = rep.engines[0]["vs_reference"]
+    assert vs["top1_drop_pp"] is None and vs["top1_drop_ci95_pp"] is None
+    assert 0.9 <= vs["top1_agreement"] <= 1.0 and vs["top5_agreement"] >= vs["top1_agreement"]
+    assert vs["top1_agreement_ci95"][0] <= vs["top1_agreement"] <= vs["top1_agreement_ci95"][1]
+    jsonschema.validate(json.loads((tmp_path / "rep" / "report.json").read_text()), SCHEMA)
+    assert "agreement with the FP32 reference" in (tmp_path / "rep" / "report.md").read_text()
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_engine_of_another_model_is_refused_without_report(tmp_path, tiny_onnx, val_dir):
+    with pytest.raises(VitedgeError) as info:
+        validate(tiny_onnx, "reference", data=val_dir, samples=8, out_dir=tmp_path / "rep", **FAST)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "rep").exists() or not any((tmp_path / "rep").iterdir())
+
+
+def test_cli_bad_arguments(tmp_path, ref_onnx):
+    res = _cli(["validate", str(ref_onnx), "-r", "reference", "--batch-sizes", "0,2"])
+    assert res.exit_code == 2 and "positive integers" in res.output
+    res = _cli(["validate", str(ref_onnx), "-r", "reference", "--precision-hint", "bf16", "-o", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "OpenVINO option" in res.output
+
+
+def test_sysinfo_reads_cpu_flags(tmp_path):
+    from vitedge.sysinfo import _cpuinfo, instruction_sets, isa_summary, machine_info
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse avx2 avx512f avx512_vnni amx_int8\n")
+    model, flags = _cpuinfo(str(fake))
+    isa = instruction_sets(flags)
+    assert model == "Test CPU 9000"
+    assert isa["AVX2"] and isa["AVX-512 VNNI"] and isa["AMX-INT8"] and not isa["AVX-512 BF16"] and not isa["AMX-BF16"]
+    info = machine_info()
+    assert info["logical_cores"] >= 1 and "AVX-512 VNNI" in isa_summary(info)

@@ -1,0 +1,220 @@
+"""`vitedge benchmark`: every backend x precision this machine can run, built, validated and ranked.
+
+For one model: export the FP32 ONNX, build each candidate engine with ``vitedge quantize`` and
+``vitedge compile`` (ONNX Runtime FP32/FP16/INT8, OpenVINO FP32/FP16/BF16/INT8, TensorRT FP16/INT8
+where present), then validate all of them *in one run* against PyTorch eager FP32 (the same
+weights), so the speed-ups are ratios measured side by side.  Candidates that cannot be built on
+this machine are listed with the reason, never faked.  The result is ranked by batch-1 latency,
+the Pareto front (latency vs accuracy drop) is marked, and the fastest engine within the accuracy
+budget is recommended.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import VitedgeError
+from .report import Report
+from .ui import err_console, note
+
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+# which precisions each backend offers (what "fp16"/"bf16" mean there is in docs/validate.md)
+_OFFERS = {
+    "onnxruntime": ("fp32", "fp16", "int8"),
+    "openvino": ("fp32", "fp16", "bf16", "int8"),
+    "tensorrt": ("fp32", "fp16", "int8"),
+}
+
+
+@dataclass
+class Candidate:
+    backend: str
+    precision: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend} {self.precision}"
+
+
+def candidates(backends: Sequence[str] | None = None, precisions: Sequence[str] | None = None) -> list[Candidate]:
+    backends = [b.lower() for b in (backends or BACKENDS)]
+    precisions = [p.lower() for p in (precisions or PRECISIONS)]
+    for b in backends:
+        if b not in BACKENDS:
+            raise VitedgeError(f"unknown backend {b!r}", f"choose from {', '.join(BACKENDS)}")
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise VitedgeError(f"unknown precision {p!r}", f"choose from {', '.join(PRECISIONS)}")
+    return [Candidate(b, p) for b in backends for p in precisions if p in _OFFERS[b]]
+
+
+def _unavailable(c: Candidate, machine: dict) -> str | None:
+    """Why a candidate cannot be built here (None: try it)."""
+    if c.backend == "tensorrt":
+        try:
+            from .backends.tensorrt import tensorrt_status
+        except ImportError:  # pragma: no cover - the module ships with vitedge
+            return "TensorRT support is not available in this vitedge build"
+        reason = tensorrt_status()
+        if reason:
+            return f"{reason}; TensorRT needs an NVIDIA GPU"
+    if c.backend == "openvino" and c.precision == "bf16":
+        isa = machine.get("instruction_sets", {})
+        if not (isa.get("AVX-512 BF16") or isa.get("AMX-BF16")):
+            return "this CPU has no AVX-512 BF16/AMX: OpenVINO would silently compute in FP32"
+    return None
+
+
+def _build(c: Candidate, fp32_onnx: Path, folder: Path, calib, calib_samples, seed: int):
+    """Build one candidate; returns an EngineSpec (raises VitedgeError with the reason otherwise)."""
+    from .compilation import compile_model
+    from .quantization import quantize
+    from .validation import EngineSpec
+
+    stem = f"{c.backend}-{c.precision}"
+    if c.precision in ("fp32", "bf16"):
+        src = fp32_onnx
+    else:
+        suffix = ".xml" if c.backend == "openvino" else ".onnx"
+        src, _ = quantize(fp32_onnx, folder / f"quant-{stem}{suffix}", precision=c.precision, backend=c.backend,
+                          calib=calib if c.precision == "int8" else None, samples=calib_samples, seed=seed)
+    out = folder / (stem + {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}[c.backend])
+    kw = {}
+    if c.backend == "openvino":
+        # FP32 means FP32: OpenVINO would otherwise compute in bf16 on CPUs with AVX-512 BF16/AMX
+        kw["precision_hint"] = {"fp32": "f32", "bf16": "bf16"}.get(c.precision)
+    elif c.backend == "tensorrt":
+        kw["precision_hint"] = {"fp32": "f32", "fp16": "f16"}.get(c.precision)
+    path, _ = compile_model(src, out, target=c.backend, **{k: v for k, v in kw.items() if v})
+    return EngineSpec(path, c.backend, name=c.name, precision=c.precision)
+
+
+def _drop_value(m: dict, labelled: bool, strict: bool) -> float:
+    vs = m["vs_reference"]
+    if labelled:
+        return vs["top1_drop_ci95_pp"][1] if strict else vs["top1_drop_pp"]
+    lo = vs["top1_agreement_ci95"][0] if strict else vs["top1_agreement"]
+    return 100.0 * (1 - lo)
+
+
+def rank(report: Report, max_drop: float | None, strict: bool = False) -> None:
+    """Add ranking (by batch-1 p50), Pareto front and recommendation to a report, in place."""
+    engines = report.engines
+    labelled = report.labelled
+    by_speed = sorted(engines, key=lambda m: m["latency"]["p50_ms"])
+    pts = {m["name"]: (m["latency"]["p50_ms"], _drop_value(m, labelled, strict)) for m in engines}
+    front = []
+    for m in by_speed:
+        lat, drop = pts[m["name"]]
+        dominated = any(o != m["name"] and ol <= lat and od <= drop and (ol < lat or od < drop) for o, (ol, od) in pts.items())
+        if not dominated:
+            front.append(m["name"])
+    within = [m for m in by_speed if max_drop is None or pts[m["name"]][1] <= max_drop]
+    rec = within[0]["name"] if within else None
+    report.data["ranking"] = [m["name"] for m in by_speed]
+    report.data["pareto"] = front
+    report.data["recommended"] = rec
+    budget = "no accuracy budget" if max_drop is None else f"within {max_drop:g} pp top-1 {'drop' if labelled else 'disagreement'}"
+    if rec:
+        r = next(m for m in engines if m["name"] == rec)
+        report.data["findings"].append(
+            f"recommended: {rec} — fastest {budget}: p50 {r['latency']['p50_ms']:.3f} ms, {r['speedup']:.2f}x over "
+            f"{report.reference['name']}, cosine {r['vs_reference']['cosine_mean']:.5f}.")
+    else:
+        report.data["findings"].append(f"no engine is {budget}; loosen --max-drop or check the INT8 calibration.")
+
+
+def benchmark(
+    model,
+    *,
+    calib=None,
+    data=None,
+    out_dir: str | Path = "vitedge-benchmark",
+    backends: Sequence[str] | None = None,
+    precisions: Sequence[str] | None = None,
+    max_drop: float | None = 1.0,
+    strict: bool = False,
+    img_size: int | None = None,
+    samples: int | None = None,
+    calib_samples: int | None = None,
+    batch_sizes: Sequence[int] = (1, 8),
+    time_budget: float = 5.0,
+    rounds: int = 3,
+    runs: int | None = None,
+    min_runs: int = 20,
+    warmup: int = 5,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> Report:
+    """Build and validate every backend x precision available here; returns the ranked report.
+
+    ``model``: checkpoint / preset / ``"reference"`` / :class:`~vitedge.ModelSpec` (PyTorch eager is
+    the baseline) or an FP32 ``.onnx`` file (ONNX Runtime FP32 is the baseline).  ``calib``:
+    calibration images for INT8.  ``data``: validation images (``class/image`` folders give
+    top-1/top-5).  ``max_drop``: the accuracy budget (pp) for the recommendation — engines over it
+    are reported, not dropped.  Artifacts go to ``out_dir/artifacts``, reports to ``out_dir``.
+    """
+    from .export import export_onnx
+    from .models.loading import ModelSpec, load_model
+    from .sysinfo import machine_info, print_machine
+    from .validation import validate
+
+    say = log or (lambda msg: err_console.print(msg, highlight=False, soft_wrap=True))
+    cands = candidates(backends, precisions)
+    out_dir = Path(out_dir)
+    art = out_dir / "artifacts"
+    art.mkdir(parents=True, exist_ok=True)
+    machine = print_machine(machine_info())
+
+    if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
+        fp32 = Path(model)
+        reference, load_s = str(fp32), None
+    else:
+        if img_size and isinstance(model, ModelSpec):
+            raise VitedgeError("img_size cannot change a ModelSpec given in memory", "load it with img_size, or pass the name")
+        t_load = time.perf_counter()
+        spec = model if isinstance(model, ModelSpec) else load_model(model, img_size=img_size)
+        load_s = 0.0 if isinstance(model, ModelSpec) else time.perf_counter() - t_load
+        fp32 = art / "fp32.onnx"
+        t0 = time.perf_counter()
+        export_onnx(spec, fp32)
+        say(f"exported {fp32} ({time.perf_counter() - t0:.1f} s)")
+        reference = spec
+
+    specs, skipped = [], []
+    for c in cands:
+        reason = _unavailable(c, machine)
+        if reason:
+            skipped.append({"name": c.name, "reason": reason})
+            note(f"skipped {c.name}: {reason}")
+            continue
+        t0 = time.perf_counter()
+        try:
+            specs.append(_build(c, fp32, art, calib, calib_samples, seed))
+            say(f"built {c.name} ({time.perf_counter() - t0:.1f} s)")
+        except VitedgeError as exc:
+            skipped.append({"name": c.name, "reason": str(exc)})
+            note(f"skipped {c.name}: {exc}")
+        except ImportError as exc:
+            skipped.append({"name": c.name, "reason": f"missing module: {exc}"})
+            note(f"skipped {c.name}: missing module: {exc}")
+    if not specs:
+        raise VitedgeError("no engine could be built on this machine", "; ".join(f"{s['name']}: {s['reason']}" for s in skipped)[:300])
+
+    def post(rep: Report) -> None:
+        rep.data["kind"] = "benchmark"
+        if load_s:
+            rep.reference["load_s"] = load_s
+        rep.data["skipped"] = skipped
+        rep.data["settings"]["benchmark"] = {"model": str(getattr(reference, "source", reference)), "calib": str(calib) if calib else None,
+                                             "max_drop_budget_pp": max_drop, "strict": strict,
+                                             "candidates": [c.name for c in cands]}
+        rank(rep, max_drop, strict)
+
+    return validate(specs, reference, data=data, out_dir=out_dir, batch_sizes=batch_sizes, runs=runs, samples=samples, seed=seed,
+                    time_budget=time_budget, rounds=rounds, warmup=warmup, min_runs=min_runs, kind="benchmark", post=post)

@@ -1,0 +1,637 @@
+"""Validation and benchmark reports: ``report.json`` (schema below), ``report.md``, ``report.html``.
+
+A :class:`Report` wraps one JSON document.  The document is checked against :data:`SCHEMA`
+(JSON Schema 2020-12) before anything is written, and the three files are written atomically.
+``report.html`` is self-contained: inline CSS and two inline SVG plots (latency distribution at
+batch 1, and accuracy vs latency for every model compared), no scripts, no external files.
+
+Schema outline (``docs/validate.md`` explains every field)::
+
+    schema: "vitedge.report/1"      kind: "validate" | "benchmark"      created, vitedge_version
+    machine: {cpu, cores, instruction_sets{...}, memory_gb, os, versions{...}}
+    settings: {data, samples, batch_sizes, time_budget_s, rounds, warmup_runs, ci_level, ci_method, gates}
+    data: {source, images, labelled, classes, skipped[]}
+    models: [ {name, role: reference|engine, backend, precision, artifact, format, options,
+               size_bytes, load_s, peak_rss_mb, rss_increase_mb,
+               accuracy: {top1, top5, top1_ci95, top5_ci95} | null,
+               vs_reference: {top1_drop_pp, top1_drop_ci95_pp, top5_drop_pp, top5_drop_ci95_pp,
+                              top1_agreement, top1_agreement_ci95, top5_agreement, cosine_mean,
+                              cosine_min, snr_db, max_abs_error, discordant{...}, worst[...]} | null,
+               latency: {batch, runs, p50_ms, p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms,
+                         median_ci95_ms, samples_ms[]},
+               throughput: [{batch, images_per_s, p50_ms, runs}],
+               speedup, throughput_speedup{batch: x}, precision_breakdown | null, gate_failures[]} ]
+    gates: {max_drop_pp, min_speedup, strict, passed, failures[]}
+    findings: [str]
+    ranking, pareto: [name], recommended: name | null, skipped: [{name, reason}]   (benchmark)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html as _html
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from ._io import atomic_dir, commit_files
+from .errors import VitedgeError
+
+SCHEMA_ID = "vitedge.report/1"
+
+_NUM = {"type": "number"}
+_NUM_OR_NULL = {"type": ["number", "null"]}
+_INTERVAL = {"type": ["array", "null"], "items": _NUM, "minItems": 2, "maxItems": 2}
+_STR_OR_NULL = {"type": ["string", "null"]}
+
+_LATENCY = {
+    "type": "object",
+    "required": ["batch", "runs", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "samples_ms"],
+    "properties": {
+        "batch": {"type": "integer", "minimum": 1},
+        "runs": {"type": "integer", "minimum": 1},
+        "p50_ms": _NUM, "p90_ms": _NUM, "p99_ms": _NUM, "mean_ms": _NUM, "std_ms": _NUM,
+        "min_ms": _NUM, "max_ms": _NUM, "median_ci95_ms": _INTERVAL,
+        "samples_ms": {"type": "array", "items": _NUM},
+    },
+}
+
+_VS_REF = {
+    "type": ["object", "null"],
+    "required": ["top1_agreement", "top5_agreement", "cosine_mean", "cosine_min", "snr_db", "worst"],
+    "properties": {
+        "top1_drop_pp": _NUM_OR_NULL, "top1_drop_ci95_pp": _INTERVAL,
+        "top5_drop_pp": _NUM_OR_NULL, "top5_drop_ci95_pp": _INTERVAL,
+        "top1_agreement": _NUM, "top1_agreement_ci95": _INTERVAL, "top5_agreement": _NUM,
+        "cosine_mean": _NUM, "cosine_min": _NUM, "snr_db": _NUM_OR_NULL, "max_abs_error": _NUM,
+        "discordant": {"type": "object"},
+        "worst": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["image", "cosine", "reference_top1", "engine_top1"],
+                "properties": {"image": {"type": "string"}, "cosine": _NUM, "reference_top1": {"type": "string"},
+                               "engine_top1": {"type": "string"}, "label": _STR_OR_NULL},
+            },
+        },
+    },
+}
+
+_MODEL = {
+    "type": "object",
+    "required": ["name", "role", "backend", "precision", "size_bytes", "load_s", "latency", "throughput", "speedup",
+                 "accuracy", "vs_reference"],
+    "properties": {
+        "name": {"type": "string"},
+        "role": {"enum": ["reference", "engine"]},
+        "backend": {"type": "string"},
+        "precision": {"type": "string"},
+        "artifact": _STR_OR_NULL,
+        "format": _STR_OR_NULL,
+        "options": {"type": "object"},
+        "size_bytes": {"type": ["integer", "null"], "minimum": 0},
+        "load_s": _NUM,
+        "peak_rss_mb": _NUM_OR_NULL,
+        "rss_increase_mb": _NUM_OR_NULL,
+        "accuracy": {
+            "type": ["object", "null"],
+            "required": ["top1", "top5"],
+            "properties": {"top1": _NUM, "top5": _NUM, "top1_ci95": _INTERVAL, "top5_ci95": _INTERVAL},
+        },
+        "vs_reference": _VS_REF,
+        "latency": _LATENCY,
+        "throughput": {
+            "type": "array",
+            "items": {"type": "object", "required": ["batch", "images_per_s"],
+                      "properties": {"batch": {"type": "integer"}, "images_per_s": _NUM, "p50_ms": _NUM, "runs": {"type": "integer"}}},
+        },
+        "speedup": _NUM,
+        "throughput_speedup": {"type": "object", "additionalProperties": _NUM},
+        "precision_breakdown": {"type": ["object", "null"]},
+        "gate_failures": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": SCHEMA_ID,
+    "title": "vitedge validation / benchmark report",
+    "type": "object",
+    "required": ["schema", "kind", "created", "machine", "settings", "data", "models", "gates", "findings"],
+    "properties": {
+        "schema": {"const": SCHEMA_ID},
+        "kind": {"enum": ["validate", "benchmark"]},
+        "created": {"type": "string"},
+        "vitedge_version": {"type": "string"},
+        "machine": {
+            "type": "object",
+            "required": ["cpu", "instruction_sets"],
+            "properties": {"cpu": {"type": "string"}, "instruction_sets": {"type": "object"}},
+        },
+        "settings": {"type": "object"},
+        "data": {
+            "type": "object",
+            "required": ["source", "images", "labelled"],
+            "properties": {"source": {"type": "string"}, "images": {"type": "integer", "minimum": 1},
+                           "labelled": {"type": "boolean"}, "skipped": {"type": "array"}},
+        },
+        "models": {"type": "array", "minItems": 2, "items": _MODEL},
+        "gates": {
+            "type": "object",
+            "required": ["passed", "failures"],
+            "properties": {"max_drop_pp": _NUM_OR_NULL, "min_speedup": _NUM_OR_NULL, "passed": {"type": "boolean"},
+                           "failures": {"type": "array", "items": {"type": "string"}}},
+        },
+        "findings": {"type": "array", "items": {"type": "string"}},
+        "ranking": {"type": "array", "items": {"type": "string"}},
+        "pareto": {"type": "array", "items": {"type": "string"}},
+        "recommended": _STR_OR_NULL,
+        "skipped": {"type": "array", "items": {"type": "object", "required": ["name", "reason"]}},
+    },
+}
+
+
+def check_schema(data: dict) -> None:
+    """Raise :class:`VitedgeError` if ``data`` does not match :data:`SCHEMA`."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        e = errors[0]
+        where = "/".join(map(str, e.absolute_path)) or "<root>"
+        raise VitedgeError(f"report does not match its schema at {where}: {e.message[:200]}", "this is a vitedge bug, please report it")
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+# ------------------------------------------------------------------------------------------
+# formatting helpers
+# ------------------------------------------------------------------------------------------
+def _pct(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f} %"
+
+
+def _pp(v: float | None, ci: list | None = None) -> str:
+    if v is None:
+        return "–"
+    s = f"{v:+.2f} pp"
+    if ci:
+        s += f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+    return s
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+
+def _mb(b: int | float | None) -> str:
+    return "–" if b is None else f"{b / 1e6:.2f} MB" if b < 1e9 else f"{b / 1e9:.2f} GB"
+
+
+def _num(v: Any, fmt: str) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and math.isinf(v):
+        return "∞"
+    return format(v, fmt)
+
+
+class Report:
+    """One validation or benchmark result; ``report.data`` is the ``report.json`` document."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    # -- access -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> "Report":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "report.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise VitedgeError(f"report {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise VitedgeError(f"{path} is not valid JSON ({exc})") from None
+        check_schema(data)
+        return cls(data)
+
+    def to_dict(self) -> dict:
+        return self.data
+
+    @property
+    def models(self) -> list[dict]:
+        return self.data["models"]
+
+    @property
+    def reference(self) -> dict:
+        return next(m for m in self.models if m["role"] == "reference")
+
+    @property
+    def engines(self) -> list[dict]:
+        return [m for m in self.models if m["role"] == "engine"]
+
+    def engine(self, name: str) -> dict:
+        for m in self.engines:
+            if m["name"] == name:
+                return m
+        raise KeyError(name)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.data["gates"]["passed"])
+
+    @property
+    def failures(self) -> list[str]:
+        return list(self.data["gates"]["failures"])
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.data["data"]["labelled"])
+
+    def summary(self) -> str:
+        """One line per engine: drop, cosine, speed-up."""
+        lines = []
+        for e in self.engines:
+            vs = e["vs_reference"]
+            acc = (f"top-1 drop {_pp(vs['top1_drop_pp'], vs['top1_drop_ci95_pp'])}" if vs.get("top1_drop_pp") is not None
+                   else f"top-1 agreement {_pct(vs['top1_agreement'])}")
+            lines.append(f"{e['name']}: {acc}, cosine {vs['cosine_mean']:.5f}, p50 {_ms(e['latency']['p50_ms'])} ms, "
+                         f"speed-up {e['speedup']:.2f}x")
+        return "\n".join(lines)
+
+    # -- tables -----------------------------------------------------------------------------
+    def _rows(self) -> tuple[list[str], list[list[str]]]:
+        lab = self.labelled
+        head = ["model", "backend", "precision"]
+        head += ["top-1", "top-1 drop (95% CI)"] if lab else ["top-1 agree"]
+        head += ["cosine", "SNR dB", "p50 ms", "p90 ms", "p99 ms", "speed-up", "best img/s", "size", "load s", "RSS +MB"]
+        rows = []
+        for m in self._ordered():
+            vs = m.get("vs_reference") or {}
+            acc = m.get("accuracy") or {}
+            lat = m["latency"]
+            best_tp = max((t["images_per_s"] for t in m["throughput"]), default=None)
+            row = [m["name"] + (" (ref)" if m["role"] == "reference" else ""), m["backend"], m["precision"]]
+            if lab:
+                row += [_pct(acc.get("top1")), _pp(vs.get("top1_drop_pp"), vs.get("top1_drop_ci95_pp")) if vs else "–"]
+            else:
+                row += [_pct(vs.get("top1_agreement")) if vs else "(ref)"]
+            row += [_num(vs.get("cosine_mean"), ".5f") if vs else "1", _num(vs.get("snr_db"), ".1f") if vs else "∞",
+                    _ms(lat["p50_ms"]), _ms(lat["p90_ms"]), _ms(lat["p99_ms"]), f"{m['speedup']:.2f}x",
+                    _num(best_tp, ".1f"), _mb(m.get("size_bytes")), _num(m.get("load_s"), ".2f"),
+                    "–" if m.get("rss_increase_mb") is None else f"{m['rss_increase_mb']:.0f}"]
+            rows.append(row)
+        return head, rows
+
+    def rich_table(self):
+        """A compact table for the terminal (the files carry every column)."""
+        from rich.table import Table
+
+        lab = self.labelled
+        t = Table(title=f"vitedge {self.data['kind']}: {self.data['data']['images']} images; latency at batch 1",
+                  title_justify="left")
+        cols = ["model", "top-1" if lab else "agree", "drop pp (95% CI)" if lab else "", "cosine", "p50 ms", "p99 ms", "speed-up", "size"]
+        for i, h in enumerate(c for c in cols if c):
+            t.add_column(h, justify="left" if i == 0 else "right")
+        pareto = set(self.data.get("pareto") or [])
+        rec = self.data.get("recommended")
+        for m in self._ordered():
+            vs = m.get("vs_reference") or {}
+            acc = m.get("accuracy") or {}
+            ref = m["role"] == "reference"
+            row = [m["name"] + (" (ref)" if ref else "")]
+            if lab:
+                row += [_pct(acc.get("top1")), "–" if ref else _pp(vs.get("top1_drop_pp"), vs.get("top1_drop_ci95_pp")).replace(" pp", "")]
+            else:
+                row += ["(ref)" if ref else _pct(vs.get("top1_agreement"))]
+            row += ["1" if ref else _num(vs.get("cosine_mean"), ".5f"), _ms(m["latency"]["p50_ms"]), _ms(m["latency"]["p99_ms"]),
+                    f"{m['speedup']:.2f}x", _mb(m.get("size_bytes"))]
+            style = "bold green" if m["name"] == rec else ("green" if m["name"] in pareto else None)
+            t.add_row(*row, style=style)
+        return t
+
+    def _ordered(self) -> list[dict]:
+        order = self.data.get("ranking") or [m["name"] for m in self.models]
+        by_name = {m["name"]: m for m in self.models}
+        out = [self.reference] + [by_name[n] for n in order if n in by_name and by_name[n]["role"] == "engine"]
+        return out + [m for m in self.engines if m not in out]
+
+    # -- markdown ---------------------------------------------------------------------------
+    def markdown(self) -> str:
+        d = self.data
+        m0 = d["machine"]
+        out = [f"# vitedge {d['kind']} report", ""]
+        out.append(f"- created: {d['created']}, vitedge {d.get('vitedge_version', '?')}")
+        out.append(f"- machine: {_machine_line(m0)}")
+        data = d["data"]
+        out.append(f"- data: `{data['source']}`, {data['images']} images, "
+                   + ("labelled (top-1/top-5 against labels)" if data["labelled"] else "unlabelled (agreement with the FP32 reference)")
+                   + (f", {len(data.get('skipped', []))} unreadable skipped" if data.get("skipped") else ""))
+        s = d["settings"]
+        out.append(f"- reference: **{self.reference['name']}**, "
+                   f"timed in the same run; latency = median of {self.reference['latency']['runs']}+ runs at batch 1 "
+                   f"after warm-up, {s.get('rounds', 1)} interleaved rounds")
+        out.append("")
+        head, rows = self._rows()
+        out += _md_table(head, rows)
+        out.append("")
+        g = d["gates"]
+        if g.get("max_drop_pp") is not None or g.get("min_speedup") is not None:
+            out.append(f"**Gates** (max drop {g.get('max_drop_pp')} pp, min speed-up {g.get('min_speedup')}x): "
+                       + ("passed" if g["passed"] else "**FAILED** — " + "; ".join(g["failures"])))
+            out.append("")
+        if d.get("recommended") is not None or d.get("pareto"):
+            out.append(f"**Pareto front** (latency vs accuracy): {', '.join(d.get('pareto') or []) or '–'}. "
+                       f"**Recommended** (fastest within the accuracy budget): {d.get('recommended') or 'none within budget'}")
+            out.append("")
+        if d.get("findings"):
+            out.append("## Findings")
+            out += [f"- {f}" for f in d["findings"]]
+            out.append("")
+        if d.get("skipped"):
+            out.append("## Not built on this machine")
+            out += [f"- {s['name']}: {s['reason']}" for s in d["skipped"]]
+            out.append("")
+        out.append("## Throughput (images/s)")
+        sizes = sorted({t["batch"] for m in self.models for t in m["throughput"]})
+        out += _md_table(["model"] + [f"batch {b}" for b in sizes],
+                         [[m["name"]] + [_num(next((t["images_per_s"] for t in m["throughput"] if t["batch"] == b), None), ".1f")
+                                         for b in sizes] for m in self.models])
+        out.append("")
+        for e in self.engines:
+            vs = e["vs_reference"]
+            out.append(f"## {e['name']}")
+            out.append(f"- artifact: `{e.get('artifact')}`")
+            if vs.get("top1_drop_pp") is not None:
+                out.append(f"- top-1 {_pct(e['accuracy']['top1'])} vs {_pct(self.reference['accuracy']['top1'])}: drop "
+                           f"{_pp(vs['top1_drop_pp'], vs['top1_drop_ci95_pp'])}; top-5 drop {_pp(vs['top5_drop_pp'], vs['top5_drop_ci95_pp'])}")
+            out.append(f"- agreement with FP32: top-1 {_pct(vs['top1_agreement'])}, top-5 {_pct(vs['top5_agreement'])}; logit cosine mean "
+                       f"{vs['cosine_mean']:.6f} (min {vs['cosine_min']:.6f}), SNR {_num(vs['snr_db'], '.1f')} dB, max abs error {vs['max_abs_error']:.3g}")
+            pb = e.get("precision_breakdown")
+            if pb:
+                shares = ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(pb.get("mac_share", {}).items(), key=lambda kv: -kv[1]))
+                out.append(f"- precision each layer ran in ({pb.get('source')}): MAC share {shares or '–'}")
+            if e.get("gate_failures"):
+                out.append(f"- **gate failed**: {'; '.join(e['gate_failures'])}")
+            if vs["worst"]:
+                out.append("")
+                out += _md_table(["worst images", "cosine", "FP32 top-1", "engine top-1", "label"],
+                                 [[f"`{w['image']}`", f"{w['cosine']:.5f}", w["reference_top1"], w["engine_top1"], w.get("label") or "–"]
+                                  for w in vs["worst"]])
+            out.append("")
+        return "\n".join(out).rstrip() + "\n"
+
+    # -- html -------------------------------------------------------------------------------
+    def html(self) -> str:
+        d = self.data
+        esc = _html.escape
+        head, rows = self._rows()
+        pareto = set(d.get("pareto") or [])
+        table = ["<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+        for r in rows:
+            cls = ' class="rec"' if r[0] == d.get("recommended") else (' class="par"' if r[0] in pareto else "")
+            table.append(f"<tr{cls}>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>")
+        table.append("</tbody></table>")
+        md_sections = []
+        g = d["gates"]
+        if g.get("max_drop_pp") is not None or g.get("min_speedup") is not None:
+            verdict = '<b class="ok">passed</b>' if g["passed"] else '<b class="bad">FAILED</b>: ' + esc("; ".join(g["failures"]))
+            md_sections.append(f"<p>Gates (max drop {esc(str(g.get('max_drop_pp')))} pp, min speed-up "
+                               f"{esc(str(g.get('min_speedup')))}x): {verdict}</p>")
+        if d.get("pareto") or d.get("recommended"):
+            md_sections.append(f"<p>Pareto front: {esc(', '.join(d.get('pareto') or []))}. Recommended (fastest within the "
+                               f"accuracy budget): <b>{esc(d.get('recommended') or 'none within budget')}</b></p>")
+        if d.get("findings"):
+            md_sections.append("<h2>Findings</h2><ul>" + "".join(f"<li>{esc(f)}</li>" for f in d["findings"]) + "</ul>")
+        if d.get("skipped"):
+            md_sections.append("<h2>Not built on this machine</h2><ul>"
+                               + "".join(f"<li>{esc(s['name'])}: {esc(s['reason'])}</li>" for s in d["skipped"]) + "</ul>")
+        details = []
+        for e in self.engines:
+            vs = e["vs_reference"]
+            items = [f"<li>artifact: <code>{esc(str(e.get('artifact')))}</code></li>",
+                     f"<li>agreement with FP32: top-1 {_pct(vs['top1_agreement'])}, top-5 {_pct(vs['top5_agreement'])}; cosine mean "
+                     f"{vs['cosine_mean']:.6f} (min {vs['cosine_min']:.6f}); SNR {_num(vs['snr_db'], '.1f')} dB</li>"]
+            if vs.get("top1_drop_pp") is not None:
+                items.append(f"<li>top-1 drop {esc(_pp(vs['top1_drop_pp'], vs['top1_drop_ci95_pp']))}, top-5 drop "
+                             f"{esc(_pp(vs['top5_drop_pp'], vs['top5_drop_ci95_pp']))} (95% CI, paired)</li>")
+            pb = e.get("precision_breakdown")
+            if pb:
+                shares = ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(pb.get("mac_share", {}).items(), key=lambda kv: -kv[1]))
+                items.append(f"<li>precision layers ran in ({esc(pb.get('source', ''))}): multiply-accumulates {esc(shares)}</li>")
+            worst = "".join(f"<tr><td><code>{esc(w['image'])}</code></td><td>{w['cosine']:.5f}</td><td>{esc(w['reference_top1'])}</td>"
+                            f"<td>{esc(w['engine_top1'])}</td><td>{esc(w.get('label') or '–')}</td></tr>" for w in vs["worst"])
+            details.append(f"<h3>{esc(e['name'])}</h3><ul>{''.join(items)}</ul>"
+                           + (f"<table><thead><tr><th>worst images</th><th>cosine</th><th>FP32 top-1</th><th>engine top-1</th>"
+                              f"<th>label</th></tr></thead><tbody>{worst}</tbody></table>" if worst else ""))
+        data = d["data"]
+        return _HTML.format(
+            title=esc(f"vitedge {d['kind']} report"),
+            meta=esc(f"{d['created']} · {_machine_line(d['machine'])}"),
+            data=esc(f"{data['source']} — {data['images']} images, " + ("labelled" if data["labelled"] else "unlabelled (agreement with FP32)")),
+            table="".join(table), sections="".join(md_sections),
+            latency_svg=latency_svg(self.models), acc_svg=accuracy_latency_svg(self.models, self.labelled, d.get("pareto") or []),
+            details="".join(details), json=esc(json.dumps({k: v for k, v in d.items() if k != "models"}, indent=1)[:20000]),
+        )
+
+    # -- files ------------------------------------------------------------------------------
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write report.json, report.md and report.html into ``out_dir`` (all or nothing)."""
+        check_schema(self.data)
+        out_dir = Path(out_dir)
+        files = {"report.json": json.dumps(self.data, indent=1, allow_nan=True) + "\n", "report.md": self.markdown(), "report.html": self.html()}
+        with atomic_dir(out_dir) as scratch:
+            for name, text in files.items():
+                (scratch / name).write_text(text, encoding="utf-8")
+            dests = {name: out_dir / name for name in files}
+            commit_files(scratch, dests)
+        return dests
+
+
+def _machine_line(m: dict) -> str:
+    isa = m.get("instruction_sets", {})
+    have = [k for k, v in isa.items() if v]
+    cores = m.get("usable_cores") or m.get("logical_cores")
+    return f"{m.get('cpu')}, {cores} cores, {m.get('memory_gb')} GB; {' '.join(have) or 'ISA unknown'}"
+
+
+def _md_table(head: list[str], rows: Iterable[list[str]]) -> list[str]:
+    def cell(c: str) -> str:
+        return str(c).replace("|", "\\|")
+
+    out = ["| " + " | ".join(cell(h) for h in head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# inline SVG plots (no plotting library needed)
+# ------------------------------------------------------------------------------------------
+_COLORS = ["#444444", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+
+
+def _nice_ticks(lo: float, hi: float, log: bool) -> list[float]:
+    if log:
+        ticks = []
+        e = math.floor(math.log10(lo))
+        while 10**e <= hi * 1.0001:
+            for m in (1, 2, 5):
+                v = m * 10**e
+                if lo <= v <= hi:
+                    ticks.append(v)
+            e += 1
+        return ticks or [lo, hi]
+    span = hi - lo or 1.0
+    step = 10 ** math.floor(math.log10(span / 5))
+    for m in (1, 2, 5, 10):
+        if span / (m * step) <= 6:
+            step *= m
+            break
+    start = math.ceil(lo / step) * step
+    out = []
+    v = start
+    while v <= hi + 1e-9:
+        out.append(round(v, 10))
+        v += step
+    return out
+
+
+def _fmt_tick(v: float) -> str:
+    return f"{v:g}" if abs(v) >= 0.01 else f"{v:.1e}"
+
+
+class _Axis:
+    def __init__(self, lo: float, hi: float, a: float, b: float, log: bool):
+        if log:
+            lo, hi = max(lo, 1e-6), max(hi, lo * 1.01)
+        elif hi <= lo:
+            lo, hi = lo - 1, hi + 1
+        self.lo, self.hi, self.a, self.b, self.log = lo, hi, a, b, log
+
+    def __call__(self, v: float) -> float:
+        if self.log:
+            t = (math.log10(max(v, 1e-9)) - math.log10(self.lo)) / (math.log10(self.hi) - math.log10(self.lo))
+        else:
+            t = (v - self.lo) / (self.hi - self.lo)
+        return self.a + t * (self.b - self.a)
+
+
+def latency_svg(models: list[dict], width: int = 760) -> str:
+    """Batch-1 latency distribution per model: dots for every run, box p25-p75, whiskers p5-p99, median line."""
+    import numpy as np
+
+    left, right, row_h, top = 190, 20, 34, 20
+    height = top + row_h * len(models) + 40
+    all_s = [s for m in models for s in (m["latency"]["samples_ms"] or [m["latency"]["p50_ms"]])]
+    lo, hi = min(all_s), max(all_s)
+    log = hi / max(lo, 1e-9) > 8
+    x = _Axis(lo * (0.9 if log else 1) - (0 if log else 0.05 * (hi - lo)), hi * (1.1 if log else 1) + (0 if log else 0.05 * (hi - lo)),
+              left, width - right, log)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+             f'font-family="sans-serif" font-size="11">']
+    for t in _nice_ticks(x.lo, x.hi, log):
+        px = x(t)
+        parts.append(f'<line x1="{px:.1f}" y1="{top - 5}" x2="{px:.1f}" y2="{height - 35}" stroke="#e4e4e4"/>'
+                     f'<text x="{px:.1f}" y="{height - 22}" text-anchor="middle">{_fmt_tick(t)}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle">latency at batch 1, ms'
+                 f'{" (log scale)" if log else ""}</text>')
+    rng = np.random.default_rng(0)
+    for i, m in enumerate(models):
+        cy = top + row_h * i + row_h / 2
+        c = _COLORS[i % len(_COLORS)]
+        s = np.asarray(m["latency"]["samples_ms"] or [m["latency"]["p50_ms"]], float)
+        name = _html.escape(m["name"] + (" (ref)" if m["role"] == "reference" else ""))
+        parts.append(f'<text x="{left - 8}" y="{cy + 4:.1f}" text-anchor="end">{name}</text>')
+        shown = s if len(s) <= 150 else rng.choice(s, 150, replace=False)
+        for v in shown:
+            parts.append(f'<circle cx="{x(v):.1f}" cy="{cy + rng.uniform(-9, 9):.1f}" r="1.6" fill="{c}" fill-opacity="0.35"/>')
+        p5, p25, p50, p75, p99 = np.percentile(s, [5, 25, 50, 75, 99])
+        parts.append(f'<line x1="{x(p5):.1f}" y1="{cy:.1f}" x2="{x(p99):.1f}" y2="{cy:.1f}" stroke="{c}"/>'
+                     f'<rect x="{x(p25):.1f}" y="{cy - 7:.1f}" width="{max(x(p75) - x(p25), 1):.1f}" height="14" fill="none" stroke="{c}" stroke-width="1.5"/>'
+                     f'<line x1="{x(p50):.1f}" y1="{cy - 9:.1f}" x2="{x(p50):.1f}" y2="{cy + 9:.1f}" stroke="{c}" stroke-width="2.5"/>'
+                     f'<title>{name}: p50 {p50:.3f} ms, p99 {p99:.3f} ms</title>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def accuracy_latency_svg(models: list[dict], labelled: bool, pareto: list[str], width: int = 760, height: int = 360) -> str:
+    """Top-1 accuracy (or agreement with FP32) against p50 latency, one point per model."""
+    left, right, top, bottom = 70, 30, 20, 50
+    pts = []
+    for m in models:
+        if labelled:
+            y = (m.get("accuracy") or {}).get("top1")
+        else:
+            y = 1.0 if m["role"] == "reference" else (m.get("vs_reference") or {}).get("top1_agreement")
+        if y is not None:
+            pts.append((m, m["latency"]["p50_ms"], 100 * y))
+    if not pts:
+        return "<p>(no accuracy figures)</p>"
+    xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+    log = max(xs) / max(min(xs), 1e-9) > 8
+    xa = _Axis(min(xs) * 0.8 if log else min(xs) - 0.1 * (max(xs) - min(xs) or 1), max(xs) * 1.25 if log else max(xs) + 0.1 * (max(xs) - min(xs) or 1),
+               left, width - right, log)
+    ylo, yhi = min(ys), max(ys)
+    pad = max(0.5, 0.15 * (yhi - ylo))
+    ya = _Axis(max(0.0, ylo - pad), min(100.0, yhi + pad) if yhi + pad > ylo - pad else yhi + 1, height - bottom, top, False)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+             f'font-family="sans-serif" font-size="11">']
+    for t in _nice_ticks(xa.lo, xa.hi, log):
+        parts.append(f'<line x1="{xa(t):.1f}" y1="{top}" x2="{xa(t):.1f}" y2="{height - bottom}" stroke="#e4e4e4"/>'
+                     f'<text x="{xa(t):.1f}" y="{height - bottom + 14}" text-anchor="middle">{_fmt_tick(t)}</text>')
+    for t in _nice_ticks(ya.lo, ya.hi, False):
+        parts.append(f'<line x1="{left}" y1="{ya(t):.1f}" x2="{width - right}" y2="{ya(t):.1f}" stroke="#e4e4e4"/>'
+                     f'<text x="{left - 6}" y="{ya(t) + 4:.1f}" text-anchor="end">{_fmt_tick(t)}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 12}" text-anchor="middle">p50 latency at batch 1, ms'
+                 f'{" (log scale)" if log else ""} — lower is better</text>')
+    ylab = "top-1 accuracy, %" if labelled else "top-1 agreement with FP32, %"
+    parts.append(f'<text transform="translate(16,{(top + height - bottom) / 2:.0f}) rotate(-90)" text-anchor="middle">{ylab}</text>')
+    front = sorted([p for p in pts if p[0]["name"] in pareto], key=lambda p: p[1])
+    if len(front) > 1:
+        path = " ".join(f"{xa(p[1]):.1f},{ya(p[2]):.1f}" for p in front)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="#2ca02c" stroke-dasharray="4 3"/>')
+    for i, (m, lx, ly) in enumerate(pts):
+        c = _COLORS[models.index(m) % len(_COLORS)]
+        name = _html.escape(m["name"] + (" (ref)" if m["role"] == "reference" else ""))
+        shape = (f'<rect x="{xa(lx) - 5:.1f}" y="{ya(ly) - 5:.1f}" width="10" height="10" fill="{c}"/>' if m["role"] == "reference"
+                 else f'<circle cx="{xa(lx):.1f}" cy="{ya(ly):.1f}" r="5" fill="{c}"/>')
+        dy = -8 if i % 2 == 0 else 16
+        parts.append(f'<g>{shape}<title>{name}: {lx:.3f} ms, {ly:.2f} %</title></g>'
+                     f'<text x="{xa(lx) + 7:.1f}" y="{ya(ly) + dy:.1f}" fill="{c}">{name}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+_HTML = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body{{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#222;max-width:1200px}}
+h1{{font-size:22px;margin-bottom:4px}} h2{{font-size:17px;margin-top:28px}} h3{{font-size:15px}}
+.meta{{color:#666;font-size:13px}}
+table{{border-collapse:collapse;font-size:13px;margin:8px 0}}
+th,td{{border:1px solid #ddd;padding:4px 8px;text-align:right}} th:first-child,td:first-child{{text-align:left}}
+th{{background:#f4f4f4}} tr.rec td{{background:#dff3df;font-weight:bold}} tr.par td{{background:#f0f9f0}}
+.ok{{color:#1a7f1a}} .bad{{color:#c01818}} code{{font-size:12px}}
+details pre{{font-size:11px;background:#f8f8f8;padding:8px;overflow:auto}}
+</style></head><body>
+<h1>{title}</h1>
+<p class="meta">{meta}</p>
+<p class="meta">data: {data}</p>
+{table}
+{sections}
+<h2>Latency distribution (batch 1)</h2>
+{latency_svg}
+<h2>Accuracy vs latency</h2>
+{acc_svg}
+<h2>Per engine</h2>
+{details}
+<details><summary>settings and machine (JSON)</summary><pre>{json}</pre></details>
+</body></html>
+"""

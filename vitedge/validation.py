@@ -1,0 +1,1014 @@
+"""`vitedge validate`: accuracy drop and speed-up of deployed engines against the FP32 reference.
+
+Everything is measured in one process, in one run:
+
+* **Accuracy.**  Every image goes through the FP32 reference and through each engine.  With
+  labels (``class/image`` folders) the report gives top-1/top-5 of both and the *paired* drop in
+  percentage points with a 95 % confidence interval (Agresti–Min adjusted interval for matched
+  proportions, or a paired bootstrap).  Without labels it gives agreement with the reference's
+  top-1/top-5.  Always: logit cosine similarity, SNR and the worst images.
+* **Latency.**  Warm-up, then time-bounded runs at batch 1, *interleaved* in rounds (reference,
+  engine 1, engine 2, ..., reference, ...) so that a change in machine load hits every model alike
+  and the speed-up is a ratio measured side by side.  The budget is extended (up to twice) for a
+  model whose median is not yet stable.  Then throughput over a batch sweep, load/compile time,
+  size on disk and peak resident memory.
+* **Gates.**  ``max_drop`` (pp) and ``min_speedup`` raise :class:`~vitedge.errors.GateFailed`
+  *after* the report is written.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import GateFailed, VitedgeError
+from .report import SCHEMA_ID, Report, now_iso
+from .ui import note, progress
+
+CI_LEVEL = 0.95
+
+
+# ------------------------------------------------------------------------------------------
+# what is compared
+# ------------------------------------------------------------------------------------------
+@dataclass
+class EngineSpec:
+    """An engine to validate: an artifact plus how to open it (``vitedge.load(path, backend, **options)``)."""
+
+    path: str | Path
+    backend: str | None = None
+    options: dict = field(default_factory=dict)
+    name: str | None = None
+    precision: str | None = None  # label override (e.g. "bf16" for an OpenVINO precision hint)
+
+
+class _Runner:
+    """One model being measured: the FP32 reference or an engine."""
+
+    role = "engine"
+    backend = "?"
+    precision = "fp32"
+    artifact: str | None = None
+    fmt: str | None = None
+    options: dict = {}
+    size_bytes: int | None = None
+    load_s = 0.0
+    peak_rss_mb: float | None = None
+    rss_increase_mb: float | None = None
+    engine = None  # the vitedge Engine, when there is one
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def infer(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    preprocessing = None
+    labels: list[str] | None = None
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+class _TorchRunner(_Runner):
+    backend = "pytorch"
+    fmt = "pytorch"
+
+    def __init__(self, spec, name: str = "pytorch fp32"):
+        super().__init__(name)
+        self.spec = spec
+        self.model = spec.model.eval()
+        self.preprocessing = spec.preprocessing
+        self.labels = spec.labels
+        self.artifact = spec.source
+        self.options = {"threads": _torch_threads()}
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).float().numpy()
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+class _EngineRunner(_Runner):
+    def __init__(self, engine, name: str, precision: str, options: dict):
+        super().__init__(name)
+        self.engine = engine
+        self.backend = engine.backend
+        self.precision = precision
+        self.artifact = str(engine.artifact)
+        self.fmt = engine.manifest.format
+        self.options = options
+        self.labels = engine.manifest.labels
+        try:
+            self.preprocessing = engine.preprocessing
+        except VitedgeError:
+            self.preprocessing = None
+        self.size_bytes = artifact_size(engine.artifact, engine.manifest)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self.engine.infer(x)
+
+
+def artifact_size(path: Path, manifest=None) -> int:
+    """Bytes on disk of an artifact and its companion files (external data, OpenVINO .bin)."""
+    path = Path(path)
+    names = set(manifest.files) if manifest is not None and manifest.files else set()
+    names.add(path.name)
+    if path.suffix == ".xml":
+        names.add(path.with_suffix(".bin").name)
+    return int(sum((path.parent / n).stat().st_size for n in names if (path.parent / n).is_file()))
+
+
+class _RssPeak:
+    """Samples this process's resident memory in a thread; ``peak_mb`` and ``increase_mb`` after exit."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.baseline = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "_RssPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+    @property
+    def increase_mb(self) -> float:
+        return max(0, self.peak - self.baseline) / 2**20
+
+
+# ------------------------------------------------------------------------------------------
+# opening things
+# ------------------------------------------------------------------------------------------
+def _as_specs(engine, backend: str | None) -> list[EngineSpec]:
+    items = engine if isinstance(engine, (list, tuple)) else [engine]
+    if not items:
+        raise VitedgeError("no engine to validate", "give at least one engine file")
+    out = []
+    for it in items:
+        if isinstance(it, EngineSpec):
+            out.append(it)
+        elif isinstance(it, (str, Path)):
+            out.append(EngineSpec(Path(it), backend))
+        else:
+            raise VitedgeError(f"cannot validate {type(it).__name__}", "give an artifact path or an EngineSpec")
+    return out
+
+
+def _hint_precision(options: dict, manifest) -> str | None:
+    cfg = {**(manifest.compile.get("openvino_config", {}) if manifest and isinstance(manifest.compile, dict) else {}),
+           **(options.get("config") or {})}
+    hint = cfg.get("INFERENCE_PRECISION_HINT")
+    return {"bf16": "bf16", "f16": "fp16", "f32": "fp32"}.get(str(hint).lower()) if hint else None
+
+
+def _open_engine(spec: EngineSpec) -> _EngineRunner:
+    from .runtime import load
+
+    with _RssPeak() as mem:
+        t0 = time.perf_counter()
+        eng = load(spec.path, backend=spec.backend, **spec.options)
+        load_s = time.perf_counter() - t0
+    man = eng.manifest
+    precision = spec.precision
+    hint = _hint_precision(spec.options, man)
+    if precision is None:
+        precision = man.precision or "fp32"
+        if hint and hint != precision and precision in ("fp32", "fp16", "bf16"):
+            precision = hint
+    name = spec.name or f"{eng.backend} {precision}" + (f" ({hint} hint)" if hint else "")
+    runner = _EngineRunner(eng, name, precision, {k: v for k, v in spec.options.items()})
+    runner.load_s = load_s
+    runner.peak_rss_mb, runner.rss_increase_mb, runner.rss_baseline_mb = mem.peak_mb, mem.increase_mb, mem.baseline / 2**20
+    return runner
+
+
+def _fp32_parent(spec: EngineSpec) -> Path | None:
+    """The FP32 ONNX file an engine was derived from, found by its manifest lineage and hash-checked."""
+    from .manifest import Manifest
+    from ._io import sha256_file
+
+    try:
+        artifact, man = Manifest.find(spec.path)
+    except VitedgeError:
+        return None
+    if man is None:
+        return None
+    for entry in man.lineage:
+        cand = artifact.parent / entry.get("artifact", "")
+        if entry.get("precision") == "fp32" and entry.get("format") == "onnx" and cand.is_file():
+            want = (entry.get("files") or {}).get(cand.name)
+            if want is None or sha256_file(cand) == want:
+                return cand
+    return None
+
+
+def _open_reference(reference, specs: list[EngineSpec], notes: list[str]) -> tuple[_Runner, _Runner | None]:
+    """(timing baseline, separate accuracy reference or None)."""
+    from .models.loading import ModelSpec, load_model
+    from .models.vit import PRESETS
+
+    if reference is None:
+        from .manifest import Manifest
+
+        _, man = Manifest.find(specs[0].path)
+        src = (man.model or {}).get("source") if man else None
+        if src and (str(src).startswith("preset:") or Path(str(src)).exists()):
+            reference = str(src).removeprefix("preset:")
+            notes.append(f"reference taken from the engine's manifest: {reference}")
+        else:
+            raise VitedgeError(f"no FP32 reference for {specs[0].path}",
+                               "pass --reference with the checkpoint, preset name or FP32 ONNX file the engine was made from")
+    if isinstance(reference, (str, Path)) and str(reference).endswith(".onnx"):
+        from .runtime import load
+
+        path = Path(reference)
+        with _RssPeak() as mem:
+            t0 = time.perf_counter()
+            eng = load(path, backend="onnxruntime")
+            load_s = time.perf_counter() - t0
+        if eng.manifest.precision not in (None, "fp32"):
+            notes.append(f"reference {path.name} says precision {eng.manifest.precision!r}, not fp32")
+        r = _EngineRunner(eng, "onnxruntime fp32", "fp32", {})
+        r.role, r.load_s, r.peak_rss_mb, r.rss_increase_mb = "reference", load_s, mem.peak_mb, mem.increase_mb
+        return r, None
+
+    is_preset = isinstance(reference, str) and reference.replace("-", "_").lower() in PRESETS and not Path(reference).exists()
+    with _RssPeak() as mem:
+        t0 = time.perf_counter()
+        spec = reference if isinstance(reference, ModelSpec) else load_model(reference)
+        load_s = 0.0 if isinstance(reference, ModelSpec) else time.perf_counter() - t0
+    r = _TorchRunner(spec)
+    r.role, r.load_s, r.peak_rss_mb, r.rss_increase_mb = "reference", load_s, mem.peak_mb, mem.increase_mb
+    r.size_bytes = _torch_size(spec)
+    acc_ref = None
+    if is_preset:
+        parent = _fp32_parent(specs[0])
+        if parent is not None:
+            from .runtime import load
+
+            acc_ref = _EngineRunner(load(parent, backend="onnxruntime"), "onnxruntime fp32 (parent)", "fp32", {})
+            notes.append(f"preset {reference!r} has random weights: accuracy is compared with the engine's FP32 parent "
+                         f"{parent.name} (found in its manifest lineage); PyTorch eager is used for timing only")
+        else:
+            notes.append(f"preset {reference!r} has fresh random weights, unrelated to the engine's: accuracy and agreement "
+                         "figures are meaningless; pass the FP32 ONNX file as --reference")
+    return r, acc_ref
+
+
+def _torch_size(spec) -> int:
+    src = Path(str(spec.source)) if spec.source else None
+    if src is not None and src.is_file():
+        return src.stat().st_size
+    if src is not None and src.is_dir():
+        return sum(p.stat().st_size for p in src.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return int(sum(p.numel() * p.element_size() for p in spec.model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------
+# statistics
+# ------------------------------------------------------------------------------------------
+def _z(level: float) -> float:
+    return statistics.NormalDist().inv_cdf(0.5 + level / 2)
+
+
+def wilson_interval(k: int, n: int, level: float = CI_LEVEL) -> list[float]:
+    """Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return [0.0, 1.0]
+    z = _z(level)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def paired_drop(ref_ok: np.ndarray, eng_ok: np.ndarray, *, level: float = CI_LEVEL, method: str = "agresti-min",
+                n_boot: int = 4000, seed: int = 0) -> dict:
+    """Accuracy drop (reference minus engine) in percentage points with a paired confidence interval.
+
+    Only images where exactly one of the two is right (``b``: reference only, ``c``: engine only)
+    carry information about the difference.  ``agresti-min`` is the Wald interval for matched
+    proportions with 0.5 added to each cell of the 2x2 table (Agresti & Min, 2005), which keeps a
+    sensible width when there are few or no discordant images; ``bootstrap`` resamples images.
+    """
+    ref_ok = np.asarray(ref_ok, bool)
+    eng_ok = np.asarray(eng_ok, bool)
+    n = len(ref_ok)
+    b = int((ref_ok & ~eng_ok).sum())
+    c = int((~ref_ok & eng_ok).sum())
+    drop = 100.0 * (b - c) / n
+    if method == "agresti-min":
+        bs, cs, ns = b + 0.5, c + 0.5, n + 2.0
+        d = (bs - cs) / ns
+        se = math.sqrt(max((bs + cs) - (bs - cs) ** 2 / ns, 0.0)) / ns
+        z = _z(level)
+        lo, hi = max(-1.0, d - z * se), min(1.0, d + z * se)
+        ci = [100.0 * lo, 100.0 * hi]
+    elif method == "bootstrap":
+        diff = ref_ok.astype(np.int8) - eng_ok.astype(np.int8)
+        rng = np.random.default_rng(seed)
+        means = np.empty(n_boot)
+        for i in range(0, n_boot, 500):
+            m = min(500, n_boot - i)
+            means[i : i + m] = diff[rng.integers(0, n, size=(m, n))].mean(1)
+        a = (1 - level) / 2
+        ci = [100.0 * float(np.quantile(means, a)), 100.0 * float(np.quantile(means, 1 - a))]
+    else:
+        raise VitedgeError(f"unknown confidence-interval method {method!r}", "use 'agresti-min' or 'bootstrap'")
+    return {"drop_pp": drop, "ci95_pp": ci, "reference_only": b, "engine_only": c}
+
+
+def latency_stats(samples_ms: Sequence[float], batch: int = 1, keep: int = 1000) -> dict:
+    s = np.sort(np.asarray(samples_ms, float))
+    n = len(s)
+    p50, p90, p99 = np.percentile(s, [50, 90, 99])
+    # distribution-free CI of the median from order statistics
+    half = _z(CI_LEVEL) * math.sqrt(n) / 2
+    lo_i, hi_i = max(0, int(math.floor(n / 2 - half)) - 1), min(n - 1, int(math.ceil(n / 2 + half)))
+    kept = s if n <= keep else np.asarray(samples_ms, float)[np.linspace(0, n - 1, keep).astype(int)]
+    return {
+        "batch": batch, "runs": n, "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+        "mean_ms": float(s.mean()), "std_ms": float(s.std()), "min_ms": float(s[0]), "max_ms": float(s[-1]),
+        "median_ci95_ms": [float(s[lo_i]), float(s[hi_i])], "samples_ms": [round(float(v), 4) for v in kept],
+    }
+
+
+def _median_rel_width(samples: list[float]) -> float:
+    st = latency_stats(samples, keep=0)
+    lo, hi = st["median_ci95_ms"]
+    return (hi - lo) / max(st["p50_ms"], 1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Timing:
+    """How long to time.  ``budget_s`` is per model at batch 1; ``runs`` fixes the count instead."""
+
+    budget_s: float = 5.0
+    rounds: int = 3
+    warmup_runs: int = 5
+    warmup_s: float = 0.5
+    min_runs: int = 20
+    max_runs: int = 100_000
+    runs: int | None = None
+    rel_tolerance: float = 0.02  # extend while the median's 95% CI is wider than this (relative)
+    throughput_budget_s: float | None = None  # per model and batch size; default budget_s / 4
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _run_for(fn: Callable[[], Any], seconds: float, min_n: int, max_n: int) -> list[float]:
+    out: list[float] = []
+    start = time.perf_counter()
+    while len(out) < max_n and (len(out) < min_n or time.perf_counter() - start < seconds):
+        t0 = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - t0) / 1e6)
+    return out
+
+
+def _warm(runners: list[_Runner], inputs: dict[str, np.ndarray], timing: Timing) -> None:
+    for r in runners:
+        x = inputs[r.name]
+        _run_for(lambda: r.infer(x), timing.warmup_s, timing.warmup_runs, max(timing.warmup_runs, 200))
+
+
+def time_interleaved(runners: list[_Runner], inputs: dict[str, np.ndarray], timing: Timing, description: str,
+                     budget_s: float | None = None, min_runs: int | None = None, adaptive: bool = True) -> dict[str, list[float]]:
+    """Latency samples (ms) per runner, measured in interleaved rounds (after a warm-up)."""
+    budget = timing.budget_s if budget_s is None else budget_s
+    min_runs = timing.min_runs if min_runs is None else min_runs
+    rounds = max(1, timing.rounds)
+    samples: dict[str, list[float]] = {r.name: [] for r in runners}
+    _warm(runners, inputs, timing)
+    with progress() as bar:
+        task = bar.add_task(description, total=rounds * len(runners))
+        for _ in range(rounds):
+            for r in runners:
+                x = inputs[r.name]
+                if timing.runs:
+                    n = math.ceil(timing.runs / rounds)
+                    samples[r.name] += _run_for(lambda: r.infer(x), 0.0, n, n)
+                else:
+                    samples[r.name] += _run_for(lambda: r.infer(x), budget / rounds, math.ceil(min_runs / rounds),
+                                                math.ceil(timing.max_runs / rounds))
+                bar.advance(task)
+        if adaptive and not timing.runs:
+            # extend, at most doubling the budget, for models whose median is not yet stable
+            for _ in range(rounds):
+                shaky = [r for r in runners if _median_rel_width(samples[r.name]) > timing.rel_tolerance]
+                if not shaky:
+                    break
+                bar.update(task, total=bar.tasks[0].total + len(shaky))
+                for r in shaky:
+                    x = inputs[r.name]
+                    samples[r.name] += _run_for(lambda: r.infer(x), budget / rounds, 1, math.ceil(timing.max_runs / rounds))
+                    bar.advance(task)
+    return samples
+
+
+# ------------------------------------------------------------------------------------------
+# accuracy
+# ------------------------------------------------------------------------------------------
+def _pre_key(pre) -> str:
+    return json.dumps(pre.to_dict(), sort_keys=True) if pre is not None else "none"
+
+
+class _Inputs:
+    """Preprocessed validation images per preprocessing (computed once, shared by equal pipelines)."""
+
+    def __init__(self, images, eval_batch: int):
+        self.images = images
+        self.eval_batch = eval_batch
+        self._cache: dict[str, tuple[np.ndarray, list, list]] = {}
+
+    def get(self, pre) -> tuple[np.ndarray, list, list]:
+        key = _pre_key(pre)
+        if key not in self._cache:
+            xs, labels, names = [], [], []
+            total = len(self.images)
+            with progress() as bar:
+                task = bar.add_task("preprocessing images", total=total)
+                for b in self.images.batches(pre, self.eval_batch):
+                    xs.append(b.x)
+                    labels += b.labels
+                    names += b.names
+                    bar.advance(task, len(b.x))
+            if not xs:
+                raise VitedgeError(f"no usable images in {self.images.source}")
+            self._cache[key] = (np.concatenate(xs), labels, names)
+        return self._cache[key]
+
+
+def _logits(runner: _Runner, x: np.ndarray, batch: int, what: str) -> np.ndarray:
+    outs = []
+    with progress() as bar:
+        task = bar.add_task(f"{what}: {runner.name}", total=len(x))
+        for i in range(0, len(x), batch):
+            outs.append(np.asarray(runner.infer(x[i : i + batch]), np.float32))
+            bar.advance(task, len(outs[-1]))
+    out = np.concatenate(outs)
+    if out.ndim != 2:
+        raise VitedgeError(f"{runner.name} outputs shape {out.shape}, not (N, classes)",
+                           "validate compares classifier logits; other heads are not supported yet")
+    return out
+
+
+def _topk(logits: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, logits.shape[1])
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+
+
+def _per_image_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+def _accuracy(logits: np.ndarray, y: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
+    top = _topk(logits, 5)
+    ok1 = top[:, 0] == y
+    ok5 = (top == y[:, None]).any(1)
+    n = len(y)
+    acc = {"top1": float(ok1.mean()), "top5": float(ok5.mean()),
+           "top1_ci95": wilson_interval(int(ok1.sum()), n), "top5_ci95": wilson_interval(int(ok5.sum()), n)}
+    return acc, ok1, ok5
+
+
+def _compare(ref_logits: np.ndarray, eng_logits: np.ndarray, names: list[str], class_names: list[str], y: np.ndarray | None,
+             ci_method: str, worst: int) -> dict:
+    from .export import compare_outputs
+
+    cmp = compare_outputs(ref_logits, eng_logits)
+    ref_top, eng_top = _topk(ref_logits, 5), _topk(eng_logits, 5)
+    agree1 = ref_top[:, 0] == eng_top[:, 0]
+    agree5 = (eng_top == ref_top[:, :1]).any(1)
+    n = len(names)
+    cos = _per_image_cosine(ref_logits, eng_logits)
+    order = np.lexsort((cos, agree1))  # disagreements first, then lowest cosine
+    res = {
+        "top1_drop_pp": None, "top1_drop_ci95_pp": None, "top5_drop_pp": None, "top5_drop_ci95_pp": None,
+        "top1_agreement": float(agree1.mean()), "top1_agreement_ci95": wilson_interval(int(agree1.sum()), n),
+        "top5_agreement": float(agree5.mean()),
+        "cosine_mean": cmp["cosine_mean"], "cosine_min": cmp["cosine_min"],
+        "snr_db": None if math.isinf(cmp["snr_db"]) else cmp["snr_db"], "max_abs_error": cmp["max_abs_error"],
+        "finite": cmp["finite"], "disagreements": int((~agree1).sum()),
+        "discordant": {},
+        "worst": [
+            {"image": _short(names[i]), "cosine": float(cos[i]), "reference_top1": class_names[ref_top[i, 0]],
+             "engine_top1": class_names[eng_top[i, 0]], "label": None if y is None else class_names[y[i]]}
+            for i in order[:worst]
+        ],
+    }
+    if y is not None:
+        _, r1, r5 = _accuracy(ref_logits, y)
+        _, e1, e5 = _accuracy(eng_logits, y)
+        d1, d5 = paired_drop(r1, e1, method=ci_method), paired_drop(r5, e5, method=ci_method)
+        res.update(top1_drop_pp=d1["drop_pp"], top1_drop_ci95_pp=d1["ci95_pp"], top5_drop_pp=d5["drop_pp"],
+                   top5_drop_ci95_pp=d5["ci95_pp"],
+                   discordant={"top1_reference_only": d1["reference_only"], "top1_engine_only": d1["engine_only"],
+                               "top5_reference_only": d5["reference_only"], "top5_engine_only": d5["engine_only"]})
+    return res
+
+
+def _short(name: str) -> str:
+    p = Path(name)
+    return str(Path(*p.parts[-2:])) if len(p.parts) >= 2 else name
+
+
+# ------------------------------------------------------------------------------------------
+# which precision layers really ran in
+# ------------------------------------------------------------------------------------------
+_OV_PREC = {"i8": "int8", "u8": "int8", "bf16": "bf16", "f16": "fp16", "f32": "fp32", "i32": "int32"}
+
+
+def _dims(shape) -> list[int]:
+    out = []
+    for d in shape:
+        try:
+            v = int(d.get_length()) if hasattr(d, "get_length") else int(d)
+        except Exception:  # dynamic dimension
+            v = 1
+        out.append(max(v, 1))
+    return out
+
+
+def openvino_precision_breakdown(compiled) -> dict:
+    """Precision of every MatMul/FullyConnected/Convolution in OpenVINO's runtime graph and the MAC share of each."""
+    layers, macs_by = [], {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        ri = op.get_rt_info()
+        if "layerType" not in ri:
+            continue
+        kind = ri["layerType"].astype(str)
+        if kind not in ("FullyConnected", "MatMul", "Convolution", "Deconvolution"):
+            continue
+        prec = _OV_PREC.get(ri["runtimePrecision"].astype(str), ri["runtimePrecision"].astype(str)) if "runtimePrecision" in ri else "?"
+        try:
+            out = _dims(op.get_output_partial_shape(0))
+            ins = [_dims(op.get_input_partial_shape(i)) for i in range(op.get_input_size())]
+        except Exception:
+            continue
+        if kind == "FullyConnected" and len(ins) > 1:
+            k = ins[1][-1]
+        elif kind in ("Convolution", "Deconvolution") and len(ins) > 1:
+            k = int(np.prod(ins[1][1:]))
+        else:
+            k = ins[0][-1] if ins and ins[0] else 1
+        macs = int(np.prod(out)) * int(k)
+        layers.append({"name": op.get_friendly_name(), "type": kind, "precision": prec, "macs": macs})
+        macs_by[prec] = macs_by.get(prec, 0) + macs
+    total = sum(macs_by.values())
+    return {
+        "source": "openvino runtime model (runtimePrecision per layer; fused attention subgraphs not counted)",
+        "mac_share": {k: v / total for k, v in macs_by.items()} if total else {},
+        "int8_mac_share": macs_by.get("int8", 0) / total if total else 0.0,
+        "layers": layers[:400],
+    }
+
+
+_ONNX_INT8_OPS = {"QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger", "QGemm", "DynamicQuantizeMatMul",
+                  "MatMulIntegerToFloat", "QAttention"}
+
+
+def onnx_precision_breakdown(path: Path) -> dict | None:
+    """Static view of an ONNX graph as ONNX Runtime's CPU provider runs it: MatMul/Gemm/Conv fed by
+    DequantizeLinear on both inputs (QDQ) or integer ops run in INT8, the rest in their tensor type."""
+    import onnx
+    from onnx import shape_inference
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        model = shape_inference.infer_shapes(model)
+    except Exception:  # shape inference fails on some custom-domain graphs
+        return None
+    g = model.graph
+    shapes, types = {}, {}
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        t = v.type.tensor_type
+        shapes[v.name] = [d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim]
+        types[v.name] = t.elem_type
+    for init in g.initializer:
+        shapes[init.name] = list(init.dims)
+        types[init.name] = init.data_type
+    producer = {o: n for n in g.node for o in n.output}
+    layers, macs_by = [], {}
+    for n in g.node:
+        if n.op_type not in ("MatMul", "Gemm", "Conv") and n.op_type not in _ONNX_INT8_OPS:
+            continue
+        out = shapes.get(n.output[0])
+        a = shapes.get(n.input[0])
+        w_idx = 3 if n.op_type in ("QLinearMatMul", "QLinearConv") else 1
+        w = shapes.get(n.input[w_idx]) if len(n.input) > w_idx else None
+        if not out or not a:
+            continue
+        if "Conv" in n.op_type:
+            k = int(np.prod(w[1:])) if w else 1
+        elif n.op_type == "Gemm":
+            trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
+            k = a[0] if trans_a else a[-1]
+        else:
+            k = a[-1]
+        macs = int(np.prod(out)) * int(k)
+        if n.op_type in _ONNX_INT8_OPS:
+            prec = "int8"
+        else:
+            dq = [producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input[:2]]
+            if all(dq):
+                prec = "int8"
+            else:
+                et = types.get(n.output[0], 1)
+                prec = {1: "fp32", 10: "fp16", 16: "bf16"}.get(et, str(et))
+                if any(dq):
+                    prec += " (int8 weights)"
+        layers.append({"name": n.name, "type": n.op_type, "precision": prec, "macs": macs})
+        macs_by[prec] = macs_by.get(prec, 0) + macs
+    total = sum(macs_by.values())
+    return {
+        "source": "onnx graph (QDQ-fed or integer MatMul/Gemm/Conv run as INT8 kernels in ONNX Runtime CPU)",
+        "mac_share": {k: v / total for k, v in macs_by.items()} if total else {},
+        "int8_mac_share": macs_by.get("int8", 0) / total if total else 0.0,
+        "layers": layers[:400],
+    }
+
+
+def precision_breakdown(runner: _Runner) -> dict | None:
+    eng = runner.engine
+    if eng is None:
+        return None
+    try:
+        if runner.backend == "openvino" and hasattr(eng, "compiled"):
+            return openvino_precision_breakdown(eng.compiled)
+        if runner.backend == "onnxruntime" and Path(eng.artifact).suffix == ".onnx":
+            return onnx_precision_breakdown(Path(eng.artifact))
+    except Exception as exc:  # a diagnostic: never fail validation because of it
+        return {"source": f"unavailable ({type(exc).__name__}: {str(exc)[:120]})", "mac_share": {}, "int8_mac_share": 0.0, "layers": []}
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# findings
+# ------------------------------------------------------------------------------------------
+def _findings(models: list[dict], machine: dict) -> list[str]:
+    out = []
+    engines = [m for m in models if m["role"] == "engine"]
+    by_speed = sorted(engines, key=lambda m: m["latency"]["p50_ms"])
+    int8 = [m for m in by_speed if m["precision"] == "int8"]
+    if int8 and len(engines) > 1:
+        fastest, best8 = by_speed[0], int8[0]
+        if fastest["precision"] != "int8":
+            out.append(f"INT8 is not the fastest choice on this machine: {fastest['name']} runs at "
+                       f"{fastest['latency']['p50_ms']:.3f} ms (p50, batch 1) and the fastest INT8 engine, {best8['name']}, at "
+                       f"{best8['latency']['p50_ms']:.3f} ms ({best8['latency']['p50_ms'] / fastest['latency']['p50_ms']:.2f}x slower).")
+        else:
+            others = [m for m in by_speed if m["precision"] != "int8"]
+            if others:
+                out.append(f"INT8 is the fastest: {best8['name']} at {best8['latency']['p50_ms']:.3f} ms vs "
+                           f"{others[0]['latency']['p50_ms']:.3f} ms for the fastest non-INT8 engine ({others[0]['name']}), "
+                           f"{others[0]['latency']['p50_ms'] / best8['latency']['p50_ms']:.2f}x.")
+        for m in int8:
+            same = [o for o in engines if o["backend"] == m["backend"] and o["precision"] in ("fp32", "fp16", "bf16")
+                    and o["latency"]["p50_ms"] < m["latency"]["p50_ms"]]
+            if same:
+                faster = ", ".join(f"{o['name']} ({o['latency']['p50_ms']:.3f} ms)" for o in sorted(same, key=lambda o: o["latency"]["p50_ms"]))
+                out.append(f"{m['name']} ({m['latency']['p50_ms']:.3f} ms) is slower than {faster} on the same backend: "
+                           "INT8 does not pay off there.")
+    for m in engines:
+        pb = m.get("precision_breakdown") or {}
+        share = pb.get("mac_share") or {}
+        if not share:
+            continue
+        if m["precision"] == "int8" and pb.get("int8_mac_share", 0) < 0.5:
+            out.append(f"{m['name']}: only {100 * pb.get('int8_mac_share', 0):.0f} % of multiply-accumulates ran in INT8 "
+                       f"({', '.join(f'{k} {100 * v:.0f} %' for k, v in share.items())}).")
+        top = max(share, key=share.get)
+        if m["precision"] == "fp32" and m["backend"] == "openvino" and top != "fp32":
+            out.append(f"{m['name']}: OpenVINO actually ran {100 * share[top]:.0f} % of multiply-accumulates in {top} "
+                       "(its default inference precision on CPUs with AVX-512 BF16/AMX); set "
+                       "INFERENCE_PRECISION_HINT=f32 for true FP32.")
+    for m in engines:
+        vs = m["vs_reference"]
+        if not vs.get("finite", True):
+            out.append(f"{m['name']} produced NaN/inf logits.")
+    isa = machine.get("instruction_sets", {})
+    if int8 and isa.get("AVX-512 VNNI") is False and isa.get("AVX-VNNI") is False and isa.get("AMX-INT8") is False:
+        out.append("this CPU has no VNNI/AMX instructions: INT8 engines use slow emulated dot products here.")
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the main entry point
+# ------------------------------------------------------------------------------------------
+def _default_data(runner: _Runner, notes: list[str]):
+    from .data import SHIPPED_CALIBRATION, ImageSet
+    from .models.loading import REFERENCE_CHECKPOINT
+
+    val = SHIPPED_CALIBRATION / "digits" / "val"
+    if not val.is_dir():
+        raise VitedgeError("no validation data given", "pass --data DIR (class/image folders for top-1/top-5, or plain images)")
+    images = ImageSet.from_path(val)
+    src = str(getattr(getattr(runner, "spec", None), "source", "") or "")
+    is_ref_model = Path(src).resolve() == REFERENCE_CHECKPOINT.resolve() if src else False
+    if not is_ref_model:
+        images.labels = [None] * len(images)
+        notes.append(f"no --data: fidelity measured on the shipped digit images ({val}); accuracy needs --data")
+    else:
+        notes.append(f"no --data: using the reference model's held-out set {val}")
+    return images
+
+
+def validate(
+    engine,
+    reference=None,
+    *,
+    data=None,
+    max_drop: float | None = None,
+    min_speedup: float | None = None,
+    out_dir: str | Path | None = None,
+    batch_sizes: Sequence[int] = (1, 4, 8),
+    runs: int | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    time_budget: float = 5.0,
+    rounds: int = 3,
+    warmup: int = 5,
+    min_runs: int = 20,
+    timing: Timing | None = None,
+    strict: bool = False,
+    ci_method: str = "agresti-min",
+    worst: int = 10,
+    eval_batch: int = 16,
+    backend: str | None = None,
+    kind: str = "validate",
+    post: Callable[[Report], None] | None = None,
+) -> Report:
+    """Validate one or more engines against the FP32 reference; see the module docstring.
+
+    ``engine``: artifact path(s) or :class:`EngineSpec` (several engines are timed in the same run).
+    ``reference``: checkpoint / preset name / ``"reference"`` / :class:`~vitedge.ModelSpec` (timed as
+    PyTorch eager), or an FP32 ``.onnx`` file (timed with ONNX Runtime).  ``None``: the model source
+    recorded in the engine's manifest.
+    ``data``: folder (``class/image`` for labels), ``.npy``/``.npz`` or an :class:`~vitedge.data.ImageSet`.
+    ``max_drop``: top-1 drop gate in percentage points (without labels: top-1 disagreement with FP32,
+    an upper bound of the drop); ``strict`` gates on the upper end of the confidence interval.
+    ``min_speedup``: batch-1 p50 speed-up gate over the reference.
+    Writes ``report.json/md/html`` to ``out_dir`` (if given), then raises ``GateFailed`` if a gate is missed.
+    """
+    from . import __version__
+    from .data import ImageSet, label_indices
+    from .sysinfo import machine_info
+
+    specs = _as_specs(engine, backend)
+    if max_drop is not None and max_drop < 0:
+        raise VitedgeError(f"--max-drop {max_drop} must be >= 0 (percentage points)")
+    if min_speedup is not None and min_speedup <= 0:
+        raise VitedgeError(f"--min-speedup {min_speedup} must be > 0")
+    bad_bs = [b for b in batch_sizes if int(b) < 1]
+    if bad_bs:
+        raise VitedgeError(f"batch sizes must be >= 1, got {bad_bs}")
+    timing = timing or Timing(budget_s=time_budget, rounds=rounds, warmup_runs=warmup, min_runs=min_runs, runs=runs)
+    notes: list[str] = []
+    machine = machine_info()
+
+    runners: list[_Runner] = []
+    acc_ref: _Runner | None = None
+    try:
+        baseline, acc_ref = _open_reference(reference, specs, notes)
+        runners.append(baseline)
+        for s in specs:
+            runners.append(_open_engine(s))
+        _dedupe_names(runners)
+
+        # -- data --------------------------------------------------------------------------
+        if data is None:
+            images = _default_data(baseline, notes)
+        elif isinstance(data, ImageSet):
+            images = data
+        else:
+            images = ImageSet.from_path(data)
+        images = images.sample(samples, seed)
+        inputs = _Inputs(images, eval_batch)
+        truth = acc_ref or baseline
+        ref_pre = truth.preprocessing
+        for r in runners[1:]:
+            if r.preprocessing is None:
+                if ref_pre is None and images.arrays is None:
+                    raise VitedgeError(f"{r.artifact} has no preprocessing in its manifest and the reference has none either",
+                                       "re-export with vitedge, or validate with preprocessed .npy data")
+                r.preprocessing = ref_pre
+                notes.append(f"{r.name}: no preprocessing in its manifest, used the reference's")
+            elif ref_pre is not None and _pre_key(r.preprocessing) != _pre_key(ref_pre):
+                notes.append(f"{r.name}: its bundled preprocessing differs from the reference's; each model is fed "
+                             "through its own (accuracy differences may come from preprocessing)")
+        if images.arrays is not None:
+            for r in runners:
+                if r.engine is not None:
+                    images.check_shape(r.engine.input_shape)
+
+        # -- accuracy pass ---------------------------------------------------------------------
+        x_ref, labels, names = inputs.get(ref_pre)
+        with _RssPeak() as mem:
+            ref_logits = _logits(truth, x_ref, eval_batch, "FP32 reference")
+        if truth is baseline:
+            baseline.peak_rss_mb = max(baseline.peak_rss_mb or 0, mem.peak_mb)
+        n_classes = ref_logits.shape[1]
+        class_names = list(truth.labels or runners[1].labels or [str(i) for i in range(n_classes)])
+        if len(class_names) != n_classes:
+            class_names = [str(i) for i in range(n_classes)]
+        labelled = images.labelled and all(lbl is not None for lbl in labels)
+        y = label_indices(labels, class_names, images.source) if labelled else None
+        if y is not None and (y >= n_classes).any():
+            raise VitedgeError(f"{images.source}: a class folder index exceeds the model's {n_classes} classes",
+                               "name class folders after the model's labels")
+
+        results: dict[str, dict] = {}
+        base_acc = _accuracy(ref_logits, y)[0] if y is not None else None
+        for r in runners[1:]:
+            x, _, _ = inputs.get(r.preprocessing)
+            with _RssPeak() as mem:
+                logits = _logits(r, x, eval_batch, "accuracy")
+            r.peak_rss_mb = max(r.peak_rss_mb or 0, mem.peak_mb)
+            if getattr(r, "rss_baseline_mb", None) is not None:
+                r.rss_increase_mb = max(r.rss_increase_mb or 0, mem.peak_mb - r.rss_baseline_mb)
+            if logits.shape != ref_logits.shape:
+                raise VitedgeError(f"{r.name} outputs {logits.shape[1:]} but the reference {ref_logits.shape[1:]}",
+                                   "validate an engine against the model it was made from")
+            results[r.name] = {
+                "accuracy": _accuracy(logits, y)[0] if y is not None else None,
+                "vs_reference": _compare(ref_logits, logits, names, class_names, y, ci_method, worst),
+                "precision_breakdown": precision_breakdown(r),
+            }
+        if acc_ref is not None:
+            acc_ref.close()
+            acc_ref = None
+
+        # -- latency -------------------------------------------------------------------------
+        first = {r.name: inputs.get(r.preprocessing)[0][:1] for r in runners}
+        lat = time_interleaved(runners, first, timing, "timing batch 1")
+        throughput: dict[str, list[dict]] = {r.name: [] for r in runners}
+        tp_budget = timing.throughput_budget_s or max(timing.budget_s / 4, 0.05)
+        for bs in sorted({int(b) for b in batch_sizes}):
+            if bs == 1:
+                for r in runners:
+                    st = latency_stats(lat[r.name], keep=0)
+                    throughput[r.name].append({"batch": 1, "images_per_s": 1000.0 / st["p50_ms"], "p50_ms": st["p50_ms"], "runs": st["runs"]})
+                continue
+            xb = {}
+            for r in runners:
+                x1 = first[r.name]
+                xall = inputs.get(r.preprocessing)[0]
+                xb[r.name] = xall[np.arange(bs) % len(xall)] if len(xall) else np.repeat(x1, bs, 0)
+            tp = time_interleaved(runners, xb, Timing(**{**timing.to_dict(), "warmup_runs": 1, "warmup_s": 0.0,
+                                                         "runs": None if timing.runs is None else max(3, timing.runs // 4)}),
+                                  f"throughput batch {bs}", budget_s=tp_budget, min_runs=3, adaptive=False)
+            for r in runners:
+                st = latency_stats(tp[r.name], batch=bs, keep=0)
+                throughput[r.name].append({"batch": bs, "images_per_s": bs * 1000.0 / st["p50_ms"], "p50_ms": st["p50_ms"], "runs": st["runs"]})
+
+        # -- assemble ------------------------------------------------------------------------
+        base_p50 = latency_stats(lat[baseline.name], keep=0)["p50_ms"]
+        base_tp = {t["batch"]: t["images_per_s"] for t in throughput[baseline.name]}
+        models = []
+        for r in runners:
+            st = latency_stats(lat[r.name])
+            res = results.get(r.name, {})
+            m = {
+                "name": r.name, "role": r.role, "backend": r.backend, "precision": r.precision,
+                "artifact": r.artifact, "format": r.fmt, "options": _jsonable(r.options),
+                "size_bytes": r.size_bytes, "load_s": float(r.load_s),
+                "peak_rss_mb": None if r.peak_rss_mb is None else round(float(r.peak_rss_mb), 1),
+                "rss_increase_mb": None if r.rss_increase_mb is None else round(float(r.rss_increase_mb), 1),
+                "accuracy": base_acc if r is baseline else res.get("accuracy"),
+                "vs_reference": None if r is baseline else res["vs_reference"],
+                "latency": st, "throughput": throughput[r.name],
+                "speedup": base_p50 / st["p50_ms"],
+                "throughput_speedup": {str(t["batch"]): t["images_per_s"] / base_tp[t["batch"]] for t in throughput[r.name] if t["batch"] in base_tp},
+                "precision_breakdown": None if r is baseline else res.get("precision_breakdown"),
+                "gate_failures": [],
+            }
+            models.append(m)
+
+        gate = _apply_gates(models, max_drop, min_speedup, strict, labelled)
+        findings = notes + _findings(models, machine)
+        doc = {
+            "schema": SCHEMA_ID, "kind": kind, "created": now_iso(), "vitedge_version": __version__,
+            "machine": machine,
+            "settings": {
+                "data": str(images.source), "samples": samples, "seed": seed, "batch_sizes": [int(b) for b in batch_sizes],
+                "timing": timing.to_dict(), "rounds": timing.rounds, "ci_level": CI_LEVEL, "ci_method": ci_method,
+                "eval_batch": eval_batch, "torch_threads": _torch_threads(),
+                "gates": {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict},
+            },
+            "data": {"source": str(images.source), "images": int(len(names)), "labelled": bool(labelled),
+                     "classes": int(n_classes), "skipped": [s for s, _ in images.skipped]},
+            "models": models,
+            "gates": gate,
+            "findings": findings,
+        }
+        report = Report(doc)
+    finally:
+        for r in runners:
+            r.close()
+        if acc_ref is not None:
+            acc_ref.close()
+        gc.collect()
+
+    if post is not None:
+        post(report)
+    if out_dir is not None:
+        report.files = report.write(out_dir)
+    if not report.passed:
+        where = f"; report in {out_dir}" if out_dir is not None else ""
+        n = len(report.failures)
+        err = GateFailed(f"{n} gate{'s' if n > 1 else ''} missed: {report.failures[0]}{' (and more)' if n > 1 else ''}{where}")
+        err.report = report  # the CLI still prints the table
+        raise err
+    return report
+
+
+def _apply_gates(models: list[dict], max_drop, min_speedup, strict: bool, labelled: bool) -> dict:
+    failures = []
+    for m in models:
+        if m["role"] != "engine":
+            continue
+        vs = m["vs_reference"]
+        if max_drop is not None:
+            if labelled:
+                value, ci = vs["top1_drop_pp"], vs["top1_drop_ci95_pp"]
+                what = "top-1 drop"
+            else:
+                value = 100.0 * (1 - vs["top1_agreement"])
+                lo, hi = vs["top1_agreement_ci95"]
+                ci = [100.0 * (1 - hi), 100.0 * (1 - lo)]
+                what = "top-1 disagreement with FP32 (no labels)"
+            test = ci[1] if strict else value
+            if test > max_drop:
+                msg = (f"{m['name']}: {what} {value:.2f} pp (95% CI {ci[0]:.2f} to {ci[1]:.2f}) "
+                       f"{'upper bound ' if strict else ''}exceeds --max-drop {max_drop:g} pp")
+                m["gate_failures"].append(msg)
+                failures.append(msg)
+        if min_speedup is not None and m["speedup"] < min_speedup:
+            msg = f"{m['name']}: speed-up {m['speedup']:.2f}x over the FP32 reference is below --min-speedup {min_speedup:g}x"
+            m["gate_failures"].append(msg)
+            failures.append(msg)
+    return {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict, "passed": not failures, "failures": failures}
+
+
+def _dedupe_names(runners: list[_Runner]) -> None:
+    seen: set[str] = set()
+    for i, r in enumerate(runners):
+        if r.name in seen and r.artifact:
+            r.name = f"{r.name} [{Path(r.artifact).name}]"
+        if r.name in seen:
+            r.name = f"{r.name} #{i}"
+        seen.add(r.name)
+
+
+def _jsonable(obj):
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        return json.loads(json.dumps(obj, default=str))
