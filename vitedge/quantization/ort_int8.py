@@ -190,7 +190,37 @@ def quantize_qdq(model: Path, out: Path, cache: Path, cfg: QDQConfig, method: st
                 root.disabled = was
     except Exception as exc:
         raise VitedgeError(f"ONNX Runtime quantization failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    if cfg.target == "tensorrt":
+        _only_matrix_consumers(out)
     return out
+
+
+def _only_matrix_consumers(path: Path) -> None:
+    """TensorRT: a Q/DQ pair must feed only MatMul/Conv/Gemm; other readers of the tensor (e.g. a Shape
+    on the input) get the float tensor back, so TensorRT fuses every pair into its INT8 kernels."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    g = proto.graph
+    q_in = {n.output[0]: n.input[0] for n in g.node if n.op_type == "QuantizeLinear"}
+    dq_src = {n.output[0]: q_in[n.input[0]] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in q_in}
+    changed = False
+    for n in g.node:
+        if n.op_type in QUANT_OP_TYPES or n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for k, name in enumerate(n.input):
+            if name in dq_src:
+                n.input[k] = dq_src[name]
+                changed = True
+    if changed:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = True
+        while dead:  # drop Q/DQ pairs nobody reads any more
+            dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not set(n.output) & used]
+            for n in dead:
+                g.node.remove(n)
+            used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        onnx.save(proto, str(path))
 
 
 def quantizable_nodes(model: Path) -> list[str]:
