@@ -82,7 +82,12 @@ class OpenVINOEngine(Engine):
                                "is the file complete? re-create it with vitedge compile") from None
         self.from_blob = blob is not None
         self._outputs = list(self.compiled.outputs)
-        self._names = [o.get_any_name() for o in self._outputs]
+        # OpenVINO may give an output several names (e.g. after a Cast from an FP16 ONNX): prefer the manifest's
+        want = [o.name for o in manifest.outputs] if manifest else []
+        self._names = []
+        for i, o in enumerate(self._outputs):
+            names = o.get_names()
+            self._names.append(next((n for n in want if n in names), want[i] if len(want) == len(self._outputs) else o.get_any_name()))
         if requests is None:
             try:
                 requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
