@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import numpy as np
@@ -465,12 +464,12 @@ def test_bad_img_size():
         load_model("reference", img_size=-32)
 
 
-def test_preset_spec(tmp_path):
+def test_preset_spec(tmp_path, monkeypatch):
     spec = load_model("vit_tiny", img_size=32)
     assert spec.config.d_model == 192 and spec.config.img_size == 32 and spec.source == "preset:vit_tiny"
     assert any("random weights" in n for n in spec.notes)
     # a file named like a preset wins over the preset
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     torch.save(dict(_vit().state_dict()), tmp_path / "vit_tiny")
     with pytest.raises(VitedgeError, match="unknown model file type"):
         load_model("vit_tiny")
