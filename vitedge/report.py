@@ -597,14 +597,25 @@ def accuracy_latency_svg(models: list[dict], labelled: bool, pareto: list[str], 
     if len(front) > 1:
         path = " ".join(f"{xa(p[1]):.1f},{ya(p[2]):.1f}" for p in front)
         parts.append(f'<polyline points="{path}" fill="none" stroke="#2ca02c" stroke-dasharray="4 3"/>')
-    for i, (m, lx, ly) in enumerate(pts):
+    placed: list[tuple[float, float, float, float]] = []  # label boxes already drawn
+    for m, lx, ly in sorted(pts, key=lambda p: (p[1], -p[2])):
         c = _COLORS[models.index(m) % len(_COLORS)]
         name = _html.escape(m["name"] + (" (ref)" if m["role"] == "reference" else ""))
-        shape = (f'<rect x="{xa(lx) - 5:.1f}" y="{ya(ly) - 5:.1f}" width="10" height="10" fill="{c}"/>' if m["role"] == "reference"
-                 else f'<circle cx="{xa(lx):.1f}" cy="{ya(ly):.1f}" r="5" fill="{c}"/>')
-        dy = -8 if i % 2 == 0 else 16
-        parts.append(f'<g>{shape}<title>{name}: {lx:.3f} ms, {ly:.2f} %</title></g>'
-                     f'<text x="{xa(lx) + 7:.1f}" y="{ya(ly) + dy:.1f}" fill="{c}">{name}</text>')
+        px, py = xa(lx), ya(ly)
+        shape = (f'<rect x="{px - 5:.1f}" y="{py - 5:.1f}" width="10" height="10" fill="{c}"/>' if m["role"] == "reference"
+                 else f'<circle cx="{px:.1f}" cy="{py:.1f}" r="5" fill="{c}"/>')
+        w = 6.2 * len(m["name"] + (" (ref)" if m["role"] == "reference" else ""))
+        left_side = px + 8 + w > width - 4
+        x0 = px - 8 - w if left_side else px + 8
+        for dy in (-8, 14, -22, 28, -36, 42, -50, 56, -64, 70):
+            box = (x0, py + dy - 10, x0 + w, py + dy + 2)
+            if all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed) and top <= box[1] and box[3] <= height - bottom + 14:
+                break
+        placed.append(box)
+        ty = py + dy
+        lead = f'<line x1="{px:.1f}" y1="{py:.1f}" x2="{(x0 + w if left_side else x0):.1f}" y2="{ty - 4:.1f}" stroke="{c}" stroke-opacity="0.5"/>' if abs(dy) > 14 else ""
+        parts.append(f'<g>{shape}<title>{name}: {lx:.3f} ms, {ly:.2f} %</title></g>{lead}'
+                     f'<text x="{x0:.1f}" y="{ty:.1f}" fill="{c}">{name}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

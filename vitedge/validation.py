@@ -272,9 +272,17 @@ def _open_reference(reference, specs: list[EngineSpec], notes: list[str]) -> tup
         return r, None
 
     is_preset = isinstance(reference, str) and reference.replace("-", "_").lower() in PRESETS and not Path(reference).exists()
+    preset_kw = {}
+    if is_preset:  # same input size as the engine (a preset's default is 224)
+        from .manifest import Manifest
+
+        _, man = Manifest.find(specs[0].path)
+        size = ((man.model or {}).get("config") or {}).get("img_size") if man else None
+        if size:
+            preset_kw["img_size"] = int(size)
     with _RssPeak() as mem:
         t0 = time.perf_counter()
-        spec = reference if isinstance(reference, ModelSpec) else load_model(reference)
+        spec = reference if isinstance(reference, ModelSpec) else load_model(reference, **preset_kw)
         load_s = 0.0 if isinstance(reference, ModelSpec) else time.perf_counter() - t0
     r = _TorchRunner(spec)
     r.role, r.load_s, r.peak_rss_mb, r.rss_increase_mb = "reference", load_s, mem.peak_mb, mem.increase_mb
