@@ -81,7 +81,7 @@ def test_save_checkpoint_rejects_a_generic_module(tmp_path):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "fmt",
-    ["pth", "pth-model", "pth-state_dict", "pth-module-prefix", "pth-legacy-format", "safetensors", "bin"],
+    ["pth", "pth-model", "pth-state_dict", "pth-module-prefix", "pth-lightning", "pth-legacy-format", "safetensors", "bin"],
 )
 def test_timm_state_dict(tmp_path, fmt):
     model = _vit()
@@ -97,6 +97,7 @@ def test_timm_state_dict(tmp_path, fmt):
             "pth-state_dict": {"state_dict": sd, "arch": "vit_tiny"},
             "pth-module-prefix": {f"module.{k}": v for k, v in sd.items()},
             "pth-legacy-format": sd,
+            "pth-lightning": {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3},
         }[fmt]
         torch.save(obj, path, _use_new_zipfile_serialization=fmt != "pth-legacy-format")
     spec = load_model(path)

@@ -171,3 +171,22 @@ def test_dropout_only_in_train_mode():
     torch.manual_seed(0)
     with torch.no_grad():
         assert not torch.equal(model(x), model(x))
+
+
+def test_reference_model_holds_its_published_accuracy(ref_spec, val_dir, calib_dir):
+    """The shipped checkpoint reaches the held-out top-1 recorded in digits_vit.json, on images it never saw."""
+    import json
+
+    from vitedge.data import ImageSet, label_indices
+    from vitedge.models.loading import ASSETS
+
+    info = json.loads((ASSETS / "digits_vit.json").read_text())
+    val = ImageSet.from_path(val_dir)
+    assert len(val) == info["split"]["held_out"] == 360
+    calib_names = {p.name for p in calib_dir.rglob("*.png")}
+    assert calib_names and not calib_names & {p.name for p in val.paths}  # disjoint splits
+    batch = val.load_all(ref_spec.preprocessing)
+    with torch.no_grad():
+        pred = ref_spec.model(torch.from_numpy(batch.x)).argmax(1).numpy()
+    top1 = float((pred == label_indices(batch.labels, ref_spec.labels, str(val_dir))).mean())
+    assert top1 == pytest.approx(info["held_out_top1"], abs=0.003) and top1 >= 0.98

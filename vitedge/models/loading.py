@@ -96,8 +96,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise VitedgeError(f"{path} cannot be opened ({exc.strerror or exc})") from None
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch zip archive / legacy pickle
         raise VitedgeError(f"{path} is not a PyTorch file (neither a torch.save zip archive nor a pickle; empty or corrupt?)",
                            "save weights with torch.save(model.state_dict(), path) or as .safetensors")
@@ -120,7 +123,10 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise VitedgeError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}, {}
+    sd = {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel / DDP
+    if sd and all(k.startswith("model.") for k in sd):  # e.g. a Lightning module holding the ViT as self.model
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    return sd, {}
 
 
 # ------------------------------------------------------------------------------------------
