@@ -81,3 +81,81 @@ def test_cli_bad_recipe_exits_2_with_one_line(tmp_path):
     res = CliRunner().invoke(main, ["run", str(p)])
     assert res.exit_code == 2
     assert "bogus" in res.output and ":3:" in res.output
+
+
+# ------------------------------------------------------------------------------------------
+# end-to-end runs
+# ------------------------------------------------------------------------------------------
+from vitedge.recipes import run_recipe  # noqa: E402
+
+
+def _fast(recipe, **extra):
+    """Shorter timing for tests; everything else as shipped."""
+    return recipe.with_changes(**{"steps.validate.time_budget": 0.3, **extra})
+
+
+def test_quickstart_end_to_end_then_cached(tmp_path):
+    import vitedge
+
+    recipe = _fast(load_recipe("quickstart"))
+    res = run_recipe(recipe, tmp_path / "qs")
+    assert [s.step for s in res.steps] == ["export", "quantize", "compile", "validate"]
+    assert all(s.status == "done" for s in res.steps)
+    rep = res.report
+    eng = rep["models"][-1] if "models" in rep else None
+    assert eng is not None
+    # the bundle: one folder, loadable, with the report beside the engine
+    assert (tmp_path / "qs" / "report" / "report.html").exists()
+    with vitedge.load(tmp_path / "qs") as engine:
+        assert engine.manifest.precision == "int8"
+        assert engine.predict([next((recipe.base_dir / "../calibration_data/digits/val/4").glob("*.png"))])[0].labels[0] == "4"
+    # a second run does no work
+    again = run_recipe(recipe, tmp_path / "qs")
+    assert [s.status for s in again.steps] == ["cached"] * 4
+    # changing one option redoes that step and the ones after it, not the export
+    changed = run_recipe(recipe.with_changes(**{"steps.quantize.samples": 50}), tmp_path / "qs")
+    assert [s.status for s in changed.steps] == ["cached", "done", "done", "done"]
+
+
+def test_force_redoes_everything(tmp_path):
+    recipe = _fast(load_recipe("vit_tiny_onnxruntime_int8"), img_size=32, **{"steps.quantize.samples": 8, "steps.validate.samples": 16})
+    run_recipe(recipe, tmp_path / "o")
+    res = run_recipe(recipe, tmp_path / "o", force=True)
+    assert all(s.status == "done" for s in res.steps)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_openvino_int8", "vit_tiny_openvino_fp16", "vit_tiny_onnxruntime_int8"])
+def test_cpu_recipes_run(tmp_path, name):
+    import vitedge
+
+    recipe = _fast(load_recipe(name), img_size=32, **({"steps.quantize.samples": 8} if "int8" in name else {}), **{"steps.validate.samples": 16})
+    res = run_recipe(recipe, tmp_path / name)
+    assert all(s.status == "done" for s in res.steps)
+    with vitedge.load(tmp_path / name) as engine:
+        assert engine.backend == recipe.data["steps"]["compile"]["target"]
+        assert engine.manifest.precision == recipe.data["steps"]["quantize"]["precision"]
+    assert (tmp_path / name / "report" / "report.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [f"vit_{p}_{v}" for p in ("small", "base") for v in ("openvino_int8", "openvino_fp16", "onnxruntime_int8")])
+def test_cpu_recipes_run_full_size(tmp_path, name):
+    res = run_recipe(_fast(load_recipe(name)), tmp_path / name)
+    assert all(s.status == "done" for s in res.steps)
+
+
+def test_tensorrt_recipe_stops_with_clear_message_and_keeps_earlier_steps(tmp_path):
+    from vitedge.errors import VitedgeError
+
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here: the recipe would really run")
+    except ImportError:
+        pass
+    recipe = _fast(load_recipe("vit_tiny_tensorrt_fp16"), img_size=32)
+    with pytest.raises(VitedgeError, match=r"step 'compile' failed: .*TensorRT") as e:
+        run_recipe(recipe, tmp_path / "trt")
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "trt" / "model.onnx").exists() and (tmp_path / "trt" / "model.fp16.onnx").exists()
+    assert not (tmp_path / "trt" / "engine.engine").exists()

@@ -9,10 +9,13 @@ from .models.loading import ModelSpec, load_model, save_checkpoint
 from .models.vit import PRESETS, ViTConfig, VisionTransformer, create_model
 from .preprocess import Preprocessing
 from .runtime import load
+from .backends.base import Engine, Prediction
+from .compilation import compile_model
+from .quantization import quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable", "GateFailed", "Manifest", "ModelSpec", "PRESETS", "Preprocessing", "ViTConfig",
-    "VisionTransformer", "VitedgeError", "create_model", "export_onnx", "load", "load_model", "save_checkpoint",
+    "VisionTransformer", "VitedgeError", "Engine", "Prediction", "compile_model", "quantize", "create_model", "export_onnx", "load", "load_model", "save_checkpoint",
 ]

@@ -89,6 +89,7 @@ SCHEMA: dict[str, Any] = {
                         "max_drop": {"type": "number", "minimum": 0, "description": "top-1 drop gate, percentage points"},
                         "min_speedup": {"type": "number", "minimum": 0, "description": "speed-up gate over the FP32 reference"},
                         "samples": {"type": "integer", "minimum": 1, "description": "validation images used (default: all)"},
+                        "time_budget": {"type": "number", "exclusiveMinimum": 0, "description": "seconds of timing per engine and batch size"},
                     },
                 },
             },
@@ -340,9 +341,9 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
         def do_quantize():
             _, man = quantize(current, q_path, precision=q["precision"], backend=backend, calib=calib,
                               samples=q.get("samples"), method=q.get("method", "minmax"), max_drop=q.get("max_drop"),
-                              val=val if q.get("max_drop") is not None else None, seed=q.get("seed", 0))
-            agree = man.quantization.get("agreement", {}) if isinstance(man.quantization, dict) else {}
-            parts = [f"{k} {v:.4f}" for k, v in agree.items() if isinstance(v, float)][:2]
+                              val=val, seed=q.get("seed", 0))
+            agree = man.verification.get("agreement", {})
+            parts = [f"{k} {agree[k]:.4f}" for k in ("top1_agreement", "cosine_mean") if isinstance(agree.get(k), float)]
             return ", ".join(parts)
 
         run.step("quantize", qopts, _artifact_inputs(current) + ([Path(calib)] if calib else []), [q_path], do_quantize)
@@ -373,19 +374,26 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
 
         def do_validate():
             nonlocal report
-            rep = validate(engine, reference, data=val, max_drop=v.get("max_drop"), min_speedup=v.get("min_speedup"),
-                           out_dir=rep_dir, **({"samples": v["samples"]} if "samples" in v else {}))
-            report = rep.to_dict() if hasattr(rep, "to_dict") else None
-            return getattr(rep, "summary", lambda: "")() if callable(getattr(rep, "summary", None)) else ""
+            data_arg = val
+            if val and data.get("labelled") is False:
+                from .data import ImageSet
 
-        run.step("validate", v, _artifact_inputs(engine) + ([Path(val)] if val else []), [rep_dir / "report.json"], do_validate)
+                images = ImageSet.from_path(val)
+                images.labels = [None] * len(images)  # class folders are not this model's labels
+                data_arg = images
+            extra = {k: v[k] for k in ("samples", "time_budget") if k in v}
+            rep = validate(engine, reference, data=data_arg, max_drop=v.get("max_drop"), min_speedup=v.get("min_speedup"),
+                           out_dir=rep_dir, **extra)
+            report = rep.to_dict()
+            return rep.summary()
+
+        run.step("validate", {**v, "labelled": data.get("labelled")}, _artifact_inputs(engine) + ([Path(val)] if val else []),
+                 [rep_dir / "report.json"], do_validate)
         if report is None and (rep_dir / "report.json").exists():
             report = json.loads((rep_dir / "report.json").read_text())
 
     # the bundle: engine.vitedge.json at the top of the output folder points at the engine
-    if engine != out / "engine.onnx" and engine.parent == out and engine.stem != "engine":
-        pass
-    if Manifest.sidecar_path(engine).exists() and Manifest.sidecar_path(engine).name != "engine.vitedge.json":
+    if Manifest.sidecar_path(engine).exists() and Manifest.sidecar_path(engine) != out / "engine.vitedge.json":
         man = Manifest.load(Manifest.sidecar_path(engine))
         man.artifact = str(engine.relative_to(out)) if engine.is_relative_to(out) else str(engine.resolve())
         write_json_atomic(out / "engine.vitedge.json", man.to_dict())

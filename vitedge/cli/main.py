@@ -6,6 +6,7 @@ import logging
 import sys
 
 import click
+from rich.markup import escape
 
 from ..errors import VitedgeError
 from ..ui import console, err_console
@@ -21,7 +22,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except VitedgeError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: nothing half-written was kept")
