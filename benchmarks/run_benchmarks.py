@@ -69,6 +69,31 @@ def results_table(name: str, rep, img: str) -> list[str]:
     return lines
 
 
+def _write(args, info, done: list[str], budget: float, load_before, sections: list[str]) -> None:
+    from vitedge.sysinfo import machine_info, machine_summary
+
+    after = machine_info().get("load_average")
+    v = info["versions"]
+    head = [
+        "# vitedge benchmark results", "",
+        f"Measured {_dt.date.today().isoformat()} with `python benchmarks/run_benchmarks.py --models {','.join(done)}"
+        f"{' --quick' if args.quick else ''}{f' --time-budget {args.time_budget:g}' if args.time_budget else ''}`.", "",
+        f"- machine: {machine_summary(info)}",
+        f"- software: torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, openvino {v.get('openvino')}, nncf {v.get('nncf')}, "
+        f"Python {v.get('python')}",
+        f"- method: every engine and PyTorch eager FP32 are timed in one process, in 3 interleaved rounds after warm-up, "
+        f"{budget:g} s per engine (extended up to 2x until the median is stable); batch 1; speed-up = ratio of medians (p50).",
+        f"- load average before/after: {load_before} / {after} (on a shared machine the ratios are noisier than on an idle one)",
+        "- presets have random weights: their accuracy column is top-1 agreement with FP32 on real images; the reference model "
+        "is trained, so its column is a real top-1 drop with a paired 95 % interval. **Bold**: recommended engine (fastest within 1 pp).",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(head + sections).rstrip() + "\n")
+    os.replace(tmp, args.out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="reference,vit_small,vit_base", help="comma-separated: reference, vit_small, vit_base")
@@ -83,6 +108,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from vitedge.benchmarking import benchmark
+    from vitedge.data import ImageSet
     from vitedge.sysinfo import isa_summary, machine_info, machine_summary
 
     names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -102,7 +128,10 @@ def main(argv=None) -> int:
         samples = args.samples or (quick_n if args.quick else full_n)
         t0 = time.perf_counter()
         print(f"\n== {name} ==", flush=True)
-        rep = benchmark(model, calib=CALIB, data=VAL, out_dir=args.work / name, img_size=img, samples=samples,
+        data = ImageSet.from_path(VAL)
+        if model != "reference":  # random weights: the digit labels mean nothing to a preset, measure agreement with FP32
+            data.labels = [None] * len(data)
+        rep = benchmark(model, calib=CALIB, data=data, out_dir=args.work / name, img_size=img, samples=samples,
                         calib_samples=calib_samples, batch_sizes=(1,), time_budget=budget, rounds=3,
                         backends=args.backends.split(",") if args.backends else None,
                         precisions=args.precisions.split(",") if args.precisions else None, max_drop=1.0)
@@ -110,27 +139,8 @@ def main(argv=None) -> int:
         sections += results_table(name, rep, size)
         print("\n".join(results_table(name, rep, size)))
         print(f"({time.perf_counter() - t0:.0f} s; full report: {args.work / name / 'report.html'})", flush=True)
+        _write(args, info, names[: names.index(name) + 1], budget, load_before, sections)  # partial results survive an interrupted run
 
-    after = machine_info().get("load_average")
-    v = info["versions"]
-    head = [
-        "# vitedge benchmark results", "",
-        f"Measured {_dt.date.today().isoformat()} with `python benchmarks/run_benchmarks.py --models {','.join(names)}"
-        f"{' --quick' if args.quick else ''}`.", "",
-        f"- machine: {machine_summary(info)}",
-        f"- software: torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, openvino {v.get('openvino')}, nncf {v.get('nncf')}, "
-        f"Python {v.get('python')}",
-        f"- method: every engine and PyTorch eager FP32 are timed in one process, in {3} interleaved rounds after warm-up, "
-        f"{budget:g} s per engine (extended up to 2x until the median is stable); batch 1; speed-up = ratio of medians (p50).",
-        f"- load average before/after: {load_before} / {after} (on a shared machine the ratios are noisier than on an idle one)",
-        "- presets have random weights: their accuracy column is top-1 agreement with FP32 on real images; the reference model "
-        "is trained, so its column is a real top-1 drop with a paired 95 % interval. **Bold**: recommended engine (fastest within 1 pp).",
-        "",
-    ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(head + sections).rstrip() + "\n")
-    os.replace(tmp, args.out)
     print(f"\nwrote {args.out}")
     return 0
 
