@@ -279,13 +279,13 @@ def _cli(*args):
 
 def test_cli_export_reference(tmp_path):
     out = tmp_path / "cli" / "reference.onnx"
-    res = _cli("export", "reference", "-o", out, "--batch", "2")
+    res = _cli("export", "reference", "-o", out, "--batch", "3")
     assert res.exit_code == 0, res.output
-    assert "verified on random inputs (batch 2)" in res.stdout and "verified on images inputs (batch 2)" in res.stdout
+    assert "verified on random inputs (batch 3)" in res.stdout and "verified on images inputs (batch 3)" in res.stdout
     assert f"wrote {out}" in res.stdout.replace("\n", "")
     man = Manifest.load(Manifest.sidecar_path(out))
     _assert_verified(out, man)
-    assert man.inputs[0].shape == [2, 3, 64, 64]
+    assert man.inputs[0].shape == [3, 3, 64, 64] and man.outputs[0].shape == [3, 10]
 
 
 @pytest.mark.parametrize(
