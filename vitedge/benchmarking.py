@@ -116,10 +116,11 @@ def rank(report: Report, max_drop: float | None, strict: bool = False) -> None:
             front.append(m["name"])
     within = [m for m in by_speed if max_drop is None or pts[m["name"]][1] <= max_drop]
     rec = within[0]["name"] if within else None
+    report.data["findings"] = [f for f in report.data["findings"] if not f.startswith(("recommended:", "no engine is"))]  # idempotent
     report.data["ranking"] = [m["name"] for m in by_speed]
     report.data["pareto"] = front
     report.data["recommended"] = rec
-    budget = "no accuracy budget" if max_drop is None else f"within {max_drop:g} pp top-1 {'drop' if labelled else 'disagreement'}"
+    budget = "(no accuracy budget)" if max_drop is None else f"within {max_drop:g} pp top-1 {'drop' if labelled else 'disagreement'}"
     if rec:
         r = next(m for m in engines if m["name"] == rec)
         report.data["findings"].append(
