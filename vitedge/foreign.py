@@ -1,4 +1,18 @@
-"""ONNX files vitedge did not export: read what they say, assume the rest and say so."""
+"""ONNX files vitedge did not export: read what they say, assume the rest and say so.
+
+A ViT ONNX made by transformers, timm, the TorchScript-based ``torch.onnx.export`` (opset 13-14,
+LayerNorm decomposed into ReduceMean/Pow/Sqrt/Div) or anything else has no vitedge manifest.
+:func:`ensure_manifest` builds one from the file itself:
+
+* input and output names and shapes (fixed or dynamic batch, any names);
+* the task: ``classification`` when the first output is ``(batch, classes)``, else ``features``
+  (e.g. a dense token map ``(batch, tokens, dim)``); every output is compared with FP32 on its own;
+* the preprocessing: from flags / a small JSON (:func:`preprocessing_from_options`), else the
+  input size read from the file with ImageNet defaults - every assumed value is recorded in the
+  manifest's ``assumptions`` and printed.
+
+A dynamic-size input without ``--img-size`` is an error: there is nothing to assume it from.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +22,11 @@ from pathlib import Path
 from .errors import VitedgeError
 from .manifest import Manifest, TensorSpec
 from .preprocess import Preprocessing
+
+FOREIGN_FAMILY = "foreign"
+CROP_RATIO = 0.875  # timm / torchvision default crop fraction, used when only the size is known
+_FEATURE_NAMES = ("hidden", "token", "feature", "embed", "pooler", "map", "patch", "dense")
+_JSON_KEYS = ("img_size", "resize", "center_crop", "interpolation", "mean", "std", "scale", "channel_order")
 
 
 def _specs(values) -> list[TensorSpec]:
@@ -21,30 +40,103 @@ def _specs(values) -> list[TensorSpec]:
     return out
 
 
+def _shape(spec: TensorSpec) -> str:
+    return "(" + ", ".join(str(d) for d in spec.shape) + ")"
+
+
+def _guess_task(outs: list[TensorSpec]) -> tuple[str, str]:
+    """(task, why) from the output shapes and names."""
+    if not outs:
+        return "features", "the model declares no outputs"
+    first = outs[0]
+    rank = len(first.shape)
+    named_like_features = any(k in first.name.lower() for k in _FEATURE_NAMES)
+    if rank == 2 and not named_like_features:
+        return "classification", f"task classification: output {first.name!r} {_shape(first)} read as class logits"
+    why = f"rank {rank}" if rank != 2 else f"its name {first.name!r}"
+    return "features", f"task features: output {first.name!r} {_shape(first)} is not class logits ({why}); agreement is measured per output"
+
+
+def _layer_norm(ops: set[str]) -> str:
+    if "LayerNormalization" in ops:
+        return "LayerNormalization"
+    if {"ReduceMean", "Sqrt"} <= ops:
+        return "decomposed (ReduceMean/Pow/Sqrt/Div)"
+    return "none found"
+
+
+def is_foreign(manifest: Manifest | None) -> bool:
+    """True for a manifest vitedge built from a file it did not export (or a child of one)."""
+    return bool(manifest) and (manifest.model or {}).get("family") == FOREIGN_FAMILY
+
+
 def manifest_for_onnx(path: Path) -> Manifest:
+    """A manifest from what an ONNX file says (vitedge metadata if embedded, else shapes and names)."""
     import onnx
 
+    path = Path(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others
         raise VitedgeError(f"{path} is not a readable ONNX file ({type(exc).__name__})", "check the file is complete") from None
+    if not proto.graph.node:
+        raise VitedgeError(f"{path} is not a readable ONNX file (empty graph)", "check the file is complete")
     inits = {i.name for i in proto.graph.initializer}
     ins = [s for s in _specs(proto.graph.input) if s.name not in inits]
     outs = _specs(proto.graph.output)
+    if not ins:
+        raise VitedgeError(f"{path.name} declares no inputs", "is it a complete model?")
     meta = {p.key: p.value for p in proto.metadata_props}
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     man = Manifest(artifact=path.name, format="onnx", inputs=ins, outputs=outs, opset=opset)
+    info = None
     if "vitedge" in meta:
-        info = json.loads(meta["vitedge"])
+        try:
+            info = json.loads(meta["vitedge"])
+        except json.JSONDecodeError:
+            info = None
+    if isinstance(info, dict):
         for k in ("model", "preprocessing", "labels", "task", "precision"):
             if info.get(k) is not None:
                 setattr(man, k, info[k])
-    else:
-        out0 = outs[0].shape if outs else []
-        man.task = "classification" if len(out0) == 2 else "features"
-        man.model = {"family": "foreign", "source": str(path), "producer": f"{proto.producer_name} {proto.producer_version}".strip()}
-        man.assumptions.append("no vitedge manifest: preprocessing unknown, pass it explicitly")
+        return man
+    ops = {n.op_type for n in proto.graph.node}
+    man.task, why = _guess_task(outs)
+    man.model = {
+        "family": FOREIGN_FAMILY, "source": str(path.resolve()),
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip() or "unknown",
+        "opset": opset, "layer_norm": _layer_norm(ops),
+    }
+    man.assumptions.append(why)
+    if man.task == "classification":
+        man.assumptions.append("no labels: classes are named by their index")
     return man
+
+
+def _read_json(json_path: str | Path) -> tuple[dict, str]:
+    """Preprocessing fields from a vitedge preprocessing JSON, a Hugging Face ``preprocessor_config.json``
+    or a timm data config; returns (fields, kind)."""
+    p = Path(json_path)
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VitedgeError(f"preprocessing JSON {p} cannot be read ({type(exc).__name__}: {str(exc)[:120]})",
+                           "give a JSON object with img_size, mean, std, ...") from None
+    if not isinstance(cfg, dict):
+        raise VitedgeError(f"preprocessing JSON {p} is not an object", 'e.g. {"img_size": 224, "mean": [0.5, 0.5, 0.5]}')
+    hf = "image_processor_type" in cfg or "do_normalize" in cfg or "image_mean" in cfg
+    timm = "input_size" in cfg or "pretrained_cfg" in cfg or "crop_pct" in cfg
+    if hf or timm:
+        from .parity import reference_preprocessing
+
+        pre, _ = reference_preprocessing(p)
+        d = pre.to_dict()
+        d.pop("assumed", None)
+        return d, "Hugging Face image processor" if hf else "timm data config"
+    unknown = sorted(set(cfg) - set(_JSON_KEYS))
+    if unknown:
+        raise VitedgeError(f"unknown preprocessing keys in {p.name}: {', '.join(unknown)}", f"use {', '.join(_JSON_KEYS)}")
+    return dict(cfg), "vitedge preprocessing JSON"
 
 
 def preprocessing_from_options(
@@ -53,17 +145,15 @@ def preprocessing_from_options(
 ) -> tuple["Preprocessing", list[str]]:
     """Preprocessing for a model without a manifest: from flags, a small JSON, and the ONNX input shape.
 
-    Returns the preprocessing and the list of what had to be assumed (to be printed).
-    JSON keys: img_size, resize, center_crop, interpolation, mean, std, scale, channel_order.
+    Flags override the JSON.  Returns the preprocessing and the list of what had to be assumed.
+    JSON: ``img_size, resize, center_crop, interpolation, mean, std, scale, channel_order`` - or a
+    Hugging Face ``preprocessor_config.json`` / timm data config, read as those libraries would.
     """
-    from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, parse_floats
+    from .preprocess import IMAGENET_MEAN, IMAGENET_STD, parse_floats
 
     given: dict = {}
     if json_path:
-        try:
-            given.update(json.loads(Path(json_path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise VitedgeError(f"preprocessing JSON {json_path} cannot be read ({exc})") from None
+        given, _ = _read_json(json_path)
     for key, value in (("img_size", img_size), ("resize", resize), ("center_crop", crop), ("interpolation", interpolation)):
         if value is not None:
             given[key] = value
@@ -71,60 +161,185 @@ def preprocessing_from_options(
         given["mean"] = parse_floats(mean, 3, "mean")
     if std is not None:
         given["std"] = parse_floats(std, 3, "std")
-    assumed = []
+    for key in ("mean", "std"):
+        if key in given and not isinstance(given[key], (str, list, tuple)):
+            raise VitedgeError(f"{key} must be 3 numbers, got {given[key]!r}")
+        if key in given and isinstance(given[key], str):
+            given[key] = parse_floats(given[key], 3, key)
+    assumed: list[str] = []
+    hw = [d for d in (input_shape or [])[2:4]]
+    fixed_hw = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else None
     if "img_size" not in given:
-        dims = [d for d in (input_shape or [])[2:4]]
-        if len(dims) == 2 and all(isinstance(d, int) and d > 0 for d in dims):
-            given["img_size"] = dims
-        else:
+        if fixed_hw is None:
             raise VitedgeError("the model's input size is dynamic and no preprocessing was given", "pass --img-size (and --mean/--std)")
+        given["img_size"] = list(fixed_hw)
     size = given["img_size"]
-    side = size if isinstance(size, int) else min(size)
+    try:
+        size = (int(size), int(size)) if isinstance(size, (int, float, str)) else (int(size[0]), int(size[1]))
+    except (TypeError, ValueError, IndexError):
+        raise VitedgeError(f"img_size {given['img_size']!r} is not a size", "use one number, e.g. 224, or [height, width]") from None
+    if min(size) < 1:
+        raise VitedgeError(f"img_size {size} must be positive")
+    if fixed_hw is not None and size != fixed_hw:
+        raise VitedgeError(f"preprocessing makes {size[0]}x{size[1]} images but the model takes {fixed_hw[0]}x{fixed_hw[1]}",
+                           f"use --img-size {fixed_hw[0]}" if fixed_hw[0] == fixed_hw[1] else "match the model's input size")
+    given["img_size"] = size
+    side = min(size)
     if "mean" not in given:
         given["mean"] = IMAGENET_MEAN
         assumed.append("mean = ImageNet (0.485, 0.456, 0.406)")
     if "std" not in given:
         given["std"] = IMAGENET_STD
         assumed.append("std = ImageNet (0.229, 0.224, 0.225)")
-    if "resize" not in given and "center_crop" not in given:
-        given["resize"] = int(round(side / 0.875))
+    has_resize, crop_v = "resize" in given, given.get("center_crop")
+    if crop_v is None and not has_resize:
+        given["resize"] = int(round(side / CROP_RATIO))
         given["center_crop"] = True
-        assumed.append(f"resize shorter side to {given['resize']} then center-crop {side} (crop 0.875)")
-    elif given.get("center_crop") is False and "resize" not in given:
-        given["resize"] = None
+        assumed.append(f"resize shorter side to {given['resize']} then center-crop {side} (crop {CROP_RATIO})")
+    elif crop_v is None:
+        given["center_crop"] = given["resize"] is not None
+        if given["resize"] is not None:
+            assumed.append(f"center-crop {size[0]}x{size[1]} after the resize to {given['resize']}")
+    elif crop_v and not has_resize:
+        given["resize"] = int(round(side / CROP_RATIO))
+        assumed.append(f"resize shorter side to {given['resize']} before the center-crop (crop {CROP_RATIO})")
+    elif not crop_v and not has_resize:
+        given["resize"] = None  # straight to img_size (Hugging Face style)
+    if given.get("resize") is not None and int(given["resize"]) < side and given.get("center_crop"):
+        raise VitedgeError(f"resize {given['resize']} is smaller than the crop {side}", f"use --resize >= {side}")
     if "interpolation" not in given:
         given["interpolation"] = "bilinear"
         assumed.append("bilinear interpolation")
-    known = set(Preprocessing.__dataclass_fields__)
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise VitedgeError(f"unknown preprocessing keys {', '.join(unknown)}", f"use {', '.join(sorted(known - {'assumed'}))}")
-    pre = Preprocessing(**given)
+    try:
+        pre = Preprocessing(**{k: v for k, v in given.items() if k in _JSON_KEYS})
+    except (TypeError, ValueError) as exc:
+        raise VitedgeError(f"invalid preprocessing: {exc}") from None
     pre.assumed = list(assumed)
     return pre, assumed
 
 
-def ensure_manifest(path: str | Path, preprocessing: "Preprocessing | None" = None, labels: list[str] | None = None) -> tuple[Path, Manifest]:
+_OPTION_KEYS = ("img_size", "mean", "std", "resize", "crop", "interpolation", "json_path")
+
+
+def resolve_preprocessing(given, input_shape: list | None) -> "Preprocessing | None":
+    """A :class:`Preprocessing` from what a caller gave: one itself, a dict of
+    :func:`preprocessing_from_options` keywords (``img_size, mean, std, resize, crop, interpolation,
+    json_path``; resolved against the model's input shape), a JSON file path, or None."""
+    if given is None or isinstance(given, Preprocessing):
+        return given
+    if isinstance(given, (str, Path)):
+        given = {"json_path": given}
+    if not isinstance(given, dict):
+        raise VitedgeError(f"preprocessing {type(given).__name__} is not understood", "pass a Preprocessing, a dict of options or a JSON file")
+    opts = dict(given)
+    if "center_crop" in opts:
+        opts["crop"] = opts.pop("center_crop")
+    unknown = sorted(set(opts) - set(_OPTION_KEYS))
+    if unknown:
+        raise VitedgeError(f"unknown preprocessing options {', '.join(unknown)}", f"use {', '.join(_OPTION_KEYS)}")
+    pre, _ = preprocessing_from_options(**{k: v for k, v in opts.items() if v is not None}, input_shape=input_shape)
+    return pre
+
+
+def _check_size(man: Manifest, pre: Preprocessing, artifact: Path) -> None:
+    hw = man.inputs[0].shape[2:4] if man.inputs else []
+    if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) and tuple(hw) != tuple(pre.img_size):
+        raise VitedgeError(f"preprocessing makes {pre.img_size[0]}x{pre.img_size[1]} images but {artifact.name} takes {hw[0]}x{hw[1]}",
+                           f"use --img-size {hw[0]}" if hw[0] == hw[1] else "match the model's input size")
+
+
+def _same(stored: dict, pre: Preprocessing) -> bool:
+    a, b = Preprocessing.from_dict(stored).to_dict(), pre.to_dict()
+    a.pop("assumed", None), b.pop("assumed", None)
+    return a == b
+
+
+def describe(man: Manifest, artifact: Path) -> list[str]:
+    """Lines saying what vitedge read from a foreign file and what it assumed (for printing)."""
+    ins = ", ".join(f"{s.name!r} {_shape(s)}" for s in man.inputs)
+    outs = ", ".join(f"{s.name!r} {_shape(s)}" for s in man.outputs)
+    m = man.model or {}
+    lines = [f"{artifact.name} has no vitedge manifest: input {ins}; output{'s' if len(man.outputs) > 1 else ''} {outs} "
+             f"({m.get('producer', '?')}, opset {m.get('opset', '?')}, LayerNorm {m.get('layer_norm', '?')})"]
+    batch = man.inputs[0].shape[0] if man.inputs and man.inputs[0].shape else None
+    if isinstance(batch, int) and batch > 0:
+        lines.append(f"{artifact.name} has a fixed batch of {batch}: other batch sizes run in chunks of {batch}")
+    lines += [f"assumed {a}" for a in man.assumptions]
+    return lines
+
+
+def ensure_manifest(path: str | Path, preprocessing: "Preprocessing | dict | str | Path | None" = None, labels: list[str] | None = None, *,
+                    announce: bool = True, require_preprocessing: bool = True, hash_file: bool = True) -> tuple[Path, Manifest]:
     """The artifact and its manifest; for a foreign ONNX file, one is built from the file itself.
 
-    ``preprocessing`` (e.g. from :func:`preprocessing_from_options`) and ``labels`` override or fill
-    in what the file does not say.  Nothing is written here.
+    ``preprocessing`` (a :class:`Preprocessing`, or options for :func:`resolve_preprocessing`, e.g.
+    from the CLI flags) and ``labels`` fill in what a
+    file without a manifest does not say; for an artifact that has a manifest they are an error
+    (its manifest already says how it is fed).  Without ``preprocessing`` a fixed-size model gets
+    ImageNet-style defaults at its input size (listed as assumptions); a dynamic-size one raises a
+    one-line error, or (``require_preprocessing=False``) is left without preprocessing.
+    ``announce`` prints what was read and assumed.  Nothing is written here.
     """
     artifact, man = Manifest.find(path)
-    if man is None:
-        if artifact.suffix != ".onnx":
-            raise VitedgeError(f"{artifact} has no vitedge manifest", "only ONNX files can be used without one")
-        man = manifest_for_onnx(artifact)
-        if preprocessing is None and not man.preprocessing:
-            preprocessing, _ = preprocessing_from_options(input_shape=man.inputs[0].shape if man.inputs else None)
-    if preprocessing is not None:
-        man.preprocessing = preprocessing.to_dict()
-        man.assumptions = [a for a in man.assumptions if not a.startswith("no vitedge manifest")]
-        man.assumptions.extend(f"preprocessing assumed: {a}" for a in preprocessing.assumed)
+    if not artifact.exists():
+        raise VitedgeError(f"artifact {artifact} named by the manifest does not exist")
+    if isinstance(preprocessing, dict) and not any(v is not None for v in preprocessing.values()):
+        preprocessing = None
+    if man is not None:
+        if preprocessing is not None and man.preprocessing and not isinstance(preprocessing, Preprocessing):
+            raise VitedgeError(f"{artifact.name} has a vitedge manifest with its own preprocessing",
+                               "drop the preprocessing flags: they are for ONNX files without a manifest")
+        preprocessing = resolve_preprocessing(preprocessing, man.inputs[0].shape if man.inputs else None)
+        if preprocessing is not None and man.preprocessing and not _same(man.preprocessing, preprocessing):
+            raise VitedgeError(f"{artifact.name} has a vitedge manifest with its own preprocessing",
+                               "drop the preprocessing flags: they are for ONNX files without a manifest")
+        if preprocessing is not None and not man.preprocessing:
+            _check_size(man, preprocessing, artifact)
+            man.preprocessing = preprocessing.to_dict()
+            man.assumptions.extend(f"preprocessing {a}" for a in preprocessing.assumed)
+        if labels is not None:
+            man.labels = list(labels)
+        return artifact, man
+    if artifact.suffix.lower() != ".onnx":
+        raise VitedgeError(f"{artifact} has no vitedge manifest ({Manifest.sidecar_path(artifact).name})",
+                           "only ONNX files can be used without one")
+    man = manifest_for_onnx(artifact)
+    preprocessing = resolve_preprocessing(preprocessing, man.inputs[0].shape)
+    if man.preprocessing and preprocessing is not None:  # embedded vitedge metadata (copied file without its sidecar)
+        if not _same(man.preprocessing, preprocessing):
+            raise VitedgeError(f"{artifact.name} carries vitedge metadata with its own preprocessing",
+                               "drop the preprocessing flags: they are for ONNX files without a manifest")
+    if not man.preprocessing:
+        if preprocessing is None:
+            shape = man.inputs[0].shape if man.inputs else None
+            try:
+                preprocessing, _ = preprocessing_from_options(input_shape=shape)
+            except VitedgeError:
+                if require_preprocessing:
+                    raise VitedgeError(f"{artifact.name} has a dynamic input size {_shape(man.inputs[0])} and no vitedge manifest",
+                                       "pass --img-size (and --mean/--std, or --preprocessing FILE)") from None
+                preprocessing = None
+        if preprocessing is not None:
+            _check_size(man, preprocessing, artifact)
+            man.preprocessing = preprocessing.to_dict()
+            man.assumptions.extend(f"preprocessing {a}" for a in preprocessing.assumed)
     if labels is not None:
         man.labels = list(labels)
-    if not man.files:
+        man.assumptions = [a for a in man.assumptions if not a.startswith("no labels")]
+    if labels is not None and man.outputs and len(man.outputs[0].shape) == 2:
+        n = man.outputs[0].shape[1]
+        if isinstance(n, int) and n != len(labels):
+            raise VitedgeError(f"{len(labels)} labels given but {artifact.name} outputs {n} classes")
+    if hash_file and not man.files:
         from ._io import sha256_file
 
         man.files = {artifact.name: sha256_file(artifact)}
+    if announce:
+        from .ui import note
+
+        for line in describe(man, artifact):
+            note(line)
     return artifact, man
+
+
+__all__ = ["manifest_for_onnx", "preprocessing_from_options", "resolve_preprocessing", "ensure_manifest", "is_foreign", "describe"]

@@ -35,11 +35,16 @@ def list_images_arg(folder: Path | None) -> list[Path] | None:
     return found
 
 
-def preprocessing_options(f):
-    """Flags describing the preprocessing of a model that has no vitedge manifest."""
+def preprocessing_options(f=None, *, img_size: bool = True):
+    """Flags describing the preprocessing of a model that has no vitedge manifest.
+
+    ``@preprocessing_options`` or ``@preprocessing_options(img_size=False)`` for a command that
+    already has its own ``--img-size``."""
+    if f is None:
+        return lambda g: preprocessing_options(g, img_size=img_size)
     opts = [
         click.option("--preprocessing", "pre_json", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="JSON with img_size, resize, center_crop, interpolation, mean, std, channel_order (models without a manifest)."),
+                     help="JSON with img_size, resize, center_crop, interpolation, mean, std, scale, channel_order - or a Hugging Face preprocessor_config.json / timm data config (models without a manifest; flags override it)."),
         click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box"]), default=None,
                      help="Resize interpolation (models without a manifest)."),
         click.option("--crop/--no-crop", default=None, help="Center-crop after the resize (models without a manifest)."),
@@ -48,20 +53,16 @@ def preprocessing_options(f):
         click.option("--mean", default=None, help="Per-channel mean, e.g. 0.485,0.456,0.406 (models without a manifest)."),
         click.option("--img-size", "pre_img_size", type=int, default=None, help="Input resolution (models without a manifest)."),
     ]
+    if not img_size:
+        opts.pop()
     for o in opts:
         f = o(f)
     return f
 
 
 def preprocessing_from_cli(pre_json=None, interpolation=None, crop=None, resize=None, std=None, mean=None, pre_img_size=None):
-    """The Preprocessing the flags describe, or None when no flag was given."""
-    if not any(v is not None for v in (pre_json, interpolation, crop, resize, std, mean, pre_img_size)):
-        return None
-    from ..foreign import preprocessing_from_options
-    from ..ui import note
-
-    pre, assumed = preprocessing_from_options(img_size=pre_img_size, mean=mean, std=std, resize=resize, crop=crop,
-                                              interpolation=interpolation, json_path=pre_json)
-    for a in assumed:
-        note(f"assumed {a}")
-    return pre
+    """The preprocessing options the flags give (for ``ensure_manifest``/``resolve_preprocessing``, which
+    resolve them against the model's input shape and print what is assumed), or None when no flag was given."""
+    opts = {"json_path": pre_json, "interpolation": interpolation, "crop": crop, "resize": resize, "std": std, "mean": mean,
+            "img_size": pre_img_size}
+    return {k: v for k, v in opts.items() if v is not None} or None
