@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 
 from ..ui import console
+from ._common import preprocessing_from_cli, preprocessing_options
 
 
 @click.command("quantize")
@@ -27,15 +28,21 @@ from ..ui import console
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling and the held-out split.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output .onnx (onnxruntime, tensorrt) or .xml (openvino).")
-def command(model, precision, backend, calib, samples, method, max_drop, val, seed, output):
-    """Quantize an FP32 ONNX export (MODEL.onnx with its manifest) to INT8 or FP16 and measure it against FP32."""
+@preprocessing_options
+def command(model, precision, backend, calib, samples, method, max_drop, val, seed, output, **pre_flags):
+    """Quantize an FP32 ONNX model to INT8 or FP16 and measure it against FP32.
+
+    MODEL is an ONNX file from `vitedge export`, or one exported elsewhere (transformers, timm, torch.onnx):
+    without a vitedge manifest its preprocessing comes from --img-size/--mean/--std/... or --preprocessing
+    FILE, and whatever is assumed is printed and recorded in the new manifest.
+    """
     from ..errors import VitedgeError
     from ..quantization import quantize
 
     if precision is None:
         raise VitedgeError("choose a precision", "pass --int8 or --fp16")
     path, man = quantize(model, output, precision=precision, backend=backend, calib=calib, samples=samples, method=method,
-                         max_drop=max_drop, val=val, seed=seed)
+                         max_drop=max_drop, val=val, seed=seed, preprocessing=preprocessing_from_cli(**pre_flags))
     q, v = man.quantization, man.verification
     if precision == "int8":
         cal = q.get("calibration", {})
@@ -47,11 +54,17 @@ def command(model, precision, backend, calib, samples, method, max_drop, val, se
     else:
         console.print(f"FP16 for {backend}" + (f": {len(q.get('excluded_nodes', []))} LayerNorm/Softmax nodes kept in FP32" if backend != "openvino" else ": FP16-compressed weights"))
     a = v["agreement"]
-    line = (f"agreement with FP32 on {v['images']} images ({v['eval_set']}): top-1 {100 * a.get('top1_agreement', 1):.2f}%, "
-            f"cosine min {a['cosine_min']:.5f} mean {a['cosine_mean']:.6f}, SNR {a['snr_db'] if a['snr_db'] is not None else float('inf'):.1f} dB")
-    if "top1" in a:
-        line += f"; top-1 accuracy {100 * a['top1']:.2f}% vs FP32 {100 * a['top1_fp32']:.2f}%"
-    console.print(line)
+    if man.task == "classification":
+        line = (f"agreement with FP32 on {v['images']} images ({v['eval_set']}): top-1 {100 * a.get('top1_agreement', 1):.2f}%, "
+                f"cosine min {a['cosine_min']:.5f} mean {a['cosine_mean']:.6f}, SNR {_db(a['snr_db'])} dB")
+        if "top1" in a:
+            line += f"; top-1 accuracy {100 * a['top1']:.2f}% vs FP32 {100 * a['top1_fp32']:.2f}%"
+        console.print(line)
+    else:
+        console.print(f"agreement with FP32 on {v['images']} images ({v['eval_set']}), per output:")
+    for name, o in (a.get("outputs") or {}).items():
+        console.print(f"  {name} {tuple(o['shape'])}: cosine min {o['cosine_min']:.5f} mean {o['cosine_mean']:.6f}, "
+                      f"max abs error {o['max_abs_error']:.3g}, SNR {_db(o['snr_db'])} dB")
     if v.get("note"):
         console.print(v["note"])
     size_in = Path(model).stat().st_size
@@ -59,3 +72,7 @@ def command(model, precision, backend, calib, samples, method, max_drop, val, se
     console.print(f"[green]wrote[/] {path} ({size_out / 1e6:.2f} MB, {size_in / max(size_out, 1):.1f}x smaller than FP32) and {man.sidecar_path(path)}")
     if q.get("max_drop", {}).get("report"):
         console.print(f"sensitivity table: {path.parent / q['max_drop']['report']}")
+
+
+def _db(v) -> str:
+    return "inf" if v is None else f"{v:.1f}"

@@ -42,7 +42,7 @@ def _clean(obj):
     return obj
 
 
-def _open_model(model) -> tuple[Path, Manifest]:
+def _open_model(model, preprocessing=None, labels=None) -> tuple[Path, Manifest]:
     import onnx
 
     path = Path(model)
@@ -56,12 +56,10 @@ def _open_model(model) -> tuple[Path, Manifest]:
         raise VitedgeError(f"{path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with `vitedge export`") from None
     if not proto.graph.node:
         raise VitedgeError(f"{path} is not a readable ONNX file (empty graph)", "re-export it with `vitedge export`")
-    _, man = Manifest.find(path)
-    if man is None:
-        from ..foreign import manifest_for_onnx
+    from ..foreign import ensure_manifest
 
-        man = manifest_for_onnx(path)
-        note(f"{path.name} has no vitedge manifest: using what the file says")
+    # a file vitedge did not export gets a manifest built from the file (what was assumed is printed)
+    _, man = ensure_manifest(path, preprocessing, labels, announce=True)
     if man.precision not in ("fp32", None):
         raise VitedgeError(f"{path.name} is already {man.precision} (manifest)", "quantize the FP32 export instead")
     from onnx import TensorProto
@@ -99,7 +97,8 @@ def _check_args(precision, backend, method, max_drop, samples, output: Path, mod
 
 
 def quantize(model, output, *, precision: str = "int8", backend: str = "onnxruntime", calib=None, samples: int | None = None,
-             method: str = "minmax", max_drop: float | None = None, val=None, seed: int = 0) -> tuple[Path, Manifest]:
+             method: str = "minmax", max_drop: float | None = None, val=None, seed: int = 0, preprocessing=None,
+             labels: list[str] | None = None) -> tuple[Path, Manifest]:
     """Quantize an FP32 ONNX export to INT8 or FP16 for a backend, measure it against FP32, write it with its manifest.
 
     ``model``: a ``.onnx`` file with its ``.vitedge.json`` sidecar.  ``output``: ``.onnx``
@@ -108,19 +107,30 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
     ``val``: held-out images for the agreement numbers and ``max_drop`` (default: a seeded held-out
     part of ``calib``).  ``max_drop``: top-1 percentage points INT8 may lose; the most sensitive
     layers are kept in float until it fits (a per-layer sensitivity report is written next to the
-    output).  Returns the artifact path and its manifest.
+    output).  ``preprocessing`` / ``labels``: for an ONNX file vitedge did not export (no manifest) - a
+    :class:`~vitedge.preprocess.Preprocessing`, a dict of options (``img_size, mean, std, resize, crop,
+    interpolation, json_path``) or a JSON file; see ``docs/foreign.md``.  Models that are not
+    classifiers (e.g. a dense token map, several outputs) are measured per output.
+    Returns the artifact path and its manifest.
     """
     output = Path(output)
     precision, backend, method = str(precision).lower(), str(backend).lower(), str(method).lower()
     src_path = Path(model)
     _check_args(precision, backend, method, max_drop, samples, output, src_path)
-    src, parent = _open_model(src_path)
+    src, parent = _open_model(src_path, preprocessing, labels)
+    if max_drop is not None and parent.task != "classification":
+        raise VitedgeError(f"--max-drop needs class logits, but {src.name} is a {parent.task} model",
+                           "drop --max-drop: agreement per output (cosine, SNR) is reported instead")
     pre = parent.preprocessing_obj
+    fixed = parent.inputs[0].shape[0] if parent.inputs[0].shape else None
+    fixed = fixed if isinstance(fixed, int) and fixed > 0 else None  # a fixed-batch model is fed batches of exactly that size
     plan = plan_data(parent, pre, precision=precision, calib=calib, val=val, samples=samples, seed=seed)
     for n in plan.notes:
         note(n)
 
     ev = EvalSet(plan.eval, pre, plan.eval_source, parent.labels, parent.inputs[0].shape, seed)
+    if parent.task != "classification":
+        ev.labels = None  # folder names are not classes of a non-classifier
     with load(src, backend="onnxruntime") as ref_engine:
         ev.set_reference(ref_engine)
 
@@ -130,21 +140,27 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
     with atomic_dir(output.parent) as scratch:
         tmp_out = scratch / output.name
         if precision == "fp16":
-            from .fp16 import onnx_fp16, openvino_fp16
+            from .fp16 import convert_onnx_fp16, openvino_fp16
 
-            if backend == "openvino":
-                openvino_fp16(src, tmp_out)
+            if backend == "openvino":  # overflow check: FP32 scan marks what FP16 cannot hold; compiled CPU output checked
+                guard = openvino_fp16(src, tmp_out, ev)
                 qinfo.update(tool="openvino.save_model(compress_to_fp16=True)", excluded_nodes=[],
+                             overflow_guard=dict(guard, checked_on=ev.source),
                              notes=["weights stored as FP16; the CPU plugin decides the compute precision"])
             else:
                 from .fp16 import FP16_KEEP_FLOAT
 
-                kept = onnx_fp16(src, tmp_out)
-                qinfo.update(tool="onnxruntime.transformers.float16 (keep_io_types)", io="float32", excluded_nodes=kept,
-                             kept_float_op_types=FP16_KEEP_FLOAT)
-            note(f"FP16 for {backend}: inputs/outputs FP32" + ("" if backend == "openvino" else f", {len(qinfo['excluded_nodes'])} LayerNorm/Softmax nodes kept in FP32"))
+                res = convert_onnx_fp16(src, tmp_out, ev)  # overflow guard: nodes whose tensors overflow FP16 stay FP32
+                qinfo.update(tool="onnxruntime.transformers.float16 (keep_io_types)", io="float32", excluded_nodes=res.kept,
+                             kept_float_op_types=FP16_KEEP_FLOAT, overflow_guard=dict(res.guard, checked_on=ev.source))
+            n_over = len(qinfo["overflow_guard"].get("kept_fp32_for_overflow", []))
+            if qinfo["overflow_guard"].get("fp16_compute_safe") is False:
+                note(f"activations exceed FP16 ({qinfo['overflow_guard']['hot_tensor_count']} tensors): {qinfo['overflow_guard']['advice']}")
+            note(f"FP16 for {backend}: inputs/outputs FP32" + ("" if backend == "openvino" else f", {len(qinfo['excluded_nodes'])} nodes kept in FP32")
+                 + (f" ({n_over} of them because their activations overflow FP16)" if n_over else ""))
         else:
-            stream = StreamingBatches(plan.calib, pre, 1 if backend == "openvino" else 8, min_count=samples or 1)
+            stream = StreamingBatches(plan.calib, pre, fixed or (1 if backend == "openvino" else 8), min_count=samples or 1,
+                                      pad=fixed is not None)
             qinfo.update(method=method, per_channel=True, op_types=["MatMul", "Gemm", "Conv"])
             if backend == "openvino":
                 from .openvino_int8 import quantize_openvino
@@ -181,7 +197,7 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
         man.hash_files(scratch, files)
         man.save(tmp_out)
         with load(tmp_out, backend="openvino" if backend == "openvino" else "onnxruntime") as eng:
-            metrics = ev.measure(ev.logits(eng))
+            metrics = ev.measure_outputs(ev.outputs(eng))
         man.verification = _clean({
             "reference": f"fp32 onnx ({src.name}, onnxruntime)", "engine": "openvino" if backend == "openvino" else "onnxruntime",
             "eval_set": ev.source, "images": len(ev), "random_inputs": ev.random, "agreement": metrics,

@@ -128,8 +128,10 @@ class StreamingBatches:
     :attr:`error`, so the caller can re-raise it instead of the library's wrapper.
     """
 
-    def __init__(self, ims: ImageSet, pre: Preprocessing | None, batch_size: int, min_count: int, label: str = "calibrating"):
+    def __init__(self, ims: ImageSet, pre: Preprocessing | None, batch_size: int, min_count: int, label: str = "calibrating",
+                 pad: bool = False):
         self.ims, self.pre, self.batch_size, self.min_count, self.label = ims, pre, batch_size, min_count, label
+        self.pad = pad  # fixed-batch models: the last, short batch is filled up by repeating its last image
         self.error: VitedgeError | None = None
         self.seen = 0
 
@@ -144,7 +146,10 @@ class StreamingBatches:
                 for b in self.ims.batches(self.pre, self.batch_size, self.min_count):
                     self.seen += len(b.x)
                     bar.update(task, completed=self.seen)
-                    yield b.x
+                    x = b.x
+                    if self.pad and len(x) < self.batch_size:
+                        x = np.concatenate([x, np.repeat(x[-1:], self.batch_size - len(x), axis=0)])
+                    yield x
         except VitedgeError as exc:
             self.error = exc
             raise
@@ -186,7 +191,12 @@ class EvalSet:
         else:
             lbls = [lbl for b in ims.batches(pre, 32) for lbl in b.labels]
         if lbls and all(lbl is not None for lbl in lbls):
-            self.labels = label_indices(lbls, class_names, ims.source)
+            try:
+                self.labels = label_indices(lbls, class_names, ims.source)
+            except VitedgeError:
+                if class_names:
+                    raise
+                self.labels = None  # a model without labels (e.g. a foreign ONNX): folder names are no class indices
         self.count = len(lbls)
         self.skipped = len(ims.skipped)
 
@@ -208,8 +218,33 @@ class EvalSet:
     def logits(self, engine) -> np.ndarray:
         return np.concatenate([engine.infer(x) for x in self.batches()])
 
+    def outputs(self, engine) -> dict[str, np.ndarray]:
+        """Every output of the engine on the evaluation set, by name."""
+        parts = [engine.infer_all(x) for x in self.batches()]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
     def set_reference(self, engine) -> None:
-        self.ref = self.logits(engine)
+        self.ref_outputs = self.outputs(engine)
+        first = engine.output_names[0] if engine.output_names else None
+        self.ref = self.ref_outputs[first] if first in self.ref_outputs else next(iter(self.ref_outputs.values()))
+
+    def measure_outputs(self, outs: dict[str, np.ndarray]) -> dict:
+        """:meth:`measure` on the first output; for models with several outputs or non-classifier outputs
+        (e.g. a dense token map) also cosine / max abs error / SNR per output, under ``outputs``."""
+        names = list(self.ref_outputs)
+        cands = list(outs.values())
+
+        def cand(i: int, name: str) -> np.ndarray:
+            return outs[name] if name in outs else cands[i]
+
+        res = self.measure(cand(0, names[0]))
+        if len(names) > 1 or self.ref.ndim != 2:
+            res["outputs"] = {}
+            for i, name in enumerate(names):
+                c = compare_outputs(self.ref_outputs[name], cand(i, name))
+                keep = ("cosine_min", "cosine_mean", "max_abs_error", "snr_db", "finite") + (("top1_agreement",) if "top1_agreement" in c else ())
+                res["outputs"][name] = {"shape": [int(d) for d in self.ref_outputs[name].shape[1:]], **{k: c[k] for k in keep}}
+        return res
 
     def measure(self, out: np.ndarray) -> dict:
         """Agreement of candidate logits with FP32 (+ accuracies when labelled)."""
