@@ -43,8 +43,11 @@ _MIN_COSINE = 0.99  # an engine this far from its source is broken, not merely l
 
 
 # -- inputs -------------------------------------------------------------------------------------
-def _source(model, img_size, scratch: Path) -> tuple[Path, Manifest]:
-    """The artifact to compile and its manifest (exporting a model name/checkpoint first)."""
+def _source(model, img_size, scratch: Path, preprocessing=None) -> tuple[Path, Manifest]:
+    """The artifact to compile and its manifest (exporting a model name/checkpoint first).
+
+    An ONNX file without a vitedge manifest gets one from the file and ``preprocessing`` (see
+    :func:`vitedge.foreign.ensure_manifest`); ``img_size`` stands in for a dynamic-size file's size."""
     from .models.loading import ModelSpec
 
     if isinstance(model, (str, Path)) and not isinstance(model, ModelSpec):
@@ -53,12 +56,17 @@ def _source(model, img_size, scratch: Path) -> tuple[Path, Manifest]:
             artifact, man = Manifest.find(p)
             if not artifact.exists():
                 raise VitedgeError(f"artifact {artifact} named by the manifest does not exist")
-            if man is None:
-                if artifact.suffix != ".onnx":
-                    raise VitedgeError(f"{artifact} has no vitedge manifest", "compile the ONNX file, or re-create the IR with vitedge quantize")
-                from .foreign import manifest_for_onnx
+            if man is None and artifact.suffix != ".onnx":
+                raise VitedgeError(f"{artifact} has no vitedge manifest", "compile the ONNX file, or re-create the IR with vitedge quantize")
+            if man is None or preprocessing is not None:
+                from .foreign import ensure_manifest
 
-                man = manifest_for_onnx(artifact)
+                if man is None and isinstance(img_size, int):  # --img-size also sizes a manifest-less file
+                    if preprocessing is None:
+                        preprocessing = {"img_size": img_size}
+                    elif isinstance(preprocessing, dict) and preprocessing.get("img_size") is None:
+                        preprocessing = {**preprocessing, "img_size": img_size}
+                _, man = ensure_manifest(p, preprocessing, announce=True)
             if img_size is not None and not _size_matches(man, img_size):
                 raise VitedgeError(
                     f"{artifact} takes {tuple(man.inputs[0].shape[2:])} inputs, not {img_size}: a compiled engine cannot change the resolution",
@@ -152,7 +160,7 @@ def _check_inputs(man: Manifest, batch: int | None) -> dict[str, np.ndarray]:
     from .data import default_check_images
 
     dims = _dims(man)
-    c, h, w = [d if isinstance(d, int) and d > 0 else 0 for d in dims[1:4]] + [0] * (3 - len(dims[1:4]))
+    c, h, w = ([d if isinstance(d, int) and d > 0 else 0 for d in dims[1:4]] + [0, 0, 0])[:3]
     pre = man.preprocessing_obj
     if pre is not None:
         h, w = pre.img_size
@@ -177,22 +185,34 @@ def _reference_outputs(src: Path, man: Manifest, inputs: dict[str, np.ndarray]) 
 
         eng = OpenVINOEngine(src, man, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"}, use_blob=False)
     with eng:
-        return {k: eng.infer(x) for k, x in inputs.items()}
+        return {k: eng.infer_all(x) for k, x in inputs.items()}
 
 
-def _verify(engine, refs: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict:
+def _verify(engine, refs: dict[str, dict[str, np.ndarray]], inputs: dict[str, np.ndarray]) -> dict:
+    """Agreement of every output with the source model; the first output's numbers at the top level,
+    and per output under ``outputs`` for models with several outputs or non-classifier outputs."""
     from .export import compare_outputs
 
     checks = {}
     for key, x in inputs.items():
-        out = engine.infer(x)
-        r = compare_outputs(refs[key], out)
+        outs = engine.infer_all(x)
+        ref = refs[key]
+        names, got = list(ref), list(outs.values())
+        pairs = [(n, ref[n], outs[n] if n in outs else got[i]) for i, n in enumerate(names)]
+        r = compare_outputs(pairs[0][1], pairs[0][2])
         r["batch"] = int(len(x))
+        if len(pairs) > 1 or pairs[0][1].ndim != 2:
+            r["outputs"] = {}
+            for n, a, b in pairs:
+                c = compare_outputs(a, b)
+                r["outputs"][n] = {k: c[k] for k in ("cosine_min", "cosine_mean", "max_abs_error", "snr_db", "finite")}
         checks[key] = r
     for key, r in checks.items():
-        if not r["finite"] or r["cosine_min"] < _MIN_COSINE:
+        every = list((r.get("outputs") or {}).values()) or [r]
+        finite, cos = all(o["finite"] for o in every), min(o["cosine_min"] for o in every)
+        if not finite or cos < _MIN_COSINE:
             raise VitedgeError(
-                f"the compiled engine disagrees with its source on {key} inputs (cosine {r['cosine_min']:.4f}, finite={r['finite']})",
+                f"the compiled engine disagrees with its source on {key} inputs (cosine {cos:.4f}, finite={finite})",
                 "try --precision-hint f32 or another target; report the model if it persists",
             )
     return checks
@@ -345,6 +365,7 @@ def compile_model(
     profile: "str | tuple | None" = None,
     timing_cache: str | Path | None = None,
     verify: bool = True,
+    preprocessing=None,
 ) -> tuple[Path, Manifest]:
     """Compile ``model`` for ``target``; returns the engine path and its manifest (also saved).
 
@@ -356,15 +377,24 @@ def compile_model(
     builder flags, default f16).  ``device``: OpenVINO device (CPU, GPU, AUTO, ...).  ``streams``:
     OpenVINO streams.  ``export_blob``: also write the OpenVINO compiled blob (fast cold start).
     ``workspace_mb``, ``profile`` (``"min,opt,max"`` batch sizes), ``timing_cache``: TensorRT.
+    ``preprocessing``: for an ONNX file without a vitedge manifest (a Preprocessing, a dict of options
+    or a JSON file; see ``docs/foreign.md``).  A fixed-batch model keeps its batch with ``batch="auto"``.
     """
     _check_options(target, hint, precision_hint, threads, device)
+    auto_batch = isinstance(batch, str) and batch.lower() == "auto"
     batch = resolve_batch(batch, hint)
     if export_blob and target != "openvino":
         raise VitedgeError("--blob is an OpenVINO option", "use --target openvino, or drop --blob")
     t0 = time.perf_counter()
     parent = Path(output).parent if output is not None else Path(model).parent if isinstance(model, (str, Path)) and Path(model).suffix else Path.cwd()
     with atomic_dir(parent) as scratch:
-        src, man = _source(model, img_size, scratch)
+        src, man = _source(model, img_size, scratch, preprocessing)
+        fixed = man.inputs[0].shape[0] if man.inputs and man.inputs[0].shape else None
+        if auto_batch and isinstance(fixed, int) and fixed > 0 and batch != fixed:
+            batch = fixed  # the model was exported with a fixed batch: keep it
+            from .ui import note
+
+            note(f"{src.name} has a fixed batch of {fixed}: compiling at batch {fixed}")
         output = Path(output) if output is not None else default_output(src.name if src.parent != scratch else "model.onnx", target, parent)
         if output.suffix != _SUFFIX[target]:
             raise VitedgeError(f"output {output} must end in {_SUFFIX[target]} for target {target}")
@@ -421,5 +451,8 @@ def engine_summary(path: Path, man: Manifest) -> list[str]:
     for key, r in man.verification.get("checks", {}).items():
         lines.append(f"checked on {key} inputs (batch {r['batch']}) vs {man.verification['reference']}: "
                      f"cosine {r['cosine_min']:.6f}, max abs error {r['max_abs_error']:.2e}"
-                     + (f", top-1 agreement {r['top1_agreement']:.0%}" if "top1_agreement" in r else ""))
+                     + (f", top-1 agreement {r['top1_agreement']:.0%}" if "top1_agreement" in r and man.task == "classification" else ""))
+        for name, o in (r.get("outputs") or {}).items():
+            lines.append(f"  output {name}: cosine {o['cosine_min']:.6f}, max abs error {o['max_abs_error']:.2e}, "
+                         f"SNR {'inf' if o['snr_db'] == float('inf') else format(o['snr_db'], '.1f')} dB")
     return lines

@@ -6,6 +6,7 @@ import click
 
 from ..compilation import HINTS, PRECISION_HINTS, TARGETS, compile_model, engine_summary
 from ..ui import console, err_console
+from ._common import preprocessing_from_cli, preprocessing_options
 
 
 @click.command("compile")
@@ -30,12 +31,15 @@ from ..ui import console, err_console
 @click.option("--profile", default=None, help="TensorRT: MIN,OPT,MAX batch sizes of the optimisation profile (default 1,1,32 latency / 1,8,32 throughput).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TensorRT: timing cache file, read if it exists and updated (faster rebuilds).")
+@preprocessing_options(img_size=False)
 def command(model, target, output, batch, img_size, threads, hint, precision_hint, device, streams, export_blob, workspace_mb,
-            profile, timing_cache):
+            profile, timing_cache, **pre_flags):
     """Compile MODEL (ONNX from export/quantize, OpenVINO IR, or a model name) into an engine for TARGET.
 
     The engine is checked against MODEL on random and real inputs before it is written; its
     manifest records every setting, and `vitedge.load` / `vitedge predict` open it directly.
+    An ONNX file exported elsewhere (no vitedge manifest) takes its preprocessing from --img-size,
+    --mean, --std, ... or --preprocessing FILE; whatever is assumed is printed and kept in the manifest.
     """
     size = None
     if img_size is not None:
@@ -43,7 +47,8 @@ def command(model, target, output, batch, img_size, threads, hint, precision_hin
     with err_console.status(f"compiling for {target}..."):
         path, man = compile_model(model, output, target=target, batch=batch, img_size=size, threads=threads, hint=hint,
                                   precision_hint=precision_hint, device=device, streams=streams, export_blob=export_blob,
-                                  workspace_mb=workspace_mb, profile=profile, timing_cache=timing_cache)
+                                  workspace_mb=workspace_mb, profile=profile, timing_cache=timing_cache,
+                                  preprocessing=preprocessing_from_cli(**pre_flags))
     for line in engine_summary(path, man):
         console.print(line)
     console.print(f"[green]wrote[/] {path} and {man.sidecar_path(path)} in {man.compile.get('compile_seconds', 0):.1f} s")
