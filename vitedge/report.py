@@ -16,7 +16,8 @@ Schema outline (``docs/validate.md`` explains every field)::
                accuracy: {top1, top5, top1_ci95, top5_ci95} | null,
                vs_reference: {top1_drop_pp, top1_drop_ci95_pp, top5_drop_pp, top5_drop_ci95_pp,
                               top1_agreement, top1_agreement_ci95, top5_agreement, cosine_mean,
-                              cosine_min, snr_db, max_abs_error, discordant{...}, worst[...]} | null,
+                              cosine_min, snr_db, max_abs_error, discordant{...}, worst[...],
+                              outputs{name: {shape, cosine_mean, cosine_min, max_abs_error, snr_db}}?} | null,
                latency: {batch, runs, p50_ms, p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms,
                          median_ci95_ms, samples_ms[]},
                throughput: [{batch, images_per_s, p50_ms, runs}],
@@ -63,9 +64,14 @@ _VS_REF = {
     "properties": {
         "top1_drop_pp": _NUM_OR_NULL, "top1_drop_ci95_pp": _INTERVAL,
         "top5_drop_pp": _NUM_OR_NULL, "top5_drop_ci95_pp": _INTERVAL,
-        "top1_agreement": _NUM, "top1_agreement_ci95": _INTERVAL, "top5_agreement": _NUM,
+        "top1_agreement": _NUM_OR_NULL, "top1_agreement_ci95": _INTERVAL, "top5_agreement": _NUM_OR_NULL,
         "cosine_mean": _NUM, "cosine_min": _NUM, "snr_db": _NUM_OR_NULL, "max_abs_error": _NUM,
         "discordant": {"type": "object"},
+        # per output (models with several outputs or a non-classifier head; top-1 fields are null for the latter)
+        "outputs": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["cosine_mean", "cosine_min", "max_abs_error", "snr_db"],
+            "properties": {"shape": {"type": "array"}, "cosine_mean": _NUM, "cosine_min": _NUM, "max_abs_error": _NUM,
+                           "snr_db": _NUM_OR_NULL, "finite": {"type": "boolean"}}}},
         "worst": {
             "type": "array",
             "items": {
@@ -261,7 +267,8 @@ class Report:
         for e in self.engines:
             vs = e["vs_reference"]
             acc = (f"top-1 drop {_pp(vs['top1_drop_pp'], vs['top1_drop_ci95_pp'])}" if vs.get("top1_drop_pp") is not None
-                   else f"top-1 agreement {_pct(vs['top1_agreement'])}")
+                   else f"top-1 agreement {_pct(vs['top1_agreement'])}" if vs.get("top1_agreement") is not None
+                   else f"{len(vs.get('outputs') or {})} outputs, worst SNR {_num(min((o['snr_db'] for o in vs['outputs'].values() if o['snr_db'] is not None), default=None), '.1f')} dB")
             lines.append(f"{e['name']}: {acc}, cosine {vs['cosine_mean']:.5f}, p50 {_ms(e['latency']['p50_ms'])} ms, "
                          f"speed-up {e['speedup']:.2f}x")
         return "\n".join(lines)
@@ -372,8 +379,15 @@ class Report:
             if vs.get("top1_drop_pp") is not None:
                 out.append(f"- top-1 {_pct(e['accuracy']['top1'])} vs {_pct(self.reference['accuracy']['top1'])}: drop "
                            f"{_pp(vs['top1_drop_pp'], vs['top1_drop_ci95_pp'])}; top-5 drop {_pp(vs['top5_drop_pp'], vs['top5_drop_ci95_pp'])}")
-            out.append(f"- agreement with FP32: top-1 {_pct(vs['top1_agreement'])}, top-5 {_pct(vs['top5_agreement'])}; logit cosine mean "
-                       f"{vs['cosine_mean']:.6f} (min {vs['cosine_min']:.6f}), SNR {_num(vs['snr_db'], '.1f')} dB, max abs error {vs['max_abs_error']:.3g}")
+            if vs.get("top1_agreement") is not None:
+                out.append(f"- agreement with FP32: top-1 {_pct(vs['top1_agreement'])}, top-5 {_pct(vs['top5_agreement'])}; logit cosine mean "
+                           f"{vs['cosine_mean']:.6f} (min {vs['cosine_min']:.6f}), SNR {_num(vs['snr_db'], '.1f')} dB, max abs error {vs['max_abs_error']:.3g}")
+            if vs.get("outputs"):
+                out.append("")
+                out += _md_table(["output", "shape", "cosine mean", "cosine min", "max abs error", "SNR dB"],
+                                 [[f"`{k}`", str(tuple(o.get("shape", []))), f"{o['cosine_mean']:.6f}", f"{o['cosine_min']:.6f}",
+                                   f"{o['max_abs_error']:.3g}", _num(o["snr_db"], ".1f")] for k, o in vs["outputs"].items()])
+                out.append("")
             pb = e.get("precision_breakdown")
             if pb:
                 shares = ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(pb.get("mac_share", {}).items(), key=lambda kv: -kv[1]))
@@ -416,9 +430,13 @@ class Report:
         details = []
         for e in self.engines:
             vs = e["vs_reference"]
-            items = [f"<li>artifact: <code>{esc(str(e.get('artifact')))}</code></li>",
-                     f"<li>agreement with FP32: top-1 {_pct(vs['top1_agreement'])}, top-5 {_pct(vs['top5_agreement'])}; cosine mean "
-                     f"{vs['cosine_mean']:.6f} (min {vs['cosine_min']:.6f}); SNR {_num(vs['snr_db'], '.1f')} dB</li>"]
+            items = [f"<li>artifact: <code>{esc(str(e.get('artifact')))}</code></li>"]
+            if vs.get("top1_agreement") is not None:
+                items.append(f"<li>agreement with FP32: top-1 {_pct(vs['top1_agreement'])}, top-5 {_pct(vs['top5_agreement'])}; cosine mean "
+                             f"{vs['cosine_mean']:.6f} (min {vs['cosine_min']:.6f}); SNR {_num(vs['snr_db'], '.1f')} dB</li>")
+            for k, o in (vs.get("outputs") or {}).items():
+                items.append(f"<li>output <code>{esc(k)}</code> {esc(str(tuple(o.get('shape', []))))} vs FP32: cosine mean {o['cosine_mean']:.6f} "
+                             f"(min {o['cosine_min']:.6f}), max abs error {o['max_abs_error']:.3g}, SNR {_num(o['snr_db'], '.1f')} dB</li>")
             if vs.get("top1_drop_pp") is not None:
                 items.append(f"<li>top-1 drop {esc(_pp(vs['top1_drop_pp'], vs['top1_drop_ci95_pp']))}, top-5 drop "
                              f"{esc(_pp(vs['top5_drop_pp'], vs['top5_drop_ci95_pp']))} (95% CI, paired)</li>")

@@ -76,6 +76,10 @@ class _Runner:
     preprocessing = None
     labels: list[str] | None = None
 
+    def infer_all(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output by name (models with several outputs, non-classifier heads)."""
+        return {"output": self.infer(x)}
+
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
@@ -99,6 +103,9 @@ class _TorchRunner(_Runner):
 
         with torch.inference_mode():
             return self.model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).float().numpy()
+
+    def infer_all(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {"logits": self.infer(x)}
 
     def close(self) -> None:
         self.model = None
@@ -128,6 +135,9 @@ class _EngineRunner(_Runner):
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         return self.engine.infer(x)
+
+    def infer_all(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.engine.infer_all(x)
 
 
 def artifact_size(path: Path, manifest=None) -> int:
@@ -200,12 +210,13 @@ def _hint_precision(options: dict, manifest) -> str | None:
     return {"bf16": "bf16", "f16": "fp16", "f32": "fp32"}.get(str(hint).lower()) if hint else None
 
 
-def _open_engine(spec: EngineSpec) -> _EngineRunner:
+def _open_engine(spec: EngineSpec, preprocessing=None, notes: list[str] | None = None) -> _EngineRunner:
     from .runtime import load
 
+    pre = _foreign_preprocessing(spec.path, preprocessing, notes)
     with _RssPeak() as mem:
         t0 = time.perf_counter()
-        eng = load(spec.path, backend=spec.backend, **spec.options)
+        eng = load(spec.path, backend=spec.backend, preprocessing=pre, **spec.options)
         load_s = time.perf_counter() - t0
     man = eng.manifest
     precision = spec.precision
@@ -241,7 +252,32 @@ def _fp32_parent(spec: EngineSpec) -> Path | None:
     return None
 
 
-def _open_reference(reference, specs: list[EngineSpec], notes: list[str]) -> tuple[_Runner, _Runner | None]:
+def _foreign_preprocessing(path, preprocessing, notes: list[str] | None, fallback: dict | None = None):
+    """For an ONNX file without a vitedge manifest: the preprocessing to feed it (given, else ``fallback``,
+    else assumed at its input size) - what was assumed goes into ``notes``.  None for files with a manifest."""
+    from .foreign import describe, ensure_manifest
+    from .manifest import Manifest
+
+    try:
+        artifact, man = Manifest.find(path)
+    except VitedgeError:
+        return None
+    if man is not None or artifact.suffix != ".onnx":
+        return None
+    if preprocessing is None and fallback:
+        from .preprocess import Preprocessing
+
+        preprocessing = Preprocessing.from_dict(fallback)
+        preprocessing.assumed = []
+        if notes is not None:
+            notes.append(f"{artifact.name} has no vitedge manifest: fed with the engine's preprocessing")
+    _, man = ensure_manifest(artifact, preprocessing, announce=False, hash_file=False)
+    if notes is not None:
+        notes += describe(man, artifact)
+    return man.preprocessing_obj
+
+
+def _open_reference(reference, specs: list[EngineSpec], notes: list[str], preprocessing=None) -> tuple[_Runner, _Runner | None]:
     """(timing baseline, separate accuracy reference or None)."""
     from .models.loading import ModelSpec, load_model
     from .models.vit import PRESETS
@@ -261,9 +297,16 @@ def _open_reference(reference, specs: list[EngineSpec], notes: list[str]) -> tup
         from .runtime import load
 
         path = Path(reference)
+        from .manifest import Manifest
+
+        try:
+            _, eng_man = Manifest.find(specs[0].path)
+        except VitedgeError:
+            eng_man = None
+        pre = _foreign_preprocessing(path, preprocessing, notes, fallback=eng_man.preprocessing if eng_man else None)
         with _RssPeak() as mem:
             t0 = time.perf_counter()
-            eng = load(path, backend="onnxruntime")
+            eng = load(path, backend="onnxruntime", preprocessing=pre)
             load_s = time.perf_counter() - t0
         if eng.manifest.precision not in (None, "fp32"):
             notes.append(f"reference {path.name} says precision {eng.manifest.precision!r}, not fp32")
@@ -462,7 +505,11 @@ def time_interleaved(runners: list[_Runner], inputs: dict[str, np.ndarray], timi
 # accuracy
 # ------------------------------------------------------------------------------------------
 def _pre_key(pre) -> str:
-    return json.dumps(pre.to_dict(), sort_keys=True) if pre is not None else "none"
+    if pre is None:
+        return "none"
+    d = pre.to_dict()
+    d.pop("assumed", None)  # how a value was arrived at does not change the pixels
+    return json.dumps(d, sort_keys=True)
 
 
 class _Inputs:
@@ -489,6 +536,57 @@ class _Inputs:
                 raise VitedgeError(f"no usable images in {self.images.source}")
             self._cache[key] = (np.concatenate(xs), labels, names)
         return self._cache[key]
+
+
+def _outputs(runner: _Runner, x: np.ndarray, batch: int, what: str) -> dict[str, np.ndarray]:
+    """Every output of a runner on the whole set, by name, in the runner's output order."""
+    parts: list[dict[str, np.ndarray]] = []
+    with progress() as bar:
+        task = bar.add_task(f"{what}: {runner.name}", total=len(x))
+        for i in range(0, len(x), batch):
+            parts.append({k: np.asarray(v, np.float32) for k, v in runner.infer_all(x[i : i + batch]).items()})
+            bar.advance(task, len(next(iter(parts[-1].values()))))
+    first = runner.engine.output_names[0] if runner.engine is not None and runner.engine.output_names else None
+    names = sorted(parts[0], key=lambda k: k != first)  # the first declared output (the logits of a classifier) first
+    return {k: np.concatenate([p[k] for p in parts]) for k in names}
+
+
+def _match_outputs(ref: dict[str, np.ndarray], outs: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    """The engine's outputs in the reference's order (by name, else by position), shapes checked."""
+    if len(outs) != len(ref):
+        raise VitedgeError(f"{name} has {len(outs)} outputs but the reference {len(ref)}", "validate an engine against the model it was made from")
+    got = list(outs.values())
+    res = {k: outs[k] if k in outs else got[i] for i, k in enumerate(ref)}
+    for k, v in res.items():
+        if v.shape != ref[k].shape:
+            raise VitedgeError(f"{name} outputs {v.shape[1:]} for {k!r} but the reference {ref[k].shape[1:]}",
+                               "validate an engine against the model it was made from")
+    return res
+
+
+def _per_output(ref: dict[str, np.ndarray], outs: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Agreement of every output with the reference: cosine (mean/min over images), max abs error, SNR."""
+    from .export import compare_outputs
+
+    res = {}
+    for k, a in ref.items():
+        c = compare_outputs(a, outs[k])
+        res[k] = {"shape": [int(d) for d in a.shape[1:]], "cosine_mean": c["cosine_mean"], "cosine_min": c["cosine_min"],
+                  "max_abs_error": c["max_abs_error"], "snr_db": None if math.isinf(c["snr_db"]) else c["snr_db"], "finite": c["finite"]}
+    return res
+
+
+def _compare_features(ref: dict[str, np.ndarray], outs: dict[str, np.ndarray]) -> dict:
+    """vs_reference for a model that is not a classifier: no top-1, agreement per output."""
+    per = _per_output(ref, outs)
+    first = per[next(iter(per))]
+    return {
+        "top1_drop_pp": None, "top1_drop_ci95_pp": None, "top5_drop_pp": None, "top5_drop_ci95_pp": None,
+        "top1_agreement": None, "top1_agreement_ci95": None, "top5_agreement": None,
+        "cosine_mean": first["cosine_mean"], "cosine_min": first["cosine_min"], "snr_db": first["snr_db"],
+        "max_abs_error": first["max_abs_error"], "finite": all(o["finite"] for o in per.values()),
+        "disagreements": 0, "discordant": {}, "worst": [], "outputs": per,
+    }
 
 
 def _logits(runner: _Runner, x: np.ndarray, batch: int, what: str) -> np.ndarray:
@@ -791,6 +889,7 @@ def validate(
     backend: str | None = None,
     kind: str = "validate",
     post: Callable[[Report], None] | None = None,
+    preprocessing=None,
 ) -> Report:
     """Validate one or more engines against the FP32 reference; see the module docstring.
 
@@ -802,6 +901,10 @@ def validate(
     ``max_drop``: top-1 drop gate in percentage points (without labels: top-1 disagreement with FP32,
     an upper bound of the drop); ``strict`` gates on the upper end of the confidence interval.
     ``min_speedup``: batch-1 p50 speed-up gate over the reference.
+    ``preprocessing``: for ONNX files without a vitedge manifest (engines or reference; see
+    ``docs/foreign.md``); a manifest-less reference otherwise takes the first engine's preprocessing.
+    Models that are not classifiers (dense maps, several outputs) are compared per output
+    (``vs_reference.outputs``: cosine, max abs error, SNR).
     Writes ``report.json/md/html`` to ``out_dir`` (if given), then raises ``GateFailed`` if a gate is missed.
     """
     from . import __version__
@@ -823,10 +926,10 @@ def validate(
     runners: list[_Runner] = []
     acc_ref: _Runner | None = None
     try:
-        baseline, acc_ref = _open_reference(reference, specs, notes)
+        baseline, acc_ref = _open_reference(reference, specs, notes, preprocessing)
         runners.append(baseline)
         for s in specs:
-            runners.append(_open_engine(s))
+            runners.append(_open_engine(s, preprocessing, notes))
         _dedupe_names(runners)
 
         # -- data --------------------------------------------------------------------------
@@ -858,15 +961,29 @@ def validate(
         # -- accuracy pass ---------------------------------------------------------------------
         x_ref, labels, names = inputs.get(ref_pre)
         with _RssPeak() as mem:
-            ref_logits = _logits(truth, x_ref, eval_batch, "FP32 reference")
+            ref_outs = _outputs(truth, x_ref, eval_batch, "FP32 reference")
         if truth is baseline:
             baseline.peak_rss_mb = max(baseline.peak_rss_mb or 0, mem.peak_mb)
-        n_classes = ref_logits.shape[1]
-        class_names = list(truth.labels or runners[1].labels or [str(i) for i in range(n_classes)])
+        ref_logits = next(iter(ref_outs.values()))
+        task = truth.engine.manifest.task if truth.engine is not None else "classification"
+        features = task != "classification" or ref_logits.ndim != 2  # not a classifier: agreement per output
+        if features and max_drop is not None:
+            raise VitedgeError(f"--max-drop needs class logits, but the model's output {next(iter(ref_outs))!r} is {ref_logits.shape[1:]} ({task})",
+                               "drop --max-drop: agreement per output (cosine, max abs error, SNR) is reported instead")
+        n_classes = 0 if features else ref_logits.shape[1]
+        class_names = [] if features else list(truth.labels or runners[1].labels or [str(i) for i in range(n_classes)])
         if len(class_names) != n_classes:
             class_names = [str(i) for i in range(n_classes)]
-        labelled = images.labelled and all(lbl is not None for lbl in labels)
-        y = label_indices(labels, class_names, images.source) if labelled else None
+        labelled = not features and images.labelled and all(lbl is not None for lbl in labels)
+        try:
+            y = label_indices(labels, class_names, images.source) if labelled else None
+        except VitedgeError:
+            if truth.labels or runners[1].labels:
+                raise
+            # a model without labels (e.g. an ONNX file exported elsewhere): its classes are only indices
+            notes.append(f"{images.source}: class folders do not match the model's {n_classes} unnamed classes; "
+                         "agreement with FP32 only (pass labels to get accuracy)")
+            labelled, y = False, None
         if y is not None and (y >= n_classes).any():
             raise VitedgeError(f"{images.source}: a class folder index exceeds the model's {n_classes} classes",
                                "name class folders after the model's labels")
@@ -876,16 +993,28 @@ def validate(
         for r in runners[1:]:
             x, _, _ = inputs.get(r.preprocessing)
             with _RssPeak() as mem:
-                logits = _logits(r, x, eval_batch, "accuracy")
+                outs = _outputs(r, x, eval_batch, "accuracy")
             r.peak_rss_mb = max(r.peak_rss_mb or 0, mem.peak_mb)
             if getattr(r, "rss_baseline_mb", None) is not None:
                 r.rss_increase_mb = max(r.rss_increase_mb or 0, mem.peak_mb - r.rss_baseline_mb)
-            if logits.shape != ref_logits.shape:
+            logits = next(iter(outs.values()))
+            if len(outs) == len(ref_outs) == 1 and logits.shape != ref_logits.shape:
                 raise VitedgeError(f"{r.name} outputs {logits.shape[1:]} but the reference {ref_logits.shape[1:]}",
                                    "validate an engine against the model it was made from")
+            outs = _match_outputs(ref_outs, outs, r.name)
+            logits = next(iter(outs.values()))
+            if features:
+                vs = _compare_features(ref_outs, outs)
+            else:
+                vs = _compare(ref_logits, logits, names, class_names, y, ci_method, worst)
+                if len(ref_outs) > 1:
+                    vs["outputs"] = _per_output(ref_outs, outs)
+            for k, o in (vs.get("outputs") or {}).items():
+                notes.append(f"{r.name}: output {k} {tuple(o['shape'])} vs FP32: cosine mean {o['cosine_mean']:.6f} (min {o['cosine_min']:.6f}), "
+                             f"max abs error {o['max_abs_error']:.3g}, SNR {'inf' if o['snr_db'] is None else format(o['snr_db'], '.1f')} dB")
             results[r.name] = {
                 "accuracy": _accuracy(logits, y)[0] if y is not None else None,
-                "vs_reference": _compare(ref_logits, logits, names, class_names, y, ci_method, worst),
+                "vs_reference": vs,
                 "precision_breakdown": precision_breakdown(r),
             }
         if acc_ref is not None:

@@ -7,6 +7,7 @@ import click
 
 from ..errors import VitedgeError
 from ..ui import console
+from ._common import preprocessing_from_cli, preprocessing_options
 
 
 def _expand(images: tuple[str, ...]) -> list[Path]:
@@ -35,13 +36,29 @@ def _expand(images: tuple[str, ...]) -> list[Path]:
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default=None,
               help="Run with another backend than the engine's own (e.g. an ONNX file with OpenVINO).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per inference call.")
-def command(engine, images, top_k, as_json, backend, batch_size):
-    """Classify IMAGE files (or folders of images) with ENGINE (any artifact, its manifest or a bundle folder)."""
+@preprocessing_options
+def command(engine, images, top_k, as_json, backend, batch_size, **pre_flags):
+    """Classify IMAGE files (or folders of images) with ENGINE (any artifact, its manifest or a bundle folder).
+
+    An ONNX classifier exported elsewhere (no vitedge manifest) works too: its preprocessing comes from
+    --img-size/--mean/--std/... or --preprocessing FILE, and what is assumed is printed.
+    """
+    from ..manifest import Manifest
     from ..runtime import load
+    from ..ui import note
 
     paths = _expand(images)
     results = []
-    with load(engine, backend=backend) as eng:
+    pre = preprocessing_from_cli(**pre_flags)
+    artifact, man = Manifest.find(engine)
+    if man is None:
+        from ..foreign import ensure_manifest
+
+        ensure_manifest(artifact, pre, announce=True, hash_file=False)  # the one-line error / the assumptions, up front
+    elif pre is not None:
+        note(f"{artifact.name} has a vitedge manifest: its own preprocessing is used, not the flags")
+        pre = None
+    with load(engine, backend=backend, preprocessing=pre) as eng:
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
             for p, pred in zip(chunk, eng.predict(chunk, top_k=top_k)):

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import GateFailed, VitedgeError
+from ._common import preprocessing_from_cli, preprocessing_options
 
 
 def parse_batch_sizes(ctx, param, value) -> tuple[int, ...]:
@@ -64,10 +65,15 @@ def print_report(rep, out_dir: Path | None) -> None:
               help="Paired confidence interval of the accuracy drop.")
 @click.option("--worst", type=click.IntRange(min=0), default=10, show_default=True, help="How many worst images to list per engine.")
 @timing_options
+@preprocessing_options
 def command(engines, reference, data, max_drop, min_speedup, strict, out_dir, backend, precision_hint, ci_method, worst,
-            batch_sizes, time_budget, runs, rounds, samples):
+            batch_sizes, time_budget, runs, rounds, samples, **pre_flags):
     """Validate ENGINES (one or more artifacts) against the FP32 reference: accuracy drop with a confidence
     interval, logit cosine/SNR, worst images, latency p50/p90/p99, throughput and the speed-up measured in the same run.
+
+    ONNX files without a vitedge manifest (engines or --reference) are fed with --img-size/--mean/--std/...
+    or --preprocessing FILE (a manifest-less reference otherwise takes the engine's preprocessing).
+    Models that are not classifiers are compared per output (cosine, max abs error, SNR).
 
     Exits 1 when a gate (--max-drop, --min-speedup) is missed, after writing the report.
     """
@@ -84,7 +90,7 @@ def command(engines, reference, data, max_drop, min_speedup, strict, out_dir, ba
     try:
         rep = validate(specs, reference, data=data, max_drop=max_drop, min_speedup=min_speedup, out_dir=out_dir,
                        batch_sizes=batch_sizes, runs=runs, samples=samples, time_budget=time_budget, rounds=rounds,
-                       strict=strict, ci_method=ci_method, worst=worst)
+                       strict=strict, ci_method=ci_method, worst=worst, preprocessing=preprocessing_from_cli(**pre_flags))
     except GateFailed as exc:
         if getattr(exc, "report", None) is not None:
             print_report(exc.report, out_dir)
