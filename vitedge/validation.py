@@ -967,6 +967,9 @@ def validate(
         ref_logits = next(iter(ref_outs.values()))
         task = truth.engine.manifest.task if truth.engine is not None else "classification"
         features = task != "classification" or ref_logits.ndim != 2  # not a classifier: agreement per output
+        if features and kind == "benchmark":
+            raise VitedgeError(f"the model's output {next(iter(ref_outs))!r} {ref_logits.shape[1:]} is not class logits ({task}): "
+                               "benchmark ranks engines by top-1", "use vitedge validate, which reports agreement per output")
         if features and max_drop is not None:
             raise VitedgeError(f"--max-drop needs class logits, but the model's output {next(iter(ref_outs))!r} is {ref_logits.shape[1:]} ({task})",
                                "drop --max-drop: agreement per output (cosine, max abs error, SNR) is reported instead")

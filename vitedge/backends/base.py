@@ -78,7 +78,8 @@ class Engine(ABC):
     def preprocessing(self) -> Preprocessing:
         pre = self.manifest.preprocessing_obj
         if pre is None:
-            raise VitedgeError(f"{self.artifact} has no preprocessing in its manifest", "use infer() with preprocessed arrays")
+            raise VitedgeError(f"{self.artifact} has no preprocessing in its manifest",
+                               "pass preprocessing= to vitedge.load (e.g. {'img_size': 224}), or use infer() with preprocessed arrays")
         return pre
 
     # -- public API -------------------------------------------------------------------------
