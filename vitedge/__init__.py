@@ -12,10 +12,13 @@ from .runtime import load
 from .backends.base import Engine, Prediction
 from .compilation import compile_model
 from .quantization import quantize
+from .benchmarking import benchmark
+from .report import Report
+from .validation import EngineSpec, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable", "GateFailed", "Manifest", "ModelSpec", "PRESETS", "Preprocessing", "ViTConfig",
-    "VisionTransformer", "VitedgeError", "Engine", "Prediction", "compile_model", "quantize", "create_model", "export_onnx", "load", "load_model", "save_checkpoint",
+    "VisionTransformer", "VitedgeError", "Engine", "EngineSpec", "Prediction", "Report", "benchmark", "validate", "compile_model", "quantize", "create_model", "export_onnx", "load", "load_model", "save_checkpoint",
 ]
