@@ -26,7 +26,8 @@ log = logging.getLogger("vitedge")
 
 QUANT_OP_TYPES = ["MatMul", "Gemm", "Conv"]  # LayerNorm, Softmax, GELU stay float (ViT-aware default)
 CALIB_BATCH = 8
-CHUNK_BATCHES = 4  # batches per collect_data call (bounds activation memory)
+CHUNK_BATCHES = 4  # batches per collect_data call for MinMax (its augmented outputs are per-tensor min/max scalars)
+HIST_CHUNK_BATCHES = 1  # entropy/percentile: the augmented model outputs every full activation, so one batch at a time
 
 
 @dataclass
@@ -144,9 +145,10 @@ def calibrate(model: Path, stream: StreamingBatches, input_name: str, method: st
                                        calibrate_method=_method(method), extra_options=calib_opts)
         chunk: list = []
         got_any = False
+        per_call = CHUNK_BATCHES if method == "minmax" else HIST_CHUNK_BATCHES
         for x in stream:  # a few batches per collect_data call: ranges/histograms merge as they go
             chunk.append(x)
-            if len(chunk) == CHUNK_BATCHES:
+            if len(chunk) == per_call:
                 calibrator.collect_data(_ListReader(chunk, input_name))
                 chunk, got_any = [], True
         if chunk:
