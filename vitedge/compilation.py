@@ -288,14 +288,25 @@ def _type_name(value) -> str:
     return value.to_string() if hasattr(value, "to_string") else str(value)
 
 
-def default_precision_hint(precision: str) -> str | None:
+def _cpu_has_bf16() -> bool:
+    from .sysinfo import instruction_sets
+
+    isa = instruction_sets()
+    return bool(isa.get("AVX-512 BF16") or isa.get("AMX-BF16"))
+
+
+def default_precision_hint(precision: str, device: str = "CPU") -> str | None:
     """OpenVINO's inference precision when none is asked for.
 
-    INT8 models: ``f32`` for the ops left in float - a bf16 hint made INT8 ViTs slower on this class
-    of CPU (issue 9: reorders between INT8 and BF16 layouts).  FP32/FP16 models: the device default
-    (bf16 on CPUs with AVX-512 BF16 or AMX, where it is ~1.5x faster on ViTs; f32 elsewhere).
+    INT8 models on a CPU with AVX-512 BF16 or AMX: ``bf16`` for the ops left in float (residual adds,
+    LayerNorm, Softmax, GELU, attention glue).  With OpenVINO 2026.4 the INT8 FullyConnected kernels
+    write bf16 directly, so no reorders are added, and the float glue moves half the bytes: measured
+    faster on ViT-S/ViT-B (benchmarks/ablation.md; issue 9 saw the opposite with an older OpenVINO).
+    Other CPUs: ``f32``.  FP32/FP16 models: the device default (bf16 where supported, ~1.5x faster).
     """
-    return "f32" if precision == "int8" else None
+    if precision != "int8":
+        return None
+    return "bf16" if device.split(":", 1)[0] == "CPU" and _cpu_has_bf16() else "f32"
 
 
 def _compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint,
@@ -320,7 +331,7 @@ def _compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *,
     # FP32 weights stay FP32 (save_model would halve them by default); FP16 inputs keep FP16
     ov.save_model(model, str(scratch / out_name), compress_to_fp16=precision == "fp16")
     files = [out_name, Path(out_name).with_suffix(".bin").name]
-    cfg = openvino_config(hint, threads, streams, precision_hint or default_precision_hint(precision))
+    cfg = openvino_config(hint, threads, streams, precision_hint or default_precision_hint(precision, device))
     settings: dict[str, Any] = {"device": device, "openvino_config": cfg, "openvino": ov.__version__}
     try:
         compiled = core().compile_model(str(scratch / out_name), device, cfg)
