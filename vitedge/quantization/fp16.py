@@ -37,6 +37,7 @@ FP16_MAX = 65504.0
 DEFAULT_MARGIN = 2.0  # keep FP32 where calibration saw more than FP16_MAX / margin (head-room for unseen images)
 MAX_ROUNDS = 8
 SCAN_BATCH = 16  # images per run of an instrumented model
+MAX_CHECK_IMAGES = 256  # the overflow scan/check looks at no more than this many images (recorded in the manifest)
 _STAT_PREFIX = "vitedge_stat__"
 _FLOATS = None  # filled lazily: onnx float element types
 
@@ -65,13 +66,18 @@ def _as_source(data) -> Callable[[], Iterator[np.ndarray]] | None:
     return lambda: iter(items)
 
 
-def _chunks(source, fixed_batch: int | None) -> Iterator[np.ndarray]:
-    """Re-chunk batches to at most SCAN_BATCH images (or exactly ``fixed_batch``, padding the last one)."""
+def _chunks(source, fixed_batch: int | None, limit: int | None = None) -> Iterator[np.ndarray]:
+    """Re-chunk batches to at most SCAN_BATCH images (or exactly ``fixed_batch``, padding the last one),
+    stopping after ``limit`` images (default MAX_CHECK_IMAGES)."""
     size = fixed_batch or SCAN_BATCH
+    left = MAX_CHECK_IMAGES if limit is None else limit
     for x in source():
         x = np.asarray(x, np.float32)
         for i in range(0, len(x), size):
-            c = x[i : i + size]
+            if left <= 0:
+                return
+            c = x[i : i + min(size, left)] if not fixed_batch else x[i : i + size]
+            left -= len(c)
             if fixed_batch and len(c) < fixed_batch:
                 c = np.concatenate([c, np.repeat(c[-1:], fixed_batch - len(c), axis=0)])
             yield c
