@@ -287,9 +287,18 @@ def run_model(name: str, work: Path, args) -> dict:
     from vitedge.models.loading import load_model
     from vitedge.quantization import quantize
 
+    import shutil
+
+    import torch
+
     img = MODELS[name]
-    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)  # presets have random weights: the same weights every run, so cached engines match
     spec = load_model(name, img_size=img)
+    stamp = f"{sum(float(p.double().sum()) for p in spec.model.parameters()):.10e}"
+    if work.exists() and (not (work / "weights.txt").exists() or (work / "weights.txt").read_text() != stamp):
+        shutil.rmtree(work)  # engines built from other weights: rebuild
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "weights.txt").write_text(stamp)
     cfg = spec.model.config
     size = cfg.img_size
     shape1 = [1, 3, size, size]
@@ -363,6 +372,7 @@ def run_model(name: str, work: Path, args) -> dict:
     R.append(eager)
     if args.torch_compile:
         try:
+            torch.manual_seed(0)
             tc = torch_runner(load_model(name, img_size=img).model, "torch.compile FP32", compile_=True)
             R.append(tc)
         except Exception as exc:
