@@ -706,9 +706,14 @@ def openvino_precision_breakdown(compiled) -> dict:
         macs = int(np.prod(out)) * int(k)
         layers.append({"name": op.get_friendly_name(), "type": kind, "precision": prec, "macs": macs})
         macs_by[prec] = macs_by.get(prec, 0) + macs
+    return _mac_summary("openvino runtime model (runtimePrecision per layer; fused attention subgraphs not counted)", layers, macs_by)
+
+
+def _mac_summary(source: str, layers: list[dict], macs_by: dict[str, int]) -> dict:
+    """Share of multiply-accumulates per precision, with the per-layer listing (first 400 layers)."""
     total = sum(macs_by.values())
     return {
-        "source": "openvino runtime model (runtimePrecision per layer; fused attention subgraphs not counted)",
+        "source": source,
         "mac_share": {k: v / total for k, v in macs_by.items()} if total else {},
         "int8_mac_share": macs_by.get("int8", 0) / total if total else 0.0,
         "layers": layers[:400],
@@ -771,13 +776,7 @@ def onnx_precision_breakdown(path: Path) -> dict | None:
                     prec += " (int8 weights)"
         layers.append({"name": n.name, "type": n.op_type, "precision": prec, "macs": macs})
         macs_by[prec] = macs_by.get(prec, 0) + macs
-    total = sum(macs_by.values())
-    return {
-        "source": "onnx graph (QDQ-fed or integer MatMul/Gemm/Conv run as INT8 kernels in ONNX Runtime CPU)",
-        "mac_share": {k: v / total for k, v in macs_by.items()} if total else {},
-        "int8_mac_share": macs_by.get("int8", 0) / total if total else 0.0,
-        "layers": layers[:400],
-    }
+    return _mac_summary("onnx graph (QDQ-fed or integer MatMul/Gemm/Conv run as INT8 kernels in ONNX Runtime CPU)", layers, macs_by)
 
 
 def precision_breakdown(runner: _Runner) -> dict | None:
