@@ -244,7 +244,10 @@ def _key(step: str, options: dict, inputs: list[Path]) -> str:
 
 
 def _model_inputs(model: str) -> list[Path]:
-    p = Path(model)
+    """Files whose content decides the export: the checkpoint (or the shipped reference's)."""
+    from .models.loading import REFERENCE_CHECKPOINT
+
+    p = REFERENCE_CHECKPOINT if model == "reference" else Path(model)
     return [p] if p.exists() else []
 
 
@@ -268,7 +271,7 @@ class _Runner:
         key = _key(name, options, inputs)
         prev = self.state.get(name)
         if (not self.force and prev and prev["key"] == key and all(p.exists() for p in outputs)
-                and all(sha256_file(self.out / f) == h for f, h in prev.get("hashes", {}).items() if (self.out / f).exists())):
+                and all((self.out / f).exists() and sha256_file(self.out / f) == h for f, h in prev.get("hashes", {}).items())):
             self.results.append(StepResult(name, "cached", [str(p) for p in outputs], 0.0, prev.get("summary", "")))
             self.log(f"{name}: unchanged, skipped")
             return
