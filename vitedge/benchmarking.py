@@ -73,7 +73,7 @@ def _unavailable(c: Candidate, machine: dict) -> str | None:
 def _build(c: Candidate, fp32_onnx: Path, folder: Path, calib, calib_samples, seed: int):
     """Build one candidate; returns an EngineSpec (raises VitedgeError with the reason otherwise)."""
     from .compilation import compile_model
-    from .quantization import quantize
+    from .quantization import FidelityNotMet, quantize
     from .validation import EngineSpec
 
     stem = f"{c.backend}-{c.precision}"
@@ -81,8 +81,12 @@ def _build(c: Candidate, fp32_onnx: Path, folder: Path, calib, calib_samples, se
         src = fp32_onnx
     else:
         suffix = ".xml" if c.backend == "openvino" else ".onnx"
-        src, _ = quantize(fp32_onnx, folder / f"quant-{stem}{suffix}", precision=c.precision, backend=c.backend,
-                          calib=calib if c.precision == "int8" else None, samples=calib_samples, seed=seed)
+        try:
+            src, _ = quantize(fp32_onnx, folder / f"quant-{stem}{suffix}", precision=c.precision, backend=c.backend,
+                              calib=calib if c.precision == "int8" else None, samples=calib_samples, seed=seed)
+        except FidelityNotMet as exc:  # measured and ranked anyway: the report shows how far it is from the target
+            note(f"{c.name}: {exc}")
+            src = exc.output
     out = folder / (stem + {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}[c.backend])
     kw = {}
     if c.backend == "openvino":
@@ -102,6 +106,55 @@ def _drop_value(m: dict, labelled: bool, strict: bool) -> float:
     return 100.0 * (1 - lo)
 
 
+#: a float engine (BF16/FP16/FP32) within this factor of the fastest INT8 engine's latency is preferred when
+#: it is more faithful: INT8 that buys no speed is not worth its flips
+FLOAT_PREFERRED_WITHIN = 1.05
+
+
+def meets_target(m: dict, target=None) -> bool:
+    """The INT8 fidelity target, applied to every engine: top-1 agreement (classifiers) or min cosine vs the reference."""
+    from .quantization.fidelity import Target
+
+    t = target or Target()
+    vs = m["vs_reference"]
+    if vs.get("top1_agreement") is not None:
+        return vs["top1_agreement"] >= t.agreement - 1e-12
+    cos = [o["cosine_min"] for o in (vs.get("outputs") or {}).values()] or [vs["cosine_min"]]
+    return min(cos) >= t.cosine - 1e-12
+
+
+def _faithfulness(m: dict) -> tuple:
+    vs = m["vs_reference"]
+    return (vs.get("top1_agreement") or 0.0, vs.get("cosine_min") or 0.0)
+
+
+def choose(within: list[dict]) -> tuple[str | None, str | None]:
+    """The engine to recommend among those meeting the target (sorted fastest first), and why, when it is not simply the fastest.
+
+    Precision is chosen on the target: where a float engine (BF16 on CPUs with AVX-512 BF16/AMX, FP16, FP32)
+    runs within 5 % of the fastest INT8 engine and is more faithful, it is the better deal.
+    """
+    if not within:
+        return None, None
+    fastest = within[0]
+    if fastest.get("precision") != "int8":
+        return fastest["name"], None
+    lat = fastest["latency"]["p50_ms"]
+    floats = [m for m in within[1:] if m.get("precision") != "int8" and m["latency"]["p50_ms"] <= lat * FLOAT_PREFERRED_WITHIN
+              and _faithfulness(m) > _faithfulness(fastest)]
+    if not floats:
+        return fastest["name"], None
+    f = floats[0]
+    slower = 100.0 * (f["latency"]["p50_ms"] / lat - 1)
+    return f["name"], (f"as fast as {fastest['name']} on this CPU ({slower:+.1f} % latency) and more faithful "
+                       f"(agreement {_pct(f)} vs {_pct(fastest)}), so INT8 buys nothing here")
+
+
+def _pct(m: dict) -> str:
+    a = m["vs_reference"].get("top1_agreement")
+    return f"{100 * a:.2f}%" if a is not None else f"cosine min {m['vs_reference']['cosine_min']:.5f}"
+
+
 def rank(report: Report, max_drop: float | None, strict: bool = False) -> None:
     """Add ranking (by batch-1 p50), Pareto front and recommendation to a report, in place."""
     engines = report.engines
@@ -114,17 +167,17 @@ def rank(report: Report, max_drop: float | None, strict: bool = False) -> None:
         dominated = any(o != m["name"] and ol <= lat and od <= drop and (ol < lat or od < drop) for o, (ol, od) in pts.items())
         if not dominated:
             front.append(m["name"])
-    within = [m for m in by_speed if max_drop is None or pts[m["name"]][1] <= max_drop]
-    rec = within[0]["name"] if within else None
+    within = [m for m in by_speed if (max_drop is None or pts[m["name"]][1] <= max_drop) and meets_target(m)]
+    rec, why = choose(within)
     report.data["findings"] = [f for f in report.data["findings"] if not f.startswith(("recommended:", "no engine is"))]  # idempotent
     report.data["ranking"] = [m["name"] for m in by_speed]
     report.data["pareto"] = front
     report.data["recommended"] = rec
-    budget = "(no accuracy budget)" if max_drop is None else f"within {max_drop:g} pp top-1 {'drop' if labelled else 'disagreement'}"
+    budget = "meeting the fidelity target" + ("" if max_drop is None else f" and within {max_drop:g} pp top-1 {'drop' if labelled else 'disagreement'}")
     if rec:
         r = next(m for m in engines if m["name"] == rec)
         report.data["findings"].append(
-            f"recommended: {rec} — fastest {budget}: p50 {r['latency']['p50_ms']:.3f} ms, {r['speedup']:.2f}x over "
+            f"recommended: {rec} — {why or 'fastest ' + budget}: p50 {r['latency']['p50_ms']:.3f} ms, {r['speedup']:.2f}x over "
             f"{report.reference['name']}, cosine {r['vs_reference']['cosine_mean']:.5f}.")
     else:
         report.data["findings"].append(f"no engine is {budget}; loosen --max-drop or check the INT8 calibration.")

@@ -219,6 +219,13 @@ def _verify(engine, refs: dict[str, dict[str, np.ndarray]], inputs: dict[str, np
 
 
 # -- ONNX Runtime -------------------------------------------------------------------------------
+def _ort_disabled(man: Manifest) -> list[str]:
+    """INT8 QDQ with static shapes: ONNX Runtime's MatMulAddFusion would turn each MatMul + bias into a float
+    Gemm before its QDQ fusion runs, and the Gemm (no quantized output) would never become an integer kernel;
+    without it, every DequantizeLinear -> MatMul pair becomes MatMulIntegerToFloat."""
+    return ["MatMulAddFusion"] if man.precision == "int8" else []
+
+
 def _compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint,
                          device, opt_level: str = "extended") -> tuple[list[str], dict, str]:
     import onnx
@@ -246,7 +253,7 @@ def _compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str,
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
         # CPU provider only: a model optimised for CUDA/TensorRT nodes would not load on a CPU
-        ort.InferenceSession(str(work), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(work), so, providers=["CPUExecutionProvider"], disabled_optimizers=_ort_disabled(man))
     except Exception as exc:  # onnxruntime raises its own exception types
         raise VitedgeError(f"ONNX Runtime cannot optimise {src.name}: {str(exc).splitlines()[0][:240]}") from None
     files = [out_name] + ([out_name + ".data"] if (scratch / (out_name + ".data")).exists() else [])
@@ -331,7 +338,9 @@ def _compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *,
     # FP32 weights stay FP32 (save_model would halve them by default); FP16 inputs keep FP16
     ov.save_model(model, str(scratch / out_name), compress_to_fp16=precision == "fp16")
     files = [out_name, Path(out_name).with_suffix(".bin").name]
-    cfg = openvino_config(hint, threads, streams, precision_hint or default_precision_hint(precision, device))
+    # the INT8 fidelity search measured which float precision keeps the predictions on this CPU (f32 or bf16)
+    searched = (man.quantization or {}).get("float_precision") if device.split(":", 1)[0] == "CPU" else None
+    cfg = openvino_config(hint, threads, streams, precision_hint or searched or default_precision_hint(precision, device))
     settings: dict[str, Any] = {"device": device, "openvino_config": cfg, "openvino": ov.__version__}
     try:
         compiled = core().compile_model(str(scratch / out_name), device, cfg)

@@ -68,6 +68,10 @@ SCHEMA: dict[str, Any] = {
                         "samples": {"type": "integer", "minimum": 1},
                         "method": {"enum": ["minmax", "percentile", "entropy"]},
                         "max_drop": {"type": "number", "minimum": 0},
+                        "target_agreement": {"type": "number", "minimum": 0, "maximum": 1},
+                        "target_cosine": {"type": "number", "minimum": 0, "maximum": 1},
+                        "search_budget": {"type": "number", "minimum": 0},
+                        "min_calib": {"type": "integer", "minimum": 1},
                         "seed": {"type": "integer"},
                     },
                 },
@@ -302,7 +306,9 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
     from .export import export_onnx
     from .manifest import Manifest
     from .models.loading import load_model
-    from .quantization import quantize
+    from .quantization import Target, quantize
+    from .quantization.calibration import MIN_CALIB
+    from .quantization.fidelity import DEFAULT_AGREEMENT, DEFAULT_BUDGET_S, DEFAULT_COSINE
     from .validation import validate
 
     if not isinstance(recipe, Recipe):
@@ -342,11 +348,18 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
         qopts = {**q, "backend": backend}
 
         def do_quantize():
+            # the fidelity search measures on a held-out part of the calibration images, so that the validate
+            # step's numbers come from images the search never chose on
+            target = Target(q.get("target_agreement", DEFAULT_AGREEMENT), q.get("target_cosine", DEFAULT_COSINE), q.get("max_drop"))
             _, man = quantize(current, q_path, precision=q["precision"], backend=backend, calib=calib,
                               samples=q.get("samples"), method=q.get("method", "minmax"), max_drop=q.get("max_drop"),
-                              val=val, seed=q.get("seed", 0))
+                              val=None if calib else val, seed=q.get("seed", 0), target=target,
+                              search_budget=q.get("search_budget", DEFAULT_BUDGET_S), min_calib=q.get("min_calib", MIN_CALIB))
             agree = man.verification.get("agreement", {})
             parts = [f"{k} {agree[k]:.4f}" for k in ("top1_agreement", "cosine_mean") if isinstance(agree.get(k), float)]
+            fid = (man.quantization or {}).get("fidelity")
+            if fid:
+                parts.append(f"fidelity target {'met' if fid['met'] else 'NOT met'} ({man.quantization.get('configuration')})")
             return ", ".join(parts)
 
         run.step("quantize", qopts, _artifact_inputs(current) + ([Path(calib)] if calib else []), [q_path], do_quantize)

@@ -69,8 +69,10 @@ class OnnxRuntimeEngine(Engine):
                                    f"available: {', '.join(ort.get_available_providers())}")
         self.threads = threads or (os.cpu_count() or 1)
         try:
+            # INT8 QDQ: keep MatMul + bias from becoming a float Gemm before the QDQ fusion (see compilation._ort_disabled)
+            disabled = ["MatMulAddFusion"] if manifest is not None and manifest.precision == "int8" else []
             self.session = ort.InferenceSession(str(artifact), session_options(threads, opt_level=opt_level),
-                                                providers=providers or available_providers())
+                                                providers=providers or available_providers(), disabled_optimizers=disabled)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise VitedgeError(f"ONNX Runtime cannot load {artifact}: {str(exc).splitlines()[0][:240]}",
                                "is the file complete? re-create it with vitedge compile") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 from .._io import atomic_dir, commit_files
@@ -18,7 +19,8 @@ from ..export import embed_metadata
 from ..manifest import Manifest
 from ..runtime import load
 from ..ui import note
-from .calibration import EvalSet, StreamingBatches, plan_data
+from .calibration import MIN_CALIB, EvalSet, StreamingBatches, plan_data
+from .fidelity import DEFAULT_BUDGET_S, Target
 
 log = logging.getLogger("vitedge")
 
@@ -28,7 +30,7 @@ METHODS = ("minmax", "percentile", "entropy")
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv", "MatMulInteger",
               "ConvInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd"}
 
-__all__ = ["quantize", "PRECISIONS", "BACKENDS", "METHODS"]
+__all__ = ["quantize", "Target", "FidelityNotMet", "PRECISIONS", "BACKENDS", "METHODS"]
 
 
 def _clean(obj):
@@ -98,16 +100,25 @@ def _check_args(precision, backend, method, max_drop, samples, output: Path, mod
 
 def quantize(model, output, *, precision: str = "int8", backend: str = "onnxruntime", calib=None, samples: int | None = None,
              method: str = "minmax", max_drop: float | None = None, val=None, seed: int = 0, preprocessing=None,
-             labels: list[str] | None = None) -> tuple[Path, Manifest]:
+             labels: list[str] | None = None, target: "Target | None" = None, search_budget: float = DEFAULT_BUDGET_S,
+             min_calib: int = MIN_CALIB) -> tuple[Path, Manifest]:
     """Quantize an FP32 ONNX export to INT8 or FP16 for a backend, measure it against FP32, write it with its manifest.
 
     ``model``: a ``.onnx`` file with its ``.vitedge.json`` sidecar.  ``output``: ``.onnx``
     (onnxruntime, tensorrt) or ``.xml`` (openvino).  ``calib``: folder of images / ``.npy`` /
     ``.npz`` (INT8; optional for the reference model, whose digits images ship with vitedge).
-    ``val``: held-out images for the agreement numbers and ``max_drop`` (default: a seeded held-out
-    part of ``calib``).  ``max_drop``: top-1 percentage points INT8 may lose; the most sensitive
-    layers are kept in float until it fits (a per-layer sensitivity report is written next to the
-    output).  ``preprocessing`` / ``labels``: for an ONNX file vitedge did not export (no manifest) - a
+    ``val``: held-out images for the agreement numbers and the fidelity search (default: a seeded
+    held-out part of ``calib``, never used for calibration).  ``min_calib``: fewest calibration images
+    accepted (default 16).
+
+    INT8 for onnxruntime/openvino is made by NNCF and must meet ``target`` (a :class:`Target`; default:
+    top-1 agreement with FP32 >= 98 % for classifiers, minimum output cosine >= 0.995 otherwise;
+    ``max_drop`` adds a bound on the top-1 points lost).  When the default configuration misses it,
+    a ladder of configurations is tried for up to ``search_budget`` seconds (0: the default only); every
+    try goes into ``<output>.fidelity.md/.json`` and the fastest that meets the target is written.
+    If none does, the most faithful is written and :class:`FidelityNotMet` (exit code 1) is raised after
+    the files are in place.  TensorRT's QDQ file comes from ONNX Runtime's quantizer; there ``max_drop``
+    keeps the most sensitive layers in float (``<output>.sensitivity.md``).  ``preprocessing`` / ``labels``: for an ONNX file vitedge did not export (no manifest) - a
     :class:`~vitedge.preprocess.Preprocessing`, a dict of options (``img_size, mean, std, resize, crop,
     interpolation, json_path``) or a JSON file; see ``docs/foreign.md``.  Models that are not
     classifiers (e.g. a dense token map, several outputs) are measured per output.
@@ -124,7 +135,15 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
     pre = parent.preprocessing_obj
     fixed = parent.inputs[0].shape[0] if parent.inputs[0].shape else None
     fixed = fixed if isinstance(fixed, int) and fixed > 0 else None  # a fixed-batch model is fed batches of exactly that size
-    plan = plan_data(parent, pre, precision=precision, calib=calib, val=val, samples=samples, seed=seed)
+    plan = plan_data(parent, pre, precision=precision, calib=calib, val=val, samples=samples, seed=seed, min_calib=min_calib)
+    target = target or Target()
+    if max_drop is not None and target.max_drop is None:
+        target = Target(target.agreement, target.cosine, max_drop)
+    enforce = True
+    if precision == "int8" and str((parent.model or {}).get("source", "")).startswith("preset:"):
+        note("random-weight preset: its predictions mean nothing, so the INT8 fidelity target is measured and reported "
+             "but not enforced, and no search is run")
+        search_budget, enforce = 0.0, False
     for n in plan.notes:
         note(n)
 
@@ -136,6 +155,7 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
 
     fmt = "openvino" if backend == "openvino" else "onnx"
     qinfo: dict = {"precision": precision, "backend": backend}
+    fidelity = None
     report_files: list[str] = []
     with atomic_dir(output.parent) as scratch:
         tmp_out = scratch / output.name
@@ -159,22 +179,14 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
             note(f"FP16 for {backend}: inputs/outputs FP32" + ("" if backend == "openvino" else f", {len(qinfo['excluded_nodes'])} nodes kept in FP32")
                  + (f" ({n_over} of them because their activations overflow FP16)" if n_over else ""))
         else:
-            stream = StreamingBatches(plan.calib, pre, fixed or (1 if backend == "openvino" else 8), min_count=samples or 1,
-                                      pad=fixed is not None)
-            qinfo.update(method=method, per_channel=True, op_types=["MatMul", "Gemm", "Conv"])
-            if backend == "openvino":
-                from .openvino_int8 import quantize_openvino
-
-                if max_drop is not None:
-                    note(f"accuracy control: NNCF keeps layers in float until the {ev.drop_kind} is <= {max_drop} pp on {ev.source}")
-                info = quantize_openvino(src, tmp_out, stream, len(plan.calib), method, ev, max_drop)
-                float_ops = info.pop("float_ops")
-                qinfo.update(info, excluded_nodes=float_ops)
-                if max_drop is not None:
-                    _openvino_report(output, scratch, src, method, ev, max_drop, float_ops, report_files)
-                note(f"OpenVINO INT8 with NNCF (Transformer model type, {info['range_estimator']} ranges)")
-            else:
+            if backend == "tensorrt":  # ONNX Runtime's quantizer writes TensorRT's symmetric Q/DQ placement
+                stream = StreamingBatches(plan.calib, pre, fixed or 8, min_count=min(samples or 1, len(plan.calib)), pad=fixed is not None)
+                qinfo.update(method=method, per_channel=True, op_types=["MatMul", "Gemm", "Conv"])
                 _ort_int8(src, tmp_out, scratch, backend, method, stream, parent, ev, max_drop, qinfo, output, report_files)
+            else:
+                stream = StreamingBatches(plan.calib, pre, 32, min_count=min(samples or 1, len(plan.calib)), label="preparing calibration images")
+                fidelity = _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, target, max_drop, search_budget,
+                                        output, qinfo, report_files)
             qinfo["calibration"] = {
                 "source": plan.calib_source, "fingerprint": plan.calib.fingerprint(), "size": len(plan.calib) - stream.skipped,
                 "requested": len(plan.calib), "skipped_unreadable": stream.skipped, "seed": seed,
@@ -196,7 +208,8 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
         man = parent.derive(output.name, fmt, precision=precision, backend=backend, quantization=_clean(qinfo))
         man.hash_files(scratch, files)
         man.save(tmp_out)
-        with load(tmp_out, backend="openvino" if backend == "openvino" else "onnxruntime") as eng:
+        run_cfg = {"config": {"INFERENCE_PRECISION_HINT": qinfo["float_precision"]}} if qinfo.get("float_precision") else {}
+        with load(tmp_out, backend="openvino" if backend == "openvino" else "onnxruntime", **run_cfg) as eng:
             metrics = ev.measure_outputs(ev.outputs(eng))
         man.verification = _clean({
             "reference": f"fp32 onnx ({src.name}, onnxruntime)", "engine": "openvino" if backend == "openvino" else "onnxruntime",
@@ -205,13 +218,57 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
         })
         if backend == "tensorrt":
             man.verification["note"] = "TensorRT is not installed here: the QDQ file was executed by ONNX Runtime (same Q/DQ arithmetic); build the engine with `vitedge compile --backend tensorrt`"
-        if precision == "int8" and backend == "openvino" and max_drop is not None and ev.drop_pp(metrics) > max_drop + 1e-9:
-            raise GateFailed(f"--max-drop {max_drop} pp cannot be met with OpenVINO: NNCF's best model still loses {ev.drop_pp(metrics):.2f} pp on {ev.source}",
-                             "raise --max-drop, give more calibration images, or use --backend onnxruntime")
         man.save(tmp_out)
         side = Manifest.sidecar_path(output).name
         commit_files(scratch, {f: output.parent / f for f in files + [side] + report_files})
+    if fidelity is not None and not fidelity.met and enforce:
+        raise FidelityNotMet(f"{fidelity.summary()}; wrote it anyway to {output} (table: {output.parent / qinfo['fidelity']['table']})",
+                             "give more or more typical calibration images, raise --search-budget, lower the target "
+                             "(--target-agreement/--target-cosine), or use --fp16", output=output, manifest=man)
     return output, man
+
+
+class FidelityNotMet(GateFailed):
+    """INT8 missed the fidelity target; the most faithful try was written anyway (``output``, ``manifest``)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, output: Path | None = None, manifest: Manifest | None = None):
+        super().__init__(message, hint)
+        self.output, self.manifest = output, manifest
+
+
+def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, target, max_drop, budget, output, qinfo, report_files):
+    """NNCF INT8 for OpenVINO / ONNX Runtime through the fidelity search; the chosen try lands at ``tmp_out``."""
+    import nncf
+
+    from . import fidelity as fid
+    from .nncf_int8 import ESTIMATORS
+
+    if ev.random:
+        raise VitedgeError("INT8 needs held-out images to measure against FP32", "pass --val DIR or more --calib images")
+    work = scratch / "search"
+    work.mkdir()
+    res = fid.search(src, backend, stream, ev, work, target=target, budget_s=budget, fixed_batch=fixed, method=method,
+                     final_name=output.name)
+    fid.copy_chosen(res, tmp_out, backend)
+    stem = output.name
+    tj, tm = f"{stem}.fidelity.json", f"{stem}.fidelity.md"
+    fid.write_table(res, scratch / tj, scratch / tm, model=src.name, backend=backend, eval_source=ev.source, images=len(ev))
+    report_files += [tj, tm]
+    c = res.chosen
+    if backend == "onnxruntime":
+        import onnx
+
+        from .nncf_int8 import qdq_scheme
+
+        qinfo["scheme"] = qdq_scheme(onnx.load(str(tmp_out), load_external_data=False))
+    qinfo.update(tool=f"nncf {nncf.__version__}" + (" (OpenVINO IR)" if backend == "openvino" else " (QDQ ONNX for ONNX Runtime)"),
+                 model_type="TRANSFORMER", preset="MIXED", method=method, per_channel=True, config=c.config.to_dict(),
+                 configuration=c.config.describe(), range_estimator=ESTIMATORS[c.config.estimator],
+                 excluded_nodes=fid.kept_float(res), float_precision=c.float_precision,
+                 fidelity={"target": target.describe(res.classifier), "met": res.met, "chosen_try": c.try_no,
+                           "tries": len({r.try_no for r in res.rows}), "table": tm, "summary": res.summary()})
+    shutil.rmtree(work, ignore_errors=True)
+    return res
 
 
 def _ort_int8(src, tmp_out, scratch, backend, method, stream, parent, ev, max_drop, qinfo, output, report_files):
@@ -251,19 +308,4 @@ def _ort_int8(src, tmp_out, scratch, backend, method, stream, parent, ev, max_dr
     qinfo["max_drop"] = {"budget_pp": max_drop, "full_int8_drop_pp": full["drop_pp"], "kept_float": keep, "report": rm,
                          "measured_on": ev.source, "metric": ev.drop_kind}
     note(f"kept {len(keep)} most sensitive layers in float: {', '.join(keep) or 'none'}")
-    report_files += [rj, rm]
-
-
-def _openvino_report(output, scratch, src, method, ev, max_drop, float_ops, report_files):
-    """NNCF's accuracy control ranks internally; the report lists what it kept in float."""
-    stem = output.name[: -len(output.suffix)]
-    rj, rm = f"{stem}.sensitivity.json", f"{stem}.sensitivity.md"
-    info = {"model": src.name, "backend": "openvino", "method": method, "eval_set": ev.source, "images": len(ev),
-            "drop_kind": ev.drop_kind, "max_drop": max_drop, "kept_float": float_ops,
-            "ranking": "NNCF quantize_with_accuracy_control (ranks quantizer groups by their effect on the metric)"}
-    (scratch / rj).write_text(json.dumps(_clean(info), indent=2) + "\n")
-    lines = [f"# INT8 accuracy control report: {src.name} (OpenVINO)", "", f"- measured on: {ev.source} ({len(ev)} images), metric: {ev.drop_kind}",
-             f"- budget: {max_drop} pp", "- ranking and reverting done by NNCF's accuracy control", "", "MatMul/Convolution ops left in float:", ""]
-    lines += [f"- `{n}`" for n in float_ops] or ["- none"]
-    (scratch / rm).write_text("\n".join(lines) + "\n")
     report_files += [rj, rm]

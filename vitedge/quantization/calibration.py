@@ -29,6 +29,7 @@ log = logging.getLogger("vitedge")
 DEFAULT_SAMPLES = 300  # calibration images used when --samples is not given (NNCF's default too)
 HOLDOUT_FRACTION = 0.2  # part of the calibration folder kept for evaluation when --val is absent
 MIN_FOR_HOLDOUT = 10
+MIN_CALIB = 16  # fewer calibration images than this is refused unless asked for (min_calib / --min-calib)
 MAX_HOLDOUT = 500
 EVAL_CACHE_BYTES = 512 * 1024 * 1024  # evaluation arrays kept in memory up to this size
 SHIPPED_DIGITS = SHIPPED_CALIBRATION / "digits" / "calib"
@@ -71,8 +72,15 @@ def _check_fits(ims: ImageSet, manifest: Manifest, pre: Preprocessing | None, wh
                            "export the model with vitedge, or pass preprocessed arrays as .npy/.npz")
 
 
-def plan_data(manifest: Manifest, pre: Preprocessing | None, *, precision: str, calib, val, samples: int | None, seed: int) -> DataPlan:
-    """Choose calibration and evaluation sets, deterministically for a seed."""
+def plan_data(manifest: Manifest, pre: Preprocessing | None, *, precision: str, calib, val, samples: int | None, seed: int,
+              min_calib: int = MIN_CALIB) -> DataPlan:
+    """Choose calibration and evaluation sets, deterministically for a seed.
+
+    INT8 calibration on fewer than ``min_calib`` images is refused: ranges from a handful of images
+    do not describe deployment data, and nothing would be left to measure on.
+    """
+    if min_calib < 1:
+        raise VitedgeError(f"--min-calib {min_calib} must be >= 1")
     notes: list[str] = []
     calib_set = None
     if calib is not None:
@@ -112,6 +120,11 @@ def plan_data(manifest: Manifest, pre: Preprocessing | None, *, precision: str, 
     want = samples if samples is not None else min(DEFAULT_SAMPLES, len(pool))
     if samples is not None and samples < 1:
         raise VitedgeError(f"--samples {samples} must be >= 1")
+    if min(want, len(pool)) < min_calib:
+        held = "" if pool is calib_set else f" ({len(calib_set) - len(pool)} more are held out to measure agreement)"
+        have = f"--samples {samples}" if samples is not None and samples < len(pool) else f"{calib_set.source} gives {len(pool)}{held}"
+        raise VitedgeError(f"INT8 calibration needs at least {min_calib} images, but {have}",
+                           f"give ~100-500 images like your deployment data (and --val DIR for measuring), or pass --min-calib N to go lower")
     if want > len(pool):
         held = "" if pool is calib_set else f" ({len(calib_set) - len(pool)} held out for evaluation; pass --val DIR to use all)"
         raise VitedgeError(f"asked for {want} calibration samples but {calib_set.source} has only {len(pool)} usable for calibration{held}",

@@ -1,0 +1,139 @@
+"""The INT8 fidelity target and search: graph roles, the table, crash-safe tries, honest calibration."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from vitedge.errors import VitedgeError
+from vitedge.quantization import FidelityNotMet, Target, quantize
+from vitedge.quantization import fidelity
+from vitedge.quantization.nncf_int8 import Int8Config, graph_roles
+
+
+def test_graph_roles_on_a_vitedge_export(ref_onnx):
+    """The reference ViT: 4 blocks of (q, k, v, proj, fc1, fc2) or (qkv, proj, fc1, fc2), a conv patch embedding, a head."""
+    roles = graph_roles(onnx.load(str(ref_onnx), load_external_data=False))
+    assert len(roles.patch_embed) == 1
+    assert len(roles.blocks) == 4 and len(roles.fc2) == 4
+    assert all(b[-1] == f for b, f in zip(roles.blocks, roles.fc2))  # fc2 closes each block
+    assert len({len(b) for b in roles.blocks}) == 1 and len(roles.blocks[0]) in (4, 6)
+    assert len(roles.attention) == 8  # Q·Kᵀ and softmax·V per block
+    assert len(roles.head) == 1
+    names = {n.name: n.op_type for n in onnx.load(str(ref_onnx), load_external_data=False).graph.node}
+    assert names[roles.patch_embed[0]] == "Conv"
+
+
+def test_graph_roles_on_a_foreign_transformers_export(tmp_path):
+    """A Hugging Face ViT exported by torch.onnx (not by vitedge): same structure found from weights and data flow."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=16, hidden_size=48, num_hidden_layers=3, num_attention_heads=2, intermediate_size=96,
+                    num_labels=5)
+    model = ViTForImageClassification(cfg).eval()
+    path = tmp_path / "hf.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(path), input_names=["pixel_values"], output_names=["logits"],
+                      opset_version=17, dynamo=False)
+    roles = graph_roles(onnx.load(str(path)))
+    assert len(roles.blocks) == 3 and len(roles.attention) == 6 and len(roles.patch_embed) == 1 and len(roles.head) == 1
+
+
+def test_config_round_trip_and_description():
+    cfg = Int8Config(smooth_quant=-1.0, estimator="percentile", attention_float=True, float_groups=("patch_embed", "first_block"))
+    assert Int8Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.describe() == "SmoothQuant off, percentile ranges, attention core float, patch embed float, first block float"
+    assert Int8Config().describe() == "NNCF defaults"
+
+
+def test_target_check():
+    t = Target()
+    assert t.check({"top1_agreement": 0.98, "cosine_min": 0.9}, True, 0.0)
+    assert not t.check({"top1_agreement": 0.975, "cosine_min": 1.0}, True, 0.0)
+    assert not t.check({"top1_agreement": 1.0, "cosine_min": 1.0, "finite": False}, True, 0.0)
+    assert not Target(max_drop=0.5).check({"top1_agreement": 0.99, "cosine_min": 1.0}, True, 0.8)
+    dense = {"cosine_min": 0.9999, "outputs": {"a": {"cosine_min": 0.999}, "b": {"cosine_min": 0.99}}}
+    assert not t.check(dense, False, None) and Target(cosine=0.99).check(dense, False, None)
+    with pytest.raises(VitedgeError, match="between 0 and 1"):
+        Target(agreement=98)
+
+
+def test_default_meets_target_and_writes_the_table(ref_onnx, tmp_path):
+    out, man = quantize(ref_onnx, tmp_path / "ref.int8.xml", backend="openvino")
+    q = man.quantization
+    assert q["fidelity"]["met"] and q["fidelity"]["chosen_try"] == 1 and q["fidelity"]["tries"] == 1
+    table = json.loads((tmp_path / "ref.int8.xml.fidelity.json").read_text())
+    assert table["met"] and table["tries"][0]["status"] == "met" and table["tries"][0]["latency_ms"] > 0
+    assert {r["float_precision"] for r in table["tries"]} == set(fidelity.float_precisions("openvino"))
+    assert q["float_precision"] == table["chosen_float_precision"]
+    md = (tmp_path / "ref.int8.xml.fidelity.md").read_text()
+    assert "| 1 **(chosen)** | default |" in md
+    assert man.verification["agreement"]["top1_agreement"] >= 0.98
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vitedge-")]  # scratch (tries, arrays) removed
+
+
+def test_target_not_met_keeps_the_best_try_and_exits_1(ref_onnx, tmp_path):
+    """An unreachable target: the most faithful try is written anyway, the table says NOT met, the CLI exits 1."""
+    from vitedge.cli.main import main
+
+    with pytest.raises(FidelityNotMet, match="NOT met") as ei:
+        quantize(ref_onnx, tmp_path / "q.onnx", target=Target(agreement=1.0, cosine=1.0), search_budget=0)
+    assert ei.value.exit_code == 1 and ei.value.output.exists() and ei.value.manifest.quantization["fidelity"]["met"] is False
+    assert "NOT met" in (tmp_path / "q.onnx.fidelity.md").read_text()
+    r = CliRunner().invoke(main, ["quantize", str(ref_onnx), "--int8", "--target-cosine", "1.0", "--target-agreement", "1.0",
+                                  "--search-budget", "0", "-o", str(tmp_path / "c.onnx")])
+    assert r.exit_code == 1, r.output
+    assert "NOT met" in r.output and (tmp_path / "c.onnx").exists() and (tmp_path / "c.onnx.fidelity.md").exists()
+
+
+_CRASHER = r"""
+import json, os, sys
+job = json.loads(open(sys.argv[-1]).read())
+if job["config"].get("smooth_quant") == -1.0:
+    os.abort()  # a native crash (SIGABRT), like the malloc corruption seen in NNCF's quantile estimator
+if job["config"].get("smooth_quant") == 0.5:
+    import time; time.sleep(600)  # a hang
+sys.argv = ["_try", sys.argv[-1]]
+from vitedge.quantization._try import main
+sys.exit(main())
+"""
+
+
+def test_a_crashing_or_hanging_try_is_recorded_and_the_search_goes_on(ref_onnx, tmp_path, monkeypatch):
+    """Tries run in child processes: SIGABRT in one and a hang in another do not take the run down."""
+    script = tmp_path / "crasher.py"
+    script.write_text(_CRASHER)
+    monkeypatch.setattr(fidelity, "try_command", lambda job: [sys.executable, str(script), str(job)])
+    monkeypatch.setattr(fidelity, "TRY_TIMEOUT_S", 20.0)
+    # a target that no try can meet, so every step of the ladder runs: crash, hang (timed out), then real tries
+    with pytest.raises(FidelityNotMet):
+        quantize(ref_onnx, tmp_path / "q.onnx", target=Target(agreement=1.0, cosine=1.0), search_budget=120)
+    rows = json.loads((tmp_path / "q.onnx.fidelity.json").read_text())["tries"]
+    by_step = {r["step"]: r for r in rows}
+    assert by_step["SmoothQuant off"]["status"] == "crashed" and "signal 6" in by_step["SmoothQuant off"]["error"]
+    assert by_step["SmoothQuant 0.5"]["status"] == "timeout"
+    assert by_step["default"]["status"] == "missed" and by_step["quantile ranges"]["status"] == "missed"
+    assert (tmp_path / "q.onnx").exists()  # the most faithful try that ran
+
+
+def test_calibration_minimum(ref_onnx, tmp_path):
+    with pytest.raises(VitedgeError, match="at least 16 images") as ei:
+        quantize(ref_onnx, tmp_path / "q.onnx", samples=8)
+    assert "--min-calib" in str(ei.value) and "\n" not in str(ei.value)
+    assert not list(tmp_path.iterdir())
+    out, man = quantize(ref_onnx, tmp_path / "q.onnx", samples=8, min_calib=8, search_budget=0)
+    assert man.quantization["calibration"]["size"] == 8
+    one = tmp_path / "one"
+    one.mkdir()
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(one / "a.png")
+    with pytest.raises(VitedgeError, match="at least 16 images"):
+        quantize(ref_onnx, tmp_path / "r.onnx", calib=one)

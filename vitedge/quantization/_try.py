@@ -1,0 +1,105 @@
+"""One try of the INT8 fidelity search, run in a child process: ``python -m vitedge.quantization._try JOB.json``.
+
+The parent (``fidelity.py``) writes the job (source model, backend, :class:`Int8Config`, where the
+preprocessed calibration and held-out arrays are) and reads ``result.json`` back.  A crash inside a
+native library (seen: a malloc corruption in NNCF's quantile estimator) or a hang kills this
+process only; the parent records it in the table and goes on with the next try.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+
+def _batches(x: np.ndarray, fixed: int | None, input_name: str | None):
+    """Calibration items for NNCF: one image at a time (NNCF's statistics assume it), or the model's fixed batch.
+    NNCF's ONNX backend takes {input name: array}, its OpenVINO backend the array."""
+    bs = fixed or 1
+    for i in range(0, len(x), bs):
+        b = np.ascontiguousarray(x[i : i + bs])
+        if len(b) < bs:
+            b = np.concatenate([b, np.repeat(b[-1:], bs - len(b), axis=0)])
+        yield {input_name: b} if input_name else b
+
+
+class _Reiterable:
+    def __init__(self, x, fixed, input_name: str | None = None):
+        self.x, self.fixed, self.input_name = x, fixed, input_name
+
+    def __iter__(self):
+        return _batches(self.x, self.fixed, self.input_name)
+
+    def __len__(self):
+        return -(-len(self.x) // (self.fixed or 1))
+
+
+def run(job: dict) -> dict:
+    from .nncf_int8 import Int8Config, Validation, float_names, float_ops_onnx, float_ops_openvino, graph_roles, measure, \
+        ov_attention_matmuls, quantize_nncf
+
+    t0 = time.perf_counter()
+    cfg = Int8Config.from_dict(job["config"])
+    src, out = Path(job["source"]), Path(job["output"])
+    calib = np.load(job["calib"], mmap_mode="r")
+    x = np.load(job["eval"], mmap_mode="r")
+    ref = dict(np.load(job["reference"]))
+    import onnx
+
+    proto = onnx.load(str(src))
+    roles = graph_roles(proto)
+    ignored = float_names(cfg, roles)
+    validation = None
+    if cfg.accuracy_control:
+        validation = Validation(np.asarray(x), ref, job["classifier"], job["ac_max_drop"], job["ac_max_float_layers"],
+                                input_name=None if job["backend"] == "openvino" else proto.graph.input[0].name)
+    data = _Reiterable(calib, job.get("fixed_batch"), None if job["backend"] == "openvino" else proto.graph.input[0].name)
+    if job["backend"] == "openvino":
+        import openvino as ov
+
+        model = ov.convert_model(str(src))
+        if cfg.attention_float:
+            ignored = sorted(set(ignored) | set(ov_attention_matmuls(model)))
+        q = quantize_nncf(model, data, len(data), cfg, ignored, validation)
+        ov.save_model(q, str(out))  # weights stored as int8
+        kept = float_ops_openvino(q)
+    else:
+        q = quantize_nncf(proto, data, len(data), cfg, ignored, validation)
+        big = q.ByteSize() > 1_800_000_000
+        onnx.save(q, str(out), save_as_external_data=big, location=job["data_name"] if big else None)
+        kept = float_ops_onnx(q)
+    t_quant = time.perf_counter() - t0
+    variants = []
+    for fp in job["float_precisions"]:
+        outs, latency = measure(out, job["backend"], np.asarray(x), fp)
+        names = list(ref)
+        got = list(outs.values())
+        np.savez(out.parent / f"outputs.{fp or 'default'}.npz", **{n: (outs[n] if n in outs else got[i]) for i, n in enumerate(names)})
+        variants.append({"float_precision": fp, "latency_ms": latency})
+    return {"status": "ok", "float_ops": kept, "quantize_seconds": t_quant, "variants": variants,
+            "seconds": time.perf_counter() - t0}
+
+
+def main() -> int:
+    job_path = Path(sys.argv[1])
+    job = json.loads(job_path.read_text())
+    result_path = Path(job["result"])
+    try:
+        res = run(job)
+    except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        res = {"status": "failed", "error": f"{type(exc).__name__}: {msg}".rstrip(": "), "trace": traceback.format_exc()[-4000:]}
+        print(res["trace"], file=sys.stderr)
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res))
+    tmp.replace(result_path)
+    return 0 if res["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The INT8 fidelity search: measure the default, and when it misses the target, climb a bounded ladder.
+
+Real pretrained ViTs carry activation outliers (a few residual channels 50-100x the rest, attention
+sinks) that make a tool's default INT8 flip predictions; where the harm sits differs from model to
+model, so vitedge finds it by measuring.  Every try is one NNCF configuration
+(:class:`~vitedge.quantization.nncf_int8.Int8Config`), quantized and measured in a child process
+(a crash or hang costs that try only), on held-out images the calibration never saw.
+
+The ladder (``docs/quantize.md``), each step changing the most faithful configuration so far:
+
+1. vitedge's default (NNCF, Transformer model type; ONNX Runtime: attention core in float)
+2. SmoothQuant off, then SmoothQuant 0.5          (no speed cost)
+3. quantile activation ranges                      (no speed cost)
+4. full bias correction                            (no speed cost)
+5. attention core (Q·Kᵀ, softmax·V) in float       (small cost)
+6. patch embedding and first block in float        (costs a block)
+7. NNCF accuracy control: the most harmful layers back to float until the target is met
+
+On OpenVINO CPUs with BF16 each try is measured with its float parts in bf16 and in f32 (bf16 is
+faster, but adds flips of its own).  The search stops at the first try that meets the target and
+chooses the fastest variant that meets it; if none does within the time budget, the most faithful
+try is kept and the caller is told (``FidelityResult.met``).  Every try goes into a table beside
+the artifact (``<artifact>.fidelity.md`` / ``.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import VitedgeError
+from ..ui import err_console, note
+from .calibration import EvalSet
+from .nncf_int8 import Int8Config, graph_roles
+
+DEFAULT_AGREEMENT = 0.98  # top-1 agreement with FP32, classifiers
+DEFAULT_COSINE = 0.995  # minimum per-image output cosine, other outputs
+DEFAULT_BUDGET_S = 900.0  # wall time for the whole search, default try excluded
+FIRST_TRY_TIMEOUT_S = 3600.0  # the default try is never cut by the budget, only by this
+TRY_TIMEOUT_S = 1800.0  # any later try: at most this, and never past the budget
+AC_MAX_FLOAT_FRACTION = 0.25  # accuracy control may return at most this share of the matrix ops to float
+
+
+@dataclass(frozen=True)
+class Target:
+    """What "keeps the predictions" means.  Classifiers: top-1 agreement with FP32 (and, with
+    ``max_drop``, the top-1 points lost on labelled images).  Other outputs: the minimum per-image
+    cosine of every output."""
+
+    agreement: float = DEFAULT_AGREEMENT
+    cosine: float = DEFAULT_COSINE
+    max_drop: float | None = None  # top-1 percentage points (labelled: accuracy; else disagreement)
+
+    def __post_init__(self):
+        for name, v in (("target agreement", self.agreement), ("target cosine", self.cosine)):
+            if not (0.0 <= v <= 1.0):
+                raise VitedgeError(f"{name} {v} must be between 0 and 1", "e.g. --target-agreement 0.98")
+
+    def describe(self, classifier: bool) -> str:
+        if classifier:
+            s = f"top-1 agreement >= {100 * self.agreement:.1f}%"
+            return s + (f" and top-1 drop <= {self.max_drop:g} pp" if self.max_drop is not None else "")
+        return f"min output cosine >= {self.cosine:g}"
+
+    def check(self, m: dict, classifier: bool, drop_pp: float | None) -> bool:
+        if not m.get("finite", True):
+            return False
+        if classifier:
+            ok = m.get("top1_agreement", 1.0) >= self.agreement - 1e-12
+            return ok and (self.max_drop is None or drop_pp is None or drop_pp <= self.max_drop + 1e-9)
+        return min_cosine(m) >= self.cosine - 1e-12
+
+
+def min_cosine(m: dict) -> float:
+    outs = m.get("outputs")
+    return min(o["cosine_min"] for o in outs.values()) if outs else m["cosine_min"]
+
+
+def default_config(backend: str) -> Int8Config:
+    """ONNX Runtime: the attention core stays float (its int8 attention MatMuls are slow and lossy);
+    OpenVINO: NNCF's defaults (its fused attention kernel takes int8 inputs)."""
+    return Int8Config(attention_float=backend == "onnxruntime")
+
+
+def ladder(backend: str, has_blocks: bool) -> list[tuple[str, callable]]:
+    """(step name, best config so far -> next config).  Steps that would repeat a config are skipped."""
+    steps = [
+        ("SmoothQuant off", lambda c: c.but(smooth_quant=-1.0)),
+        ("SmoothQuant 0.5", lambda c: c.but(smooth_quant=0.5)),
+        ("quantile ranges", lambda c: c.but(estimator="percentile")),
+        ("full bias correction", lambda c: c.but(bias_correction="full")),
+        ("attention core float", lambda c: c.but(attention_float=True)),
+    ]
+    if has_blocks:
+        steps.append(("patch embedding + first block float",
+                      lambda c: c.but(float_groups=tuple(sorted(set(c.float_groups) | {"patch_embed", "first_block"})))))
+    steps.append(("sensitive layers float", lambda c: c.but(accuracy_control=True)))
+    return steps
+
+
+@dataclass
+class Row:
+    """One measured variant of one try (a row of the table)."""
+
+    try_no: int
+    step: str
+    config: Int8Config
+    float_precision: str | None
+    status: str  # met | missed | crashed | timeout | failed
+    metrics: dict = field(default_factory=dict)
+    latency_ms: float | None = None
+    seconds: float = 0.0
+    float_ops: int | None = None
+    error: str | None = None
+    drop_pp: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"try": self.try_no, "step": self.step, "config": self.config.to_dict(), "description": self.config.describe(),
+                "float_precision": self.float_precision, "status": self.status, "latency_ms": self.latency_ms,
+                "seconds": round(self.seconds, 1), "float_ops": self.float_ops, "error": self.error, "drop_pp": self.drop_pp,
+                "top1_agreement": self.metrics.get("top1_agreement"), "cosine_min": min_cosine(self.metrics) if self.metrics else None,
+                "snr_db": self.metrics.get("snr_db")}
+
+
+@dataclass
+class FidelityResult:
+    target: Target
+    met: bool
+    chosen: Row
+    rows: list[Row]
+    artifact_dir: Path  # where the chosen try's files are
+    classifier: bool
+    seconds: float
+
+    def summary(self) -> str:
+        c = self.chosen
+        what = f"try {c.try_no} ({c.config.describe()}" + (f", float parts {c.float_precision}" if c.float_precision else "") + ")"
+        nums = _numbers(c, self.classifier)
+        tries = len({r.try_no for r in self.rows})
+        if self.met:
+            return f"INT8 fidelity target ({self.target.describe(self.classifier)}) met by {what}: {nums}; {tries} tr{'y' if tries == 1 else 'ies'} in {self.seconds:.0f} s"
+        return (f"INT8 fidelity target ({self.target.describe(self.classifier)}) NOT met after {tries} tries in {self.seconds:.0f} s; "
+                f"kept the most faithful, {what}: {nums}")
+
+
+def _numbers(r: Row, classifier: bool) -> str:
+    parts = []
+    if classifier and "top1_agreement" in r.metrics:
+        parts.append(f"agreement {100 * r.metrics['top1_agreement']:.2f}%")
+    if r.drop_pp is not None and classifier:
+        parts.append(f"drop {r.drop_pp:+.2f} pp")
+    if r.metrics:
+        parts.append(f"cosine min {min_cosine(r.metrics):.4f}")
+    if r.latency_ms is not None:
+        parts.append(f"{r.latency_ms:.2f} ms")
+    return ", ".join(parts)
+
+
+def _score(r: Row, classifier: bool) -> tuple:
+    """Higher is more faithful."""
+    if r.status not in ("met", "missed"):
+        return (-1.0, -1.0)
+    cos = min_cosine(r.metrics)
+    if classifier:
+        return (r.metrics.get("top1_agreement", 0.0), -(r.drop_pp or 0.0), cos)
+    return (cos, r.metrics.get("snr_db") or 0.0)
+
+
+def float_precisions(backend: str) -> list[str | None]:
+    """OpenVINO: the float parts of an INT8 engine run in bf16 on BF16 CPUs (faster) unless f32 is needed."""
+    if backend != "openvino":
+        return [None]
+    from ..compilation import default_precision_hint
+
+    return ["bf16", "f32"] if default_precision_hint("int8") == "bf16" else ["f32"]
+
+
+class _Arrays:
+    """The calibration and held-out images, preprocessed once, as .npy files every try maps in."""
+
+    def __init__(self, scratch: Path, calib_stream, ev: EvalSet):
+        self.dir = scratch
+        self.calib = scratch / "calib.npy"
+        self.eval = scratch / "eval.npy"
+        self.reference = scratch / "reference.npz"
+        _to_npy(self.calib, calib_stream)
+        _to_npy(self.eval, ev.batches(32))
+        np.savez(self.reference, **ev.ref_outputs)
+
+
+def _to_npy(path: Path, batches) -> None:
+    """Stream batches into one .npy (two passes would re-decode images; this grows a raw file, then adds the header)."""
+    raw = path.with_suffix(".raw")
+    n, shape, dtype = 0, None, np.float32
+    with open(raw, "wb") as f:
+        for b in batches:
+            b = np.ascontiguousarray(b, dtype=np.float32)
+            shape = b.shape[1:]
+            n += len(b)
+            f.write(b.tobytes())
+    if shape is None:
+        raise VitedgeError("no usable images for the INT8 search")
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *shape))
+    arr[:] = np.memmap(raw, dtype=dtype, mode="r", shape=(n, *shape))
+    arr.flush()
+    del arr
+    raw.unlink()
+
+
+def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *, target: Target, budget_s: float,
+           fixed_batch: int | None, method: str = "minmax", final_name: str = "model.onnx") -> FidelityResult:
+    """Run the default try, then the ladder while the target is missed and the budget lasts."""
+    import onnx
+
+    t0 = time.perf_counter()
+    classifier = ev.ref.ndim == 2 and ev.ref.shape[1] > 1 and len(ev.ref_outputs) == 1
+    arrays = _Arrays(scratch, calib_stream, ev)
+    roles = graph_roles(onnx.load(str(src), load_external_data=False))
+    n_matrix = sum(len(b) for b in roles.blocks) + len(roles.patch_embed) + len(roles.head) + len(roles.attention)
+    base = default_config(backend)
+    if method != "minmax":
+        base = base.but(estimator=method)
+    fps = float_precisions(backend)
+    rows: list[Row] = []
+    best: Row | None = None
+    tried: set[Int8Config] = set()
+    plan = [("default", lambda c: c)] + (ladder(backend, bool(roles.blocks)) if budget_s > 0 else [])
+    total = len(plan)
+    for k, (step, make) in enumerate(plan, 1):
+        cfg = make(best.config if best is not None else base)
+        if cfg in tried:
+            continue
+        tried.add(cfg)
+        remaining = FIRST_TRY_TIMEOUT_S if k == 1 else min(TRY_TIMEOUT_S, budget_s - (time.perf_counter() - t0))
+        if remaining <= 5:
+            note(f"INT8 search budget ({budget_s:.0f} s) used up before step '{step}'; pass --search-budget to allow more")
+            break
+        err_console.print(f"[bold]INT8 try {len(tried)}[/] (step {k}/{total}: {step}): {cfg.describe()}")
+        new = _run_try(len(tried), step, cfg, src, backend, arrays, ev, scratch, target, classifier, fps, remaining,
+                       fixed_batch, max(1, int(n_matrix * AC_MAX_FLOAT_FRACTION)), final_name)
+        rows += new
+        for r in new:
+            err_console.print(f"  {r.status:7s} {('float ' + r.float_precision) if r.float_precision else '':11s} "
+                              f"{_numbers(r, classifier) or r.error or ''}")
+            if best is None or _score(r, classifier) > _score(best, classifier):
+                best = r
+        if any(r.status == "met" for r in new):
+            break
+    if best is None or best.status not in ("met", "missed"):
+        errors = "; ".join(f"try {r.try_no}: {r.status} ({r.error})" for r in rows[:3])
+        raise VitedgeError(f"every INT8 try failed: {errors}", "check the model with `vitedge check parity`, or try --fp16")
+    met_rows = [r for r in rows if r.status == "met"]
+    if met_rows:
+        fastest = min(r.latency_ms for r in met_rows)
+        # within 3 % of the fastest is a tie (timing noise): prefer the earlier, more-INT8 try
+        chosen = next(r for r in met_rows if r.latency_ms <= fastest * 1.03)
+    else:
+        chosen = best
+    return FidelityResult(target, bool(met_rows), chosen, rows, scratch / f"try{chosen.try_no}", classifier, time.perf_counter() - t0)
+
+
+def try_command(job: Path) -> list[str]:
+    """The child process of one try."""
+    return [sys.executable, "-m", "vitedge.quantization._try", str(job)]
+
+
+def _run_try(no, step, cfg, src, backend, arrays, ev, scratch, target, classifier, fps, timeout, fixed_batch, ac_layers, final_name) -> list[Row]:
+    d = scratch / f"try{no}"
+    d.mkdir()
+    out = d / ("model.xml" if backend == "openvino" else "model.onnx")
+    ac_drop = (1.0 - target.agreement) if classifier else (1.0 - target.cosine)
+    job = {"source": str(src), "backend": backend, "config": cfg.to_dict(), "output": str(out), "calib": str(arrays.calib),
+           "eval": str(arrays.eval), "reference": str(arrays.reference), "float_precisions": fps, "fixed_batch": fixed_batch,
+           "classifier": classifier, "ac_max_drop": max(ac_drop, 1e-6), "ac_max_float_layers": ac_layers,
+           "data_name": f"{final_name}.data", "result": str(d / "result.json")}
+    (d / "job.json").write_text(json.dumps(job))
+    t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(d / "log.txt", "wb") as log:
+        proc = subprocess.Popen(try_command(d / "job.json"), stdout=log, stderr=subprocess.STDOUT, env=env)
+        code = None
+        with err_console.status(f"INT8 try {no}: quantizing and measuring in a child process") as status:
+            while code is None:
+                try:
+                    code = proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    elapsed = time.perf_counter() - t0
+                    status.update(f"INT8 try {no}: quantizing and measuring in a child process ({elapsed:.0f} s)")
+                    if elapsed > timeout:
+                        proc.kill()
+                        proc.wait()
+                        return [Row(no, step, cfg, None, "timeout", seconds=elapsed, error=f"stopped after {timeout:.0f} s (search budget)")]
+    secs = time.perf_counter() - t0
+    res_path = d / "result.json"
+    if not res_path.exists():
+        sig = -code if code < 0 else None
+        what = f"signal {sig}" if sig else f"exit code {code}"
+        tail = (d / "log.txt").read_bytes()[-300:].decode(errors="replace").strip().splitlines()
+        return [Row(no, step, cfg, None, "crashed", seconds=secs, error=f"the try's process died ({what}){': ' + tail[-1][:160] if tail else ''}")]
+    res = json.loads(res_path.read_text())
+    if res["status"] != "ok":
+        return [Row(no, step, cfg, None, "failed", seconds=secs, error=res["error"][:200])]
+    rows = []
+    for v in res["variants"]:
+        fp = v["float_precision"]
+        with np.load(d / f"outputs.{fp or 'default'}.npz") as z:
+            outs = {k: z[k] for k in z.files}
+        m = ev.measure_outputs(outs)
+        drop = ev.drop_pp(m) if classifier else None
+        ok = target.check(m, classifier, drop)
+        rows.append(Row(no, step, cfg, fp, "met" if ok else "missed", metrics=m, latency_ms=v["latency_ms"], seconds=secs,
+                        float_ops=len(res["float_ops"]), drop_pp=drop))
+    (d / "float_ops.json").write_text(json.dumps(res["float_ops"]))
+    return rows
+
+
+def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model: str, backend: str, eval_source: str,
+                images: int) -> None:
+    """Every try's numbers, as JSON and Markdown, next to the artifact."""
+    from . import _clean
+
+    rows = [r.to_dict() for r in result.rows]
+    info = {"model": model, "backend": backend, "target": {"agreement": result.target.agreement, "cosine": result.target.cosine,
+            "max_drop": result.target.max_drop, "metric": result.target.describe(result.classifier)},
+            "measured_on": eval_source, "images": images, "met": result.met, "chosen_try": result.chosen.try_no,
+            "chosen_float_precision": result.chosen.float_precision, "seconds": round(result.seconds, 1), "tries": rows,
+            "summary": result.summary()}
+    path_json.write_text(json.dumps(_clean(info), indent=2) + "\n")
+    lines = [f"# INT8 fidelity search: {model} ({backend})", "",
+             f"- target: {result.target.describe(result.classifier)}, measured on {eval_source} ({images} images, not used for calibration)",
+             f"- result: {result.summary()}", "",
+             "| try | step | configuration | float parts | status | top-1 agreement | drop pp | min cosine | latency ms (batch 1) | float matrix ops | seconds |",
+             "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result.rows:
+        chosen = " **(chosen)**" if r is result.chosen else ""
+        agree = "" if r.metrics.get("top1_agreement") is None else f"{100 * r.metrics['top1_agreement']:.2f}%"
+        cos = f"{min_cosine(r.metrics):.5f}" if r.metrics else ""
+        lat = "" if r.latency_ms is None else f"{r.latency_ms:.2f}"
+        drop = "" if r.drop_pp is None else f"{r.drop_pp:+.2f}"
+        status = r.status + (f": {r.error}" if r.error else "")
+        lines.append(f"| {r.try_no}{chosen} | {r.step} | {r.config.describe()} | {r.float_precision or ''} | {status} | {agree} | "
+                     f"{drop} | {cos} | {lat} | {'' if r.float_ops is None else r.float_ops} | {r.seconds:.0f} |")
+    lines += ["", "Latency: median of batch-1 runs in the try's own process, on this machine; compare rows, not machines.",
+              "Agreement with FP32 is measured on held-out images; the search chose on them too, so confirm on",
+              "fresh images with `vitedge validate --data DIR`."]
+    path_md.write_text("\n".join(lines) + "\n")
+
+
+def copy_chosen(result: FidelityResult, dest: Path, backend: str) -> list[str]:
+    """Move the chosen try's files to ``dest`` (an .xml/.onnx path in the scratch folder); returns their names."""
+    src = result.artifact_dir / ("model.xml" if backend == "openvino" else "model.onnx")
+    names = []
+    shutil.move(str(src), dest)
+    names.append(dest.name)
+    if backend == "openvino":
+        shutil.move(str(src.with_suffix(".bin")), dest.with_suffix(".bin"))
+        names.append(dest.with_suffix(".bin").name)
+    else:  # external data (models over 1.8 GB) was saved under the final name already
+        data = result.artifact_dir / (dest.name + ".data")
+        if data.exists():
+            shutil.move(str(data), dest.parent / data.name)
+            names.append(data.name)
+    return names
+
+
+def kept_float(result: FidelityResult) -> list[str]:
+    p = result.artifact_dir / "float_ops.json"
+    return json.loads(p.read_text()) if p.exists() else []
+

@@ -1,0 +1,324 @@
+"""INT8 with NNCF for both CPU runtimes: OpenVINO IR (FakeQuantize) and QDQ ONNX for ONNX Runtime.
+
+One set of algorithms (NNCF's min-max calibration, SmoothQuant, bias correction, accuracy control)
+writes both formats, so a configuration that keeps a model's predictions on one runtime means the
+same on the other.  :class:`Int8Config` is one point of the fidelity search's ladder
+(``fidelity.py``); :func:`quantize_nncf` applies it; :func:`measure` runs the result on the held-out
+images and times it.  Everything here runs inside a child process of the search
+(``_try.py``), so a crash in a native library costs one try, not the user's run.
+
+ViT-aware structure (which MatMul is the patch embedding, a block's fc2, the attention core) is
+read from the ONNX graph by :func:`graph_roles`; it works on vitedge's exports and on foreign ONNX
+files (timm, transformers, torch.onnx) alike because it looks at weights and data flow, not names.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+log = logging.getLogger("vitedge")
+
+#: vitedge's --method names -> NNCF's activation range estimators (NNCF has no KL method: its histogram
+#: estimator, which picks the range minimising the quantization error, stands in for "entropy").
+ESTIMATORS = {"minmax": "MINMAX", "percentile": "MEAN_QUANTILE", "entropy": "HISTOGRAM"}
+MATRIX_OPS = ("MatMul", "Gemm", "Conv")
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """How one INT8 try is made.  Frozen and JSON-able: it is recorded in the manifest and the table."""
+
+    smooth_quant: float | None = None  # SmoothQuant strength on MatMuls; None = NNCF's default (0.95), < 0 = off
+    estimator: str = "minmax"  # activation ranges: minmax | percentile | entropy
+    bias_correction: str = "fast"  # fast | full (NNCF's BiasCorrection: slower, corrects every layer's mean shift)
+    attention_float: bool = False  # Q·Kᵀ and softmax·V stay in float
+    float_groups: tuple[str, ...] = ()  # structural groups kept in float: patch_embed, first_block, last_block, fc2
+    accuracy_control: bool = False  # NNCF ranks the quantized layers and returns the most harmful to float
+
+    def describe(self) -> str:
+        parts = []
+        if self.smooth_quant is not None:
+            parts.append("SmoothQuant off" if self.smooth_quant < 0 else f"SmoothQuant {self.smooth_quant:g}")
+        if self.estimator != "minmax":
+            parts.append(f"{self.estimator} ranges")
+        if self.bias_correction != "fast":
+            parts.append("full bias correction")
+        if self.attention_float:
+            parts.append("attention core float")
+        parts += [f"{g.replace('_', ' ')} float" for g in self.float_groups]
+        if self.accuracy_control:
+            parts.append("sensitive layers float (NNCF accuracy control)")
+        return ", ".join(parts) or "NNCF defaults"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["float_groups"] = list(self.float_groups)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Int8Config":
+        return cls(**{**d, "float_groups": tuple(d.get("float_groups", ()))})
+
+    def but(self, **changes) -> "Int8Config":
+        return replace(self, **changes)
+
+
+@dataclass
+class GraphRoles:
+    """Names of the matrix ops of a ViT graph, by the part of the network they belong to."""
+
+    patch_embed: list[str] = field(default_factory=list)
+    blocks: list[list[str]] = field(default_factory=list)  # weight MatMuls of each encoder block, in order
+    fc2: list[str] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)  # MatMuls of two activations (Q·Kᵀ, softmax·V)
+    head: list[str] = field(default_factory=list)
+
+    def group(self, name: str) -> list[str]:
+        if name == "patch_embed":
+            return self.patch_embed
+        if name == "first_block":
+            return self.blocks[0] if self.blocks else []
+        if name == "last_block":
+            return self.blocks[-1] if self.blocks else []
+        if name == "fc2":
+            return self.fc2
+        raise KeyError(name)
+
+
+def graph_roles(model) -> GraphRoles:
+    """Find the patch embedding, the encoder blocks, each block's fc2 and the attention core in an ONNX graph.
+
+    A weight MatMul/Gemm whose input width is at least twice its output width is an MLP's second layer
+    (fc2); the fc2s close the encoder blocks, so everything between two fc2s is one block.  A Conv
+    before the first block is the patch embedding; weight ops after the last fc2 are the head.
+    """
+    g = model.graph
+    consts = {i.name: i for i in g.initializer}
+    produced_by = {o: n for n in g.node for o in n.output}
+
+    def weight(name: str):
+        """The constant behind an input (through Transpose/Cast/Identity), else None."""
+        for _ in range(4):
+            if name in consts:
+                return consts[name]
+            n = produced_by.get(name)
+            if n is None:
+                return None
+            if n.op_type == "Constant":
+                return next((a.t for a in n.attribute if a.name == "value"), None)
+            if n.op_type not in ("Transpose", "Cast", "Identity", "DequantizeLinear"):
+                return None
+            name = n.input[0]
+        return None
+
+    roles = GraphRoles()
+    ops: list[tuple[str, str, int | None, int | None]] = []  # (name, op type, input width, output width)
+    for n in g.node:
+        if n.op_type not in MATRIX_OPS:
+            continue
+        w = weight(n.input[1]) if len(n.input) > 1 else None
+        if w is None:
+            if n.op_type == "MatMul" and weight(n.input[0]) is None:
+                roles.attention.append(n.name)
+            continue
+        dims = list(w.dims)
+        if len(dims) != 2:
+            ops.append((n.name, n.op_type, None, None))
+            continue
+        trans_b = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+        k, m = (dims[1], dims[0]) if trans_b else (dims[0], dims[1])
+        ops.append((n.name, n.op_type, k, m))
+    widths = [m for *_, m in ops if m]
+    d_model = max(set(widths), key=widths.count) if widths else None  # the residual width: most MatMuls write it
+    current: list[str] = []
+    for name, op_type, k, m in ops:
+        if op_type == "Conv" and not roles.blocks and not current:
+            roles.patch_embed.append(name)
+            continue
+        current.append(name)
+        if k and m == d_model and k >= 2 * m:  # fc2: d_ff -> d_model closes a block
+            roles.fc2.append(name)
+            roles.blocks.append(current)
+            current = []
+    roles.head = current if roles.blocks else []
+    return roles
+
+
+def ov_attention_matmuls(ov_model) -> list[str]:
+    """MatMuls of two activations in an OpenVINO model (their friendly names differ from the ONNX names)."""
+
+    def is_const(out) -> bool:
+        node = out.get_node()
+        for _ in range(4):
+            t = node.get_type_name()
+            if t == "Constant":
+                return True
+            if t not in ("Convert", "Transpose", "Reshape", "FakeQuantize"):
+                return False
+            node = node.input_value(0).get_node()
+        return False
+
+    return [op.get_friendly_name() for op in ov_model.get_ordered_ops()
+            if op.get_type_name() == "MatMul" and not is_const(op.input_value(0)) and not is_const(op.input_value(1))]
+
+
+def float_names(cfg: Int8Config, roles: GraphRoles) -> list[str]:
+    """Names of the ops this config keeps in float by structure (OpenVINO may suffix a Conv's name)."""
+    names: list[str] = []
+    for grp in cfg.float_groups:
+        names += roles.group(grp)
+    if cfg.attention_float:
+        names += roles.attention
+    return sorted(set(names))
+
+
+def _advanced(cfg: Int8Config):
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    kw = {"activations_range_estimator_params": getattr(RangeEstimatorParametersSet, ESTIMATORS[cfg.estimator])}
+    if cfg.smooth_quant is not None:
+        kw["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(matmul=float(cfg.smooth_quant))
+    return AdvancedQuantizationParameters(**kw)
+
+
+def quantize_nncf(model, calib: Iterable[np.ndarray], subset_size: int, cfg: Int8Config, ignored: list[str],
+                  validation: "Validation | None" = None):
+    """Quantize an ``ov.Model`` or an ``onnx.ModelProto`` with NNCF; returns the same kind of model."""
+    import nncf
+
+    data = nncf.Dataset(calib)
+    scope = nncf.IgnoredScope(names=list(ignored) + [n + "/WithoutBiases" for n in ignored], validate=False) if ignored else None
+    common = dict(model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED, subset_size=subset_size,
+                  fast_bias_correction=cfg.bias_correction == "fast", ignored_scope=scope)
+    if not cfg.accuracy_control:
+        return nncf.quantize(model, data, advanced_parameters=_advanced(cfg), **common)
+    if validation is None:
+        raise ValueError("accuracy control needs validation data")
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    return nncf.quantize_with_accuracy_control(
+        model, data, nncf.Dataset(validation.items, lambda item: item[0]), validation, max_drop=validation.max_drop,
+        drop_type=nncf.DropType.ABSOLUTE, advanced_quantization_parameters=_advanced(cfg),
+        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+            max_num_iterations=validation.max_float_layers, ranking_subset_size=min(len(validation.items), 300)),
+        **common)
+
+
+class Validation:
+    """NNCF accuracy control's metric: agreement with FP32 (classifiers) or the minimum output cosine.
+
+    Items are single held-out images with their index, so NNCF can rank layers on per-image values.
+    """
+
+    def __init__(self, x: np.ndarray, ref: dict[str, np.ndarray], classifier: bool, max_drop: float, max_float_layers: int,
+                 input_name: str | None = None):
+        # NNCF's transform gives the model input: {name: array} for ONNX, the array for OpenVINO
+        self.items = [({input_name: x[i : i + 1]} if input_name else x[i : i + 1], i) for i in range(len(x))]
+        self.ref = ref
+        self.first = next(iter(ref))
+        self.classifier = classifier
+        self.max_drop = max_drop
+        self.max_float_layers = max_float_layers
+
+    def _runner(self, model) -> Callable[[np.ndarray], list[np.ndarray]]:
+        if hasattr(model, "SerializeToString"):  # ONNX backend: NNCF hands over the ModelProto
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            name = sess.get_inputs()[0].name
+            return lambda x: sess.run(None, {name: x})
+        return lambda x: [np.asarray(v) for v in model(x).values()]  # OpenVINO compiled model
+
+    def __call__(self, model, data) -> tuple[float, list[float]]:
+        run = self._runner(model)
+        values = []
+        for x, i in data:
+            x = next(iter(x.values())) if isinstance(x, dict) else x
+            out = run(x)[0].astype(np.float64).reshape(-1)
+            ref = self.ref[self.first][i].astype(np.float64).reshape(-1)
+            if self.classifier:
+                values.append(float(out.argmax() == ref.argmax()))
+            else:
+                values.append(float(out @ ref / (np.linalg.norm(out) * np.linalg.norm(ref) + 1e-12)))
+        metric = float(np.mean(values)) if self.classifier else float(np.min(values))
+        return metric, values
+
+
+# -- measuring a candidate --------------------------------------------------------------------------------------------------
+def _timed(run: Callable[[], object], min_runs: int = 20, max_seconds: float = 3.0) -> float:
+    """Median wall time of ``run`` in ms, after warm-up."""
+    for _ in range(3):
+        run()
+    times: list[float] = []
+    t_end = time.perf_counter() + max_seconds
+    while len(times) < min_runs or (time.perf_counter() < t_end and len(times) < 200):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() > t_end + max_seconds:
+            break
+    return 1000.0 * float(np.median(times))
+
+
+def measure(path: Path, backend: str, x: np.ndarray, float_precision: str | None, batch: int = 16) -> tuple[dict[str, np.ndarray], float]:
+    """Outputs on the held-out images and the batch-1 latency (ms) of a quantized file on the CPU."""
+    one = np.ascontiguousarray(x[:1])
+    if backend == "openvino":
+        import openvino as ov
+
+        core = ov.Core()
+        cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_PRECISION_HINT": float_precision} if float_precision else {})}
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", cfg)
+        req = compiled.create_infer_request()
+        names = [o.get_any_name() for o in compiled.outputs]
+        parts = [[np.array(req.infer({0: x[i : i + batch]})[o]) for o in compiled.outputs] for i in range(0, len(x), batch)]
+        model1 = core.read_model(str(path))
+        model1.reshape({model1.inputs[0]: [1] + list(x.shape[1:])})  # engines are compiled static batch 1
+        c1 = core.compile_model(model1, "CPU", cfg)
+        r1 = c1.create_infer_request()
+        latency = _timed(lambda: r1.infer({0: one}))
+    else:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"])
+        name = sess.get_inputs()[0].name
+        names = [o.name for o in sess.get_outputs()]
+        parts = [sess.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
+        latency = _timed(lambda: sess.run(None, {name: one}))
+    outs = {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(names)}
+    return outs, latency
+
+
+def float_ops_openvino(ov_model) -> list[str]:
+    """MatMul/Convolution ops whose activation input is not fake-quantized (i.e. run in float)."""
+    out = []
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() in ("MatMul", "Convolution"):
+            if op.input_value(0).get_node().get_type_name() != "FakeQuantize":
+                out.append(op.get_friendly_name())
+    return out
+
+
+def float_ops_onnx(model) -> list[str]:
+    """Matrix ops whose inputs are not dequantized (i.e. run in float) in a QDQ ONNX model."""
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return [n.name for n in model.graph.node if n.op_type in MATRIX_OPS and n.input[0] not in dq]
+
+
+def qdq_scheme(model) -> str:
+    """``U8S8``/``S8S8`` (activation/weight integer types) of a QDQ ONNX model; ``mixed`` when activations differ."""
+    init = {i.name: i for i in model.graph.initializer}
+    act = set()
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in init and len(n.input) > 2 and n.input[2] in init:
+            act.add("U8" if init[n.input[2]].data_type == 2 else "S8")  # TensorProto.UINT8 == 2
+    return f"{act.pop()}S8" if len(act) == 1 else ("mixed U8/S8 activations, S8 weights" if act else "S8 weights only")
