@@ -185,8 +185,8 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
                 _ort_int8(src, tmp_out, scratch, backend, method, stream, parent, ev, max_drop, qinfo, output, report_files)
             else:
                 stream = StreamingBatches(plan.calib, pre, 32, min_count=min(samples or 1, len(plan.calib)), label="preparing calibration images")
-                fidelity = _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, target, max_drop, search_budget,
-                                        output, qinfo, report_files)
+                fidelity = _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, target, search_budget,
+                                        output, qinfo, report_files, classifier=parent.task == "classification")
             qinfo["calibration"] = {
                 "source": plan.calib_source, "fingerprint": plan.calib.fingerprint(), "size": len(plan.calib) - stream.skipped,
                 "requested": len(plan.calib), "skipped_unreadable": stream.skipped, "seed": seed,
@@ -236,7 +236,7 @@ class FidelityNotMet(GateFailed):
         self.output, self.manifest = output, manifest
 
 
-def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, target, max_drop, budget, output, qinfo, report_files):
+def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, target, budget, output, qinfo, report_files, classifier):
     """NNCF INT8 for OpenVINO / ONNX Runtime through the fidelity search; the chosen try lands at ``tmp_out``."""
     import nncf
 
@@ -248,7 +248,7 @@ def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, targ
     work = scratch / "search"
     work.mkdir()
     res = fid.search(src, backend, stream, ev, work, target=target, budget_s=budget, fixed_batch=fixed, method=method,
-                     final_name=output.name)
+                     final_name=output.name, classifier=classifier)
     fid.copy_chosen(res, tmp_out, backend)
     stem = output.name
     tj, tm = f"{stem}.fidelity.json", f"{stem}.fidelity.md"

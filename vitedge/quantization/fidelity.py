@@ -216,12 +216,13 @@ def _to_npy(path: Path, batches) -> None:
 
 
 def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *, target: Target, budget_s: float,
-           fixed_batch: int | None, method: str = "minmax", final_name: str = "model.onnx") -> FidelityResult:
+           fixed_batch: int | None, method: str = "minmax", final_name: str = "model.onnx", classifier: bool | None = None) -> FidelityResult:
     """Run the default try, then the ladder while the target is missed and the budget lasts."""
     import onnx
 
     t0 = time.perf_counter()
-    classifier = ev.ref.ndim == 2 and ev.ref.shape[1] > 1 and len(ev.ref_outputs) == 1
+    if classifier is None:  # class logits: one (N, classes) output
+        classifier = ev.ref.ndim == 2 and ev.ref.shape[1] > 1 and len(ev.ref_outputs) == 1
     arrays = _Arrays(scratch, calib_stream, ev)
     roles = graph_roles(onnx.load(str(src), load_external_data=False))
     n_matrix = sum(len(b) for b in roles.blocks) + len(roles.patch_embed) + len(roles.head) + len(roles.attention)
