@@ -138,7 +138,7 @@ def main(argv=None) -> int:
 
         for name in names:
             rep = Report.load(args.work / name / "report.json")
-            rank(rep, _budget(MODELS[name][0]))
+            rank(rep, _budget(MODELS[name][0]), fidelity=_budget(MODELS[name][0]) is not None)
             img = MODELS[name][1]
             sections += results_table(name, rep, f"{img}x{img}" if img else "64x64")
         first, last = (Report.load(args.work / n / "report.json").data for n in (names[0], names[-1]))

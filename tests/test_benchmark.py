@@ -72,11 +72,30 @@ def test_rank_pareto_front_from_a_real_report(bench_run):
     # make one engine both slower and less accurate than another: it must leave the front
     fast, slow = sorted(engines, key=lambda e: e["latency"]["p50_ms"])[:2]
     slow["vs_reference"]["top1_drop_pp"] = fast["vs_reference"]["top1_drop_pp"] + 5.0
-    rank(rep, max_drop=1.0)
+    rank(rep, max_drop=1.0, fidelity=False)  # the fidelity target has a test of its own below
     assert slow["name"] not in rep.data["pareto"] and rep.data["recommended"] == fast["name"]
     # an impossible budget recommends nothing, and says so
-    rank(rep, max_drop=-1.0)
-    assert rep.data["recommended"] is None and any("no engine is within" in f for f in rep.data["findings"])
+    rank(rep, max_drop=-1.0, fidelity=False)
+    assert rep.data["recommended"] is None and any(f.startswith("no engine is") and "within -1 pp" in f for f in rep.data["findings"])
+
+
+def _engine(name, precision, p50, agreement):
+    return {"name": name, "precision": precision, "latency": {"p50_ms": p50},
+            "vs_reference": {"top1_agreement": agreement, "cosine_min": 0.99}}
+
+
+def test_precision_is_chosen_on_the_target():
+    """INT8 that is not faster than BF16 and less faithful is not recommended; INT8 under the target never is."""
+    from vitedge.benchmarking import choose, meets_target
+
+    int8, bf16 = _engine("openvino int8", "int8", 10.0, 0.985), _engine("openvino bf16", "bf16", 10.3, 0.999)
+    name, why = choose([int8, bf16])
+    assert name == "openvino bf16" and "INT8 buys nothing" in why and "+3.0 %" in why
+    assert choose([int8, _engine("openvino bf16", "bf16", 12.0, 0.999)]) == ("openvino int8", None)  # 20 % slower: INT8 wins
+    assert choose([int8, _engine("openvino bf16", "bf16", 10.1, 0.98)]) == ("openvino int8", None)  # not more faithful
+    assert not meets_target(_engine("x", "int8", 1.0, 0.97)) and meets_target(_engine("x", "int8", 1.0, 0.98))
+    dense = {"vs_reference": {"top1_agreement": None, "cosine_min": 0.999, "outputs": {"a": {"cosine_min": 0.990}}}}
+    assert not meets_target(dense)
 
 
 def test_candidates_and_bad_names():

@@ -154,8 +154,12 @@ def test_int8_openvino_float_ops_precision_default(engines):
 
     _, man = engines[("openvino", "int8")]
     isa = instruction_sets()
-    want = "bf16" if isa.get("AVX-512 BF16") or isa.get("AMX-BF16") else "f32"  # issue 9, docs/runtime.md
-    assert man.compile["openvino_config"].get("INFERENCE_PRECISION_HINT") == want == default_precision_hint("int8")
+    # the INT8 fidelity search measures the float parts in bf16 (on CPUs that have it: issue 9, docs/runtime.md) and in
+    # f32, and the engine gets the precision it chose
+    chosen = man.quantization["float_precision"] if man.quantization else None
+    allowed = ("bf16", "f32") if isa.get("AVX-512 BF16") or isa.get("AMX-BF16") else ("f32",)
+    assert default_precision_hint("int8") == allowed[0]
+    assert man.compile["openvino_config"].get("INFERENCE_PRECISION_HINT") == (chosen or allowed[0]) and (chosen or allowed[0]) in allowed
 
 
 def test_onnxruntime_engine_is_optimised_and_loads_on_plain_cpu_session(tmp_path, ref_onnx):

@@ -166,8 +166,8 @@ def ts_int8(tmp_path_factory, ts_onnx, calib_dir):
     from vitedge.quantization import quantize
 
     out = tmp_path_factory.mktemp("ts_q")
-    ort_path, ort_man = quantize(ts_onnx, out / "ts.int8.onnx", precision="int8", backend="onnxruntime", calib=calib_dir, samples=15)
-    ov_path, ov_man = quantize(ts_onnx, out / "ts.int8.xml", precision="int8", backend="openvino", calib=calib_dir, samples=15)
+    ort_path, ort_man = quantize(ts_onnx, out / "ts.int8.onnx", precision="int8", backend="onnxruntime", calib=calib_dir, samples=16)
+    ov_path, ov_man = quantize(ts_onnx, out / "ts.int8.xml", precision="int8", backend="openvino", calib=calib_dir, samples=16)
     return ort_path, ort_man, ov_path, ov_man
 
 
@@ -209,7 +209,7 @@ def test_compile_and_validate_torchscript(tmp_path, ts_int8, ts_onnx, val_dir):
 # -- transformers ViT, dynamic batch: through the CLI ----------------------------------------------
 def test_transformers_vit_cli_quantize_compile_validate_predict(tmp_path, hf_onnx, calib_dir, val_dir):
     q = tmp_path / "hf.int8.xml"
-    r = _cli(["quantize", hf_onnx, "--int8", "--backend", "openvino", "--calib", calib_dir, "--samples", "15",
+    r = _cli(["quantize", hf_onnx, "--int8", "--backend", "openvino", "--calib", calib_dir, "--samples", "16",
               "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--no-crop", "-o", q])
     assert r.exit_code == 0, r.output
     assert "has no vitedge manifest" in r.output and "'pixel_values'" in r.output and "'logits'" in r.output
@@ -247,7 +247,7 @@ def test_dense_map_model_quantize_compile_validate_per_output(tmp_path, dense_on
     mans = {}
     for backend, suffix in (("onnxruntime", ".onnx"), ("openvino", ".xml")):
         path, man = quantize(dense_onnx, tmp_path / f"dense.int8{suffix}", precision="int8", backend=backend, calib=calib_dir,
-                             samples=15, preprocessing=pre)
+                             samples=16, preprocessing=pre)
         assert man.task == "features"
         outs = man.verification["agreement"]["outputs"]
         assert list(outs) == ["tokens", "pooled"] and outs["tokens"]["shape"] == [16, 32] and outs["pooled"]["shape"] == [32]

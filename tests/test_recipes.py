@@ -128,7 +128,7 @@ def test_quickstart_end_to_end_then_cached(tmp_path):
 def test_cpu_recipes_run(tmp_path, name):
     import vitedge
 
-    recipe = _fast(load_recipe(name), img_size=32, **({"steps.quantize.samples": 8} if "int8" in name else {}), **{"steps.validate.samples": 16})
+    recipe = _fast(load_recipe(name), img_size=32, **({"steps.quantize.samples": 16} if "int8" in name else {}), **{"steps.validate.samples": 16})
     res = run_recipe(recipe, tmp_path / name)
     assert all(s.status == "done" for s in res.steps)
     with vitedge.load(tmp_path / name) as engine:

@@ -155,7 +155,7 @@ def _pct(m: dict) -> str:
     return f"{100 * a:.2f}%" if a is not None else f"cosine min {m['vs_reference']['cosine_min']:.5f}"
 
 
-def rank(report: Report, max_drop: float | None, strict: bool = False) -> None:
+def rank(report: Report, max_drop: float | None, strict: bool = False, fidelity: bool = True) -> None:
     """Add ranking (by batch-1 p50), Pareto front and recommendation to a report, in place."""
     engines = report.engines
     labelled = report.labelled
@@ -167,13 +167,15 @@ def rank(report: Report, max_drop: float | None, strict: bool = False) -> None:
         dominated = any(o != m["name"] and ol <= lat and od <= drop and (ol < lat or od < drop) for o, (ol, od) in pts.items())
         if not dominated:
             front.append(m["name"])
-    within = [m for m in by_speed if (max_drop is None or pts[m["name"]][1] <= max_drop) and meets_target(m)]
+    within = [m for m in by_speed if (max_drop is None or pts[m["name"]][1] <= max_drop) and (not fidelity or meets_target(m))]
     rec, why = choose(within)
     report.data["findings"] = [f for f in report.data["findings"] if not f.startswith(("recommended:", "no engine is"))]  # idempotent
     report.data["ranking"] = [m["name"] for m in by_speed]
     report.data["pareto"] = front
     report.data["recommended"] = rec
-    budget = "meeting the fidelity target" + ("" if max_drop is None else f" and within {max_drop:g} pp top-1 {'drop' if labelled else 'disagreement'}")
+    budget = " and ".join(([] if not fidelity else ["meeting the fidelity target"])
+                          + ([] if max_drop is None else [f"within {max_drop:g} pp top-1 {'drop' if labelled else 'disagreement'}"])) \
+        or "(no accuracy budget: random weights)"
     if rec:
         r = next(m for m in engines if m["name"] == rec)
         report.data["findings"].append(
@@ -268,7 +270,8 @@ def benchmark(
         rep.data["settings"]["benchmark"] = {"model": str(getattr(reference, "source", reference)), "calib": str(calib) if calib else None,
                                              "max_drop_budget_pp": max_drop, "strict": strict,
                                              "candidates": [c.name for c in cands]}
-        rank(rep, max_drop, strict)
+        # a random-weight preset has no predictions worth keeping: no fidelity target, only --max-drop if given
+        rank(rep, max_drop, strict, fidelity=not str(getattr(reference, "source", "")).startswith("preset:"))
 
     return validate(specs, reference, data=data, out_dir=out_dir, batch_sizes=batch_sizes, runs=runs, samples=samples, seed=seed,
                     time_budget=time_budget, rounds=rounds, warmup=warmup, min_runs=min_runs, kind="benchmark", post=post)
