@@ -153,3 +153,46 @@ def test_calibration_minimum(ref_onnx, tmp_path):
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(one / "a.png")
     with pytest.raises(VitedgeError, match="at least 16 images"):
         quantize(ref_onnx, tmp_path / "r.onnx", calib=one)
+
+
+def test_shared_qdq_pairs_are_dedicated_so_onnx_runtime_runs_integer_matmuls(tmp_path):
+    """One Q/DQ pair read by three MatMuls (NNCF's q, k, v) stays float in ONNX Runtime; a pair per reader fuses."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vitedge.quantization.nncf_int8 import dedicate_qdq
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(3, np.int8), "zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="dq")]
+    outs = []
+    for k in range(3):
+        w = rng.integers(-127, 128, (16, 8)).astype(np.int8)
+        inits += [numpy_helper.from_array(w, f"w{k}"), numpy_helper.from_array(np.full(8, 0.01, np.float32), f"ws{k}"),
+                  numpy_helper.from_array(np.zeros(8, np.int8), f"wz{k}")]
+        nodes += [helper.make_node("DequantizeLinear", [f"w{k}", f"ws{k}", f"wz{k}"], [f"wd{k}"], axis=1, name=f"wdq{k}"),
+                  helper.make_node("MatMul", ["xd", f"wd{k}"], [f"y{k}"], name=f"mm{k}")]
+        outs.append(helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, [4, 8]))
+    graph = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+    def fused(m) -> tuple[int, list]:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+        return ops.count("MatMulIntegerToFloat"), sess.run(None, {"x": x})
+
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    before, y_before = fused(model)
+    assert dedicate_qdq(model) == 2
+    onnx.checker.check_model(model)
+    after, y_after = fused(model)
+    assert after == 3
+    if __import__("platform").machine().lower() in ("x86_64", "amd64"):
+        assert before < 3  # x86: signed activations are made unsigned only for a pair with one reader
+    assert [n.op_type for n in model.graph.node].count("QuantizeLinear") == 3
+    assert len({i.name for i in model.graph.initializer}) == len(model.graph.initializer)  # each pair has its own scale/zero point
+    for a, b in zip(y_before, y_after):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -40,7 +40,7 @@ class _Reiterable:
 
 
 def run(job: dict) -> dict:
-    from .nncf_int8 import Int8Config, Validation, float_names, float_ops_onnx, float_ops_openvino, graph_roles, measure, \
+    from .nncf_int8 import Int8Config, Validation, dedicate_qdq, float_names, float_ops_onnx, float_ops_openvino, graph_roles, measure, \
         ov_attention_matmuls, quantize_nncf
 
     t0 = time.perf_counter()
@@ -70,6 +70,7 @@ def run(job: dict) -> dict:
         kept = float_ops_openvino(q)
     else:
         q = quantize_nncf(proto, data, len(data), cfg, ignored, validation)
+        dedicate_qdq(q)  # ONNX Runtime fuses a Q/DQ pair into an integer MatMul only when it has one reader
         big = q.ByteSize() > 1_800_000_000
         onnx.save(q, str(out), save_as_external_data=big, location=job["data_name"] if big else None)
         kept = float_ops_onnx(q)
