@@ -274,7 +274,7 @@ def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, targ
 def _ort_int8(src, tmp_out, scratch, backend, method, stream, parent, ev, max_drop, qinfo, output, report_files):
     from . import ort_int8, sensitivity
 
-    cfg = ort_int8.ort_cpu_config() if backend == "onnxruntime" else ort_int8.tensorrt_config()
+    cfg = ort_int8.tensorrt_config()
     note(f"INT8 {cfg.label} for {backend}: {cfg.reason}")
     prepared = ort_int8.prepare(src, scratch / "prepared.onnx")
     cache = ort_int8.calibrate(prepared, stream, parent.inputs[0].name, method, scratch, symmetric=cfg.activation_symmetric)

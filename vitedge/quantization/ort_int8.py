@@ -1,4 +1,4 @@
-"""INT8 QDQ ONNX with ONNX Runtime's static quantizer (used for the onnxruntime and tensorrt targets).
+"""INT8 QDQ ONNX for TensorRT with ONNX Runtime's static quantizer (ONNX Runtime's own INT8 comes from NNCF: nncf_int8.py).
 
 Calibration is run once into a range cache; every quantized variant (the plain model and those the
 accuracy-aware search builds) is then produced from the same ranges, quickly and reproducibly.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import platform
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,31 +53,6 @@ class QDQConfig:
         d = asdict(self)
         d["scheme"] = self.label
         return d
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def ort_cpu_config() -> QDQConfig:
-    """The activation/weight types that run fast on this CPU with ONNX Runtime."""
-    machine = platform.machine().lower()
-    if machine in ("arm64", "aarch64"):
-        return QDQConfig("onnxruntime", "QInt8", activation_symmetric=True,
-                         reason="ARM CPU: symmetric S8S8 suits the ARM int8 kernels")
-    flags = cpu_flags()
-    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
-        return QDQConfig("onnxruntime", "QUInt8",
-                         reason="x86 CPU with VNNI: U8S8 (uint8 activations, int8 weights) uses the VNNI dot-product kernels")
-    return QDQConfig("onnxruntime", "QUInt8", reduce_range=True,
-                     reason="x86 CPU without VNNI: U8S8 with 7-bit weights (reduce_range) avoids int16 saturation")
 
 
 def tensorrt_config() -> QDQConfig:
