@@ -40,7 +40,7 @@ class _Reiterable:
 
 
 def run(job: dict) -> dict:
-    from .nncf_int8 import Int8Config, Validation, dedicate_qdq, float_names, float_ops_onnx, float_ops_openvino, graph_roles, measure, \
+    from .nncf_int8 import Int8Config, Validation, dedicate_qdq, float_names, float_ops_onnx, float_ops_openvino, graph_roles, \
         ov_attention_matmuls, quantize_nncf
 
     t0 = time.perf_counter()
@@ -49,6 +49,10 @@ def run(job: dict) -> dict:
     calib = np.load(job["calib"], mmap_mode="r")
     x = np.load(job["eval"], mmap_mode="r")
     ref = dict(np.load(job["reference"]))
+    if job.get("float_reference"):  # no quantization: the FP32 model at the CPU's float precision, for comparison
+        out = src
+        return {"status": "ok", "float_ops": [], "quantize_seconds": 0.0, "seconds": time.perf_counter() - t0,
+                "variants": _measure_variants(job, out, x, ref)}
     import onnx
 
     proto = onnx.load(str(src))
@@ -75,15 +79,22 @@ def run(job: dict) -> dict:
         onnx.save(q, str(out), save_as_external_data=big, location=job["data_name"] if big else None)
         kept = float_ops_onnx(q)
     t_quant = time.perf_counter() - t0
-    variants = []
-    for fp in job["float_precisions"]:
-        outs, latency = measure(out, job["backend"], np.asarray(x), fp)
-        names = list(ref)
-        got = list(outs.values())
-        np.savez(out.parent / f"outputs.{fp or 'default'}.npz", **{n: (outs[n] if n in outs else got[i]) for i, n in enumerate(names)})
-        variants.append({"float_precision": fp, "latency_ms": latency})
-    return {"status": "ok", "float_ops": kept, "quantize_seconds": t_quant, "variants": variants,
+    return {"status": "ok", "float_ops": kept, "quantize_seconds": t_quant, "variants": _measure_variants(job, out, x, ref),
             "seconds": time.perf_counter() - t0}
+
+
+def _measure_variants(job: dict, model: Path, x, ref: dict) -> list[dict]:
+    """Outputs (saved next to the job for the parent to compare) and latency, per float precision."""
+    from .nncf_int8 import measure
+
+    variants = []
+    folder = Path(job["result"]).parent
+    for fp in job["float_precisions"]:
+        outs, latency = measure(model, job["backend"], np.asarray(x), fp)
+        got = list(outs.values())
+        np.savez(folder / f"outputs.{fp or 'default'}.npz", **{n: (outs[n] if n in outs else got[i]) for i, n in enumerate(ref)})
+        variants.append({"float_precision": fp, "latency_ms": latency})
+    return variants
 
 
 def main() -> int:

@@ -46,6 +46,7 @@ DEFAULT_COSINE = 0.995  # minimum per-image output cosine, other outputs
 DEFAULT_BUDGET_S = 900.0  # wall time for the whole search, default try excluded
 FIRST_TRY_TIMEOUT_S = 3600.0  # the default try is never cut by the budget, only by this
 TRY_TIMEOUT_S = 1800.0  # any later try: at most this, and never past the budget
+FLOAT_WORTH = 1.05  # INT8 less than this much faster than the float model is called out
 AC_MAX_FLOAT_FRACTION = 0.25  # accuracy control may return at most this share of the matrix ops to float
 
 
@@ -122,8 +123,11 @@ class Row:
     error: str | None = None
     drop_pp: float | None = None
 
+    def describe(self) -> str:
+        return "FP32 model, not quantized (for comparison)" if self.status == "reference" else self.config.describe()
+
     def to_dict(self) -> dict:
-        return {"try": self.try_no, "step": self.step, "config": self.config.to_dict(), "description": self.config.describe(),
+        return {"try": self.try_no, "step": self.step, "config": self.config.to_dict(), "description": self.describe(),
                 "float_precision": self.float_precision, "status": self.status, "latency_ms": self.latency_ms,
                 "seconds": round(self.seconds, 1), "float_ops": self.float_ops, "error": self.error, "drop_pp": self.drop_pp,
                 "top1_agreement": self.metrics.get("top1_agreement"), "cosine_min": min_cosine(self.metrics) if self.metrics else None,
@@ -139,16 +143,29 @@ class FidelityResult:
     artifact_dir: Path  # where the chosen try's files are
     classifier: bool
     seconds: float
+    reference: Row | None = None  # the FP32 model at the CPU's float precision (OpenVINO on BF16 CPUs), measured alike
+
+    @property
+    def speedup_vs_float(self) -> float | None:
+        if self.reference is None or not self.reference.latency_ms or not self.chosen.latency_ms:
+            return None
+        return self.reference.latency_ms / self.chosen.latency_ms
 
     def summary(self) -> str:
         c = self.chosen
         what = f"try {c.try_no} ({c.config.describe()}" + (f", float parts {c.float_precision}" if c.float_precision else "") + ")"
         nums = _numbers(c, self.classifier)
         tries = len({r.try_no for r in self.rows})
+        speed = ""
+        if self.speedup_vs_float is not None:
+            speed = f"; {self.speedup_vs_float:.2f}x the speed of the FP32 model in bf16 ({_numbers(self.reference, self.classifier)})"
+            if self.speedup_vs_float < FLOAT_WORTH:
+                speed += " - INT8 buys little here: consider bf16 (`vitedge benchmark` compares every precision)"
         if self.met:
-            return f"INT8 fidelity target ({self.target.describe(self.classifier)}) met by {what}: {nums}; {tries} tr{'y' if tries == 1 else 'ies'} in {self.seconds:.0f} s"
+            return (f"INT8 fidelity target ({self.target.describe(self.classifier)}) met by {what}: {nums}; "
+                    f"{tries} tr{'y' if tries == 1 else 'ies'} in {self.seconds:.0f} s{speed}")
         return (f"INT8 fidelity target ({self.target.describe(self.classifier)}) NOT met after {tries} tries in {self.seconds:.0f} s; "
-                f"kept the most faithful, {what}: {nums}")
+                f"kept the most faithful, {what}: {nums}{speed}")
 
 
 def _numbers(r: Row, classifier: bool) -> str:
@@ -265,7 +282,13 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
         chosen = next(r for r in met_rows if r.latency_ms <= fastest * 1.03)
     else:
         chosen = best
-    return FidelityResult(target, bool(met_rows), chosen, rows, scratch / f"try{chosen.try_no}", classifier, time.perf_counter() - t0)
+    reference = None
+    if backend == "openvino" and "bf16" in fps:  # is INT8 worth it here? the FP32 model at the CPU's bf16, same yardstick
+        ref_rows = _run_try(0, "float reference", base, src, backend, arrays, ev, scratch, target, classifier, ["bf16"], 900.0,
+                            fixed_batch, 0, final_name, float_reference=True)
+        reference = ref_rows[0] if ref_rows and ref_rows[0].status == "reference" else None
+    return FidelityResult(target, bool(met_rows), chosen, rows, scratch / f"try{chosen.try_no}", classifier, time.perf_counter() - t0,
+                          reference)
 
 
 def try_command(job: Path) -> list[str]:
@@ -273,15 +296,16 @@ def try_command(job: Path) -> list[str]:
     return [sys.executable, "-m", "vitedge.quantization._try", str(job)]
 
 
-def _run_try(no, step, cfg, src, backend, arrays, ev, scratch, target, classifier, fps, timeout, fixed_batch, ac_layers, final_name) -> list[Row]:
-    d = scratch / f"try{no}"
+def _run_try(no, step, cfg, src, backend, arrays, ev, scratch, target, classifier, fps, timeout, fixed_batch, ac_layers, final_name,
+             float_reference: bool = False) -> list[Row]:
+    d = scratch / (f"try{no}" if not float_reference else "float_reference")
     d.mkdir()
     out = d / ("model.xml" if backend == "openvino" else "model.onnx")
     ac_drop = (1.0 - target.agreement) if classifier else (1.0 - target.cosine)
     job = {"source": str(src), "backend": backend, "config": cfg.to_dict(), "output": str(out), "calib": str(arrays.calib),
            "eval": str(arrays.eval), "reference": str(arrays.reference), "float_precisions": fps, "fixed_batch": fixed_batch,
            "classifier": classifier, "ac_max_drop": max(ac_drop, 1e-6), "ac_max_float_layers": ac_layers,
-           "data_name": f"{final_name}.data", "result": str(d / "result.json")}
+           "data_name": f"{final_name}.data", "result": str(d / "result.json"), "float_reference": float_reference}
     (d / "job.json").write_text(json.dumps(job))
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -317,8 +341,9 @@ def _run_try(no, step, cfg, src, backend, arrays, ev, scratch, target, classifie
         m = ev.measure_outputs(outs)
         drop = ev.drop_pp(m) if classifier else None
         ok = target.check(m, classifier, drop)
-        rows.append(Row(no, step, cfg, fp, "met" if ok else "missed", metrics=m, latency_ms=v["latency_ms"], seconds=secs,
-                        float_ops=len(res["float_ops"]), drop_pp=drop))
+        status = "reference" if float_reference else ("met" if ok else "missed")
+        rows.append(Row(no, step, cfg, fp, status, metrics=m, latency_ms=v["latency_ms"], seconds=secs,
+                        float_ops=None if float_reference else len(res["float_ops"]), drop_pp=drop))
     (d / "float_ops.json").write_text(json.dumps(res["float_ops"]))
     return rows
 
@@ -333,21 +358,22 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
             "max_drop": result.target.max_drop, "metric": result.target.describe(result.classifier)},
             "measured_on": eval_source, "images": images, "met": result.met, "chosen_try": result.chosen.try_no,
             "chosen_float_precision": result.chosen.float_precision, "seconds": round(result.seconds, 1), "tries": rows,
+            "float_reference": result.reference.to_dict() if result.reference else None, "speedup_vs_float": result.speedup_vs_float,
             "summary": result.summary()}
     path_json.write_text(json.dumps(_clean(info), indent=2) + "\n")
     lines = [f"# INT8 fidelity search: {model} ({backend})", "",
-             f"- target: {result.target.describe(result.classifier)}, measured on {eval_source} ({images} images, not used for calibration)",
+             f"- target: {result.target.describe(result.classifier)}; measured on {eval_source} ({images} images)",
              f"- result: {result.summary()}", "",
              "| try | step | configuration | float parts | status | top-1 agreement | drop pp | min cosine | latency ms (batch 1) | float matrix ops | seconds |",
              "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in result.rows:
+    for r in result.rows + ([result.reference] if result.reference else []):
         chosen = " **(chosen)**" if r is result.chosen else ""
         agree = "" if r.metrics.get("top1_agreement") is None else f"{100 * r.metrics['top1_agreement']:.2f}%"
         cos = f"{min_cosine(r.metrics):.5f}" if r.metrics else ""
         lat = "" if r.latency_ms is None else f"{r.latency_ms:.2f}"
         drop = "" if r.drop_pp is None else f"{r.drop_pp:+.2f}"
         status = r.status + (f": {r.error}" if r.error else "")
-        lines.append(f"| {r.try_no}{chosen} | {r.step} | {r.config.describe()} | {r.float_precision or ''} | {status} | {agree} | "
+        lines.append(f"| {r.try_no if r.status != 'reference' else '-'}{chosen} | {r.step} | {r.describe()} | {r.float_precision or ''} | {status} | {agree} | "
                      f"{drop} | {cos} | {lat} | {'' if r.float_ops is None else r.float_ops} | {r.seconds:.0f} |")
     lines += ["", "Latency: median of batch-1 runs in the try's own process, on this machine; compare rows, not machines.",
               "Agreement with FP32 is measured on held-out images; the search chose on them too, so confirm on",
