@@ -9,10 +9,10 @@ model, so vitedge finds it by measuring.  Every try is one NNCF configuration
 The ladder (``docs/quantize.md``), each step changing the most faithful configuration so far:
 
 1. vitedge's default (NNCF, Transformer model type; ONNX Runtime: attention core in float)
-2. SmoothQuant off, then SmoothQuant 0.5          (no speed cost)
-3. quantile activation ranges                      (no speed cost)
-4. full bias correction                            (no speed cost)
-5. attention core (Q·Kᵀ, softmax·V) in float       (small cost)
+2. attention core (Q·Kᵀ, softmax·V) in float (OpenVINO; small cost; NVIDIA's default too)
+3. SmoothQuant off, then SmoothQuant 0.5          (no speed cost)
+4. quantile activation ranges                      (no speed cost)
+5. full bias correction                            (no speed cost)
 6. patch embedding and first block in float        (costs a block)
 7. NNCF accuracy control: the most harmful layers back to float until the target is met
 
@@ -94,11 +94,11 @@ def default_config(backend: str) -> Int8Config:
 def ladder(backend: str, has_blocks: bool) -> list[tuple[str, callable]]:
     """(step name, best config so far -> next config).  Steps that would repeat a config are skipped."""
     steps = [
+        ("attention core float", lambda c: c.but(attention_float=True)),
         ("SmoothQuant off", lambda c: c.but(smooth_quant=-1.0)),
         ("SmoothQuant 0.5", lambda c: c.but(smooth_quant=0.5)),
         ("quantile ranges", lambda c: c.but(estimator="percentile")),
         ("full bias correction", lambda c: c.but(bias_correction="full")),
-        ("attention core float", lambda c: c.but(attention_float=True)),
     ]
     if has_blocks:
         steps.append(("patch embedding + first block float",

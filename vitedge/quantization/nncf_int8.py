@@ -151,7 +151,8 @@ def graph_roles(model) -> GraphRoles:
 
 
 def ov_attention_matmuls(ov_model) -> list[str]:
-    """MatMuls of two activations in an OpenVINO model (their friendly names differ from the ONNX names)."""
+    """The attention core of an OpenVINO model: its fused ScaledDotProductAttention ops (``convert_model``
+    fuses Q·Kᵀ, softmax and ·V into one, named after the ·V MatMul) and any MatMul of two activations."""
 
     def is_const(out) -> bool:
         node = out.get_node()
@@ -165,7 +166,8 @@ def ov_attention_matmuls(ov_model) -> list[str]:
         return False
 
     return [op.get_friendly_name() for op in ov_model.get_ordered_ops()
-            if op.get_type_name() == "MatMul" and not is_const(op.input_value(0)) and not is_const(op.input_value(1))]
+            if op.get_type_name() == "ScaledDotProductAttention"
+            or (op.get_type_name() == "MatMul" and not is_const(op.input_value(0)) and not is_const(op.input_value(1)))]
 
 
 def float_names(cfg: Int8Config, roles: GraphRoles) -> list[str]:
