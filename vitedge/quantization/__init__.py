@@ -209,6 +209,7 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
         man.hash_files(scratch, files)
         man.save(tmp_out)
         run_cfg = {"config": {"INFERENCE_PRECISION_HINT": qinfo["float_precision"]}} if qinfo.get("float_precision") else {}
+        # (the manifest's numbers are the IR at its dynamic batch; the table has the static batch-1 engine's too)
         with load(tmp_out, backend="openvino" if backend == "openvino" else "onnxruntime", **run_cfg) as eng:
             metrics = ev.measure_outputs(ev.outputs(eng))
         man.verification = _clean({
@@ -264,7 +265,7 @@ def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, targ
     qinfo.update(tool=f"nncf {nncf.__version__}" + (" (OpenVINO IR)" if backend == "openvino" else " (QDQ ONNX for ONNX Runtime)"),
                  model_type="TRANSFORMER", preset="MIXED", method=method, per_channel=True, config=c.config.to_dict(),
                  configuration=c.config.describe(), range_estimator=ESTIMATORS[c.config.estimator],
-                 excluded_nodes=fid.kept_float(res), float_precision=c.float_precision,
+                 excluded_nodes=fid.kept_float(res), float_precision=c.float_precision, engine_batch=c.engine_batch,
                  fidelity={"target": target.describe(res.classifier), "met": res.met, "chosen_try": c.try_no,
                            "tries": len({r.try_no for r in res.rows}), "table": tm, "summary": res.summary()})
     shutil.rmtree(work, ignore_errors=True)

@@ -90,10 +90,12 @@ def _measure_variants(job: dict, model: Path, x, ref: dict) -> list[dict]:
     variants = []
     folder = Path(job["result"]).parent
     for fp in job["float_precisions"]:
-        outs, latency = measure(model, job["backend"], np.asarray(x), fp)
-        got = list(outs.values())
-        np.savez(folder / f"outputs.{fp or 'default'}.npz", **{n: (outs[n] if n in outs else got[i]) for i, n in enumerate(ref)})
-        variants.append({"float_precision": fp, "latency_ms": latency})
+        for static in ([True, False] if job["backend"] == "openvino" else [False]):
+            outs, latency = measure(model, job["backend"], np.asarray(x), fp, static=static)
+            got = list(outs.values())
+            key = f"{fp or 'default'}.{'static' if static else 'dynamic'}"
+            np.savez(folder / f"outputs.{key}.npz", **{n: (outs[n] if n in outs else got[i]) for i, n in enumerate(ref)})
+            variants.append({"float_precision": fp, "static": static, "key": key, "latency_ms": latency})
     return variants
 
 

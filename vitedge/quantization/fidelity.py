@@ -115,20 +115,21 @@ class Row:
     step: str
     config: Int8Config
     float_precision: str | None
-    status: str  # met | missed | crashed | timeout | failed
+    status: str  # met | missed | crashed | timeout | failed | reference
     metrics: dict = field(default_factory=dict)
     latency_ms: float | None = None
     seconds: float = 0.0
     float_ops: int | None = None
     error: str | None = None
     drop_pp: float | None = None
+    engine_batch: int | str | None = None  # OpenVINO: 1 (static, what latency engines are compiled to) or "dynamic"
 
     def describe(self) -> str:
         return "FP32 model, not quantized (for comparison)" if self.status == "reference" else self.config.describe()
 
     def to_dict(self) -> dict:
         return {"try": self.try_no, "step": self.step, "config": self.config.to_dict(), "description": self.describe(),
-                "float_precision": self.float_precision, "status": self.status, "latency_ms": self.latency_ms,
+                "float_precision": self.float_precision, "engine_batch": self.engine_batch, "status": self.status, "latency_ms": self.latency_ms,
                 "seconds": round(self.seconds, 1), "float_ops": self.float_ops, "error": self.error, "drop_pp": self.drop_pp,
                 "top1_agreement": self.metrics.get("top1_agreement"), "cosine_min": min_cosine(self.metrics) if self.metrics else None,
                 "snr_db": self.metrics.get("snr_db")}
@@ -153,7 +154,8 @@ class FidelityResult:
 
     def summary(self) -> str:
         c = self.chosen
-        what = f"try {c.try_no} ({c.config.describe()}" + (f", float parts {c.float_precision}" if c.float_precision else "") + ")"
+        what = (f"try {c.try_no} ({c.config.describe()}" + (f", float parts {c.float_precision}" if c.float_precision else "")
+                + (f", {'static batch 1' if c.engine_batch == 1 else 'dynamic batch'} engine" if c.engine_batch else "") + ")")
         nums = _numbers(c, self.classifier)
         tries = len({r.try_no for r in self.rows})
         speed = ""
@@ -232,6 +234,81 @@ def _to_npy(path: Path, batches) -> None:
     raw.unlink()
 
 
+@dataclass
+class _Search:
+    """What every try of one search shares: the source model, the data on disk, the target."""
+
+    src: Path
+    backend: str
+    arrays: _Arrays
+    ev: EvalSet
+    scratch: Path
+    target: Target
+    classifier: bool
+    fixed_batch: int | None
+    ac_layers: int  # accuracy control may return at most this many matrix ops to float
+    final_name: str  # the artifact's file name (external data of big ONNX models is saved under it)
+
+    def job(self, d: Path, cfg: Int8Config, fps: list, float_reference: bool) -> dict:
+        ac_drop = (1.0 - self.target.agreement) if self.classifier else (1.0 - self.target.cosine)
+        return {"source": str(self.src), "backend": self.backend, "config": cfg.to_dict(),
+                "output": str(d / ("model.xml" if self.backend == "openvino" else "model.onnx")),
+                "calib": str(self.arrays.calib), "eval": str(self.arrays.eval), "reference": str(self.arrays.reference),
+                "float_precisions": fps, "fixed_batch": self.fixed_batch, "classifier": self.classifier,
+                "ac_max_drop": max(ac_drop, 1e-6), "ac_max_float_layers": self.ac_layers, "data_name": f"{self.final_name}.data",
+                "result": str(d / "result.json"), "float_reference": float_reference}
+
+    def run_try(self, no: int, step: str, cfg: Int8Config, fps: list, timeout: float, float_reference: bool = False) -> list[Row]:
+        """One try in a child process; its rows (one per float precision), or one row saying how it failed."""
+        d = self.scratch / (f"try{no}" if not float_reference else "float_reference")
+        d.mkdir()
+        (d / "job.json").write_text(json.dumps(self.job(d, cfg, fps, float_reference)))
+        t0 = time.perf_counter()
+        with open(d / "log.txt", "wb") as log:
+            proc = subprocess.Popen(try_command(d / "job.json"), stdout=log, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            code = _wait(proc, no, t0, timeout)
+        secs = time.perf_counter() - t0
+        if code is None:
+            return [Row(no, step, cfg, None, "timeout", seconds=secs, error=f"stopped after {timeout:.0f} s (search budget)")]
+        if not (d / "result.json").exists():
+            what = f"signal {-code}" if code < 0 else f"exit code {code}"
+            tail = (d / "log.txt").read_bytes()[-300:].decode(errors="replace").strip().splitlines()
+            return [Row(no, step, cfg, None, "crashed", seconds=secs,
+                        error=f"the try's process died ({what}){': ' + tail[-1][:160] if tail else ''}")]
+        res = json.loads((d / "result.json").read_text())
+        if res["status"] != "ok":
+            return [Row(no, step, cfg, None, "failed", seconds=secs, error=res["error"][:200])]
+        (d / "float_ops.json").write_text(json.dumps(res["float_ops"]))
+        return [self._row(no, step, cfg, d, v, secs, None if float_reference else len(res["float_ops"]), float_reference)
+                for v in res["variants"]]
+
+    def _row(self, no, step, cfg, d: Path, variant: dict, secs: float, float_ops: int | None, float_reference: bool) -> Row:
+        fp = variant["float_precision"]
+        with np.load(d / f"outputs.{variant['key']}.npz") as z:
+            m = self.ev.measure_outputs({k: z[k] for k in z.files})
+        drop = self.ev.drop_pp(m) if self.classifier else None
+        status = "reference" if float_reference else ("met" if self.target.check(m, self.classifier, drop) else "missed")
+        shape = (1 if variant["static"] else "dynamic") if self.backend == "openvino" else None
+        return Row(no, step, cfg, fp, status, metrics=m, latency_ms=variant["latency_ms"], seconds=secs, float_ops=float_ops,
+                   drop_pp=drop, engine_batch=shape)
+
+
+def _wait(proc: subprocess.Popen, no: int, t0: float, timeout: float) -> int | None:
+    """The child's exit code, with a status line while it works; None (and the child killed) after ``timeout``."""
+    with err_console.status(f"INT8 try {no}: quantizing and measuring in a child process") as status:
+        while True:
+            try:
+                return proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                elapsed = time.perf_counter() - t0
+                status.update(f"INT8 try {no}: quantizing and measuring in a child process ({elapsed:.0f} s)")
+                if elapsed > timeout:
+                    proc.kill()
+                    proc.wait()
+                    return None
+
+
 def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *, target: Target, budget_s: float,
            fixed_batch: int | None, method: str = "minmax", final_name: str = "model.onnx", classifier: bool | None = None) -> FidelityResult:
     """Run the default try, then the ladder while the target is missed and the budget lasts."""
@@ -240,18 +317,16 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
     t0 = time.perf_counter()
     if classifier is None:  # class logits: one (N, classes) output
         classifier = ev.ref.ndim == 2 and ev.ref.shape[1] > 1 and len(ev.ref_outputs) == 1
-    arrays = _Arrays(scratch, calib_stream, ev)
     roles = graph_roles(onnx.load(str(src), load_external_data=False))
     n_matrix = sum(len(b) for b in roles.blocks) + len(roles.patch_embed) + len(roles.head) + len(roles.attention)
-    base = default_config(backend)
-    if method != "minmax":
-        base = base.but(estimator=method)
+    ctx = _Search(src, backend, _Arrays(scratch, calib_stream, ev), ev, scratch, target, classifier, fixed_batch,
+                  max(1, int(n_matrix * AC_MAX_FLOAT_FRACTION)), final_name)
+    base = default_config(backend) if method == "minmax" else default_config(backend).but(estimator=method)
     fps = float_precisions(backend)
     rows: list[Row] = []
     best: Row | None = None
     tried: set[Int8Config] = set()
     plan = [("default", lambda c: c)] + (ladder(backend, bool(roles.blocks)) if budget_s > 0 else [])
-    total = len(plan)
     for k, (step, make) in enumerate(plan, 1):
         cfg = make(best.config if best is not None else base)
         if cfg in tried:
@@ -261,13 +336,12 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
         if remaining <= 5:
             note(f"INT8 search budget ({budget_s:.0f} s) used up before step '{step}'; pass --search-budget to allow more")
             break
-        err_console.print(f"[bold]INT8 try {len(tried)}[/] (step {k}/{total}: {step}): {cfg.describe()}")
-        new = _run_try(len(tried), step, cfg, src, backend, arrays, ev, scratch, target, classifier, fps, remaining,
-                       fixed_batch, max(1, int(n_matrix * AC_MAX_FLOAT_FRACTION)), final_name)
+        err_console.print(f"[bold]INT8 try {len(tried)}[/] (step {k}/{len(plan)}: {step}): {cfg.describe()}")
+        new = ctx.run_try(len(tried), step, cfg, fps, remaining)
         rows += new
         for r in new:
             err_console.print(f"  {r.status:7s} {('float ' + r.float_precision) if r.float_precision else '':11s} "
-                              f"{_numbers(r, classifier) or r.error or ''}")
+                              f"{'' if r.engine_batch is None else ('static ' if r.engine_batch == 1 else 'dynamic '):8s}{_numbers(r, classifier) or r.error or ''}")
             if best is None or _score(r, classifier) > _score(best, classifier):
                 best = r
         if any(r.status == "met" for r in new):
@@ -276,17 +350,14 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
         errors = "; ".join(f"try {r.try_no}: {r.status} ({r.error})" for r in rows[:3])
         raise VitedgeError(f"every INT8 try failed: {errors}", "check the model with `vitedge check parity`, or try --fp16")
     met_rows = [r for r in rows if r.status == "met"]
-    if met_rows:
+    chosen = best
+    if met_rows:  # within 3 % of the fastest is a tie (timing noise): prefer the earlier, more-INT8 try
         fastest = min(r.latency_ms for r in met_rows)
-        # within 3 % of the fastest is a tie (timing noise): prefer the earlier, more-INT8 try
         chosen = next(r for r in met_rows if r.latency_ms <= fastest * 1.03)
-    else:
-        chosen = best
     reference = None
     if backend == "openvino" and "bf16" in fps:  # is INT8 worth it here? the FP32 model at the CPU's bf16, same yardstick
-        ref_rows = _run_try(0, "float reference", base, src, backend, arrays, ev, scratch, target, classifier, ["bf16"], 900.0,
-                            fixed_batch, 0, final_name, float_reference=True)
-        reference = ref_rows[0] if ref_rows and ref_rows[0].status == "reference" else None
+        ref_rows = ctx.run_try(0, "float reference", base, ["bf16"], 900.0, float_reference=True)
+        reference = ref_rows[0] if ref_rows[0].status == "reference" else None
     return FidelityResult(target, bool(met_rows), chosen, rows, scratch / f"try{chosen.try_no}", classifier, time.perf_counter() - t0,
                           reference)
 
@@ -294,58 +365,6 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
 def try_command(job: Path) -> list[str]:
     """The child process of one try."""
     return [sys.executable, "-m", "vitedge.quantization._try", str(job)]
-
-
-def _run_try(no, step, cfg, src, backend, arrays, ev, scratch, target, classifier, fps, timeout, fixed_batch, ac_layers, final_name,
-             float_reference: bool = False) -> list[Row]:
-    d = scratch / (f"try{no}" if not float_reference else "float_reference")
-    d.mkdir()
-    out = d / ("model.xml" if backend == "openvino" else "model.onnx")
-    ac_drop = (1.0 - target.agreement) if classifier else (1.0 - target.cosine)
-    job = {"source": str(src), "backend": backend, "config": cfg.to_dict(), "output": str(out), "calib": str(arrays.calib),
-           "eval": str(arrays.eval), "reference": str(arrays.reference), "float_precisions": fps, "fixed_batch": fixed_batch,
-           "classifier": classifier, "ac_max_drop": max(ac_drop, 1e-6), "ac_max_float_layers": ac_layers,
-           "data_name": f"{final_name}.data", "result": str(d / "result.json"), "float_reference": float_reference}
-    (d / "job.json").write_text(json.dumps(job))
-    t0 = time.perf_counter()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(d / "log.txt", "wb") as log:
-        proc = subprocess.Popen(try_command(d / "job.json"), stdout=log, stderr=subprocess.STDOUT, env=env)
-        code = None
-        with err_console.status(f"INT8 try {no}: quantizing and measuring in a child process") as status:
-            while code is None:
-                try:
-                    code = proc.wait(timeout=1.0)
-                except subprocess.TimeoutExpired:
-                    elapsed = time.perf_counter() - t0
-                    status.update(f"INT8 try {no}: quantizing and measuring in a child process ({elapsed:.0f} s)")
-                    if elapsed > timeout:
-                        proc.kill()
-                        proc.wait()
-                        return [Row(no, step, cfg, None, "timeout", seconds=elapsed, error=f"stopped after {timeout:.0f} s (search budget)")]
-    secs = time.perf_counter() - t0
-    res_path = d / "result.json"
-    if not res_path.exists():
-        sig = -code if code < 0 else None
-        what = f"signal {sig}" if sig else f"exit code {code}"
-        tail = (d / "log.txt").read_bytes()[-300:].decode(errors="replace").strip().splitlines()
-        return [Row(no, step, cfg, None, "crashed", seconds=secs, error=f"the try's process died ({what}){': ' + tail[-1][:160] if tail else ''}")]
-    res = json.loads(res_path.read_text())
-    if res["status"] != "ok":
-        return [Row(no, step, cfg, None, "failed", seconds=secs, error=res["error"][:200])]
-    rows = []
-    for v in res["variants"]:
-        fp = v["float_precision"]
-        with np.load(d / f"outputs.{fp or 'default'}.npz") as z:
-            outs = {k: z[k] for k in z.files}
-        m = ev.measure_outputs(outs)
-        drop = ev.drop_pp(m) if classifier else None
-        ok = target.check(m, classifier, drop)
-        status = "reference" if float_reference else ("met" if ok else "missed")
-        rows.append(Row(no, step, cfg, fp, status, metrics=m, latency_ms=v["latency_ms"], seconds=secs,
-                        float_ops=None if float_reference else len(res["float_ops"]), drop_pp=drop))
-    (d / "float_ops.json").write_text(json.dumps(res["float_ops"]))
-    return rows
 
 
 def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model: str, backend: str, eval_source: str,
@@ -364,8 +383,8 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
     lines = [f"# INT8 fidelity search: {model} ({backend})", "",
              f"- target: {result.target.describe(result.classifier)}; measured on {eval_source} ({images} images)",
              f"- result: {result.summary()}", "",
-             "| try | step | configuration | float parts | status | top-1 agreement | drop pp | min cosine | latency ms (batch 1) | float matrix ops | seconds |",
-             "|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| try | step | configuration | float parts | engine batch | status | top-1 agreement | drop pp | min cosine | latency ms (batch 1) | float matrix ops | seconds |",
+             "|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result.rows + ([result.reference] if result.reference else []):
         chosen = " **(chosen)**" if r is result.chosen else ""
         agree = "" if r.metrics.get("top1_agreement") is None else f"{100 * r.metrics['top1_agreement']:.2f}%"
@@ -373,7 +392,8 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
         lat = "" if r.latency_ms is None else f"{r.latency_ms:.2f}"
         drop = "" if r.drop_pp is None else f"{r.drop_pp:+.2f}"
         status = r.status + (f": {r.error}" if r.error else "")
-        lines.append(f"| {r.try_no if r.status != 'reference' else '-'}{chosen} | {r.step} | {r.describe()} | {r.float_precision or ''} | {status} | {agree} | "
+        shape = {1: "static 1", "dynamic": "dynamic", None: ""}[r.engine_batch]
+        lines.append(f"| {r.try_no if r.status != 'reference' else '-'}{chosen} | {r.step} | {r.describe()} | {r.float_precision or ''} | {shape} | {status} | {agree} | "
                      f"{drop} | {cos} | {lat} | {'' if r.float_ops is None else r.float_ops} | {r.seconds:.0f} |")
     lines += ["", "Latency: median of batch-1 runs in the try's own process, on this machine; compare rows, not machines.",
               "Agreement with FP32 is measured on held-out images; the search chose on them too, so confirm on",
