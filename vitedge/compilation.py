@@ -419,11 +419,11 @@ def compile_model(
 
             note(f"{src.name} has a fixed batch of {fixed}: compiling at batch {fixed}")
         elif auto_batch and target == "openvino" and (man.quantization or {}).get("engine_batch") == "dynamic":
-            # the INT8 fidelity search measured the static batch-1 engine less faithful than the dynamic one
+            # the INT8 fidelity search measured both engine shapes and chose the dynamic one (its table says why)
             batch = None
             from .ui import note
 
-            note(f"{src.name}: dynamic batch, as the INT8 fidelity search measured it more faithful than static batch 1")
+            note(f"{src.name}: dynamic batch, the engine shape the INT8 fidelity search chose (see its .fidelity.md)")
         output = Path(output) if output is not None else default_output(src.name if src.parent != scratch else "model.onnx", target, parent)
         if output.suffix != _SUFFIX[target]:
             raise VitedgeError(f"output {output} must end in {_SUFFIX[target]} for target {target}")
