@@ -90,8 +90,8 @@ def _measure_variants(job: dict, model: Path, x, ref: dict) -> list[dict]:
     variants = []
     folder = Path(job["result"]).parent
     for fp in job["float_precisions"]:
-        for static in ([True, False] if job["backend"] == "openvino" else [False]):
-            outs, latency = measure(model, job["backend"], np.asarray(x), fp, static=static)
+        for static in ([True, False] if job["backend"] == "openvino" and not job.get("fixed_batch") else [False]):
+            outs, latency = measure(model, job["backend"], np.asarray(x), fp, static=static, fixed=job.get("fixed_batch"))
             got = list(outs.values())
             key = f"{fp or 'default'}.{'static' if static else 'dynamic'}"
             np.savez(folder / f"outputs.{key}.npz", **{n: (outs[n] if n in outs else got[i]) for i, n in enumerate(ref)})

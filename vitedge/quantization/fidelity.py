@@ -91,7 +91,7 @@ def default_config(backend: str) -> Int8Config:
     return Int8Config(attention_float=backend == "onnxruntime")
 
 
-def ladder(backend: str, has_blocks: bool) -> list[tuple[str, callable]]:
+def ladder(backend: str, has_blocks: bool, fixed_batch: int | None = None) -> list[tuple[str, callable]]:
     """(step name, best config so far -> next config).  Steps that would repeat a config are skipped."""
     steps = [
         ("attention core float", lambda c: c.but(attention_float=True)),
@@ -103,7 +103,8 @@ def ladder(backend: str, has_blocks: bool) -> list[tuple[str, callable]]:
     if has_blocks:
         steps.append(("patch embedding + first block float",
                       lambda c: c.but(float_groups=tuple(sorted(set(c.float_groups) | {"patch_embed", "first_block"})))))
-    steps.append(("sensitive layers float", lambda c: c.but(accuracy_control=True)))
+    if not fixed_batch:  # accuracy control ranks layers on single images
+        steps.append(("sensitive layers float", lambda c: c.but(accuracy_control=True)))
     return steps
 
 
@@ -155,7 +156,8 @@ class FidelityResult:
     def summary(self) -> str:
         c = self.chosen
         what = (f"try {c.try_no} ({c.config.describe()}" + (f", float parts {c.float_precision}" if c.float_precision else "")
-                + (f", {'static batch 1' if c.engine_batch == 1 else 'dynamic batch'} engine" if c.engine_batch else "") + ")")
+                + (f", {'dynamic batch' if c.engine_batch == 'dynamic' else f'static batch {c.engine_batch}'} engine" if c.engine_batch else "")
+                + ")")
         nums = _numbers(c, self.classifier)
         tries = len({r.try_no for r in self.rows})
         speed = ""
@@ -289,7 +291,9 @@ class _Search:
             m = self.ev.measure_outputs({k: z[k] for k in z.files})
         drop = self.ev.drop_pp(m) if self.classifier else None
         status = "reference" if float_reference else ("met" if self.target.check(m, self.classifier, drop) else "missed")
-        shape = (1 if variant["static"] else "dynamic") if self.backend == "openvino" else None
+        shape = None
+        if self.backend == "openvino":
+            shape = self.fixed_batch or (1 if variant["static"] else "dynamic")
         return Row(no, step, cfg, fp, status, metrics=m, latency_ms=variant["latency_ms"], seconds=secs, float_ops=float_ops,
                    drop_pp=drop, engine_batch=shape)
 
@@ -326,7 +330,7 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
     rows: list[Row] = []
     best: Row | None = None
     tried: set[Int8Config] = set()
-    plan = [("default", lambda c: c)] + (ladder(backend, bool(roles.blocks)) if budget_s > 0 else [])
+    plan = [("default", lambda c: c)] + (ladder(backend, bool(roles.blocks), fixed_batch) if budget_s > 0 else [])
     for k, (step, make) in enumerate(plan, 1):
         cfg = make(best.config if best is not None else base)
         if cfg in tried:
@@ -341,7 +345,7 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
         rows += new
         for r in new:
             err_console.print(f"  {r.status:7s} {('float ' + r.float_precision) if r.float_precision else '':11s} "
-                              f"{'' if r.engine_batch is None else ('static ' if r.engine_batch == 1 else 'dynamic '):8s}{_numbers(r, classifier) or r.error or ''}")
+                              f"{'' if r.engine_batch is None else ('dynamic ' if r.engine_batch == 'dynamic' else 'static '):8s}{_numbers(r, classifier) or r.error or ''}")
             if best is None or _score(r, classifier) > _score(best, classifier):
                 best = r
         if any(r.status == "met" for r in new):
@@ -392,7 +396,7 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
         lat = "" if r.latency_ms is None else f"{r.latency_ms:.2f}"
         drop = "" if r.drop_pp is None else f"{r.drop_pp:+.2f}"
         status = r.status + (f": {r.error}" if r.error else "")
-        shape = {1: "static 1", "dynamic": "dynamic", None: ""}[r.engine_batch]
+        shape = "" if r.engine_batch is None else ("dynamic" if r.engine_batch == "dynamic" else f"static {r.engine_batch}")
         lines.append(f"| {r.try_no if r.status != 'reference' else '-'}{chosen} | {r.step} | {r.describe()} | {r.float_precision or ''} | {shape} | {status} | {agree} | "
                      f"{drop} | {cos} | {lat} | {'' if r.float_ops is None else r.float_ops} | {r.seconds:.0f} |")
     lines += ["", "Latency: median of batch-1 runs in the try's own process, on this machine; compare rows, not machines.",

@@ -270,14 +270,18 @@ def _timed(run: Callable[[], object], min_runs: int = 20, max_seconds: float = 3
 
 
 def measure(path: Path, backend: str, x: np.ndarray, float_precision: str | None, static: bool = False,
-            batch: int = 16) -> tuple[dict[str, np.ndarray], float]:
+            batch: int = 16, fixed: int | None = None) -> tuple[dict[str, np.ndarray], float]:
     """Outputs on the held-out images and the batch-1 latency (ms) of a quantized file on the CPU.
 
     OpenVINO ``static``: the model reshaped to batch 1, as ``vitedge compile`` makes latency engines, and
     run image by image.  It is measured, not assumed equal to the dynamic model: on an AMX CPU the static
     batch-1 INT8 engine of a real ViT-S agreed visibly less with FP32 (mean cosine 0.985 vs 0.999).
     """
-    one = np.ascontiguousarray(x[:1])
+    n = len(x)
+    if fixed:  # a fixed-batch model takes exactly that many images: pad the last batch, time one batch
+        batch, static = fixed, False
+        x = np.concatenate([x, np.repeat(x[-1:], -len(x) % fixed, axis=0)]) if len(x) % fixed else x
+    one = np.ascontiguousarray(x[: fixed or 1])
     if backend == "openvino":
         import openvino as ov
 
@@ -303,7 +307,7 @@ def measure(path: Path, backend: str, x: np.ndarray, float_precision: str | None
         names = [o.name for o in sess.get_outputs()]
         parts = [sess.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
         latency = _timed(lambda: sess.run(None, {name: one}))
-    outs = {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(names)}
+    outs = {name: np.concatenate([p[k] for p in parts])[:n] for k, name in enumerate(names)}
     return outs, latency
 
 
