@@ -124,7 +124,9 @@ def test_quickstart_end_to_end_then_cached(tmp_path):
     assert redone.steps[0].status == "done"
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_openvino_int8", "vit_tiny_openvino_fp16", "vit_tiny_onnxruntime_int8"])
+# the quickstart test runs an ONNX Runtime INT8 recipe end to end; the other two kinds are in the slow set
+@pytest.mark.parametrize("name", ["vit_tiny_openvino_int8", pytest.param("vit_tiny_openvino_fp16", marks=pytest.mark.slow),
+                                  pytest.param("vit_tiny_onnxruntime_int8", marks=pytest.mark.slow)])
 def test_cpu_recipes_run(tmp_path, name):
     import vitedge
 
