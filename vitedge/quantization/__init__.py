@@ -7,7 +7,6 @@ on held-out images and the numbers go into its manifest.  See ``docs/quantize.md
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil

@@ -124,7 +124,7 @@ def plan_data(manifest: Manifest, pre: Preprocessing | None, *, precision: str, 
         held = "" if pool is calib_set else f" ({len(calib_set) - len(pool)} more are held out to measure agreement)"
         have = f"--samples {samples}" if samples is not None and samples < len(pool) else f"{calib_set.source} gives {len(pool)}{held}"
         raise VitedgeError(f"INT8 calibration needs at least {min_calib} images, but {have}",
-                           f"give ~100-500 images like your deployment data (and --val DIR for measuring), or pass --min-calib N to go lower")
+                           "give ~100-500 images like your deployment data (and --val DIR for measuring), or pass --min-calib N to go lower")
     if want > len(pool):
         held = "" if pool is calib_set else f" ({len(calib_set) - len(pool)} held out for evaluation; pass --val DIR to use all)"
         raise VitedgeError(f"asked for {want} calibration samples but {calib_set.source} has only {len(pool)} usable for calibration{held}",
