@@ -115,12 +115,8 @@ def meets_target(m: dict, target=None) -> bool:
     """The INT8 fidelity target, applied to every engine: top-1 agreement (classifiers) or min cosine vs the reference."""
     from .quantization.fidelity import Target
 
-    t = target or Target()
     vs = m["vs_reference"]
-    if vs.get("top1_agreement") is not None:
-        return vs["top1_agreement"] >= t.agreement - 1e-12
-    cos = [o["cosine_min"] for o in (vs.get("outputs") or {}).values()] or [vs["cosine_min"]]
-    return min(cos) >= t.cosine - 1e-12
+    return (target or Target()).check(vs, classifier=vs.get("top1_agreement") is not None, drop_pp=None)
 
 
 def _faithfulness(m: dict) -> tuple:

@@ -185,8 +185,8 @@ def _reference_outputs(src: Path, man: Manifest, inputs: dict[str, np.ndarray]) 
 
         # f32, except for an INT8 IR whose float parts the fidelity search measured and chose in bf16 on held-out
         # images: then the check is about what compiling changed, not about that precision again
-        searched = (man.quantization or {}).get("float_precision") if man.precision == "int8" else None
-        eng = OpenVINOEngine(src, man, device="CPU", config={"INFERENCE_PRECISION_HINT": searched or "f32"}, use_blob=False)
+        eng = OpenVINOEngine(src, man, device="CPU", config={"INFERENCE_PRECISION_HINT": _searched(man, "float_precision") or "f32"},
+                             use_blob=False)
     with eng:
         return {k: eng.infer_all(x) for k, x in inputs.items()}
 
@@ -222,19 +222,12 @@ def _verify(engine, refs: dict[str, dict[str, np.ndarray]], inputs: dict[str, np
 
 
 # -- ONNX Runtime -------------------------------------------------------------------------------
-def _ort_disabled(man: Manifest) -> list[str]:
-    """INT8 QDQ with static shapes: ONNX Runtime's MatMulAddFusion would turn each MatMul + bias into a float
-    Gemm before its QDQ fusion runs, and the Gemm (no quantized output) would never become an integer kernel;
-    without it, every DequantizeLinear -> MatMul pair becomes MatMulIntegerToFloat."""
-    return ["MatMulAddFusion"] if man.precision == "int8" else []
-
-
 def _compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint,
                          device, opt_level: str = "extended") -> tuple[list[str], dict, str]:
     import onnx
     import onnxruntime as ort
 
-    from .backends.onnxruntime import available_providers, session_options
+    from .backends.onnxruntime import available_providers, disabled_optimizers, session_options
 
     if src.suffix != ".onnx":
         raise VitedgeError(f"{src.name} is an OpenVINO IR: ONNX Runtime runs ONNX files", "compile the ONNX file, or use --target openvino")
@@ -256,7 +249,7 @@ def _compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str,
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
         # CPU provider only: a model optimised for CUDA/TensorRT nodes would not load on a CPU
-        ort.InferenceSession(str(work), so, providers=["CPUExecutionProvider"], disabled_optimizers=_ort_disabled(man))
+        ort.InferenceSession(str(work), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled_optimizers(man.precision))
     except Exception as exc:  # onnxruntime raises its own exception types
         raise VitedgeError(f"ONNX Runtime cannot optimise {src.name}: {str(exc).splitlines()[0][:240]}") from None
     files = [out_name] + ([out_name + ".data"] if (scratch / (out_name + ".data")).exists() else [])
@@ -292,6 +285,11 @@ def check_device(device: str) -> None:
         return
     if device not in avail and base not in {d.split(".", 1)[0] for d in avail}:
         raise VitedgeError(f"OpenVINO device {device!r} is not present on this machine", f"available: {', '.join(avail) or 'none'}")
+
+
+def _searched(man: Manifest, key: str):
+    """What the INT8 fidelity search measured and chose for an INT8 model (``float_precision``, ``engine_batch``)."""
+    return (man.quantization or {}).get(key) if man.precision == "int8" else None
 
 
 def _type_name(value) -> str:
@@ -342,7 +340,7 @@ def _compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *,
     ov.save_model(model, str(scratch / out_name), compress_to_fp16=precision == "fp16")
     files = [out_name, Path(out_name).with_suffix(".bin").name]
     # the INT8 fidelity search measured which float precision keeps the predictions on this CPU (f32 or bf16)
-    searched = (man.quantization or {}).get("float_precision") if device.split(":", 1)[0] == "CPU" else None
+    searched = _searched(man, "float_precision") if device.split(":", 1)[0] == "CPU" else None
     cfg = openvino_config(hint, threads, streams, precision_hint or searched or default_precision_hint(precision, device))
     settings: dict[str, Any] = {"device": device, "openvino_config": cfg, "openvino": ov.__version__}
     try:
@@ -418,7 +416,7 @@ def compile_model(
             from .ui import note
 
             note(f"{src.name} has a fixed batch of {fixed}: compiling at batch {fixed}")
-        elif auto_batch and target == "openvino" and (man.quantization or {}).get("engine_batch") == "dynamic":
+        elif auto_batch and target == "openvino" and _searched(man, "engine_batch") == "dynamic":
             # the INT8 fidelity search measured both engine shapes and chose the dynamic one (its table says why)
             batch = None
             from .ui import note

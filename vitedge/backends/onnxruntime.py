@@ -21,6 +21,16 @@ from .base import Engine
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
+def disabled_optimizers(precision: str | None) -> list[str]:
+    """ONNX Runtime optimizers to turn off for a model of this precision.
+
+    INT8 QDQ with static shapes: MatMulAddFusion would turn each MatMul + bias into a float Gemm before
+    the QDQ fusion runs, and the Gemm (no quantized output) would never become an integer kernel; without
+    it, every DequantizeLinear -> MatMul pair becomes MatMulIntegerToFloat.
+    """
+    return ["MatMulAddFusion"] if precision == "int8" else []
+
+
 def session_options(threads: int | None = None, optimized_model_path: str | None = None, opt_level: str = "all"):
     import onnxruntime as ort
 
@@ -69,8 +79,7 @@ class OnnxRuntimeEngine(Engine):
                                    f"available: {', '.join(ort.get_available_providers())}")
         self.threads = threads or (os.cpu_count() or 1)
         try:
-            # INT8 QDQ: keep MatMul + bias from becoming a float Gemm before the QDQ fusion (see compilation._ort_disabled)
-            disabled = ["MatMulAddFusion"] if manifest is not None and manifest.precision == "int8" else []
+            disabled = disabled_optimizers(manifest.precision if manifest is not None else None)
             self.session = ort.InferenceSession(str(artifact), session_options(threads, opt_level=opt_level),
                                                 providers=providers or available_providers(), disabled_optimizers=disabled)
         except Exception as exc:  # onnxruntime raises its own exception types

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .nncf_int8 import pad_to_multiple
+
 
 def _batches(x: np.ndarray, fixed: int | None, input_name: str | None):
     """Calibration items for NNCF: one image at a time (NNCF's statistics assume it), or the model's fixed batch.
     NNCF's ONNX backend takes {input name: array}, its OpenVINO backend the array."""
     bs = fixed or 1
     for i in range(0, len(x), bs):
-        b = np.ascontiguousarray(x[i : i + bs])
-        if len(b) < bs:
-            b = np.concatenate([b, np.repeat(b[-1:], bs - len(b), axis=0)])
+        b = np.ascontiguousarray(pad_to_multiple(x[i : i + bs], bs))
         yield {input_name: b} if input_name else b
 
 

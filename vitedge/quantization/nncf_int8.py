@@ -253,6 +253,11 @@ class Validation:
         return metric, values
 
 
+def pad_to_multiple(x: np.ndarray, k: int) -> np.ndarray:
+    """``x`` with its last image repeated until its length is a multiple of ``k`` (fixed-batch models)."""
+    return np.concatenate([x, np.repeat(x[-1:], -len(x) % k, axis=0)]) if len(x) % k else x
+
+
 # -- measuring a candidate --------------------------------------------------------------------------------------------------
 def _timed(run: Callable[[], object], min_runs: int = 20, max_seconds: float = 3.0) -> float:
     """Median wall time of ``run`` in ms, after warm-up."""
@@ -280,7 +285,7 @@ def measure(path: Path, backend: str, x: np.ndarray, float_precision: str | None
     n = len(x)
     if fixed:  # a fixed-batch model takes exactly that many images: pad the last batch, time one batch
         batch, static = fixed, False
-        x = np.concatenate([x, np.repeat(x[-1:], -len(x) % fixed, axis=0)]) if len(x) % fixed else x
+        x = pad_to_multiple(x, fixed)
     one = np.ascontiguousarray(x[: fixed or 1])
     if backend == "openvino":
         import openvino as ov
@@ -302,7 +307,9 @@ def measure(path: Path, backend: str, x: np.ndarray, float_precision: str | None
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"])
+        from ..backends.onnxruntime import disabled_optimizers
+
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled_optimizers("int8"))
         name = sess.get_inputs()[0].name
         names = [o.name for o in sess.get_outputs()]
         parts = [sess.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
