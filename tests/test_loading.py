@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vitedge import ModelSpec, Preprocessing, VisionTransformer, VitedgeError, load_model, save_checkpoint
+from vitedge.errors import FileProblem, ModelNotSupported
 from vitedge.models.loading import REFERENCE_CHECKPOINT
 
 
@@ -150,7 +151,7 @@ def test_timm_variants_vitedge_does_not_support(tmp_path, extra, what):
     sd = dict(_vit().state_dict())
     sd.update(extra)
     torch.save(sd, tmp_path / "variant.pth")
-    with pytest.raises(VitedgeError, match=rf"variant\.pth is a .*{what}.*not the classic ViT"):
+    with pytest.raises(ModelNotSupported, match=what):  # naming the variant is the point
         load_model(tmp_path / "variant.pth")
 
 
@@ -251,7 +252,7 @@ def test_hf_sharded_safetensors(hf_classifier, tmp_path):
     x = _x()
     assert torch.allclose(_logits(spec.model, x), _hf_logits(model, x), atol=1e-4)
     (target / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(VitedgeError, match="names shard model-00002-of-00002.safetensors, which is missing"):
+    with pytest.raises(FileProblem, match="model-00002-of-00002.safetensors"):
         load_model(target)
 
 
@@ -304,17 +305,17 @@ def test_hf_config_that_is_not_a_vit(hf_classifier, tmp_path):
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
-    with pytest.raises(VitedgeError, match=r"bert[/\\]config\.json: model_type 'bert' is not a ViT"):
+    with pytest.raises(ModelNotSupported, match="'bert'"):
         load_model(bert)
     deit = tmp_path / "deit"
     deit.mkdir()
     (deit / "config.json").write_text(json.dumps({"model_type": "deit"}))
-    with pytest.raises(VitedgeError, match="distilled DeiT"):
+    with pytest.raises(ModelNotSupported):
         load_model(deit)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    with pytest.raises(VitedgeError, match=r"broken[/\\]config\.json is not valid JSON"):
+    with pytest.raises(FileProblem):
         load_model(broken)
     noweights = tmp_path / "noweights"
     _copy_config(folder, noweights)
@@ -388,7 +389,7 @@ def test_missing_file_and_folder_without_config(tmp_path):
     with pytest.raises(VitedgeError) as e:
         load_model(tmp_path / "nope.pth")
     assert re.search(r"model .*nope\.pth does not exist — give a checkpoint file, a Hugging Face folder, or a preset: vit_tiny", _one_line(e))
-    with pytest.raises(VitedgeError, match="has no config.json"):
+    with pytest.raises(FileProblem):
         load_model(tmp_path)
     (tmp_path / "model.onnx").write_bytes(b"x")
     with pytest.raises(VitedgeError, match=r"model\.onnx: unknown model file type '\.onnx'"):
@@ -419,7 +420,7 @@ def test_pickle_that_is_not_a_state_dict(tmp_path):
     # a truncated torch zip archive
     data = (tmp_path / "tensor.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(VitedgeError, match=r"truncated\.pth cannot be read as a PyTorch state dict"):
+    with pytest.raises(FileProblem):
         load_model(tmp_path / "truncated.pth")
 
 
@@ -456,7 +457,7 @@ def test_damaged_vitedge_metadata(tmp_path):
     model = _vit()
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(tmp_path / "meta.safetensors"), metadata={"vitedge": "{broken"})
-    with pytest.raises(VitedgeError, match=r"meta\.safetensors: vitedge metadata is damaged"):
+    with pytest.raises(FileProblem):
         load_model(tmp_path / "meta.safetensors")
 
 

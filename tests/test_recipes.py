@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from vitedge.cli import main
-from vitedge.errors import VitedgeError
+from vitedge.errors import FileProblem, VitedgeError
 from vitedge.recipes import RECIPES_DIR, list_recipes, load_recipe
 
 SHIPPED = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -58,7 +58,7 @@ def test_missing_required_and_bad_yaml(tmp_path):
         load_recipe(_write(tmp_path, "name: x\nmodel: reference\n"))
     with pytest.raises(VitedgeError, match=r"r\.yaml:3: not valid YAML"):
         load_recipe(_write(tmp_path, "name: x\nmodel: [unclosed\n"))
-    with pytest.raises(VitedgeError, match="does not exist"):
+    with pytest.raises(FileProblem):
         load_recipe(tmp_path / "nope.yaml")
 
 

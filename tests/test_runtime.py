@@ -14,7 +14,7 @@ from PIL import Image
 import vitedge
 from vitedge.cli.main import main as cli
 from vitedge.compilation import compile_model
-from vitedge.errors import VitedgeError
+from vitedge.errors import FileProblem, VitedgeError
 from vitedge.manifest import Manifest
 
 
@@ -142,7 +142,7 @@ def test_wrong_inputs_are_one_line_errors(compiled, batch):
             assert "\n" not in str(ei.value)
         with pytest.raises(VitedgeError, match="is not an image"):
             eng.predict(np.zeros((64, 64, 3), np.float32))
-        with pytest.raises(VitedgeError, match="does not exist"):
+        with pytest.raises(FileProblem):
             eng.predict(["no/such/image.png"])
 
 
@@ -163,7 +163,7 @@ def test_corrupt_engine_file(tmp_path, compiled, suffix):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(VitedgeError, match="does not exist"):
+    with pytest.raises(FileProblem):
         vitedge.load(tmp_path / "none.onnx")
     (tmp_path / "x.xml").write_text("<net/>")
     with pytest.raises(VitedgeError, match="no vitedge manifest"):

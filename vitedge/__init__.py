@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import BackendUnavailable, GateFailed, VitedgeError
+from .errors import BackendUnavailable, FileProblem, GateFailed, InputError, ModelNotSupported, ShapeMismatch, VitedgeError
 from .export import export_onnx
 from .manifest import Manifest
 from .models.loading import ModelSpec, load_model, save_checkpoint
@@ -19,6 +19,6 @@ from .validation import EngineSpec, validate
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailable", "GateFailed", "Manifest", "ModelSpec", "PRESETS", "Preprocessing", "ViTConfig",
+    "BackendUnavailable", "FileProblem", "GateFailed", "InputError", "ModelNotSupported", "ShapeMismatch", "Manifest", "ModelSpec", "PRESETS", "Preprocessing", "ViTConfig",
     "VisionTransformer", "VitedgeError", "Engine", "EngineSpec", "Prediction", "Report", "benchmark", "validate", "compile_model", "quantize", "create_model", "export_onnx", "load", "load_model", "save_checkpoint",
 ]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ._io import atomic_dir, commit_files
-from .errors import VitedgeError
+from .errors import FileProblem, ShapeMismatch, VitedgeError, first_line
 from .manifest import Manifest, TensorSpec
 
 log = logging.getLogger("vitedge")
@@ -55,7 +55,7 @@ def _source(model, img_size, scratch: Path, preprocessing=None) -> tuple[Path, M
         if p.suffix in (".onnx", ".xml") or p.name.endswith(".vitedge.json"):
             artifact, man = Manifest.find(p)
             if not artifact.exists():
-                raise VitedgeError(f"artifact {artifact} named by the manifest does not exist")
+                raise FileProblem(f"artifact {artifact} named by the manifest does not exist")
             if man is None and artifact.suffix != ".onnx":
                 raise VitedgeError(f"{artifact} has no vitedge manifest", "compile the ONNX file, or re-create the IR with vitedge quantize")
             if man is None or preprocessing is not None:
@@ -131,7 +131,7 @@ def set_static_batch(proto, batch: int) -> None:
             dims[0].Clear()
             dims[0].dim_value = batch
         elif dims and dims[0].dim_value != batch:
-            raise VitedgeError(f"the model has a fixed batch of {dims[0].dim_value}, not {batch}", "compile with --batch "
+            raise ShapeMismatch(f"the model has a fixed batch of {dims[0].dim_value}, not {batch}", "compile with --batch "
                                f"{dims[0].dim_value}, or re-export with --batch dynamic")
     del proto.graph.value_info[:]  # stale symbolic shapes; re-inferred by the runtimes
 
@@ -251,7 +251,7 @@ def _compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str,
         # CPU provider only: a model optimised for CUDA/TensorRT nodes would not load on a CPU
         ort.InferenceSession(str(work), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled_optimizers(man.precision))
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise VitedgeError(f"ONNX Runtime cannot optimise {src.name}: {str(exc).splitlines()[0][:240]}") from None
+        raise VitedgeError(f"ONNX Runtime cannot optimise {src.name}: {first_line(exc)}") from None
     files = [out_name] + ([out_name + ".data"] if (scratch / (out_name + ".data")).exists() else [])
     settings = {
         "opt_level": opt_level,
@@ -329,11 +329,11 @@ def _compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *,
     try:
         model = ov.convert_model(str(src)) if src.suffix == ".onnx" else core().read_model(str(src))
     except Exception as exc:  # openvino raises RuntimeError/OpConversionFailure with long traces
-        raise VitedgeError(f"OpenVINO cannot read {src.name}: {str(exc).strip().splitlines()[0][:240]}") from None
+        raise VitedgeError(f"OpenVINO cannot read {src.name}: {first_line(exc)}") from None
     if batch is not None:
         shape = list(model.inputs[0].get_partial_shape())
         if shape[0].is_static and shape[0].get_length() != batch:
-            raise VitedgeError(f"{src.name} has a fixed batch of {shape[0].get_length()}, not {batch}",
+            raise ShapeMismatch(f"{src.name} has a fixed batch of {shape[0].get_length()}, not {batch}",
                                f"compile with --batch {shape[0].get_length()}, or re-export with --batch dynamic")
         model.reshape({model.inputs[0]: ov.PartialShape([batch] + shape[1:])})
     # FP32 weights stay FP32 (save_model would halve them by default); FP16 inputs keep FP16
@@ -346,7 +346,7 @@ def _compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *,
     try:
         compiled = core().compile_model(str(scratch / out_name), device, cfg)
     except Exception as exc:
-        raise VitedgeError(f"OpenVINO cannot compile {src.name} for {device}: {str(exc).strip().splitlines()[0][:240]}") from None
+        raise VitedgeError(f"OpenVINO cannot compile {src.name} for {device}: {first_line(exc)}") from None
     settings["inference_precision"] = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")) if device == "CPU" else None
     if export_blob:
         blob = Path(out_name).with_suffix(".blob").name

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import VitedgeError
+from .errors import FileProblem, ShapeMismatch, VitedgeError
 from .preprocess import IMAGE_SUFFIXES, Preprocessing, load_image
 
 log = logging.getLogger("vitedge")
@@ -65,7 +65,7 @@ class ImageSet:
     def from_path(cls, path: str | Path) -> "ImageSet":
         path = Path(path)
         if not path.exists():
-            raise VitedgeError(f"data {path} does not exist", "give a folder of images or a .npy/.npz file")
+            raise FileProblem(f"data {path} does not exist", "give a folder of images or a .npy/.npz file")
         if path.is_file():
             if path.suffix in (".npy", ".npz"):
                 return cls._from_array_file(path)
@@ -74,7 +74,7 @@ class ImageSet:
             raise VitedgeError(f"data {path} is neither an image folder nor a .npy/.npz file")
         paths = list_images(path)
         if not paths:
-            raise VitedgeError(f"data folder {path} holds no images (jpg/png/bmp/webp)", "check the path")
+            raise FileProblem(f"data folder {path} holds no images (jpg/png/bmp/webp)", "check the path")
         labels = [p.relative_to(path).parts[0] if len(p.relative_to(path).parts) > 1 else None for p in paths]
         if any(lbl is None for lbl in labels):
             labels = [None] * len(paths)  # mixed layout: treat as unlabelled
@@ -85,7 +85,7 @@ class ImageSet:
         try:
             data = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
-            raise VitedgeError(f"{path} cannot be read as a numpy file ({exc})") from None
+            raise FileProblem(f"{path} cannot be read as a numpy file ({exc})") from None
         labels = None
         if isinstance(data, np.lib.npyio.NpzFile):
             with data:
@@ -98,13 +98,13 @@ class ImageSet:
                     lk = next((k for k in ("labels", "y") if k in keys), None)
                     labels = _label_strings(data[lk]) if lk else None
                 except (ValueError, OSError) as exc:
-                    raise VitedgeError(f"{path} cannot be read as a numpy file ({exc})") from None
+                    raise FileProblem(f"{path} cannot be read as a numpy file ({exc})") from None
         else:
             arr = data
         if arr.dtype.kind not in "fiub":
             raise VitedgeError(f"{path}: array of dtype {arr.dtype} is not numeric image data")
         if arr.ndim != 4:
-            raise VitedgeError(f"{path}: array of shape {arr.shape} is not (N, C, H, W) preprocessed images")
+            raise ShapeMismatch(f"{path}: array of shape {arr.shape} is not (N, C, H, W) preprocessed images")
         if labels is not None and len(labels) != len(arr):
             raise VitedgeError(f"{path}: {len(labels)} labels for {len(arr)} images")
         arr = arr.astype(np.float32, copy=False)
@@ -149,7 +149,7 @@ class ImageSet:
         want = tuple(int(d) if isinstance(d, int) else None for d in shape[1:])
         got = self.arrays.shape[1:]
         if any(w is not None and w != g for w, g in zip(want, got)):
-            raise VitedgeError(f"{self.source}: arrays of shape {got} do not match the model input {tuple(shape[1:])}",
+            raise ShapeMismatch(f"{self.source}: arrays of shape {got} do not match the model input {tuple(shape[1:])}",
                                "preprocess to the model's input size, or pass a folder of images")
 
     # -- streaming --------------------------------------------------------------------------

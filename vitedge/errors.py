@@ -3,6 +3,16 @@
 Every problem a user can cause (bad file, wrong shape, unsupported model, missing backend) raises a
 :class:`VitedgeError` whose message is one line: what is wrong, then how to fix it.  The CLI prints
 it as ``error: ...`` and exits with code 2; a failed gate (validation) exits with code 1.
+
+The subclasses say what kind of problem it is, so callers and tests can catch one kind::
+
+    VitedgeError (exit 2)
+    ├── InputError            bad argument/option value
+    │   ├── FileProblem       missing, unreadable or corrupt file
+    │   ├── ModelNotSupported not a classic ViT, unsupported opset/operator
+    │   └── ShapeMismatch     input shape does not fit the model/engine
+    ├── BackendUnavailable    backend or device not installed/present
+    └── GateFailed (exit 1)   a validation gate was missed
 """
 
 from __future__ import annotations
@@ -20,6 +30,22 @@ class VitedgeError(Exception):
         super().__init__(message)
 
 
+class InputError(VitedgeError):
+    """An argument or option value vitedge cannot use (bad number, unknown name, wrong suffix)."""
+
+
+class FileProblem(InputError):
+    """A file or folder the user named is missing, unreadable or corrupt."""
+
+
+class ModelNotSupported(InputError):
+    """The model is valid but not one vitedge handles (not a classic ViT, unsupported opset or operator)."""
+
+
+class ShapeMismatch(InputError):
+    """An input's shape (batch, channels, image size) does not match what the model or engine takes."""
+
+
 class BackendUnavailable(VitedgeError):
     """A backend (e.g. TensorRT) or device (GPU) is not present on this machine."""
 
@@ -28,3 +54,15 @@ class GateFailed(VitedgeError):
     """A validation gate (max drop, min speed-up) was missed."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """The first non-blank line of ``exc``'s message (at most ``limit`` characters), else its type name.
+
+    Third-party libraries (OpenVINO, ONNX Runtime, TensorRT) raise errors with multi-line traces;
+    vitedge shows only their first line.
+    """
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_dir, commit_files
-from .errors import VitedgeError
+from .errors import ModelNotSupported, VitedgeError, first_line
 from .manifest import Manifest, TensorSpec
 from .models.loading import ModelSpec, load_model
 
@@ -179,7 +179,7 @@ def ort_session(path: Path, threads: int | None = None):
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise VitedgeError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:240]}") from None
+        raise VitedgeError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from None
 
 
 def export_onnx(
@@ -203,7 +203,7 @@ def export_onnx(
     """
     stage = on_stage or (lambda text: None)
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise VitedgeError(f"opset {opset} is not supported", f"choose an opset from {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+        raise ModelNotSupported(f"opset {opset} is not supported", f"choose an opset from {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
     if batch is not None and batch < 1:
         raise VitedgeError(f"batch {batch} must be >= 1 (or 'dynamic')")
     output = Path(output)
@@ -249,7 +249,7 @@ def export_onnx(
         try:
             onnx.checker.check_model(str(tmp))  # path form handles external data / >2 GB
         except onnx.checker.ValidationError as exc:
-            raise VitedgeError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from None
+            raise VitedgeError(f"exported ONNX fails onnx.checker: {first_line(exc, 1000)}") from None
 
         stage("verifying with ONNX Runtime against PyTorch")
         sess = ort_session(tmp)

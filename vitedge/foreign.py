@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import VitedgeError
+from .errors import FileProblem, VitedgeError
 from .manifest import Manifest, TensorSpec
 from .preprocess import Preprocessing
 
@@ -78,9 +78,9 @@ def manifest_for_onnx(path: Path) -> Manifest:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others
-        raise VitedgeError(f"{path} is not a readable ONNX file ({type(exc).__name__})", "check the file is complete") from None
+        raise FileProblem(f"{path} is not a readable ONNX file ({type(exc).__name__})", "check the file is complete") from None
     if not proto.graph.node:
-        raise VitedgeError(f"{path} is not a readable ONNX file (empty graph)", "check the file is complete")
+        raise FileProblem(f"{path} is not a readable ONNX file (empty graph)", "check the file is complete")
     inits = {i.name for i in proto.graph.initializer}
     ins = [s for s in _specs(proto.graph.input) if s.name not in inits]
     outs = _specs(proto.graph.output)

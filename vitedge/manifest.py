@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ._io import sha256_file, write_json_atomic
-from .errors import VitedgeError
+from .errors import FileProblem, VitedgeError
 
 MANIFEST_SUFFIX = ".vitedge.json"
 SCHEMA_VERSION = 1
@@ -104,9 +104,9 @@ class Manifest:
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
-            raise VitedgeError(f"manifest {path} does not exist") from None
+            raise FileProblem(f"manifest {path} does not exist") from None
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise VitedgeError(f"manifest {path} is not a valid vitedge manifest ({exc})", "re-create it with vitedge") from None
+            raise FileProblem(f"manifest {path} is not a valid vitedge manifest ({exc})", "re-create it with vitedge") from None
 
     @classmethod
     def find(cls, path: str | Path) -> tuple[Path, "Manifest | None"]:
@@ -116,7 +116,7 @@ class Manifest:
         """
         path = Path(path)
         if not path.exists():
-            raise VitedgeError(f"{path} does not exist")
+            raise FileProblem(f"{path} does not exist")
         if path.is_dir():
             candidates = [path / f"engine{MANIFEST_SUFFIX}"] if (path / f"engine{MANIFEST_SUFFIX}").exists() else sorted(path.glob(f"*{MANIFEST_SUFFIX}"))
             if len(candidates) != 1:

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import VitedgeError
+from .errors import FileProblem, ShapeMismatch, VitedgeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,7 +93,7 @@ class Preprocessing:
                     "pass uint8 HxWx3 (RGB) or HxW arrays, or use infer() for preprocessed floats",
                 )
             if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
-                raise VitedgeError(f"image array shape {image.shape} is not HxWxC with C in 1,3,4")
+                raise ShapeMismatch(f"image array shape {image.shape} is not HxWxC with C in 1,3,4")
             return Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[2] == 1 else image).convert("RGB")
         return load_image(image)
 
@@ -140,13 +140,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB, with a one-line error for missing or corrupt files."""
     path = Path(path)
     if not path.exists():
-        raise VitedgeError(f"image {path} does not exist")
+        raise FileProblem(f"image {path} does not exist")
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise VitedgeError(f"image {path} cannot be read ({type(exc).__name__}: {exc})", "is it a valid jpg/png/bmp/webp?") from exc
+        raise FileProblem(f"image {path} cannot be read ({type(exc).__name__}: {exc})", "is it a valid jpg/png/bmp/webp?") from exc
 
 
 def parse_floats(text: str | Sequence[float], n: int = 3, what: str = "value") -> tuple[float, ...]:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from ._io import sha256_file, write_json_atomic
-from .errors import VitedgeError
+from .errors import FileProblem, VitedgeError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 STATE_FILE = ".vitedge-run.json"
@@ -196,7 +196,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.exists() and not path.suffix and (RECIPES_DIR / f"{path}.yaml").exists():
         path = RECIPES_DIR / f"{path}.yaml"
     if not path.exists():
-        raise VitedgeError(f"recipe {path} does not exist", "run `vitedge recipes` to list the shipped ones")
+        raise FileProblem(f"recipe {path} does not exist", "run `vitedge recipes` to list the shipped ones")
     text = path.read_text()
     try:
         data = yaml.safe_load(text)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ._io import atomic_dir, commit_files
-from .errors import VitedgeError
+from .errors import FileProblem, VitedgeError
 
 SCHEMA_ID = "vitedge.report/1"
 
@@ -222,9 +222,9 @@ class Report:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise VitedgeError(f"report {path} does not exist") from None
+            raise FileProblem(f"report {path} does not exist") from None
         except json.JSONDecodeError as exc:
-            raise VitedgeError(f"{path} is not valid JSON ({exc})") from None
+            raise FileProblem(f"{path} is not valid JSON ({exc})") from None
         check_schema(data)
         return cls(data)
 

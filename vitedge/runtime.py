@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .backends.base import Engine
-from .errors import VitedgeError
+from .errors import FileProblem, VitedgeError
 from .manifest import Manifest
 
 _BY_SUFFIX = {".onnx": "onnxruntime", ".xml": "openvino", ".blob": "openvino", ".engine": "tensorrt", ".plan": "tensorrt"}
@@ -27,7 +27,7 @@ def load(path: str | Path, backend: str | None = None, *, preprocessing=None, la
 
     artifact, manifest = Manifest.find(path)
     if not artifact.exists():
-        raise VitedgeError(f"artifact {artifact} named by the manifest does not exist")
+        raise FileProblem(f"artifact {artifact} named by the manifest does not exist")
     if manifest is None or preprocessing is not None or labels is not None:
         _, manifest = ensure_manifest(artifact if manifest is None else path, preprocessing, labels, announce=False,
                                       require_preprocessing=False, hash_file=False)

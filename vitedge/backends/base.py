@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import VitedgeError
+from ..errors import ShapeMismatch, VitedgeError
 from ..manifest import Manifest
 from ..preprocess import ImageLike, Preprocessing
 
@@ -91,11 +91,11 @@ class Engine(ABC):
         if batch.ndim == 3:
             batch = batch[None]
         if batch.ndim != 4:
-            raise VitedgeError(f"input of shape {batch.shape} is not (N, C, H, W)")
+            raise ShapeMismatch(f"input of shape {batch.shape} is not (N, C, H, W)")
         want = self.input_shape
         for axis, (w, g) in enumerate(zip(want[1:], batch.shape[1:]), start=1):
             if isinstance(w, int) and w > 0 and w != g:
-                raise VitedgeError(f"input shape {tuple(batch.shape)} does not match the engine's {tuple(want)} (axis {axis})",
+                raise ShapeMismatch(f"input shape {tuple(batch.shape)} does not match the engine's {tuple(want)} (axis {axis})",
                                    "preprocess to the engine's input size")
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         fixed = self.fixed_batch

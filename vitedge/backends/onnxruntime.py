@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import VitedgeError
+from ..errors import VitedgeError, first_line
 from ..manifest import Manifest
 from .base import Engine
 
@@ -83,7 +83,7 @@ class OnnxRuntimeEngine(Engine):
             self.session = ort.InferenceSession(str(artifact), session_options(threads, opt_level=opt_level),
                                                 providers=providers or available_providers(), disabled_optimizers=disabled)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise VitedgeError(f"ONNX Runtime cannot load {artifact}: {str(exc).splitlines()[0][:240]}",
+            raise VitedgeError(f"ONNX Runtime cannot load {artifact}: {first_line(exc)}",
                                "is the file complete? re-create it with vitedge compile") from None
         self.providers = self.session.get_providers()
         self._names = [o.name for o in self.session.get_outputs()]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import VitedgeError
+from ..errors import VitedgeError, first_line
 from ..manifest import Manifest
 from .base import Engine
 
@@ -77,8 +77,7 @@ class OpenVINOEngine(Engine):
             else:
                 self.compiled = c.compile_model(c.read_model(str(artifact)), device, cfg)
         except Exception as exc:  # openvino raises RuntimeError with long traces
-            msg = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
-            raise VitedgeError(f"OpenVINO cannot load {artifact} on {device}: {msg}",
+            raise VitedgeError(f"OpenVINO cannot load {artifact} on {device}: {first_line(exc)}",
                                "is the file complete? re-create it with vitedge compile") from None
         self.from_blob = blob is not None
         self._outputs = list(self.compiled.outputs)
@@ -115,7 +114,7 @@ class OpenVINOEngine(Engine):
             res = req.infer({0: batch})
             return {n: np.array(res[o]) for n, o in zip(self._names, self._outputs)}
         except RuntimeError as exc:
-            raise VitedgeError(f"OpenVINO could not run a batch of shape {tuple(batch.shape)}: {str(exc).strip().splitlines()[0][:200]}") from None
+            raise VitedgeError(f"OpenVINO could not run a batch of shape {tuple(batch.shape)}: {first_line(exc, 200)}") from None
         finally:
             self._pool.put(req)
 

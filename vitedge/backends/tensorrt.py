@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable, VitedgeError
+from ..errors import BackendUnavailable, FileProblem, ModelNotSupported, ShapeMismatch, VitedgeError
 from ..manifest import Manifest
 from .base import Engine
 
@@ -122,7 +122,7 @@ def inspect_onnx(path: Path) -> OnnxInfo:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and friends
-        raise VitedgeError(f"{path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with vitedge export") from None
+        raise FileProblem(f"{path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with vitedge export") from None
     inits = {i.name for i in proto.graph.initializer}
     inputs = [v for v in proto.graph.input if v.name not in inits]
     if len(inputs) != 1:
@@ -140,12 +140,12 @@ def inspect_onnx(path: Path) -> OnnxInfo:
 def check_onnx_for_tensorrt(info: OnnxInfo) -> None:
     """Refuse ONNX that TensorRT's parser cannot take, naming the op and what to do instead."""
     if len(info.shape) != 4:
-        raise VitedgeError(f"input {info.input_name} has shape {info.shape}, not (N, C, H, W)")
+        raise ShapeMismatch(f"input {info.input_name} has shape {info.shape}, not (N, C, H, W)")
     if not (isinstance(info.shape[1], int) and info.shape[1] > 0):
         raise VitedgeError(f"input {info.input_name} has a dynamic channel dimension", "re-export with a fixed channel count")
     bad = sorted(op for op in info.ops if op in _UNSUPPORTED_HINT)
     if bad:
-        raise VitedgeError(f"TensorRT cannot parse {bad[0]} nodes", _UNSUPPORTED_HINT[bad[0]])
+        raise ModelNotSupported(f"TensorRT cannot parse {bad[0]} nodes", _UNSUPPORTED_HINT[bad[0]])
     unknown = sorted(info.ops - TRT_SUPPORTED_OPS)
     if unknown:
         log.warning("ops not in vitedge's TensorRT list (the parser decides): %s", ", ".join(unknown))
@@ -182,11 +182,11 @@ def compute_profile(shape: list, *, batch: int | None = None, profile=None, hint
       ViT's position embeddings fix the resolution it was trained for.
     """
     if len(shape) != 4:
-        raise VitedgeError(f"input shape {shape} is not (N, C, H, W)")
+        raise ShapeMismatch(f"input shape {shape} is not (N, C, H, W)")
     n, c, h, w = shape
     static_n = n if isinstance(n, int) and n > 0 else None
     if static_n is not None and batch is not None and batch != static_n:
-        raise VitedgeError(f"the ONNX has a fixed batch of {static_n}, not {batch}", f"use --batch {static_n} or re-export with --batch dynamic")
+        raise ShapeMismatch(f"the ONNX has a fixed batch of {static_n}, not {batch}", f"use --batch {static_n} or re-export with --batch dynamic")
     fixed = batch or static_n
     if fixed is not None:
         if profile is not None and _parse_triple(profile, "profile") != (fixed,) * 3:
@@ -203,7 +203,7 @@ def compute_profile(shape: list, *, batch: int | None = None, profile=None, hint
     for name, d in (("height", h), ("width", w)):
         if isinstance(d, int) and d > 0:
             if img_size is not None and _parse_triple(img_size, "img_size") != (d, d, d):
-                raise VitedgeError(f"the ONNX has a fixed {name} of {d}, not {img_size}",
+                raise ShapeMismatch(f"the ONNX has a fixed {name} of {d}, not {img_size}",
                                    "re-export the model at that size (vitedge export --img-size)")
             spatial.append((d, d, d))
         else:
@@ -421,7 +421,7 @@ class TensorRTEngine(Engine):
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(Path(artifact).read_bytes())
         if self._engine is None:
-            raise VitedgeError(f"TensorRT cannot deserialize {artifact}", "the file is corrupt or from another TensorRT build: rebuild it")
+            raise FileProblem(f"TensorRT cannot deserialize {artifact}", "the file is corrupt or from another TensorRT build: rebuild it")
         self._context = self._engine.create_execution_context()
         self._buffers = _Buffers()
         self._input = self.input_name

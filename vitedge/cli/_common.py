@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import VitedgeError
+from ..errors import FileProblem
 
 
 def _parse_batch(ctx, param, value):
@@ -31,7 +31,7 @@ def list_images_arg(folder: Path | None) -> list[Path] | None:
         return default_check_images()
     found = list_images(folder)
     if not found:
-        raise VitedgeError(f"no images (jpg/png/bmp/webp) found in {folder}")
+        raise FileProblem(f"no images (jpg/png/bmp/webp) found in {folder}")
     return found
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import VitedgeError
+from ..errors import FileProblem
 from ..ui import console
 from ._common import preprocessing_from_cli, preprocessing_options
 
@@ -19,10 +19,10 @@ def _expand(images: tuple[str, ...]) -> list[Path]:
         if p.is_dir():
             found = list_images(p)
             if not found:
-                raise VitedgeError(f"no images (jpg/png/bmp/webp) found in {p}")
+                raise FileProblem(f"no images (jpg/png/bmp/webp) found in {p}")
             out.extend(found)
         elif not p.exists():
-            raise VitedgeError(f"image {p} does not exist")
+            raise FileProblem(f"image {p} does not exist")
         else:
             out.append(p)
     return out

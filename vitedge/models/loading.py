@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import VitedgeError
+from ..errors import FileProblem, ModelNotSupported, VitedgeError
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from .vit import PRESETS, ViTConfig, VisionTransformer, preset_config
 
@@ -89,7 +89,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise VitedgeError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+        raise FileProblem(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
     return tensors, meta
 
 
@@ -100,9 +100,9 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as exc:
-        raise VitedgeError(f"{path} cannot be opened ({exc.strerror or exc})") from None
+        raise FileProblem(f"{path} cannot be opened ({exc.strerror or exc})") from None
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch zip archive / legacy pickle
-        raise VitedgeError(f"{path} is not a PyTorch file (neither a torch.save zip archive nor a pickle; empty or corrupt?)",
+        raise FileProblem(f"{path} is not a PyTorch file (neither a torch.save zip archive nor a pickle; empty or corrupt?)",
                            "save weights with torch.save(model.state_dict(), path) or as .safetensors")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -113,7 +113,7 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             what = f" ({found.group(1)})" if found else ""
             raise VitedgeError(f"{path} holds pickled Python objects{what}, not just tensors; vitedge does not unpickle code",
                                "save model.state_dict() instead of the whole model, or use .safetensors") from None
-        raise VitedgeError(
+        raise FileProblem(
             f"{path} cannot be read as a PyTorch state dict ({_first_line(exc)})",
             "save weights with torch.save(model.state_dict(), path) or as .safetensors",
         ) from None
@@ -143,7 +143,7 @@ def _infer_timm_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int |
                               ("blocks.0.attn.q_norm.weight", "ViT with QK-norm"),
                               ("attn_pool.latent", "attention-pool ViT (no CLS head)")):
         if unsupported in sd:
-            raise VitedgeError(f"{path} is a {what}, which is not the classic ViT vitedge supports", "use a CLS-token ViT/DeiT checkpoint")
+            raise ModelNotSupported(f"{path} is a {what}, which is not the classic ViT vitedge supports", "use a CLS-token ViT/DeiT checkpoint")
     for key in ("blocks.0.mlp.fc1.weight", "blocks.0.attn.qkv.weight"):
         if key not in sd:
             raise VitedgeError(f"{path} has a patch embedding but no {key}", "expected timm ViT blocks (blocks.N.attn.qkv, blocks.N.mlp.fc1 ...)")
@@ -153,7 +153,7 @@ def _infer_timm_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int |
     w = sd["patch_embed.proj.weight"]
     d_model, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
     if w.shape[2] != w.shape[3]:
-        raise VitedgeError(f"{path}: non-square patches {tuple(w.shape[2:])} are not supported")
+        raise ModelNotSupported(f"{path}: non-square patches {tuple(w.shape[2:])} are not supported")
     layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
     if not layers:
         raise VitedgeError(f"{path} has a patch embedding but no 'blocks.N' encoder layers")
@@ -295,7 +295,7 @@ def _hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
             sd: dict[str, torch.Tensor] = {}
             for shard in shards:
                 if not (folder / shard).exists():
-                    raise VitedgeError(f"{index} names shard {shard}, which is missing from {folder}")
+                    raise FileProblem(f"{index} names shard {shard}, which is missing from {folder}")
                 sd.update(_read_state_dict(folder / shard)[0])
             return sd, index
     raise VitedgeError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin",
@@ -307,23 +307,23 @@ def _load_hf_folder(folder: Path) -> ModelSpec:
     try:
         hf = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
-        raise VitedgeError(f"{cfg_path} is not valid JSON ({exc})") from None
+        raise FileProblem(f"{cfg_path} is not valid JSON ({exc})") from None
     if not isinstance(hf, dict):
         raise VitedgeError(f"{cfg_path} is not a Hugging Face model config (a JSON object)")
     model_type = hf.get("model_type")
     if model_type == "deit":
-        raise VitedgeError(f"{cfg_path}: model_type 'deit' is a distilled DeiT (extra distillation token), which is not the classic ViT vitedge supports",
+        raise ModelNotSupported(f"{cfg_path}: model_type 'deit' is a distilled DeiT (extra distillation token), which is not the classic ViT vitedge supports",
                            "use a CLS-token ViT; DeiT weights saved as ViTForImageClassification (model_type 'vit') load fine")
     if model_type != "vit":
-        raise VitedgeError(f"{cfg_path}: model_type {model_type!r} is not a ViT", "vitedge loads model_type 'vit' (ViTForImageClassification / ViTModel)")
+        raise ModelNotSupported(f"{cfg_path}: model_type {model_type!r} is not a ViT", "vitedge loads model_type 'vit' (ViTForImageClassification / ViTModel)")
     if hf.get("hidden_act", "gelu") != "gelu":
-        raise VitedgeError(f"{cfg_path}: hidden_act {hf['hidden_act']!r} is not supported (only exact 'gelu')")
+        raise ModelNotSupported(f"{cfg_path}: hidden_act {hf['hidden_act']!r} is not supported (only exact 'gelu')")
     missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size") if k not in hf]
     if missing:
         raise VitedgeError(f"{cfg_path} lacks {', '.join(missing)}", "save the model with save_pretrained() to get a complete config")
     image_size, patch_size = hf.get("image_size", 224), hf.get("patch_size", 16)
     if not isinstance(image_size, int) or not isinstance(patch_size, int):
-        raise VitedgeError(f"{cfg_path}: only square image_size/patch_size are supported (got {image_size!r}, {patch_size!r})")
+        raise ModelNotSupported(f"{cfg_path}: only square image_size/patch_size are supported (got {image_size!r}, {patch_size!r})")
     sd, weights = _hf_weights(folder)
     sd = hf_to_timm(sd, weights)
     id2label = hf.get("id2label") or {}
@@ -434,11 +434,11 @@ def _from_module(module: nn.Module, img_size: int | None) -> ModelSpec:
 def _from_path(path: Path, num_heads: int | None) -> ModelSpec:
     if not path.exists():
         hint = f"give a checkpoint file, a Hugging Face folder, or a preset: {', '.join(PRESETS)}"
-        raise VitedgeError(f"model {path} does not exist", hint)
+        raise FileProblem(f"model {path} does not exist", hint)
     if path.is_dir():
         if (path / "config.json").exists():
             return _load_hf_folder(path)
-        raise VitedgeError(f"folder {path} has no config.json", "a model folder must be a Hugging Face save_pretrained folder")
+        raise FileProblem(f"folder {path} has no config.json", "a model folder must be a Hugging Face save_pretrained folder")
     if path.suffix not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
         raise VitedgeError(f"{path}: unknown model file type {path.suffix!r}", "use .safetensors, .pth, .pt or .bin")
     sd, meta = _read_state_dict(path)
@@ -448,7 +448,7 @@ def _from_path(path: Path, num_heads: int | None) -> ModelSpec:
             cfg = ViTConfig.from_dict(info["config"])
             pre = Preprocessing.from_dict(info["preprocessing"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise VitedgeError(f"{path}: vitedge metadata is damaged ({type(exc).__name__}: {exc})", "re-save it with save_checkpoint") from None
+            raise FileProblem(f"{path}: vitedge metadata is damaged ({type(exc).__name__}: {exc})", "re-save it with save_checkpoint") from None
         model = _build(cfg, sd, path)
         return ModelSpec(model, pre, cfg, _labels_from(info.get("labels"), cfg.num_classes), str(path))
     if "patch_embed.proj.weight" in sd and "pos_embed" in sd:

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from .._io import atomic_dir, commit_files
-from ..errors import GateFailed, VitedgeError
+from ..errors import FileProblem, GateFailed, VitedgeError
 from ..export import embed_metadata
 from ..manifest import Manifest
 from ..runtime import load
@@ -48,15 +48,15 @@ def _open_model(model, preprocessing=None, labels=None) -> tuple[Path, Manifest]
 
     path = Path(model)
     if not path.exists():
-        raise VitedgeError(f"model {path} does not exist", "give the .onnx file written by `vitedge export`")
+        raise FileProblem(f"model {path} does not exist", "give the .onnx file written by `vitedge export`")
     if path.is_dir() or path.suffix.lower() != ".onnx":
-        raise VitedgeError(f"{path} is not an ONNX file", "quantize takes a .onnx file from `vitedge export`")
+        raise FileProblem(f"{path} is not an ONNX file", "quantize takes a .onnx file from `vitedge export`")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and friends
-        raise VitedgeError(f"{path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with `vitedge export`") from None
+        raise FileProblem(f"{path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with `vitedge export`") from None
     if not proto.graph.node:
-        raise VitedgeError(f"{path} is not a readable ONNX file (empty graph)", "re-export it with `vitedge export`")
+        raise FileProblem(f"{path} is not a readable ONNX file (empty graph)", "re-export it with `vitedge export`")
     from ..foreign import ensure_manifest
 
     # a file vitedge did not export gets a manifest built from the file (what was assumed is printed)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import first_line
 from .nncf_int8 import pad_to_multiple
 
 
@@ -106,8 +107,8 @@ def main() -> int:
     try:
         res = run(job)
     except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
-        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        res = {"status": "failed", "error": f"{type(exc).__name__}: {msg}".rstrip(": "), "trace": traceback.format_exc()[-4000:]}
+        name, msg = type(exc).__name__, first_line(exc, 300)
+        res = {"status": "failed", "error": name if msg == name else f"{name}: {msg}", "trace": traceback.format_exc()[-4000:]}
         print(res["trace"], file=sys.stderr)
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res))

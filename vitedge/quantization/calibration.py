@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from ..data import SHIPPED_CALIBRATION, ImageSet, label_indices
-from ..errors import VitedgeError
+from ..errors import ShapeMismatch, VitedgeError
 from ..export import compare_outputs
 from ..manifest import Manifest
 from ..preprocess import Preprocessing
@@ -65,7 +65,7 @@ def _check_fits(ims: ImageSet, manifest: Manifest, pre: Preprocessing | None, wh
         if ims.arrays is None and pre is not None:
             hw = [d for d in shape[2:4]]
             if all(isinstance(d, int) for d in hw) and tuple(hw) != tuple(pre.img_size):
-                raise VitedgeError(f"the manifest preprocessing makes {pre.img_size} images but the model takes {tuple(shape)}",
+                raise ShapeMismatch(f"the manifest preprocessing makes {pre.img_size} images but the model takes {tuple(shape)}",
                                    "fix the preprocessing in the model's .vitedge.json")
     if ims.arrays is None and pre is None:
         raise VitedgeError(f"{what} {ims.source} holds images but the model has no preprocessing in its manifest",

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import VitedgeError
+from ..errors import VitedgeError, first_line
 
 log = logging.getLogger("vitedge")
 
@@ -233,7 +233,7 @@ def _convert(proto, block_nodes: set[str], direct: bool = True):
         toposort(half)
         return half
     except Exception as exc:
-        raise VitedgeError(f"FP16 conversion failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        raise VitedgeError(f"FP16 conversion failed: {type(exc).__name__}: {first_line(exc, 200)}") from None
 
 
 def _skip_fp16_roundtrips(half) -> int:
@@ -464,7 +464,7 @@ def openvino_fp16(model: Path, out_xml: Path, data=None) -> dict:
         ov_model = ov.convert_model(str(model))
         ov.save_model(ov_model, str(out_xml), compress_to_fp16=True)
     except Exception as exc:
-        raise VitedgeError(f"OpenVINO FP16 conversion failed: {str(exc).strip().splitlines()[0][:200]}") from None
+        raise VitedgeError(f"OpenVINO FP16 conversion failed: {first_line(exc, 200)}") from None
     if source is None:
         return info
     compiled = ov.Core().compile_model(str(out_xml), "CPU")

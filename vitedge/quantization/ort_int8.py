@@ -18,7 +18,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import VitedgeError
+from ..errors import VitedgeError, first_line
 from .calibration import StreamingBatches
 
 log = logging.getLogger("vitedge")
@@ -88,7 +88,7 @@ def prepare(model: Path, out: Path) -> Path:
         try:
             quant_pre_process(str(model), str(out), skip_optimization=True, skip_symbolic_shape=True)
         except Exception as exc2:
-            raise VitedgeError(f"shape inference failed on {model.name}: {str(exc2).splitlines()[0][:200]}") from None
+            raise VitedgeError(f"shape inference failed on {model.name}: {first_line(exc2, 200)}") from None
     return out
 
 
@@ -137,7 +137,7 @@ def calibrate(model: Path, stream: StreamingBatches, input_name: str, method: st
         raise
     except Exception as exc:
         stream.raise_if_failed(exc)
-        raise VitedgeError(f"calibration failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        raise VitedgeError(f"calibration failed: {type(exc).__name__}: {first_line(exc, 200)}") from None
     finally:
         quiet.__exit__(None, None, None)
     return cache
@@ -165,7 +165,7 @@ def quantize_qdq(model: Path, out: Path, cache: Path, cfg: QDQConfig, method: st
             finally:
                 root.disabled = was
     except Exception as exc:
-        raise VitedgeError(f"ONNX Runtime quantization failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        raise VitedgeError(f"ONNX Runtime quantization failed: {type(exc).__name__}: {first_line(exc, 200)}") from None
     if cfg.target == "tensorrt":
         _only_matrix_consumers(out)
     return out
