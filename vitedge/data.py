@@ -21,13 +21,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ._shipped import folder as shipped_folder
 from .errors import FileProblem, ShapeMismatch, VitedgeError
 from .preprocess import IMAGE_SUFFIXES, Preprocessing, load_image
 
 log = logging.getLogger("vitedge")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_CALIBRATION = REPO_ROOT / "calibration_data"
+# the shipped calibration_data/ folder, from the installed package (wheel or editable install)
+SHIPPED_CALIBRATION = shipped_folder("calibration_data")
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -36,7 +37,7 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def default_check_images(limit: int = 8) -> list[Path] | None:
-    """A few real images from the shipped calibration set, when this is a source checkout."""
+    """A few real images from the shipped calibration set (None when it is missing)."""
     if not SHIPPED_CALIBRATION.is_dir():
         return None
     found = list_images(SHIPPED_CALIBRATION)

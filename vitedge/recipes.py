@@ -19,9 +19,11 @@ from typing import Any, Callable
 import yaml
 
 from ._io import sha256_file, write_json_atomic
+from ._shipped import folder as shipped_folder
 from .errors import FileProblem, VitedgeError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# the shipped recipes/ folder, from the installed package (wheel or editable install)
+RECIPES_DIR = shipped_folder("recipes")
 STATE_FILE = ".vitedge-run.json"
 
 _PATH = {"type": "string", "minLength": 1}
