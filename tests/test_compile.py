@@ -228,7 +228,7 @@ def test_cli_compile(tmp_path, ref_onnx):
 
 @pytest.mark.parametrize("args,message", [
     (["missing.onnx"], "does not exist"),
-    (["{ref}", "-t", "onnxruntime", "--blob"], "--blob is an OpenVINO option"),
+    (["{ref}", "-t", "onnxruntime", "--blob"], "--blob is an option of openvino"),
     (["{ref}", "-t", "onnxruntime", "-o", "{tmp}/x.xml"], "must end in .onnx"),
     (["{ref}", "-t", "openvino", "-o", "{tmp}/x.xml", "--device", "NPU7"], "not present on this machine"),
     (["{ref}", "--batch", "0"], "must be >= 1"),

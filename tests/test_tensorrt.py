@@ -149,7 +149,7 @@ def test_input_mistakes_are_reported_before_tensorrt_is_needed(ref_onnx, tmp_pat
         (dict(model=ov_xml), "TensorRT builds from ONNX"),
         (dict(profile="8,4,2", batch="dynamic"), "min <= opt <= max"),
         (dict(workspace_mb=4), "too small"),
-        (dict(export_blob=True), "--blob is an OpenVINO option"),
+        (dict(export_blob=True), "--blob is an option of openvino, not tensorrt"),
         (dict(output=tmp_path / "e.onnx"), "must end in .engine"),
     ]
     for kw, match in cases:

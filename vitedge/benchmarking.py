@@ -16,19 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .backends import registry
 from .errors import VitedgeError
 from .report import Report
 from .ui import err_console, note
 
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-
-# which precisions each backend offers (what "fp16"/"bf16" mean there is in docs/validate.md)
-_OFFERS = {
-    "onnxruntime": ("fp32", "fp16", "int8"),
-    "openvino": ("fp32", "fp16", "bf16", "int8"),
-    "tensorrt": ("fp32", "fp16", "int8"),
-}
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # what each backend offers is in its registry entry (docs/validate.md)
 
 
 @dataclass
@@ -42,31 +35,24 @@ class Candidate:
 
 
 def candidates(backends: Sequence[str] | None = None, precisions: Sequence[str] | None = None) -> list[Candidate]:
-    backends = [b.lower() for b in (backends or BACKENDS)]
+    chosen = [registry.get(b, "benchmark") for b in backends] if backends else registry.backends("benchmark")
     precisions = [p.lower() for p in (precisions or PRECISIONS)]
-    for b in backends:
-        if b not in BACKENDS:
-            raise VitedgeError(f"unknown backend {b!r}", f"choose from {', '.join(BACKENDS)}")
     for p in precisions:
         if p not in PRECISIONS:
             raise VitedgeError(f"unknown precision {p!r}", f"choose from {', '.join(PRECISIONS)}")
-    return [Candidate(b, p) for b in backends for p in precisions if p in _OFFERS[b]]
+    return [Candidate(b.name, p) for b in chosen for p in precisions if p in b.benchmark]
 
 
 def _unavailable(c: Candidate, machine: dict) -> str | None:
     """Why a candidate cannot be built here (None: try it)."""
-    if c.backend == "tensorrt":
-        try:
-            from .backends.tensorrt import tensorrt_status
-        except ImportError:  # pragma: no cover - the module ships with vitedge
-            return "TensorRT support is not available in this vitedge build"
-        reason = tensorrt_status()
-        if reason:
-            return f"{reason}; TensorRT needs an NVIDIA GPU"
-    if c.backend == "openvino" and c.precision == "bf16":
+    backend = registry.get(c.backend)
+    reason = backend.unavailable()
+    if reason:
+        return reason
+    if backend.benchmark.get(c.precision) == "bf16":
         isa = machine.get("instruction_sets", {})
         if not (isa.get("AVX-512 BF16") or isa.get("AMX-BF16")):
-            return "this CPU has no AVX-512 BF16/AMX: OpenVINO would silently compute in FP32"
+            return f"this CPU has no AVX-512 BF16/AMX: {c.backend} would silently compute in FP32"
     return None
 
 
@@ -76,25 +62,20 @@ def _build(c: Candidate, fp32_onnx: Path, folder: Path, calib, calib_samples, se
     from .quantization import FidelityNotMet, quantize
     from .validation import EngineSpec
 
+    backend = registry.get(c.backend)
     stem = f"{c.backend}-{c.precision}"
     if c.precision in ("fp32", "bf16"):
         src = fp32_onnx
     else:
-        suffix = ".xml" if c.backend == "openvino" else ".onnx"
         try:
-            src, _ = quantize(fp32_onnx, folder / f"quant-{stem}{suffix}", precision=c.precision, backend=c.backend,
+            src, _ = quantize(fp32_onnx, folder / f"quant-{stem}{backend.quantized_suffix}", precision=c.precision, backend=c.backend,
                               calib=calib if c.precision == "int8" else None, samples=calib_samples, seed=seed)
         except FidelityNotMet as exc:  # measured and ranked anyway: the report shows how far it is from the target
             note(f"{c.name}: {exc}")
             src = exc.output
-    out = folder / (stem + {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}[c.backend])
-    kw = {}
-    if c.backend == "openvino":
-        # FP32 means FP32: OpenVINO would otherwise compute in bf16 on CPUs with AVX-512 BF16/AMX
-        kw["precision_hint"] = {"fp32": "f32", "bf16": "bf16"}.get(c.precision)
-    elif c.backend == "tensorrt":
-        kw["precision_hint"] = {"fp32": "f32", "fp16": "f16"}.get(c.precision)
-    path, _ = compile_model(src, out, target=c.backend, **{k: v for k, v in kw.items() if v})
+    out = folder / (stem + backend.engine_suffix)
+    # FP32 means FP32: OpenVINO would otherwise compute in bf16 on CPUs with AVX-512 BF16/AMX
+    path, _ = compile_model(src, out, target=c.backend, precision_hint=backend.benchmark.get(c.precision))
     return EngineSpec(path, c.backend, name=c.name, precision=c.precision)
 
 

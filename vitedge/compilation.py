@@ -29,16 +29,15 @@ from typing import Any
 import numpy as np
 
 from ._io import atomic_dir, commit_files
-from .errors import FileProblem, ShapeMismatch, VitedgeError, first_line
+from .backends import registry
+from .backends.openvino import default_precision_hint, openvino_config  # noqa: F401  (public here since 0.1)
+from .errors import FileProblem, ShapeMismatch, VitedgeError
 from .manifest import Manifest, TensorSpec
 
 log = logging.getLogger("vitedge")
 
-TARGETS = ("onnxruntime", "openvino", "tensorrt")
 HINTS = ("latency", "throughput")
 PRECISION_HINTS = ("f32", "bf16", "f16")
-_SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}
-_DEFAULT_NAME = {"onnxruntime": "{stem}.ort.onnx", "openvino": "{stem}.ov.xml", "tensorrt": "{stem}.engine"}
 _MIN_COSINE = 0.99  # an engine this far from its source is broken, not merely lower precision
 
 
@@ -111,9 +110,7 @@ def resolve_batch(batch, hint: str) -> int | None:
     return b
 
 
-def _check_options(target, hint, precision_hint, threads, device):
-    if target not in TARGETS:
-        raise VitedgeError(f"unknown target {target!r}", f"use one of {', '.join(TARGETS)}")
+def _check_options(hint, precision_hint, threads):
     if hint not in HINTS:
         raise VitedgeError(f"unknown performance hint {hint!r}", "use latency or throughput")
     if precision_hint is not None and precision_hint not in PRECISION_HINTS:
@@ -221,143 +218,10 @@ def _verify(engine, refs: dict[str, dict[str, np.ndarray]], inputs: dict[str, np
     return checks
 
 
-# -- ONNX Runtime -------------------------------------------------------------------------------
-def _compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint,
-                         device, opt_level: str = "extended") -> tuple[list[str], dict, str]:
-    import onnx
-    import onnxruntime as ort
-
-    from .backends.onnxruntime import available_providers, disabled_optimizers, session_options
-
-    if src.suffix != ".onnx":
-        raise VitedgeError(f"{src.name} is an OpenVINO IR: ONNX Runtime runs ONNX files", "compile the ONNX file, or use --target openvino")
-    if precision_hint not in (None, "f32"):
-        raise VitedgeError(f"ONNX Runtime on CPU has no {precision_hint} precision hint",
-                           "make an FP16/INT8 model with vitedge quantize, then compile it")
-    if device not in (None, "CPU", "cpu"):
-        raise VitedgeError(f"--device {device} applies to OpenVINO", "ONNX Runtime picks CUDA/TensorRT providers itself when installed")
-    work = src
-    big = src.stat().st_size > 1_800_000_000 or any(p.suffix == ".data" for p in src.parent.glob(src.name + "*"))
-    if batch is not None:
-        proto = onnx.load(str(src), load_external_data=True)
-        set_static_batch(proto, batch)
-        work = scratch / "static.onnx"
-        onnx.save(proto, str(work), save_as_external_data=big, location="static.onnx.data" if big else None)
-    so = session_options(threads, optimized_model_path=str(scratch / out_name), opt_level=opt_level)
-    if big:
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", out_name + ".data")
-        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    try:
-        # CPU provider only: a model optimised for CUDA/TensorRT nodes would not load on a CPU
-        ort.InferenceSession(str(work), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled_optimizers(man.precision))
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise VitedgeError(f"ONNX Runtime cannot optimise {src.name}: {first_line(exc)}") from None
-    files = [out_name] + ([out_name + ".data"] if (scratch / (out_name + ".data")).exists() else [])
-    settings = {
-        "opt_level": opt_level,
-        "runtime_opt_level": "all",  # hardware-specific layout passes run at load, in milliseconds
-        "threads": threads,
-        "providers": available_providers(),
-        "onnxruntime": ort.__version__,
-    }
-    return files, settings, man.precision
-
-
-# -- OpenVINO -----------------------------------------------------------------------------------
-def openvino_config(hint: str, threads: int | None, streams: int | str | None, precision_hint: str | None) -> dict[str, str]:
-    """The properties given to ``Core.compile_model`` (strings, as OpenVINO accepts them)."""
-    cfg = {"PERFORMANCE_HINT": hint.upper()}
-    if threads:
-        cfg["INFERENCE_NUM_THREADS"] = str(int(threads))
-    if streams is not None:
-        cfg["NUM_STREAMS"] = str(streams).upper()
-    if precision_hint:
-        cfg["INFERENCE_PRECISION_HINT"] = precision_hint
-    return cfg
-
-
-def check_device(device: str) -> None:
-    from .backends.openvino import core
-
-    avail = core().available_devices
-    base = device.split(":", 1)[0].split(".", 1)[0]
-    if base in ("AUTO", "MULTI", "HETERO", "BATCH"):
-        return
-    if device not in avail and base not in {d.split(".", 1)[0] for d in avail}:
-        raise VitedgeError(f"OpenVINO device {device!r} is not present on this machine", f"available: {', '.join(avail) or 'none'}")
-
-
+# -- what the INT8 search chose ----------------------------------------------------------------
 def _searched(man: Manifest, key: str):
     """What the INT8 fidelity search measured and chose for an INT8 model (``float_precision``, ``engine_batch``)."""
     return (man.quantization or {}).get(key) if man.precision == "int8" else None
-
-
-def _type_name(value) -> str:
-    return value.to_string() if hasattr(value, "to_string") else str(value)
-
-
-def _cpu_has_bf16() -> bool:
-    from .sysinfo import instruction_sets
-
-    isa = instruction_sets()
-    return bool(isa.get("AVX-512 BF16") or isa.get("AMX-BF16"))
-
-
-def default_precision_hint(precision: str, device: str = "CPU") -> str | None:
-    """OpenVINO's inference precision when none is asked for.
-
-    INT8 models on a CPU with AVX-512 BF16 or AMX: ``bf16`` for the ops left in float (residual adds,
-    LayerNorm, Softmax, GELU, attention glue).  With OpenVINO 2026.4 the INT8 FullyConnected kernels
-    write bf16 directly, so no reorders are added, and the float glue moves half the bytes: measured
-    faster on ViT-S/ViT-B (benchmarks/ablation.md; issue 9 saw the opposite with an older OpenVINO).
-    Other CPUs: ``f32``.  FP32/FP16 models: the device default (bf16 where supported, ~1.5x faster).
-    """
-    if precision != "int8":
-        return None
-    return "bf16" if device.split(":", 1)[0] == "CPU" and _cpu_has_bf16() else "f32"
-
-
-def _compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint,
-                      device, streams=None, export_blob=False) -> tuple[list[str], dict, str]:
-    import openvino as ov
-
-    from .backends.openvino import core
-
-    device = device or "CPU"
-    check_device(device)
-    precision = man.precision
-    try:
-        model = ov.convert_model(str(src)) if src.suffix == ".onnx" else core().read_model(str(src))
-    except Exception as exc:  # openvino raises RuntimeError/OpConversionFailure with long traces
-        raise VitedgeError(f"OpenVINO cannot read {src.name}: {first_line(exc)}") from None
-    if batch is not None:
-        shape = list(model.inputs[0].get_partial_shape())
-        if shape[0].is_static and shape[0].get_length() != batch:
-            raise ShapeMismatch(f"{src.name} has a fixed batch of {shape[0].get_length()}, not {batch}",
-                               f"compile with --batch {shape[0].get_length()}, or re-export with --batch dynamic")
-        model.reshape({model.inputs[0]: ov.PartialShape([batch] + shape[1:])})
-    # FP32 weights stay FP32 (save_model would halve them by default); FP16 inputs keep FP16
-    ov.save_model(model, str(scratch / out_name), compress_to_fp16=precision == "fp16")
-    files = [out_name, Path(out_name).with_suffix(".bin").name]
-    # the INT8 fidelity search measured which float precision keeps the predictions on this CPU (f32 or bf16)
-    searched = _searched(man, "float_precision") if device.split(":", 1)[0] == "CPU" else None
-    cfg = openvino_config(hint, threads, streams, precision_hint or searched or default_precision_hint(precision, device))
-    settings: dict[str, Any] = {"device": device, "openvino_config": cfg, "openvino": ov.__version__}
-    try:
-        compiled = core().compile_model(str(scratch / out_name), device, cfg)
-    except Exception as exc:
-        raise VitedgeError(f"OpenVINO cannot compile {src.name} for {device}: {first_line(exc)}") from None
-    settings["inference_precision"] = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")) if device == "CPU" else None
-    if export_blob:
-        blob = Path(out_name).with_suffix(".blob").name
-        data = compiled.export_model()  # bytes, or io.BytesIO in recent OpenVINO releases
-        (scratch / blob).write_bytes(data.getvalue() if hasattr(data, "getvalue") else data)
-        files.append(blob)
-        settings["blob"] = {"file": blob, "device": device, "openvino": ov.__version__}
-    del compiled
-    if precision == "fp32" and precision_hint in ("bf16", "f16"):
-        precision = "bf16" if precision_hint == "bf16" else "fp16"
-    return files, settings, precision
 
 
 # -- public API ---------------------------------------------------------------------------------
@@ -366,7 +230,22 @@ def default_output(src_name: str, target: str, folder: Path) -> Path:
     for suffix in (".onnx", ".xml"):
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
-    return folder / _DEFAULT_NAME[target].format(stem=stem)
+    return folder / registry.get(target, "compile").default_engine_name(stem)
+
+
+def _backend_options(backend: registry.Backend, given: dict) -> dict:
+    """The backend-specific options that were given, refused when ``backend`` does not take them."""
+    out = {}
+    for key, value in given.items():
+        if value is None or value is False:
+            continue
+        if key not in backend.compile_options:
+            owners = [b.name for b in registry.backends("compile") if key in b.compile_options]
+            flag = "--" + key.replace("_", "-").replace("export-blob", "blob")
+            raise VitedgeError(f"{flag} is an option of {' and '.join(owners) or 'no backend'}, not {backend.name}",
+                               f"use --target {owners[0]}, or drop {flag}" if owners else f"drop {flag}")
+        out[key] = value
+    return out
 
 
 def compile_model(
@@ -382,11 +261,12 @@ def compile_model(
     device: str | None = None,
     streams: "int | str | None" = None,
     export_blob: bool = False,
-    workspace_mb: int = 1024,
+    workspace_mb: int | None = None,
     profile: "str | tuple | None" = None,
     timing_cache: str | Path | None = None,
     verify: bool = True,
     preprocessing=None,
+    **backend_options,
 ) -> tuple[Path, Manifest]:
     """Compile ``model`` for ``target``; returns the engine path and its manifest (also saved).
 
@@ -400,12 +280,14 @@ def compile_model(
     ``workspace_mb``, ``profile`` (``"min,opt,max"`` batch sizes), ``timing_cache``: TensorRT.
     ``preprocessing``: for an ONNX file without a vitedge manifest (a Preprocessing, a dict of options
     or a JSON file; see ``docs/foreign.md``).  A fixed-batch model keeps its batch with ``batch="auto"``.
+    ``backend_options``: options of a backend registered outside vitedge (its ``compile_options``).
     """
-    _check_options(target, hint, precision_hint, threads, device)
+    backend = registry.get(target, "compile")
+    _check_options(hint, precision_hint, threads)
+    extra = _backend_options(backend, {"streams": streams, "export_blob": export_blob, "workspace_mb": workspace_mb,
+                                       "profile": profile, "timing_cache": timing_cache, **backend_options})
     auto_batch = isinstance(batch, str) and batch.lower() == "auto"
     batch = resolve_batch(batch, hint)
-    if export_blob and target != "openvino":
-        raise VitedgeError("--blob is an OpenVINO option", "use --target openvino, or drop --blob")
     t0 = time.perf_counter()
     parent = Path(output).parent if output is not None else Path(model).parent if isinstance(model, (str, Path)) and Path(model).suffix else Path.cwd()
     with atomic_dir(parent) as scratch:
@@ -423,32 +305,20 @@ def compile_model(
 
             note(f"{src.name}: dynamic batch, the engine shape the INT8 fidelity search chose (see its .fidelity.md)")
         output = Path(output) if output is not None else default_output(src.name if src.parent != scratch else "model.onnx", target, parent)
-        if output.suffix != _SUFFIX[target]:
-            raise VitedgeError(f"output {output} must end in {_SUFFIX[target]} for target {target}")
+        if output.suffix != backend.engine_suffix:
+            raise VitedgeError(f"output {output} must end in {backend.engine_suffix} for target {target}")
         if output.resolve() == src.resolve():
             raise VitedgeError(f"output {output} would overwrite its input", "choose another -o")
         if src.suffix == ".onnx" and man.precision == "fp32" and man.format == "onnx" and not man.quantization:
             man.precision = onnx_precision(src)  # foreign/quantized files without a precise manifest
-        if target == "tensorrt":
-            from .backends.tensorrt import build_engine
-
-            files, settings, precision = build_engine(src, man, scratch, output.name, batch=batch, hint=hint,
-                                                      precision_hint=precision_hint, workspace_mb=workspace_mb,
-                                                      profile=profile, timing_cache=timing_cache, img_size=img_size)
-        elif target == "onnxruntime":
-            files, settings, precision = _compile_onnxruntime(src, man, scratch, output.name, batch=batch, threads=threads,
-                                                              hint=hint, precision_hint=precision_hint, device=device)
-        else:
-            files, settings, precision = _compile_openvino(src, man, scratch, output.name, batch=batch, threads=threads, hint=hint,
-                                                           precision_hint=precision_hint, device=device, streams=streams,
-                                                           export_blob=export_blob)
+        files, settings, precision = backend.compiler(src, man, scratch, output.name, batch=batch, threads=threads, hint=hint,
+                                                      precision_hint=precision_hint, device=device, img_size=img_size, **extra)
         settings = {"target": target, "batch": batch if batch is not None else "dynamic", "hint": hint,
                     "precision_hint": precision_hint, "source": src.name if src.parent != scratch else str(model), **settings}
-        child = man.derive(output.name, {"onnxruntime": "onnx", "openvino": "openvino", "tensorrt": "tensorrt"}[target],
-                           backend=target, precision=precision,
+        child = man.derive(output.name, backend.engine_format, backend=backend.name, precision=precision,
                            inputs=_specs_with_batch(man.inputs, batch), outputs=_specs_with_batch(man.outputs, batch))
         child.compile = settings
-        if verify and target != "tensorrt":
+        if verify:
             inputs = _check_inputs(man, batch)
             if inputs:
                 refs = _reference_outputs(src, man, inputs)

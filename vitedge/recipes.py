@@ -20,6 +20,7 @@ import yaml
 
 from ._io import sha256_file, write_json_atomic
 from ._shipped import folder as shipped_folder
+from .backends import registry
 from .errors import FileProblem, VitedgeError
 
 # the shipped recipes/ folder, from the installed package (wheel or editable install)
@@ -66,7 +67,7 @@ SCHEMA: dict[str, Any] = {
                     "type": "object", "additionalProperties": False, "required": ["precision"],
                     "properties": {
                         "precision": {"enum": ["int8", "fp16"]},
-                        "backend": {"enum": ["onnxruntime", "openvino", "tensorrt"]},
+                        "backend": {"enum": "<backends that quantize>"},
                         "samples": {"type": "integer", "minimum": 1},
                         "method": {"enum": ["minmax", "percentile", "entropy"]},
                         "max_drop": {"type": "number", "minimum": 0},
@@ -80,7 +81,7 @@ SCHEMA: dict[str, Any] = {
                 "compile": {
                     "type": "object", "additionalProperties": False, "required": ["target"],
                     "properties": {
-                        "target": {"enum": ["onnxruntime", "openvino", "tensorrt"]},
+                        "target": {"enum": "<backends that compile>"},
                         "batch": {"oneOf": [{"const": "dynamic"}, {"type": "integer", "minimum": 1}]},
                         "threads": {"type": "integer", "minimum": 1},
                         "hint": {"enum": ["latency", "throughput"]},
@@ -102,6 +103,15 @@ SCHEMA: dict[str, Any] = {
         },
     },
 }
+
+
+def schema() -> dict[str, Any]:
+    """:data:`SCHEMA` with the backend choices of the registry (a backend registered later is accepted too)."""
+    full = copy.deepcopy(SCHEMA)
+    props = full["properties"]["steps"]["properties"]
+    props["quantize"]["properties"]["backend"]["enum"] = registry.names("quantize")
+    props["compile"]["properties"]["target"]["enum"] = registry.names("compile")
+    return full
 
 
 @dataclass
@@ -164,7 +174,7 @@ def _line_index(text: str) -> dict[tuple, int]:
 def _validate(data: Any, path: Path, text: str | None) -> None:
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(SCHEMA)
+    validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if not errors:
         return
@@ -345,8 +355,7 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
     q = steps.get("quantize")
     if q:
         backend = q.get("backend") or (steps.get("compile") or {}).get("target", "onnxruntime")
-        suffix = ".xml" if backend == "openvino" else ".onnx"
-        q_path = out / f"model.{q['precision']}{suffix}"
+        q_path = out / f"model.{q['precision']}{registry.get(backend, 'quantize').quantized_suffix}"
         qopts = {**q, "backend": backend}
 
         def do_quantize():
@@ -371,8 +380,7 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
     c = steps.get("compile")
     engine = current
     if c:
-        suffix = {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}[c["target"]]
-        engine = out / f"engine{suffix}"
+        engine = out / f"engine{registry.get(c['target'], 'compile').engine_suffix}"
         copts = {k: v for k, v in c.items() if k != "target"}
         if copts.get("batch") == "dynamic":
             copts["batch"] = None

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .backends import registry
 from .backends.base import Engine
 from .errors import FileProblem, VitedgeError
 from .manifest import Manifest
-
-_BY_SUFFIX = {".onnx": "onnxruntime", ".xml": "openvino", ".blob": "openvino", ".engine": "tensorrt", ".plan": "tensorrt"}
 
 
 def load(path: str | Path, backend: str | None = None, *, preprocessing=None, labels: list[str] | None = None, **options) -> Engine:
@@ -31,13 +30,12 @@ def load(path: str | Path, backend: str | None = None, *, preprocessing=None, la
     if manifest is None or preprocessing is not None or labels is not None:
         _, manifest = ensure_manifest(artifact if manifest is None else path, preprocessing, labels, announce=False,
                                       require_preprocessing=False, hash_file=False)
-    backend = backend or manifest.backend or _BY_SUFFIX.get(artifact.suffix)
-    if backend == "onnxruntime":
-        from .backends.onnxruntime import OnnxRuntimeEngine as cls
-    elif backend == "openvino":
-        from .backends.openvino import OpenVINOEngine as cls
-    elif backend == "tensorrt":
-        from .backends.tensorrt import TensorRTEngine as cls
-    else:
-        raise VitedgeError(f"cannot tell which backend runs {artifact}", "pass backend='onnxruntime', 'openvino' or 'tensorrt'")
-    return cls(artifact, manifest, **options)
+    if backend is None:
+        backend = manifest.backend
+        if backend is None or artifact.suffix.lower() not in registry.get(backend).runs:
+            found = registry.for_file(artifact)
+            if found is None:
+                raise VitedgeError(f"cannot tell which backend runs {artifact}",
+                                   f"pass backend= one of {', '.join(registry.names())}")
+            backend = found.name
+    return registry.open_engine(backend, artifact, manifest, **options)

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import needs_external_data
 from ..errors import VitedgeError, first_line
 from ..manifest import Manifest
 from .base import Engine
+from .registry import Backend, register
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -61,6 +63,48 @@ def available_providers(prefer_gpu: bool = True) -> list[str]:
     return [p for p in order if p in have]
 
 
+# -- compile -------------------------------------------------------------------------------------
+def compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint,
+                        device, img_size=None, opt_level: str = "extended") -> tuple[list[str], dict, str]:
+    import onnx
+    import onnxruntime as ort
+
+    from ..compilation import set_static_batch
+
+    if src.suffix != ".onnx":
+        raise VitedgeError(f"{src.name} is an OpenVINO IR: ONNX Runtime runs ONNX files", "compile the ONNX file, or use --target openvino")
+    if precision_hint not in (None, "f32"):
+        raise VitedgeError(f"ONNX Runtime on CPU has no {precision_hint} precision hint",
+                           "make an FP16/INT8 model with vitedge quantize, then compile it")
+    if device not in (None, "CPU", "cpu"):
+        raise VitedgeError(f"--device {device} applies to OpenVINO", "ONNX Runtime picks CUDA/TensorRT providers itself when installed")
+    work = src
+    big = needs_external_data(src)
+    if batch is not None:
+        proto = onnx.load(str(src), load_external_data=True)
+        set_static_batch(proto, batch)
+        work = scratch / "static.onnx"
+        onnx.save(proto, str(work), save_as_external_data=big, location="static.onnx.data" if big else None)
+    so = session_options(threads, optimized_model_path=str(scratch / out_name), opt_level=opt_level)
+    if big:
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", out_name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        # CPU provider only: a model optimised for CUDA/TensorRT nodes would not load on a CPU
+        ort.InferenceSession(str(work), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled_optimizers(man.precision))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise VitedgeError(f"ONNX Runtime cannot optimise {src.name}: {first_line(exc)}") from None
+    files = [out_name] + ([out_name + ".data"] if (scratch / (out_name + ".data")).exists() else [])
+    settings = {
+        "opt_level": opt_level,
+        "runtime_opt_level": "all",  # hardware-specific layout passes run at load, in milliseconds
+        "threads": threads,
+        "providers": available_providers(),
+        "onnxruntime": ort.__version__,
+    }
+    return files, settings, man.precision
+
+
 class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
@@ -98,3 +142,18 @@ class OnnxRuntimeEngine(Engine):
 
     def _release(self) -> None:
         del self.session
+
+
+BACKEND = register(Backend(
+    name="onnxruntime",
+    summary="ONNX Runtime, the embedded default that runs everywhere (CPU; CUDA/TensorRT providers when installed)",
+    engine=OnnxRuntimeEngine,
+    runs=(".onnx",),
+    compiler=compile_onnxruntime,
+    engine_suffix=".onnx",
+    engine_name="{stem}.ort.onnx",
+    engine_format="onnx",
+    quantize=("int8", "fp16"),
+    quantized_suffix=".onnx",
+    benchmark={"fp32": None, "fp16": None, "int8": None},
+))

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import queue
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..errors import VitedgeError, first_line
+from ..errors import ShapeMismatch, VitedgeError, first_line
 from ..manifest import Manifest
 from .base import Engine
+from .registry import Backend, register
 
 _core = None
 
@@ -44,6 +46,96 @@ def _blob_usable(artifact: Path, manifest: Manifest | None, device: str) -> Path
     if blob.exists() and info.get("device") == device and info.get("openvino") == ov.__version__:
         return blob
     return None
+
+
+# -- compile ------------------------------------------------------------------------------------
+def openvino_config(hint: str, threads: int | None, streams: int | str | None, precision_hint: str | None) -> dict[str, str]:
+    """The properties given to ``Core.compile_model`` (strings, as OpenVINO accepts them)."""
+    cfg = {"PERFORMANCE_HINT": hint.upper()}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = str(int(threads))
+    if streams is not None:
+        cfg["NUM_STREAMS"] = str(streams).upper()
+    if precision_hint:
+        cfg["INFERENCE_PRECISION_HINT"] = precision_hint
+    return cfg
+
+
+def check_device(device: str) -> None:
+    avail = core().available_devices
+    base = device.split(":", 1)[0].split(".", 1)[0]
+    if base in ("AUTO", "MULTI", "HETERO", "BATCH"):
+        return
+    if device not in avail and base not in {d.split(".", 1)[0] for d in avail}:
+        raise VitedgeError(f"OpenVINO device {device!r} is not present on this machine", f"available: {', '.join(avail) or 'none'}")
+
+
+def _type_name(value) -> str:
+    return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
+def _cpu_has_bf16() -> bool:
+    from ..sysinfo import instruction_sets
+
+    isa = instruction_sets()
+    return bool(isa.get("AVX-512 BF16") or isa.get("AMX-BF16"))
+
+
+def default_precision_hint(precision: str, device: str = "CPU") -> str | None:
+    """OpenVINO's inference precision when none is asked for.
+
+    INT8 models on a CPU with AVX-512 BF16 or AMX: ``bf16`` for the ops left in float (residual adds,
+    LayerNorm, Softmax, GELU, attention glue).  With OpenVINO 2026.4 the INT8 FullyConnected kernels
+    write bf16 directly, so no reorders are added, and the float glue moves half the bytes: measured
+    faster on ViT-S/ViT-B (benchmarks/ablation.md; issue 9 saw the opposite with an older OpenVINO).
+    Other CPUs: ``f32``.  FP32/FP16 models: the device default (bf16 where supported, ~1.5x faster).
+    """
+    if precision != "int8":
+        return None
+    return "bf16" if device.split(":", 1)[0] == "CPU" and _cpu_has_bf16() else "f32"
+
+
+def compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint,
+                     device, img_size=None, streams=None, export_blob=False) -> tuple[list[str], dict, str]:
+    import openvino as ov
+
+    from ..compilation import _searched
+
+    device = device or "CPU"
+    check_device(device)
+    precision = man.precision
+    try:
+        model = ov.convert_model(str(src)) if src.suffix == ".onnx" else core().read_model(str(src))
+    except Exception as exc:  # openvino raises RuntimeError/OpConversionFailure with long traces
+        raise VitedgeError(f"OpenVINO cannot read {src.name}: {first_line(exc)}") from None
+    if batch is not None:
+        shape = list(model.inputs[0].get_partial_shape())
+        if shape[0].is_static and shape[0].get_length() != batch:
+            raise ShapeMismatch(f"{src.name} has a fixed batch of {shape[0].get_length()}, not {batch}",
+                               f"compile with --batch {shape[0].get_length()}, or re-export with --batch dynamic")
+        model.reshape({model.inputs[0]: ov.PartialShape([batch] + shape[1:])})
+    # FP32 weights stay FP32 (save_model would halve them by default); FP16 inputs keep FP16
+    ov.save_model(model, str(scratch / out_name), compress_to_fp16=precision == "fp16")
+    files = [out_name, Path(out_name).with_suffix(".bin").name]
+    # the INT8 fidelity search measured which float precision keeps the predictions on this CPU (f32 or bf16)
+    searched = _searched(man, "float_precision") if device.split(":", 1)[0] == "CPU" else None
+    cfg = openvino_config(hint, threads, streams, precision_hint or searched or default_precision_hint(precision, device))
+    settings: dict[str, Any] = {"device": device, "openvino_config": cfg, "openvino": ov.__version__}
+    try:
+        compiled = core().compile_model(str(scratch / out_name), device, cfg)
+    except Exception as exc:
+        raise VitedgeError(f"OpenVINO cannot compile {src.name} for {device}: {first_line(exc)}") from None
+    settings["inference_precision"] = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")) if device == "CPU" else None
+    if export_blob:
+        blob = Path(out_name).with_suffix(".blob").name
+        data = compiled.export_model()  # bytes, or io.BytesIO in recent OpenVINO releases
+        (scratch / blob).write_bytes(data.getvalue() if hasattr(data, "getvalue") else data)
+        files.append(blob)
+        settings["blob"] = {"file": blob, "device": device, "openvino": ov.__version__}
+    del compiled
+    if precision == "fp32" and precision_hint in ("bf16", "f16"):
+        precision = "bf16" if precision_hint == "bf16" else "fp16"
+    return files, settings, precision
 
 
 class OpenVINOEngine(Engine):
@@ -121,3 +213,19 @@ class OpenVINOEngine(Engine):
     def _release(self) -> None:
         self._pool = queue.Queue()
         del self.compiled
+
+
+BACKEND = register(Backend(
+    name="openvino",
+    summary="OpenVINO on Intel/AMD CPUs (and Intel GPUs/NPUs): IR .xml/.bin, optional compiled .blob",
+    engine=OpenVINOEngine,
+    runs=(".xml", ".blob"),
+    compiler=compile_openvino,
+    compile_options=("streams", "export_blob"),
+    engine_suffix=".xml",
+    engine_name="{stem}.ov.xml",
+    engine_format="openvino",
+    quantize=("int8", "fp16"),
+    quantized_suffix=".xml",
+    benchmark={"fp32": "f32", "fp16": None, "bf16": "bf16", "int8": None},
+))

@@ -29,9 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable, FileProblem, ModelNotSupported, ShapeMismatch, VitedgeError
+from ..errors import (
+    BackendUnavailable,
+    FileProblem,
+    ModelNotSupported,
+    ShapeMismatch,
+    VitedgeError,
+)
 from ..manifest import Manifest
 from .base import Engine
+from .registry import Backend, register
 
 log = logging.getLogger("vitedge")
 
@@ -439,3 +446,28 @@ class TensorRTEngine(Engine):
     def _release(self) -> None:
         with self._lock:
             self._context = self._engine = self._runtime = None
+
+
+def compile_tensorrt(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint, device,
+                     img_size=None, workspace_mb=None, profile=None, timing_cache=None) -> tuple[list[str], dict, str]:
+    """The registry's compile entry: :func:`build_engine` with its defaults (workspace 1024 MB)."""
+    return build_engine(src, man, scratch, out_name, batch=batch, hint=hint, precision_hint=precision_hint,
+                        workspace_mb=1024 if workspace_mb is None else workspace_mb, profile=profile,
+                        timing_cache=timing_cache, img_size=img_size)
+
+
+BACKEND = register(Backend(
+    name="tensorrt",
+    summary="NVIDIA TensorRT on NVIDIA GPUs (and Jetson): a serialized .engine tied to the GPU and TensorRT version",
+    engine=TensorRTEngine,
+    runs=(".engine", ".plan"),
+    compiler=compile_tensorrt,
+    compile_options=("workspace_mb", "profile", "timing_cache"),
+    engine_suffix=".engine",
+    engine_name="{stem}.engine",
+    engine_format="tensorrt",
+    quantize=("int8", "fp16"),
+    quantized_suffix=".onnx",
+    benchmark={"fp32": "f32", "fp16": "f16", "int8": None},
+    status=tensorrt_status,
+))

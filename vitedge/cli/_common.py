@@ -9,6 +9,24 @@ import click
 from ..errors import FileProblem
 
 
+class BackendChoice(click.Choice):
+    """The registered backends that can do ``capability``, read from the registry when the command runs."""
+
+    def __init__(self, capability: str | None = None):
+        self.capability = capability
+        super().__init__((), case_sensitive=False)
+
+    @property
+    def choices(self):
+        from ..backends import registry
+
+        return tuple(registry.names(self.capability))
+
+    @choices.setter
+    def choices(self, value):  # click.Choice.__init__ assigns; the registry is the source
+        pass
+
+
 def _parse_batch(ctx, param, value):
     if value is None or str(value).lower() == "dynamic":
         return None

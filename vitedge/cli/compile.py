@@ -4,15 +4,15 @@ from pathlib import Path
 
 import click
 
-from ..compilation import HINTS, PRECISION_HINTS, TARGETS, compile_model, engine_summary
+from ..compilation import HINTS, PRECISION_HINTS, compile_model, engine_summary
 from ..ui import console, err_console
-from ._common import preprocessing_from_cli, preprocessing_options
+from ._common import BackendChoice, preprocessing_from_cli, preprocessing_options
 
 
 @click.command("compile")
 @click.argument("model")
-@click.option("-t", "--target", type=click.Choice(TARGETS), default="onnxruntime", show_default=True,
-              help="onnxruntime (runs everywhere), openvino (Intel/AMD CPUs and OpenVINO devices), tensorrt (NVIDIA GPUs).")
+@click.option("-t", "--target", type=BackendChoice("compile"), default="onnxruntime", show_default=True,
+              help="Backend that builds the engine; `vitedge backends` lists them and what this machine can run.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Engine file (.onnx / .xml / .engine). Default: beside MODEL, e.g. model.ort.onnx, model.ov.xml, model.engine.")
 @click.option("--batch", default="auto", show_default=True,
@@ -27,7 +27,7 @@ from ._common import preprocessing_from_cli, preprocessing_options
 @click.option("--device", default=None, help="OpenVINO device (CPU, GPU, NPU, AUTO, ...; default CPU).")
 @click.option("--streams", default=None, help="OpenVINO streams (a number or AUTO; default from the hint).")
 @click.option("--blob", "export_blob", is_flag=True, help="OpenVINO: also write the compiled blob (.blob) for a fast cold start.")
-@click.option("--workspace-mb", type=int, default=1024, show_default=True, help="TensorRT: builder workspace memory limit.")
+@click.option("--workspace-mb", type=int, default=None, help="TensorRT: builder workspace memory limit (default 1024).")
 @click.option("--profile", default=None, help="TensorRT: MIN,OPT,MAX batch sizes of the optimisation profile (default 1,1,32 latency / 1,8,32 throughput).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TensorRT: timing cache file, read if it exists and updated (faster rebuilds).")

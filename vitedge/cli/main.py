@@ -9,10 +9,10 @@ import click
 from rich.markup import escape
 
 from ..errors import VitedgeError
-from ..ui import console, err_console
+from ..ui import err_console
 
 # sub-command modules; each defines a click command called ``command``
-_COMMANDS = ["export", "quantize", "compile", "predict", "validate", "benchmark", "run", "recipes", "check"]
+_COMMANDS = ["export", "quantize", "compile", "predict", "validate", "benchmark", "run", "recipes", "check", "backends"]
 
 
 class _Group(click.Group):

@@ -5,14 +5,14 @@ from pathlib import Path
 import click
 
 from ..ui import console
-from ._common import preprocessing_from_cli, preprocessing_options
+from ._common import BackendChoice, preprocessing_from_cli, preprocessing_options
 
 
 @click.command("quantize")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--int8", "precision", flag_value="int8", help="INT8 with calibration (MatMul/Gemm/Conv; LayerNorm/Softmax/GELU stay float).")
 @click.option("--fp16", "precision", flag_value="fp16", help="FP16 weights/math, FP32 inputs/outputs.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime", show_default=True,
+@click.option("--backend", type=BackendChoice("quantize"), default="onnxruntime", show_default=True,
               help="Target runtime: onnxruntime/tensorrt write .onnx (QDQ), openvino writes IR .xml+.bin.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration images: folder (recursive, class sub-folders allowed) or preprocessed .npy/.npz. "

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import GateFailed, VitedgeError
-from ._common import preprocessing_from_cli, preprocessing_options
+from ._common import BackendChoice, preprocessing_from_cli, preprocessing_options
 
 
 def parse_batch_sizes(ctx, param, value) -> tuple[int, ...]:
@@ -57,7 +57,7 @@ def print_report(rep, out_dir: Path | None) -> None:
 @click.option("--strict", is_flag=True, help="Gate on the upper end of the drop's 95% confidence interval, not the estimate.")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("validation-report"), show_default=True,
               help="Folder for report.json, report.md and report.html.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default=None,
+@click.option("--backend", type=BackendChoice("run"), default=None,
               help="Run the engines with this backend (e.g. an ONNX file with OpenVINO).")
 @click.option("--precision-hint", type=click.Choice(["f32", "bf16", "f16"]), default=None,
               help="OpenVINO inference precision for the engines (INFERENCE_PRECISION_HINT).")

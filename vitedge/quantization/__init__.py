@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from .._io import atomic_dir, commit_files
+from ..backends import registry
 from ..errors import FileProblem, GateFailed, VitedgeError
 from ..export import embed_metadata
 from ..manifest import Manifest
@@ -24,12 +25,11 @@ from .fidelity import DEFAULT_BUDGET_S, Target
 log = logging.getLogger("vitedge")
 
 PRECISIONS = ("int8", "fp16")
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 METHODS = ("minmax", "percentile", "entropy")
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv", "MatMulInteger",
               "ConvInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd"}
 
-__all__ = ["quantize", "Target", "FidelityNotMet", "PRECISIONS", "BACKENDS", "METHODS"]
+__all__ = ["quantize", "Target", "FidelityNotMet", "PRECISIONS", "METHODS"]
 
 
 def _clean(obj):
@@ -78,8 +78,9 @@ def _open_model(model, preprocessing=None, labels=None) -> tuple[Path, Manifest]
 def _check_args(precision, backend, method, max_drop, samples, output: Path, model: Path):
     if precision not in PRECISIONS:
         raise VitedgeError(f"precision {precision!r} is not supported", "use int8 or fp16")
-    if backend not in BACKENDS:
-        raise VitedgeError(f"backend {backend!r} is not supported", f"use one of {', '.join(BACKENDS)}")
+    spec = registry.get(backend, "quantize")
+    if precision not in spec.quantize:
+        raise VitedgeError(f"backend {backend} has no {precision} quantization", f"it offers {', '.join(spec.quantize)}")
     if method not in METHODS:
         raise VitedgeError(f"calibration method {method!r} is not supported", f"use one of {', '.join(METHODS)}")
     if max_drop is not None:
@@ -89,10 +90,10 @@ def _check_args(precision, backend, method, max_drop, samples, output: Path, mod
             raise VitedgeError(f"--max-drop {max_drop} must be >= 0 (top-1 percentage points)")
     if samples is not None and samples < 1:
         raise VitedgeError(f"--samples {samples} must be >= 1")
-    want = ".xml" if backend == "openvino" else ".onnx"
+    want = spec.quantized_suffix
     if output.suffix.lower() != want:
         raise VitedgeError(f"output {output} must end in {want} for backend {backend}",
-                           "OpenVINO writes IR (.xml + .bin); onnxruntime and tensorrt write .onnx")
+                           "; ".join(f"{b.name} writes {b.quantized_suffix}" for b in registry.backends("quantize")))
     if output.resolve() == model.resolve():
         raise VitedgeError("output would overwrite the input model", "choose another -o path")
 
