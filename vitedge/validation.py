@@ -21,8 +21,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,11 +29,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import compare
+from .compare import CI_LEVEL, paired_drop, wilson_interval  # noqa: F401 - public names of this module
 from .errors import GateFailed, VitedgeError
 from .report import SCHEMA_ID, Report, now_iso
-from .ui import note, progress
+from .ui import progress
 
-CI_LEVEL = 0.95
+#: per-output numbers in a report's ``vs_reference.outputs``, in this order
+_OUTPUT_KEYS = ("cosine_mean", "cosine_min", "max_abs_error", "snr_db", "finite")
 
 
 # ------------------------------------------------------------------------------------------
@@ -52,92 +53,57 @@ class EngineSpec:
     precision: str | None = None  # label override (e.g. "bf16" for an OpenVINO precision hint)
 
 
-class _Runner:
-    """One model being measured: the FP32 reference or an engine."""
+@dataclass(eq=False)
+class _Model:
+    """One model in the run: an opened engine (the reference too: a PyTorch or ONNX Runtime engine) and the
+    labels and measurements the report gives it besides latency and accuracy."""
 
-    role = "engine"
-    backend = "?"
-    precision = "fp32"
-    artifact: str | None = None
-    fmt: str | None = None
-    options: dict = {}
-    size_bytes: int | None = None
-    load_s = 0.0
+    engine: Any  # a vitedge Engine
+    name: str
+    precision: str = "fp32"
+    role: str = "engine"
+    options: dict = field(default_factory=dict)
+    load_s: float = 0.0
     peak_rss_mb: float | None = None
     rss_increase_mb: float | None = None
-    engine = None  # the vitedge Engine, when there is one
+    rss_baseline_mb: float | None = None  # engines: RSS before loading, so the accuracy pass can raise the increase
+    preprocessing: Any = None
+    size_bytes: int | None = None
 
-    def __init__(self, name: str):
-        self.name = name
+    def __post_init__(self):
+        if self.preprocessing is None:
+            try:
+                self.preprocessing = self.engine.preprocessing
+            except VitedgeError:
+                self.preprocessing = None
 
-    def infer(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @property
+    def backend(self) -> str:
+        return self.engine.backend
 
-    preprocessing = None
-    labels: list[str] | None = None
+    @property
+    def artifact(self) -> str:
+        return getattr(self.engine, "source", None) or str(self.engine.artifact)
 
-    def infer_all(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Every output by name (models with several outputs, non-classifier heads)."""
-        return {"output": self.infer(x)}
+    @property
+    def fmt(self) -> str | None:
+        return self.engine.manifest.format
 
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-
-
-class _TorchRunner(_Runner):
-    backend = "pytorch"
-    fmt = "pytorch"
-
-    def __init__(self, spec, name: str = "pytorch fp32"):
-        super().__init__(name)
-        self.spec = spec
-        self.model = spec.model.eval()
-        self.preprocessing = spec.preprocessing
-        self.labels = spec.labels
-        self.artifact = spec.source
-        self.options = {"threads": _torch_threads()}
+    @property
+    def labels(self) -> list[str] | None:
+        return self.engine.manifest.labels
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).float().numpy()
-
-    def infer_all(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return {"logits": self.infer(x)}
+        return self.engine.infer(x)
 
     def close(self) -> None:
-        self.model = None
+        self.engine.close()
 
 
 def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-class _EngineRunner(_Runner):
-    def __init__(self, engine, name: str, precision: str, options: dict):
-        super().__init__(name)
-        self.engine = engine
-        self.backend = engine.backend
-        self.precision = precision
-        self.artifact = str(engine.artifact)
-        self.fmt = engine.manifest.format
-        self.options = options
-        self.labels = engine.manifest.labels
-        try:
-            self.preprocessing = engine.preprocessing
-        except VitedgeError:
-            self.preprocessing = None
-        self.size_bytes = artifact_size(engine.artifact, engine.manifest)
-
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        return self.engine.infer(x)
-
-    def infer_all(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return self.engine.infer_all(x)
 
 
 def artifact_size(path: Path, manifest=None) -> int:
@@ -210,14 +176,21 @@ def _hint_precision(options: dict, manifest) -> str | None:
     return {"bf16": "bf16", "f16": "fp16", "f32": "fp32"}.get(str(hint).lower()) if hint else None
 
 
-def _open_engine(spec: EngineSpec, preprocessing=None, notes: list[str] | None = None) -> _EngineRunner:
+def _opened(open_engine: Callable[[], Any], *, loaded: bool = True) -> tuple[Any, dict]:
+    """Open an engine, measuring the time (``loaded=False``: a model already in memory, load time 0) and memory it takes."""
+    with _RssPeak() as mem:
+        t0 = time.perf_counter()
+        eng = open_engine()
+        load_s = time.perf_counter() - t0 if loaded else 0.0
+    return eng, {"load_s": load_s, "peak_rss_mb": mem.peak_mb, "rss_increase_mb": mem.increase_mb}
+
+
+def _open_engine(spec: EngineSpec, preprocessing=None, notes: list[str] | None = None) -> _Model:
     from .runtime import load
 
     pre = _foreign_preprocessing(spec.path, preprocessing, notes)
-    with _RssPeak() as mem:
-        t0 = time.perf_counter()
-        eng = load(spec.path, backend=spec.backend, preprocessing=pre, **spec.options)
-        load_s = time.perf_counter() - t0
+    eng, measured = _opened(lambda: load(spec.path, backend=spec.backend, preprocessing=pre, **spec.options))
+    baseline_mb = measured["peak_rss_mb"] - measured["rss_increase_mb"]
     man = eng.manifest
     precision = spec.precision
     hint = _hint_precision(spec.options, man)
@@ -226,10 +199,8 @@ def _open_engine(spec: EngineSpec, preprocessing=None, notes: list[str] | None =
         if hint and hint != precision and precision in ("fp32", "fp16", "bf16"):
             precision = hint
     name = spec.name or f"{eng.backend} {precision}" + (f" ({hint} hint)" if hint else "")
-    runner = _EngineRunner(eng, name, precision, {k: v for k, v in spec.options.items()})
-    runner.load_s = load_s
-    runner.peak_rss_mb, runner.rss_increase_mb, runner.rss_baseline_mb = mem.peak_mb, mem.increase_mb, mem.baseline / 2**20
-    return runner
+    return _Model(eng, name, precision, options=dict(spec.options), rss_baseline_mb=baseline_mb,
+                  size_bytes=artifact_size(eng.artifact, man), **measured)
 
 
 def _fp32_parent(spec: EngineSpec) -> Path | None:
@@ -277,144 +248,75 @@ def _foreign_preprocessing(path, preprocessing, notes: list[str] | None, fallbac
     return man.preprocessing_obj
 
 
-def _open_reference(reference, specs: list[EngineSpec], notes: list[str], preprocessing=None) -> tuple[_Runner, _Runner | None]:
-    """(timing baseline, separate accuracy reference or None)."""
-    from .models.loading import ModelSpec, load_model
+def _engine_manifest(spec: EngineSpec):
+    from .manifest import Manifest
+
+    try:
+        return Manifest.find(spec.path)[1]
+    except VitedgeError:
+        return None
+
+
+def _reference_source(reference, specs: list[EngineSpec], notes: list[str]):
+    """What to compare with: as given, else the model source recorded in the first engine's manifest."""
+    if reference is not None:
+        return reference
+    man = _engine_manifest(specs[0])
+    src = (man.model or {}).get("source") if man else None
+    if src and (str(src).startswith("preset:") or Path(str(src)).exists()):
+        reference = str(src).removeprefix("preset:")
+        notes.append(f"reference taken from the engine's manifest: {reference}")
+        return reference
+    raise VitedgeError(f"no FP32 reference for {specs[0].path}",
+                       "pass --reference with the checkpoint, preset name or FP32 ONNX file the engine was made from")
+
+
+def _open_reference(reference, specs: list[EngineSpec], notes: list[str], preprocessing=None) -> tuple[_Model, _Model | None]:
+    """(timing baseline, separate accuracy reference or None).  An FP32 ``.onnx`` file runs in ONNX Runtime;
+    anything else (checkpoint, preset, ``ModelSpec``) in PyTorch eager (:class:`~vitedge.backends.pytorch.PyTorchEngine`)."""
+    from .backends import pytorch
+    from .models.loading import ModelSpec
     from .models.vit import PRESETS
+    from .runtime import load
 
-    if reference is None:
-        from .manifest import Manifest
-
-        _, man = Manifest.find(specs[0].path)
-        src = (man.model or {}).get("source") if man else None
-        if src and (str(src).startswith("preset:") or Path(str(src)).exists()):
-            reference = str(src).removeprefix("preset:")
-            notes.append(f"reference taken from the engine's manifest: {reference}")
-        else:
-            raise VitedgeError(f"no FP32 reference for {specs[0].path}",
-                               "pass --reference with the checkpoint, preset name or FP32 ONNX file the engine was made from")
+    reference = _reference_source(reference, specs, notes)
     if isinstance(reference, (str, Path)) and str(reference).endswith(".onnx"):
-        from .runtime import load
-
-        path = Path(reference)
-        from .manifest import Manifest
-
-        try:
-            _, eng_man = Manifest.find(specs[0].path)
-        except VitedgeError:
-            eng_man = None
+        path, eng_man = Path(reference), _engine_manifest(specs[0])
         pre = _foreign_preprocessing(path, preprocessing, notes, fallback=eng_man.preprocessing if eng_man else None)
-        with _RssPeak() as mem:
-            t0 = time.perf_counter()
-            eng = load(path, backend="onnxruntime", preprocessing=pre)
-            load_s = time.perf_counter() - t0
+        eng, measured = _opened(lambda: load(path, backend="onnxruntime", preprocessing=pre))
         if eng.manifest.precision not in (None, "fp32"):
             notes.append(f"reference {path.name} says precision {eng.manifest.precision!r}, not fp32")
-        r = _EngineRunner(eng, "onnxruntime fp32", "fp32", {})
-        r.role, r.load_s, r.peak_rss_mb, r.rss_increase_mb = "reference", load_s, mem.peak_mb, mem.increase_mb
-        return r, None
+        return _Model(eng, "onnxruntime fp32", role="reference", size_bytes=artifact_size(eng.artifact, eng.manifest), **measured), None
 
     is_preset = isinstance(reference, str) and reference.replace("-", "_").lower() in PRESETS and not Path(reference).exists()
-    preset_kw = {}
+    size = None
     if is_preset:  # same input size as the engine (a preset's default is 224)
-        from .manifest import Manifest
-
-        _, man = Manifest.find(specs[0].path)
+        man = _engine_manifest(specs[0])
         size = ((man.model or {}).get("config") or {}).get("img_size") if man else None
-        if size:
-            preset_kw["img_size"] = int(size)
-    with _RssPeak() as mem:
-        t0 = time.perf_counter()
-        spec = reference if isinstance(reference, ModelSpec) else load_model(reference, **preset_kw)
-        load_s = 0.0 if isinstance(reference, ModelSpec) else time.perf_counter() - t0
-    r = _TorchRunner(spec)
-    r.role, r.load_s, r.peak_rss_mb, r.rss_increase_mb = "reference", load_s, mem.peak_mb, mem.increase_mb
-    r.size_bytes = _torch_size(spec)
-    acc_ref = None
-    if is_preset:
-        parent = _fp32_parent(specs[0])
-        if parent is not None:
-            from .runtime import load
-
-            acc_ref = _EngineRunner(load(parent, backend="onnxruntime"), "onnxruntime fp32 (parent)", "fp32", {})
-            notes.append(f"preset {reference!r} has random weights: accuracy is compared with the engine's FP32 parent "
-                         f"{parent.name} (found in its manifest lineage); PyTorch eager is used for timing only")
-        else:
-            notes.append(f"preset {reference!r} has fresh random weights, unrelated to the engine's: accuracy and agreement "
-                         "figures are meaningless; pass the FP32 ONNX file as --reference")
-    return r, acc_ref
-
-
-def _torch_size(spec) -> int:
-    src = Path(str(spec.source)) if spec.source else None
-    if src is not None and src.is_file():
-        return src.stat().st_size
-    if src is not None and src.is_dir():
-        return sum(p.stat().st_size for p in src.iterdir() if p.suffix in (".safetensors", ".bin"))
-    return int(sum(p.numel() * p.element_size() for p in spec.model.parameters()))
+    eng, measured = _opened(lambda: pytorch.open(reference, img_size=int(size) if size else None),
+                            loaded=not isinstance(reference, ModelSpec))
+    base = _Model(eng, "pytorch fp32", role="reference", options=eng.options, size_bytes=eng.size_bytes(), **measured)
+    if not is_preset:
+        return base, None
+    parent = _fp32_parent(specs[0])
+    if parent is None:
+        notes.append(f"preset {reference!r} has fresh random weights, unrelated to the engine's: accuracy and agreement "
+                     "figures are meaningless; pass the FP32 ONNX file as --reference")
+        return base, None
+    notes.append(f"preset {reference!r} has random weights: accuracy is compared with the engine's FP32 parent "
+                 f"{parent.name} (found in its manifest lineage); PyTorch eager is used for timing only")
+    return base, _Model(load(parent, backend="onnxruntime"), "onnxruntime fp32 (parent)")
 
 
 # ------------------------------------------------------------------------------------------
 # statistics
 # ------------------------------------------------------------------------------------------
-def _z(level: float) -> float:
-    return statistics.NormalDist().inv_cdf(0.5 + level / 2)
-
-
-def wilson_interval(k: int, n: int, level: float = CI_LEVEL) -> list[float]:
-    """Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return [0.0, 1.0]
-    z = _z(level)
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
-def paired_drop(ref_ok: np.ndarray, eng_ok: np.ndarray, *, level: float = CI_LEVEL, method: str = "agresti-min",
-                n_boot: int = 4000, seed: int = 0) -> dict:
-    """Accuracy drop (reference minus engine) in percentage points with a paired confidence interval.
-
-    Only images where exactly one of the two is right (``b``: reference only, ``c``: engine only)
-    carry information about the difference.  ``agresti-min`` is the Wald interval for matched
-    proportions with 0.5 added to each cell of the 2x2 table (Agresti & Min, 2005), which keeps a
-    sensible width when there are few or no discordant images; ``bootstrap`` resamples images.
-    """
-    ref_ok = np.asarray(ref_ok, bool)
-    eng_ok = np.asarray(eng_ok, bool)
-    n = len(ref_ok)
-    b = int((ref_ok & ~eng_ok).sum())
-    c = int((~ref_ok & eng_ok).sum())
-    drop = 100.0 * (b - c) / n
-    if method == "agresti-min":
-        bs, cs, ns = b + 0.5, c + 0.5, n + 2.0
-        d = (bs - cs) / ns
-        se = math.sqrt(max((bs + cs) - (bs - cs) ** 2 / ns, 0.0)) / ns
-        z = _z(level)
-        lo, hi = max(-1.0, d - z * se), min(1.0, d + z * se)
-        ci = [100.0 * lo, 100.0 * hi]
-    elif method == "bootstrap":
-        diff = ref_ok.astype(np.int8) - eng_ok.astype(np.int8)
-        rng = np.random.default_rng(seed)
-        means = np.empty(n_boot)
-        for i in range(0, n_boot, 500):
-            m = min(500, n_boot - i)
-            means[i : i + m] = diff[rng.integers(0, n, size=(m, n))].mean(1)
-        a = (1 - level) / 2
-        ci = [100.0 * float(np.quantile(means, a)), 100.0 * float(np.quantile(means, 1 - a))]
-    else:
-        raise VitedgeError(f"unknown confidence-interval method {method!r}", "use 'agresti-min' or 'bootstrap'")
-    return {"drop_pp": drop, "ci95_pp": ci, "reference_only": b, "engine_only": c}
-
-
 def latency_stats(samples_ms: Sequence[float], batch: int = 1, keep: int = 1000) -> dict:
     s = np.sort(np.asarray(samples_ms, float))
     n = len(s)
     p50, p90, p99 = np.percentile(s, [50, 90, 99])
     # distribution-free CI of the median from order statistics
-    half = _z(CI_LEVEL) * math.sqrt(n) / 2
+    half = compare.z_value(CI_LEVEL) * math.sqrt(n) / 2
     lo_i, hi_i = max(0, int(math.floor(n / 2 - half)) - 1), min(n - 1, int(math.ceil(n / 2 + half)))
     kept = s if n <= keep else np.asarray(samples_ms, float)[np.linspace(0, n - 1, keep).astype(int)]
     return {
@@ -461,13 +363,13 @@ def _run_for(fn: Callable[[], Any], seconds: float, min_n: int, max_n: int) -> l
     return out
 
 
-def _warm(runners: list[_Runner], inputs: dict[str, np.ndarray], timing: Timing) -> None:
+def _warm(runners: list[_Model], inputs: dict[str, np.ndarray], timing: Timing) -> None:
     for r in runners:
         x = inputs[r.name]
         _run_for(lambda: r.infer(x), timing.warmup_s, timing.warmup_runs, max(timing.warmup_runs, 200))
 
 
-def time_interleaved(runners: list[_Runner], inputs: dict[str, np.ndarray], timing: Timing, description: str,
+def time_interleaved(runners: list[_Model], inputs: dict[str, np.ndarray], timing: Timing, description: str,
                      budget_s: float | None = None, min_runs: int | None = None, adaptive: bool = True) -> dict[str, list[float]]:
     """Latency samples (ms) per runner, measured in interleaved rounds (after a warm-up)."""
     budget = timing.budget_s if budget_s is None else budget_s
@@ -538,130 +440,17 @@ class _Inputs:
         return self._cache[key]
 
 
-def _outputs(runner: _Runner, x: np.ndarray, batch: int, what: str) -> dict[str, np.ndarray]:
+def _outputs(runner: _Model, x: np.ndarray, batch: int, what: str) -> dict[str, np.ndarray]:
     """Every output of a runner on the whole set, by name, in the runner's output order."""
     parts: list[dict[str, np.ndarray]] = []
     with progress() as bar:
         task = bar.add_task(f"{what}: {runner.name}", total=len(x))
         for i in range(0, len(x), batch):
-            parts.append({k: np.asarray(v, np.float32) for k, v in runner.infer_all(x[i : i + batch]).items()})
+            parts.append({k: np.asarray(v, np.float32) for k, v in runner.engine.infer_all(x[i : i + batch]).items()})
             bar.advance(task, len(next(iter(parts[-1].values()))))
     first = runner.engine.output_names[0] if runner.engine is not None and runner.engine.output_names else None
     names = sorted(parts[0], key=lambda k: k != first)  # the first declared output (the logits of a classifier) first
     return {k: np.concatenate([p[k] for p in parts]) for k in names}
-
-
-def _match_outputs(ref: dict[str, np.ndarray], outs: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
-    """The engine's outputs in the reference's order (by name, else by position), shapes checked."""
-    if len(outs) != len(ref):
-        raise VitedgeError(f"{name} has {len(outs)} outputs but the reference {len(ref)}", "validate an engine against the model it was made from")
-    got = list(outs.values())
-    res = {k: outs[k] if k in outs else got[i] for i, k in enumerate(ref)}
-    for k, v in res.items():
-        if v.shape != ref[k].shape:
-            raise VitedgeError(f"{name} outputs {v.shape[1:]} for {k!r} but the reference {ref[k].shape[1:]}",
-                               "validate an engine against the model it was made from")
-    return res
-
-
-def _per_output(ref: dict[str, np.ndarray], outs: dict[str, np.ndarray]) -> dict[str, dict]:
-    """Agreement of every output with the reference: cosine (mean/min over images), max abs error, SNR."""
-    from .export import compare_outputs
-
-    res = {}
-    for k, a in ref.items():
-        c = compare_outputs(a, outs[k])
-        res[k] = {"shape": [int(d) for d in a.shape[1:]], "cosine_mean": c["cosine_mean"], "cosine_min": c["cosine_min"],
-                  "max_abs_error": c["max_abs_error"], "snr_db": None if math.isinf(c["snr_db"]) else c["snr_db"], "finite": c["finite"]}
-    return res
-
-
-def _compare_features(ref: dict[str, np.ndarray], outs: dict[str, np.ndarray]) -> dict:
-    """vs_reference for a model that is not a classifier: no top-1, agreement per output."""
-    per = _per_output(ref, outs)
-    first = per[next(iter(per))]
-    return {
-        "top1_drop_pp": None, "top1_drop_ci95_pp": None, "top5_drop_pp": None, "top5_drop_ci95_pp": None,
-        "top1_agreement": None, "top1_agreement_ci95": None, "top5_agreement": None,
-        "cosine_mean": first["cosine_mean"], "cosine_min": first["cosine_min"], "snr_db": first["snr_db"],
-        "max_abs_error": first["max_abs_error"], "finite": all(o["finite"] for o in per.values()),
-        "disagreements": 0, "discordant": {}, "worst": [], "outputs": per,
-    }
-
-
-def _logits(runner: _Runner, x: np.ndarray, batch: int, what: str) -> np.ndarray:
-    outs = []
-    with progress() as bar:
-        task = bar.add_task(f"{what}: {runner.name}", total=len(x))
-        for i in range(0, len(x), batch):
-            outs.append(np.asarray(runner.infer(x[i : i + batch]), np.float32))
-            bar.advance(task, len(outs[-1]))
-    out = np.concatenate(outs)
-    if out.ndim != 2:
-        raise VitedgeError(f"{runner.name} outputs shape {out.shape}, not (N, classes)",
-                           "validate compares classifier logits; other heads are not supported yet")
-    return out
-
-
-def _topk(logits: np.ndarray, k: int) -> np.ndarray:
-    k = min(k, logits.shape[1])
-    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
-
-
-def _per_image_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-
-
-def _accuracy(logits: np.ndarray, y: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
-    top = _topk(logits, 5)
-    ok1 = top[:, 0] == y
-    ok5 = (top == y[:, None]).any(1)
-    n = len(y)
-    acc = {"top1": float(ok1.mean()), "top5": float(ok5.mean()),
-           "top1_ci95": wilson_interval(int(ok1.sum()), n), "top5_ci95": wilson_interval(int(ok5.sum()), n)}
-    return acc, ok1, ok5
-
-
-def _compare(ref_logits: np.ndarray, eng_logits: np.ndarray, names: list[str], class_names: list[str], y: np.ndarray | None,
-             ci_method: str, worst: int) -> dict:
-    from .export import compare_outputs
-
-    cmp = compare_outputs(ref_logits, eng_logits)
-    ref_top, eng_top = _topk(ref_logits, 5), _topk(eng_logits, 5)
-    agree1 = ref_top[:, 0] == eng_top[:, 0]
-    agree5 = (eng_top == ref_top[:, :1]).any(1)
-    n = len(names)
-    cos = _per_image_cosine(ref_logits, eng_logits)
-    order = np.lexsort((cos, agree1))  # disagreements first, then lowest cosine
-    res = {
-        "top1_drop_pp": None, "top1_drop_ci95_pp": None, "top5_drop_pp": None, "top5_drop_ci95_pp": None,
-        "top1_agreement": float(agree1.mean()), "top1_agreement_ci95": wilson_interval(int(agree1.sum()), n),
-        "top5_agreement": float(agree5.mean()),
-        "cosine_mean": cmp["cosine_mean"], "cosine_min": cmp["cosine_min"],
-        "snr_db": None if math.isinf(cmp["snr_db"]) else cmp["snr_db"], "max_abs_error": cmp["max_abs_error"],
-        "finite": cmp["finite"], "disagreements": int((~agree1).sum()),
-        "discordant": {},
-        "worst": [
-            {"image": _short(names[i]), "cosine": float(cos[i]), "reference_top1": class_names[ref_top[i, 0]],
-             "engine_top1": class_names[eng_top[i, 0]], "label": None if y is None else class_names[y[i]]}
-            for i in order[:worst]
-        ],
-    }
-    if y is not None:
-        _, r1, r5 = _accuracy(ref_logits, y)
-        _, e1, e5 = _accuracy(eng_logits, y)
-        d1, d5 = paired_drop(r1, e1, method=ci_method), paired_drop(r5, e5, method=ci_method)
-        res.update(top1_drop_pp=d1["drop_pp"], top1_drop_ci95_pp=d1["ci95_pp"], top5_drop_pp=d5["drop_pp"],
-                   top5_drop_ci95_pp=d5["ci95_pp"],
-                   discordant={"top1_reference_only": d1["reference_only"], "top1_engine_only": d1["engine_only"],
-                               "top5_reference_only": d5["reference_only"], "top5_engine_only": d5["engine_only"]})
-    return res
-
-
-def _short(name: str) -> str:
-    p = Path(name)
-    return str(Path(*p.parts[-2:])) if len(p.parts) >= 2 else name
 
 
 # ------------------------------------------------------------------------------------------
@@ -779,7 +568,7 @@ def onnx_precision_breakdown(path: Path) -> dict | None:
     return _mac_summary("onnx graph (QDQ-fed or integer MatMul/Gemm/Conv run as INT8 kernels in ONNX Runtime CPU)", layers, macs_by)
 
 
-def precision_breakdown(runner: _Runner) -> dict | None:
+def precision_breakdown(runner: _Model) -> dict | None:
     eng = runner.engine
     if eng is None:
         return None
@@ -844,26 +633,8 @@ def _findings(models: list[dict], machine: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------
-# the main entry point
+# the main entry point: open -> run -> compare -> time -> report
 # ------------------------------------------------------------------------------------------
-def _default_data(runner: _Runner, notes: list[str]):
-    from .data import SHIPPED_CALIBRATION, ImageSet
-    from .models.loading import REFERENCE_CHECKPOINT
-
-    val = SHIPPED_CALIBRATION / "digits" / "val"
-    if not val.is_dir():
-        raise VitedgeError("no validation data given", "pass --data DIR (class/image folders for top-1/top-5, or plain images)")
-    images = ImageSet.from_path(val)
-    src = str(getattr(getattr(runner, "spec", None), "source", "") or "")
-    is_ref_model = Path(src).resolve() == REFERENCE_CHECKPOINT.resolve() if src else False
-    if not is_ref_model:
-        images.labels = [None] * len(images)
-        notes.append(f"no --data: fidelity measured on the shipped digit images ({val}); accuracy needs --data")
-    else:
-        notes.append(f"no --data: using the reference model's held-out set {val}")
-    return images
-
-
 def validate(
     engine,
     reference=None,
@@ -906,11 +677,41 @@ def validate(
     (``vs_reference.outputs``: cosine, max abs error, SNR).
     Writes ``report.json/md/html`` to ``out_dir`` (if given), then raises ``GateFailed`` if a gate is missed.
     """
-    from . import __version__
-    from .data import ImageSet, label_indices
     from .sysinfo import machine_info
 
     specs = _as_specs(engine, backend)
+    _check_arguments(max_drop, min_speedup, batch_sizes)
+    timing = timing or Timing(budget_s=time_budget, rounds=rounds, warmup_runs=warmup, min_runs=min_runs, runs=runs)
+    settings = {"samples": samples, "seed": seed, "batch_sizes": [int(b) for b in batch_sizes], "timing": timing.to_dict(),
+                "rounds": timing.rounds, "ci_level": CI_LEVEL, "ci_method": ci_method, "eval_batch": eval_batch,
+                "gates": {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict}}
+    notes: list[str] = []
+    machine = machine_info()
+    models: list[_Model] = []
+    acc_ref: _Model | None = None
+    try:
+        baseline, acc_ref = _open_reference(reference, specs, notes, preprocessing)
+        models.append(baseline)
+        models += [_open_engine(s, preprocessing, notes) for s in specs]
+        _dedupe_names(models)
+        images = _images(data, baseline, samples, seed, notes)
+        inputs = _Inputs(images, eval_batch)
+        _feed(acc_ref or baseline, models, images, notes)
+        truth = _reference_pass(acc_ref or baseline, models[1:], inputs, images, kind, max_drop, notes)
+        results = {r.name: _compare(r, truth, _run(r, inputs), ci_method, worst, notes) for r in models[1:]}
+        if acc_ref is not None:
+            acc_ref.close()
+            acc_ref = None
+        latency, throughput = _time(models, inputs, timing, batch_sizes)
+        report = _report(models, results, truth, latency, throughput, images, settings, kind, machine, notes)
+    finally:
+        for r in models + ([acc_ref] if acc_ref is not None else []):
+            r.close()
+        gc.collect()
+    return _finish(report, post, out_dir)
+
+
+def _check_arguments(max_drop, min_speedup, batch_sizes) -> None:
     if max_drop is not None and max_drop < 0:
         raise VitedgeError(f"--max-drop {max_drop} must be >= 0 (percentage points)")
     if min_speedup is not None and min_speedup <= 0:
@@ -918,182 +719,219 @@ def validate(
     bad_bs = [b for b in batch_sizes if int(b) < 1]
     if bad_bs:
         raise VitedgeError(f"batch sizes must be >= 1, got {bad_bs}")
-    timing = timing or Timing(budget_s=time_budget, rounds=rounds, warmup_runs=warmup, min_runs=min_runs, runs=runs)
-    notes: list[str] = []
-    machine = machine_info()
 
-    runners: list[_Runner] = []
-    acc_ref: _Runner | None = None
-    try:
-        baseline, acc_ref = _open_reference(reference, specs, notes, preprocessing)
-        runners.append(baseline)
-        for s in specs:
-            runners.append(_open_engine(s, preprocessing, notes))
-        _dedupe_names(runners)
 
-        # -- data --------------------------------------------------------------------------
-        if data is None:
-            images = _default_data(baseline, notes)
-        elif isinstance(data, ImageSet):
-            images = data
-        else:
-            images = ImageSet.from_path(data)
-        images = images.sample(samples, seed)
-        inputs = _Inputs(images, eval_batch)
-        truth = acc_ref or baseline
-        ref_pre = truth.preprocessing
-        for r in runners[1:]:
-            if r.preprocessing is None:
-                if ref_pre is None and images.arrays is None:
-                    raise VitedgeError(f"{r.artifact} has no preprocessing in its manifest and the reference has none either",
-                                       "re-export with vitedge, or validate with preprocessed .npy data")
-                r.preprocessing = ref_pre
-                notes.append(f"{r.name}: no preprocessing in its manifest, used the reference's")
-            elif ref_pre is not None and _pre_key(r.preprocessing) != _pre_key(ref_pre):
-                notes.append(f"{r.name}: its bundled preprocessing differs from the reference's; each model is fed "
-                             "through its own (accuracy differences may come from preprocessing)")
-        if images.arrays is not None:
-            for r in runners:
-                if r.engine is not None:
-                    images.check_shape(r.engine.input_shape)
+def _images(data, baseline: _Model, samples: int | None, seed: int, notes: list[str]):
+    from .data import ImageSet
 
-        # -- accuracy pass ---------------------------------------------------------------------
-        x_ref, labels, names = inputs.get(ref_pre)
-        with _RssPeak() as mem:
-            ref_outs = _outputs(truth, x_ref, eval_batch, "FP32 reference")
-        if truth is baseline:
-            baseline.peak_rss_mb = max(baseline.peak_rss_mb or 0, mem.peak_mb)
-        ref_logits = next(iter(ref_outs.values()))
-        task = truth.engine.manifest.task if truth.engine is not None else "classification"
-        features = task != "classification" or ref_logits.ndim != 2  # not a classifier: agreement per output
-        if features and kind == "benchmark":
-            raise VitedgeError(f"the model's output {next(iter(ref_outs))!r} {ref_logits.shape[1:]} is not class logits ({task}): "
-                               "benchmark ranks engines by top-1", "use vitedge validate, which reports agreement per output")
-        if features and max_drop is not None:
-            raise VitedgeError(f"--max-drop needs class logits, but the model's output {next(iter(ref_outs))!r} is {ref_logits.shape[1:]} ({task})",
-                               "drop --max-drop: agreement per output (cosine, max abs error, SNR) is reported instead")
-        n_classes = 0 if features else ref_logits.shape[1]
-        class_names = [] if features else list(truth.labels or runners[1].labels or [str(i) for i in range(n_classes)])
-        if len(class_names) != n_classes:
-            class_names = [str(i) for i in range(n_classes)]
-        labelled = not features and images.labelled and all(lbl is not None for lbl in labels)
+    if data is None:
+        images = _default_data(baseline, notes)
+    elif isinstance(data, ImageSet):
+        images = data
+    else:
+        images = ImageSet.from_path(data)
+    return images.sample(samples, seed)
+
+
+def _default_data(model: _Model, notes: list[str]):
+    from .data import SHIPPED_CALIBRATION, ImageSet
+    from .models.loading import REFERENCE_CHECKPOINT
+
+    val = SHIPPED_CALIBRATION / "digits" / "val"
+    if not val.is_dir():
+        raise VitedgeError("no validation data given", "pass --data DIR (class/image folders for top-1/top-5, or plain images)")
+    images = ImageSet.from_path(val)
+    src = str(getattr(model.engine, "source", "") or "")  # a PyTorch reference: its checkpoint
+    is_ref_model = Path(src).resolve() == REFERENCE_CHECKPOINT.resolve() if src else False
+    if not is_ref_model:
+        images.labels = [None] * len(images)
+        notes.append(f"no --data: fidelity measured on the shipped digit images ({val}); accuracy needs --data")
+    else:
+        notes.append(f"no --data: using the reference model's held-out set {val}")
+    return images
+
+
+def _feed(truth: _Model, models: list[_Model], images, notes: list[str]) -> None:
+    """Each engine's preprocessing (the reference's where its manifest has none); array data checked against every input."""
+    ref_pre = truth.preprocessing
+    for r in models[1:]:
+        if r.preprocessing is None:
+            if ref_pre is None and images.arrays is None:
+                raise VitedgeError(f"{r.artifact} has no preprocessing in its manifest and the reference has none either",
+                                   "re-export with vitedge, or validate with preprocessed .npy data")
+            r.preprocessing = ref_pre
+            notes.append(f"{r.name}: no preprocessing in its manifest, used the reference's")
+        elif ref_pre is not None and _pre_key(r.preprocessing) != _pre_key(ref_pre):
+            notes.append(f"{r.name}: its bundled preprocessing differs from the reference's; each model is fed "
+                         "through its own (accuracy differences may come from preprocessing)")
+    if images.arrays is not None:
+        for r in models:
+            images.check_shape(r.engine.input_shape)
+
+
+# -- run ---------------------------------------------------------------------------------------
+@dataclass
+class _Truth:
+    """The reference's outputs on the validation images and what they are: every engine is compared with these."""
+
+    outputs: dict[str, np.ndarray]
+    names: list[str]  # the images, in order
+    features: bool  # not a classifier: agreement per output
+    class_names: list[str]
+    y: np.ndarray | None  # label indices, when the images are labelled by the model's classes
+    accuracy: dict | None  # the reference's, when labelled
+
+    @property
+    def logits(self) -> np.ndarray:
+        return next(iter(self.outputs.values()))
+
+    @property
+    def labelled(self) -> bool:
+        return self.y is not None
+
+
+def _run(r: _Model, inputs: "_Inputs", what: str = "accuracy") -> dict[str, np.ndarray]:
+    """Every output of a model on the validation images; its peak memory is raised to what this pass took."""
+    x, _, _ = inputs.get(r.preprocessing)
+    with _RssPeak() as mem:
+        outs = _outputs(r, x, inputs.eval_batch, what)
+    r.peak_rss_mb = max(r.peak_rss_mb or 0, mem.peak_mb)
+    if r.rss_baseline_mb is not None:
+        r.rss_increase_mb = max(r.rss_increase_mb or 0, mem.peak_mb - r.rss_baseline_mb)
+    return outs
+
+
+def _reference_pass(truth: _Model, engines: list[_Model], inputs: "_Inputs", images, kind: str, max_drop: float | None,
+                    notes: list[str]) -> _Truth:
+    """Run the reference, then decide what its outputs are: class logits (labels read as class indices) or features."""
+    from .data import label_indices
+
+    _, labels, names = inputs.get(truth.preprocessing)
+    outs = _run(truth, inputs, "FP32 reference")
+    first, logits = next(iter(outs.items()))
+    features = truth.engine.manifest.task != "classification" or logits.ndim != 2
+    if features and kind == "benchmark":
+        raise VitedgeError(f"the model's output {first!r} {logits.shape[1:]} is not class logits ({truth.engine.manifest.task}): "
+                           "benchmark ranks engines by top-1", "use vitedge validate, which reports agreement per output")
+    if features and max_drop is not None:
+        raise VitedgeError(f"--max-drop needs class logits, but the model's output {first!r} is {logits.shape[1:]} ({truth.engine.manifest.task})",
+                           "drop --max-drop: agreement per output (cosine, max abs error, SNR) is reported instead")
+    if features:
+        return _Truth(outs, names, True, [], None, None)
+    n_classes = logits.shape[1]
+    known = truth.labels or engines[0].labels
+    class_names = list(known or [str(i) for i in range(n_classes)])
+    if len(class_names) != n_classes:
+        class_names = [str(i) for i in range(n_classes)]
+    y = None
+    if images.labelled and all(lbl is not None for lbl in labels):
         try:
-            y = label_indices(labels, class_names, images.source) if labelled else None
+            y = label_indices(labels, class_names, images.source)
         except VitedgeError:
-            if truth.labels or runners[1].labels:
+            if known:
                 raise
             # a model without labels (e.g. an ONNX file exported elsewhere): its classes are only indices
             notes.append(f"{images.source}: class folders do not match the model's {n_classes} unnamed classes; "
                          "agreement with FP32 only (pass labels to get accuracy)")
-            labelled, y = False, None
-        if y is not None and (y >= n_classes).any():
-            raise VitedgeError(f"{images.source}: a class folder index exceeds the model's {n_classes} classes",
-                               "name class folders after the model's labels")
+    if y is not None and (y >= n_classes).any():
+        raise VitedgeError(f"{images.source}: a class folder index exceeds the model's {n_classes} classes",
+                           "name class folders after the model's labels")
+    return _Truth(outs, names, False, class_names, y, compare.accuracy(logits, y) if y is not None else None)
 
-        results: dict[str, dict] = {}
-        base_acc = _accuracy(ref_logits, y)[0] if y is not None else None
-        for r in runners[1:]:
-            x, _, _ = inputs.get(r.preprocessing)
-            with _RssPeak() as mem:
-                outs = _outputs(r, x, eval_batch, "accuracy")
-            r.peak_rss_mb = max(r.peak_rss_mb or 0, mem.peak_mb)
-            if getattr(r, "rss_baseline_mb", None) is not None:
-                r.rss_increase_mb = max(r.rss_increase_mb or 0, mem.peak_mb - r.rss_baseline_mb)
-            logits = next(iter(outs.values()))
-            if len(outs) == len(ref_outs) == 1 and logits.shape != ref_logits.shape:
-                raise VitedgeError(f"{r.name} outputs {logits.shape[1:]} but the reference {ref_logits.shape[1:]}",
-                                   "validate an engine against the model it was made from")
-            outs = _match_outputs(ref_outs, outs, r.name)
-            logits = next(iter(outs.values()))
-            if features:
-                vs = _compare_features(ref_outs, outs)
-            else:
-                vs = _compare(ref_logits, logits, names, class_names, y, ci_method, worst)
-                if len(ref_outs) > 1:
-                    vs["outputs"] = _per_output(ref_outs, outs)
-            for k, o in (vs.get("outputs") or {}).items():
-                notes.append(f"{r.name}: output {k} {tuple(o['shape'])} vs FP32: cosine mean {o['cosine_mean']:.6f} (min {o['cosine_min']:.6f}), "
-                             f"max abs error {o['max_abs_error']:.3g}, SNR {'inf' if o['snr_db'] is None else format(o['snr_db'], '.1f')} dB")
-            results[r.name] = {
-                "accuracy": _accuracy(logits, y)[0] if y is not None else None,
-                "vs_reference": vs,
-                "precision_breakdown": precision_breakdown(r),
-            }
-        if acc_ref is not None:
-            acc_ref.close()
-            acc_ref = None
 
-        # -- latency -------------------------------------------------------------------------
-        first = {r.name: inputs.get(r.preprocessing)[0][:1] for r in runners}
-        lat = time_interleaved(runners, first, timing, "timing batch 1")
-        throughput: dict[str, list[dict]] = {r.name: [] for r in runners}
-        tp_budget = timing.throughput_budget_s or max(timing.budget_s / 4, 0.05)
-        for bs in sorted({int(b) for b in batch_sizes}):
-            if bs == 1:
-                for r in runners:
-                    st = latency_stats(lat[r.name], keep=0)
-                    throughput[r.name].append({"batch": 1, "images_per_s": 1000.0 / st["p50_ms"], "p50_ms": st["p50_ms"], "runs": st["runs"]})
-                continue
+# -- compare -----------------------------------------------------------------------------------
+def _compare(r: _Model, truth: _Truth, outs: dict[str, np.ndarray], ci_method: str, worst: int, notes: list[str]) -> dict:
+    """One engine's outputs against the reference's (:mod:`vitedge.compare`): its accuracy, ``vs_reference``
+    and which precision its layers ran in."""
+    ref = truth.outputs
+    logits = next(iter(outs.values()))
+    if len(outs) == len(ref) == 1 and logits.shape != truth.logits.shape:
+        raise VitedgeError(f"{r.name} outputs {logits.shape[1:]} but the reference {truth.logits.shape[1:]}",
+                           "validate an engine against the model it was made from")
+    outs = compare.match_outputs(ref, outs, r.name)
+    logits = next(iter(outs.values()))
+    if truth.features:
+        vs = compare.features(ref, outs)
+    else:
+        vs = compare.classification(truth.logits, logits, names=truth.names, class_names=truth.class_names, y=truth.y,
+                                    ci_method=ci_method, worst=worst)
+        if len(ref) > 1:
+            vs["outputs"] = compare.per_output(ref, outs, _OUTPUT_KEYS, json_snr=True)
+    for k, o in (vs.get("outputs") or {}).items():
+        notes.append(f"{r.name}: output {k} {tuple(o['shape'])} vs FP32: cosine mean {o['cosine_mean']:.6f} (min {o['cosine_min']:.6f}), "
+                     f"max abs error {o['max_abs_error']:.3g}, SNR {'inf' if o['snr_db'] is None else format(o['snr_db'], '.1f')} dB")
+    return {"accuracy": compare.accuracy(logits, truth.y) if truth.labelled else None, "vs_reference": vs,
+            "precision_breakdown": precision_breakdown(r)}
+
+
+# -- time --------------------------------------------------------------------------------------
+def _time(models: list[_Model], inputs: "_Inputs", timing: Timing, batch_sizes: Sequence[int]) -> tuple[dict, dict]:
+    """Batch-1 latency samples per model (interleaved), and throughput per batch size."""
+    first = {r.name: inputs.get(r.preprocessing)[0][:1] for r in models}
+    lat = time_interleaved(models, first, timing, "timing batch 1")
+    throughput: dict[str, list[dict]] = {r.name: [] for r in models}
+    tp_budget = timing.throughput_budget_s or max(timing.budget_s / 4, 0.05)
+    tp_timing = Timing(**{**timing.to_dict(), "warmup_runs": 1, "warmup_s": 0.0,
+                          "runs": None if timing.runs is None else max(3, timing.runs // 4)})
+    for bs in sorted({int(b) for b in batch_sizes}):
+        if bs == 1:
+            samples = lat
+        else:
             xb = {}
-            for r in runners:
-                x1 = first[r.name]
+            for r in models:
                 xall = inputs.get(r.preprocessing)[0]
-                xb[r.name] = xall[np.arange(bs) % len(xall)] if len(xall) else np.repeat(x1, bs, 0)
-            tp = time_interleaved(runners, xb, Timing(**{**timing.to_dict(), "warmup_runs": 1, "warmup_s": 0.0,
-                                                         "runs": None if timing.runs is None else max(3, timing.runs // 4)}),
-                                  f"throughput batch {bs}", budget_s=tp_budget, min_runs=3, adaptive=False)
-            for r in runners:
-                st = latency_stats(tp[r.name], batch=bs, keep=0)
-                throughput[r.name].append({"batch": bs, "images_per_s": bs * 1000.0 / st["p50_ms"], "p50_ms": st["p50_ms"], "runs": st["runs"]})
+                xb[r.name] = xall[np.arange(bs) % len(xall)] if len(xall) else np.repeat(first[r.name], bs, 0)
+            samples = time_interleaved(models, xb, tp_timing, f"throughput batch {bs}", budget_s=tp_budget, min_runs=3,
+                                       adaptive=False)
+        for r in models:
+            st = latency_stats(samples[r.name], batch=bs, keep=0)
+            throughput[r.name].append({"batch": bs, "images_per_s": bs * 1000.0 / st["p50_ms"], "p50_ms": st["p50_ms"],
+                                       "runs": st["runs"]})
+    return lat, throughput
 
-        # -- assemble ------------------------------------------------------------------------
-        base_p50 = latency_stats(lat[baseline.name], keep=0)["p50_ms"]
-        base_tp = {t["batch"]: t["images_per_s"] for t in throughput[baseline.name]}
-        models = []
-        for r in runners:
-            st = latency_stats(lat[r.name])
-            res = results.get(r.name, {})
-            m = {
-                "name": r.name, "role": r.role, "backend": r.backend, "precision": r.precision,
-                "artifact": r.artifact, "format": r.fmt, "options": _jsonable(r.options),
-                "size_bytes": r.size_bytes, "load_s": float(r.load_s),
-                "peak_rss_mb": None if r.peak_rss_mb is None else round(float(r.peak_rss_mb), 1),
-                "rss_increase_mb": None if r.rss_increase_mb is None else round(float(r.rss_increase_mb), 1),
-                "accuracy": base_acc if r is baseline else res.get("accuracy"),
-                "vs_reference": None if r is baseline else res["vs_reference"],
-                "latency": st, "throughput": throughput[r.name],
-                "speedup": base_p50 / st["p50_ms"],
-                "throughput_speedup": {str(t["batch"]): t["images_per_s"] / base_tp[t["batch"]] for t in throughput[r.name] if t["batch"] in base_tp},
-                "precision_breakdown": None if r is baseline else res.get("precision_breakdown"),
-                "gate_failures": [],
-            }
-            models.append(m)
 
-        gate = _apply_gates(models, max_drop, min_speedup, strict, labelled)
-        findings = notes + _findings(models, machine)
-        doc = {
-            "schema": SCHEMA_ID, "kind": kind, "created": now_iso(), "vitedge_version": __version__,
-            "machine": machine,
-            "settings": {
-                "data": str(images.source), "samples": samples, "seed": seed, "batch_sizes": [int(b) for b in batch_sizes],
-                "timing": timing.to_dict(), "rounds": timing.rounds, "ci_level": CI_LEVEL, "ci_method": ci_method,
-                "eval_batch": eval_batch, "torch_threads": _torch_threads(),
-                "gates": {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict},
-            },
-            "data": {"source": str(images.source), "images": int(len(names)), "labelled": bool(labelled),
-                     "classes": int(n_classes), "skipped": [s for s, _ in images.skipped]},
-            "models": models,
-            "gates": gate,
-            "findings": findings,
-        }
-        report = Report(doc)
-    finally:
-        for r in runners:
-            r.close()
-        if acc_ref is not None:
-            acc_ref.close()
-        gc.collect()
+# -- report ------------------------------------------------------------------------------------
+def _report(models: list[_Model], results: dict[str, dict], truth: _Truth, lat: dict, throughput: dict, images,
+            settings: dict, kind: str, machine: dict, notes: list[str]) -> Report:
+    from . import __version__
 
+    baseline = models[0]
+    base_p50 = latency_stats(lat[baseline.name], keep=0)["p50_ms"]
+    base_tp = {t["batch"]: t["images_per_s"] for t in throughput[baseline.name]}
+    entries = []
+    for r in models:
+        st = latency_stats(lat[r.name])
+        res = results.get(r.name) or {"accuracy": truth.accuracy, "vs_reference": None, "precision_breakdown": None}
+        entries.append({
+            "name": r.name, "role": r.role, "backend": r.backend, "precision": r.precision,
+            "artifact": r.artifact, "format": r.fmt, "options": _jsonable(r.options),
+            "size_bytes": r.size_bytes, "load_s": float(r.load_s),
+            "peak_rss_mb": None if r.peak_rss_mb is None else round(float(r.peak_rss_mb), 1),
+            "rss_increase_mb": None if r.rss_increase_mb is None else round(float(r.rss_increase_mb), 1),
+            "accuracy": res["accuracy"], "vs_reference": res["vs_reference"],
+            "latency": st, "throughput": throughput[r.name],
+            "speedup": base_p50 / st["p50_ms"],
+            "throughput_speedup": {str(t["batch"]): t["images_per_s"] / base_tp[t["batch"]] for t in throughput[r.name] if t["batch"] in base_tp},
+            "precision_breakdown": res["precision_breakdown"],
+            "gate_failures": [],
+        })
+    g = settings["gates"]
+    gate = _apply_gates(entries, g["max_drop_pp"], g["min_speedup"], g["strict"], truth.labelled)
+    return Report({
+        "schema": SCHEMA_ID, "kind": kind, "created": now_iso(), "vitedge_version": __version__,
+        "machine": machine,
+        "settings": {"data": str(images.source), **{k: v for k, v in settings.items() if k != "gates"},
+                     "torch_threads": _torch_threads(), "gates": g},
+        "data": {"source": str(images.source), "images": len(truth.names), "labelled": truth.labelled,
+                 "classes": 0 if truth.features else len(truth.class_names), "skipped": [s for s, _ in images.skipped]},
+        "models": entries,
+        "gates": gate,
+        "findings": notes + _findings(entries, machine),
+    })
+
+
+def _finish(report: Report, post: Callable[[Report], None] | None, out_dir) -> Report:
+    """Let the caller add to the report, write it, then raise :class:`GateFailed` if a gate was missed."""
     if post is not None:
         post(report)
     if out_dir is not None:
@@ -1135,7 +973,7 @@ def _apply_gates(models: list[dict], max_drop, min_speedup, strict: bool, labell
     return {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict, "passed": not failures, "failures": failures}
 
 
-def _dedupe_names(runners: list[_Runner]) -> None:
+def _dedupe_names(runners: list[_Model]) -> None:
     seen: set[str] = set()
     for i, r in enumerate(runners):
         if r.name in seen and r.artifact:

@@ -83,6 +83,11 @@ class PyTorchEngine(Engine):
     def options(self) -> dict:
         return {"threads": self.threads}
 
+    @property
+    def preprocessing(self):
+        """The loaded model's own :class:`~vitedge.preprocess.Preprocessing` (not a copy made from the manifest)."""
+        return self.spec.preprocessing if self.spec is not None else super().preprocessing
+
     def size_bytes(self) -> int:
         """Bytes of the checkpoint on disk (a Hugging Face folder: its weight files), else of the parameters in memory."""
         src = Path(self.source) if self.source else None
