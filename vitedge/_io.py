@@ -1,15 +1,20 @@
-"""File helpers: hashing and all-or-nothing writes (temporary file, then rename)."""
+"""File helpers: hashing, all-or-nothing writes (temporary file, then rename), saving ONNX models."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+#: ONNX models above this size keep their weights in a ``.data`` file beside the ``.onnx``:
+#: protobuf cannot serialize a message over 2 GiB, and this leaves room for the graph itself.
+EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -73,3 +78,20 @@ def commit_files(scratch: Path, moves: dict[str, Path]) -> None:
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def needs_external_data(model: Any) -> bool:
+    """Whether an ONNX model (a ``ModelProto`` or a path) is, or must be, stored with external data."""
+    if isinstance(model, (str, os.PathLike)):
+        p = Path(model)
+        return p.stat().st_size > EXTERNAL_DATA_BYTES or any(q.suffix == ".data" for q in p.parent.glob(glob.escape(p.name) + "*"))
+    return model.ByteSize() > EXTERNAL_DATA_BYTES
+
+
+def save_onnx(proto: Any, path: str | os.PathLike, data_name: str | None = None) -> None:
+    """``onnx.save``, with the weights in ``data_name`` (default ``<file>.data``) when the model is too big for one file."""
+    import onnx
+
+    path = Path(path)
+    big = needs_external_data(proto)
+    onnx.save(proto, str(path), save_as_external_data=big, location=(data_name or path.name + ".data") if big else None)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._io import save_onnx
 from ..errors import first_line
 from .nncf_int8 import pad_to_multiple
 
@@ -76,8 +77,7 @@ def run(job: dict) -> dict:
     else:
         q = quantize_nncf(proto, data, len(data), cfg, ignored, validation)
         dedicate_qdq(q)  # ONNX Runtime fuses a Q/DQ pair into an integer MatMul only when it has one reader
-        big = q.ByteSize() > 1_800_000_000
-        onnx.save(q, str(out), save_as_external_data=big, location=job["data_name"] if big else None)
+        save_onnx(q, out, job["data_name"])
         kept = float_ops_onnx(q)
     t_quant = time.perf_counter() - t0
     return {"status": "ok", "float_ops": kept, "quantize_seconds": t_quant, "variants": _measure_variants(job, out, x, ref),

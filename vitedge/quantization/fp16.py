@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .._io import save_onnx
 from ..errors import VitedgeError, first_line
 
 log = logging.getLogger("vitedge")
@@ -162,14 +163,12 @@ class TensorStats:
 
 def scan_tensors(proto, data, workdir: Path) -> TensorStats:
     """Run ``proto`` with ONNX Runtime on ``data`` and keep per-tensor max |x| and inf/NaN flags."""
-    import onnx
     import onnxruntime as ort
 
     source = _as_source(data)
     inst, watched, types = _instrument(proto)
     path = Path(workdir) / f"scan_{id(inst)}.onnx"
-    big = inst.ByteSize() > 1_800_000_000
-    onnx.save(inst, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
+    save_onnx(inst, path)
     del inst
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -416,8 +415,7 @@ def convert_onnx_fp16(model: Path, out: Path, data=None, *, margin: float = DEFA
             info.update(checked=True, images=s32.images, rounds=rounds, agreement_on_check_images=compare_outputs(ref, out16),
                         largest_fp16_activation=max(finite16, default=0.0),  # over the tensors left in FP16
                         headroom=FP16_MAX / max(max(finite16, default=1e-30), 1e-30))
-    big = half.ByteSize() > 1_800_000_000
-    onnx.save(half, str(out), save_as_external_data=big, location=out.name + ".data" if big else None)
+    save_onnx(half, out)
     info["kept_fp32_for_overflow"] = [{"node": k, "reason": v} for k, v in block.items() if k not in op_kept]
     kept = op_kept + [k for k in block if k not in op_kept]
     return Fp16Result(kept, info)

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .._io import needs_external_data
 from ..errors import VitedgeError, first_line
 from .calibration import StreamingBatches
 
@@ -148,7 +149,7 @@ def quantize_qdq(model: Path, out: Path, cache: Path, cfg: QDQConfig, method: st
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     extra = {"ActivationSymmetric": cfg.activation_symmetric, "WeightSymmetric": True, **cfg.extra_options}
-    big = model.stat().st_size > 1_800_000_000 or any(model.parent.glob(model.name + ".data"))
+    big = needs_external_data(model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
