@@ -134,8 +134,9 @@ def test_bad_image_inputs(tmp_path):
 
 
 def test_preprocessing_config():
-    pre = Preprocessing.for_size(224)
-    assert pre.resize == 249 and pre.center_crop and pre.img_size == (224, 224)
+    pre = Preprocessing.for_size(224)  # the one default rule: floor(224 / 0.875), as timm
+    assert pre.resize == 256 and pre.center_crop and pre.img_size == (224, 224) and pre.interpolation == "bicubic"
+    assert Preprocessing() == pre and Preprocessing(img_size=32).resize == 36 and Preprocessing(img_size=32, resize=None).resize is None
     assert Preprocessing.from_dict({**pre.to_dict(), "future_field": 1}) == pre
     assert Preprocessing(img_size=[10, 20]).img_size == (10, 20)
     with pytest.raises(VitedgeError, match="unknown interpolation 'cubic'"):

@@ -13,6 +13,7 @@ in ``channel_order`` (RGB unless the model was trained on BGR).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,21 @@ from .errors import FileProblem, ShapeMismatch, VitedgeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The default rule, used everywhere nothing says otherwise (see vitedge.preprocessing_resolver, which
+# records every field it fills from here as assumed): timm's defaults for an ImageNet ViT -
+# resize the shorter side to floor(size / 0.875), center-crop ``size``, bicubic, ImageNet mean/std.
+DEFAULT_CROP_PCT = 0.875
+DEFAULT_INTERPOLATION = "bicubic"
+
+
+def resize_for(size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int:
+    """The shorter side before a center crop of ``size``, as timm computes it: floor(size / crop_pct)."""
+    if not 0 < crop_pct <= 1:
+        raise VitedgeError(f"crop_pct {crop_pct} is not in (0, 1]", "timm configs use e.g. 0.875, 0.9 or 1.0")
+    return int(math.floor(size / crop_pct))
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 _INTERP = {
@@ -41,9 +57,9 @@ ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 @dataclass
 class Preprocessing:
     img_size: tuple[int, int] = (224, 224)
-    resize: int | None = 248  # shorter side before the crop; None = resize straight to img_size
+    resize: int | None = -1  # shorter side before the crop; None = straight to img_size; -1 = the default rule
     center_crop: bool = True
-    interpolation: str = "bicubic"
+    interpolation: str = DEFAULT_INTERPOLATION
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     scale: float = 1.0 / 255.0
@@ -54,6 +70,8 @@ class Preprocessing:
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
         self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
+        if self.resize == -1:
+            self.resize = resize_for(min(self.img_size))
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
         if self.interpolation not in _INTERP:
@@ -78,8 +96,7 @@ class Preprocessing:
 
     @classmethod
     def for_size(cls, img_size: int, **kw) -> "Preprocessing":
-        """ImageNet-style defaults scaled to ``img_size`` (resize = size / 0.9, center crop)."""
-        kw.setdefault("resize", int(round(img_size / 0.9)))
+        """The default rule at ``img_size``: resize to floor(size / 0.875), center crop, bicubic, ImageNet mean/std."""
         return cls(img_size=(img_size, img_size), **kw)
 
     # -- transforms -------------------------------------------------------------------------
