@@ -127,8 +127,9 @@ def test_manifest_from_a_torchscript_file(ts_onnx):
     assert [o.name for o in man.outputs] == ["output"] and man.task == "classification"
     assert man.opset == 14 and man.model["layer_norm"].startswith("decomposed")
     pre = man.preprocessing_obj
-    assert pre.img_size == (32, 32) and pre.mean == pytest.approx((0.485, 0.456, 0.406)) and pre.resize == 37
-    assert any("mean = ImageNet" in a for a in man.assumptions) and any("bilinear" in a for a in man.assumptions)
+    assert pre.img_size == (32, 32) and pre.mean == pytest.approx((0.485, 0.456, 0.406)) and pre.resize == 36  # floor(32 / 0.875)
+    assert pre.interpolation == "bicubic"  # the one default rule, as for checkpoints
+    assert any("mean = ImageNet" in a for a in man.assumptions) and any("bicubic" in a for a in man.assumptions)
     assert man.files[ts_onnx.name]  # hashed, so later steps record their lineage
     assert not Manifest.sidecar_path(ts_onnx).exists()  # nothing written next to the user's file
 
@@ -138,7 +139,7 @@ def test_preprocessing_options_and_json(tmp_path, hf_onnx):
 
     pre, assumed = preprocessing_from_options(mean="0.5,0.5,0.5", std="0.5,0.5,0.5", crop=False, input_shape=["b", 3, 32, 32])
     assert pre.img_size == (32, 32) and pre.resize is None and not pre.center_crop
-    assert assumed == ["bilinear interpolation"]  # only what was not given
+    assert assumed == ["bicubic interpolation"]  # only what was not given
     js = tmp_path / "pre.json"
     js.write_text(json.dumps({"img_size": 32, "resize": 40, "center_crop": True, "interpolation": "bicubic",
                               "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "channel_order": "BGR"}))
@@ -213,7 +214,7 @@ def test_transformers_vit_cli_quantize_compile_validate_predict(tmp_path, hf_onn
               "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--no-crop", "-o", q])
     assert r.exit_code == 0, r.output
     assert "has no vitedge manifest" in r.output and "'pixel_values'" in r.output and "'logits'" in r.output
-    assert "assumed preprocessing bilinear interpolation" in r.output and "mean = ImageNet" not in r.output
+    assert "assumed preprocessing bicubic interpolation" in r.output and "mean = ImageNet" not in r.output
     man = Manifest.find(q)[1]
     assert man.preprocessing["mean"] == [0.5, 0.5, 0.5] and man.preprocessing["resize"] is None and not man.preprocessing["center_crop"]
     assert man.verification["agreement"]["cosine_min"] > 0.99
@@ -306,7 +307,7 @@ def test_assumptions_are_printed_and_kept(tmp_path, ts_onnx):
     assert r.exit_code == 0, r.output
     for text in ("vit_ts14.onnx has no vitedge manifest", "'input.1' (2, 3, 32, 32)", "LayerNorm decomposed", "fixed batch of 2",
                  "assumed task classification", "assumed preprocessing mean = ImageNet", "assumed preprocessing std = ImageNet",
-                 "center-crop 32", "assumed preprocessing bilinear interpolation"):
+                 "center-crop 32", "assumed preprocessing bicubic interpolation"):
         assert text in r.output, (text, r.output)
     man = Manifest.find(tmp_path / "e.ort.onnx")[1]
     assert any("mean = ImageNet" in a for a in man.assumptions) and man.compile["batch"] == 2

@@ -8,7 +8,8 @@ LayerNorm decomposed into ReduceMean/Pow/Sqrt/Div) or anything else has no vited
 * the task: ``classification`` when the first output is ``(batch, classes)``, else ``features``
   (e.g. a dense token map ``(batch, tokens, dim)``); every output is compared with FP32 on its own;
 * the preprocessing: from flags / a small JSON (:func:`preprocessing_from_options`), else the
-  input size read from the file with ImageNet defaults - every assumed value is recorded in the
+  input size read from the file with the default rule of :mod:`vitedge.preprocessing_resolver`
+  (crop_pct 0.875, bicubic, ImageNet mean/std) - every assumed value is recorded in the
   manifest's ``assumptions`` and printed.
 
 A dynamic-size input without ``--img-size`` is an error: there is nothing to assume it from.
@@ -22,11 +23,10 @@ from pathlib import Path
 from .errors import FileProblem, VitedgeError
 from .manifest import Manifest, TensorSpec
 from .preprocess import Preprocessing
+from .preprocessing_resolver import resolve_preprocessing, sources_from_json
 
 FOREIGN_FAMILY = "foreign"
-CROP_RATIO = 0.875  # timm / torchvision default crop fraction, used when only the size is known
 _FEATURE_NAMES = ("hidden", "token", "feature", "embed", "pooler", "map", "patch", "dense")
-_JSON_KEYS = ("img_size", "resize", "center_crop", "interpolation", "mean", "std", "scale", "channel_order")
 
 
 def _specs(values) -> list[TensorSpec]:
@@ -113,115 +113,41 @@ def manifest_for_onnx(path: Path) -> Manifest:
     return man
 
 
-def _read_json(json_path: str | Path) -> tuple[dict, str]:
-    """Preprocessing fields from a vitedge preprocessing JSON, a Hugging Face ``preprocessor_config.json``
-    or a timm data config; returns (fields, kind)."""
-    p = Path(json_path)
-    try:
-        cfg = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VitedgeError(f"preprocessing JSON {p} cannot be read ({type(exc).__name__}: {str(exc)[:120]})",
-                           "give a JSON object with img_size, mean, std, ...") from None
-    if not isinstance(cfg, dict):
-        raise VitedgeError(f"preprocessing JSON {p} is not an object", 'e.g. {"img_size": 224, "mean": [0.5, 0.5, 0.5]}')
-    hf = "image_processor_type" in cfg or "do_normalize" in cfg or "image_mean" in cfg
-    timm = "input_size" in cfg or "pretrained_cfg" in cfg or "crop_pct" in cfg
-    if hf or timm:
-        from .parity import reference_preprocessing
-
-        pre, _ = reference_preprocessing(p)
-        d = pre.to_dict()
-        d.pop("assumed", None)
-        return d, "Hugging Face image processor" if hf else "timm data config"
-    unknown = sorted(set(cfg) - set(_JSON_KEYS))
-    if unknown:
-        raise VitedgeError(f"unknown preprocessing keys in {p.name}: {', '.join(unknown)}", f"use {', '.join(_JSON_KEYS)}")
-    return dict(cfg), "vitedge preprocessing JSON"
-
-
 def preprocessing_from_options(
     *, img_size: int | None = None, mean=None, std=None, resize: int | None = None, crop: bool | None = None,
     interpolation: str | None = None, json_path: str | Path | None = None, input_shape: list | None = None,
 ) -> tuple["Preprocessing", list[str]]:
     """Preprocessing for a model without a manifest: from flags, a small JSON, and the ONNX input shape.
 
-    Flags override the JSON.  Returns the preprocessing and the list of what had to be assumed.
-    JSON: ``img_size, resize, center_crop, interpolation, mean, std, scale, channel_order`` - or a
-    Hugging Face ``preprocessor_config.json`` / timm data config, read as those libraries would.
+    Resolved by :func:`vitedge.preprocessing_resolver.resolve_preprocessing` (flags override the
+    JSON; what nothing states follows the default rule).  Returns the preprocessing and the list of
+    what had to be assumed.  JSON: ``img_size, resize, center_crop, interpolation, mean, std, scale,
+    channel_order`` - or a Hugging Face ``preprocessor_config.json`` / timm data config, read as
+    those libraries would.
     """
-    from .preprocess import IMAGENET_MEAN, IMAGENET_STD, parse_floats
-
-    given: dict = {}
+    sources: dict = {}
     if json_path:
-        given, _ = _read_json(json_path)
-    for key, value in (("img_size", img_size), ("resize", resize), ("center_crop", crop), ("interpolation", interpolation)):
-        if value is not None:
-            given[key] = value
-    if mean is not None:
-        given["mean"] = parse_floats(mean, 3, "mean")
-    if std is not None:
-        given["std"] = parse_floats(std, 3, "std")
-    for key in ("mean", "std"):
-        if key in given and not isinstance(given[key], (str, list, tuple)):
-            raise VitedgeError(f"{key} must be 3 numbers, got {given[key]!r}")
-        if key in given and isinstance(given[key], str):
-            given[key] = parse_floats(given[key], 3, key)
-    assumed: list[str] = []
+        sources, _ = sources_from_json(json_path)
     hw = [d for d in (input_shape or [])[2:4]]
     fixed_hw = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else None
-    if "img_size" not in given:
-        if fixed_hw is None:
-            raise VitedgeError("the model's input size is dynamic and no preprocessing was given", "pass --img-size (and --mean/--std)")
-        given["img_size"] = list(fixed_hw)
-    size = given["img_size"]
+    flags = {"img_size": img_size, "resize": resize, "center_crop": crop, "interpolation": interpolation, "mean": mean, "std": std}
     try:
-        size = (int(size), int(size)) if isinstance(size, (int, float, str)) else (int(size[0]), int(size[1]))
-    except (TypeError, ValueError, IndexError):
-        raise VitedgeError(f"img_size {given['img_size']!r} is not a size", "use one number, e.g. 224, or [height, width]") from None
-    if min(size) < 1:
-        raise VitedgeError(f"img_size {size} must be positive")
-    if fixed_hw is not None and size != fixed_hw:
+        pre = resolve_preprocessing(fixed_hw, **sources, flags=flags)
+    except VitedgeError as exc:
+        if "input size is not known" in str(exc):
+            raise VitedgeError("the model's input size is dynamic and no preprocessing was given", "pass --img-size (and --mean/--std)") from None
+        raise
+    if fixed_hw is not None and tuple(pre.img_size) != fixed_hw:
+        size = pre.img_size
         raise VitedgeError(f"preprocessing makes {size[0]}x{size[1]} images but the model takes {fixed_hw[0]}x{fixed_hw[1]}",
                            f"use --img-size {fixed_hw[0]}" if fixed_hw[0] == fixed_hw[1] else "match the model's input size")
-    given["img_size"] = size
-    side = min(size)
-    if "mean" not in given:
-        given["mean"] = IMAGENET_MEAN
-        assumed.append("mean = ImageNet (0.485, 0.456, 0.406)")
-    if "std" not in given:
-        given["std"] = IMAGENET_STD
-        assumed.append("std = ImageNet (0.229, 0.224, 0.225)")
-    has_resize, crop_v = "resize" in given, given.get("center_crop")
-    if crop_v is None and not has_resize:
-        given["resize"] = int(round(side / CROP_RATIO))
-        given["center_crop"] = True
-        assumed.append(f"resize shorter side to {given['resize']} then center-crop {side} (crop {CROP_RATIO})")
-    elif crop_v is None:
-        given["center_crop"] = given["resize"] is not None
-        if given["resize"] is not None:
-            assumed.append(f"center-crop {size[0]}x{size[1]} after the resize to {given['resize']}")
-    elif crop_v and not has_resize:
-        given["resize"] = int(round(side / CROP_RATIO))
-        assumed.append(f"resize shorter side to {given['resize']} before the center-crop (crop {CROP_RATIO})")
-    elif not crop_v and not has_resize:
-        given["resize"] = None  # straight to img_size (Hugging Face style)
-    if given.get("resize") is not None and int(given["resize"]) < side and given.get("center_crop"):
-        raise VitedgeError(f"resize {given['resize']} is smaller than the crop {side}", f"use --resize >= {side}")
-    if "interpolation" not in given:
-        given["interpolation"] = "bilinear"
-        assumed.append("bilinear interpolation")
-    try:
-        pre = Preprocessing(**{k: v for k, v in given.items() if k in _JSON_KEYS})
-    except (TypeError, ValueError) as exc:
-        raise VitedgeError(f"invalid preprocessing: {exc}") from None
-    pre.assumed = list(assumed)
-    return pre, assumed
+    return pre, list(pre.assumed)
 
 
 _OPTION_KEYS = ("img_size", "mean", "std", "resize", "crop", "interpolation", "json_path")
 
 
-def resolve_preprocessing(given, input_shape: list | None) -> "Preprocessing | None":
+def resolve_options(given, input_shape: list | None) -> "Preprocessing | None":
     """A :class:`Preprocessing` from what a caller gave: one itself, a dict of
     :func:`preprocessing_from_options` keywords (``img_size, mean, std, resize, crop, interpolation,
     json_path``; resolved against the model's input shape), a JSON file path, or None."""
@@ -272,7 +198,7 @@ def ensure_manifest(path: str | Path, preprocessing: "Preprocessing | dict | str
                     announce: bool = True, require_preprocessing: bool = True, hash_file: bool = True) -> tuple[Path, Manifest]:
     """The artifact and its manifest; for a foreign ONNX file, one is built from the file itself.
 
-    ``preprocessing`` (a :class:`Preprocessing`, or options for :func:`resolve_preprocessing`, e.g.
+    ``preprocessing`` (a :class:`Preprocessing`, or options for :func:`resolve_options`, e.g.
     from the CLI flags) and ``labels`` fill in what a
     file without a manifest does not say; for an artifact that has a manifest they are an error
     (its manifest already says how it is fed).  Without ``preprocessing`` a fixed-size model gets
@@ -289,7 +215,7 @@ def ensure_manifest(path: str | Path, preprocessing: "Preprocessing | dict | str
         if preprocessing is not None and man.preprocessing and not isinstance(preprocessing, Preprocessing):
             raise VitedgeError(f"{artifact.name} has a vitedge manifest with its own preprocessing",
                                "drop the preprocessing flags: they are for ONNX files without a manifest")
-        preprocessing = resolve_preprocessing(preprocessing, man.inputs[0].shape if man.inputs else None)
+        preprocessing = resolve_options(preprocessing, man.inputs[0].shape if man.inputs else None)
         if preprocessing is not None and man.preprocessing and not _same(man.preprocessing, preprocessing):
             raise VitedgeError(f"{artifact.name} has a vitedge manifest with its own preprocessing",
                                "drop the preprocessing flags: they are for ONNX files without a manifest")
@@ -304,7 +230,7 @@ def ensure_manifest(path: str | Path, preprocessing: "Preprocessing | dict | str
         raise VitedgeError(f"{artifact} has no vitedge manifest ({Manifest.sidecar_path(artifact).name})",
                            "only ONNX files can be used without one")
     man = manifest_for_onnx(artifact)
-    preprocessing = resolve_preprocessing(preprocessing, man.inputs[0].shape)
+    preprocessing = resolve_options(preprocessing, man.inputs[0].shape)
     if man.preprocessing and preprocessing is not None:  # embedded vitedge metadata (copied file without its sidecar)
         if not _same(man.preprocessing, preprocessing):
             raise VitedgeError(f"{artifact.name} carries vitedge metadata with its own preprocessing",
@@ -342,4 +268,4 @@ def ensure_manifest(path: str | Path, preprocessing: "Preprocessing | dict | str
     return artifact, man
 
 
-__all__ = ["manifest_for_onnx", "preprocessing_from_options", "resolve_preprocessing", "ensure_manifest", "is_foreign", "describe"]
+__all__ = ["manifest_for_onnx", "preprocessing_from_options", "resolve_options", "ensure_manifest", "is_foreign", "describe"]
