@@ -71,7 +71,9 @@ def test_cli_exits_1_on_mismatch_and_0_on_match(ref_onnx, val_dir, tmp_path):
 
 def test_reference_configs_are_read(tmp_path):
     timm = preprocessing_from_timm({"input_size": [3, 224, 224], "crop_pct": 0.9, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3})
-    assert timm.img_size == (224, 224) and timm.resize == 248 and timm.center_crop
+    assert timm.img_size == (224, 224) and timm.resize == 248 and timm.center_crop  # floor(224 / 0.9), as timm
+    bare = preprocessing_from_timm({"input_size": [3, 224, 224]})  # no crop_pct: the one default rule, as everywhere
+    assert bare.resize == Preprocessing.for_size(224).resize == 256 and bare.interpolation == "bicubic"
     hf = tmp_path / "preprocessor_config.json"
     hf.write_text(json.dumps({"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 224, "width": 224},
                               "resample": 2, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))

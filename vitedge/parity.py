@@ -13,7 +13,6 @@ manifest) and through the engine's bundled preprocessing, then reports
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -21,50 +20,40 @@ import numpy as np
 
 from .errors import VitedgeError
 from .preprocess import Preprocessing
+from .preprocessing_resolver import resolve_preprocessing, sources_from_json, sources_near
 
 FIELDS = ("img_size", "resize", "center_crop", "interpolation", "channel_order", "scale", "mean", "std")
 
 
 def preprocessing_from_timm(cfg: dict) -> Preprocessing:
-    """A timm data config / ``pretrained_cfg`` (input_size, crop_pct, interpolation, mean, std)."""
-    cfg = cfg.get("pretrained_cfg", cfg)
-    _, h, w = cfg.get("input_size", (3, 224, 224))
-    crop_pct = float(cfg.get("crop_pct", 0.875))
-    mode = cfg.get("crop_mode", "center")
-    if mode not in ("center", "squash"):
-        raise VitedgeError(f"timm crop_mode {mode!r} is not supported", "use 'center' or 'squash'")
-    resize = int(np.floor(min(h, w) / crop_pct))
-    return Preprocessing(
-        img_size=(h, w), resize=resize if mode == "center" else None, center_crop=mode == "center",
-        interpolation=cfg.get("interpolation", "bicubic"), mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-    )
+    """A timm data config / ``pretrained_cfg`` / hub ``config.json``, read by the one resolver."""
+    return resolve_preprocessing(timm=cfg)
 
 
 def reference_preprocessing(source: str | Path) -> tuple[Preprocessing, str]:
-    """The reference's preprocessing and where it came from.
+    """The reference's preprocessing and where it came from, by the rules of
+    :func:`vitedge.preprocessing_resolver.resolve_preprocessing` (what the model loader uses too).
 
     ``source``: a timm config JSON, a Hugging Face ``preprocessor_config.json`` (or its folder),
-    a vitedge checkpoint / manifest / artifact, a preset name or ``reference``.
+    a vitedge checkpoint / manifest / artifact, a timm checkpoint folder, a preset name or ``reference``.
     """
     from .manifest import MANIFEST_SUFFIX, Manifest
-    from .models.loading import load_model, preprocessing_from_hf
+    from .models.loading import load_model
 
     p = Path(source)
-    if p.is_dir() and (p / "preprocessor_config.json").exists():
-        p = p / "preprocessor_config.json"
+    if p.is_dir():
+        sources, found = sources_near(p)
+        timm = sources.get("timm")
+        if timm is None and "hf" in sources:
+            return resolve_preprocessing(hf=sources["hf"]), f"Hugging Face image processor ({found})"
+        if timm is not None and "input_size" in (timm.get("pretrained_cfg") or timm):
+            return resolve_preprocessing(timm=timm), f"timm data config ({found})"
+        # otherwise the checkpoint in the folder says the rest (e.g. its input size)
     if p.suffix == ".json" and not p.name.endswith(MANIFEST_SUFFIX):
-        try:
-            cfg = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise VitedgeError(f"reference config {p} cannot be read ({exc})") from None
-        if "image_processor_type" in cfg or "do_normalize" in cfg or "image_mean" in cfg:
-            size = cfg.get("size", {})
-            fallback = size.get("height") or size.get("shortest_edge") or 224 if isinstance(size, dict) else size
-            return preprocessing_from_hf(cfg, int(fallback)), f"Hugging Face image processor ({p})"
-        if "input_size" in cfg or "pretrained_cfg" in cfg:
-            return preprocessing_from_timm(cfg), f"timm data config ({p})"
-        raise VitedgeError(f"{p} is neither a timm data config nor a Hugging Face preprocessor config")
+        sources, where = sources_from_json(p)
+        if "manifest" in sources:
+            raise VitedgeError(f"{p} is neither a timm data config nor a Hugging Face preprocessor config")
+        return resolve_preprocessing(**sources), where
     if p.exists() and (p.name.endswith(MANIFEST_SUFFIX) or p.suffix in (".onnx", ".xml", ".blob", ".engine")):
         _, man = Manifest.find(p)
         if man is None or not man.preprocessing:
