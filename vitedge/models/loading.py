@@ -1,5 +1,8 @@
 """Load a trained ViT from local files into a :class:`ModelSpec`.  Nothing is ever downloaded.
 
+Preprocessing is resolved by :func:`vitedge.preprocessing_resolver.resolve_preprocessing` (timm
+config, then Hugging Face preprocessor config, then vitedge's own, else the default rule).
+
 Supported sources (tried in this order):
 
 * a preset name (``vit_tiny`` ... ``vit_huge``): random weights, for trials and speed tests;
@@ -7,7 +10,8 @@ Supported sources (tried in this order):
 * vitedge's own checkpoint: a ``.safetensors`` file whose metadata carries the config,
   preprocessing and labels (written by :func:`save_checkpoint`);
 * a timm-style ViT/DeiT state dict (``.pth``/``.pt``/``.bin``/``.safetensors``): config inferred
-  from tensor shapes;
+  from tensor shapes; preprocessing from timm's ``config.json`` next to it (or a folder holding
+  both) or a ``pretrained_cfg`` embedded in it;
 * a Hugging Face ``ViTForImageClassification`` folder (``config.json`` + weights, optional
   ``preprocessor_config.json``).
 """
@@ -23,7 +27,8 @@ import torch
 from torch import nn
 
 from ..errors import FileProblem, ModelNotSupported, VitedgeError
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from ..preprocess import Preprocessing
+from ..preprocessing_resolver import is_timm_config, resolve_preprocessing, sources_near
 from .vit import PRESETS, ViTConfig, VisionTransformer, preset_config
 
 CHECKPOINT_METADATA_KEY = "vitedge"
@@ -41,6 +46,9 @@ class ModelSpec:
     labels: list[str] | None = None
     source: str = "<module>"
     notes: list[str] = field(default_factory=list)  # what the loader had to assume
+    # the configs the preprocessing was resolved from (resolve_preprocessing keywords), to resolve it
+    # again at another img_size; None = only ``preprocessing`` itself is known
+    preprocessing_sources: dict | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int | None:
@@ -94,8 +102,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata (vitedge's, or an embedded timm ``pretrained_cfg`` as a dict)."""
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        sd, meta = _read_safetensors(path)
+        if isinstance(meta.get("pretrained_cfg"), str):
+            try:
+                meta["pretrained_cfg"] = json.loads(meta["pretrained_cfg"])
+            except json.JSONDecodeError:
+                raise FileProblem(f"{path}: the pretrained_cfg in its metadata is not valid JSON") from None
+        return sd, meta
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -117,6 +132,10 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"{path} cannot be read as a PyTorch state dict ({_first_line(exc)})",
             "save weights with torch.save(model.state_dict(), path) or as .safetensors",
         ) from None
+    meta = {}
+    if isinstance(obj, dict) and isinstance(obj.get("pretrained_cfg"), dict):  # timm config saved with the weights
+        meta["pretrained_cfg"] = obj["pretrained_cfg"]
+        obj = {k: v for k, v in obj.items() if k != "pretrained_cfg"}
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -126,7 +145,7 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     sd = {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel / DDP
     if sd and all(k.startswith("model.") for k in sd):  # e.g. a Lightning module holding the ViT as self.model
         sd = {k.removeprefix("model."): v for k, v in sd.items()}
-    return sd, {}
+    return sd, meta
 
 
 # ------------------------------------------------------------------------------------------
@@ -177,6 +196,28 @@ def _infer_timm_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int |
         layer_norm_eps=1e-6, qkv_bias="blocks.0.attn.qkv.bias" in sd,
     )
     return cfg, notes
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FileProblem(f"{path} is not valid JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(cfg, dict):
+        raise VitedgeError(f"{path} is not a model config (a JSON object)")
+    return cfg
+
+
+def _timm_weights(folder: Path) -> Path:
+    """The weights file of a timm folder (hub layout: config.json + model.safetensors / pytorch_model.bin)."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).exists():
+            return folder / name
+    found = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"))
+    if len(found) != 1:
+        what = "no weights file" if not found else f"{len(found)} weights files ({', '.join(p.name for p in found[:3])})"
+        raise FileProblem(f"timm folder {folder} has {what}", "keep one model.safetensors (or .pth) next to config.json, or pass the file")
+    return found[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -236,47 +277,21 @@ def hf_to_timm(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tenso
     return out
 
 
-def _hf_preprocessing(folder: Path, img_size: int) -> tuple[Preprocessing, list[str]]:
+def _hf_preprocessing(folder: Path, img_size: int) -> tuple[Preprocessing, list[str], dict]:
     path = folder / "preprocessor_config.json"
     if not path.exists():
-        return (
-            Preprocessing(img_size=img_size, resize=None, center_crop=False, interpolation="bilinear",
-                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-            ["no preprocessor_config.json: assumed ViTImageProcessor defaults (resize to size, bilinear, mean=std=0.5)"],
-        )
+        note = "no preprocessor_config.json: assumed ViTImageProcessor defaults (resize to size, bilinear, mean=std=0.5)"
+        return resolve_preprocessing(img_size, hf={}), [note], {"hf": {}}
     try:
         cfg = json.loads(path.read_text())
-        return preprocessing_from_hf(cfg, img_size), []
+        return preprocessing_from_hf(cfg, img_size), [], {"hf": cfg}
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
         raise VitedgeError(f"{path} is not a valid image-processor config ({type(exc).__name__}: {exc})") from None
 
 
-_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "bilinear"}
-
-
 def preprocessing_from_hf(cfg: dict, img_size: int) -> Preprocessing:
     """Preprocessing equal to a Hugging Face image-processor config (ViTImageProcessor and kin)."""
-    size = cfg.get("size", {})
-    crop = cfg.get("crop_size") if cfg.get("do_center_crop") else None
-    if isinstance(size, int):
-        size = {"shortest_edge": size}
-    if crop:
-        target = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
-        resize = size.get("shortest_edge") or size.get("height")
-        center = True
-    elif "height" in size:
-        target, resize, center = (size["height"], size["width"]), None, False
-    else:
-        target, resize, center = (img_size, img_size), size.get("shortest_edge"), True
-    return Preprocessing(
-        img_size=target,
-        resize=resize if cfg.get("do_resize", True) else None,
-        center_crop=center,
-        interpolation=_PIL_RESAMPLE.get(cfg.get("resample", 2), "bilinear"),
-        mean=tuple(cfg.get("image_mean", IMAGENET_MEAN)) if cfg.get("do_normalize", True) else (0.0, 0.0, 0.0),
-        std=tuple(cfg.get("image_std", IMAGENET_STD)) if cfg.get("do_normalize", True) else (1.0, 1.0, 1.0),
-        scale=cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0,
-    )
+    return resolve_preprocessing(img_size, hf=cfg)
 
 
 def _hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -304,12 +319,7 @@ def _hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 def _load_hf_folder(folder: Path) -> ModelSpec:
     cfg_path = folder / "config.json"
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FileProblem(f"{cfg_path} is not valid JSON ({exc})") from None
-    if not isinstance(hf, dict):
-        raise VitedgeError(f"{cfg_path} is not a Hugging Face model config (a JSON object)")
+    hf = _read_config(cfg_path)
     model_type = hf.get("model_type")
     if model_type == "deit":
         raise ModelNotSupported(f"{cfg_path}: model_type 'deit' is a distilled DeiT (extra distillation token), which is not the classic ViT vitedge supports",
@@ -336,10 +346,10 @@ def _load_hf_folder(folder: Path) -> ModelSpec:
     )
     model = _build(cfg, sd, weights)
     labels = [str(id2label.get(str(i), i)) for i in range(num_classes)] if id2label else None
-    pre, notes = _hf_preprocessing(folder, cfg.img_size)
+    pre, notes, sources = _hf_preprocessing(folder, cfg.img_size)
     if num_classes == 0:
         notes.append("no classifier weights: the model outputs CLS features, not class logits")
-    return ModelSpec(model, pre, cfg, labels, str(folder), notes)
+    return ModelSpec(model, pre, cfg, labels, str(folder), notes, sources)
 
 
 # ------------------------------------------------------------------------------------------
@@ -401,34 +411,37 @@ def load_model(
             raise VitedgeError(f"img_size {img_size} is not divisible by the patch size 16 of preset {source}")
         cfg = preset_config(source, **({"img_size": img_size} if img_size else {}))
         model = VisionTransformer.from_config(cfg).eval()
-        spec = ModelSpec(model, Preprocessing.for_size(cfg.img_size), cfg, None, f"preset:{source}",
-                         ["random weights (preset): fine for shape and speed trials, meaningless predictions"])
+        spec = ModelSpec(model, resolve_preprocessing(cfg.img_size), cfg, None, f"preset:{source}",
+                         ["random weights (preset): fine for shape and speed trials, meaningless predictions"], {})
     else:
         spec = _from_path(Path(source), num_heads)
     if img_size and spec.config and (img_size, img_size) != tuple(spec.preprocessing.img_size):
         if img_size % spec.config.patch_size:
             raise VitedgeError(f"img_size {img_size} is not divisible by the patch size {spec.config.patch_size}")
-        spec.preprocessing = replace(spec.preprocessing, img_size=(img_size, img_size),
-                                     resize=None if spec.preprocessing.resize is None else int(round(img_size * spec.preprocessing.resize / spec.preprocessing.img_size[0])))
+        sources = spec.preprocessing_sources if spec.preprocessing_sources is not None else {"manifest": spec.preprocessing}
+        spec.preprocessing = resolve_preprocessing(img_size, **sources, flags={"img_size": img_size})
         if img_size != spec.config.img_size:
             spec.notes.append(f"input resolution {img_size}: position embeddings interpolated from {spec.config.img_size}")
     if preprocessing is not None:
-        spec.preprocessing = preprocessing
+        spec.preprocessing, spec.preprocessing_sources = preprocessing, None
     if labels is not None:
         spec.labels = list(labels)
     return spec
+
+
+_DEFAULT_RULE = "assumed the default rule (resize to floor(size / 0.875) + center crop, bicubic, ImageNet mean/std)"
 
 
 def _from_module(module: nn.Module, img_size: int | None) -> ModelSpec:
     module = module.eval()
     if isinstance(module, VisionTransformer):
         cfg = module.config
-        return ModelSpec(module, Preprocessing.for_size(img_size or cfg.img_size), cfg, None, type(module).__name__,
-                         ["preprocessing not given: assumed ImageNet mean/std, resize + center crop"])
+        return ModelSpec(module, resolve_preprocessing(img_size or cfg.img_size), cfg, None, type(module).__name__,
+                         [f"preprocessing not given: {_DEFAULT_RULE}"], {})
     if img_size is None:
         raise VitedgeError(f"{type(module).__name__} is not a vitedge VisionTransformer", "pass img_size= so vitedge knows the input shape")
-    return ModelSpec(module, Preprocessing.for_size(img_size), None, None, type(module).__name__,
-                     ["generic nn.Module: preprocessing assumed ImageNet mean/std, resize + center crop"])
+    return ModelSpec(module, resolve_preprocessing(img_size), None, None, type(module).__name__,
+                     [f"generic nn.Module: preprocessing not given: {_DEFAULT_RULE}"], {})
 
 
 def _from_path(path: Path, num_heads: int | None) -> ModelSpec:
@@ -437,6 +450,8 @@ def _from_path(path: Path, num_heads: int | None) -> ModelSpec:
         raise FileProblem(f"model {path} does not exist", hint)
     if path.is_dir():
         if (path / "config.json").exists():
+            if is_timm_config(_read_config(path / "config.json")):
+                return _from_path(_timm_weights(path), num_heads)
             return _load_hf_folder(path)
         raise FileProblem(f"folder {path} has no config.json", "a model folder must be a Hugging Face save_pretrained folder")
     if path.suffix not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
@@ -450,12 +465,23 @@ def _from_path(path: Path, num_heads: int | None) -> ModelSpec:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise FileProblem(f"{path}: vitedge metadata is damaged ({type(exc).__name__}: {exc})", "re-save it with save_checkpoint") from None
         model = _build(cfg, sd, path)
-        return ModelSpec(model, pre, cfg, _labels_from(info.get("labels"), cfg.num_classes), str(path))
+        return ModelSpec(model, pre, cfg, _labels_from(info.get("labels"), cfg.num_classes), str(path), [], {"manifest": pre})
     if "patch_embed.proj.weight" in sd and "pos_embed" in sd:
         cfg, notes = _infer_timm_config(sd, path, num_heads)
         model = _build(cfg, sd, path)
-        notes.append("timm state dict: preprocessing assumed ImageNet mean/std, bicubic resize (crop 0.9)")
-        return ModelSpec(model, Preprocessing.for_size(cfg.img_size), cfg, None, str(path), notes)
+        sources, where = sources_near(path)
+        if isinstance(meta.get("pretrained_cfg"), dict):  # embedded in the checkpoint: it wins over a file next to it
+            sources["timm"], where = meta["pretrained_cfg"], f"the pretrained_cfg in {path.name}"
+        pre = resolve_preprocessing(cfg.img_size, **sources)
+        if not sources:
+            notes.append(f"timm state dict without timm's config.json or a pretrained_cfg: preprocessing {_DEFAULT_RULE}")
+        else:
+            notes.append(f"timm state dict: preprocessing from {where}")
+            notes += [f"preprocessing {a}" for a in pre.assumed]
+        if tuple(pre.img_size) != (cfg.img_size, cfg.img_size):
+            notes.append(f"input resolution {pre.img_size[0]}x{pre.img_size[1]} from {where}: position embeddings interpolated from {cfg.img_size}")
+        labels = (sources.get("timm") or {}).get("label_names")
+        return ModelSpec(model, pre, cfg, _labels_from(labels, cfg.num_classes), str(path), notes, sources)
     if any(k.startswith(("vit.embeddings", "embeddings.patch_embeddings")) for k in sd):
         raise VitedgeError(f"{path} looks like Hugging Face ViT weights", "load the whole save_pretrained folder (with config.json) instead of the weights file")
     sample = ", ".join(list(sd)[:3])
