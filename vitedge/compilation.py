@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ._onnx import onnx_precision
 from ._io import atomic_dir, commit_files
 from .backends import registry
 from .backends.openvino import default_precision_hint, openvino_config  # noqa: F401  (public here since 0.1)
@@ -137,19 +138,6 @@ def _specs_with_batch(specs: list[TensorSpec], batch: int | None) -> list[Tensor
     if batch is None:
         return [TensorSpec(s.name, list(s.shape), s.dtype) for s in specs]
     return [TensorSpec(s.name, [batch] + list(s.shape[1:]), s.dtype) for s in specs]
-
-
-def onnx_precision(path: Path) -> str:
-    """What an ONNX file holds: int8 (QDQ / QOperator), fp16 weights, or fp32."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    ops = {n.op_type for n in proto.graph.node}
-    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "MatMulInteger", "QLinearConv"}:
-        return "int8"
-    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
-        return "fp16"
-    return "fp32"
 
 
 # -- verification -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import compare
 from .compare import CI_LEVEL, paired_drop, wilson_interval  # noqa: F401 - public names of this module
+from ._onnx import INTEGER_KERNEL_OPS
 from .errors import GateFailed, VitedgeError
 from .report import SCHEMA_ID, Report, now_iso
 from .ui import progress
@@ -509,10 +510,6 @@ def _mac_summary(source: str, layers: list[dict], macs_by: dict[str, int]) -> di
     }
 
 
-_ONNX_INT8_OPS = {"QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger", "QGemm", "DynamicQuantizeMatMul",
-                  "MatMulIntegerToFloat", "QAttention"}
-
-
 def onnx_precision_breakdown(path: Path) -> dict | None:
     """Static view of an ONNX graph as ONNX Runtime's CPU provider runs it: MatMul/Gemm/Conv fed by
     DequantizeLinear on both inputs (QDQ) or integer ops run in INT8, the rest in their tensor type."""
@@ -536,7 +533,7 @@ def onnx_precision_breakdown(path: Path) -> dict | None:
     producer = {o: n for n in g.node for o in n.output}
     layers, macs_by = [], {}
     for n in g.node:
-        if n.op_type not in ("MatMul", "Gemm", "Conv") and n.op_type not in _ONNX_INT8_OPS:
+        if n.op_type not in ("MatMul", "Gemm", "Conv") and n.op_type not in INTEGER_KERNEL_OPS:
             continue
         out = shapes.get(n.output[0])
         a = shapes.get(n.input[0])
@@ -552,7 +549,7 @@ def onnx_precision_breakdown(path: Path) -> dict | None:
         else:
             k = a[-1]
         macs = int(np.prod(out)) * int(k)
-        if n.op_type in _ONNX_INT8_OPS:
+        if n.op_type in INTEGER_KERNEL_OPS:
             prec = "int8"
         else:
             dq = [producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input[:2]]

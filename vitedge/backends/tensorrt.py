@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .._onnx import QDQ_OPS
 from ..errors import (
     BackendUnavailable,
     FileProblem,
@@ -138,7 +139,7 @@ def inspect_onnx(path: Path) -> OnnxInfo:
     ops = {n.op_type for n in proto.graph.node}
     return OnnxInfo(
         input_name=inputs[0].name, shape=dims, output_names=[o.name for o in proto.graph.output], ops=ops,
-        has_qdq=bool(ops & {"QuantizeLinear", "DequantizeLinear"}),
+        has_qdq=bool(ops & QDQ_OPS),
         fp16_weights=any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer),
         opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
     )

@@ -12,6 +12,7 @@ import math
 import shutil
 from pathlib import Path
 
+from .._onnx import onnx_precision, quantized_ops
 from .._io import atomic_dir, commit_files
 from ..backends import registry
 from ..errors import FileProblem, GateFailed, VitedgeError
@@ -26,8 +27,6 @@ log = logging.getLogger("vitedge")
 
 PRECISIONS = ("int8", "fp16")
 METHODS = ("minmax", "percentile", "entropy")
-_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv", "MatMulInteger",
-              "ConvInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd"}
 
 __all__ = ["quantize", "Target", "FidelityNotMet", "PRECISIONS", "METHODS"]
 
@@ -63,12 +62,9 @@ def _open_model(model, preprocessing=None, labels=None) -> tuple[Path, Manifest]
     _, man = ensure_manifest(path, preprocessing, labels, announce=True)
     if man.precision not in ("fp32", None):
         raise VitedgeError(f"{path.name} is already {man.precision} (manifest)", "quantize the FP32 export instead")
-    from onnx import TensorProto
-
-    ops = {n.op_type for n in proto.graph.node}
-    if ops & _QUANT_OPS:
-        raise VitedgeError(f"{path.name} is already quantized (it contains {sorted(ops & _QUANT_OPS)[0]})", "quantize the FP32 export instead")
-    if any(i.data_type == TensorProto.FLOAT16 for i in proto.graph.initializer):
+    if quantized := quantized_ops(proto):
+        raise VitedgeError(f"{path.name} is already quantized (it contains {sorted(quantized)[0]})", "quantize the FP32 export instead")
+    if onnx_precision(proto) == "fp16":
         raise VitedgeError(f"{path.name} is already FP16 (half-precision weights)", "quantize the FP32 export instead")
     if not man.inputs:
         raise VitedgeError(f"{path.name} declares no inputs")
