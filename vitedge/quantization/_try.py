@@ -86,6 +86,7 @@ def run(job: dict) -> dict:
 
 def _measure_variants(job: dict, model: Path, x, ref: dict) -> list[dict]:
     """Outputs (saved next to the job for the parent to compare) and latency, per float precision."""
+    from ..compare import match_outputs
     from .nncf_int8 import measure
 
     variants = []
@@ -93,9 +94,8 @@ def _measure_variants(job: dict, model: Path, x, ref: dict) -> list[dict]:
     for fp in job["float_precisions"]:
         for static in ([True, False] if job["backend"] == "openvino" and not job.get("fixed_batch") else [False]):
             outs, latency = measure(model, job["backend"], np.asarray(x), fp, static=static, fixed=job.get("fixed_batch"))
-            got = list(outs.values())
             key = f"{fp or 'default'}.{'static' if static else 'dynamic'}"
-            np.savez(folder / f"outputs.{key}.npz", **{n: (outs[n] if n in outs else got[i]) for i, n in enumerate(ref)})
+            np.savez(folder / f"outputs.{key}.npz", **match_outputs(ref, outs, "the quantized model", check_shapes=False))
             variants.append({"float_precision": fp, "static": static, "key": key, "latency_ms": latency})
     return variants
 

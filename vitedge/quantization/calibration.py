@@ -17,9 +17,9 @@ from typing import Iterator
 
 import numpy as np
 
+from .. import compare
 from ..data import SHIPPED_CALIBRATION, ImageSet, label_indices
 from ..errors import ShapeMismatch, VitedgeError
-from ..export import compare_outputs
 from ..manifest import Manifest
 from ..preprocess import Preprocessing
 from ..ui import progress
@@ -244,28 +244,20 @@ class EvalSet:
     def measure_outputs(self, outs: dict[str, np.ndarray]) -> dict:
         """:meth:`measure` on the first output; for models with several outputs or non-classifier outputs
         (e.g. a dense token map) also cosine / max abs error / SNR per output, under ``outputs``."""
+        outs = compare.match_outputs(self.ref_outputs, outs, "the quantized model", check_shapes=False)
         names = list(self.ref_outputs)
-        cands = list(outs.values())
-
-        def cand(i: int, name: str) -> np.ndarray:
-            return outs[name] if name in outs else cands[i]
-
-        res = self.measure(cand(0, names[0]))
+        res = self.measure(outs[names[0]])
         if len(names) > 1 or self.ref.ndim != 2:
-            res["outputs"] = {}
-            for i, name in enumerate(names):
-                c = compare_outputs(self.ref_outputs[name], cand(i, name))
-                keep = ("cosine_min", "cosine_mean", "max_abs_error", "snr_db", "finite") + (("top1_agreement",) if "top1_agreement" in c else ())
-                res["outputs"][name] = {"shape": [int(d) for d in self.ref_outputs[name].shape[1:]], **{k: c[k] for k in keep}}
+            res["outputs"] = compare.per_output(self.ref_outputs, outs, compare.OUTPUT_KEYS + ("top1_agreement",))
         return res
 
     def measure(self, out: np.ndarray) -> dict:
         """Agreement of candidate logits with FP32 (+ accuracies when labelled)."""
-        res = compare_outputs(self.ref, out)
+        res = compare.output_metrics(self.ref, out)
         res["images"] = int(len(out))
         if self.labelled and self.ref.ndim == 2:
-            res["top1_fp32"] = float((self.ref.argmax(1) == self.labels).mean())
-            res["top1"] = float((out.argmax(1) == self.labels).mean())
+            res["top1_fp32"] = float(compare.correct(self.ref, self.labels)[0].mean())
+            res["top1"] = float(compare.correct(np.asarray(out), self.labels)[0].mean())
         return res
 
     def drop_pp(self, metrics: dict) -> float:

@@ -239,16 +239,18 @@ class Validation:
         return lambda x: [np.asarray(v) for v in model(x).values()]  # OpenVINO compiled model
 
     def __call__(self, model, data) -> tuple[float, list[float]]:
+        from ..compare import cosine
+
         run = self._runner(model)
         values = []
         for x, i in data:
             x = next(iter(x.values())) if isinstance(x, dict) else x
-            out = run(x)[0].astype(np.float64).reshape(-1)
-            ref = self.ref[self.first][i].astype(np.float64).reshape(-1)
-            if self.classifier:
+            out = run(x)[0].reshape(1, -1)
+            ref = self.ref[self.first][i].reshape(1, -1)
+            if self.classifier:  # the reference's top-1 kept
                 values.append(float(out.argmax() == ref.argmax()))
             else:
-                values.append(float(out @ ref / (np.linalg.norm(out) * np.linalg.norm(ref) + 1e-12)))
+                values.append(float(cosine(ref, out)[0]))
         metric = float(np.mean(values)) if self.classifier else float(np.min(values))
         return metric, values
 
