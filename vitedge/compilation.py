@@ -179,21 +179,17 @@ def _reference_outputs(src: Path, man: Manifest, inputs: dict[str, np.ndarray]) 
 def _verify(engine, refs: dict[str, dict[str, np.ndarray]], inputs: dict[str, np.ndarray]) -> dict:
     """Agreement of every output with the source model; the first output's numbers at the top level,
     and per output under ``outputs`` for models with several outputs or non-classifier outputs."""
-    from .export import compare_outputs
+    from . import compare
 
     checks = {}
     for key, x in inputs.items():
-        outs = engine.infer_all(x)
         ref = refs[key]
-        names, got = list(ref), list(outs.values())
-        pairs = [(n, ref[n], outs[n] if n in outs else got[i]) for i, n in enumerate(names)]
-        r = compare_outputs(pairs[0][1], pairs[0][2])
+        outs = compare.match_outputs(ref, engine.infer_all(x), "the compiled engine")
+        first = next(iter(ref))
+        r = compare.output_metrics(ref[first], outs[first])
         r["batch"] = int(len(x))
-        if len(pairs) > 1 or pairs[0][1].ndim != 2:
-            r["outputs"] = {}
-            for n, a, b in pairs:
-                c = compare_outputs(a, b)
-                r["outputs"][n] = {k: c[k] for k in ("cosine_min", "cosine_mean", "max_abs_error", "snr_db", "finite")}
+        if len(ref) > 1 or ref[first].ndim != 2:
+            r["outputs"] = compare.per_output(ref, outs, shape=False)
         checks[key] = r
     for key, r in checks.items():
         every = list((r.get("outputs") or {}).values()) or [r]

@@ -43,26 +43,10 @@ class Tolerance:
 
 
 def compare_outputs(ref: np.ndarray, out: np.ndarray) -> dict:
-    """Agreement numbers between a reference and a candidate output (same shape)."""
-    ref = np.asarray(ref, np.float64)
-    out = np.asarray(out, np.float64)
-    diff = np.abs(ref - out)
-    a, b = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    noise = ((a - b) ** 2).sum()
-    snr = float("inf") if noise == 0 else float(10 * np.log10((a**2).sum() / noise))
-    res = {
-        "max_abs_error": float(diff.max()),
-        "max_rel_error": float(diff.max() / (np.abs(ref).max() + 1e-12)),
-        "mean_abs_error": float(diff.mean()),
-        "cosine_min": float(cos.min()),
-        "cosine_mean": float(cos.mean()),
-        "snr_db": snr,
-        "finite": bool(np.isfinite(out).all()),
-    }
-    if ref.ndim == 2 and ref.shape[1] > 1:
-        res["top1_agreement"] = float((ref.argmax(1) == out.argmax(1)).mean())
-    return res
+    """Agreement numbers between a reference and a candidate output (same shape): :func:`vitedge.compare.output_metrics`."""
+    from .compare import output_metrics
+
+    return output_metrics(ref, out)
 
 
 def _verification_inputs(spec: ModelSpec, images: list[Path] | None, batch: int | None) -> dict[str, np.ndarray]:
