@@ -40,14 +40,14 @@ def match_outputs(ref: Mapping[str, np.ndarray], outs: Mapping[str, np.ndarray],
     """
     if len(outs) != len(ref):
         raise VitedgeError(f"{name} has {len(outs)} outputs but the reference {len(ref)}",
-                           "validate an engine against the model it was made from")
+                           "compare an engine with the model it was made from")
     got = list(outs.values())
     res = {k: outs[k] if k in outs else got[i] for i, k in enumerate(ref)}
     if check_shapes:
         for k, v in res.items():
             if np.shape(v) != np.shape(ref[k]):
                 raise VitedgeError(f"{name} outputs {np.shape(v)[1:]} for {k!r} but the reference {np.shape(ref[k])[1:]}",
-                                   "validate an engine against the model it was made from")
+                                   "compare an engine with the model it was made from")
     return res
 
 
