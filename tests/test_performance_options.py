@@ -10,14 +10,9 @@ import collections
 import numpy as np
 import pytest
 
+from vitedge.backends.openvino import cpu_has_bf16
 from vitedge.compilation import compile_model, default_precision_hint
 from vitedge.quantization import quantize
-from vitedge.sysinfo import instruction_sets
-
-
-def _bf16_cpu() -> bool:
-    isa = instruction_sets()
-    return bool(isa.get("AVX-512 BF16") or isa.get("AMX-BF16"))
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +30,12 @@ def ort_int8(tmp_path_factory, ref_onnx, calib_dir):
     return compile_model(q, d / "ref.int8.ort.onnx", target="onnxruntime")
 
 
-def test_default_precision_hint_rule():
-    assert default_precision_hint("int8") == ("bf16" if _bf16_cpu() else "f32")
+@pytest.mark.parametrize("bf16, want", [(True, "bf16"), (False, "f32")])
+def test_default_precision_hint_rule(monkeypatch, bf16, want):
+    import vitedge.backends.openvino as ov_backend
+
+    monkeypatch.setattr(ov_backend, "_bf16", bf16)
+    assert default_precision_hint("int8") == want
     assert default_precision_hint("int8", "GPU") == "f32"
     assert default_precision_hint("fp32") is None and default_precision_hint("fp16") is None
 
@@ -52,7 +51,7 @@ def test_openvino_int8_engine_is_static_batch1_with_documented_precision(ov_int8
     assert man.compile["batch"] == 1 and man.inputs[0].shape[0] == 1
     # the float precision the INT8 fidelity search measured and chose (bf16 only on CPUs that have it)
     want = man.quantization["float_precision"]
-    assert want in (("bf16", "f32") if _bf16_cpu() else ("f32",))
+    assert want in (("bf16", "f32") if cpu_has_bf16() else ("f32",))
     assert man.compile["openvino_config"]["INFERENCE_PRECISION_HINT"] == want
     assert man.compile["openvino_config"]["PERFORMANCE_HINT"] == "LATENCY"
     with vitedge.load(path) as eng:

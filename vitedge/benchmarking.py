@@ -50,9 +50,10 @@ def _unavailable(c: Candidate, machine: dict) -> str | None:
     if reason:
         return reason
     if backend.benchmark.get(c.precision) == "bf16":
-        isa = machine.get("instruction_sets", {})
-        if not (isa.get("AVX-512 BF16") or isa.get("AMX-BF16")):
-            return f"this CPU has no AVX-512 BF16/AMX: {c.backend} would silently compute in FP32"
+        from .backends.openvino import cpu_has_bf16  # OpenVINO's own answer, not the CPU flags
+
+        if not cpu_has_bf16():
+            return f"OpenVINO does not compute BF16 on this CPU (no AVX-512 BF16/AMX): {c.backend} would silently compute in FP32"
     return None
 
 

@@ -74,11 +74,20 @@ def _type_name(value) -> str:
     return value.to_string() if hasattr(value, "to_string") else str(value)
 
 
-def _cpu_has_bf16() -> bool:
-    from ..sysinfo import instruction_sets
+_bf16: bool | None = None
 
-    isa = instruction_sets()
-    return bool(isa.get("AVX-512 BF16") or isa.get("AMX-BF16"))
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO computes BF16 natively on this CPU: its own answer (``OPTIMIZATION_CAPABILITIES``
+    lists ``BF16``; it knows every ISA its kernels use: AVX-512 BF16, AMX, AVX2-VNNI-2), not our reading
+    of the CPU flags."""
+    global _bf16
+    if _bf16 is None:
+        try:
+            _bf16 = "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        except Exception:  # no CPU plugin (stripped OpenVINO build): nothing runs in BF16 then
+            _bf16 = False
+    return _bf16
 
 
 def default_precision_hint(precision: str, device: str = "CPU") -> str | None:
@@ -92,7 +101,7 @@ def default_precision_hint(precision: str, device: str = "CPU") -> str | None:
     """
     if precision != "int8":
         return None
-    return "bf16" if device.split(":", 1)[0] == "CPU" and _cpu_has_bf16() else "f32"
+    return "bf16" if device.split(":", 1)[0] == "CPU" and cpu_has_bf16() else "f32"
 
 
 def compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint,
