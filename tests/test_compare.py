@@ -132,3 +132,10 @@ def test_features_vs_reference_per_output():
     vs = compare.features(ref, outs)
     assert vs["top1_agreement"] is None and vs["snr_db"] is None  # the first output is identical
     assert vs["outputs"]["pooled"]["snr_db"] == pytest.approx(20.0) and vs["finite"] is True
+
+
+def test_top1_loss_labelled_and_unlabelled():
+    vs = {"top1_drop_pp": 1.5, "top1_drop_ci95_pp": [0.2, 2.8], "top1_agreement": 0.9, "top1_agreement_ci95": [0.826, 0.945]}
+    assert compare.top1_loss(vs, labelled=True) == (1.5, [0.2, 2.8])
+    value, ci = compare.top1_loss(vs, labelled=False)  # disagreement, its interval turned around
+    assert value == pytest.approx(10.0) and ci == pytest.approx([5.5, 17.4])

@@ -81,11 +81,11 @@ def _build(c: Candidate, fp32_onnx: Path, folder: Path, calib, calib_samples, se
 
 
 def _drop_value(m: dict, labelled: bool, strict: bool) -> float:
-    vs = m["vs_reference"]
-    if labelled:
-        return vs["top1_drop_ci95_pp"][1] if strict else vs["top1_drop_pp"]
-    lo = vs["top1_agreement_ci95"][0] if strict else vs["top1_agreement"]
-    return 100.0 * (1 - lo)
+    """Top-1 points lost vs the reference (:func:`vitedge.compare.top1_loss`); ``strict``: the upper end of its interval."""
+    from .compare import top1_loss
+
+    value, ci = top1_loss(m["vs_reference"], labelled)
+    return ci[1] if strict else value
 
 
 #: a float engine (BF16/FP16/FP32) within this factor of the fastest INT8 engine's latency is preferred when

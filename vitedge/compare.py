@@ -247,6 +247,16 @@ def features(ref: Mapping[str, np.ndarray], outs: Mapping[str, np.ndarray]) -> d
     }
 
 
+def top1_loss(vs: Mapping, labelled: bool) -> tuple[float, list[float]]:
+    """The top-1 percentage points an engine loses against the reference, with its interval, from a
+    :func:`classification` result: the paired drop on labelled images, else the disagreement with the
+    reference's top-1 (an upper bound of the drop) with the Wilson interval turned around."""
+    if labelled:
+        return vs["top1_drop_pp"], list(vs["top1_drop_ci95_pp"])
+    lo, hi = vs["top1_agreement_ci95"]
+    return 100.0 * (1 - vs["top1_agreement"]), [100.0 * (1 - hi), 100.0 * (1 - lo)]
+
+
 def short_name(name: str) -> str:
     """An image path as ``class/file`` (its last two parts)."""
     p = Path(name)

@@ -949,14 +949,8 @@ def _apply_gates(models: list[dict], max_drop, min_speedup, strict: bool, labell
             continue
         vs = m["vs_reference"]
         if max_drop is not None:
-            if labelled:
-                value, ci = vs["top1_drop_pp"], vs["top1_drop_ci95_pp"]
-                what = "top-1 drop"
-            else:
-                value = 100.0 * (1 - vs["top1_agreement"])
-                lo, hi = vs["top1_agreement_ci95"]
-                ci = [100.0 * (1 - hi), 100.0 * (1 - lo)]
-                what = "top-1 disagreement with FP32 (no labels)"
+            value, ci = compare.top1_loss(vs, labelled)
+            what = "top-1 drop" if labelled else "top-1 disagreement with FP32 (no labels)"
             test = ci[1] if strict else value
             if test > max_drop:
                 msg = (f"{m['name']}: {what} {value:.2f} pp (95% CI {ci[0]:.2f} to {ci[1]:.2f}) "
