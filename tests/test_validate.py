@@ -73,6 +73,38 @@ def test_paired_drop_interval_contains_estimate_and_shrinks_with_n():
     assert lo < 0.9 < hi
 
 
+# -- the PyTorch reference is an Engine ---------------------------------------------------------------
+def test_pytorch_engine_runs_the_reference_like_any_engine(ref_spec, ref_onnx, val_dir):
+    import torch
+
+    from vitedge import compare, load
+    from vitedge.backends.pytorch import PyTorchEngine, open as open_pytorch
+
+    before = torch.get_num_threads()
+    try:
+        with open_pytorch(ref_spec, threads=1) as eng:
+            assert isinstance(eng, PyTorchEngine) and eng.backend == "pytorch" and eng.options == {"threads": 1}
+            man = eng.manifest
+            assert (man.format, man.precision, man.task) == ("pytorch", "fp32", "classification")
+            assert eng.input_shape == ["batch", 3, 64, 64] and eng.output_names == ["logits"]
+            assert man.labels == ref_spec.labels and eng.preprocessing is ref_spec.preprocessing
+            images = sorted(val_dir.glob("3/*.png"))[:4]
+            x = eng.preprocessing.batch(images)
+            with torch.inference_mode():
+                want = ref_spec.model(torch.from_numpy(x)).numpy()
+            assert np.array_equal(eng.infer(x), want)
+            preds = eng.predict(images, top_k=2)
+            assert [p.labels[0] for p in preds] == ["3"] * 4
+            with load(ref_onnx) as onnx_eng:  # the export of the same weights: matched by name, cosine ~1
+                outs = compare.match_outputs(eng.infer_all(x), onnx_eng.infer_all(x), "onnx")
+                assert compare.output_metrics(want, outs["logits"])["cosine_min"] > 0.9999
+        assert eng.model is None  # closed
+        with pytest.raises(VitedgeError, match="threads=0"):
+            open_pytorch(ref_spec, threads=0)
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- labelled data, Python API -------------------------------------------------------------------
 def test_int8_engine_reports_drop_interval_and_speedup(labelled_report, int8_onnx):
     rep, _ = labelled_report
