@@ -24,15 +24,6 @@ ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "AMX-INT8": ("amx_int8",),
 }
 
-# what each instruction set means for ViT inference (used in notes and docs)
-ISA_MEANING = {
-    "AVX-512 VNNI": "fast INT8 dot products (INT8 engines)",
-    "AVX-VNNI": "fast INT8 dot products (256-bit)",
-    "AVX-512 BF16": "BF16 dot products (OpenVINO BF16 hint)",
-    "AMX-INT8": "matrix tiles for INT8",
-    "AMX-BF16": "matrix tiles for BF16",
-}
-
 
 def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str | None, set[str] | None]:
     try:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Iterable, TypeVar
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False)
-
-T = TypeVar("T")
 
 
 def progress() -> Progress:
@@ -19,11 +15,6 @@ def progress() -> Progress:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), console=err_console, transient=True, disable=not err_console.is_terminal,
     )
-
-
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterable[T]:
-    with progress() as bar:
-        yield from bar.track(items, total=total, description=description)
 
 
 def note(message: str) -> None:

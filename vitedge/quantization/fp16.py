@@ -421,14 +421,6 @@ def convert_onnx_fp16(model: Path, out: Path, data=None, *, margin: float = DEFA
     return Fp16Result(kept, info)
 
 
-def onnx_fp16(model: Path, out: Path, data=None) -> list[str]:
-    """Convert to FP16 keeping I/O and overflow-prone ops in FP32; returns the node names kept float.
-
-    With ``data`` (preprocessed batches), tensors that overflow FP16 on it are kept FP32 too.
-    """
-    return convert_onnx_fp16(model, out, data).kept
-
-
 # -- OpenVINO ------------------------------------------------------------------------------------
 def openvino_fp16(model: Path, out_xml: Path, data=None) -> dict:
     """OpenVINO IR with FP16-compressed weights, checked for inf/NaN on ``data`` as compiled for the CPU.
