@@ -140,14 +140,7 @@ def open(source, *, threads: int | None = None, img_size: int | None = None, pre
     return PyTorchEngine.from_spec(spec, threads=threads)
 
 
-try:  # the backend registry (vitedge.backends.registry) lists this module among the built-in backends
-    from .registry import Backend, register
-except ImportError:  # pragma: no cover - a tree without the registry
-    BACKEND = None
-else:
-    BACKEND = register(Backend(
-        name=NAME,
-        summary="PyTorch eager FP32: the reference every engine is measured against (checkpoints, not deployment)",
-        engine=PyTorchEngine,
-        runs=CHECKPOINT_SUFFIXES,
-    ))
+# Registration is the registry's (vitedge.backends.registry), e.g.
+#   Backend(name=NAME, engine=PyTorchEngine, runs=CHECKPOINT_SUFFIXES,
+#           summary="PyTorch eager FP32: the reference every engine is measured against")
+# This module does not register itself: importing it (validate does, lazily) must not change the backend lists.
