@@ -207,7 +207,7 @@ def test_external_data_path(tmp_path, tiny_vit, monkeypatch, opset):
     monkeypatch.setattr(export_mod, "_EXTERNAL_DATA_BYTES", 10_000)
     path, man = export_onnx(tiny_vit, tmp_path / "ext.onnx", opset=opset)
     _assert_verified(path, man)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data", "ext.vitedge.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data", "ext.onnx.vitedge.json"]
     assert sorted(man.files) == ["ext.onnx", "ext.onnx.data"]
     proto = onnx.load(str(path), load_external_data=False)
     external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
@@ -248,13 +248,13 @@ def test_failed_verification_leaves_nothing(tmp_path, tiny_vit):
     folder, and an earlier good export at the same path is left untouched."""
     fast = dict(opset=14)  # the quick TorchScript exporter; the check and cleanup are the same for every opset
     path, man = export_onnx(tiny_vit, tmp_path / "m.onnx", images=[], **fast)
-    before = {f: _sha256(tmp_path / f) for f in ("m.onnx", "m.vitedge.json")}
+    before = {f: _sha256(tmp_path / f) for f in ("m.onnx", "m.onnx.vitedge.json")}
     impossible = Tolerance(atol=-1.0, rtol=0.0)
     with pytest.raises(VitedgeError, match=r"ONNX output differs from PyTorch on random inputs: max abs error .* > tolerance -1"):
         export_onnx(tiny_vit, tmp_path / "fail.onnx", tolerance=impossible, **fast)
     with pytest.raises(VitedgeError, match="ONNX output differs from PyTorch"):
         export_onnx(tiny_vit, tmp_path / "m.onnx", images=[], tolerance=impossible, **fast)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.vitedge.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.vitedge.json"]
     assert {f: _sha256(tmp_path / f) for f in before} == before
 
 

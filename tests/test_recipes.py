@@ -119,7 +119,7 @@ def test_quickstart_end_to_end_then_cached(tmp_path):
     forced = run_recipe(recipe.with_changes(**{"steps.quantize.samples": 50}), tmp_path / "qs", force=True)
     assert [s.status for s in forced.steps] == ["done"] * 4
     # a file a step wrote that is gone (here the export's manifest) redoes that step
-    (tmp_path / "qs" / "model.vitedge.json").unlink()
+    (tmp_path / "qs" / "model.onnx.vitedge.json").unlink()
     redone = run_recipe(recipe.with_changes(**{"steps.quantize.samples": 50}), tmp_path / "qs")
     assert redone.steps[0].status == "done"
 

@@ -153,7 +153,7 @@ def test_corrupt_engine_file(tmp_path, compiled, suffix):
     bad.write_bytes(b"\x00garbage" * 100)
     if suffix == ".xml":
         (tmp_path / "bad.bin").write_bytes(b"\x00" * 10)
-    man = Manifest.load(Manifest.sidecar_path(src))
+    man = Manifest.find(src)[1]
     man.artifact = bad.name
     man.save(bad)
     with pytest.raises(VitedgeError) as ei:

@@ -115,5 +115,5 @@ def test_wheel_install_lists_and_runs_the_shipped_recipes(tmp_path):
     assert "quickstart" in listed and "vit_tiny_openvino_int8" in listed
     _run([vitedge_cli, "run", "quickstart"], work, env, 1800)
     out = work / "runs" / "quickstart"
-    assert (out / "engine.onnx").exists() and (out / "engine.vitedge.json").exists()
+    assert (out / "engine.onnx").exists() and (out / "engine.onnx.vitedge.json").exists()
     assert (out / "report" / "report.json").exists()

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ._onnx import onnx_precision
-from ._io import atomic_dir, commit_files
+from .artifact import Artifact, writing
 from .backends import registry
 from .backends.openvino import default_precision_hint, openvino_config  # noqa: F401  (public here since 0.1)
 from .errors import FileProblem, ShapeMismatch, VitedgeError
@@ -251,8 +251,8 @@ def compile_model(
     verify: bool = True,
     preprocessing=None,
     **backend_options,
-) -> tuple[Path, Manifest]:
-    """Compile ``model`` for ``target``; returns the engine path and its manifest (also saved).
+) -> Artifact:
+    """Compile ``model`` for ``target``; returns the engine :class:`~vitedge.artifact.Artifact` (``path, manifest``).
 
     ``model``: an ONNX file (FP32 from export, FP16/INT8 from quantize), an OpenVINO IR ``.xml``,
     or a model name/checkpoint (exported first).  ``batch``: ``"auto"`` (static 1 for latency,
@@ -274,7 +274,8 @@ def compile_model(
     batch = resolve_batch(batch, hint)
     t0 = time.perf_counter()
     parent = Path(output).parent if output is not None else Path(model).parent if isinstance(model, (str, Path)) and Path(model).suffix else Path.cwd()
-    with atomic_dir(parent) as scratch:
+    with writing(output if output is not None else parent / "engine") as draft:
+        scratch = draft.scratch
         src, man = _source(model, img_size, scratch, preprocessing)
         fixed = man.inputs[0].shape[0] if man.inputs and man.inputs[0].shape else None
         if auto_batch and isinstance(fixed, int) and fixed > 0 and batch != fixed:
@@ -306,17 +307,12 @@ def compile_model(
             inputs = _check_inputs(man, batch)
             if inputs:
                 refs = _reference_outputs(src, man, inputs)
-                from .runtime import load
-
-                child.save(scratch / output.name)
-                with load(scratch / output.name) as eng:
+                with backend.engine(scratch / output.name, child) as eng:
                     child.verification = {"reference": settings["source"], "checks": _verify(eng, refs, inputs)}
         settings["compile_seconds"] = round(time.perf_counter() - t0, 2)
-        child.hash_files(scratch, files)
-        child.save(scratch / output.name)
-        side = Manifest.sidecar_path(output).name
-        commit_files(scratch, {f: output.parent / f for f in files + [side]})
-    return output, child
+        draft.output = output
+        artifact = draft.commit(child, files)
+    return artifact
 
 
 def engine_summary(path: Path, man: Manifest) -> list[str]:

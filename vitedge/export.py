@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._io import atomic_dir, commit_files
+from .artifact import Artifact, writing
 from .errors import ModelNotSupported, VitedgeError, first_line
 from .manifest import Manifest, TensorSpec
 from .models.loading import ModelSpec, load_model
@@ -176,14 +176,15 @@ def export_onnx(
     images: list[Path] | None = None,
     tolerance: Tolerance | None = None,
     on_stage: "Callable[[str], None] | None" = None,
-) -> tuple[Path, Manifest]:
+) -> Artifact:
     """Export to ONNX and verify it.  ``batch=None`` means dynamic batch.
 
     ``images`` are real images for the check (default: a few shipped ones when available; ``[]``
     for random inputs only).  ``on_stage`` is called with a short description of each step
     (the CLI shows it as a status line).
 
-    Returns the ONNX path and its manifest (also written as ``<stem>.vitedge.json``).
+    Returns the :class:`~vitedge.artifact.Artifact` (it unpacks as ``path, manifest``); the manifest is
+    written as ``<file name>.vitedge.json``.
     """
     stage = on_stage or (lambda text: None)
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -221,8 +222,8 @@ def export_onnx(
 
     import onnx
 
-    with atomic_dir(output.parent) as scratch:
-        tmp = scratch / output.name
+    with writing(output) as draft:
+        scratch, tmp = draft.scratch, draft.path
         stage(f"exporting with torch.onnx (opset {opset}" + (", external data)" if external else ")"))
         try:
             with torch.no_grad():
@@ -267,9 +268,5 @@ def export_onnx(
         )
         embed_metadata(proto, manifest)
         onnx.save(proto, str(tmp))  # external-data references are kept (load_external_data=False)
-        files = sorted(p.name for p in scratch.iterdir())
-        manifest.hash_files(scratch, files)
-        manifest.save(scratch / output.name)
-        side = Manifest.sidecar_path(output).name
-        commit_files(scratch, {f: output.parent / f for f in files + [side]})
-    return output, manifest
+        artifact = draft.commit(manifest, sorted(p.name for p in scratch.iterdir()))
+    return artifact

@@ -1,7 +1,8 @@
 """The manifest: what an artifact is, how to feed it, and how it was proven.
 
 Every artifact vitedge writes (ONNX file, OpenVINO IR, TensorRT engine) gets a JSON sidecar
-``<stem>.vitedge.json`` next to it.  It records the model config, the preprocessing and labels (so
+``<file name>.vitedge.json`` next to it (e.g. ``vit.int8.xml.vitedge.json``; vitedge 0.1's
+``<stem>.vitedge.json`` is still read).  It records the model config, the preprocessing and labels (so
 the artifact can be served without guessing), input/output names and shapes, precision, the file
 hashes, and the measured agreement with the FP32 reference.  Each step copies its parent's
 manifest and extends it, so the lineage (export -> quantize -> compile) stays readable.
@@ -10,6 +11,7 @@ manifest and extends it, so the lineage (export -> quantize -> compile) stays re
 from __future__ import annotations
 
 import copy
+import glob
 import datetime as _dt
 import json
 import platform
@@ -20,6 +22,7 @@ from ._io import sha256_file, write_json_atomic
 from .errors import FileProblem, VitedgeError
 
 MANIFEST_SUFFIX = ".vitedge.json"
+BUNDLE_FILE = "vitedge-bundle.json"  # in a recipe's output folder: {"engine": "<file>"}, what vitedge.load(folder) opens
 SCHEMA_VERSION = 1
 
 
@@ -89,6 +92,13 @@ class Manifest:
     # -- locations --------------------------------------------------------------------------
     @staticmethod
     def sidecar_path(artifact: str | Path) -> Path:
+        """``<file name>.vitedge.json``: named from the full name, so ``m.xml`` and ``m.onnx`` never share one."""
+        artifact = Path(artifact)
+        return artifact.with_name(artifact.name + MANIFEST_SUFFIX)
+
+    @staticmethod
+    def legacy_sidecar_path(artifact: str | Path) -> Path:
+        """vitedge 0.1's ``<stem>.vitedge.json`` (still read; it could collide between ``m.xml`` and ``m.onnx``)."""
         artifact = Path(artifact)
         return artifact.with_name(artifact.stem + MANIFEST_SUFFIX)
 
@@ -118,19 +128,47 @@ class Manifest:
         if not path.exists():
             raise FileProblem(f"{path} does not exist")
         if path.is_dir():
-            candidates = [path / f"engine{MANIFEST_SUFFIX}"] if (path / f"engine{MANIFEST_SUFFIX}").exists() else sorted(path.glob(f"*{MANIFEST_SUFFIX}"))
+            if (path / BUNDLE_FILE).exists():
+                try:
+                    engine = json.loads((path / BUNDLE_FILE).read_text())["engine"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise FileProblem(f"{path / BUNDLE_FILE} is not a vitedge bundle file ({exc})", "re-run the recipe") from None
+                return cls.find(path / engine)
+            # engine.<suffix>.vitedge.json, or vitedge 0.1's engine.vitedge.json, or the only manifest
+            candidates = ([path / f"engine{MANIFEST_SUFFIX}"] if (path / f"engine{MANIFEST_SUFFIX}").exists() else
+                          sorted(path.glob(f"engine.*{MANIFEST_SUFFIX}")) or sorted(path.glob(f"*{MANIFEST_SUFFIX}")))
             if len(candidates) != 1:
                 raise VitedgeError(
                     f"folder {path} holds {len(candidates)} vitedge manifests",
-                    "point to the artifact file itself, or keep one engine.vitedge.json in the folder",
+                    "point to the artifact file itself, or keep one engine and its manifest in the folder",
                 )
             man = cls.load(candidates[0])
             return path / man.artifact, man
         if path.name.endswith(MANIFEST_SUFFIX):
             man = cls.load(path)
             return path.parent / man.artifact, man
-        side = cls.sidecar_path(path)
-        return path, (cls.load(side) if side.exists() else None)
+        # its own manifest, or (for a companion such as an OpenVINO .blob) the manifest that lists it
+        own, legacy = cls.sidecar_path(path), cls.legacy_sidecar_path(path)
+        if own.exists():
+            man = cls.load(own)
+            man.artifact = path.name  # a renamed copy (file and manifest copied together) describes the copy
+            return path, man
+        for side in sorted(path.parent.glob(f"{glob.escape(path.stem)}.*{MANIFEST_SUFFIX}")):
+            man = cls.load(side)
+            if path.name in man.files and side != legacy:
+                return path, man
+        if legacy.exists():
+            man = cls.load(legacy)
+            if man.artifact == path.name or path.name in man.files:
+                return path, man
+            if Path(man.artifact).stem == path.stem:  # vitedge 0.1: m.xml and m.onnx shared m.vitedge.json
+                raise FileProblem(
+                    f"{legacy.name} describes {man.artifact}, not {path.name}",
+                    f"{path.name} has no manifest of its own (vitedge 0.1 gave m.xml and m.onnx the same one): "
+                    f"re-create it with the vitedge command that wrote it, or open {man.artifact}")
+            man.artifact = path.name
+            return path, man
+        return path, None
 
     # -- derivation -------------------------------------------------------------------------
     def derive(self, artifact: str, fmt: str, **changes) -> "Manifest":

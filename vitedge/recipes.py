@@ -19,9 +19,11 @@ from typing import Any, Callable
 import yaml
 
 from ._io import sha256_file, write_json_atomic
+from .artifact import companions
 from ._shipped import folder as shipped_folder
 from .backends import registry
 from .errors import FileProblem, VitedgeError
+from .manifest import BUNDLE_FILE, Manifest
 
 # the shipped recipes/ folder, from the installed package (wheel or editable install)
 RECIPES_DIR = shipped_folder("recipes")
@@ -268,11 +270,9 @@ def _model_inputs(model: str) -> list[Path]:
 
 
 def _artifact_inputs(artifact: Path) -> list[Path]:
-    """An artifact's files: itself, its manifest and any data/weights files beside it with its stem."""
-    files = [artifact]
-    files += [q for q in artifact.parent.glob(artifact.name + ".data")]
-    files += [artifact.with_suffix(".bin")] if artifact.suffix == ".xml" else []
-    side = artifact.with_name(artifact.stem + ".vitedge.json")
+    """An artifact's files: itself, its weights/data files and its manifest."""
+    files = [artifact.parent / n for n in companions(artifact.parent, artifact.name)]
+    side = Manifest.sidecar_path(artifact)
     return files + ([side] if side.exists() else [])
 
 
@@ -418,9 +418,7 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
         if report is None and (rep_dir / "report.json").exists():
             report = json.loads((rep_dir / "report.json").read_text())
 
-    # the bundle: engine.vitedge.json at the top of the output folder points at the engine
-    if Manifest.sidecar_path(engine).exists() and Manifest.sidecar_path(engine) != out / "engine.vitedge.json":
-        man = Manifest.load(Manifest.sidecar_path(engine))
-        man.artifact = str(engine.relative_to(out)) if engine.is_relative_to(out) else str(engine.resolve())
-        write_json_atomic(out / "engine.vitedge.json", man.to_dict())
+    # the bundle: vitedge.load(out) opens the engine (with no compile step, the last artifact)
+    if Manifest.sidecar_path(engine).exists():
+        write_json_atomic(out / BUNDLE_FILE, {"engine": str(engine.relative_to(out)) if engine.is_relative_to(out) else str(engine.resolve())})
     return RunResult(recipe.name, out, run.results, engine, report)

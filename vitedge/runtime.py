@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .backends import registry
+from .artifact import Artifact
 from .backends.base import Engine
-from .errors import FileProblem, VitedgeError
+from .errors import FileProblem
 from .manifest import Manifest
 
 
@@ -30,12 +30,4 @@ def load(path: str | Path, backend: str | None = None, *, preprocessing=None, la
     if manifest is None or preprocessing is not None or labels is not None:
         _, manifest = ensure_manifest(artifact if manifest is None else path, preprocessing, labels, announce=False,
                                       require_preprocessing=False, hash_file=False)
-    if backend is None:
-        backend = manifest.backend
-        if backend is None or artifact.suffix.lower() not in registry.get(backend).runs:
-            found = registry.for_file(artifact)
-            if found is None:
-                raise VitedgeError(f"cannot tell which backend runs {artifact}",
-                                   f"pass backend= one of {', '.join(registry.names())}")
-            backend = found.name
-    return registry.open_engine(backend, artifact, manifest, **options)
+    return Artifact(artifact, manifest).load(backend, **options)

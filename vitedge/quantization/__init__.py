@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 from .._onnx import onnx_precision, quantized_ops
-from .._io import atomic_dir, commit_files
+from .._io import commit_files
+from ..artifact import Artifact, writing
 from ..backends import registry
 from ..errors import FileProblem, GateFailed, VitedgeError
 from ..export import embed_metadata
@@ -97,7 +98,7 @@ def _check_args(precision, backend, method, max_drop, samples, output: Path, mod
 def quantize(model, output, *, precision: str = "int8", backend: str = "onnxruntime", calib=None, samples: int | None = None,
              method: str = "minmax", max_drop: float | None = None, val=None, seed: int = 0, preprocessing=None,
              labels: list[str] | None = None, target: "Target | None" = None, search_budget: float = DEFAULT_BUDGET_S,
-             min_calib: int = MIN_CALIB) -> tuple[Path, Manifest]:
+             min_calib: int = MIN_CALIB) -> Artifact:
     """Quantize an FP32 ONNX export to INT8 or FP16 for a backend, measure it against FP32, write it with its manifest.
 
     ``model``: a ``.onnx`` file with its ``.vitedge.json`` sidecar.  ``output``: ``.onnx``
@@ -118,7 +119,7 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
     :class:`~vitedge.preprocess.Preprocessing`, a dict of options (``img_size, mean, std, resize, crop,
     interpolation, json_path``) or a JSON file; see ``docs/foreign.md``.  Models that are not
     classifiers (e.g. a dense token map, several outputs) are measured per output.
-    Returns the artifact path and its manifest.
+    Returns the :class:`~vitedge.artifact.Artifact` (it unpacks as ``path, manifest``).
     """
     output = Path(output)
     precision, backend, method = str(precision).lower(), str(backend).lower(), str(method).lower()
@@ -153,8 +154,8 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
     qinfo: dict = {"precision": precision, "backend": backend}
     fidelity = None
     report_files: list[str] = []
-    with atomic_dir(output.parent) as scratch:
-        tmp_out = scratch / output.name
+    with writing(output) as draft:
+        scratch, tmp_out = draft.scratch, draft.path
         if precision == "fp16":
             from .fp16 import convert_onnx_fp16, openvino_fp16
 
@@ -199,14 +200,10 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
             embed_metadata(proto, tmp_man)
             onnx.save(proto, str(tmp_out))
 
-        files = sorted(p.name for p in scratch.iterdir() if p.name == output.name or (fmt == "openvino" and p.name == output.with_suffix(".bin").name)
-                       or p.name.startswith(output.name + ".data"))
         man = parent.derive(output.name, fmt, precision=precision, backend=backend, quantization=_clean(qinfo))
-        man.hash_files(scratch, files)
-        man.save(tmp_out)
         run_cfg = {"config": {"INFERENCE_PRECISION_HINT": qinfo["float_precision"]}} if qinfo.get("float_precision") else {}
         # (the manifest's numbers are the IR at its dynamic batch; the table has the static batch-1 engine's too)
-        with load(tmp_out, backend="openvino" if backend == "openvino" else "onnxruntime", **run_cfg) as eng:
+        with registry.open_engine("openvino" if backend == "openvino" else "onnxruntime", tmp_out, man, **run_cfg) as eng:
             metrics = ev.measure_outputs(ev.outputs(eng))
         man.verification = _clean({
             "reference": f"fp32 onnx ({src.name}, onnxruntime)", "engine": "openvino" if backend == "openvino" else "onnxruntime",
@@ -215,14 +212,12 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
         })
         if backend == "tensorrt":
             man.verification["note"] = "TensorRT is not installed here: the QDQ file was executed by ONNX Runtime (same Q/DQ arithmetic); build the engine with `vitedge compile --backend tensorrt`"
-        man.save(tmp_out)
-        side = Manifest.sidecar_path(output).name
-        commit_files(scratch, {f: output.parent / f for f in files + [side] + report_files})
+        artifact = draft.commit(man, extra=report_files)
     if fidelity is not None and not fidelity.met and enforce:
         raise FidelityNotMet(f"{fidelity.summary()}; wrote it anyway to {output} (table: {output.parent / qinfo['fidelity']['table']})",
                              "give more or more typical calibration images, raise --search-budget, lower the target "
                              "(--target-agreement/--target-cosine), or use --fp16", output=output, manifest=man)
-    return output, man
+    return artifact
 
 
 class FidelityNotMet(GateFailed):
@@ -283,8 +278,7 @@ def _ort_int8(src, tmp_out, scratch, backend, method, stream, parent, ev, max_dr
     nodes = ort_int8.quantizable_nodes(prepared)
     report = {"model": src.name, "backend": backend, "method": method, "scheme": cfg.label, "eval_set": ev.source, "images": len(ev),
               "drop_kind": ev.drop_kind, "max_drop": max_drop, "full_int8_drop_pp": full["drop_pp"], "kept_float": [], "steps": []}
-    stem = output.name[: -len(output.suffix)]
-    rj, rm = f"{stem}.sensitivity.json", f"{stem}.sensitivity.md"
+    rj, rm = f"{output.name}.sensitivity.json", f"{output.name}.sensitivity.md"
     note(f"all layers INT8: {ev.drop_kind} {full['drop_pp']:.2f} pp on {ev.source} (budget {max_drop} pp); ranking {len(nodes)} layers")
     ranking = sensitivity.rank_layers(prepared, cache, cfg, method, nodes, ev, scratch)
     report["layers"] = ranking

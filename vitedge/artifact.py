@@ -1,0 +1,176 @@
+"""Artifacts: a file vitedge wrote, the files that belong to it, and its manifest.
+
+:class:`Artifact` is what ``export``, ``quantize`` and ``compile`` return and what ``vitedge.load``
+opens.  It unpacks as ``path, manifest`` (the return value of vitedge 0.1).
+
+:func:`writing` is the one way an artifact reaches the disk::
+
+    with writing(output) as draft:        # a scratch folder beside ``output``
+        ...write draft.path ...           # the main file (and companions: .bin, .data)
+        artifact = draft.commit(manifest, files)
+
+``commit`` hashes the files into the manifest, writes the manifest once
+(``<file name>.vitedge.json``: named from the full file name, so ``vit.int8.xml`` and
+``vit.int8.onnx`` never share one), and renames everything into place.  An existing output is
+replaced (each rename is atomic) and the replaced files are reported.  When anything fails before
+the commit, nothing is left behind; an OS error on the output location (parent is a file,
+read-only folder, disk full) becomes one :class:`~vitedge.errors.FileProblem` line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from ._io import atomic_dir, commit_files
+from .errors import FileProblem
+from .manifest import Manifest
+
+_OS_ADVICE = {
+    errno.ENOSPC: "free some space or write elsewhere (-o)",
+    errno.EDQUOT: "free some space or write elsewhere (-o)",
+    errno.EACCES: "choose a folder you can write to (-o)",
+    errno.EPERM: "choose a folder you can write to (-o)",
+    errno.EROFS: "the file system is read-only: choose another folder (-o)",
+    errno.ENOTDIR: "a path component is a file, not a folder: choose another -o",
+    errno.EEXIST: "a path component is a file, not a folder: choose another -o",
+}
+
+
+@dataclass
+class Artifact:
+    """One artifact on disk: its main file and its manifest (which lists every file and its hash)."""
+
+    path: Path
+    manifest: Manifest
+
+    def __iter__(self):  # ``path, manifest = export_onnx(...)`` keeps working
+        yield self.path
+        yield self.manifest
+
+    @property
+    def manifest_path(self) -> Path:
+        return Manifest.sidecar_path(self.path)
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file of the artifact (main file, weights, blob), as recorded in the manifest."""
+        names = list(self.manifest.files) or [self.path.name]
+        return [self.path.parent / n for n in names]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files if p.exists())
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Artifact":
+        """The artifact at a file, its manifest or a bundle folder; refused when it has no vitedge manifest."""
+        artifact, man = Manifest.find(path)
+        if man is None:
+            raise FileProblem(f"{artifact} has no vitedge manifest ({Manifest.sidecar_path(artifact).name})",
+                              "open it with vitedge.load (ONNX files made elsewhere are described on the fly)")
+        if not artifact.exists():
+            raise FileProblem(f"artifact {artifact} named by the manifest does not exist")
+        return cls(artifact, man)
+
+    def load(self, backend: str | None = None, **options):
+        """Open the artifact as an engine (see :func:`vitedge.load`): with ``backend``, else the manifest's
+        backend when it runs this kind of file, else the registered backend for the file's suffix."""
+        from .backends import registry
+
+        if backend is None:
+            backend = self.manifest.backend
+            if backend is None or self.path.suffix.lower() not in registry.get(backend).runs:
+                found = registry.for_file(self.path)
+                if found is None:
+                    raise FileProblem(f"cannot tell which backend runs {self.path}",
+                                      f"pass backend= one of {', '.join(registry.names())}")
+                backend = found.name
+        return registry.open_engine(backend, self.path, self.manifest, **options)
+
+
+class Draft:
+    """An artifact being written: files go to ``scratch`` and are moved out by :meth:`commit`."""
+
+    def __init__(self, output: Path, scratch: Path):
+        self.output = output
+        self.scratch = scratch
+        self.artifact: Artifact | None = None
+
+    @property
+    def path(self) -> Path:
+        """Where the main file is written before the commit."""
+        return self.scratch / self.output.name
+
+    def commit(self, manifest: Manifest, files: Sequence[str] | None = None, extra: Sequence[str] = ()) -> Artifact:
+        """Hash ``files`` (default: the main file and its companions in scratch) into ``manifest``, write it
+        once, and move the files, the manifest and ``extra`` files (reports, not hashed) into place."""
+        if self.artifact is not None:
+            raise RuntimeError(f"{self.output} was already committed")
+        files = list(files) if files is not None else companions(self.scratch, self.output.name)
+        manifest.artifact = self.output.name
+        manifest.hash_files(self.scratch, files)
+        side = Manifest.sidecar_path(self.output).name
+        manifest.save(self.scratch / self.output.name)
+        names = files + [side] + list(extra)
+        dest = self.output.parent
+        replaced = [n for n in names if (dest / n).exists()]
+        commit_files(self.scratch, {n: dest / n for n in names})
+        _drop_legacy_sidecar(self.output)
+        if replaced:
+            from .ui import note
+
+            note(f"replaced the existing {', '.join(replaced)} in {dest}")
+        self.artifact = Artifact(self.output, manifest)
+        return self.artifact
+
+
+def companions(folder: Path, name: str) -> list[str]:
+    """The main file and the files that belong to it: ONNX external data, an OpenVINO IR's ``.bin``."""
+    out = [name]
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
+    if name.endswith(".xml") and (folder / f"{stem}.bin").exists():
+        out.append(f"{stem}.bin")
+    out += sorted(p.name for p in folder.glob(f"{name}.data*"))
+    return out
+
+
+def _drop_legacy_sidecar(output: Path) -> None:
+    """vitedge 0.1 named manifests ``<stem>.vitedge.json``; remove the one that described the file just replaced."""
+    legacy = Manifest.legacy_sidecar_path(output)
+    if legacy.exists():
+        with contextlib.suppress(Exception):
+            if Manifest.load(legacy).artifact == output.name:
+                legacy.unlink()
+
+
+def _os_problem(exc: OSError, output: Path) -> FileProblem:
+    what = exc.strerror or type(exc).__name__
+    where = exc.filename or output
+    return FileProblem(f"cannot write {output}: {what} ({where})", _OS_ADVICE.get(exc.errno, "check the output path (-o)"))
+
+
+@contextlib.contextmanager
+def writing(output: str | os.PathLike) -> Iterator[Draft]:
+    """Write an artifact to ``output`` all-or-nothing (see the module docstring)."""
+    output = Path(output)
+    try:
+        with atomic_dir(output.parent) as scratch:
+            draft = Draft(output, scratch)
+            yield draft
+    except OSError as exc:
+        # only errors about the output location: a missing input keeps its own error
+        if _about_output(exc, output):
+            raise _os_problem(exc, output) from None
+        raise
+
+
+def _about_output(exc: OSError, output: Path) -> bool:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or not exc.filename:
+        return True
+    where, parent = Path(os.fsdecode(exc.filename)).resolve(), output.parent.resolve()
+    return where == parent or parent in where.parents or where in parent.parents
