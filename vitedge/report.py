@@ -2,8 +2,10 @@
 
 A :class:`Report` wraps one JSON document.  The document is checked against :data:`SCHEMA`
 (JSON Schema 2020-12) before anything is written, and the three files are written atomically.
-``report.html`` is self-contained: inline CSS and two inline SVG plots (latency distribution at
-batch 1, and accuracy vs latency for every model compared), no scripts, no external files.
+``report.md`` and ``report.html`` are rendered from the Jinja2 templates in ``vitedge/templates``
+(HTML autoescaped).  ``report.html`` is self-contained: inline CSS and two inline SVG plots (latency
+distribution at batch 1, and accuracy vs latency for every model compared, drawn here), no scripts,
+no external files.
 
 Schema outline (``docs/validate.md`` explains every field)::
 
@@ -30,11 +32,12 @@ Schema outline (``docs/validate.md`` explains every field)::
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import html as _html
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ._io import atomic_dir, commit_files
 from .errors import FileProblem, VitedgeError
@@ -330,133 +333,31 @@ class Report:
         out = [self.reference] + [by_name[n] for n in order if n in by_name and by_name[n]["role"] == "engine"]
         return out + [m for m in self.engines if m not in out]
 
-    # -- markdown ---------------------------------------------------------------------------
-    def markdown(self) -> str:
+    # -- markdown and html: templates/report.md.j2 and templates/report.html.j2 ------------------
+    def _context(self) -> dict:
         d = self.data
-        m0 = d["machine"]
-        out = [f"# vitedge {d['kind']} report", ""]
-        out.append(f"- created: {d['created']}, vitedge {d.get('vitedge_version', '?')}")
-        out.append(f"- machine: {_machine_line(m0)}")
-        data = d["data"]
-        out.append(f"- data: `{data['source']}`, {data['images']} images, "
-                   + ("labelled (top-1/top-5 against labels)" if data["labelled"] else "unlabelled (agreement with the FP32 reference)")
-                   + (f", {len(data.get('skipped', []))} unreadable skipped" if data.get("skipped") else ""))
-        s = d["settings"]
-        out.append(f"- reference: **{self.reference['name']}**, "
-                   f"timed in the same run; latency = median of {self.reference['latency']['runs']}+ runs at batch 1 "
-                   f"after warm-up, {s.get('rounds', 1)} interleaved rounds")
-        out.append("")
         head, rows = self._rows()
-        out += _md_table(head, rows)
-        out.append("")
-        g = d["gates"]
-        if g.get("max_drop_pp") is not None or g.get("min_speedup") is not None:
-            out.append(f"**Gates** (max drop {g.get('max_drop_pp')} pp, min speed-up {g.get('min_speedup')}x): "
-                       + ("passed" if g["passed"] else "**FAILED** — " + "; ".join(g["failures"])))
-            out.append("")
-        if d.get("recommended") is not None or d.get("pareto"):
-            out.append(f"**Pareto front** (latency vs accuracy): {', '.join(d.get('pareto') or []) or '–'}. "
-                       f"**Recommended** (fastest within the accuracy budget): {d.get('recommended') or 'none within budget'}")
-            out.append("")
-        if d.get("findings"):
-            out.append("## Findings")
-            out += [f"- {f}" for f in d["findings"]]
-            out.append("")
-        if d.get("skipped"):
-            out.append("## Not built on this machine")
-            out += [f"- {s['name']}: {s['reason']}" for s in d["skipped"]]
-            out.append("")
-        out.append("## Throughput (images/s)")
         sizes = sorted({t["batch"] for m in self.models for t in m["throughput"]})
-        out += _md_table(["model"] + [f"batch {b}" for b in sizes],
-                         [[m["name"]] + [_num(next((t["images_per_s"] for t in m["throughput"] if t["batch"] == b), None), ".1f")
-                                         for b in sizes] for m in self.models])
-        out.append("")
-        for e in self.engines:
-            vs = e["vs_reference"]
-            out.append(f"## {e['name']}")
-            out.append(f"- artifact: `{e.get('artifact')}`")
-            if vs.get("top1_drop_pp") is not None:
-                out.append(f"- top-1 {_pct(e['accuracy']['top1'])} vs {_pct(self.reference['accuracy']['top1'])}: drop "
-                           f"{_pp(vs['top1_drop_pp'], vs['top1_drop_ci95_pp'])}; top-5 drop {_pp(vs['top5_drop_pp'], vs['top5_drop_ci95_pp'])}")
-            if vs.get("top1_agreement") is not None:
-                out.append(f"- agreement with FP32: top-1 {_pct(vs['top1_agreement'])}, top-5 {_pct(vs['top5_agreement'])}; logit cosine mean "
-                           f"{vs['cosine_mean']:.6f} (min {vs['cosine_min']:.6f}), SNR {_num(vs['snr_db'], '.1f')} dB, max abs error {vs['max_abs_error']:.3g}")
-            if vs.get("outputs"):
-                out.append("")
-                out += _md_table(["output", "shape", "cosine mean", "cosine min", "max abs error", "SNR dB"],
-                                 [[f"`{k}`", str(tuple(o.get("shape", []))), f"{o['cosine_mean']:.6f}", f"{o['cosine_min']:.6f}",
-                                   f"{o['max_abs_error']:.3g}", _num(o["snr_db"], ".1f")] for k, o in vs["outputs"].items()])
-                out.append("")
-            pb = e.get("precision_breakdown")
-            if pb:
-                shares = ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(pb.get("mac_share", {}).items(), key=lambda kv: -kv[1]))
-                out.append(f"- precision each layer ran in ({pb.get('source')}): MAC share {shares or '–'}")
-            if e.get("gate_failures"):
-                out.append(f"- **gate failed**: {'; '.join(e['gate_failures'])}")
-            if vs["worst"]:
-                out.append("")
-                out += _md_table(["worst images", "cosine", "FP32 top-1", "engine top-1", "label"],
-                                 [[f"`{w['image']}`", f"{w['cosine']:.5f}", w["reference_top1"], w["engine_top1"], w.get("label") or "–"]
-                                  for w in vs["worst"]])
-            out.append("")
-        return "\n".join(out).rstrip() + "\n"
+        throughput = {m["name"]: {t["batch"]: t["images_per_s"] for t in m["throughput"]} for m in self.models}
+        return {
+            "d": d, "data": d["data"], "gates": d["gates"], "ref": self.reference, "engines": self.engines,
+            "head": head, "rows": rows, "pareto": set(d.get("pareto") or []),
+            "throughput_head": ["model"] + [f"batch {b}" for b in sizes],
+            "throughput_rows": [[m["name"]] + [_num(throughput[m["name"]].get(b), ".1f") for b in sizes] for m in self.models],
+        }
 
-    # -- html -------------------------------------------------------------------------------
+    def markdown(self) -> str:
+        return _template("report.md.j2").render(self._context()).rstrip() + "\n"
+
     def html(self) -> str:
+        from markupsafe import Markup
+
         d = self.data
-        esc = _html.escape
-        head, rows = self._rows()
-        pareto = set(d.get("pareto") or [])
-        table = ["<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>"]
-        for r in rows:
-            cls = ' class="rec"' if r[0] == d.get("recommended") else (' class="par"' if r[0] in pareto else "")
-            table.append(f"<tr{cls}>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>")
-        table.append("</tbody></table>")
-        md_sections = []
-        g = d["gates"]
-        if g.get("max_drop_pp") is not None or g.get("min_speedup") is not None:
-            verdict = '<b class="ok">passed</b>' if g["passed"] else '<b class="bad">FAILED</b>: ' + esc("; ".join(g["failures"]))
-            md_sections.append(f"<p>Gates (max drop {esc(str(g.get('max_drop_pp')))} pp, min speed-up "
-                               f"{esc(str(g.get('min_speedup')))}x): {verdict}</p>")
-        if d.get("pareto") or d.get("recommended"):
-            md_sections.append(f"<p>Pareto front: {esc(', '.join(d.get('pareto') or []))}. Recommended (fastest within the "
-                               f"accuracy budget): <b>{esc(d.get('recommended') or 'none within budget')}</b></p>")
-        if d.get("findings"):
-            md_sections.append("<h2>Findings</h2><ul>" + "".join(f"<li>{esc(f)}</li>" for f in d["findings"]) + "</ul>")
-        if d.get("skipped"):
-            md_sections.append("<h2>Not built on this machine</h2><ul>"
-                               + "".join(f"<li>{esc(s['name'])}: {esc(s['reason'])}</li>" for s in d["skipped"]) + "</ul>")
-        details = []
-        for e in self.engines:
-            vs = e["vs_reference"]
-            items = [f"<li>artifact: <code>{esc(str(e.get('artifact')))}</code></li>"]
-            if vs.get("top1_agreement") is not None:
-                items.append(f"<li>agreement with FP32: top-1 {_pct(vs['top1_agreement'])}, top-5 {_pct(vs['top5_agreement'])}; cosine mean "
-                             f"{vs['cosine_mean']:.6f} (min {vs['cosine_min']:.6f}); SNR {_num(vs['snr_db'], '.1f')} dB</li>")
-            for k, o in (vs.get("outputs") or {}).items():
-                items.append(f"<li>output <code>{esc(k)}</code> {esc(str(tuple(o.get('shape', []))))} vs FP32: cosine mean {o['cosine_mean']:.6f} "
-                             f"(min {o['cosine_min']:.6f}), max abs error {o['max_abs_error']:.3g}, SNR {_num(o['snr_db'], '.1f')} dB</li>")
-            if vs.get("top1_drop_pp") is not None:
-                items.append(f"<li>top-1 drop {esc(_pp(vs['top1_drop_pp'], vs['top1_drop_ci95_pp']))}, top-5 drop "
-                             f"{esc(_pp(vs['top5_drop_pp'], vs['top5_drop_ci95_pp']))} (95% CI, paired)</li>")
-            pb = e.get("precision_breakdown")
-            if pb:
-                shares = ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(pb.get("mac_share", {}).items(), key=lambda kv: -kv[1]))
-                items.append(f"<li>precision layers ran in ({esc(pb.get('source', ''))}): multiply-accumulates {esc(shares)}</li>")
-            worst = "".join(f"<tr><td><code>{esc(w['image'])}</code></td><td>{w['cosine']:.5f}</td><td>{esc(w['reference_top1'])}</td>"
-                            f"<td>{esc(w['engine_top1'])}</td><td>{esc(w.get('label') or '–')}</td></tr>" for w in vs["worst"])
-            details.append(f"<h3>{esc(e['name'])}</h3><ul>{''.join(items)}</ul>"
-                           + (f"<table><thead><tr><th>worst images</th><th>cosine</th><th>FP32 top-1</th><th>engine top-1</th>"
-                              f"<th>label</th></tr></thead><tbody>{worst}</tbody></table>" if worst else ""))
-        data = d["data"]
-        return _HTML.format(
-            title=esc(f"vitedge {d['kind']} report"),
-            meta=esc(f"{d['created']} · {_machine_line(d['machine'])}"),
-            data=esc(f"{data['source']} — {data['images']} images, " + ("labelled" if data["labelled"] else "unlabelled (agreement with FP32)")),
-            table="".join(table), sections="".join(md_sections),
-            latency_svg=latency_svg(self.models), acc_svg=accuracy_latency_svg(self.models, self.labelled, d.get("pareto") or []),
-            details="".join(details), json=esc(json.dumps({k: v for k, v in d.items() if k != "models"}, indent=1)[:20000]),
+        return _template("report.html.j2").render(
+            self._context(),
+            latency_svg=Markup(latency_svg(self.models)),
+            accuracy_svg=Markup(accuracy_latency_svg(self.models, self.labelled, d.get("pareto") or [])),
+            settings_json=json.dumps({k: v for k, v in d.items() if k != "models"}, indent=1)[:20000],
         )
 
     # -- files ------------------------------------------------------------------------------
@@ -480,13 +381,24 @@ def _machine_line(m: dict) -> str:
     return f"{m.get('cpu')}, {cores} cores, {m.get('memory_gb')} GB; {' '.join(have) or 'ISA unknown'}"
 
 
-def _md_table(head: list[str], rows: Iterable[list[str]]) -> list[str]:
-    def cell(c: str) -> str:
-        return str(c).replace("|", "\\|")
+def _shares(breakdown: dict) -> str:
+    """``int8 90.0 %, fp32 10.0 %``: the share of multiply-accumulates per precision, largest first."""
+    return ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(breakdown.get("mac_share", {}).items(), key=lambda kv: -kv[1]))
 
-    out = ["| " + " | ".join(cell(h) for h in head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
-    out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
-    return out
+
+@functools.lru_cache(maxsize=None)
+def _template(name: str):
+    """A report template (package data in vitedge/templates); HTML ones autoescape."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("vitedge", "templates"), autoescape=lambda name: name.endswith(".html.j2"),
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
+    )
+    env.filters.update(pct=_pct, pp=_pp, ms=_ms, mb=_mb, num=_num, f=format, shares=_shares,
+                       cell=lambda c: str(c).replace("|", "\\|"), shape=lambda s: str(tuple(s or [])))
+    env.globals["machine_line"] = _machine_line
+    return env.get_template(name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -636,31 +548,3 @@ def accuracy_latency_svg(models: list[dict], labelled: bool, pareto: list[str], 
                      f'<text x="{x0:.1f}" y="{ty:.1f}" fill="{c}">{name}</text>')
     parts.append("</svg>")
     return "".join(parts)
-
-
-_HTML = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body{{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#222;max-width:1200px}}
-h1{{font-size:22px;margin-bottom:4px}} h2{{font-size:17px;margin-top:28px}} h3{{font-size:15px}}
-.meta{{color:#666;font-size:13px}}
-table{{border-collapse:collapse;font-size:13px;margin:8px 0}}
-th,td{{border:1px solid #ddd;padding:4px 8px;text-align:right}} th:first-child,td:first-child{{text-align:left}}
-th{{background:#f4f4f4}} tr.rec td{{background:#dff3df;font-weight:bold}} tr.par td{{background:#f0f9f0}}
-.ok{{color:#1a7f1a}} .bad{{color:#c01818}} code{{font-size:12px}}
-details pre{{font-size:11px;background:#f8f8f8;padding:8px;overflow:auto}}
-</style></head><body>
-<h1>{title}</h1>
-<p class="meta">{meta}</p>
-<p class="meta">data: {data}</p>
-{table}
-{sections}
-<h2>Latency distribution (batch 1)</h2>
-{latency_svg}
-<h2>Accuracy vs latency</h2>
-{acc_svg}
-<h2>Per engine</h2>
-{details}
-<details><summary>settings and machine (JSON)</summary><pre>{json}</pre></details>
-</body></html>
-"""
