@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from vitedge.errors import VitedgeError
+from vitedge.errors import ShapeMismatch, VitedgeError
 from vitedge.manifest import Manifest
 
 FAST = dict(time_budget=0.05, rounds=1, warmup=1, min_runs=3, batch_sizes=(1,))
@@ -153,7 +153,9 @@ def test_preprocessing_options_and_json(tmp_path, hf_onnx):
                                   "resample": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_normalize": True}))
     _, man = ensure_manifest(hf_onnx, hf_cfg, announce=False)
     assert man.preprocessing["resize"] is None and man.preprocessing["mean"] == [0.5, 0.5, 0.5]
-    for bad, msg in (({"img_size": 64}, "64x64 images but"), ({"mean": "0.5,0.5"}, "mean needs 3"), ({"colour": 1}, "unknown preprocessing")):
+    with pytest.raises(ShapeMismatch):
+        ensure_manifest(hf_onnx, {"img_size": 64}, announce=False)
+    for bad, msg in (({"mean": "0.5,0.5"}, "mean needs 3"), ({"colour": 1}, "unknown preprocessing")):
         with pytest.raises(VitedgeError, match=msg):
             ensure_manifest(hf_onnx, bad, announce=False)
     js.write_text(json.dumps({"img_size": 32, "gamma": 2.2}))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import FileProblem, VitedgeError
+from .errors import FileProblem, ShapeMismatch, VitedgeError
 from .manifest import Manifest, TensorSpec
 from .preprocess import Preprocessing
 from .preprocessing_resolver import resolve_preprocessing, sources_from_json
@@ -139,8 +139,8 @@ def preprocessing_from_options(
         raise
     if fixed_hw is not None and tuple(pre.img_size) != fixed_hw:
         size = pre.img_size
-        raise VitedgeError(f"preprocessing makes {size[0]}x{size[1]} images but the model takes {fixed_hw[0]}x{fixed_hw[1]}",
-                           f"use --img-size {fixed_hw[0]}" if fixed_hw[0] == fixed_hw[1] else "match the model's input size")
+        raise ShapeMismatch(f"preprocessing makes {size[0]}x{size[1]} images but the model takes {fixed_hw[0]}x{fixed_hw[1]}",
+                            f"use --img-size {fixed_hw[0]}" if fixed_hw[0] == fixed_hw[1] else "match the model's input size")
     return pre, list(pre.assumed)
 
 
@@ -170,8 +170,8 @@ def resolve_options(given, input_shape: list | None) -> "Preprocessing | None":
 def _check_size(man: Manifest, pre: Preprocessing, artifact: Path) -> None:
     hw = man.inputs[0].shape[2:4] if man.inputs else []
     if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) and tuple(hw) != tuple(pre.img_size):
-        raise VitedgeError(f"preprocessing makes {pre.img_size[0]}x{pre.img_size[1]} images but {artifact.name} takes {hw[0]}x{hw[1]}",
-                           f"use --img-size {hw[0]}" if hw[0] == hw[1] else "match the model's input size")
+        raise ShapeMismatch(f"preprocessing makes {pre.img_size[0]}x{pre.img_size[1]} images but {artifact.name} takes {hw[0]}x{hw[1]}",
+                            f"use --img-size {hw[0]}" if hw[0] == hw[1] else "match the model's input size")
 
 
 def _same(stored: dict, pre: Preprocessing) -> bool:
@@ -208,7 +208,7 @@ def ensure_manifest(path: str | Path, preprocessing: "Preprocessing | dict | str
     """
     artifact, man = Manifest.find(path)
     if not artifact.exists():
-        raise VitedgeError(f"artifact {artifact} named by the manifest does not exist")
+        raise FileProblem(f"artifact {artifact} named by the manifest does not exist")
     if isinstance(preprocessing, dict) and not any(v is not None for v in preprocessing.values()):
         preprocessing = None
     if man is not None:
