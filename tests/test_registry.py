@@ -86,3 +86,18 @@ def test_unregistered_backend_is_gone(toy, tmp_path):
     assert "toy" not in registry.names()
     res = CliRunner().invoke(cli, ["compile", "x.onnx", "-t", "toy"])
     assert res.exit_code == 2 and "'toy' is not one of" in res.output
+
+
+def test_pytorch_is_a_backend_like_the_others(ref_spec, ref_onnx, val_dir):
+    """A checkpoint opens as the FP32 reference engine, through the same load() and predict()."""
+    from vitedge.data import list_images
+
+    assert "pytorch" in registry.names("run") and "pytorch" not in registry.names("compile")
+    images = list_images(val_dir)[:8]
+    with load(ref_onnx) as onnx_eng, load("reference", backend="pytorch") as torch_eng:
+        assert type(torch_eng).__name__ == "PyTorchEngine" and torch_eng.backend == "pytorch"
+        a = [p.indices[0] for p in onnx_eng.predict(images, top_k=1)]
+        b = [p.indices[0] for p in torch_eng.predict(images, top_k=1)]
+        assert a == b
+    res = CliRunner().invoke(cli, ["predict", "reference", str(images[0]), "--backend", "pytorch", "--json", "-k", "1"])
+    assert res.exit_code == 0, res.output

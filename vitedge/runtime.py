@@ -11,7 +11,8 @@ from .manifest import Manifest
 
 
 def load(path: str | Path, backend: str | None = None, *, preprocessing=None, labels: list[str] | None = None, **options) -> Engine:
-    """Open an engine: an artifact file, its ``.vitedge.json`` manifest or a bundle folder.
+    """Open an engine: an artifact file, its ``.vitedge.json`` manifest or a bundle folder - or a PyTorch
+    checkpoint / Hugging Face folder, which opens as the FP32 reference (backend ``pytorch``).
 
     ``backend`` overrides the choice made from the manifest / file type (e.g. run an ONNX file
     with OpenVINO).  ``options`` go to the backend (threads, device, config, ...).
@@ -24,6 +25,11 @@ def load(path: str | Path, backend: str | None = None, *, preprocessing=None, la
     """
     from .foreign import ensure_manifest
 
+    if opens_as_pytorch(path, backend):
+        from .backends import pytorch  # a checkpoint or Hugging Face folder: the FP32 reference itself
+
+        source = path if Path(path).exists() else str(path)  # a name: "reference" or a preset
+        return pytorch.open(source, preprocessing=preprocessing, labels=labels, **options)
     artifact, manifest = Manifest.find(path)
     if not artifact.exists():
         raise FileProblem(f"artifact {artifact} named by the manifest does not exist")
@@ -31,3 +37,18 @@ def load(path: str | Path, backend: str | None = None, *, preprocessing=None, la
         _, manifest = ensure_manifest(artifact if manifest is None else path, preprocessing, labels, announce=False,
                                       require_preprocessing=False, hash_file=False)
     return Artifact(artifact, manifest).load(backend, **options)
+
+
+def opens_as_pytorch(path, backend: str | None = None) -> bool:
+    """Whether :func:`load` opens ``path`` as the PyTorch FP32 reference: asked for, a checkpoint file, a model
+    folder (``config.json``, no vitedge manifest) or a name such as ``reference``/a preset."""
+    from .backends import registry
+
+    if backend is not None:
+        return backend == "pytorch"
+    p = Path(path)
+    if not p.exists():
+        return False
+    found = registry.for_file(p)
+    return (found is not None and found.name == "pytorch") or (
+        p.is_dir() and (p / "config.json").exists() and not any(p.glob("*.vitedge.json")))

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import VitedgeError
 from ..manifest import Manifest, TensorSpec
 from .base import Engine
+from .registry import Backend, register
 
 NAME = "pytorch"
 #: what a PyTorch engine runs: checkpoint files (Hugging Face folders and presets are opened by name, see :func:`open`)
@@ -140,7 +141,9 @@ def open(source, *, threads: int | None = None, img_size: int | None = None, pre
     return PyTorchEngine.from_spec(spec, threads=threads)
 
 
-# Registration is the registry's (vitedge.backends.registry), e.g.
-#   Backend(name=NAME, engine=PyTorchEngine, runs=CHECKPOINT_SUFFIXES,
-#           summary="PyTorch eager FP32: the reference every engine is measured against")
-# This module does not register itself: importing it (validate does, lazily) must not change the backend lists.
+BACKEND = register(Backend(
+    name=NAME,
+    summary="PyTorch eager FP32 (checkpoints, Hugging Face folders, presets): the reference every engine is measured against",
+    engine=PyTorchEngine,
+    runs=CHECKPOINT_SUFFIXES,
+))

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .base import Engine
 
 # the backends shipped with vitedge: their modules, imported on first use of the registry
-BUILTIN = ("onnxruntime", "openvino", "tensorrt")
+BUILTIN = ("onnxruntime", "openvino", "tensorrt", "pytorch")
 
 CAPABILITIES = ("run", "compile", "quantize", "benchmark")
 

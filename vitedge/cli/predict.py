@@ -44,13 +44,13 @@ def command(engine, images, top_k, as_json, backend, batch_size, **pre_flags):
     --img-size/--mean/--std/... or --preprocessing FILE, and what is assumed is printed.
     """
     from ..manifest import Manifest
-    from ..runtime import load
+    from ..runtime import load, opens_as_pytorch
     from ..ui import note
 
     paths = _expand(images)
     results = []
     pre = preprocessing_from_cli(**pre_flags)
-    artifact, man = Manifest.find(engine)
+    artifact, man = (engine, Manifest(engine.name, "pytorch")) if opens_as_pytorch(engine, backend) else Manifest.find(engine)
     if man is None:
         from ..foreign import ensure_manifest
 
