@@ -79,7 +79,7 @@ def preprocessing_options(f=None, *, img_size: bool = True):
 
 
 def preprocessing_from_cli(pre_json=None, interpolation=None, crop=None, resize=None, std=None, mean=None, pre_img_size=None):
-    """The preprocessing options the flags give (for ``ensure_manifest``/``resolve_preprocessing``, which
+    """The preprocessing options the flags give (for ``ensure_manifest``/``foreign.resolve_options``, which
     resolve them against the model's input shape and print what is assumed), or None when no flag was given."""
     opts = {"json_path": pre_json, "interpolation": interpolation, "crop": crop, "resize": resize, "std": std, "mean": mean,
             "img_size": pre_img_size}
