@@ -340,7 +340,7 @@ class Report:
         sizes = sorted({t["batch"] for m in self.models for t in m["throughput"]})
         throughput = {m["name"]: {t["batch"]: t["images_per_s"] for t in m["throughput"]} for m in self.models}
         return {
-            "d": d, "data": d["data"], "gates": d["gates"], "ref": self.reference, "engines": self.engines,
+            "d": d, "data": d["data"], "gates": d["gates"], "gate_line": gate_line(d["gates"]), "ref": self.reference, "engines": self.engines,
             "head": head, "rows": rows, "pareto": set(d.get("pareto") or []),
             "throughput_head": ["model"] + [f"batch {b}" for b in sizes],
             "throughput_rows": [[m["name"]] + [_num(throughput[m["name"]].get(b), ".1f") for b in sizes] for m in self.models],
@@ -372,6 +372,16 @@ class Report:
             dests = {name: out_dir / name for name in files}
             commit_files(scratch, dests)
         return dests
+
+
+def gate_line(gates: dict) -> str:
+    """The gates that were set, in words (``max drop 0.5 pp, min speed-up 2x``); a gate not set is not mentioned."""
+    parts = []
+    if gates.get("max_drop_pp") is not None:
+        parts.append(f"max drop {gates['max_drop_pp']:g} pp" + (" (upper end of the 95% CI)" if gates.get("strict") else ""))
+    if gates.get("min_speedup") is not None:
+        parts.append(f"min speed-up {gates['min_speedup']:g}x")
+    return ", ".join(parts) or "none"
 
 
 def _machine_line(m: dict) -> str:
