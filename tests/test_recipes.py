@@ -161,3 +161,64 @@ def test_tensorrt_recipe_stops_with_clear_message_and_keeps_earlier_steps(tmp_pa
     assert "\n" not in str(e.value)
     assert (tmp_path / "trt" / "model.onnx").exists() and (tmp_path / "trt" / "model.fp16.onnx").exists()
     assert not (tmp_path / "trt" / "engine.engine").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# listing with a broken recipe, normalised data paths
+# ------------------------------------------------------------------------------------------
+def _recipe_folder(tmp_path):
+    """Two good recipes and, between them, one that does not validate."""
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "a_good.yaml").write_text("name: a_good\ndescription: first\nmodel: reference\nsteps:\n  export: {}\n")
+    (folder / "b_broken.yaml").write_text("name: b_broken\nmodel: reference\nsteps:\n  export: {opset: 99}\n")
+    (folder / "c_good.yaml").write_text("name: c_good\ndescription: third\nmodel: vit_tiny\nsteps:\n  export: {}\n")
+    return folder
+
+
+def test_list_recipes_skips_a_broken_one_and_scan_reports_it(tmp_path):
+    from vitedge.recipes import BrokenRecipe, scan_recipes
+
+    folder = _recipe_folder(tmp_path)
+    assert [r.name for r in list_recipes(folder)] == ["a_good", "c_good"]
+    found = scan_recipes(folder)
+    assert [type(r).__name__ for r in found] == ["Recipe", "BrokenRecipe", "Recipe"]
+    broken = found[1]
+    assert isinstance(broken, BrokenRecipe) and broken.name == "b_broken" and broken.path == folder / "b_broken.yaml"
+    assert "b_broken.yaml:4: steps.export.opset" in broken.error and "\n" not in broken.error
+
+
+def test_cli_lists_the_good_recipes_and_the_broken_one_with_its_error(tmp_path):
+    folder = _recipe_folder(tmp_path)
+    res = CliRunner().invoke(main, ["recipes", str(folder)])
+    assert res.exit_code == 1, res.output  # listed, but a recipe is broken
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert any(l.startswith("a_good") and "first" in l for l in lines)
+    assert any(l.startswith("c_good") and "third" in l for l in lines)
+    broken = [l for l in lines if l.startswith("b_broken")]
+    assert len(broken) == 1 and "broken" in broken[0] and "steps.export.opset" in broken[0], res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_lists_a_folder_of_good_recipes_with_exit_0(tmp_path):
+    folder = _recipe_folder(tmp_path)
+    (folder / "b_broken.yaml").unlink()
+    res = CliRunner().invoke(main, ["recipes", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert "a_good" in res.output and "c_good" in res.output
+
+
+def test_data_paths_are_normalised(tmp_path):
+    (tmp_path / "data" / "imgs").mkdir(parents=True)
+    (tmp_path / "recipes").mkdir()
+    p = tmp_path / "recipes" / "r.yaml"
+    p.write_text("name: x\nmodel: ../models/m.pth\ndata: {calibration: ../data/imgs}\nsteps:\n  export: {}\n")
+    r = load_recipe(p)
+    assert r.resolve("../data/imgs") == str((tmp_path / "data" / "imgs").resolve())
+    assert r.resolve("../models/m.pth") == str((tmp_path / "models" / "m.pth").resolve())  # not there (yet): normalised too
+    assert r.resolve(str(tmp_path / "recipes" / ".." / "data" / "imgs")) == str((tmp_path / "data" / "imgs").resolve())
+    # the shipped quickstart names ../calibration_data: no ".." in what it resolves to
+    qs = load_recipe("quickstart")
+    for key in ("calibration", "validation"):
+        resolved = qs.resolve(qs.data["data"][key])
+        assert ".." not in Path(resolved).parts and Path(resolved).is_dir(), resolved

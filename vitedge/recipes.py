@@ -133,10 +133,10 @@ class Recipe:
             return None
         p = Path(value)
         if p.is_absolute():
-            return str(p)
+            return str(p.resolve())  # normalised: no "..", symlinks followed as the OS does
         cand = self.base_dir / p
         if cand.exists() or "/" in value or p.suffix:
-            return str(cand)
+            return str(cand.resolve())  # "recipes/../calibration_data" -> ".../calibration_data"
         return value  # a preset name or "reference"
 
     def with_changes(self, **changes) -> "Recipe":
@@ -222,8 +222,34 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(data["name"], path, data, path.parent.resolve())
 
 
-def list_recipes(folder: Path = RECIPES_DIR) -> list[Recipe]:
-    return [load_recipe(p) for p in sorted(folder.glob("*.yaml"))]
+@dataclass
+class BrokenRecipe:
+    """A recipe file in a listed folder that does not load; ``error`` is its one-line message."""
+
+    name: str  # the file's stem
+    path: Path
+    error: str
+
+
+def scan_recipes(folder: str | Path = RECIPES_DIR) -> list[Recipe | BrokenRecipe]:
+    """Every ``*.yaml`` of ``folder`` in file-name order: a :class:`Recipe`, or a :class:`BrokenRecipe`
+    for a file that does not load (one bad file does not hide the others)."""
+    found: list[Recipe | BrokenRecipe] = []
+    for p in sorted(Path(folder).glob("*.yaml")):
+        try:
+            found.append(load_recipe(p))
+        except VitedgeError as exc:
+            found.append(BrokenRecipe(p.stem, p, str(exc)))
+        except OSError as exc:  # unreadable file
+            found.append(BrokenRecipe(p.stem, p, f"{p}: cannot be read ({exc.strerror or exc})"))
+        except UnicodeDecodeError as exc:
+            found.append(BrokenRecipe(p.stem, p, f"{p}: not a text file ({exc.reason} at byte {exc.start})"))
+    return found
+
+
+def list_recipes(folder: str | Path = RECIPES_DIR) -> list[Recipe]:
+    """The recipes of ``folder`` that load (see :func:`scan_recipes` for the broken ones too)."""
+    return [r for r in scan_recipes(folder) if isinstance(r, Recipe)]
 
 
 # ------------------------------------------------------------------------------------------
