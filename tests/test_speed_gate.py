@@ -51,3 +51,53 @@ def test_gate_line_names_only_the_gates_that_were_set():
     both = _report({"max_drop_pp": 0.5, "min_speedup": 2.0, "strict": True}).markdown()
     assert "**Gates** (max drop 0.5 pp (upper end of the 95% CI), min speed-up 2x): passed" in both
     assert "**Gates**" not in _report({}).markdown()  # no gate: no gate line at all
+
+
+# -- the gate: median of paired per-round ratios ------------------------------------------------------
+def test_speedup_is_the_median_of_paired_round_ratios_not_the_ratio_of_medians():
+    from vitedge.validation import paired_speedup
+
+    # five rounds; in rounds 3-5 another process slows the PyTorch reference but not the engine as much
+    ref = [[10.0], [10.0], [40.0], [40.0], [40.0]]
+    eng = [[1.0], [1.0], [10.0], [10.0], [10.0]]
+    sp = paired_speedup(ref, eng)
+    # per-round ratios 10, 10, 4, 4, 4: median 4; the ratio of the two medians (40 / 10) is 4 too here...
+    assert sp["ratios"] == [10.0, 10.0, 4.0, 4.0, 4.0] and sp["speedup"] == 4.0
+    # ...but when the load moves between the reference's and the engine's rounds they differ:
+    ref = [[10.0], [10.0], [10.0], [30.0], [30.0]]
+    eng = [[2.0], [2.0], [6.0], [6.0], [6.0]]
+    sp = paired_speedup(ref, eng)
+    assert sp["ratios"] == [5.0, 5.0, round(10 / 6, 4), 5.0, 5.0]
+    assert sp["speedup"] == 5.0  # median of 5, 5, 1.67, 5, 5
+    assert sp["ratio_of_medians"] == pytest.approx(10.0 / 6.0)  # median 10 ms / median 6 ms: 1.67x
+    assert sp["rounds"] == 5 and sp["ratio_iqr"] == [5.0, 5.0]
+    assert sp["ratio_min"] == pytest.approx(10 / 6) and sp["ratio_max"] == 5.0
+
+
+def test_round_times_are_round_medians_and_unpaired_rounds_are_skipped():
+    from vitedge.errors import VitedgeError
+    from vitedge.validation import flat_samples, paired_speedup
+
+    ref = [[9.0, 10.0, 50.0], [20.0, 21.0, 22.0], [8.0], [12.0]]
+    eng = [[1.0, 2.0, 3.0], [4.0, 5.0, 100.0], [], [3.0]]  # round 3: the engine sat out (an extension round)
+    sp = paired_speedup(ref, eng)
+    assert sp["ratios"] == [5.0, 4.2, 4.0]  # 10/2, 21/5, 12/3
+    assert sp["rounds"] == 3 and sp["speedup"] == 4.2
+    assert sp["ratio_iqr"] == pytest.approx([4.1, 4.6])  # linear percentiles of 4.0, 4.2, 5.0
+    assert flat_samples(ref) == [9.0, 10.0, 50.0, 20.0, 21.0, 22.0, 8.0, 12.0]
+    assert sp["ratio_of_medians"] == pytest.approx(16.0 / 3.0)  # median of the 8 reference times 16, of the 7 engine times 3
+    with pytest.raises(VitedgeError, match="cannot pair"):
+        paired_speedup([[1.0], []], [[], [1.0]])
+
+
+def test_gate_checks_the_median_ratio_and_says_how_it_was_measured():
+    from vitedge.validation import _apply_gates
+
+    spread = {"method": "median of per-round ratios", "rounds": 10, "ratio_iqr": [2.1, 2.4], "ratio_min": 1.5,
+              "ratio_max": 9.0, "ratios": [], "ratio_of_medians": 3.5}
+    models = [_model("ref", "reference", 10.0, 1.0), _model("eng", "engine", 3.0, 2.25, speedup_spread=spread)]
+    g = _apply_gates(models, None, 3.0, False, False)
+    assert not g["passed"]
+    assert g["failures"] == ["eng: speed-up 2.25x (median of 10 paired rounds, IQR 2.10-2.40x) over the FP32 reference "
+                             "is below --min-speedup 3x"]
+    assert _apply_gates(copy.deepcopy(models), None, 2.0, False, False)["passed"]

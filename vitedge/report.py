@@ -23,7 +23,9 @@ Schema outline (``docs/validate.md`` explains every field)::
                latency: {batch, runs, p50_ms, p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms,
                          median_ci95_ms, samples_ms[]},
                throughput: [{batch, images_per_s, p50_ms, runs}],
-               speedup, throughput_speedup{batch: x}, precision_breakdown | null, gate_failures[]} ]
+               speedup (median of per-round paired ratios),
+               speedup_spread: {method, rounds, ratio_iqr, ratio_min, ratio_max, ratios[], ratio_of_medians},
+               throughput_speedup{batch: x}, precision_breakdown | null, gate_failures[]} ]
     gates: {max_drop_pp, min_speedup, strict, passed, failures[]}
     findings: [str]
     ranking, pareto: [name], recommended: name | null, skipped: [{name, reason}]   (benchmark)
@@ -116,6 +118,13 @@ _MODEL = {
                       "properties": {"batch": {"type": "integer"}, "images_per_s": _NUM, "p50_ms": _NUM, "runs": {"type": "integer"}}},
         },
         "speedup": _NUM,
+        # how the speed-up was measured: per-round paired ratios (reference / engine), their spread
+        "speedup_spread": {
+            "type": "object", "required": ["rounds", "ratio_iqr"],
+            "properties": {"method": {"type": "string"}, "rounds": {"type": "integer", "minimum": 1}, "ratio_iqr": _INTERVAL,
+                           "ratio_min": _NUM, "ratio_max": _NUM, "ratios": {"type": "array", "items": _NUM},
+                           "ratio_of_medians": _NUM},
+        },
         "throughput_speedup": {"type": "object", "additionalProperties": _NUM},
         "precision_breakdown": {"type": ["object", "null"]},
         "gate_failures": {"type": "array", "items": {"type": "string"}},

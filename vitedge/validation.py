@@ -8,9 +8,12 @@ Everything is measured in one process, in one run:
   proportions, or a paired bootstrap).  Without labels it gives agreement with the reference's
   top-1/top-5.  Always: logit cosine similarity, SNR and the worst images.
 * **Latency.**  Warm-up, then time-bounded runs at batch 1, *interleaved* in rounds (reference,
-  engine 1, engine 2, ..., reference, ...) so that a change in machine load hits every model alike
-  and the speed-up is a ratio measured side by side.  The budget is extended (up to twice) for a
-  model whose median is not yet stable.  Then throughput over a batch sweep, load/compile time,
+  engine 1, engine 2, ..., reference, ...) so that a change in machine load hits every model alike.
+  The speed-up is the median over rounds of (reference time in the round / engine time in the
+  round): paired ratios, each measured side by side (:func:`paired_speedup`), with their spread.
+  The budget is extended (up to twice) for a model whose median is not yet stable.  The reference
+  runs with an explicit thread count (``reference_threads``), and the load average before and after
+  timing is recorded; a busy machine is warned about (:func:`busy_machine_warning`).  Then throughput over a batch sweep, load/compile time,
   size on disk and peak resident memory.
 * **Gates.**  ``max_drop`` (pp) and ``min_speedup`` raise :class:`~vitedge.errors.GateFailed`
   *after* the report is written.
@@ -341,7 +344,7 @@ class Timing:
     """How long to time.  ``budget_s`` is per model at batch 1; ``runs`` fixes the count instead."""
 
     budget_s: float = 5.0
-    rounds: int = 3
+    rounds: int = 10  # paired rounds: the speed-up is the median of their ratios
     warmup_runs: int = 5
     warmup_s: float = 0.5
     min_runs: int = 20
@@ -371,12 +374,18 @@ def _warm(runners: list[_Model], inputs: dict[str, np.ndarray], timing: Timing) 
 
 
 def time_interleaved(runners: list[_Model], inputs: dict[str, np.ndarray], timing: Timing, description: str,
-                     budget_s: float | None = None, min_runs: int | None = None, adaptive: bool = True) -> dict[str, list[float]]:
-    """Latency samples (ms) per runner, measured in interleaved rounds (after a warm-up)."""
+                     budget_s: float | None = None, min_runs: int | None = None, adaptive: bool = True) -> dict[str, list[list[float]]]:
+    """Latency samples (ms) per runner and round, measured in interleaved rounds (after a warm-up).
+
+    ``{name: [[ms, ...] of round 0, [ms, ...] of round 1, ...]}``: every runner has one list per round,
+    empty for a round it sat out.  The first runner (the reference) is timed in every round, so each
+    round pairs it with every engine timed back to back with it (:func:`paired_speedup`).  Rounds added
+    because a median is not yet stable time the reference and the unstable models only.
+    """
     budget = timing.budget_s if budget_s is None else budget_s
     min_runs = timing.min_runs if min_runs is None else min_runs
     rounds = max(1, timing.rounds)
-    samples: dict[str, list[float]] = {r.name: [] for r in runners}
+    samples: dict[str, list[list[float]]] = {r.name: [] for r in runners}
     _warm(runners, inputs, timing)
     with progress() as bar:
         task = bar.add_task(description, total=rounds * len(runners))
@@ -385,23 +394,56 @@ def time_interleaved(runners: list[_Model], inputs: dict[str, np.ndarray], timin
                 x = inputs[r.name]
                 if timing.runs:
                     n = math.ceil(timing.runs / rounds)
-                    samples[r.name] += _run_for(lambda: r.infer(x), 0.0, n, n)
+                    samples[r.name].append(_run_for(lambda: r.infer(x), 0.0, n, n))
                 else:
-                    samples[r.name] += _run_for(lambda: r.infer(x), budget / rounds, math.ceil(min_runs / rounds),
-                                                math.ceil(timing.max_runs / rounds))
+                    samples[r.name].append(_run_for(lambda: r.infer(x), budget / rounds, math.ceil(min_runs / rounds),
+                                                    math.ceil(timing.max_runs / rounds)))
                 bar.advance(task)
         if adaptive and not timing.runs:
             # extend, at most doubling the budget, for models whose median is not yet stable
             for _ in range(rounds):
-                shaky = [r for r in runners if _median_rel_width(samples[r.name]) > timing.rel_tolerance]
+                shaky = [r for r in runners if _median_rel_width(flat_samples(samples[r.name])) > timing.rel_tolerance]
                 if not shaky:
                     break
+                if shaky[0] is not runners[0]:  # keep the round paired: the reference is timed in it too
+                    shaky.insert(0, runners[0])
                 bar.update(task, total=bar.tasks[0].total + len(shaky))
-                for r in shaky:
+                for r in runners:
                     x = inputs[r.name]
-                    samples[r.name] += _run_for(lambda: r.infer(x), budget / rounds, 1, math.ceil(timing.max_runs / rounds))
-                    bar.advance(task)
+                    samples[r.name].append(_run_for(lambda: r.infer(x), budget / rounds, 1, math.ceil(timing.max_runs / rounds))
+                                           if r in shaky else [])
+                    if r in shaky:
+                        bar.advance(task)
     return samples
+
+
+def flat_samples(rounds: Sequence[Sequence[float]]) -> list[float]:
+    """Every sample of a runner, round after round."""
+    return [v for rnd in rounds for v in rnd]
+
+
+def paired_speedup(reference_rounds: Sequence[Sequence[float]], engine_rounds: Sequence[Sequence[float]]) -> dict:
+    """The speed-up of an engine over the reference from rounds timed back to back (:func:`time_interleaved`).
+
+    Round *i* gives one ratio: the reference's median time in round *i* / the engine's median time in
+    round *i*.  ``speedup`` is the median of these ratios (what ``--min-speedup`` is checked against);
+    ``ratio_iqr`` their 25th-75th percentile range, ``ratio_min``/``ratio_max`` the extremes, and
+    ``ratio_of_medians`` the old, unpaired figure (median of all reference times / median of all engine
+    times) for comparison.  A slow change in load that hits both models alike cancels in each ratio.
+    Rounds where either side has no sample are skipped.
+    """
+    pairs = [(float(np.median(r)), float(np.median(e))) for r, e in zip(reference_rounds, engine_rounds) if len(r) and len(e)]
+    if not pairs:
+        raise VitedgeError("no timing round has both the reference and the engine: cannot pair them")
+    ratios = [r / max(e, 1e-12) for r, e in pairs]
+    q1, med, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
+    ref_all, eng_all = flat_samples(reference_rounds), flat_samples(engine_rounds)
+    return {
+        "speedup": med, "method": "median of per-round ratios", "rounds": len(ratios),
+        "ratio_iqr": [q1, q3], "ratio_min": float(min(ratios)), "ratio_max": float(max(ratios)),
+        "ratios": [round(v, 4) for v in ratios],
+        "ratio_of_medians": float(np.median(ref_all)) / max(float(np.median(eng_all)), 1e-12),
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -645,7 +687,7 @@ def validate(
     samples: int | None = None,
     seed: int = 0,
     time_budget: float = 5.0,
-    rounds: int = 3,
+    rounds: int = 10,
     warmup: int = 5,
     min_runs: int = 20,
     timing: Timing | None = None,
@@ -667,7 +709,8 @@ def validate(
     ``data``: folder (``class/image`` for labels), ``.npy``/``.npz`` or an :class:`~vitedge.data.ImageSet`.
     ``max_drop``: top-1 drop gate in percentage points (without labels: top-1 disagreement with FP32,
     an upper bound of the drop); ``strict`` gates on the upper end of the confidence interval.
-    ``min_speedup``: batch-1 p50 speed-up gate over the reference.
+    ``min_speedup``: batch-1 speed-up gate over the reference: the median of the per-round paired ratios
+    (:func:`paired_speedup`).
     ``preprocessing``: for ONNX files without a vitedge manifest (engines or reference; see
     ``docs/foreign.md``); a manifest-less reference otherwise takes the first engine's preprocessing.
     Models that are not classifiers (dense maps, several outputs) are compared per output
@@ -863,9 +906,9 @@ def _compare(r: _Model, truth: _Truth, outs: dict[str, np.ndarray], ci_method: s
 
 # -- time --------------------------------------------------------------------------------------
 def _time(models: list[_Model], inputs: "_Inputs", timing: Timing, batch_sizes: Sequence[int]) -> tuple[dict, dict]:
-    """Batch-1 latency samples per model (interleaved), and throughput per batch size."""
+    """Batch-1 latency samples per model and round (interleaved, see :func:`time_interleaved`), and throughput per batch size."""
     first = {r.name: inputs.get(r.preprocessing)[0][:1] for r in models}
-    lat = time_interleaved(models, first, timing, "timing batch 1")
+    lat = time_interleaved(models, first, timing, "timing batch 1")  # per round: paired speed-ups in _report
     throughput: dict[str, list[dict]] = {r.name: [] for r in models}
     tp_budget = timing.throughput_budget_s or max(timing.budget_s / 4, 0.05)
     tp_timing = Timing(**{**timing.to_dict(), "warmup_runs": 1, "warmup_s": 0.0,
@@ -881,7 +924,7 @@ def _time(models: list[_Model], inputs: "_Inputs", timing: Timing, batch_sizes: 
             samples = time_interleaved(models, xb, tp_timing, f"throughput batch {bs}", budget_s=tp_budget, min_runs=3,
                                        adaptive=False)
         for r in models:
-            st = latency_stats(samples[r.name], batch=bs, keep=0)
+            st = latency_stats(flat_samples(samples[r.name]), batch=bs, keep=0)
             throughput[r.name].append({"batch": bs, "images_per_s": bs * 1000.0 / st["p50_ms"], "p50_ms": st["p50_ms"],
                                        "runs": st["runs"]})
     return lat, throughput
@@ -893,11 +936,12 @@ def _report(models: list[_Model], results: dict[str, dict], truth: _Truth, lat: 
     from . import __version__
 
     baseline = models[0]
-    base_p50 = latency_stats(lat[baseline.name], keep=0)["p50_ms"]
     base_tp = {t["batch"]: t["images_per_s"] for t in throughput[baseline.name]}
     entries = []
     for r in models:
-        st = latency_stats(lat[r.name])
+        st = latency_stats(flat_samples(lat[r.name]))
+        paired = paired_speedup(lat[baseline.name], lat[r.name])
+        speedup = paired.pop("speedup")
         res = results.get(r.name) or {"accuracy": truth.accuracy, "vs_reference": None, "precision_breakdown": None}
         entries.append({
             "name": r.name, "role": r.role, "backend": r.backend, "precision": r.precision,
@@ -907,7 +951,7 @@ def _report(models: list[_Model], results: dict[str, dict], truth: _Truth, lat: 
             "rss_increase_mb": None if r.rss_increase_mb is None else round(float(r.rss_increase_mb), 1),
             "accuracy": res["accuracy"], "vs_reference": res["vs_reference"],
             "latency": st, "throughput": throughput[r.name],
-            "speedup": base_p50 / st["p50_ms"],
+            "speedup": speedup, "speedup_spread": paired,
             "throughput_speedup": {str(t["batch"]): t["images_per_s"] / base_tp[t["batch"]] for t in throughput[r.name] if t["batch"] in base_tp},
             "precision_breakdown": res["precision_breakdown"],
             "gate_failures": [],
@@ -958,10 +1002,19 @@ def _apply_gates(models: list[dict], max_drop, min_speedup, strict: bool, labell
                 m["gate_failures"].append(msg)
                 failures.append(msg)
         if min_speedup is not None and m["speedup"] < min_speedup:
-            msg = f"{m['name']}: speed-up {m['speedup']:.2f}x over the FP32 reference is below --min-speedup {min_speedup:g}x"
+            msg = f"{m['name']}: speed-up {m['speedup']:.2f}x{_spread_text(m.get('speedup_spread'))} over the FP32 reference is below --min-speedup {min_speedup:g}x"
             m["gate_failures"].append(msg)
             failures.append(msg)
     return {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict, "passed": not failures, "failures": failures}
+
+
+def _spread_text(spread: dict | None) -> str:
+    """`` (median of 10 paired rounds, IQR 2.10-2.40x)``, or nothing."""
+    if not spread:
+        return ""
+    lo, hi = spread["ratio_iqr"]
+    n = spread["rounds"]
+    return f" (median of {n} paired round{'s' if n != 1 else ''}, IQR {lo:.2f}-{hi:.2f}x)"
 
 
 def _dedupe_names(runners: list[_Model]) -> None:

@@ -26,8 +26,9 @@ def timing_options(f):
     f = click.option("--time-budget", type=click.FloatRange(min=0.01), default=5.0, show_default=True,
                      help="Seconds of timed runs per model at batch 1 (extended up to 2x until the median is stable).")(f)
     f = click.option("--runs", type=click.IntRange(min=1), default=None, help="Exact number of timed runs at batch 1 (instead of the time budget).")(f)
-    f = click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
-                     help="Interleaved timing rounds (reference, engine 1, ..., reference, ...).")(f)
+    f = click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Interleaved timing rounds (reference, engine 1, ..., reference, ...); the speed-up is the "
+                          "median of the per-round ratios reference/engine.")(f)
     f = click.option("--samples", type=click.IntRange(min=1), default=None, help="Use a seeded sample of N validation images (default: all).")(f)
     return f
 
