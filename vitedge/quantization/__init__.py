@@ -28,6 +28,7 @@ log = logging.getLogger("vitedge")
 
 PRECISIONS = ("int8", "fp16")
 METHODS = ("minmax", "percentile", "entropy")
+TENSORRT_DEFAULT_METHOD = "entropy"  # calibration of the TensorRT INT8 path when none is given (modelopt's INT8 default)
 
 __all__ = ["quantize", "Target", "FidelityNotMet", "PRECISIONS", "METHODS"]
 
@@ -96,7 +97,7 @@ def _check_args(precision, backend, method, max_drop, samples, output: Path, mod
 
 
 def quantize(model, output, *, precision: str = "int8", backend: str = "onnxruntime", calib=None, samples: int | None = None,
-             method: str = "minmax", max_drop: float | None = None, val=None, seed: int = 0, preprocessing=None,
+             method: str | None = None, max_drop: float | None = None, val=None, seed: int = 0, preprocessing=None,
              labels: list[str] | None = None, target: "Target | None" = None, search_budget: float = DEFAULT_BUDGET_S,
              min_calib: int = MIN_CALIB) -> Artifact:
     """Quantize an FP32 ONNX export to INT8 or FP16 for a backend, measure it against FP32, write it with its manifest.
@@ -122,7 +123,9 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
     Returns the :class:`~vitedge.artifact.Artifact` (it unpacks as ``path, manifest``).
     """
     output = Path(output)
-    precision, backend, method = str(precision).lower(), str(backend).lower(), str(method).lower()
+    precision, backend = str(precision).lower(), str(backend).lower()
+    # TensorRT's INT8 path calibrates with entropy by default (NVIDIA's Model Optimizer does); NNCF's with min/max
+    method = str(method or (TENSORRT_DEFAULT_METHOD if backend == "tensorrt" else "minmax")).lower()
     src_path = Path(model)
     _check_args(precision, backend, method, max_drop, samples, output, src_path)
     src, parent = _open_model(src_path, preprocessing, labels)
@@ -211,7 +214,7 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
             "drop_pp": ev.drop_pp(metrics) if not ev.random else None, "drop_kind": ev.drop_kind,
         })
         if backend == "tensorrt":
-            man.verification["note"] = "TensorRT is not installed here: the QDQ file was executed by ONNX Runtime (same Q/DQ arithmetic); build the engine with `vitedge compile --backend tensorrt`"
+            man.verification["note"] = "TensorRT is not installed here: the QDQ file was executed by ONNX Runtime (same Q/DQ arithmetic); build the engine with `vitedge compile -t tensorrt` on the GPU machine"
         artifact = draft.commit(man, extra=report_files)
     if fidelity is not None and not fidelity.met and enforce:
         raise FidelityNotMet(f"{fidelity.summary()}; wrote it anyway to {output} (table: {output.parent / qinfo['fidelity']['table']})",
@@ -266,16 +269,19 @@ def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, targ
 def _ort_int8(src, tmp_out, scratch, backend, method, stream, parent, ev, max_drop, qinfo, output, report_files):
     from . import ort_int8, sensitivity
 
-    cfg = ort_int8.tensorrt_config()
-    note(f"INT8 {cfg.label} for {backend}: {cfg.reason}")
     prepared = ort_int8.prepare(src, scratch / "prepared.onnx")
+    cfg = ort_int8.tensorrt_config(prepared)  # NVIDIA's placement: attention core and GEMVs stay float
+    note(f"INT8 {cfg.label} for {backend} ({method} calibration): {cfg.reason} "
+         f"({len(cfg.float_roles.get('attention', []))} attention MatMuls, {len(cfg.float_roles.get('gemv', []))} GEMVs in float)")
     cache = ort_int8.calibrate(prepared, stream, parent.inputs[0].name, method, scratch, symmetric=cfg.activation_symmetric)
     ort_int8.quantize_qdq(prepared, tmp_out, cache, cfg, method)
-    qinfo.update(tool="onnxruntime.quantization.quantize_static (QDQ)", config=cfg.to_dict(), excluded_nodes=[])
+    qinfo.update(tool="onnxruntime.quantization.quantize_static (QDQ)", config=cfg.to_dict(), excluded_nodes=[],
+                 float_by_placement=cfg.float_roles,
+                 placement="NVIDIA (modelopt INT8 rules): MHA core and GEMVs in float, one shared Q/DQ pair per tensor")
     if max_drop is None:
         return
     full = sensitivity._run(tmp_out, ev)
-    nodes = ort_int8.quantizable_nodes(prepared)
+    nodes = ort_int8.quantizable_nodes(prepared, cfg)
     report = {"model": src.name, "backend": backend, "method": method, "scheme": cfg.label, "eval_set": ev.source, "images": len(ev),
               "drop_kind": ev.drop_kind, "max_drop": max_drop, "full_int8_drop_pp": full["drop_pp"], "kept_float": [], "steps": []}
     rj, rm = f"{output.name}.sensitivity.json", f"{output.name}.sensitivity.md"
@@ -295,7 +301,7 @@ def _ort_int8(src, tmp_out, scratch, backend, method, stream, parent, ev, max_dr
         commit_files(scratch, {rj: output.parent / rj, rm: output.parent / rm})
         raise GateFailed(f"--max-drop {max_drop} pp cannot be met: {report['result']} on {ev.source} (sensitivity table: {output.parent / rm})",
                          "raise --max-drop, give more or better calibration images, or try --method percentile/entropy")
-    qinfo["excluded_nodes"] = keep
+    qinfo["excluded_nodes"] = keep  # on top of the placement's float nodes (float_by_placement)
     qinfo["max_drop"] = {"budget_pp": max_drop, "full_int8_drop_pp": full["drop_pp"], "kept_float": keep, "report": rm,
                          "measured_on": ev.source, "metric": ev.drop_kind}
     note(f"kept {len(keep)} most sensitive layers in float: {', '.join(keep) or 'none'}")

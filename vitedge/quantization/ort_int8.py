@@ -7,6 +7,19 @@ Calibration is streamed: ``collect_data`` is called per chunk of batches, which 
 (MinMax) or histograms (entropy/percentile) as it goes, so activations of the whole set never sit
 in memory.  (ONNX Runtime's own ``CalibMaxIntermediateOutputs`` option is not used: in this
 version it drops the collected outputs instead of merging them.)
+
+Q/DQ placement for TensorRT follows NVIDIA's Model Optimizer (``modelopt.onnx.quantization``, INT8
+mode) where it matters for a ViT; ``nvidia-modelopt`` itself is not used because it pulls
+onnxruntime-gpu and CuPy, which replace the CPU onnxruntime (see docs/tensorrt.md for the comparison):
+
+* only MatMul/Gemm/Conv inputs get Q/DQ (per-channel symmetric weights, per-tensor symmetric activations);
+* the MHA core stays in float: the two MatMuls of two activations (q·kᵀ and softmax·v), found with
+  :func:`vitedge.quantization.nncf_int8.graph_roles`, are not quantized;
+* GEMVs stay in float: a MatMul/Gemm whose activation has one row per image (the classifier head on
+  the CLS token) gains nothing from INT8 on a GPU and loses accuracy;
+* one Q/DQ pair per tensor, shared by all its readers (``DedicatedQDQPair: False``), so TensorRT sees
+  one scale per tensor (q, k and v read the LayerNorm output through the same pair);
+* entropy calibration by default for this path (``vitedge.quantization.quantize``).
 """
 
 from __future__ import annotations
@@ -42,6 +55,8 @@ class QDQConfig:
     activation_symmetric: bool = False
     op_types: list[str] = field(default_factory=lambda: list(QUANT_OP_TYPES))
     extra_options: dict = field(default_factory=dict)
+    nodes_to_exclude: list[str] = field(default_factory=list)  # always left in float (e.g. TensorRT's attention core, GEMVs)
+    float_roles: dict = field(default_factory=dict)  # why: {"attention": [...], "gemv": [...]}
     reason: str = ""
 
     @property
@@ -56,17 +71,56 @@ class QDQConfig:
         return d
 
 
-def tensorrt_config() -> QDQConfig:
-    """Explicit-quantization QDQ for TensorRT: symmetric int8 everywhere, Q/DQ only on MatMul/Conv/Gemm inputs."""
+def tensorrt_config(model: Path | None = None) -> QDQConfig:
+    """Explicit-quantization QDQ for TensorRT: symmetric int8, Q/DQ only on MatMul/Conv/Gemm inputs, one
+    shared pair per tensor; with ``model`` (the shape-inferred ONNX), the attention core and the GEMVs
+    are excluded (see :func:`tensorrt_float_nodes`)."""
+    kept = tensorrt_float_nodes(model) if model is not None else {}
     return QDQConfig(
         "tensorrt", "QInt8", activation_symmetric=True,
         extra_options={
             "QuantizeBias": False,  # TensorRT keeps biases in float and fuses them itself
             "OpTypesToExcludeOutputQuantization": list(QUANT_OP_TYPES),  # Q/DQ on inputs only
-            "DedicatedQDQPair": True,  # every Q/DQ feeds exactly one MatMul/Conv/Gemm
+            "DedicatedQDQPair": False,  # one Q/DQ pair per tensor, shared by its readers
         },
-        reason="TensorRT explicit quantization: symmetric S8S8 (zero point 0), per-channel weights, Q/DQ on MatMul/Conv/Gemm inputs",
+        nodes_to_exclude=sorted({n for names in kept.values() for n in names}),
+        float_roles=kept,
+        reason="TensorRT explicit quantization (NVIDIA's placement): symmetric S8S8, per-channel weights, one shared Q/DQ "
+               "pair per tensor on MatMul/Conv/Gemm inputs; attention core and GEMVs (classifier head) in float",
     )
+
+
+def tensorrt_float_nodes(model: Path) -> dict[str, list[str]]:
+    """Matrix nodes NVIDIA's placement leaves in float: ``attention`` (MatMuls of two activations: q·kᵀ
+    and softmax·v) and ``gemv`` (MatMul/Gemm whose activation input has one row per image)."""
+    import onnx
+
+    from .nncf_int8 import graph_roles
+
+    proto = onnx.load(str(model), load_external_data=False)
+    roles = graph_roles(proto)
+    g = proto.graph
+    shapes = {}
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+    inits = {i.name for i in g.initializer}
+    attention = set(roles.attention)
+    gemv = []
+    for n in g.node:
+        if n.op_type not in ("MatMul", "Gemm") or n.name in attention:
+            continue
+        act = next((i for i in n.input[:2] if i and i not in inits), None)
+        shape = shapes.get(act) if act else None
+        if not shape:
+            continue
+        trans_a = n.op_type == "Gemm" and any(a.name == "transA" and a.i for a in n.attribute)
+        rows = shape[-1] if trans_a else shape[-2] if len(shape) >= 2 else None
+        if len(shape) == 2 and not trans_a:  # (N, K): one row per image (batch N)
+            gemv.append(n.name)
+        elif len(shape) >= 3 and rows == 1:  # (N, 1, K)
+            gemv.append(n.name)
+    return {"attention": sorted(attention), "gemv": gemv}
 
 
 def _method(name: str):
@@ -148,6 +202,13 @@ def quantize_qdq(model: Path, out: Path, cache: Path, cfg: QDQConfig, method: st
     """Write a QDQ model from cached ranges. ``exclude`` keeps nodes float; ``only`` quantizes just those nodes."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    if only is not None:
+        only = [n for n in only if n not in cfg.nodes_to_exclude]
+        if not only:  # nothing left to quantize: the float model
+            import shutil
+
+            shutil.copyfile(model, out)
+            return out
     extra = {"ActivationSymmetric": cfg.activation_symmetric, "WeightSymmetric": True, **cfg.extra_options}
     big = needs_external_data(model)
     try:
@@ -160,7 +221,8 @@ def quantize_qdq(model: Path, out: Path, cache: Path, cfg: QDQConfig, method: st
                     str(model), str(out), None, calibration_cache_path=str(cache), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(cfg.op_types), per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
                     activation_type=getattr(QuantType, cfg.activation_type), weight_type=getattr(QuantType, cfg.weight_type),
-                    nodes_to_exclude=list(exclude), nodes_to_quantize=list(only) if only else None,
+                    nodes_to_exclude=sorted(set(exclude) | set(cfg.nodes_to_exclude)),
+                    nodes_to_quantize=list(only) if only else None,
                     calibrate_method=_method(method), extra_options=extra, use_external_data_format=big,
                 )
             finally:
@@ -200,8 +262,10 @@ def _only_matrix_consumers(path: Path) -> None:
         onnx.save(proto, str(path))
 
 
-def quantizable_nodes(model: Path) -> list[str]:
+def quantizable_nodes(model: Path, cfg: QDQConfig | None = None) -> list[str]:
+    """Matrix nodes the quantizer may put in INT8 (those ``cfg`` always keeps in float left out)."""
     import onnx
 
     g = onnx.load(str(model), load_external_data=False).graph
-    return [n.name for n in g.node if n.op_type in QUANT_OP_TYPES]
+    skip = set(cfg.nodes_to_exclude) if cfg else set()
+    return [n.name for n in g.node if n.op_type in QUANT_OP_TYPES and n.name not in skip]
