@@ -2,17 +2,22 @@
 
 An :class:`Engine` wraps one deployable artifact (ONNX file, OpenVINO IR/blob, TensorRT engine)
 and its manifest.  Backends implement only ``_run`` (preprocessed float batch in, named outputs
-out) and ``close``; everything user-facing - image preprocessing, top-k, batching checks, context
-management - lives here once.
+out) and ``_release`` (free the runtime's objects); everything user-facing - image preprocessing,
+top-k, batching checks, context management, and closing safely under concurrent callers - lives
+here once.  A backend whose runtime objects cannot serve two calls at once (OpenVINO infer requests,
+a TensorRT execution context) keeps them in a list and borrows one per call with :meth:`Engine._take`
+/ :meth:`Engine._give`, which wait for a free one and wake up when the engine is closed.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -38,15 +43,39 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 class Engine(ABC):
-    """A loaded, ready-to-run artifact.  Use as a context manager, or call :meth:`close`."""
+    """A loaded, ready-to-run artifact.  Use as a context manager, or call :meth:`close`.
+
+    Threads: one engine may be shared by any number of threads.  :meth:`infer`, :meth:`infer_all`
+    and :meth:`predict` are safe to call concurrently, and every call gets its own results (the
+    same as when the calls are made one after another).  How many run at the same time depends on
+    the backend: ONNX Runtime and PyTorch run them all at once; OpenVINO runs as many as it has infer
+    requests (``requests=``) and the others wait for a free one; TensorRT runs one at a time (one
+    execution context; open one engine per thread to run in parallel).
+
+    :meth:`close` may be called from any thread, and more than once.  It marks the engine closed:
+    calls that start afterwards, calls still waiting for an infer request / execution context, and
+    the remaining chunks of a chunked batch raise ``VitedgeError: engine for ... was closed ...``
+    at once.  Runs already executing finish normally and return their results; close() waits for
+    them (up to ``timeout`` seconds, default :attr:`close_timeout`) and then frees the runtime's
+    resources.  Resources are never freed under a running call: if runs are still executing when the
+    timeout expires, close() returns and the last of them frees the resources as it finishes.
+    """
 
     backend: str = "?"
+    close_timeout: float = 30.0  # seconds close() waits for runs in flight before leaving the release to them
 
     def __init__(self, artifact: Path, manifest: Manifest):
         self.artifact = Path(artifact)
         self.manifest = manifest
         self._closed = False
-        self._lock = threading.Lock()  # backends that are not re-entrant serialise on it
+        self._lock = threading.Lock()  # for a backend's own state; runs and close() use _state below
+        # _state guards _closed, _inflight, _released and the backend's pools (_take/_give);
+        # _idle: no run in flight any more (close() waits on it); _free: an item came back to a pool
+        self._state = threading.RLock()
+        self._idle = threading.Condition(self._state)
+        self._free = threading.Condition(self._state)
+        self._inflight = 0
+        self._released = False
 
     # -- what a backend implements -----------------------------------------------------------
     @abstractmethod
@@ -54,7 +83,62 @@ class Engine(ABC):
         """Run a preprocessed float32 (N, C, H, W) batch; return every output by name."""
 
     def _release(self) -> None:
-        """Free backend resources."""
+        """Free backend resources.  Called once, when the engine is closed and no run is in flight."""
+
+    # -- running and closing under concurrent callers ---------------------------------------
+    def _closed_error(self, waiting: bool = False) -> VitedgeError:
+        if waiting:
+            return VitedgeError(f"engine for {self.artifact} was closed while this call was waiting to run",
+                                "close an engine only when no thread still needs it")
+        return VitedgeError(f"engine for {self.artifact} was closed", "open it again with vitedge.load")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
+
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        """Count one call in flight; the last one out after a timed-out close() frees the resources."""
+        with self._state:
+            if self._closed:
+                raise self._closed_error()
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._idle.notify_all()
+                    if self._closed and not self._released:
+                        try:
+                            self._release_once()
+                        except Exception as exc:  # this call's result is fine: do not replace it
+                            warnings.warn(f"releasing {self.artifact.name} failed: {exc}", RuntimeWarning, stacklevel=3)
+
+    def _release_once(self) -> None:
+        # under _state, with the engine closed and nothing in flight
+        if not self._released:
+            self._released = True
+            self._release()
+
+    def _take(self, pool: list):
+        """Borrow an item (infer request, execution context) from ``pool``, waiting while all are lent.
+
+        Raises ``VitedgeError`` when the engine is closed, including while waiting."""
+        with self._state:
+            while True:
+                if self._closed:
+                    raise self._closed_error(waiting=True)
+                if pool:
+                    return pool.pop()
+                self._free.wait()
+
+    def _give(self, pool: list, item) -> None:
+        """Return an item borrowed with :meth:`_take` and wake one waiting caller."""
+        with self._state:
+            pool.append(item)
+            self._free.notify()
 
     # -- shape information ------------------------------------------------------------------
     @property
@@ -85,8 +169,7 @@ class Engine(ABC):
     # -- public API -------------------------------------------------------------------------
     def infer_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """All outputs for a preprocessed (N, C, H, W) float batch, any N the engine allows."""
-        if self._closed:
-            raise VitedgeError(f"engine for {self.artifact} is closed")
+        self._check_open()
         batch = np.asarray(batch)
         if batch.ndim == 3:
             batch = batch[None]
@@ -98,12 +181,18 @@ class Engine(ABC):
                 raise ShapeMismatch(f"input shape {tuple(batch.shape)} does not match the engine's {tuple(want)} (axis {axis})",
                                    "preprocess to the engine's input size")
         batch = np.ascontiguousarray(batch, dtype=np.float32)
+        with self._running():
+            return self._run_chunked(batch)
+
+    def _run_chunked(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         fixed = self.fixed_batch
         if fixed is None or batch.shape[0] == fixed:
             return self._run(batch)
         # a fixed-batch engine: run in chunks of its batch, padding the last one
         parts: list[dict[str, np.ndarray]] = []
         for i in range(0, len(batch), fixed):
+            if self._closed:  # closed between two chunks: the rest of this call will not run
+                raise self._closed_error(waiting=True)
             chunk = batch[i : i + fixed]
             n = len(chunk)
             if n < fixed:
@@ -117,6 +206,7 @@ class Engine(ABC):
 
     def predict(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 5) -> list[Prediction]:
         """Top-k labels and probabilities for image files, PIL images or uint8 arrays."""
+        self._check_open()
         if self.manifest.task != "classification":
             raise VitedgeError(f"{self.artifact} is not a classifier (task {self.manifest.task!r})", "use infer() for its raw outputs")
         if isinstance(images, (str, Path)) or not isinstance(images, Sequence) or (isinstance(images, np.ndarray) and images.ndim == 3):
@@ -130,10 +220,18 @@ class Engine(ABC):
             out.append(Prediction([labels[i] for i in idx], [int(i) for i in idx], [float(row[i]) for i in idx]))
         return out
 
-    def close(self) -> None:
-        if not self._closed:
+    def close(self, timeout: float | None = None) -> None:
+        """Close the engine; safe from any thread and more than once (see the class docstring).
+
+        Wakes the calls waiting to run (they raise ``VitedgeError``), waits up to ``timeout`` seconds
+        (default :attr:`close_timeout`) for the runs in flight, then frees the runtime's resources; if
+        runs are still in flight then, the last of them frees the resources when it finishes."""
+        timeout = self.close_timeout if timeout is None else timeout
+        with self._state:
             self._closed = True
-            self._release()
+            self._free.notify_all()
+            if self._idle.wait_for(lambda: self._inflight == 0, timeout):
+                self._release_once()
 
     def __enter__(self) -> "Engine":
         return self

@@ -135,12 +135,10 @@ class OnnxRuntimeEngine(Engine):
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         # InferenceSession.run is thread-safe: concurrent callers need no lock
-        try:
-            return dict(zip(self._names, self.session.run(None, {self._input: batch})))
-        except AttributeError:
-            raise VitedgeError(f"engine for {self.artifact} is closed") from None
+        return dict(zip(self._names, self.session.run(None, {self._input: batch})))
 
     def _release(self) -> None:
+        # Engine.close() calls this once no run is in flight
         del self.session
 
 

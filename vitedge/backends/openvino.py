@@ -7,12 +7,12 @@ beside it that was exported by the same OpenVINO version for the same device, th
 instead of compiling the IR again (a faster cold start); ``use_blob=False`` turns that off.
 
 Thread-safe: each call takes its own infer request from a pool (as many as OpenVINO recommends for
-the hint, at least 2), so concurrent callers run in parallel on throughput engines.
+the hint, at least 2; ``requests=`` sets the number), so concurrent callers run in parallel on
+throughput engines; the others wait for a free request, and a close() wakes them with an error.
 """
 
 from __future__ import annotations
 
-import queue
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,8 @@ def compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, 
 
 
 class OpenVINOEngine(Engine):
-    """Runs an IR or a compiled blob.  Thread-safe via a pool of infer requests."""
+    """Runs an IR or a compiled blob.  Thread-safe via a pool of infer requests (``requests=``; by default as many
+    as the device recommends for the hint, at least 2): up to that many calls run at once, the others wait."""
 
     backend = "openvino"
 
@@ -190,12 +191,13 @@ class OpenVINOEngine(Engine):
             self._names.append(next((n for n in want if n in names), want[i] if len(want) == len(self._outputs) else o.get_any_name()))
         if requests is None:
             try:
-                requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+                requests = max(2, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
             except Exception:  # not every device reports it
                 requests = 2
-        self._pool: queue.Queue = queue.Queue()
-        for _ in range(max(2, requests)):
-            self._pool.put(self.compiled.create_infer_request())
+        elif int(requests) < 1:
+            raise VitedgeError(f"requests={requests}: an OpenVINO engine needs at least 1 infer request")
+        # each call borrows its own infer request (Engine._take waits for a free one, and wakes on close)
+        self._pool: list = [self.compiled.create_infer_request() for _ in range(int(requests))]
 
     @property
     def properties(self) -> dict:
@@ -210,17 +212,18 @@ class OpenVINOEngine(Engine):
         return out
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        req = self._pool.get()  # each caller gets its own infer request: safe for concurrent use
+        req = self._take(self._pool)  # each caller gets its own infer request: safe for concurrent use
         try:
             res = req.infer({0: batch})
             return {n: np.array(res[o]) for n, o in zip(self._names, self._outputs)}
         except RuntimeError as exc:
             raise VitedgeError(f"OpenVINO could not run a batch of shape {tuple(batch.shape)}: {first_line(exc, 200)}") from None
         finally:
-            self._pool.put(req)
+            self._give(self._pool, req)
 
     def _release(self) -> None:
-        self._pool = queue.Queue()
+        # called by Engine.close() once no call is in flight: every request is back in the pool
+        self._pool.clear()
         del self.compiled
 
 

@@ -99,6 +99,7 @@ class PyTorchEngine(Engine):
         return int(sum(p.numel() * p.element_size() for p in self.spec.model.parameters()))
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        # thread-safe: an eval-mode module under inference_mode keeps no state between calls
         import torch
 
         if torch.get_num_threads() != self.threads:
@@ -124,6 +125,7 @@ class PyTorchEngine(Engine):
         raise VitedgeError(f"{type(self.model).__name__} returned {type(out).__name__}, not tensors")
 
     def _release(self) -> None:
+        # Engine.close() calls this once no run is in flight
         self.model = None
         self.spec = None
 

@@ -430,7 +430,9 @@ class TensorRTEngine(Engine):
         self._engine = self._runtime.deserialize_cuda_engine(Path(artifact).read_bytes())
         if self._engine is None:
             raise FileProblem(f"TensorRT cannot deserialize {artifact}", "the file is corrupt or from another TensorRT build: rebuild it")
-        self._context = self._engine.create_execution_context()
+        # one execution context (and one set of device buffers): calls borrow it in turn with Engine._take,
+        # so they run one at a time, and the ones waiting for it get a VitedgeError when the engine is closed
+        self._contexts = [self._engine.create_execution_context()]
         self._buffers = _Buffers()
         self._input = self.input_name
 
@@ -439,14 +441,16 @@ class TensorRTEngine(Engine):
         if len(batch) > hi:  # beyond the profile's max batch: run in chunks
             parts = [self._run(batch[i : i + hi]) for i in range(0, len(batch), hi)]
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        with self._lock:  # one execution context: serialise callers
-            if self._closed:
-                raise VitedgeError(f"engine for {self.artifact} is closed")
-            return self._buffers.run(self._context, self._engine, {self._input: batch})
+        context = self._take(self._contexts)  # one execution context: callers run one at a time
+        try:
+            return self._buffers.run(context, self._engine, {self._input: batch})
+        finally:
+            self._give(self._contexts, context)
 
     def _release(self) -> None:
-        with self._lock:
-            self._context = self._engine = self._runtime = None
+        # Engine.close() calls this once no run is in flight, so the context is back in its list
+        self._contexts.clear()
+        self._engine = self._runtime = None
 
 
 def compile_tensorrt(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint, device,
