@@ -101,3 +101,46 @@ def test_gate_checks_the_median_ratio_and_says_how_it_was_measured():
     assert g["failures"] == ["eng: speed-up 2.25x (median of 10 paired rounds, IQR 2.10-2.40x) over the FP32 reference "
                              "is below --min-speedup 3x"]
     assert _apply_gates(copy.deepcopy(models), None, 2.0, False, False)["passed"]
+
+
+# -- a busy machine -----------------------------------------------------------------------------------
+def test_busy_machine_decision_on_literal_load_averages():
+    from vitedge.validation import BUSY_LOAD_PER_CORE, _load_record, busy_machine_warning
+
+    assert BUSY_LOAD_PER_CORE == 1.0
+    assert busy_machine_warning([[0.3, 0.2, 0.1], [1.9, 1.0, 0.5]], cores=2) is None  # our own 2 threads: quiet
+    assert busy_machine_warning([[2.0, 2.0, 2.0]], cores=2) is None  # exactly one per core is not above it
+    assert busy_machine_warning([None, None], cores=2) is None  # no load average on this OS: nothing to say
+    # busy at the start of timing, or at its end
+    want = ("the machine was busy (load 3.40 on 2 cores): timings and speed-ups are unreliable; re-run on a quiet machine")
+    assert busy_machine_warning([[3.4, 1.0, 0.5], [1.5, 1.2, 0.9]], cores=2) == want
+    assert busy_machine_warning([[0.5, 0.5, 0.5], [3.4, 1.0, 0.5]], cores=2) == want
+    assert busy_machine_warning([[4.01, 0, 0]], cores=4) == (
+        "the machine was busy (load 4.01 on 4 cores): timings and speed-ups are unreliable; re-run on a quiet machine")
+    assert busy_machine_warning([[1.5, 9.0, 9.0]], cores=1) is not None  # only the 1-minute figure counts...
+    assert busy_machine_warning([[0.5, 9.0, 9.0]], cores=1) is None  # ...not the 5- and 15-minute ones
+    rec = _load_record([0.1, 0.1, 0.1], [2.5, 1.0, 0.4], [0.8, 0.9, 0.4], cores=2)
+    assert rec == {"at_start": [0.1, 0.1, 0.1], "before_timing": [2.5, 1.0, 0.4], "after_timing": [0.8, 0.9, 0.4], "cores": 2,
+                   "busy_load_per_core": 1.0, "busy": True,
+                   "warning": "the machine was busy (load 2.50 on 2 cores): timings and speed-ups are unreliable; "
+                              "re-run on a quiet machine"}
+    assert _load_record(None, [0.5, 0.5, 0.5], [1.0, 1, 1], cores=2)["busy"] is False
+
+
+def test_report_shows_the_load_and_the_busy_warning():
+    from vitedge.validation import _load_record
+
+    quiet = _report({"min_speedup": 2.0}, machine={"load": _load_record([0.1, 0.2, 0.3], [0.5, 0.4, 0.3], [1.52, 1.1, 0.87], 2)},
+                    settings={"reference_threads": 2, "rounds": 10})
+    jsonschema.validate(quiet.data, SCHEMA)
+    md, html = quiet.markdown(), quiet.html()
+    for text in (md, html):
+        assert "before timing 0.50 / 0.40 / 0.30, after timing 1.52 / 1.10 / 0.87" in text
+        assert "timed in the same run, 2 threads" in text or "reference: ref, 2 threads" in text
+        assert "the machine was busy" not in text
+    busy = _report({}, machine={"load": _load_record(None, [5.0, 3.0, 1.0], [4.0, 3.0, 1.0], 2)}, settings={"reference_threads": 2})
+    warning = "the machine was busy (load 5.00 on 2 cores): timings and speed-ups are unreliable; re-run on a quiet machine"
+    assert f"> **Warning: {warning}**" in busy.markdown()
+    assert f'<p class="bad"><b>Warning: {warning}</b></p>' in busy.html()
+    # a report without load figures (written before they existed) still renders
+    assert "load average" not in _report({}).markdown()

@@ -146,6 +146,12 @@ def test_report_files_match_schema(labelled_report):
     data = json.loads((out / "report.json").read_text())
     jsonschema.validate(data, SCHEMA)
     assert data["machine"]["instruction_sets"].keys() >= {"AVX2", "AVX-512F", "AVX-512 VNNI", "AVX-512 BF16", "AMX-INT8"}
+    # the load average before and after timing, and whether the machine was busy
+    load = data["machine"]["load"]
+    assert len(load["before_timing"]) == len(load["after_timing"]) == 3 and load["cores"] >= 1
+    assert load["busy"] is (load["warning"] is not None) and load["busy_load_per_core"] == 1.0
+    # the reference's threads: by default every usable core
+    assert data["settings"]["reference_threads"] == load["cores"] == data["models"][0]["options"]["threads"]
     md = (out / "report.md").read_text()
     assert "top-1 drop (95% CI)" in md and "onnxruntime int8" in md and "| pytorch fp32 (ref)" in md
     html = (out / "report.html").read_text()
@@ -169,12 +175,20 @@ def test_cli_missed_gate_exits_1_after_writing_report(tmp_path, int8_onnx, val_d
 
 
 def test_cli_met_gates_exit_0(tmp_path, int8_onnx, val_dir):
+    import torch
+
+    before = torch.get_num_threads()
     out = tmp_path / "rep"
     res = _cli(["validate", str(int8_onnx), "-r", "reference", "-d", str(val_dir), "--samples", "40", "--runs", "6",
-                "--batch-sizes", "1", "--min-speedup", "0.001", "--max-drop", "50", "-o", str(out)])
+                "--batch-sizes", "1", "--min-speedup", "0.001", "--max-drop", "50", "--reference-threads", "1", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "all gates passed" in res.output and "onnxruntime int8" in res.output
-    assert json.loads((out / "report.json").read_text())["gates"]["passed"] is True
+    data = json.loads((out / "report.json").read_text())
+    assert data["gates"]["passed"] is True
+    # --reference-threads: PyTorch eager ran with 1 thread, recorded; the process-wide count is restored afterwards
+    assert data["settings"]["reference_threads"] == 1 and data["settings"]["torch_threads"] == 1
+    assert data["models"][0]["options"] == {"threads": 1} and torch.get_num_threads() == before
+    assert "timed in the same run, 1 thread;" in (out / "report.md").read_text()
 
 
 def test_strict_drop_gate_uses_the_interval(tmp_path, ref_onnx, val_dir):

@@ -10,8 +10,9 @@ no external files.
 Schema outline (``docs/validate.md`` explains every field)::
 
     schema: "vitedge.report/1"      kind: "validate" | "benchmark"      created, vitedge_version
-    machine: {cpu, cores, instruction_sets{...}, memory_gb, os, versions{...}}
-    settings: {data, samples, batch_sizes, time_budget_s, rounds, warmup_runs, ci_level, ci_method, gates}
+    machine: {cpu, cores, instruction_sets{...}, memory_gb, os, load_average, versions{...},
+              load: {at_start, before_timing, after_timing, cores, busy_load_per_core, busy, warning | null}}
+    settings: {data, samples, batch_sizes, timing{...}, rounds, reference_threads, torch_threads, ci_level, ci_method, gates}
     data: {source, images, labelled, classes, skipped[]}
     models: [ {name, role: reference|engine, backend, precision, artifact, format, options,
                size_bytes, load_s, peak_rss_mb, rss_increase_mb,
@@ -393,6 +394,11 @@ def gate_line(gates: dict) -> str:
     return ", ".join(parts) or "none"
 
 
+def load_text(reading: list | None) -> str:
+    """``1.52 / 1.10 / 0.87`` (1-, 5-, 15-minute load averages), or ``unknown``."""
+    return " / ".join(f"{v:.2f}" for v in reading) if reading else "unknown"
+
+
 def _machine_line(m: dict) -> str:
     isa = m.get("instruction_sets", {})
     have = [k for k, v in isa.items() if v]
@@ -417,6 +423,8 @@ def _template(name: str):
     env.filters.update(pct=_pct, pp=_pp, ms=_ms, mb=_mb, num=_num, f=format, shares=_shares,
                        cell=lambda c: str(c).replace("|", "\\|"), shape=lambda s: str(tuple(s or [])))
     env.globals["machine_line"] = _machine_line
+    env.globals["load_text"] = load_text
+    env.globals["threads_text"] = lambda n: "" if not n else f", {n} thread{'s' if n != 1 else ''}"
     return env.get_template(name)
 
 

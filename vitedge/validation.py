@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -108,6 +109,31 @@ def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), else the machine's logical cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def reference_thread_count(threads: int | None) -> int:
+    """The FP32 reference's thread count: as given, else every usable core - what the ONNX Runtime and
+    OpenVINO engines use by default, so that the speed-up compares like with like."""
+    if threads is None:
+        return usable_cores()
+    if int(threads) < 1:
+        raise VitedgeError(f"--reference-threads {threads} must be >= 1")
+    return int(threads)
 
 
 def artifact_size(path: Path, manifest=None) -> int:
@@ -275,9 +301,11 @@ def _reference_source(reference, specs: list[EngineSpec], notes: list[str]):
                        "pass --reference with the checkpoint, preset name or FP32 ONNX file the engine was made from")
 
 
-def _open_reference(reference, specs: list[EngineSpec], notes: list[str], preprocessing=None) -> tuple[_Model, _Model | None]:
+def _open_reference(reference, specs: list[EngineSpec], notes: list[str], preprocessing=None,
+                    threads: int | None = None) -> tuple[_Model, _Model | None]:
     """(timing baseline, separate accuracy reference or None).  An FP32 ``.onnx`` file runs in ONNX Runtime;
-    anything else (checkpoint, preset, ``ModelSpec``) in PyTorch eager (:class:`~vitedge.backends.pytorch.PyTorchEngine`)."""
+    anything else (checkpoint, preset, ``ModelSpec``) in PyTorch eager (:class:`~vitedge.backends.pytorch.PyTorchEngine`),
+    either with ``threads`` threads (None: the backend's default)."""
     from .backends import pytorch
     from .models.loading import ModelSpec
     from .models.vit import PRESETS
@@ -287,17 +315,18 @@ def _open_reference(reference, specs: list[EngineSpec], notes: list[str], prepro
     if isinstance(reference, (str, Path)) and str(reference).endswith(".onnx"):
         path, eng_man = Path(reference), _engine_manifest(specs[0])
         pre = _foreign_preprocessing(path, preprocessing, notes, fallback=eng_man.preprocessing if eng_man else None)
-        eng, measured = _opened(lambda: load(path, backend="onnxruntime", preprocessing=pre))
+        eng, measured = _opened(lambda: load(path, backend="onnxruntime", preprocessing=pre, threads=threads))
         if eng.manifest.precision not in (None, "fp32"):
             notes.append(f"reference {path.name} says precision {eng.manifest.precision!r}, not fp32")
-        return _Model(eng, "onnxruntime fp32", role="reference", size_bytes=artifact_size(eng.artifact, eng.manifest), **measured), None
+        return _Model(eng, "onnxruntime fp32", role="reference", options={"threads": eng.threads},
+                      size_bytes=artifact_size(eng.artifact, eng.manifest), **measured), None
 
     is_preset = isinstance(reference, str) and reference.replace("-", "_").lower() in PRESETS and not Path(reference).exists()
     size = None
     if is_preset:  # same input size as the engine (a preset's default is 224)
         man = _engine_manifest(specs[0])
         size = ((man.model or {}).get("config") or {}).get("img_size") if man else None
-    eng, measured = _opened(lambda: pytorch.open(reference, img_size=int(size) if size else None),
+    eng, measured = _opened(lambda: pytorch.open(reference, img_size=int(size) if size else None, threads=threads),
                             loaded=not isinstance(reference, ModelSpec))
     base = _Model(eng, "pytorch fp32", role="reference", options=eng.options, size_bytes=eng.size_bytes(), **measured)
     if not is_preset:
@@ -444,6 +473,41 @@ def paired_speedup(reference_rounds: Sequence[Sequence[float]], engine_rounds: S
         "ratios": [round(v, 4) for v in ratios],
         "ratio_of_medians": float(np.median(ref_all)) / max(float(np.median(eng_all)), 1e-12),
     }
+
+
+# ------------------------------------------------------------------------------------------
+# machine load
+# ------------------------------------------------------------------------------------------
+#: the 1-minute load average per usable core above which the machine counts as busy.  The reading
+#: taken after timing includes vitedge's own threads (at most about one per core), so a load above
+#: one per core means other processes competed for the cores.
+BUSY_LOAD_PER_CORE = 1.0
+
+
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (``os.getloadavg``), or None where the OS has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_machine_warning(readings: Sequence[Sequence[float] | None], cores: int,
+                         per_core: float = BUSY_LOAD_PER_CORE) -> str | None:
+    """The warning to give when a 1-minute load average in ``readings`` (``[1 min, 5 min, 15 min]`` each,
+    None if unknown) is above ``per_core`` times ``cores``; None when the machine was quiet."""
+    ones = [float(r[0]) for r in readings if r]
+    if not ones or max(ones) <= per_core * cores:
+        return None
+    return (f"the machine was busy (load {max(ones):.2f} on {cores} core{'s' if cores != 1 else ''}): "
+            "timings and speed-ups are unreliable; re-run on a quiet machine")
+
+
+def _load_record(start, before, after, cores: int) -> dict:
+    """``machine.load`` in the report: the load averages around timing and whether the machine was busy."""
+    warning = busy_machine_warning([start, before, after], cores)
+    return {"at_start": start, "before_timing": before, "after_timing": after, "cores": cores,
+            "busy_load_per_core": BUSY_LOAD_PER_CORE, "busy": warning is not None, "warning": warning}
 
 
 # ------------------------------------------------------------------------------------------
@@ -691,6 +755,7 @@ def validate(
     warmup: int = 5,
     min_runs: int = 20,
     timing: Timing | None = None,
+    reference_threads: int | None = None,
     strict: bool = False,
     ci_method: str = "agresti-min",
     worst: int = 10,
@@ -711,6 +776,8 @@ def validate(
     an upper bound of the drop); ``strict`` gates on the upper end of the confidence interval.
     ``min_speedup``: batch-1 speed-up gate over the reference: the median of the per-round paired ratios
     (:func:`paired_speedup`).
+    ``reference_threads``: threads of the FP32 reference (PyTorch intra-op threads, or ONNX Runtime's for an
+    ``.onnx`` reference); default every usable core, as the ONNX Runtime and OpenVINO engines use.
     ``preprocessing``: for ONNX files without a vitedge manifest (engines or reference; see
     ``docs/foreign.md``); a manifest-less reference otherwise takes the first engine's preprocessing.
     Models that are not classifiers (dense maps, several outputs) are compared per output
@@ -721,16 +788,18 @@ def validate(
 
     specs = _as_specs(engine, backend)
     _check_arguments(max_drop, min_speedup, batch_sizes)
+    ref_threads = reference_thread_count(reference_threads)
     timing = timing or Timing(budget_s=time_budget, rounds=rounds, warmup_runs=warmup, min_runs=min_runs, runs=runs)
     settings = {"samples": samples, "seed": seed, "batch_sizes": [int(b) for b in batch_sizes], "timing": timing.to_dict(),
-                "rounds": timing.rounds, "ci_level": CI_LEVEL, "ci_method": ci_method, "eval_batch": eval_batch,
+                "rounds": timing.rounds, "reference_threads": ref_threads, "ci_level": CI_LEVEL, "ci_method": ci_method, "eval_batch": eval_batch,
                 "gates": {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict}}
     notes: list[str] = []
     machine = machine_info()
     models: list[_Model] = []
     acc_ref: _Model | None = None
+    torch_threads = _torch_threads()  # process-wide: a PyTorch reference sets it, restored when done
     try:
-        baseline, acc_ref = _open_reference(reference, specs, notes, preprocessing)
+        baseline, acc_ref = _open_reference(reference, specs, notes, preprocessing, ref_threads)
         models.append(baseline)
         models += [_open_engine(s, preprocessing, notes) for s in specs]
         _dedupe_names(models)
@@ -742,12 +811,20 @@ def validate(
         if acc_ref is not None:
             acc_ref.close()
             acc_ref = None
+        load_before = load_average()
         latency, throughput = _time(models, inputs, timing, batch_sizes)
+        machine["load"] = _load_record(machine.get("load_average"), load_before, load_average(), usable_cores())
+        if machine["load"]["warning"]:
+            from .ui import err_console
+
+            err_console.print(f"[bold yellow]warning:[/] {machine['load']['warning']}", soft_wrap=True)
+            notes.insert(0, machine["load"]["warning"])
         report = _report(models, results, truth, latency, throughput, images, settings, kind, machine, notes)
     finally:
         for r in models + ([acc_ref] if acc_ref is not None else []):
             r.close()
         gc.collect()
+        _set_torch_threads(torch_threads)
     return _finish(report, post, out_dir)
 
 

@@ -36,12 +36,16 @@ def timing_options(f):
 def print_report(rep, out_dir: Path | None) -> None:
     from rich.console import Console
 
-    from ..ui import console, note
+    from ..ui import console, err_console, note
 
     out = console if console.is_terminal else Console(width=max(console.width, 140), highlight=False)
     out.print(rep.rich_table())
+    busy = (rep.data["machine"].get("load") or {}).get("warning")
+    if busy:
+        err_console.print(f"[bold yellow]warning:[/] {busy}", soft_wrap=True)
     for f in rep.data["findings"]:
-        note(f)
+        if f != busy:
+            note(f)
     if out_dir is not None:
         console.print(f"[green]wrote[/] {out_dir / 'report.json'}, report.md, report.html")
 
@@ -55,6 +59,9 @@ def print_report(rep, out_dir: Path | None) -> None:
               help="Validation images: class/image folders give top-1/top-5; plain images give agreement with FP32; .npy/.npz.")
 @click.option("--max-drop", type=float, default=None, help="Gate: max top-1 drop in percentage points (exit 1 if exceeded).")
 @click.option("--min-speedup", type=float, default=None, help="Gate: min batch-1 speed-up over the FP32 reference (exit 1 if missed).")
+@click.option("--reference-threads", type=click.IntRange(min=1), default=None,
+              help="Threads of the FP32 reference (PyTorch intra-op, or ONNX Runtime for an .onnx reference). "
+                   "Default: every usable core, as the ONNX Runtime and OpenVINO engines use.")
 @click.option("--strict", is_flag=True, help="Gate on the upper end of the drop's 95% confidence interval, not the estimate.")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("validation-report"), show_default=True,
               help="Folder for report.json, report.md and report.html.")
@@ -67,7 +74,7 @@ def print_report(rep, out_dir: Path | None) -> None:
 @click.option("--worst", type=click.IntRange(min=0), default=10, show_default=True, help="How many worst images to list per engine.")
 @timing_options
 @preprocessing_options
-def command(engines, reference, data, max_drop, min_speedup, strict, out_dir, backend, precision_hint, ci_method, worst,
+def command(engines, reference, data, max_drop, min_speedup, reference_threads, strict, out_dir, backend, precision_hint, ci_method, worst,
             batch_sizes, time_budget, runs, rounds, samples, **pre_flags):
     """Validate ENGINES (one or more artifacts) against the FP32 reference: accuracy drop with a confidence
     interval, logit cosine/SNR, worst images, latency p50/p90/p99, throughput and the speed-up measured in the same run.
@@ -91,7 +98,7 @@ def command(engines, reference, data, max_drop, min_speedup, strict, out_dir, ba
     try:
         rep = validate(specs, reference, data=data, max_drop=max_drop, min_speedup=min_speedup, out_dir=out_dir,
                        batch_sizes=batch_sizes, runs=runs, samples=samples, time_budget=time_budget, rounds=rounds,
-                       strict=strict, ci_method=ci_method, worst=worst, preprocessing=preprocessing_from_cli(**pre_flags))
+                       reference_threads=reference_threads, strict=strict, ci_method=ci_method, worst=worst, preprocessing=preprocessing_from_cli(**pre_flags))
     except GateFailed as exc:
         if getattr(exc, "report", None) is not None:
             print_report(exc.report, out_dir)
