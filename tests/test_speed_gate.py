@@ -98,14 +98,18 @@ def test_gate_checks_the_median_ratio_and_says_how_it_was_measured():
     models = [_model("ref", "reference", 10.0, 1.0), _model("eng", "engine", 3.0, 2.25, speedup_spread=spread)]
     g = _apply_gates(models, None, 3.0, False, False)
     assert not g["passed"]
-    assert g["failures"] == ["eng: speed-up 2.25x (median of 10 paired rounds, IQR 2.10-2.40x) over the FP32 reference "
-                             "is below --min-speedup 3x"]
+    assert g["failures"] == [("eng: speed-up 2.25x (median of 10 paired rounds, IQR 2.10-2.40x) over the FP32 reference "
+                              "is below --min-speedup 3x")]
     assert _apply_gates(copy.deepcopy(models), None, 2.0, False, False)["passed"]
 
 
 # -- a busy machine -----------------------------------------------------------------------------------
 def test_busy_machine_decision_on_literal_load_averages():
-    from vitedge.validation import BUSY_LOAD_PER_CORE, _load_record, busy_machine_warning
+    from vitedge.validation import (
+        BUSY_LOAD_PER_CORE,
+        _load_record,
+        busy_machine_warning,
+    )
 
     assert BUSY_LOAD_PER_CORE == 1.0
     assert busy_machine_warning([[0.3, 0.2, 0.1], [1.9, 1.0, 0.5]], cores=2) is None  # our own 2 threads: quiet
