@@ -13,8 +13,8 @@ Everything is measured in one process, in one run:
   round): paired ratios, each measured side by side (:func:`paired_speedup`), with their spread.
   The budget is extended (up to twice) for a model whose median is not yet stable.  The reference
   runs with an explicit thread count (``reference_threads``), and the load average before and after
-  timing is recorded; a busy machine is warned about (:func:`busy_machine_warning`).  Then throughput over a batch sweep, load/compile time,
-  size on disk and peak resident memory.
+  timing is recorded; a busy machine is warned about (:func:`busy_machine_warning`).  Then
+  throughput over a batch sweep, load/compile time, size on disk and peak resident memory.
 * **Gates.**  ``max_drop`` (pp) and ``min_speedup`` raise :class:`~vitedge.errors.GateFailed`
   *after* the report is written.
 """
