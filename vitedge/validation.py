@@ -680,6 +680,10 @@ def precision_breakdown(runner: _Model) -> dict | None:
             return openvino_precision_breakdown(eng.compiled)
         if runner.backend == "onnxruntime" and Path(eng.artifact).suffix == ".onnx":
             return onnx_precision_breakdown(Path(eng.artifact))
+        if runner.backend == "tensorrt":  # the engine inspector's per-layer precisions
+            from .backends.tensorrt import precision_breakdown as tensorrt_precision_breakdown
+
+            return tensorrt_precision_breakdown(eng)
     except Exception as exc:  # a diagnostic: never fail validation because of it
         return {"source": f"unavailable ({type(exc).__name__}: {str(exc)[:120]})", "mac_share": {}, "int8_mac_share": 0.0, "layers": []}
     return None

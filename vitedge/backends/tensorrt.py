@@ -1,22 +1,43 @@
-"""TensorRT backend: serialized engines for NVIDIA GPUs.
+"""TensorRT backend: serialized engines for NVIDIA GPUs, built strongly typed (TensorRT 10 and 11).
 
-Building (``vitedge compile --target tensorrt``) uses the ``tensorrt`` Python API (TensorRT 10;
-8.6+ also works): the ONNX is parsed with ``OnnxParser`` into an explicit-batch network, the
-builder config gets the precision flags (FP16 from an FP32 ONNX; INT8 from a QDQ ONNX, i.e.
-explicit quantization, with FP16 for the float layers), one optimisation profile (min/opt/max
-batch, and resolution when the ONNX has dynamic height/width), a workspace memory-pool limit and a
-timing cache file, and the engine is serialized to ``.engine``.  The TensorRT version and the GPU
-(name, compute capability) go into the manifest; :func:`check_compat` refuses to load an engine
-on another TensorRT version or GPU architecture, because TensorRT engines are not portable.
+Building (``vitedge compile -t tensorrt``) uses the ``tensorrt`` Python API: the ONNX is parsed with
+``OnnxParser`` into a **strongly typed** network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``;
+TensorRT 11 makes every network strongly typed and removed ``BuilderFlag.FP16``/``INT8``, which on
+TensorRT 10 are deprecated and weakly typed, free to ignore the FP32 nodes an FP16 overflow guard
+kept).  Precision therefore comes from the ONNX file's types, never from builder flags:
 
-TensorRT is an optional extra (``pip install "vitedge[tensorrt]"``) that needs an NVIDIA GPU with
-its driver.  Where it is missing, every entry point raises :class:`BackendUnavailable` saying so.
-The pure functions here (:func:`compute_profile`, :func:`inspect_onnx`, :func:`check_compat`,
-:func:`builder_flags`) run anywhere and are tested without a GPU.
+* FP32 ONNX: ``precision_hint`` f16 (the default) converts it to FP16 first with vitedge's FP16
+  conversion and its overflow guard (:func:`vitedge.quantization.fp16.convert_onnx_fp16`, checked
+  on the shipped check images), so the nodes the guard keeps in FP32 stay FP32 in the engine;
+  f32 builds it as it is (TensorRT may use TF32 for it); bf16 is refused (vitedge writes no BF16 ONNX).
+* FP16 ONNX (``vitedge quantize --fp16 --backend tensorrt``): built as typed.
+* INT8 QDQ ONNX (``vitedge quantize --backend tensorrt``): explicit quantization from its Q/DQ
+  nodes; with f16 (default) its float parts go to FP16 first with the same guard (Q/DQ scales in
+  FP16, ONNX opset 19), with f32 they stay FP32.
 
-Running uses device buffers from PyTorch (a CUDA build of torch) or, failing that, ``cuda-python``.
-One execution context per engine, serialised by a lock: concurrent callers are safe; create one
-engine per thread (or per CUDA stream) to run them in parallel.
+One optimisation profile (min/opt/max batch, and resolution when the ONNX has dynamic height/width),
+a workspace memory-pool limit, a timing cache file (one written by another TensorRT version or GPU
+is ignored with a warning and rebuilt), ``ProfilingVerbosity.DETAILED`` so that the engine inspector
+reports every layer's precision (:func:`engine_layers`), and the engine is serialized to
+``.engine``.  Every parser error is listed with its node.  The TensorRT version and the GPU (name,
+compute capability) go into the manifest; :func:`check_compat` refuses to load an engine on another
+TensorRT version or GPU architecture, because TensorRT engines are not portable.
+
+TensorRT is an optional extra (``pip install "vitedge[tensorrt]"``: ``tensorrt`` and ``cuda-python``)
+that needs an NVIDIA GPU with its driver; supported versions: :data:`SUPPORTED_TENSORRT`.  Where it
+is missing, every entry point raises :class:`BackendUnavailable` saying so.  The pure functions here
+(:func:`compute_profile`, :func:`inspect_onnx`, :func:`check_compat`, :func:`typing_plan`,
+:func:`network_flags`, :func:`profile_chunks`, :func:`parse_engine_information`) run anywhere and
+are tested without a GPU.
+
+Running goes through ``cuda-python`` only: one CUDA stream per engine; device buffers allocated once
+per tensor and reused while they are large enough; the host-to-device copies, ``execute_async_v3``
+and the device-to-host copies are all queued on that stream, then one synchronisation; every CUDA
+call's error code is checked (:func:`cuda_check`); the buffers are freed and the stream destroyed on
+close.  A batch outside the profile is run in chunks, the last one padded up to the profile's minimum.
+
+This module is written against NVIDIA's documented TensorRT 10.x / 11.x Python API and has not been
+run on a GPU; see docs/tensorrt.md for what was checked against which documentation.
 """
 
 from __future__ import annotations
@@ -45,6 +66,9 @@ log = logging.getLogger("vitedge")
 
 INSTALL_HINT = 'install it with: pip install "vitedge[tensorrt]" on a machine with an NVIDIA GPU and its CUDA driver'
 DEFAULT_MAX_BATCH = 32
+# TensorRT major versions this module is written for (10: strongly typed opt-in; 11: always strongly typed)
+SUPPORTED_TENSORRT = (10, 11)
+QDQ_FP16_OPSET = 19  # QuantizeLinear/DequantizeLinear take FP16 inputs and scales from ONNX opset 19
 
 # ONNX ops the reference ViT export uses that TensorRT 10's ONNX parser supports (opset <= 20)
 TRT_SUPPORTED_OPS = {
@@ -67,44 +91,87 @@ def tensorrt_status() -> str | None:
     """None when TensorRT can build/run here, else the reason it cannot (one line)."""
     if importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed (no Python module 'tensorrt')"
+    if _cudart() is None:
+        return "cuda-python is not installed (vitedge reaches the GPU through it)"
     gpu = gpu_info()
     if gpu is None:
         return "no NVIDIA GPU is visible (CUDA reports no device)"
     return None
 
 
-def require_tensorrt() -> None:
+def require_tensorrt():
+    """The ``tensorrt`` module, after checking that it, cuda-python and a GPU are here and the version is supported."""
     reason = tensorrt_status()
     if reason:
         raise BackendUnavailable(f"{reason}: TensorRT engines need TensorRT and an NVIDIA GPU", INSTALL_HINT)
+    import tensorrt as trt
+
+    check_tensorrt_version(trt.__version__)
+    return trt
+
+
+def check_tensorrt_version(version: str) -> int:
+    """The major version, or BackendUnavailable when it is not one of :data:`SUPPORTED_TENSORRT`."""
+    major = (_major_minor(str(version)) or (0,))[0]
+    if major not in SUPPORTED_TENSORRT:
+        supported = " and ".join(f"{m}.x" for m in SUPPORTED_TENSORRT)
+        raise BackendUnavailable(f"TensorRT {version} is installed, but vitedge builds and runs engines with TensorRT {supported}",
+                                 'pip install "tensorrt>=10,<12"; on Jetson, use a JetPack whose TensorRT is 10.x')
+    return major
+
+
+def _cudart():
+    """cuda-python's runtime API (``cuda.bindings.runtime`` from cuda-python 12.6, ``cuda.cudart`` before), or None."""
+    try:
+        if importlib.util.find_spec("cuda") is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            return None
+    return cudart
+
+
+def cuda_check(result, what: str, cudart=None):
+    """Check a cuda-python call's error code and return its value(s).
+
+    cuda-python calls return ``(error, *values)``; anything but ``cudaSuccess`` (0) raises a
+    VitedgeError naming the call and CUDA's error name and description."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    code = int(getattr(err, "value", err))
+    if code != 0:
+        name, desc = getattr(err, "name", f"error {code}"), ""
+        cu = cudart if cudart is not None else _cudart()
+        try:
+            _, text = cu.cudaGetErrorString(err)
+            desc = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
+        except Exception:  # no description: the name is enough
+            pass
+        raise VitedgeError(f"CUDA error in {what}: {name}" + (f" ({desc})" if desc else ""),
+                           "check the GPU and its driver (nvidia-smi), and that the GPU has free memory")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def gpu_info() -> dict | None:
-    """Name and compute capability of CUDA device 0, or None when there is none."""
+    """Name and compute capability of CUDA device 0 (through cuda-python), or None when there is none."""
+    cu = _cudart()
+    if cu is None:
+        return None
     try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
-    except Exception:  # torch without CUDA, or a broken driver
-        pass
-    if importlib.util.find_spec("cuda") is not None:
-        try:
-            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-        except ImportError:
-            try:
-                from cuda import cudart  # older cuda-python
-            except ImportError:
-                return None
-        try:
-            err, props = cudart.cudaGetDeviceProperties(0)
-            if int(err) == 0:
-                name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-                return {"name": name.strip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
-        except Exception:  # no driver / no device
+        if not cuda_check(cu.cudaGetDeviceCount(), "cudaGetDeviceCount", cu):
             return None
-    return None
+        props = cuda_check(cu.cudaGetDeviceProperties(0), "cudaGetDeviceProperties", cu)
+    except Exception:  # no driver / no device
+        return None
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return {"name": name.strip("\x00").strip(), "compute_capability": f"{props.major}.{props.minor}"}
 
 
 # -- pure helpers (tested without a GPU) --------------------------------------------------------
@@ -221,21 +288,233 @@ def compute_profile(shape: list, *, batch: int | None = None, profile=None, hint
     return {k: (b[i], c, spatial[0][i], spatial[1][i]) for i, k in enumerate(("min", "opt", "max"))}
 
 
-def builder_flags(info: OnnxInfo, precision_hint: str | None) -> tuple[list[str], str]:
-    """Names of ``trt.BuilderFlag`` to set, and the engine's precision for the manifest.
+def typing_plan(info: OnnxInfo, precision_hint: str | None) -> tuple[str | None, str, str]:
+    """How a strongly typed build gets its precision: ``(conversion, precision, float_precision)``.
 
-    FP32 ONNX: FP16 by default (``precision_hint='f32'`` keeps FP32/TF32, ``'bf16'`` sets BF16).
-    QDQ ONNX: INT8 (explicit quantization: the scales come from the Q/DQ nodes, no calibrator),
-    plus FP16 for the layers left in float unless ``f32`` is asked for.
-    FP16 ONNX: FP16.
+    ``conversion`` is None (build the ONNX as typed) or ``"fp16"`` (convert its float parts to FP16
+    with the overflow guard first); ``precision`` is the engine's for the manifest (``int8`` for a
+    QDQ ONNX); ``float_precision`` that of the layers left in float.  No builder precision flags are
+    ever set: TensorRT 11 has none, and on 10 they would make the build weakly typed.
     """
     hint = precision_hint or "f16"
-    float_flag = {"f16": ["FP16"], "bf16": ["BF16"], "f32": []}[hint]
-    if info.has_qdq:
-        return ["INT8"] + float_flag, "int8"
-    if info.fp16_weights:
-        return ["FP16"], "fp16"
-    return float_flag, {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}[hint]
+    if hint == "bf16":
+        raise VitedgeError("TensorRT builds here are strongly typed: BF16 would need an ONNX with BF16 types, which vitedge does not write",
+                           "use --precision-hint f16 (the default) or f32")
+    if hint not in ("f16", "f32"):
+        raise VitedgeError(f"precision hint {hint!r} is not f16 or f32 for TensorRT")
+    if info.fp16_weights:  # already typed FP16 (an FP16 file, or a QDQ file whose float parts are FP16)
+        if hint == "f32" and precision_hint:
+            log.warning("%s carries FP16 types: a strongly typed build keeps them (compile the FP32 export for FP32)", info.input_name)
+        return None, "int8" if info.has_qdq else "fp16", "fp16"
+    if hint == "f16":
+        return "fp16", "int8" if info.has_qdq else "fp16", "fp16"
+    return None, "int8" if info.has_qdq else "fp32", "fp32"
+
+
+def network_flags(trt) -> int:
+    """``create_network`` flags: STRONGLY_TYPED (TensorRT 10: opt-in; 11: always on, the flag accepted and ignored)."""
+    major = check_tensorrt_version(trt.__version__)
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None:
+        if major >= 11:  # strongly typed is the only mode
+            return 0
+        raise BackendUnavailable(f"TensorRT {trt.__version__} has no strongly typed networks", 'pip install "tensorrt>=10,<12"')
+    return 1 << int(flag)
+
+
+def profile_chunks(n: int, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """Split ``n`` images into runs the profile accepts: ``(start, stop, run_batch)``, chunks of at most
+    ``hi``; a chunk under ``lo`` (the last one, or the whole batch) runs padded to ``lo``."""
+    lo, hi = max(1, int(lo)), max(1, int(hi))
+    out = []
+    for start in range(0, n, hi):
+        stop = min(start + hi, n)
+        out.append((start, stop, max(stop - start, lo)))
+    return out
+
+
+def parser_errors(parser) -> list[str]:
+    """Every error of TensorRT's ONNX parser, each with the node it is about (index, name, op when known)."""
+    out = []
+    for i in range(int(parser.num_errors)):
+        e = parser.get_error(i)
+        desc = str(e.desc()).strip()
+        node = int(e.node()) if hasattr(e, "node") else -1
+        name = str(e.node_name()) if hasattr(e, "node_name") else ""
+        op = str(e.node_operator()) if hasattr(e, "node_operator") else ""
+        where = (f"node {node}" + (f" {name}" if name else "") + (f" ({op})" if op else "")) if node >= 0 else "graph"
+        out.append(f"{where}: {desc}")
+    return out
+
+
+def attach_timing_cache(config, path: Path | None) -> bool:
+    """Give the builder a timing cache, loaded from ``path`` when that file holds one for this TensorRT
+    and GPU.  A cache from another TensorRT version or GPU (or a damaged one) is ignored with a warning
+    and a new one is built (it replaces the file after the build).  Returns True when the file was reused."""
+    cache = config.create_timing_cache(b"")
+    if cache is None:
+        raise VitedgeError("TensorRT could not create a timing cache")
+    reused = False
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    if data:
+        try:
+            loaded = config.create_timing_cache(data)
+        except Exception:  # damaged file
+            loaded = None
+        # ITimingCache.combine returns False for a cache of another TensorRT version or (ignore_mismatch=False) GPU
+        reused = loaded is not None and bool(cache.combine(loaded, False))
+        if not reused:
+            from ..ui import note
+
+            note(f"timing cache {path} is from another TensorRT version or GPU (or damaged): ignored and rebuilt")
+    if not config.set_timing_cache(cache, False):
+        raise VitedgeError(f"TensorRT refused the timing cache{f' {path}' if path else ''}", "delete the file or give another --timing-cache")
+    return reused
+
+
+_TRT_DTYPES = (("int8", "int8"), ("fp8", "fp8"), ("int4", "int4"), ("bf16", "bf16"), ("bfloat", "bf16"), ("half", "fp16"),
+               ("fp16", "fp16"), ("fp32", "fp32"), ("float", "fp32"), ("int32", "int32"), ("int64", "int64"), ("bool", "bool"))
+_MYELIN = ("myelin", "foreignnode")
+
+
+def _dtype_of(fmt: str) -> str:
+    f = str(fmt).lower()
+    return next((name for key, name in _TRT_DTYPES if key in f), "?")
+
+
+def _dims(d) -> list[int]:
+    return [abs(int(v)) or 1 for v in (d or [])]  # -1 (dynamic, no context given): counted as 1, shares stay right for batch
+
+
+def _layer_macs(layer: dict) -> int:
+    kind = str(layer.get("ParameterType") or layer.get("LayerType") or "")
+    ins, outs = layer.get("Inputs") or [], layer.get("Outputs") or []
+    if not ins or not outs or not outs[0].get("Dimensions"):
+        return 0
+    out = _dims(outs[0]["Dimensions"])
+    a = _dims(ins[0].get("Dimensions"))
+    if "Convolution" in kind:
+        k = layer.get("Kernel") or []
+        groups = int(layer.get("Groups") or 1)
+        cin = a[1] if len(a) > 1 else 1
+        return int(np.prod(out)) * (cin // max(groups, 1)) * int(np.prod(_dims(k)) if k else 1)
+    if "MatrixMultiply" in kind or "Gemm" in kind or "FullyConnected" in kind:
+        trans = "TRANSPOSE" in str(layer.get("MatrixOpA", "")).upper()
+        k = (a[-2] if trans else a[-1]) if len(a) >= 2 else (a[-1] if a else 1)
+        return int(np.prod(out)) * k
+    return 0
+
+
+def parse_engine_information(text: str) -> list[dict]:
+    """Layers of TensorRT's engine-inspector JSON (``get_engine_information(LayerInformationFormat.JSON)``).
+
+    With ``ProfilingVerbosity.DETAILED`` every layer has ``Inputs``/``Outputs`` whose ``Format/Datatype``
+    names the precision it runs in (``Int8``, ``Half``/``FP16``, ``Float``/``FP32``...).  Each layer
+    gives ``name, type, precision, macs`` (MACs estimated for convolutions and matrix multiplies).
+    Layers TensorRT compiled into one fused subgraph (Myelin, "ForeignNode") report the precision of
+    their inputs only: what runs inside them is not listed by TensorRT, and they are marked ``fused``.
+    """
+    import json
+
+    data = json.loads(text)
+    layers = []
+    for item in data.get("Layers", []) if isinstance(data, dict) else []:
+        if isinstance(item, str):  # built without DETAILED verbosity: names only
+            layers.append({"name": item, "type": "?", "precision": "?", "macs": 0})
+            continue
+        ins, outs = item.get("Inputs") or [], item.get("Outputs") or []
+        fmt = next((t.get("Format/Datatype") for t in list(ins) + list(outs) if t.get("Format/Datatype")), "")
+        name, kind = str(item.get("Name", "?")), str(item.get("LayerType") or item.get("ParameterType") or "?")
+        layer = {"name": name, "type": kind, "precision": _dtype_of(fmt), "macs": _layer_macs(item)}
+        if any(m in (name + kind).lower() for m in _MYELIN):
+            layer["fused"] = True
+        layers.append(layer)
+    return layers
+
+
+def layers_summary(layers: list[dict], source: str) -> dict:
+    """The per-precision view validation shows (same keys as the OpenVINO and ONNX breakdowns)."""
+    macs_by: dict[str, int] = {}
+    count_by: dict[str, int] = {}
+    for layer in layers:
+        macs_by[layer["precision"]] = macs_by.get(layer["precision"], 0) + int(layer.get("macs") or 0)
+        count_by[layer["precision"]] = count_by.get(layer["precision"], 0) + 1
+    total = sum(macs_by.values())
+    fused = [layer["name"] for layer in layers if layer.get("fused")]
+    return {
+        "source": source + (f"; {len(fused)} fused subgraphs report only their input precision" if fused else ""),
+        "mac_share": {k: v / total for k, v in macs_by.items() if v} if total else {},
+        "int8_mac_share": macs_by.get("int8", 0) / total if total else 0.0,
+        "layer_count": count_by,
+        "layers": layers[:400],
+    }
+
+
+def engine_layers(engine, trt=None) -> list[dict]:
+    """Per-layer precisions of a deserialized ``ICudaEngine`` through its engine inspector."""
+    trt = trt or __import__("tensorrt")
+    inspector = engine.create_engine_inspector()
+    return parse_engine_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
+def precision_breakdown(eng) -> dict | None:
+    """:func:`vitedge.validation.precision_breakdown` for a :class:`TensorRTEngine`: the engine inspector's view."""
+    engine = getattr(eng, "_engine", None)
+    if engine is None:
+        return None
+    return layers_summary(engine_layers(engine), "tensorrt engine inspector (per-layer I/O precision, ProfilingVerbosity.DETAILED)")
+
+
+def _check_images(man: Manifest) -> list | None:
+    """The shipped check images through the model's preprocessing (the FP16 overflow guard's data), or None."""
+    from ..data import default_check_images
+
+    pre = man.preprocessing_obj
+    images = default_check_images()
+    if pre is None or not images:
+        return None
+    return [pre.batch(images)]
+
+
+def drop_stale_value_info(proto) -> int:
+    """Remove ``value_info`` entries of initializers: the FP16 converter leaves some that give an FP32
+    weight (kept for LayerNorm) the FP16 type, which strict ONNX type checking rejects; an
+    initializer's own type is the truth.  Returns how many were removed."""
+    inits = {i.name for i in proto.graph.initializer}
+    keep = [v for v in proto.graph.value_info if v.name not in inits]
+    dropped = len(proto.graph.value_info) - len(keep)
+    if dropped:
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(keep)
+    return dropped
+
+
+def convert_for_tensorrt(src: Path, out: Path, man: Manifest, *, qdq: bool) -> dict:
+    """Float parts of ``src`` to FP16 for a strongly typed build, with the FP16 overflow guard (nodes whose
+    activations overflow FP16 stay FP32, and the engine honours that because the build is strongly typed).
+    A QDQ file's Q/DQ nodes get FP16 scales, which needs ONNX opset 19."""
+    import onnx
+
+    from .._io import save_onnx
+    from ..quantization.fp16 import FP16_KEEP_FLOAT, convert_onnx_fp16
+
+    path = src
+    if qdq:
+        proto = onnx.load(str(src))
+        for o in proto.opset_import:
+            if o.domain in ("", "ai.onnx") and o.version < QDQ_FP16_OPSET:
+                o.version = QDQ_FP16_OPSET
+        path = out.with_name(out.stem + ".opset19.onnx")
+        save_onnx(proto, path)
+    data = _check_images(man)
+    res = convert_onnx_fp16(path, out, data)
+    proto = onnx.load(str(out))
+    if drop_stale_value_info(proto):
+        save_onnx(proto, out)
+    return {"to": "fp16", "tool": "vitedge.quantization.fp16.convert_onnx_fp16 (onnxruntime.transformers.float16, keep_io_types)",
+            "kept_fp32_nodes": len(res.kept), "kept_float_op_types": FP16_KEEP_FLOAT,
+            "overflow_guard": dict(res.guard, checked_on="the shipped check images" if data else "nothing (no check images)"),
+            **({"opset": QDQ_FP16_OPSET} if qdq else {})}
 
 
 def _major_minor(version: str) -> tuple[int, ...]:
@@ -282,34 +561,34 @@ def build_engine(src: Path, man: Manifest, scratch: Path, out_name: str, *, batc
     info = inspect_onnx(src)
     check_onnx_for_tensorrt(info)
     shapes = compute_profile(info.shape, batch=batch, profile=profile, hint=hint, img_size=img_size)
-    flags, precision = builder_flags(info, precision_hint)
-    require_tensorrt()
+    conversion, precision, float_precision = typing_plan(info, precision_hint)
+    trt = require_tensorrt()
 
-    import tensorrt as trt
+    typing = None
+    build_src = src
+    if conversion == "fp16":  # precision lives in the ONNX types: FP16 float layers, guarded nodes kept FP32
+        build_src = scratch / "tensorrt_input.fp16.onnx"
+        typing = convert_for_tensorrt(src, build_src, man, qdq=info.has_qdq)
 
     gpu = gpu_info() or {}
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    major = _major_minor(trt.__version__)[0]
-    # TensorRT 10 networks are always explicit-batch (the flag is deprecated); 8.x needs it
-    net_flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(net_flags)
+    network = builder.create_network(network_flags(trt))  # strongly typed
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(src)):
-        errs = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
-        raise VitedgeError(f"TensorRT's ONNX parser rejected {src.name}: {errs[0] if errs else 'unknown error'}",
-                           "check the opset (13-20) and ops; re-export with vitedge export")
+    if not parser.parse_from_file(str(build_src)):
+        errs = parser_errors(parser)
+        raise ModelNotSupported(f"TensorRT's ONNX parser rejected {src.name} ({len(errs)} error{'s' if len(errs) != 1 else ''}): "
+                                + ("; ".join(errs) if errs else "no error given"),
+                                "check the opset (13-20) and ops; re-export with vitedge export")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    for name in flags:
-        config.set_flag(getattr(trt.BuilderFlag, name))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer precisions in the engine inspector
     prof = builder.create_optimization_profile()
     prof.set_shape(info.input_name, shapes["min"], shapes["opt"], shapes["max"])
-    config.add_optimization_profile(prof)
+    if config.add_optimization_profile(prof) < 0:
+        raise VitedgeError(f"TensorRT refused the optimisation profile {shapes}", "check --profile and --img-size")
     cache_path = Path(timing_cache) if timing_cache else None
-    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.exists() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_reused = attach_timing_cache(config, cache_path)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise VitedgeError(f"TensorRT could not build an engine from {src.name}", "see the TensorRT log above; try a larger --workspace-mb")
@@ -317,89 +596,109 @@ def build_engine(src: Path, man: Manifest, scratch: Path, out_name: str, *, batc
     if cache_path:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    try:  # what TensorRT chose per layer (the engine inspector); a diagnostic, never a reason to fail
+        engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(serialized))
+        summary = layers_summary(engine_layers(engine, trt), "tensorrt engine inspector")
+        layer_precisions = {"layer_count": summary["layer_count"], "mac_share": summary["mac_share"], "source": summary["source"]}
+        del engine
+    except Exception as exc:
+        layer_precisions = {"source": f"unavailable ({type(exc).__name__}: {str(exc)[:120]})"}
     settings = {
         "tensorrt": {"version": trt.__version__, "gpu": gpu.get("name"), "compute_capability": gpu.get("compute_capability"),
                      "hardware_compatibility": "none", "version_compatible": False},
-        "flags": flags, "profile": {k: list(v) for k, v in shapes.items()}, "workspace_mb": int(workspace_mb),
-        "timing_cache": str(cache_path) if cache_path else None,
+        "strongly_typed": True, "flags": [], "float_precision": float_precision, "typing": typing,
+        "profile": {k: list(v) for k, v in shapes.items()}, "workspace_mb": int(workspace_mb),
+        "timing_cache": str(cache_path) if cache_path else None, "timing_cache_reused": cache_reused if cache_path else None,
+        "layer_precisions": layer_precisions,
     }
     return [out_name], settings, precision
 
 
 # -- runtime ------------------------------------------------------------------------------------
 class _Buffers:
-    """Device memory through torch (CUDA build) or cuda-python."""
+    """One CUDA stream and reusable device buffers for one execution context (through cuda-python).
 
-    def __init__(self):
-        try:
-            import torch
+    A tensor's device buffer is allocated the first time and reused while it is large enough (a
+    larger batch reallocates it once).  Copies in, the engine and copies out are queued on the one
+    stream, then one synchronisation: nothing runs on the default stream.  :meth:`close` frees the
+    buffers and destroys the stream."""
 
-            if torch.cuda.is_available():
-                self.torch, self.stream = torch, torch.cuda.Stream()
-                return
-        except ImportError:
-            pass
-        self.torch = None
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            try:
-                from cuda import cudart
-            except ImportError:
-                raise BackendUnavailable("running TensorRT engines needs a CUDA build of torch or cuda-python", "pip install cuda-python") from None
-        self.cudart = cudart
-        err, self.stream = cudart.cudaStreamCreate()
+    def __init__(self, cudart=None):
+        cu = cudart if cudart is not None else _cudart()
+        if cu is None:
+            raise BackendUnavailable("running TensorRT engines needs cuda-python", 'pip install "vitedge[tensorrt]" (it brings cuda-python)')
+        self.cu = cu
+        self.stream = cuda_check(cu.cudaStreamCreate(), "cudaStreamCreate", cu)
+        self.device: dict[str, tuple[int, int]] = {}  # tensor name -> (device pointer, bytes)
+        self.allocations = 0  # cudaMalloc calls so far
 
     @property
     def handle(self) -> int:
-        return self.stream.cuda_stream if self.torch else int(self.stream)
+        return int(self.stream)
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self.device.get(name, (None, 0))
+        if ptr is not None and size >= nbytes:
+            return ptr
+        if ptr is not None:
+            del self.device[name]
+            cuda_check(self.cu.cudaFree(ptr), f"cudaFree({name})", self.cu)
+        ptr = cuda_check(self.cu.cudaMalloc(max(int(nbytes), 1)), f"cudaMalloc({nbytes} bytes for {name})", self.cu)
+        self.device[name] = (ptr, int(nbytes))
+        self.allocations += 1
+        return ptr
 
     def run(self, context, engine, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tensorrt as trt
 
+        if self.stream is None:
+            raise VitedgeError("the TensorRT engine's CUDA stream was destroyed (engine closed)")
+        cu = self.cu
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         outs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        host: dict[str, np.ndarray] = {}
         for n, x in inputs.items():
-            context.set_input_shape(n, tuple(x.shape))
-        if self.torch:
-            t = self.torch
-            keep = {}
-            for n, x in inputs.items():
-                keep[n] = t.from_numpy(np.ascontiguousarray(x.astype(trt.nptype(engine.get_tensor_dtype(n))))).cuda()
-                context.set_tensor_address(n, keep[n].data_ptr())
-            for n in outs:
-                dt = trt.nptype(engine.get_tensor_dtype(n))
-                keep[n] = t.empty(tuple(context.get_tensor_shape(n)), dtype=t.from_numpy(np.zeros(1, dt)).dtype, device="cuda")
-                context.set_tensor_address(n, keep[n].data_ptr())
-            with t.cuda.stream(self.stream):
-                if not context.execute_async_v3(self.handle):
-                    raise VitedgeError("TensorRT failed to run the engine")
-            self.stream.synchronize()
-            return {n: keep[n].cpu().numpy().astype(np.float32) for n in outs}
-        cu = self.cudart
-        ptrs, results = [], {}
-        try:
-            for n, x in inputs.items():
-                x = np.ascontiguousarray(x.astype(trt.nptype(engine.get_tensor_dtype(n))))
-                _, p = cu.cudaMalloc(x.nbytes)
-                ptrs.append(p)
-                cu.cudaMemcpy(p, x.ctypes.data, x.nbytes, cu.cudaMemcpyKind.cudaMemcpyHostToDevice)
-                context.set_tensor_address(n, p)
-            for n in outs:
-                results[n] = np.empty(tuple(context.get_tensor_shape(n)), trt.nptype(engine.get_tensor_dtype(n)))
-                _, p = cu.cudaMalloc(results[n].nbytes)
-                ptrs.append(p)
-                context.set_tensor_address(n, p)
-            if not context.execute_async_v3(self.handle):
-                raise VitedgeError("TensorRT failed to run the engine")
-            cu.cudaStreamSynchronize(self.stream)
-            for n in outs:
-                cu.cudaMemcpy(results[n].ctypes.data, context.get_tensor_address(n), results[n].nbytes,
-                              cu.cudaMemcpyKind.cudaMemcpyDeviceToHost)
-        finally:
-            for p in ptrs:
-                cu.cudaFree(p)
-        return {n: v.astype(np.float32) for n, v in results.items()}
+            if not context.set_input_shape(n, tuple(int(d) for d in x.shape)):
+                raise ShapeMismatch(f"TensorRT refused the input shape {tuple(x.shape)} for {n}",
+                                    "the engine's optimisation profile does not cover it: rebuild with --profile / --img-size")
+            host[n] = np.ascontiguousarray(x, dtype=trt.nptype(engine.get_tensor_dtype(n)))
+            if not context.set_tensor_address(n, self._buffer(n, host[n].nbytes)):
+                raise VitedgeError(f"TensorRT refused the device buffer of {n}")
+        results: dict[str, np.ndarray] = {}
+        for n in outs:  # shapes are known once every input shape is set
+            shape = tuple(int(d) for d in context.get_tensor_shape(n))
+            if any(d < 0 for d in shape):
+                raise ShapeMismatch(f"TensorRT could not infer the shape of output {n} ({shape})")
+            results[n] = np.empty(shape, dtype=trt.nptype(engine.get_tensor_dtype(n)))
+            if not context.set_tensor_address(n, self._buffer(n, results[n].nbytes)):
+                raise VitedgeError(f"TensorRT refused the device buffer of {n}")
+        h2d, d2h = cu.cudaMemcpyKind.cudaMemcpyHostToDevice, cu.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for n, x in host.items():  # all on self.stream, in order: copies in, the engine, copies out
+            cuda_check(cu.cudaMemcpyAsync(self.device[n][0], x.ctypes.data, x.nbytes, h2d, self.stream), f"cudaMemcpyAsync({n} to the GPU)", cu)
+        if not context.execute_async_v3(self.handle):
+            raise VitedgeError("TensorRT failed to run the engine (execute_async_v3 returned False)", "see the TensorRT log above")
+        for n, r in results.items():
+            cuda_check(cu.cudaMemcpyAsync(r.ctypes.data, self.device[n][0], r.nbytes, d2h, self.stream), f"cudaMemcpyAsync({n} from the GPU)", cu)
+        cuda_check(cu.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize", cu)
+        return {n: v.astype(np.float32, copy=False) for n, v in results.items()}
+
+    def close(self) -> None:
+        """Free every device buffer and destroy the stream (idempotent); the first CUDA error is raised after all are tried."""
+        first = None
+        for name, (ptr, _) in list(self.device.items()):
+            try:
+                cuda_check(self.cu.cudaFree(ptr), f"cudaFree({name})", self.cu)
+            except VitedgeError as exc:
+                first = first or exc
+        self.device.clear()
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            try:
+                cuda_check(self.cu.cudaStreamDestroy(stream), "cudaStreamDestroy", self.cu)
+            except VitedgeError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
 
 def current_platform() -> dict:
@@ -437,9 +736,15 @@ class TensorRTEngine(Engine):
         self._input = self.input_name
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        hi = ((self.manifest.compile.get("profile") or {}).get("max") or [len(batch)])[0]
-        if len(batch) > hi:  # beyond the profile's max batch: run in chunks
-            parts = [self._run(batch[i : i + hi]) for i in range(0, len(batch), hi)]
+        prof = self.manifest.compile.get("profile") or {}
+        lo, hi = (prof.get("min") or [1])[0], (prof.get("max") or [len(batch)])[0]
+        if not lo <= len(batch) <= hi:  # outside the profile: chunks of its max, the last padded up to its min
+            parts = []
+            for start, stop, size in profile_chunks(len(batch), lo, hi):
+                chunk = batch[start:stop]
+                if size > len(chunk):
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+                parts.append({k: v[: stop - start] for k, v in self._run(chunk).items()})
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         context = self._take(self._contexts)  # one execution context: callers run one at a time
         try:
@@ -451,6 +756,7 @@ class TensorRTEngine(Engine):
         # Engine.close() calls this once no run is in flight, so the context is back in its list
         self._contexts.clear()
         self._engine = self._runtime = None
+        self._buffers.close()  # frees the device buffers and destroys the CUDA stream
 
 
 def compile_tensorrt(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint, device,

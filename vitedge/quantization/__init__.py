@@ -201,6 +201,10 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
             proto = onnx.load(str(tmp_out), load_external_data=False)
             tmp_man = parent.derive(output.name, fmt, precision=precision, backend=backend)
             embed_metadata(proto, tmp_man)
+            if backend == "tensorrt":  # TensorRT parses this file as typed: no stale value_info types on weights
+                from ..backends.tensorrt import drop_stale_value_info
+
+                drop_stale_value_info(proto)
             onnx.save(proto, str(tmp_out))
 
         man = parent.derive(output.name, fmt, precision=precision, backend=backend, quantization=_clean(qinfo))
