@@ -57,6 +57,7 @@ from ..errors import (
     ModelNotSupported,
     ShapeMismatch,
     VitedgeError,
+    first_line,
 )
 from ..manifest import Manifest
 from .base import Engine
@@ -501,10 +502,17 @@ def convert_for_tensorrt(src: Path, out: Path, man: Manifest, *, qdq: bool) -> d
     path = src
     if qdq:
         proto = onnx.load(str(src))
-        for o in proto.opset_import:
-            if o.domain in ("", "ai.onnx") and o.version < QDQ_FP16_OPSET:
-                o.version = QDQ_FP16_OPSET
-        path = out.with_name(out.stem + ".opset19.onnx")
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), QDQ_FP16_OPSET)
+        if opset < QDQ_FP16_OPSET:  # ONNX's version converter: ops whose signature changed (ReduceMean's axes...) are adapted
+            from onnx import version_converter
+
+            try:
+                proto = version_converter.convert_version(proto, QDQ_FP16_OPSET)
+            except Exception as exc:
+                raise VitedgeError(f"{src.name} (opset {opset}) cannot be converted to opset {QDQ_FP16_OPSET}, which FP16 Q/DQ needs "
+                                   f"({type(exc).__name__}: {first_line(exc, 120)})",
+                                   "compile with --precision-hint f32 (float parts in FP32), or export at opset 19") from None
+        path = out.with_name(out.stem + f".opset{QDQ_FP16_OPSET}.onnx")
         save_onnx(proto, path)
     data = _check_images(man)
     res = convert_onnx_fp16(path, out, data)
