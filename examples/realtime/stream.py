@@ -7,7 +7,7 @@ inference falls behind, the capture thread drops the oldest waiting frame instea
 latency grow (what a live camera does).  Every second it prints the rolling FPS and the p50/p99 end-to-end latency
 (capture to result); a summary closes the run.
 
-    python examples/realtime/stream.py ENGINE --frames DIR [--fps 30] [--seconds 10]
+    python examples/realtime/stream.py ENGINE --frames DIR [--fps 30] [--seconds 10] [--max-frames N]
     python examples/realtime/stream.py ENGINE --video clip.mp4 [--fps 0]      # needs vitedge[video]
     python examples/realtime/stream.py --make-video clip.mp4 --frames DIR     # a test clip from images
 
@@ -32,6 +32,15 @@ import vitedge
 from vitedge.data import list_images
 
 STOP = object()
+VIDEO_HINT = 'pip install "vitedge[video]" (imageio + imageio-ffmpeg)'
+
+
+def need_imageio(what: str) -> None:
+    """Stop with one line (not a traceback) when the optional video extra is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("imageio") is None:
+        sys.exit(f"error: {what} needs imageio, which is not installed — {VIDEO_HINT}")
 
 
 # -- sources ------------------------------------------------------------------------------------
@@ -48,10 +57,8 @@ def folder_frames(folder: Path, loop: bool):
 
 
 def video_frames(path: Path, loop: bool):
-    try:
-        import imageio.v3 as iio
-    except ImportError:
-        sys.exit('error: reading video needs imageio — pip install "vitedge[video]" (imageio + imageio-ffmpeg)')
+    import imageio.v3 as iio  # main() checked that it is installed
+
     while True:
         for frame in iio.imiter(path, plugin="pyav") if _has_pyav() else iio.imiter(path):
             yield np.ascontiguousarray(frame[..., :3]), None
@@ -63,6 +70,13 @@ def _has_pyav() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("av") is not None
+
+
+def check_frames(folder: Path) -> None:
+    if not folder.is_dir():
+        sys.exit(f"error: frames folder {folder} does not exist")
+    if not list_images(folder):
+        sys.exit(f"error: no images in {folder}")
 
 
 def make_video(out: Path, folder: Path, fps: int, size: int = 128) -> None:
@@ -106,7 +120,10 @@ class Stats:
         return (len(items) - 1) / span, float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
 
 
-def run(engine, frames, fps: float, seconds: float, workers: int, qsize: int, quiet: bool = False) -> dict:
+def run(engine, frames, fps: float, seconds: float, workers: int, qsize: int, quiet: bool = False,
+        max_frames: int | None = None) -> dict:
+    """Run the pipeline for ``seconds`` (or ``max_frames`` captured frames, or the end of a non-looping
+    source, whichever comes first).  A stage that fails stops the run; its error is re-raised."""
     pre = engine.preprocessing
     raw_q: queue.Queue = queue.Queue(maxsize=qsize)
     ready_q: queue.Queue = queue.Queue(maxsize=qsize)
@@ -114,8 +131,18 @@ def run(engine, frames, fps: float, seconds: float, workers: int, qsize: int, qu
     stop = threading.Event()
     last = {"label": None, "prob": 0.0, "truth": None}
     correct = [0, 0]
+    failures: list[BaseException] = []
 
     def capture():
+        try:
+            produce()
+        except BaseException as exc:  # noqa: BLE001 - a bad source ends the run with its error, never a hang
+            failures.append(exc)
+        finally:
+            for _ in range(workers):
+                raw_q.put(STOP)
+
+    def produce():
         period = 1.0 / fps if fps > 0 else 0.0
         t_next = time.perf_counter()
         t_end = t_next + seconds
@@ -141,16 +168,32 @@ def run(engine, frames, fps: float, seconds: float, workers: int, qsize: int, qu
                             pass
             else:
                 raw_q.put(item)  # offline file: back-pressure, never drop
-        for _ in range(workers):
-            raw_q.put(STOP)
+            if max_frames and i + 1 >= max_frames:
+                break
 
     def preprocess():
-        while (item := raw_q.get()) is not STOP:
-            i, t_cap, frame, truth = item
-            ready_q.put((i, t_cap, pre(frame), truth))
-        ready_q.put(STOP)
+        try:
+            while (item := raw_q.get()) is not STOP:
+                if failures:
+                    continue  # drain: the run is ending
+                i, t_cap, frame, truth = item
+                ready_q.put((i, t_cap, pre(frame), truth))
+        except BaseException as exc:  # noqa: BLE001
+            failures.append(exc)
+            stop.set()
+            while raw_q.get() is not STOP:  # let capture finish
+                pass
+        finally:
+            ready_q.put(STOP)
 
     def infer():
+        try:
+            classify()
+        except BaseException as exc:  # noqa: BLE001
+            failures.append(exc)
+            stop.set()
+
+    def classify():
         stopped = 0
         labels = engine.manifest.labels or []
         while stopped < workers:
@@ -187,6 +230,8 @@ def run(engine, frames, fps: float, seconds: float, workers: int, qsize: int, qu
     except KeyboardInterrupt:
         stop.set()
         threads[-1].join()
+    if failures:
+        raise failures[0]
     wall = time.perf_counter() - t0
     lat = np.array(stats.all_latency) * 1e3 if stats.all_latency else np.array([np.nan])
     return {
@@ -205,6 +250,8 @@ def main(argv=None) -> None:
     src.add_argument("--video", type=Path, help="video file (needs vitedge[video]: imageio + imageio-ffmpeg)")
     ap.add_argument("--fps", type=float, default=30.0, help="target frame rate of the source; 0 = as fast as possible (default 30)")
     ap.add_argument("--seconds", type=float, default=10.0, help="stop after this long (default 10)")
+    ap.add_argument("--max-frames", type=int, default=None, metavar="N",
+                    help="stop after N frames from the source (a short run, e.g. a smoke test)")
     ap.add_argument("--no-loop", action="store_true", help="stop at the end of the frames instead of looping")
     ap.add_argument("--workers", type=int, default=1, help="preprocessing threads (default 1)")
     ap.add_argument("--queue", type=int, default=1, help="frames buffered between stages (default 1: lowest latency)")
@@ -212,13 +259,27 @@ def main(argv=None) -> None:
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     ap.add_argument("--make-video", type=Path, help="write a test clip from --frames instead of classifying")
     args = ap.parse_args(argv)
+    if args.max_frames is not None and args.max_frames < 1:
+        ap.error("--max-frames must be at least 1")
     if args.make_video:
         if not args.frames:
             ap.error("--make-video needs --frames DIR")
-        make_video(args.make_video, args.frames, int(args.fps or 30))
+        need_imageio("--make-video (writing a video file)")
+        check_frames(args.frames)
+        try:
+            make_video(args.make_video, args.frames, int(args.fps or 30))
+        except Exception as exc:  # noqa: BLE001 - e.g. no ffmpeg for imageio: one line, not a traceback
+            args.make_video.unlink(missing_ok=True)
+            sys.exit(f"error: cannot write {args.make_video} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}) — {VIDEO_HINT}")
         return
     if args.engine is None or not (args.frames or args.video):
         ap.error("give ENGINE and --frames DIR or --video FILE")
+    if args.video:
+        need_imageio("--video (reading a video file)")
+        if not args.video.is_file():
+            sys.exit(f"error: video file {args.video} does not exist")
+    else:
+        check_frames(args.frames)
     options = {"threads": args.threads} if args.threads else {}
     try:
         engine = vitedge.load(args.engine, **options)
@@ -228,7 +289,13 @@ def main(argv=None) -> None:
     with engine:
         print(f"{engine!r}, source {'frames ' + str(args.frames) if args.frames else 'video ' + str(args.video)} at "
               f"{args.fps or 'max'} FPS, {args.workers} preprocessing worker(s)", flush=True)
-        summary = run(engine, frames, args.fps, args.seconds, max(1, args.workers), max(1, args.queue), quiet=args.json)
+        try:
+            summary = run(engine, frames, args.fps, args.seconds, max(1, args.workers), max(1, args.queue),
+                          quiet=args.json, max_frames=args.max_frames)
+        except vitedge.VitedgeError as exc:
+            sys.exit(f"error: {exc}")
+        except Exception as exc:  # noqa: BLE001 - e.g. a corrupt video: one line, not a traceback
+            sys.exit(f"error: {type(exc).__name__}: {' '.join(str(exc).split())}")
     if args.json:
         print(json.dumps(summary))
     else:
