@@ -276,7 +276,8 @@ def _ort_int8(src, tmp_out, scratch, backend, method, stream, parent, ev, max_dr
     prepared = ort_int8.prepare(src, scratch / "prepared.onnx")
     cfg = ort_int8.tensorrt_config(prepared)  # NVIDIA's placement: attention core and GEMVs stay float
     note(f"INT8 {cfg.label} for {backend} ({method} calibration): {cfg.reason} "
-         f"({len(cfg.float_roles.get('attention', []))} attention MatMuls, {len(cfg.float_roles.get('gemv', []))} GEMVs in float)")
+         f"({len(cfg.float_roles.get('attention', []))} attention MatMuls, {len(cfg.float_roles.get('gemv', []))} GEMVs, "
+         f"{len(cfg.float_roles.get('small', []))} small MatMuls in float)")
     cache = ort_int8.calibrate(prepared, stream, parent.inputs[0].name, method, scratch, symmetric=cfg.activation_symmetric)
     ort_int8.quantize_qdq(prepared, tmp_out, cache, cfg, method)
     qinfo.update(tool="onnxruntime.quantization.quantize_static (QDQ)", config=cfg.to_dict(), excluded_nodes=[],

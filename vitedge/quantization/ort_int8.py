@@ -17,6 +17,7 @@ onnxruntime-gpu and CuPy, which replace the CPU onnxruntime (see docs/tensorrt.m
   :func:`vitedge.quantization.nncf_int8.graph_roles`, are not quantized;
 * GEMVs stay in float: a MatMul/Gemm whose activation has one row per image (the classifier head on
   the CLS token) gains nothing from INT8 on a GPU and loses accuracy;
+* MatMul/Gemm with a weight dimension (K or N) under 16 stay in float (too small for INT8 Tensor Cores);
 * one Q/DQ pair per tensor, shared by all its readers (``DedicatedQDQPair: False``), so TensorRT sees
   one scale per tensor (q, k and v read the LayerNorm output through the same pair);
 * entropy calibration by default for this path (``vitedge.quantization.quantize``).
@@ -37,6 +38,7 @@ from .calibration import StreamingBatches
 
 log = logging.getLogger("vitedge")
 
+MIN_MATMUL_DIM = 16  # modelopt's _MIN_MATMUL_DIM: MatMul/Gemm with K or N below it stay float
 QUANT_OP_TYPES = ["MatMul", "Gemm", "Conv"]  # LayerNorm, Softmax, GELU stay float (ViT-aware default)
 CALIB_BATCH = 8
 CHUNK_BATCHES = 4  # batches per collect_data call for MinMax (its augmented outputs are per-tensor min/max scalars)
@@ -92,7 +94,8 @@ def tensorrt_config(model: Path | None = None) -> QDQConfig:
 
 def tensorrt_float_nodes(model: Path) -> dict[str, list[str]]:
     """Matrix nodes NVIDIA's placement leaves in float: ``attention`` (MatMuls of two activations: q·kᵀ
-    and softmax·v) and ``gemv`` (MatMul/Gemm whose activation input has one row per image)."""
+    and softmax·v), ``gemv`` (MatMul/Gemm whose activation input has one row per image) and ``small``
+    (a weight with fewer than 16 rows or columns, e.g. a 10-class head)."""
     import onnx
 
     from .nncf_int8 import graph_roles
@@ -104,23 +107,26 @@ def tensorrt_float_nodes(model: Path) -> dict[str, list[str]]:
     for v in list(g.value_info) + list(g.input) + list(g.output):
         if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
             shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-    inits = {i.name for i in g.initializer}
+    inits = {i.name: i for i in g.initializer}
     attention = set(roles.attention)
-    gemv = []
+    gemv, small = [], []
     for n in g.node:
         if n.op_type not in ("MatMul", "Gemm") or n.name in attention:
             continue
         act = next((i for i in n.input[:2] if i and i not in inits), None)
         shape = shapes.get(act) if act else None
-        if not shape:
-            continue
-        trans_a = n.op_type == "Gemm" and any(a.name == "transA" and a.i for a in n.attribute)
-        rows = shape[-1] if trans_a else shape[-2] if len(shape) >= 2 else None
-        if len(shape) == 2 and not trans_a:  # (N, K): one row per image (batch N)
-            gemv.append(n.name)
-        elif len(shape) >= 3 and rows == 1:  # (N, 1, K)
-            gemv.append(n.name)
-    return {"attention": sorted(attention), "gemv": gemv}
+        if shape:
+            trans_a = n.op_type == "Gemm" and any(a.name == "transA" and a.i for a in n.attribute)
+            if (len(shape) == 2 and not trans_a) or (len(shape) >= 3 and shape[-2] == 1):  # (N, K) or (N, 1, K): one row per image
+                gemv.append(n.name)
+                continue
+        w = inits.get(n.input[1]) if len(n.input) > 1 else None
+        if w is not None and len(w.dims) == 2:  # K or N under 16: too small for INT8 Tensor Core kernels (modelopt's rule)
+            trans_b = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+            k, m = (w.dims[1], w.dims[0]) if trans_b else (w.dims[0], w.dims[1])
+            if min(k, m) < MIN_MATMUL_DIM:
+                small.append(n.name)
+    return {"attention": sorted(attention), "gemv": gemv, "small": small}
 
 
 def _method(name: str):
