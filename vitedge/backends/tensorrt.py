@@ -305,7 +305,8 @@ def typing_plan(info: OnnxInfo, precision_hint: str | None) -> tuple[str | None,
         raise VitedgeError(f"precision hint {hint!r} is not f16 or f32 for TensorRT")
     if info.fp16_weights:  # already typed FP16 (an FP16 file, or a QDQ file whose float parts are FP16)
         if hint == "f32" and precision_hint:
-            log.warning("%s carries FP16 types: a strongly typed build keeps them (compile the FP32 export for FP32)", info.input_name)
+            log.warning("the ONNX carries FP16 types: a strongly typed build keeps them, whatever --precision-hint says "
+                        "(compile the FP32 export for an FP32 engine)")
         return None, "int8" if info.has_qdq else "fp16", "fp16"
     if hint == "f16":
         return "fp16", "int8" if info.has_qdq else "fp16", "fp16"
