@@ -156,3 +156,22 @@ def test_stream_corrupt_frame_ends_the_run_with_one_line(tmp_path, ref_onnx):
               tmp_path, timeout=120)
     err = res.stderr.strip()
     assert res.returncode != 0 and "Traceback" not in err and len(err.splitlines()) == 1 and "b.png" in err, err
+
+
+def test_compile_settings_runs_as_the_readme_writes_it(tmp_path, ref_onnx):
+    """`python examples/realtime/compile_settings.py ref.onnx` (the README's command), with few timing rounds."""
+    cmd = re.search(r"`(python examples/realtime/compile_settings\.py [^`]+)`", (EXAMPLE / "README.md").read_text()).group(1)
+    work = checkout_like(tmp_path)
+    shutil_copy_artifact(ref_onnx, work / "ref.onnx")
+    res = run([*argv(cmd), "--rounds", "1", "--iters", "2"], work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "openvino batch=1 bf16" in res.stdout and "onnxruntime batch=dynamic" in res.stdout, res.stdout
+
+
+def shutil_copy_artifact(src: Path, dst: Path) -> None:
+    """Copy an exported ONNX file with its manifest (named after the file)."""
+    import shutil
+
+    shutil.copy(src, dst)
+    for side in src.parent.glob(src.name + ".*"):
+        shutil.copy(side, dst.parent / (dst.name + side.name[len(src.name):]))
