@@ -106,6 +106,9 @@ def test_quickstart_end_to_end_then_cached(tmp_path):
     assert eng is not None
     # the bundle: one folder, loadable, with the report beside the engine
     assert (tmp_path / "qs" / "report" / "report.html").exists()
+    # the data paths it reports are normalised (the recipe names ../calibration_data)
+    report_text = (tmp_path / "qs" / "report" / "report.json").read_text()
+    assert "calibration_data" in report_text and "/../" not in report_text
     with vitedge.load(tmp_path / "qs") as engine:
         assert engine.manifest.precision == "int8"
         assert engine.predict([next((recipe.base_dir / "../calibration_data/digits/val/4").glob("*.png"))])[0].labels[0] == "4"
