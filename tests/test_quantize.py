@@ -199,10 +199,10 @@ def test_max_drop_keeps_sensitive_layers_float(ref_onnx, calib_dir, val_dir, tmp
     for n in g.node:
         if n.name in kept:
             assert not set(n.input) & quantized_inputs  # really float
-    report = json.loads((tmp_path / "aware.sensitivity.json").read_text())
+    report = json.loads((tmp_path / "aware.onnx.sensitivity.json").read_text())
     assert len(report["layers"]) == 26 and report["layers"][0]["rank"] == 1
     assert report["kept_float"] == kept == [r["node"] for r in report["layers"][: len(kept)]]
-    assert "| rank | node |" in (tmp_path / "aware.sensitivity.md").read_text()
+    assert "| rank | node |" in (tmp_path / "aware.onnx.sensitivity.md").read_text()
 
 
 # -- bad input: one-line error, nothing written -------------------------------------------------------------------------

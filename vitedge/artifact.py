@@ -48,9 +48,16 @@ class Artifact:
     path: Path
     manifest: Manifest
 
-    def __iter__(self):  # ``path, manifest = export_onnx(...)`` keeps working
+    # ``path, manifest = export_onnx(...)`` and ``result[0]`` keep working (0.1 returned that tuple)
+    def __iter__(self):
         yield self.path
         yield self.manifest
+
+    def __getitem__(self, index):
+        return (self.path, self.manifest)[index]
+
+    def __len__(self) -> int:
+        return 2
 
     @property
     def manifest_path(self) -> Path:
