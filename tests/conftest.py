@@ -78,3 +78,18 @@ def photo_dir(tmp_path_factory) -> Path:
         for i, (top, left) in enumerate([(0, 0), (0, w // 3), (h // 4, w // 2), (h // 3, 0), (h // 2, w // 4), (h // 5, w // 5), (0, w // 2), (h // 3, w // 3)]):
             Image.fromarray(arr[top : top + h // 2 + 20 * i, left : left + w // 2]).save(out / f"{name}_{i}.jpg", quality=92)
     return out
+
+
+@pytest.fixture(scope="session")
+def digit_images(val_dir) -> list[Path]:
+    """One shipped validation image per digit class, classes in order."""
+    return [sorted((val_dir / str(c)).iterdir())[0] for c in range(10)]
+
+
+@pytest.fixture(scope="session")
+def digit_batch(ref_onnx, digit_images):
+    """``digit_images`` preprocessed for the reference model (10, C, H, W)."""
+    import vitedge
+
+    with vitedge.load(ref_onnx) as e:
+        return e.preprocessing.batch(digit_images)

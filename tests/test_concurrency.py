@@ -36,14 +36,13 @@ def load(paths, kind, **options):
 
 
 @pytest.fixture(scope="module")
-def images(val_dir):
-    return [sorted((val_dir / str(c)).iterdir())[0] for c in range(10)]
+def images(digit_images):
+    return digit_images
 
 
 @pytest.fixture(scope="module")
-def batch(ref_onnx, images):
-    with vitedge.load(ref_onnx) as e:
-        return e.preprocessing.batch(images)
+def batch(digit_batch):
+    return digit_batch
 
 
 def run_threads(work, n: int = N, *, before_join=None, timeout: float = JOIN_S):

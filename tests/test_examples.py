@@ -16,13 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import doc_blocks
 import pytest
+from doc_blocks import FENCE, ROOT, VITEDGE
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "realtime"
 STREAM = EXAMPLE / "stream.py"
-VITEDGE = Path(sys.executable).with_name("vitedge")
-FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
 HAS_VIDEO = importlib.util.find_spec("imageio") is not None
 INSTALL_VIDEO = 'pip install "vitedge[video]"'
 MAX_FRAMES = 12
@@ -37,11 +36,7 @@ def bash_commands(readme: Path) -> list[str]:
 
 
 def checkout_like(tmp: Path) -> Path:
-    work = tmp / "work"
-    work.mkdir()
-    for name in ("examples", "calibration_data"):
-        (work / name).symlink_to(ROOT / name, target_is_directory=True)
-    return work
+    return doc_blocks.checkout_like(tmp, ("examples", "calibration_data"))
 
 
 def argv(cmd: str) -> list[str]:

@@ -16,7 +16,7 @@ from onnx import numpy_helper
 import vitedge
 from vitedge._io import sha256_file
 from vitedge.data import ImageSet, label_indices
-from vitedge.errors import GateFailed, VitedgeError
+from vitedge.errors import VitedgeError
 from vitedge.manifest import Manifest
 from vitedge.quantization import quantize
 

@@ -13,22 +13,19 @@ from __future__ import annotations
 import ast
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import doc_blocks
 import pytest
 import yaml
+from doc_blocks import ROOT, VITEDGE, blocks
 
-ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-VITEDGE = Path(sys.executable).with_name("vitedge")
-FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
 
 
-def code_blocks(text: str, lang: str) -> list[str]:
-    return [body for kind, body in FENCE.findall(text) if kind == lang]
+code_blocks = blocks
 
 
 def shell_commands(text: str, program: str = "vitedge") -> list[str]:
@@ -62,11 +59,7 @@ def run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Complete
 
 def checkout_like(tmp: Path) -> Path:
     """A working folder where the README's relative paths mean what they mean in a checkout."""
-    work = tmp / "work"
-    work.mkdir()
-    for name in ("recipes", "calibration_data"):
-        (work / name).symlink_to(ROOT / name, target_is_directory=True)
-    return work
+    return doc_blocks.checkout_like(tmp, ("recipes", "calibration_data"))
 
 
 def stand_in_bundle(work: Path, onnx: Path, name: str) -> None:

@@ -28,14 +28,13 @@ def compiled(tmp_path_factory, ref_onnx):
 
 
 @pytest.fixture(scope="module")
-def images(val_dir):
-    return [sorted((val_dir / str(c)).iterdir())[0] for c in range(10)]
+def images(digit_images):
+    return digit_images
 
 
 @pytest.fixture(scope="module")
-def batch(ref_onnx, images):
-    with vitedge.load(ref_onnx) as e:
-        return e.preprocessing.batch(images)
+def batch(digit_batch):
+    return digit_batch
 
 
 @pytest.mark.parametrize("kind,backend", [("onnx", "onnxruntime"), ("ort", "onnxruntime"), ("ov", "openvino"), ("blob", "openvino"),
