@@ -261,46 +261,19 @@ def _skip_fp16_roundtrips(half) -> int:
         for i, name in enumerate(n.input):
             if name in rename:
                 n.input[i] = rename[name]
-    while True:  # drop casts nobody reads any more
-        used = {i for n in g.node for i in n.input} | outputs
-        dead = [n for n in g.node if n.op_type == "Cast" and not (set(n.output) & used)]
-        if not dead:
-            break
-        for n in dead:
-            g.node.remove(n)
-    return len(rename)
+    return len(rename)  # the Casts nobody reads any more go in toposort()
 
 
 def toposort(proto) -> None:
-    """Put the nodes in topological order (the ORT converter appends its Casts at the end, which ONNX
-    forbids and strict consumers such as ``onnx.reference`` or some compilers reject)."""
-    g = proto.graph
-    avail = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
-    nodes = list(g.node)
-    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
-    waiting = [sum(1 for i in set(n.input) if i not in avail and i in producer) for n in nodes]
-    readers: dict[int, list[int]] = {}
-    for k, n in enumerate(nodes):
-        for i in set(n.input):
-            if i not in avail and i in producer:
-                readers.setdefault(producer[i], []).append(k)
-    import heapq
+    """Put the nodes in topological order and drop the Casts nobody reads (the ORT converter appends its
+    Casts at the end, which ONNX forbids and strict consumers such as ``onnx.reference`` reject)."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-    ready = [k for k, w in enumerate(waiting) if w == 0]  # a heap: keeps the original order where it can
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        k = heapq.heappop(ready)
-        order.append(k)
-        for r in readers.get(k, []):
-            waiting[r] -= 1
-            if waiting[r] == 0:
-                heapq.heappush(ready, r)
-    if len(order) != len(nodes):  # a cycle or a dangling input: leave the graph as it is
-        return
-    ordered = [nodes[k] for k in order]
-    del g.node[:]
-    g.node.extend(ordered)
+    model = ir.from_proto(proto)
+    TopologicalSortPass()(model)
+    RemoveUnusedNodesPass()(model)
+    proto.CopyFrom(ir.to_proto(model))
 
 
 def _name_nodes(proto) -> None:
