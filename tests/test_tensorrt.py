@@ -475,6 +475,15 @@ def test_engine_inspector_json_gives_per_layer_precisions():
         {"name": "b", "type": "?", "precision": "?", "macs": 0}
 
 
+def test_validation_shows_the_inspector_view_for_tensorrt(monkeypatch):
+    from vitedge import validation
+
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(LayerInformationFormat=SimpleNamespace(JSON="json")))
+    engine = SimpleNamespace(create_engine_inspector=lambda: SimpleNamespace(get_engine_information=lambda fmt: INSPECTOR_JSON))
+    pb = validation.precision_breakdown(SimpleNamespace(engine=SimpleNamespace(_engine=engine, artifact="m.engine"), backend="tensorrt"))
+    assert pb["source"].startswith("tensorrt engine inspector") and pb["int8_mac_share"] > 0.9 and len(pb["layers"]) == 3
+
+
 def _fake_trt_module(cuda: FakeCuda, *, version="10.7.0", parse_ok=True, seen=None, inspector_json=INSPECTOR_JSON):
     """Enough of the tensorrt module for build_engine and TensorRTEngine; no BuilderFlag at all."""
     seen = seen if seen is not None else {}
