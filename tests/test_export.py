@@ -314,3 +314,30 @@ def test_cli_bad_input(tmp_path, args, message):
 def test_cli_bad_batch_value(tmp_path):
     res = _cli("export", "reference", "-o", tmp_path / "x.onnx", "--batch", "many")
     assert res.exit_code == 2 and "use 'dynamic' or a positive integer" in res.stderr
+
+
+def test_last_block_runs_for_the_cls_token_only(tmp_path):
+    """The classifier reads CLS only: the exported last block's projection and MLP run on 1 token, not 197,
+    and the file still matches the full PyTorch model (export verifies it)."""
+    import onnx
+
+    from vitedge import export_onnx, load_model
+
+    spec = load_model("vit_tiny")
+    lean = export_onnx(spec, tmp_path / "lean.onnx", batch=1, images=[])
+    full = export_onnx(spec, tmp_path / "full.onnx", batch=1, images=[], cls_only_last_block=False)
+    assert lean.manifest.model["graph"]["last_block"] == "cls_token_only"
+    assert full.manifest.model["graph"]["last_block"] == "all_tokens"
+
+    def one_token_matmuls(path):
+        g = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+        shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in g.value_info}
+        return [n for n in g.node if n.op_type in ("MatMul", "Gemm") and len(shapes.get(n.output[0], [])) == 3
+                and shapes[n.output[0]][1] == 1]
+
+    assert len(one_token_matmuls(tmp_path / "lean.onnx")) >= 3 and one_token_matmuls(tmp_path / "full.onnx") == []
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    from vitedge import load
+
+    with load(tmp_path / "lean.onnx") as a, load(tmp_path / "full.onnx") as b:
+        np.testing.assert_allclose(a.infer(x), b.infer(x), atol=1e-4)

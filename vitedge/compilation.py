@@ -259,7 +259,7 @@ def compile_model(
     dynamic for throughput), ``None``/``"dynamic"`` or a fixed size.  ``threads``: intra-op threads
     (default: all cores).  ``hint``: ``latency`` or ``throughput``.  ``precision_hint``: ``f32``,
     ``bf16`` or ``f16`` for the ops computed in float (OpenVINO: inference precision; TensorRT:
-    builder flags, default f16).  ``device``: OpenVINO device (CPU, GPU, AUTO, ...).  ``streams``:
+    the float type written into the strongly typed network, default f16).  ``device``: OpenVINO device (CPU, GPU, AUTO, ...).  ``streams``:
     OpenVINO streams.  ``export_blob``: also write the OpenVINO compiled blob (fast cold start).
     ``workspace_mb``, ``profile`` (``"min,opt,max"`` batch sizes), ``timing_cache``: TensorRT.
     ``preprocessing``: for an ONNX file without a vitedge manifest (a Preprocessing, a dict of options

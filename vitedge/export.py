@@ -7,6 +7,7 @@ manifest.  A failed check leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -166,6 +167,25 @@ def ort_session(path: Path, threads: int | None = None):
         raise VitedgeError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from None
 
 
+def _has_cls_only(model, wanted: bool) -> bool:
+    from .models.vit import VisionTransformer
+
+    return wanted and isinstance(model, VisionTransformer)
+
+
+@contextlib.contextmanager
+def _cls_only(model, wanted: bool):
+    """Export vitedge's ViT with its last block computed for the CLS token only (restored afterwards)."""
+    if not _has_cls_only(model, wanted):
+        yield
+        return
+    model.cls_only_last_block = True
+    try:
+        yield
+    finally:
+        model.cls_only_last_block = False
+
+
 def export_onnx(
     model: "str | Path | torch.nn.Module | ModelSpec",
     output: str | Path,
@@ -176,8 +196,13 @@ def export_onnx(
     images: list[Path] | None = None,
     tolerance: Tolerance | None = None,
     on_stage: "Callable[[str], None] | None" = None,
+    cls_only_last_block: bool = True,
 ) -> Artifact:
     """Export to ONNX and verify it.  ``batch=None`` means dynamic batch.
+
+    ``cls_only_last_block``: the model's output reads the CLS token only, so the exported graph runs
+    the last block's attention output projection, MLP and the final norm for that token alone (every
+    token is still a key and a value).  Exact: the ONNX file is verified against the full PyTorch model.
 
     ``images`` are real images for the check (default: a few shipped ones when available; ``[]``
     for random inputs only).  ``on_stage`` is called with a short description of each step
@@ -226,7 +251,7 @@ def export_onnx(
         scratch, tmp = draft.scratch, draft.path
         stage(f"exporting with torch.onnx (opset {opset}" + (", external data)" if external else ")"))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _cls_only(torch_model, cls_only_last_block):
                 _torch_export(torch_model, dummy, tmp, opset, batch is None, external)
         except Exception as exc:
             raise VitedgeError(f"torch.onnx.export failed: {_reason(exc)}", "try another --opset (below 17 uses the TorchScript exporter)") from None
@@ -262,7 +287,8 @@ def export_onnx(
         manifest = Manifest(
             artifact=output.name, format="onnx", precision="fp32", backend=None,
             task=_task(spec, refs["random"]),
-            model=spec.model_info(), preprocessing=spec.preprocessing.to_dict(), labels=spec.labels,
+            model={**spec.model_info(), "graph": {"last_block": "cls_token_only" if _has_cls_only(torch_model, cls_only_last_block) else "all_tokens"}},
+            preprocessing=spec.preprocessing.to_dict(), labels=spec.labels,
             inputs=ins, outputs=outs, opset=opset, assumptions=list(spec.notes),
             verification={"reference": "pytorch-fp32", "checks": checks, "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol}},
         )

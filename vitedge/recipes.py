@@ -389,7 +389,7 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
             # step's numbers come from images the search never chose on
             target = Target(q.get("target_agreement", DEFAULT_AGREEMENT), q.get("target_cosine", DEFAULT_COSINE), q.get("max_drop"))
             _, man = quantize(current, q_path, precision=q["precision"], backend=backend, calib=calib,
-                              samples=q.get("samples"), method=q.get("method", "minmax"), max_drop=q.get("max_drop"),
+                              samples=q.get("samples"), method=q.get("method"), max_drop=q.get("max_drop"),
                               val=None if calib else val, seed=q.get("seed", 0), target=target,
                               search_budget=q.get("search_budget", DEFAULT_BUDGET_S), min_calib=q.get("min_calib", MIN_CALIB))
             agree = man.verification.get("agreement", {})

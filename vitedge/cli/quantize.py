@@ -18,8 +18,8 @@ from ._common import BackendChoice, preprocessing_from_cli, preprocessing_option
               help="Calibration images: folder (recursive, class sub-folders allowed) or preprocessed .npy/.npz. "
                    "Required for INT8 except for the reference model.")
 @click.option("--samples", type=int, default=None, help="Calibration images to use (default: all, up to 300; sampled with --seed).")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True,
-              help="Activation range calibration.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default=None,
+              help="Activation range calibration (default: minmax; entropy for --backend tensorrt, as NVIDIA's tools do).")
 @click.option("--target-agreement", type=float, default=0.98, show_default=True,
               help="INT8 fidelity target for classifiers: top-1 agreement with FP32 on held-out images.")
 @click.option("--target-cosine", type=float, default=0.995, show_default=True,
@@ -73,7 +73,7 @@ def _describe(model, path, man, precision, backend, method, seed) -> None:
     if precision == "int8":
         cal = q.get("calibration", {})
         scheme = q.get("config", {}).get("scheme") or ", ".join(x for x in (q.get("scheme"), q.get("configuration")) if x)
-        console.print(f"INT8 for {backend}: {scheme}, method {method}, per-channel weights, "
+        console.print(f"INT8 for {backend}: {scheme}, method {q.get('method') or method or 'minmax'}, per-channel weights, "
                       f"calibrated on {cal.get('size')} images of {cal.get('source')} (seed {seed})")
         if q.get("excluded_nodes"):
             kept = q["excluded_nodes"]

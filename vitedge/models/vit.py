@@ -88,10 +88,14 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(dropout)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False):
+        """``cls_only``: attend from the CLS token only (every token is still a key and a value), so the
+        output has one token; exact for the CLS token's row."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, hd)
+        if cls_only:
+            q, n = q[:, :, :1], 1
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         out = self.attn_drop(attn) @ v
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
@@ -120,9 +124,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg.d_model, cfg.d_ff, cfg.dropout)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        y, attn = self.attn(self.norm1(x), return_attention)
-        x = x + y
+    def forward(self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False):
+        y, attn = self.attn(self.norm1(x), return_attention, cls_only)
+        x = (x[:, :1] if cls_only else x) + y
         x = x + self.mlp(self.norm2(x))
         return x, attn
 
@@ -159,6 +163,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(self.config) for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
+        self.cls_only_last_block = False  # see forward_features; export turns it on
         self._init_weights()
 
     @classmethod
@@ -203,8 +208,11 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, tokens], dim=1) + self.interpolate_pos_embed(h // p, w // p)
         x = self.pos_drop(x)
         maps = []
-        for blk in self.blocks:
-            x, attn = blk(x, return_attention)
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            # the classifier reads the CLS token only: the last block needs to run its attention output,
+            # MLP and norm for that one token (an exact saving, used by export)
+            x, attn = blk(x, return_attention, cls_only=self.cls_only_last_block and i == last and not return_attention)
             if return_attention:
                 maps.append(attn)
         return self.norm(x), maps
