@@ -117,3 +117,26 @@ def test_wheel_install_lists_and_runs_the_shipped_recipes(tmp_path):
     out = work / "runs" / "quickstart"
     assert (out / "engine.onnx").exists() and (out / "engine.onnx.vitedge.json").exists()
     assert (out / "report" / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_installing_vitedge_leaves_another_torch_alone(tmp_path):
+    """vitedge asks for a torch range, not a pin: in an environment whose torch is another build (here a
+    CUDA 2.5.1 as a GPU user would have it), pip's resolver installs no torch for vitedge."""
+    env_dir = tmp_path / "gpu-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    site_dir = next(env_dir.glob("lib/python*/site-packages"))
+    dist = site_dir / "torch-2.5.1+cu121.dist-info"  # what `pip install torch` from the CUDA index leaves
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.5.1+cu121\n")
+    (dist / "INSTALLER").write_text("pip\n")
+    (dist / "RECORD").write_text("")
+    report = tmp_path / "resolve.json"
+    res = subprocess.run([sys.executable, "-m", "pip", "--python", str(env_dir / "bin" / "python"), "install", "--dry-run",
+                          "--quiet", "--report", str(report), str(ROOT)], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    install = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    assert "vitedge" in install and "torch" not in install, sorted(install)
+    assert not any(name.startswith("nvidia-") for name in install), sorted(install)
