@@ -35,6 +35,7 @@ def bench_run(tmp_path_factory, calib_dir, val_dir):
     return res, out
 
 
+@pytest.mark.e2e
 def test_benchmark_prints_ranked_table_and_writes_reports(bench_run):
     res, out = bench_run
     assert res.exit_code == 0, res.output
@@ -68,6 +69,7 @@ def test_benchmark_prints_ranked_table_and_writes_reports(bench_run):
     assert (out / "artifacts" / "fp32.onnx").exists() and (out / "report.md").exists()
 
 
+@pytest.mark.e2e
 def test_rank_pareto_front_from_a_real_report(bench_run):
     _, out = bench_run
     rep = Report.load(out)

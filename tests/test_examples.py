@@ -75,7 +75,7 @@ def run_commands(work: Path, cmds: list[str]) -> None:
             assert done and 0 < int(done[0]) <= MAX_FRAMES, res.stdout  # a live source may drop some
 
 
-@pytest.mark.slow  # export, two compiles, an INT8 quantization with its fidelity check: about a minute on 2 cores
+@pytest.mark.e2e  # export, two compiles, an INT8 quantization with its fidelity check: about a minute on 2 cores
 def test_realtime_readme_commands_run_as_written(tmp_path):
     cmds = bash_commands(EXAMPLE / "README.md")
     assert any("stream.py" in c for c in cmds) and any(c.startswith("vitedge ") for c in cmds)

@@ -107,7 +107,7 @@ def test_readme_python_blocks_run_as_written(tmp_path, ref_onnx):
     _check_quickstart_output(run_python_blocks(work))
 
 
-@pytest.mark.slow  # runs the quick start's `vitedge run recipes/quickstart.yaml` as written: about a minute
+@pytest.mark.e2e  # runs the quick start's `vitedge run recipes/quickstart.yaml` as written: about a minute
 def test_readme_quickstart_then_python_blocks_run_as_written(tmp_path):
     _check_quickstart_output(run_python_blocks(checkout_like(tmp_path)))
 

@@ -94,6 +94,7 @@ def _fast(recipe, **extra):
     return recipe.with_changes(**{"steps.validate.time_budget": 0.3, **extra})
 
 
+@pytest.mark.e2e
 def test_quickstart_end_to_end_then_cached(tmp_path):
     import vitedge
 
@@ -128,7 +129,7 @@ def test_quickstart_end_to_end_then_cached(tmp_path):
 
 
 # the quickstart test runs an ONNX Runtime INT8 recipe end to end; the other two kinds are in the slow set
-@pytest.mark.parametrize("name", ["vit_tiny_openvino_int8", pytest.param("vit_tiny_openvino_fp16", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", [pytest.param("vit_tiny_openvino_int8", marks=pytest.mark.e2e), pytest.param("vit_tiny_openvino_fp16", marks=pytest.mark.slow),
                                   pytest.param("vit_tiny_onnxruntime_int8", marks=pytest.mark.slow)])
 def test_cpu_recipes_run(tmp_path, name):
     import vitedge

@@ -71,7 +71,7 @@ def _run(cmd, cwd, env, timeout):
     return res
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_wheel_install_lists_and_runs_the_shipped_recipes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
 
@@ -119,7 +119,7 @@ def test_wheel_install_lists_and_runs_the_shipped_recipes(tmp_path):
     assert (out / "report" / "report.json").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_installing_vitedge_leaves_another_torch_alone(tmp_path):
     """vitedge asks for a torch range, not a pin: in an environment whose torch is another build (here a
     CUDA 2.5.1 as a GPU user would have it), pip's resolver installs no torch for vitedge."""
