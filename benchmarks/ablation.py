@@ -278,7 +278,6 @@ def accuracy(runners: list[Runner], ref: Runner, xs: np.ndarray, y: np.ndarray |
 # ------------------------------------------------------------------------------------------------
 def run_model(name: str, work: Path, args) -> dict:
     import nncf
-    import openvino as ov
 
     from vitedge.compilation import compile_model
     from vitedge.data import ImageSet, label_indices
@@ -518,7 +517,7 @@ def render(results: list[dict], args, info) -> tuple[str, str]:
         abl += [title, "", load + f"; {res['n_val']} images for accuracy, {res['n_cal']} calibration images", ""] + _header(lab)
         for r in R:
             abl.append(_row(r, e50, lab, n50))
-        abl += ["", f"What the CPU plugin built for the INT8 IR (runtime model layer types:precision): ", ""]
+        abl += ["", "What the CPU plugin built for the INT8 IR (runtime model layer types:precision): ", ""]
         for p, s in res["summary"].items():
             abl.append(f"- hint {p}: {s}")
         if res["cold"]:

@@ -105,7 +105,7 @@ def run_child(model: Path, out: Path, calib: Path, val: Path, n: int, backend: s
 
 def table(rows: list[dict], counts: list[int]) -> list[str]:
     lo, hi = counts[0], counts[-1]
-    head = ["configuration"] + [f"peak RSS, {c} images (MB)" for c in counts] + [f"growth {lo}->{hi}", f"calibration share growth", "time " + " / ".join(str(c) for c in counts) + " (s)", "target <10 %"]
+    head = ["configuration"] + [f"peak RSS, {c} images (MB)" for c in counts] + [f"growth {lo}->{hi}", "calibration share growth", "time " + " / ".join(str(c) for c in counts) + " (s)", "target <10 %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         res = r["results"]
