@@ -64,6 +64,7 @@ def engines(tmp_path_factory, sources):
     return out
 
 
+@pytest.mark.e2e  # builds an engine per backend and precision, then validates each on the held-out images
 @pytest.mark.parametrize("target,precision", CASES)
 def test_engine_keeps_fp32_top1_on_heldout_images(engines, val_data, target, precision):
     path, man = engines[(target, precision)]

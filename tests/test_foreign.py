@@ -210,6 +210,7 @@ def test_compile_and_validate_torchscript(tmp_path, ts_int8, ts_onnx, val_dir):
 
 
 # -- transformers ViT, dynamic batch: through the CLI ----------------------------------------------
+@pytest.mark.e2e  # quantize, compile, validate (and predict) in a row
 def test_transformers_vit_cli_quantize_compile_validate_predict(tmp_path, hf_onnx, calib_dir, val_dir):
     q = tmp_path / "hf.int8.xml"
     r = _cli(["quantize", hf_onnx, "--int8", "--backend", "openvino", "--calib", calib_dir, "--samples", "16",
@@ -240,6 +241,7 @@ def test_transformers_vit_cli_quantize_compile_validate_predict(tmp_path, hf_onn
 
 
 # -- a dense-map model with two outputs ------------------------------------------------------------
+@pytest.mark.e2e  # quantize, compile, validate (and predict) in a row
 def test_dense_map_model_quantize_compile_validate_per_output(tmp_path, dense_onnx, calib_dir, val_dir):
     from vitedge.compilation import compile_model
     from vitedge.quantization import quantize
