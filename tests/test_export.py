@@ -204,7 +204,7 @@ def test_feature_model_task(tmp_path):
 @pytest.mark.parametrize("opset", [18, 14])
 def test_external_data_path(tmp_path, tiny_vit, monkeypatch, opset):
     """The threshold decides; lowering it makes a tiny model take the ViT-L/H path for real."""
-    monkeypatch.setattr(export_mod, "_EXTERNAL_DATA_BYTES", 10_000)
+    monkeypatch.setattr(export_mod, "EXPORT_EXTERNAL_WEIGHT_BYTES", 10_000)
     path, man = export_onnx(tiny_vit, tmp_path / "ext.onnx", opset=opset)
     _assert_verified(path, man)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data", "ext.onnx.vitedge.json"]
@@ -225,7 +225,7 @@ def test_external_data_path(tmp_path, tiny_vit, monkeypatch, opset):
 def test_small_models_stay_in_one_file(tiny_onnx):
     man = Manifest.load(Manifest.sidecar_path(tiny_onnx))
     assert list(man.files) == [tiny_onnx.name]
-    assert export_mod._EXTERNAL_DATA_BYTES < 2**31  # below protobuf's 2 GB cap
+    assert export_mod.EXPORT_EXTERNAL_WEIGHT_BYTES < 2**31  # below protobuf's 2 GB cap
 
 
 # ------------------------------------------------------------------------------------------

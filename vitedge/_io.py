@@ -15,6 +15,10 @@ from typing import Any, Iterator
 #: ONNX models above this size keep their weights in a ``.data`` file beside the ``.onnx``:
 #: protobuf cannot serialize a message over 2 GiB, and this leaves room for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
+#: ``vitedge export`` decides before torch.onnx serializes anything, from the parameter bytes alone, so it
+#: keeps a wider margin: models with over 1 GB of weights (ViT-L 1.2 GB, ViT-H 2.5 GB) are exported with
+#: external data, which leaves headroom for later steps that add tensors or hold copies.
+EXPORT_EXTERNAL_WEIGHT_BYTES = 1_000_000_000
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

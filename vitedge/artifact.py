@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,10 +140,10 @@ class Draft:
 def companions(folder: Path, name: str) -> list[str]:
     """The main file and the files that belong to it: ONNX external data, an OpenVINO IR's ``.bin``."""
     out = [name]
-    stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
-    if name.endswith(".xml") and (folder / f"{stem}.bin").exists():
-        out.append(f"{stem}.bin")
-    out += sorted(p.name for p in folder.glob(f"{name}.data*"))
+    weights = Path(name).with_suffix(".bin").name
+    if name.endswith(".xml") and (folder / weights).exists():
+        out.append(weights)
+    out += sorted(p.name for p in folder.glob(glob.escape(name) + ".data*"))
     return out
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ._io import EXPORT_EXTERNAL_WEIGHT_BYTES
 from .artifact import Artifact, writing
 from .errors import ModelNotSupported, VitedgeError, first_line
 from .manifest import Manifest, TensorSpec
@@ -29,9 +30,6 @@ INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 13, 21
-# protobuf caps a file at 2 GB.  Above 1 GB of weights (ViT-L 1.2 GB, ViT-H 2.5 GB) the weights go to
-# one external-data file: that keeps headroom for later steps that add tensors or hold copies.
-_EXTERNAL_DATA_BYTES = 1_000_000_000
 
 
 @dataclass
@@ -236,7 +234,7 @@ def export_onnx(
     c = spec.config.in_channels if spec.config else 3
     dummy = torch.zeros(batch or 2, c, h, w)
     n_bytes = sum(p.numel() * p.element_size() for p in torch_model.parameters())
-    external = n_bytes > _EXTERNAL_DATA_BYTES
+    external = n_bytes > EXPORT_EXTERNAL_WEIGHT_BYTES
 
     stage("running PyTorch on the check inputs")
     inputs = _verification_inputs(spec, images, batch)

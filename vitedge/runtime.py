@@ -40,8 +40,9 @@ def load(path: str | Path, backend: str | None = None, *, preprocessing=None, la
 
 
 def opens_as_pytorch(path, backend: str | None = None) -> bool:
-    """Whether :func:`load` opens ``path`` as the PyTorch FP32 reference: asked for, a checkpoint file, a model
-    folder (``config.json``, no vitedge manifest) or a name such as ``reference``/a preset."""
+    """Whether :func:`load` opens ``path`` as the PyTorch FP32 reference: ``backend="pytorch"`` (needed for a
+    name such as ``reference`` or a preset), a checkpoint file, or a model folder (``config.json``, no vitedge
+    manifest)."""
     from .backends import registry
 
     if backend is not None:
