@@ -190,6 +190,29 @@ def test_generic_module_export(tmp_path):
     np.testing.assert_allclose(_run(path, x), _torch(net, x), atol=1e-5)
 
 
+def test_layer_scale_model_export(tmp_path):
+    """A DeiT III / DINOv2-style LayerScale ViT exports and verifies (CLS-only last block included);
+    the gammas are in the graph (the output changes with them)."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, num_classes=5, d_model=32, num_heads=2, num_layers=2, d_ff=64, dropout=0.0,
+                              layer_scale=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".gamma"):
+                p.uniform_(-2.0, 2.0)
+    model.eval()
+    path, man = export_onnx(model, tmp_path / "ls.onnx", images=[])
+    _assert_verified(path, man, checks=("random",))
+    assert man.model["config"]["layer_scale"] is True
+    assert man.model["graph"]["last_block"] == "cls_token_only"
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    out = _run(path, x)
+    np.testing.assert_allclose(out, _torch(model, x), atol=1e-4)
+    with torch.no_grad():
+        model.blocks[1].ls2.gamma.mul_(0.5)
+    assert not np.allclose(out, _torch(model, x), atol=1e-3)  # the gammas reach the output
+
+
 def test_feature_model_task(tmp_path):
     torch.manual_seed(0)
     feat = VisionTransformer(img_size=32, num_classes=0, d_model=32, num_heads=2, num_layers=1, d_ff=64, dropout=0.0).eval()

@@ -138,13 +138,56 @@ def test_timm_num_heads_guess_and_override(tmp_path):
     assert not torch.allclose(_logits(wrong.model, x), _logits(model, x), atol=1e-3)
 
 
+def _layer_scale_vit(seed=0) -> VisionTransformer:
+    """A LayerScale ViT whose gammas are far from 1 and from each other (random, some negative)."""
+    model = _vit(seed, d_model=64, d_ff=128, num_heads=2, layer_scale=True)
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".gamma"):
+                p.copy_(torch.empty(p.shape).uniform_(-1.5, 1.5, generator=g))
+    return model
+
+
+def test_timm_layer_scale(tmp_path):
+    """DeiT III / DINOv2-style ``blocks.N.ls1/ls2.gamma`` load and scale each residual branch."""
+    model = _layer_scale_vit()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert "blocks.1.ls2.gamma" in sd and sd["blocks.0.ls1.gamma"].shape == (64,)
+    save_file(sd, str(tmp_path / "deit3.safetensors"))
+    spec = load_model(tmp_path / "deit3.safetensors", num_heads=2)
+    assert spec.config.layer_scale and spec.config.d_model == 64 and spec.config.num_layers == 2
+    x = _x()
+    got = _logits(spec.model, x)
+    assert torch.equal(got, _logits(model, x))
+
+    # the forward written out by hand: x + g1 * attn(norm1(x)), then x + g2 * mlp(norm2(x))
+    m = spec.model
+    with torch.no_grad():
+        t = torch.cat([m.cls_token.expand(len(x), -1, -1), m.patch_embed(x)], 1) + m.pos_embed
+        for i, blk in enumerate(m.blocks):
+            t = t + sd[f"blocks.{i}.ls1.gamma"] * blk.attn(blk.norm1(t))[0]
+            t = t + sd[f"blocks.{i}.ls2.gamma"] * blk.mlp(blk.norm2(t))
+        want = m.head(m.norm(t)[:, 0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    # the gammas matter: the same weights without them give other logits
+    plain = VisionTransformer(**{**model.config.to_dict(), "layer_scale": False}).eval()
+    plain.load_state_dict({k: v for k, v in sd.items() if ".ls" not in k})
+    assert not torch.allclose(_logits(plain, x), got, atol=1e-2)
+
+    # a checkpoint with ls1 but not ls2 is a mismatch, not a silent half-LayerScale model
+    torch.save({k: v for k, v in sd.items() if ".ls2." not in k}, tmp_path / "half.pth")
+    with pytest.raises(VitedgeError, match=r"missing 2 keys \(e\.g\. blocks\.0\.ls2\.gamma\)"):
+        load_model(tmp_path / "half.pth", num_heads=2)
+
+
 @pytest.mark.parametrize(
     "extra, what",
     [
         ({"dist_token": torch.zeros(1, 1, 128), "head_dist.weight": torch.zeros(5, 128), "head_dist.bias": torch.zeros(5)}, "distilled DeiT"),
         ({"reg_token": torch.zeros(1, 4, 128)}, "register tokens"),
         ({"fc_norm.weight": torch.ones(128), "fc_norm.bias": torch.zeros(128)}, "global-pool ViT"),
-        ({"blocks.0.ls1.gamma": torch.ones(128)}, "LayerScale"),
     ],
 )
 def test_timm_variants_vitedge_does_not_support(tmp_path, extra, what):

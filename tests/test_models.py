@@ -48,6 +48,21 @@ def test_config_round_trip_and_unknown_keys():
     assert ViTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown ViT config keys: hidden"):
         ViTConfig.from_dict({**cfg.to_dict(), "hidden": 3})
+    # configs written before layer_scale existed (vitedge checkpoints, manifests) still load
+    old = {k: v for k, v in cfg.to_dict().items() if k != "layer_scale"}
+    assert ViTConfig.from_dict(old) == cfg and not cfg.layer_scale
+    ls = preset_config("vit_small", layer_scale=True)
+    assert ViTConfig.from_dict(ls.to_dict()) == ls
+
+
+def test_layer_scale_parameters():
+    plain = create_model("vit_tiny", img_size=32, num_layers=2)
+    assert not [k for k in plain.state_dict() if ".ls" in k]  # unchanged timm layout without LayerScale
+    model = create_model("vit_tiny", img_size=32, num_layers=2, layer_scale=True)
+    gammas = {k: v.shape for k, v in model.state_dict().items() if ".ls" in k}
+    assert gammas == {f"blocks.{i}.ls{j}.gamma": (192,) for i in range(2) for j in (1, 2)}
+    assert count_parameters(model) == count_parameters(plain) + 4 * 192
+    assert model.config.layer_scale and VisionTransformer.from_config(model.config).config == model.config
 
 
 # ------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 
 from ._io import EXPORT_EXTERNAL_WEIGHT_BYTES
 from .artifact import Artifact, writing
-from .errors import ModelNotSupported, VitedgeError, first_line
+from .errors import InputError, ModelNotSupported, VitedgeError, first_line
 from .manifest import Manifest, TensorSpec
 from .models.loading import ModelSpec, load_model
 
@@ -172,16 +172,59 @@ def _has_cls_only(model, wanted: bool) -> bool:
 
 
 @contextlib.contextmanager
-def _cls_only(model, wanted: bool):
-    """Export vitedge's ViT with its last block computed for the CLS token only (restored afterwards)."""
-    if not _has_cls_only(model, wanted):
+def _graph_options(model, *, cls_only: bool = False, merge: int = 0):
+    """Set vitedge's ViT export options for the duration (restored afterwards): the last block computed
+    for the CLS token only, and ``merge`` tokens merged per block."""
+    if not _has_cls_only(model, True):
         yield
         return
-    model.cls_only_last_block = True
+    saved = model.cls_only_last_block, model.merge_tokens
+    model.cls_only_last_block, model.merge_tokens = cls_only, merge
     try:
         yield
     finally:
-        model.cls_only_last_block = False
+        model.cls_only_last_block, model.merge_tokens = saved
+
+
+def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) -> tuple[int, "object | None"]:
+    """``--merge-tokens`` resolved to ``r`` (``auto`` measures it), with the search when one ran."""
+    from . import token_merging
+
+    if merge_tokens in (0, None, "0"):
+        if max_drop is not None or val_images is not None:
+            raise InputError("--max-drop / --val-images only apply to --merge-tokens auto")
+        return 0, None
+    token_merging.check_mergeable(spec.model)
+    if opset < 17:
+        raise ModelNotSupported(f"token merging needs opset 17 or newer (got {opset})", "use the default --opset 18")
+    if str(merge_tokens).lower() != "auto":
+        try:
+            r = int(merge_tokens)
+        except (TypeError, ValueError):
+            raise InputError(f"--merge-tokens must be a number of tokens or 'auto', got {merge_tokens!r}") from None
+        if r < 0:
+            raise InputError(f"--merge-tokens {r} must be >= 0")
+        if max_drop is not None or val_images is not None:
+            raise InputError("--max-drop / --val-images only apply to --merge-tokens auto", f"drop them to merge {r} tokens per block")
+        return r, None
+    if val_images is None:
+        raise InputError("--merge-tokens auto needs --val-images: a folder of held-out images to measure the top-1 drop on",
+                         "give one (class sub-folders for labels), or a fixed --merge-tokens N")
+    from .data import ImageSet
+
+    search = token_merging.choose_merge(spec, ImageSet.from_path(val_images),
+                                        token_merging.DEFAULT_MAX_DROP if max_drop is None else max_drop, stage)
+    return search.r, search
+
+
+def _graph_info(spec, cls_only: bool, merge: int, search) -> dict:
+    """The manifest's ``model.graph``: how the exported graph differs from a plain forward pass."""
+    info = {"last_block": "cls_token_only" if _has_cls_only(spec.model, cls_only) else "all_tokens"}
+    if merge or search is not None:
+        from .token_merging import describe, token_counts
+
+        info["token_merging"] = describe(merge, token_counts(spec.model, spec.preprocessing.img_size, merge), search)
+    return info
 
 
 def export_onnx(
@@ -195,6 +238,9 @@ def export_onnx(
     tolerance: Tolerance | None = None,
     on_stage: "Callable[[str], None] | None" = None,
     cls_only_last_block: bool = True,
+    merge_tokens: "int | str" = 0,
+    val_images: "str | Path | None" = None,
+    max_drop: float | None = None,
 ) -> Artifact:
     """Export to ONNX and verify it.  ``batch=None`` means dynamic batch.
 
@@ -205,6 +251,12 @@ def export_onnx(
     ``images`` are real images for the check (default: a few shipped ones when available; ``[]``
     for random inputs only).  ``on_stage`` is called with a short description of each step
     (the CLI shows it as a status line).
+
+    ``merge_tokens``: token merging (ToMe, lossy and opt-in): ``r`` tokens merged in every block but the
+    last, so later blocks run on fewer tokens; the graph keeps static shapes and is verified against the
+    PyTorch model with the same merging.  ``"auto"`` picks the largest ``r`` whose top-1 loss on
+    ``val_images`` (a folder; class sub-folders give labels) is within ``max_drop`` points (default 1.0);
+    see :mod:`vitedge.token_merging`.
 
     Returns the :class:`~vitedge.artifact.Artifact` (it unpacks as ``path, manifest``); the manifest is
     written as ``<file name>.vitedge.json``.
@@ -226,6 +278,7 @@ def export_onnx(
         images = default_check_images()  # a few shipped real images, when available
     tolerance = tolerance or Tolerance()
     torch_model = spec.model.eval()
+    merge, search = _merge_setting(spec, merge_tokens, val_images, max_drop, opset, stage)
     bad = [name for name, t in torch_model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise VitedgeError(f"the model weights contain NaN/inf ({len(bad)} tensors, e.g. {bad[0]})",
@@ -238,7 +291,7 @@ def export_onnx(
 
     stage("running PyTorch on the check inputs")
     inputs = _verification_inputs(spec, images, batch)
-    with torch.inference_mode():
+    with torch.inference_mode(), _graph_options(torch_model, merge=merge):  # the reference merges tokens like the graph
         refs = {k: torch_model(torch.from_numpy(v)).numpy() for k, v in inputs.items()}
     if not all(np.isfinite(r).all() for r in refs.values()):
         raise VitedgeError("the PyTorch model itself produces NaN/inf on the verification inputs", "check the weights; nothing was exported")
@@ -249,7 +302,7 @@ def export_onnx(
         scratch, tmp = draft.scratch, draft.path
         stage(f"exporting with torch.onnx (opset {opset}" + (", external data)" if external else ")"))
         try:
-            with torch.no_grad(), _cls_only(torch_model, cls_only_last_block):
+            with torch.no_grad(), _graph_options(torch_model, cls_only=cls_only_last_block, merge=merge):
                 _torch_export(torch_model, dummy, tmp, opset, batch is None, external)
         except Exception as exc:
             raise VitedgeError(f"torch.onnx.export failed: {_reason(exc)}", "try another --opset (below 17 uses the TorchScript exporter)") from None
@@ -285,7 +338,7 @@ def export_onnx(
         manifest = Manifest(
             artifact=output.name, format="onnx", precision="fp32", backend=None,
             task=_task(spec, refs["random"]),
-            model={**spec.model_info(), "graph": {"last_block": "cls_token_only" if _has_cls_only(torch_model, cls_only_last_block) else "all_tokens"}},
+            model={**spec.model_info(), "graph": _graph_info(spec, cls_only_last_block, merge, search)},
             preprocessing=spec.preprocessing.to_dict(), labels=spec.labels,
             inputs=ins, outputs=outs, opset=opset, assumptions=list(spec.notes),
             verification={"reference": "pytorch-fp32", "checks": checks, "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol}},

@@ -9,9 +9,10 @@ Supported sources (tried in this order):
 * a ``torch.nn.Module`` (Python API only);
 * vitedge's own checkpoint: a ``.safetensors`` file whose metadata carries the config,
   preprocessing and labels (written by :func:`save_checkpoint`);
-* a timm-style ViT/DeiT state dict (``.pth``/``.pt``/``.bin``/``.safetensors``): config inferred
-  from tensor shapes; preprocessing from timm's ``config.json`` next to it (or a folder holding
-  both) or a ``pretrained_cfg`` embedded in it;
+* a timm-style ViT/DeiT state dict (``.pth``/``.pt``/``.bin``/``.safetensors``), with or without
+  LayerScale (``blocks.N.ls1/ls2.gamma``, DeiT III / DINOv2 style): config inferred from tensor
+  shapes; preprocessing from timm's ``config.json`` next to it (or a folder holding both) or a
+  ``pretrained_cfg`` embedded in it;
 * a Hugging Face ``ViTForImageClassification`` folder (``config.json`` + weights, optional
   ``preprocessor_config.json``).
 """
@@ -158,7 +159,6 @@ def _infer_timm_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int |
     notes = []
     for unsupported, what in (("dist_token", "distilled DeiT (two heads)"), ("reg_token", "ViT with register tokens"),
                               ("fc_norm.weight", "global-pool ViT (no CLS head)"), ("norm_pre.weight", "CLIP-style ViT"),
-                              ("blocks.0.ls1.gamma", "ViT with LayerScale (DeiT III / CaiT style)"),
                               ("blocks.0.attn.q_norm.weight", "ViT with QK-norm"),
                               ("attn_pool.latent", "attention-pool ViT (no CLS head)")):
         if unsupported in sd:
@@ -194,6 +194,7 @@ def _infer_timm_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int |
         num_classes=head.shape[0] if head is not None else 0, d_model=d_model, num_heads=num_heads,
         num_layers=len(layers), d_ff=sd["blocks.0.mlp.fc1.weight"].shape[0], dropout=0.0,
         layer_norm_eps=1e-6, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        layer_scale="blocks.0.ls1.gamma" in sd,  # DeiT III / DINOv2: ls1/ls2.gamma in every block
     )
     return cfg, notes
 

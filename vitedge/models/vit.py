@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tome import bipartite_merge
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -34,6 +36,7 @@ class ViTConfig:
     dropout: float = 0.1
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
+    layer_scale: bool = False  # per-channel scales on both residual branches (DeiT III / DINOv2)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,18 +91,25 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(dropout)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False):
-        """``cls_only``: attend from the CLS token only (every token is still a key and a value), so the
-        output has one token; exact for the CLS token's row."""
+    def forward(self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False,
+                size: torch.Tensor | None = None):
+        """Returns ``(out, attention maps or None, keys averaged over heads)``.
+
+        ``cls_only``: attend from the CLS token only (every token is still a key and a value), so the
+        output has one token; exact for the CLS token's row.  ``size`` (B, N, 1): patches each token
+        stands for after token merging; adds ``log(size)`` to the logits (ToMe's proportional attention)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, hd)
         if cls_only:
             q, n = q[:, :, :1], 1
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if size is not None:
+            logits = logits + size.log().transpose(1, 2)[:, None]  # (B, 1, 1, N)
+        attn = logits.softmax(dim=-1)
         out = self.attn_drop(attn) @ v
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
-        return (out, attn) if return_attention else (out, None)
+        return out, (attn if return_attention else None), k.mean(dim=1)
 
 
 class Mlp(nn.Module):
@@ -114,8 +124,20 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (timm's ``LayerScale``: parameter ``gamma``)."""
+
+    def __init__(self, d_model: int, init_value: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((d_model,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    """Pre-norm encoder block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm encoder block: x + Attn(LN(x)), then x + MLP(LN(x)) (each branch scaled by
+    ``ls1`` / ``ls2`` when the config has ``layer_scale``)."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -123,12 +145,20 @@ class Block(nn.Module):
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.qkv_bias, cfg.dropout)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.ls1 = LayerScale(cfg.d_model) if cfg.layer_scale else nn.Identity()
+        self.ls2 = LayerScale(cfg.d_model) if cfg.layer_scale else nn.Identity()
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False):
-        y, attn = self.attn(self.norm1(x), return_attention, cls_only)
-        x = (x[:, :1] if cls_only else x) + y
-        x = x + self.mlp(self.norm2(x))
-        return x, attn
+    def forward(self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False,
+                merge: int = 0, size: torch.Tensor | None = None):
+        """Returns ``(x, attention maps or None, size)``.  ``merge`` > 0: merge that many tokens between
+        the attention and the MLP (token merging, :mod:`vitedge.models.tome`); ``size`` tracks how many
+        patches each token stands for (``None`` until the first merge)."""
+        y, attn, keys = self.attn(self.norm1(x), return_attention, cls_only, size)
+        x = (x[:, :1] if cls_only else x) + self.ls1(y)
+        if merge and not cls_only:
+            x, size = bipartite_merge(x, size, keys, merge)
+        x = x + self.ls2(self.mlp(self.norm2(x)))
+        return x, attn, size
 
 
 class VisionTransformer(nn.Module):
@@ -147,13 +177,14 @@ class VisionTransformer(nn.Module):
         dropout: float = 0.1,
         layer_norm_eps: float = 1e-6,
         qkv_bias: bool = True,
+        layer_scale: bool = False,
     ):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.config = ViTConfig(
             img_size, patch_size, in_channels, num_classes, d_model, num_heads, num_layers, d_ff,
-            dropout, layer_norm_eps, qkv_bias,
+            dropout, layer_norm_eps, qkv_bias, layer_scale,
         )
         grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, in_channels, d_model)
@@ -164,6 +195,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
         self.cls_only_last_block = False  # see forward_features; export turns it on
+        self.merge_tokens = 0  # token merging: tokens merged per block (lossy, opt-in; see tome.py)
         self._init_weights()
 
     @classmethod
@@ -207,12 +239,14 @@ class VisionTransformer(nn.Module):
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1) + self.interpolate_pos_embed(h // p, w // p)
         x = self.pos_drop(x)
-        maps = []
+        maps, size = [], None
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             # the classifier reads the CLS token only: the last block needs to run its attention output,
-            # MLP and norm for that one token (an exact saving, used by export)
-            x, attn = blk(x, return_attention, cls_only=self.cls_only_last_block and i == last and not return_attention)
+            # MLP and norm for that one token (an exact saving, used by export).  The last block never
+            # merges: CLS is never merged, so merging there cannot change the output.
+            cls_only = self.cls_only_last_block and i == last and not return_attention
+            x, attn, size = blk(x, return_attention, cls_only=cls_only, merge=self.merge_tokens if i < last else 0, size=size)
             if return_attention:
                 maps.append(attn)
         return self.norm(x), maps

@@ -1,0 +1,93 @@
+"""Token merging (ToMe: Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023), for export.
+
+Between the attention and the MLP of a block, the ``r`` most redundant tokens are averaged into the
+token they are most similar to, so every later layer runs on fewer tokens.  No training is needed;
+the cost is a small, model-dependent accuracy drop, which vitedge measures (``vitedge export
+--merge-tokens auto`` picks ``r`` from the user's validation images).
+
+How one merge works (bipartite soft matching):
+
+1. Similarity is the cosine of the tokens' attention *keys* (averaged over heads): keys already
+   summarise what a token contributes to attention.
+2. The tokens are split alternately into two sets: ``A`` = even positions after the CLS token,
+   ``B`` = odd positions.  Each ``A`` token finds its most similar ``B`` token.
+3. The ``r`` ``A`` tokens with the highest best-match similarity are merged into their match (a
+   size-weighted mean); the other ``A`` tokens are kept in their original order.  The CLS token is
+   never merged, and stays first.
+4. ``size`` counts how many original patches each token stands for.  Attention adds ``log(size)``
+   to its logits ("proportional attention"), so a merged token weighs as much as its parts did.
+
+Every shape depends only on the input size and ``r``, never on the data, so the exported graph has
+static token counts per layer (TopK for the ranking, GatherElements/ScatterElements for the merge).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def tokens_per_block(n_tokens: int, num_layers: int, r: int) -> list[int]:
+    """Tokens entering each block when every block but the last merges ``r`` tokens (CLS included in
+    the count).  ``r`` is clipped where set ``A`` (even positions after CLS) runs out of tokens."""
+    if r < 0:
+        raise ValueError(f"merge r must be >= 0, got {r}")
+    counts, n = [], n_tokens
+    for i in range(num_layers):
+        counts.append(n)
+        if i < num_layers - 1:
+            n -= merged_count(n, r)
+    return counts
+
+
+def merged_count(n_tokens: int, r: int) -> int:
+    """How many tokens one merge removes from ``n_tokens`` (CLS first): ``r``, at most the size of A."""
+    return max(0, min(r, (n_tokens - 1) // 2))
+
+
+def max_merge(n_tokens: int, num_layers: int) -> int:
+    """The largest useful ``r``: beyond it, later blocks would clip it anyway and nothing changes.
+    Bounded so that at least 4 tokens (CLS + 3) reach the last block."""
+    best = 0
+    for r in range(1, n_tokens):
+        if tokens_per_block(n_tokens, num_layers, r)[-1] < 4:
+            break
+        best = r
+    return best
+
+
+def bipartite_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``r`` tokens of ``x`` (B, N, D); returns ``(x, size)`` with N - r tokens.
+
+    ``size`` is (B, N, 1) patches per token (``None`` = all ones); ``metric`` is (B, N, C), the keys
+    averaged over heads.  Token 0 (CLS) is kept first and never merged.
+    """
+    b, n, d = x.shape
+    r = merged_count(n, r)
+    if size is None:
+        size = torch.ones(b, n, 1, dtype=x.dtype, device=x.device)
+    if r == 0:
+        return x, size
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    cls_x, a_x, b_x = x[:, :1], x[:, 2::2], x[:, 1::2]
+    cls_s, a_s, b_s = size[:, :1], size[:, 2::2], size[:, 1::2]
+    scores = metric[:, 2::2] @ metric[:, 1::2].transpose(-1, -2)  # (B, |A|, |B|)
+    best, match = scores.max(dim=-1)  # each A token's most similar B token
+    order = best.argsort(dim=-1, descending=True)
+    src, keep = order[:, :r], order[:, r:].sort(dim=-1).values  # merged A tokens / kept A tokens, in order
+    dst = match.gather(1, src)  # where each merged token goes in B
+
+    def pick(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return values.gather(1, idx[..., None].expand(-1, -1, values.shape[-1]))
+
+    def add_into_b(b_values: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+        return b_values.scatter_reduce(1, dst[..., None].expand(-1, -1, moved.shape[-1]), moved, reduce="sum")
+
+    # a merged token is the size-weighted mean of its parts: sum (x * size) and size, divide once
+    sum_s = add_into_b(b_s, pick(a_s, src))
+    sum_x = add_into_b(b_x * b_s, pick(a_x * a_s, src))
+    x = torch.cat([cls_x, pick(a_x, keep), sum_x / sum_s], dim=1)
+    size = torch.cat([cls_s, pick(a_s, keep), sum_s], dim=1)
+    return x, size
+
+
+__all__ = ["bipartite_merge", "max_merge", "merged_count", "tokens_per_block"]
