@@ -63,7 +63,20 @@ SCHEMA: dict[str, Any] = {
                     "properties": {
                         "opset": {"type": "integer", "minimum": 13, "maximum": 21},
                         "batch": {"oneOf": [{"const": "dynamic"}, {"type": "integer", "minimum": 1}]},
+                        "merge_tokens": {
+                            "oneOf": [{"type": "integer", "minimum": 0}, {"const": "auto"}],
+                            "description": "token merging (ToMe, lossy): tokens merged per block, or 'auto' (needs val_images); default 0, off",
+                        },
+                        "val_images": {**_PATH, "description": "held-out images for merge_tokens: auto (class sub-folders give labels)"},
+                        "max_drop": {"type": "number", "minimum": 0, "description": "top-1 points merge_tokens: auto may lose (default 1.0)"},
                     },
+                    # val_images / max_drop only mean something to the auto search, which needs the images
+                    "dependentSchemas": {
+                        "val_images": {"required": ["merge_tokens"], "properties": {"merge_tokens": {"const": "auto"}}},
+                        "max_drop": {"required": ["merge_tokens"], "properties": {"merge_tokens": {"const": "auto"}}},
+                    },
+                    "if": {"required": ["merge_tokens"], "properties": {"merge_tokens": {"const": "auto"}}},
+                    "then": {"required": ["val_images"]},
                 },
                 "quantize": {
                     "type": "object", "additionalProperties": False, "required": ["precision"],
@@ -367,14 +380,20 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
     else:
         onnx_path = out / "model.onnx"
         batch = exp.get("batch", "dynamic")
+        merge_val = recipe.resolve(exp.get("val_images"))  # token merging's auto search measures on these
 
         def do_export():
             spec = load_model(model, img_size=d.get("img_size"))
-            _, man = export_onnx(spec, onnx_path, opset=exp.get("opset", 18), batch=None if batch == "dynamic" else batch)
+            _, man = export_onnx(spec, onnx_path, opset=exp.get("opset", 18), batch=None if batch == "dynamic" else batch,
+                                 merge_tokens=exp.get("merge_tokens", 0), val_images=merge_val, max_drop=exp.get("max_drop"))
             err = max(c["max_abs_error"] for c in man.verification["checks"].values())
-            return f"verified vs PyTorch, max abs error {err:.1e}"
+            merging = man.model.get("graph", {}).get("token_merging")
+            extra = f"; token merging r={merging['r']} (lossy)" if merging else ""
+            return f"verified vs PyTorch, max abs error {err:.1e}{extra}"
 
-        run.step("export", {**exp, "img_size": d.get("img_size")}, _model_inputs(model), [onnx_path], do_export)
+        # the options (merge_tokens, val_images, max_drop included) and the content of the files read are the cache key
+        run.step("export", {**exp, "img_size": d.get("img_size")}, _model_inputs(model) + ([Path(merge_val)] if merge_val and Path(merge_val).exists() else []),
+                 [onnx_path], do_export)
     current = onnx_path
 
     # quantize
