@@ -204,8 +204,10 @@ def _verify(engine, refs: dict[str, dict[str, np.ndarray]], inputs: dict[str, np
 
 # -- what the INT8 search chose ----------------------------------------------------------------
 def _searched(man: Manifest, key: str):
-    """What the INT8 fidelity search measured and chose for an INT8 model (``float_precision``, ``engine_batch``)."""
-    return (man.quantization or {}).get(key) if man.precision == "int8" else None
+    """What the INT8 fidelity search measured and chose (``float_precision``, ``engine_batch``) for an INT8 model,
+    or for the FP32 model ``quantize --auto`` wrote because it was faster here."""
+    q = man.quantization or {}
+    return q.get(key) if man.precision == "int8" or q.get("choice") else None
 
 
 # -- public API ---------------------------------------------------------------------------------

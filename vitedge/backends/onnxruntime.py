@@ -151,7 +151,7 @@ BACKEND = register(Backend(
     engine_suffix=".onnx",
     engine_name="{stem}.ort.onnx",
     engine_format="onnx",
-    quantize=("int8", "fp16"),
+    quantize=("int8", "fp16", "auto"),
     quantized_suffix=".onnx",
     benchmark={"fp32": None, "fp16": None, "int8": None},
 ))

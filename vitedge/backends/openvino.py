@@ -142,8 +142,9 @@ def compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, 
         files.append(blob)
         settings["blob"] = {"file": blob, "device": device, "openvino": ov.__version__}
     del compiled
-    if precision == "fp32" and precision_hint in ("bf16", "f16"):
-        precision = "bf16" if precision_hint == "bf16" else "fp16"
+    hint_used = precision_hint or searched
+    if precision == "fp32" and hint_used in ("bf16", "f16"):
+        precision = "bf16" if hint_used == "bf16" else "fp16"
     return files, settings, precision
 
 
@@ -237,7 +238,7 @@ BACKEND = register(Backend(
     engine_suffix=".xml",
     engine_name="{stem}.ov.xml",
     engine_format="openvino",
-    quantize=("int8", "fp16"),
+    quantize=("int8", "fp16", "auto"),
     quantized_suffix=".xml",
     benchmark={"fp32": "f32", "fp16": None, "bf16": "bf16", "int8": None},
 ))

@@ -12,6 +12,9 @@ from ._common import BackendChoice, preprocessing_from_cli, preprocessing_option
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--int8", "precision", flag_value="int8", help="INT8 with calibration (MatMul/Gemm/Conv; LayerNorm/Softmax/GELU stay float).")
 @click.option("--fp16", "precision", flag_value="fp16", help="FP16 weights/math, FP32 inputs/outputs.")
+@click.option("--auto", "precision", flag_value="auto",
+              help="INT8 where it pays: run the INT8 search, measure the FP32 model at this CPU's fastest float precision "
+                   "(bf16 on AVX-512 BF16/AMX CPUs) the same way, and write the faster one that meets the fidelity target.")
 @click.option("--backend", type=BackendChoice("quantize"), default="onnxruntime", show_default=True,
               help="Target runtime: onnxruntime/tensorrt write .onnx (QDQ), openvino writes IR .xml+.bin.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
@@ -55,7 +58,7 @@ def command(model, precision, backend, calib, samples, method, target_agreement,
     from ..quantization import FidelityNotMet, Target, quantize
 
     if precision is None:
-        raise VitedgeError("choose a precision", "pass --int8 or --fp16")
+        raise VitedgeError("choose a precision", "pass --int8, --fp16 or --auto")
     if search_budget < 0:
         raise VitedgeError(f"--search-budget {search_budget} must be >= 0 seconds")
     try:
@@ -63,9 +66,9 @@ def command(model, precision, backend, calib, samples, method, target_agreement,
                              max_drop=max_drop, val=val, seed=seed, preprocessing=preprocessing_from_cli(**pre_flags),
                              target=Target(target_agreement, target_cosine, max_drop), search_budget=search_budget, min_calib=min_calib)
     except FidelityNotMet as exc:
-        _describe(model, exc.output, exc.manifest, precision, backend, method, seed)
+        _describe(model, exc.output, exc.manifest, exc.manifest.precision, backend, method, seed)
         raise
-    _describe(model, path, man, precision, backend, method, seed)
+    _describe(model, path, man, man.precision, backend, method, seed)
 
 
 def _describe(model, path, man, precision, backend, method, seed) -> None:
@@ -78,6 +81,8 @@ def _describe(model, path, man, precision, backend, method, seed) -> None:
         if q.get("excluded_nodes"):
             kept = q["excluded_nodes"]
             console.print(f"kept in float: {len(kept)} matrix ops" + (f" ({', '.join(kept)})" if len(kept) <= 6 else ""))
+    elif precision == "fp32":
+        console.print(f"not quantized: FP32 weights, run at {q.get('float_precision') or 'fp32'} ({q['choice']['why']})")
     else:
         console.print(f"FP16 for {backend}" + (f": {len(q.get('excluded_nodes', []))} LayerNorm/Softmax nodes kept in FP32" if backend != "openvino" else ": FP16-compressed weights"))
     a = v["agreement"]
@@ -101,6 +106,8 @@ def _describe(model, path, man, precision, backend, method, seed) -> None:
         console.print(f"sensitivity table: {path.parent / q['max_drop']['report']}")
     if q.get("fidelity"):
         console.print(q["fidelity"]["summary"])
+        if q.get("choice"):
+            console.print(f"--auto chose {q['choice']['why']}")
         console.print(f"fidelity table: {path.parent / q['fidelity']['table']}")
 
 

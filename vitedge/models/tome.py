@@ -61,7 +61,7 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Te
     ``size`` is (B, N, 1) patches per token (``None`` = all ones); ``metric`` is (B, N, C), the keys
     averaged over heads.  Token 0 (CLS) is kept first and never merged.
     """
-    b, n, d = x.shape
+    b, n, _ = x.shape
     r = merged_count(n, r)
     if size is None:
         size = torch.ones(b, n, 1, dtype=x.dtype, device=x.device)

@@ -26,7 +26,7 @@ from .fidelity import DEFAULT_BUDGET_S, Target
 
 log = logging.getLogger("vitedge")
 
-PRECISIONS = ("int8", "fp16")
+PRECISIONS = ("int8", "fp16", "auto")  # auto: INT8, or the float model where INT8 does not pay on this CPU
 METHODS = ("minmax", "percentile", "entropy")
 TENSORRT_DEFAULT_METHOD = "entropy"  # calibration of the TensorRT INT8 path when none is given (modelopt's INT8 default)
 
@@ -75,14 +75,14 @@ def _open_model(model, preprocessing=None, labels=None) -> tuple[Path, Manifest]
 
 def _check_args(precision, backend, method, max_drop, samples, output: Path, model: Path):
     if precision not in PRECISIONS:
-        raise VitedgeError(f"precision {precision!r} is not supported", "use int8 or fp16")
+        raise VitedgeError(f"precision {precision!r} is not supported", "use int8, fp16 or auto")
     spec = registry.get(backend, "quantize")
     if precision not in spec.quantize:
         raise VitedgeError(f"backend {backend} has no {precision} quantization", f"it offers {', '.join(spec.quantize)}")
     if method not in METHODS:
         raise VitedgeError(f"calibration method {method!r} is not supported", f"use one of {', '.join(METHODS)}")
     if max_drop is not None:
-        if precision != "int8":
+        if precision == "fp16":
             raise VitedgeError("--max-drop applies to INT8 only", "drop --max-drop, or use --int8")
         if not (max_drop >= 0):
             raise VitedgeError(f"--max-drop {max_drop} must be >= 0 (top-1 percentage points)")
@@ -135,12 +135,13 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
     pre = parent.preprocessing_obj
     fixed = parent.inputs[0].shape[0] if parent.inputs[0].shape else None
     fixed = fixed if isinstance(fixed, int) and fixed > 0 else None  # a fixed-batch model is fed batches of exactly that size
+    asked = precision
     plan = plan_data(parent, pre, precision=precision, calib=calib, val=val, samples=samples, seed=seed, min_calib=min_calib)
     target = target or Target()
     if max_drop is not None and target.max_drop is None:
         target = Target(target.agreement, target.cosine, max_drop)
     enforce = True
-    if precision == "int8" and str((parent.model or {}).get("source", "")).startswith("preset:"):
+    if precision in ("int8", "auto") and str((parent.model or {}).get("source", "")).startswith("preset:"):
         note("random-weight preset: its predictions mean nothing, so the INT8 fidelity target is measured and reported "
              "but not enforced, and no search is run")
         search_budget, enforce = 0.0, False
@@ -186,7 +187,10 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
             else:
                 stream = StreamingBatches(plan.calib, pre, 32, min_count=min(samples or 1, len(plan.calib)), label="preparing calibration images")
                 fidelity = _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, target, search_budget,
-                                        output, qinfo, report_files, classifier=parent.task == "classification")
+                                        output, qinfo, report_files, classifier=parent.task == "classification",
+                                        auto=precision == "auto")
+                if precision == "auto":
+                    precision = _auto_choice(fidelity, src, tmp_out, backend, qinfo)
             qinfo["calibration"] = {
                 "source": plan.calib_source, "fingerprint": plan.calib.fingerprint(), "size": len(plan.calib) - stream.skipped,
                 "requested": len(plan.calib), "skipped_unreadable": stream.skipped, "seed": seed,
@@ -220,7 +224,7 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
         if backend == "tensorrt":
             man.verification["note"] = "TensorRT is not installed here: the QDQ file was executed by ONNX Runtime (same Q/DQ arithmetic); build the engine with `vitedge compile -t tensorrt` on the GPU machine"
         artifact = draft.commit(man, extra=report_files)
-    if fidelity is not None and not fidelity.met and enforce:
+    if fidelity is not None and not fidelity.met and enforce and not (asked == "auto" and fidelity.float_wins):
         raise FidelityNotMet(f"{fidelity.summary()}; wrote it anyway to {output} (table: {output.parent / qinfo['fidelity']['table']})",
                              "give more or more typical calibration images, raise --search-budget, lower the target "
                              "(--target-agreement/--target-cosine), or use --fp16", output=output, manifest=man)
@@ -235,7 +239,36 @@ class FidelityNotMet(GateFailed):
         self.output, self.manifest = output, manifest
 
 
-def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, target, budget, output, qinfo, report_files, classifier):
+def _auto_choice(res, src: Path, tmp_out: Path, backend: str, qinfo: dict) -> str:
+    """``--auto``: keep the INT8 file, or write the FP32 model (run at the CPU's float precision) when it meets
+    the target and INT8 is no faster here.  Returns the precision written (``int8`` / ``fp32``)."""
+    from ..sysinfo import isa_summary
+
+    why = res.choice()
+    qinfo["choice"] = {"asked": "auto", "chosen": (res.reference.float_precision or "fp32") if res.float_wins else "int8",
+                       "why": why, "cpu": isa_summary()}
+    log.info("--auto chose %s", why)
+    if not res.float_wins:
+        return "int8"
+    for f in (tmp_out, tmp_out.with_suffix(".bin"), tmp_out.parent / f"{tmp_out.name}.data"):  # the INT8 files
+        f.unlink(missing_ok=True)
+    if backend == "openvino":
+        import openvino as ov
+
+        ov.save_model(ov.convert_model(str(src)), str(tmp_out), compress_to_fp16=False)  # the file that was measured
+    else:
+        import onnx
+
+        from .._io import save_onnx
+
+        save_onnx(onnx.load(str(src)), tmp_out, f"{tmp_out.name}.data")
+    qinfo.update(float_precision=res.reference.float_precision, excluded_nodes=[],
+                 tool=f"none: FP32 weights, run at {res.reference.float_precision or 'fp32'}")
+    return "fp32"
+
+
+def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, target, budget, output, qinfo, report_files, classifier,
+                 auto: bool = False):
     """NNCF INT8 for OpenVINO / ONNX Runtime through the fidelity search; the chosen try lands at ``tmp_out``."""
     import nncf
 
@@ -247,7 +280,7 @@ def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, targ
     work = scratch / "search"
     work.mkdir()
     res = fid.search(src, backend, stream, ev, work, target=target, budget_s=budget, fixed_batch=fixed, method=method,
-                     final_name=output.name, classifier=classifier)
+                     final_name=output.name, classifier=classifier, float_candidate=auto)
     fid.copy_chosen(res, tmp_out, backend)
     stem = output.name
     tj, tm = f"{stem}.fidelity.json", f"{stem}.fidelity.md"

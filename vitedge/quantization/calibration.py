@@ -88,7 +88,7 @@ def plan_data(manifest: Manifest, pre: Preprocessing | None, *, precision: str, 
     elif is_reference_model(manifest) and SHIPPED_DIGITS.is_dir():
         calib_set = ImageSet.from_path(SHIPPED_DIGITS)
         notes.append(f"calibration images: the shipped digits set ({SHIPPED_DIGITS})")
-    elif precision == "int8":
+    elif precision in ("int8", "auto"):
         raise VitedgeError("INT8 needs calibration images (--calib DIR, .npy or .npz)",
                            "the shipped digits images only suit the reference model; give ~100-500 images like your deployment data")
     if calib_set is not None:
@@ -97,7 +97,7 @@ def plan_data(manifest: Manifest, pre: Preprocessing | None, *, precision: str, 
     if val_set is not None:
         _check_fits(val_set, manifest, pre, "validation data")
 
-    if precision != "int8":  # FP16: nothing to calibrate, everything can be used for evaluation
+    if precision not in ("int8", "auto"):  # FP16: nothing to calibrate, everything can be used for evaluation
         if val_set is not None:
             return DataPlan(None, val_set, f"--val {val_set.source}", notes=notes)
         if calib_set is not None:

@@ -46,6 +46,7 @@ DEFAULT_COSINE = 0.995  # minimum per-image output cosine, other outputs
 DEFAULT_BUDGET_S = 900.0  # wall time for the whole search, default try excluded
 FIRST_TRY_TIMEOUT_S = 3600.0  # the default try is never cut by the budget, only by this
 TRY_TIMEOUT_S = 1800.0  # any later try: at most this, and never past the budget
+TIE = 1.03  # latencies within 3 % are a tie (timing noise): prefer the earlier try, and INT8 over float
 FLOAT_WORTH = 1.05  # INT8 less than this much faster than the float model is called out
 AC_MAX_FLOAT_FRACTION = 0.25  # accuracy control may return at most this share of the matrix ops to float
 
@@ -146,6 +147,28 @@ class FidelityResult:
     classifier: bool
     seconds: float
     reference: Row | None = None  # the FP32 model at the CPU's float precision (OpenVINO on BF16 CPUs), measured alike
+
+    @property
+    def float_wins(self) -> bool:
+        """The unquantized model (at the CPU's fastest float precision) meets the target and INT8 is no faster
+        (or missed the target): what ``--auto`` writes instead of INT8."""
+        r = self.reference
+        if r is None or not r.latency_ms or not self.target.check(r.metrics, self.classifier, r.drop_pp):
+            return False
+        return not self.met or not self.chosen.latency_ms or r.latency_ms < self.chosen.latency_ms / TIE
+
+    def choice(self) -> str:
+        """Why ``--auto`` chose what it chose, in one sentence."""
+        r, c = self.reference, self.chosen
+        if r is None:
+            return "INT8: no float model was measured"
+        fl = f"the FP32 model at {r.float_precision or 'fp32'} ({r.latency_ms:.2f} ms)"
+        if self.float_wins:
+            why = "INT8 missed the fidelity target" if not self.met else f"the best INT8 ({c.latency_ms:.2f} ms) is not faster on this CPU"
+            return f"{r.float_precision or 'fp32'}: {why}, and {fl} meets the target"
+        if not self.target.check(r.metrics, self.classifier, r.drop_pp):
+            return f"INT8 ({c.latency_ms:.2f} ms): {fl} misses the fidelity target"
+        return f"INT8 ({c.latency_ms:.2f} ms): {r.latency_ms / c.latency_ms:.2f}x faster than {fl} on this CPU"
 
     @property
     def speedup_vs_float(self) -> float | None:
@@ -314,8 +337,11 @@ def _wait(proc: subprocess.Popen, no: int, t0: float, timeout: float) -> int | N
 
 
 def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *, target: Target, budget_s: float,
-           fixed_batch: int | None, method: str = "minmax", final_name: str = "model.onnx", classifier: bool | None = None) -> FidelityResult:
-    """Run the default try, then the ladder while the target is missed and the budget lasts."""
+           fixed_batch: int | None, method: str = "minmax", final_name: str = "model.onnx", classifier: bool | None = None,
+           float_candidate: bool = False) -> FidelityResult:
+    """Run the default try, then the ladder while the target is missed and the budget lasts.  The FP32 model
+    is measured too at the CPU's fastest float precision on BF16 CPUs (OpenVINO), or always with
+    ``float_candidate`` (``--auto``: the faster of the two is written)."""
     import onnx
 
     t0 = time.perf_counter()
@@ -357,10 +383,11 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
     chosen = best
     if met_rows:  # within 3 % of the fastest is a tie (timing noise): prefer the earlier, more-INT8 try
         fastest = min(r.latency_ms for r in met_rows)
-        chosen = next(r for r in met_rows if r.latency_ms <= fastest * 1.03)
+        chosen = next(r for r in met_rows if r.latency_ms <= fastest * TIE)
     reference = None
-    if backend == "openvino" and "bf16" in fps:  # is INT8 worth it here? the FP32 model at the CPU's bf16, same yardstick
-        ref_rows = ctx.run_try(0, "float reference", base, ["bf16"], 900.0, float_reference=True)
+    if float_candidate or (backend == "openvino" and "bf16" in fps):
+        # is INT8 worth it here?  The FP32 model at the CPU's fastest float precision, measured the same way
+        ref_rows = ctx.run_try(0, "float reference", base, fps[:1], 900.0, float_reference=True)
         reference = ref_rows[0] if ref_rows[0].status == "reference" else None
     return FidelityResult(target, bool(met_rows), chosen, rows, scratch / f"try{chosen.try_no}", classifier, time.perf_counter() - t0,
                           reference)

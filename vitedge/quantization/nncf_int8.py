@@ -78,6 +78,7 @@ class GraphRoles:
     fc2: list[str] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)  # MatMuls of two activations (Q·Kᵀ, softmax·V)
     head: list[str] = field(default_factory=list)
+    token_merging: list[str] = field(default_factory=list)  # ToMe similarity MatMuls: always float (they pick tokens)
 
     def group(self, name: str) -> list[str]:
         if name == "patch_embed":
@@ -118,6 +119,10 @@ def graph_roles(model) -> GraphRoles:
         return None
 
     roles = GraphRoles()
+    readers: dict[str, list[str]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
     ops: list[tuple[str, str, int | None, int | None]] = []  # (name, op type, input width, output width)
     for n in g.node:
         if n.op_type not in MATRIX_OPS:
@@ -125,7 +130,9 @@ def graph_roles(model) -> GraphRoles:
         w = weight(n.input[1]) if len(n.input) > 1 else None
         if w is None:
             if n.op_type == "MatMul" and weight(n.input[0]) is None:
-                roles.attention.append(n.name)
+                # token merging's similarity (read by the max/argmax of the matching), else the attention core
+                merging = any(t in ("ReduceMax", "ArgMax", "TopK") for t in readers.get(n.output[0], []))
+                (roles.token_merging if merging else roles.attention).append(n.name)
             continue
         dims = list(w.dims)
         if len(dims) != 2:
@@ -172,7 +179,7 @@ def ov_attention_matmuls(ov_model) -> list[str]:
 
 def float_names(cfg: Int8Config, roles: GraphRoles) -> list[str]:
     """Names of the ops this config keeps in float by structure (OpenVINO may suffix a Conv's name)."""
-    names: list[str] = []
+    names: list[str] = list(roles.token_merging)  # INT8 there would change which tokens merge, for no speed
     for grp in cfg.float_groups:
         names += roles.group(grp)
     if cfg.attention_float:
