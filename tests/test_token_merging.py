@@ -412,3 +412,21 @@ def test_recipe_passes_the_merge_keys_and_caches_on_them(tmp_path, monkeypatch):
     assert [s.status for s in run_recipe(fixed.with_changes(**{"steps.export": {}}), out).steps] == ["done"]
     assert calls[-1]["merge_tokens"] == 0
     assert len(calls) == 6
+
+
+def test_a_merged_fp32_reference_is_called_out_in_validate_notes():
+    from types import SimpleNamespace
+
+    from vitedge.validation import _note_merged_reference
+
+    notes: list[str] = []
+    _note_merged_reference(SimpleNamespace(model={"graph": {"token_merging": {"r": 4, "lossy": True}}}), "m.onnx", notes)
+    _note_merged_reference(SimpleNamespace(model={"graph": {"last_block": "cls_token_only"}}), "plain.onnx", notes)
+    assert len(notes) == 1 and "m.onnx" in notes[0] and "r=4" in notes[0] and "--reference" in notes[0]
+
+
+@pytest.mark.parametrize("zero", ["00", " 0", 0, None])
+def test_zero_spelled_any_way_means_no_merging(zero):
+    from vitedge.export import _merge_setting
+
+    assert _merge_setting(None, zero, None, None, 14, print) == (0, None)  # no model or opset check when off

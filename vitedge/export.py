@@ -190,22 +190,25 @@ def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) 
     """``--merge-tokens`` resolved to ``r`` (``auto`` measures it), with the search when one ran."""
     from . import token_merging
 
-    if merge_tokens in (0, None, "0"):
-        if max_drop is not None or val_images is not None:
-            raise InputError("--max-drop / --val-images only apply to --merge-tokens auto")
-        return 0, None
-    token_merging.check_mergeable(spec.model)
-    if opset < 17:
-        raise ModelNotSupported(f"token merging needs opset 17 or newer (got {opset})", "use the default --opset 18")
-    if str(merge_tokens).lower() != "auto":
+    auto = str(merge_tokens).strip().lower() == "auto"
+    if not auto:
         try:
-            r = int(merge_tokens)
+            r = int(merge_tokens or 0)
         except (TypeError, ValueError):
             raise InputError(f"--merge-tokens must be a number of tokens or 'auto', got {merge_tokens!r}") from None
         if r < 0:
             raise InputError(f"--merge-tokens {r} must be >= 0")
         if max_drop is not None or val_images is not None:
-            raise InputError("--max-drop / --val-images only apply to --merge-tokens auto", f"drop them to merge {r} tokens per block")
+            raise InputError("--max-drop / --val-images only apply to --merge-tokens auto", "use --merge-tokens auto, or drop them")
+        if r == 0:
+            return 0, None
+    token_merging.check_mergeable(spec.model)
+    if opset < 17:
+        raise ModelNotSupported(f"token merging needs opset 17 or newer (got {opset})", "use the default --opset 18")
+    if not auto:
+        counts = token_merging.token_counts(spec.model, spec.preprocessing.img_size, r)
+        if counts[-1] < 4:
+            log.warning("--merge-tokens %d leaves %d token(s) for the last block: expect a large accuracy loss", r, counts[-1])
         return r, None
     if val_images is None:
         raise InputError("--merge-tokens auto needs --val-images: a folder of held-out images to measure the top-1 drop on",
@@ -278,11 +281,11 @@ def export_onnx(
         images = default_check_images()  # a few shipped real images, when available
     tolerance = tolerance or Tolerance()
     torch_model = spec.model.eval()
-    merge, search = _merge_setting(spec, merge_tokens, val_images, max_drop, opset, stage)
     bad = [name for name, t in torch_model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise VitedgeError(f"the model weights contain NaN/inf ({len(bad)} tensors, e.g. {bad[0]})",
                            "the checkpoint is damaged or training diverged; nothing was exported")
+    merge, search = _merge_setting(spec, merge_tokens, val_images, max_drop, opset, stage)
     h, w = spec.preprocessing.img_size
     c = spec.config.in_channels if spec.config else 3
     dummy = torch.zeros(batch or 2, c, h, w)

@@ -102,7 +102,8 @@ def choose_merge(spec, images: ImageSet, max_drop: float = DEFAULT_MAX_DROP,
                          "give a folder of held-out validation images (class sub-folders for labels), or a fixed --merge-tokens N")
     stage(f"reading {len(images)} validation images")
     batch = images.load_all(spec.preprocessing, min_count=MIN_IMAGES)
-    labelled = all(lbl is not None for lbl in batch.labels)
+    # folder names are classes only for a model that has classes to match (a random-weight preset has none)
+    labelled = all(lbl is not None for lbl in batch.labels) and not str(spec.source).startswith("preset:")
     y = label_indices(batch.labels, spec.labels, images.source) if labelled else None
     class_names = spec.labels or [str(i) for i in range(model.config.num_classes)]
     hi = max_merge(token_counts(model, spec.preprocessing.img_size, 0)[0], model.config.num_layers)
@@ -115,7 +116,7 @@ def choose_merge(spec, images: ImageSet, max_drop: float = DEFAULT_MAX_DROP,
         stage(f"measuring token merging r={r} on {len(batch.x)} images (try {len(trials) + 1}, r between 0 and {hi})")
         vs = classification(ref, _logits(model, batch.x, r), names=batch.names, class_names=class_names, y=y)
         loss, ci = top1_loss(vs, labelled)
-        trial = MergeTrial(r, token_counts(model, spec.preprocessing.img_size, r)[-1], float(loss), [float(v) for v in ci],
+        trial = MergeTrial(r, token_counts(model, spec.preprocessing.img_size, r)[-1], round(float(loss), 3), [round(float(v), 3) for v in ci],
                            float(vs["top1_agreement"]), float(vs["cosine_min"]), bool(loss <= max_drop))
         trials[r] = trial
         log.info("token merging r=%d: top-1 loss %.2f points (%s)", r, loss, "within budget" if trial.within_budget else "over budget")
@@ -136,7 +137,7 @@ def choose_merge(spec, images: ImageSet, max_drop: float = DEFAULT_MAX_DROP,
 
 def describe(r: int, counts: list[int], search: MergeSearch | None = None) -> dict:
     """The manifest's ``model.graph.token_merging`` entry."""
-    out = {"r": r, "tokens_per_block": counts, "lossy": r > 0,
+    out = {"r": r, "tokens_per_block": counts, "lossy": counts[0] != counts[-1],
            "method": "ToMe: bipartite soft matching on attention keys, size-weighted means, proportional attention"}
     if search is not None:
         out["search"] = search.to_dict()

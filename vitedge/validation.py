@@ -318,6 +318,7 @@ def _open_reference(reference, specs: list[EngineSpec], notes: list[str], prepro
         eng, measured = _opened(lambda: load(path, backend="onnxruntime", preprocessing=pre, threads=threads))
         if eng.manifest.precision not in (None, "fp32"):
             notes.append(f"reference {path.name} says precision {eng.manifest.precision!r}, not fp32")
+        _note_merged_reference(eng.manifest, path.name, notes)
         return _Model(eng, "onnxruntime fp32", role="reference", options={"threads": eng.threads},
                       size_bytes=artifact_size(eng.artifact, eng.manifest), **measured), None
 
@@ -338,7 +339,17 @@ def _open_reference(reference, specs: list[EngineSpec], notes: list[str], prepro
         return base, None
     notes.append(f"preset {reference!r} has random weights: accuracy is compared with the engine's FP32 parent "
                  f"{parent.name} (found in its manifest lineage); PyTorch eager is used for timing only")
-    return base, _Model(load(parent, backend="onnxruntime"), "onnxruntime fp32 (parent)")
+    parent_engine = load(parent, backend="onnxruntime")
+    _note_merged_reference(parent_engine.manifest, parent.name, notes)
+    return base, _Model(parent_engine, "onnxruntime fp32 (parent)")
+
+
+def _note_merged_reference(man, name: str, notes: list[str]) -> None:
+    """An FP32 reference exported with token merging hides merging's own accuracy cost: say so."""
+    merging = (((man.model if man else None) or {}).get("graph") or {}).get("token_merging") or {}
+    if merging.get("lossy"):
+        notes.append(f"reference {name} was exported with token merging (r={merging['r']}, lossy): these numbers leave out "
+                     "what merging costs; pass an unmerged FP32 export or the checkpoint as --reference to include it")
 
 
 # ------------------------------------------------------------------------------------------
