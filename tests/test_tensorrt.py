@@ -206,8 +206,8 @@ def test_int8_qdq_224px_vit_meets_the_fidelity_target_in_onnxruntime(vit224):
     q = vit224.man.quantization
     assert q["method"] == "entropy"  # NVIDIA's default calibration for INT8 (the manifest says so)
     assert q["config"]["extra_options"]["DedicatedQDQPair"] is False
-    # 12 blocks x 2; the head, and the last block's projection and MLP (exported for the CLS token only)
-    assert len(q["float_by_placement"]["attention"]) == 24 and len(q["float_by_placement"]["gemv"]) == 4
+    # 12 blocks x 2; the head, and the last block's query, projection and MLP (exported for the CLS token only)
+    assert len(q["float_by_placement"]["attention"]) == 24 and len(q["float_by_placement"]["gemv"]) == 5
     assert "compile -t tensorrt" in v["note"]
 
 
@@ -217,12 +217,12 @@ def test_int8_qdq_structure_nvidia_placement(vit224):
     quantized = Counter(n.input[0] for n in q)
     assert quantized and max(quantized.values()) == 1, [t for t, c in quantized.items() if c > 1]  # one pair per tensor
     assert all(readers[n.output[0]] == 1 for n in q)  # each Q feeds exactly its DQ
-    # weights: 12 blocks x (qkv, proj, fc1, fc2) + patch conv; activations: one per distinct matrix-op input tensor
+    # weights: 12 blocks x (q, k, v, proj, fc1, fc2) + patch conv, less the last block's CLS-only GEMVs (q, proj, fc1, fc2)
     roles = vit224.man.quantization["float_by_placement"]
     for name in roles["attention"] + roles["gemv"]:
         assert dq_fed[name] == [False, False], name  # q·kᵀ, softmax·v and the head: float
     int8 = [n for n, fed in dq_fed.items() if all(fed)]
-    assert len(int8) == 12 * 4 + 1 - 3 and all(n not in roles["attention"] + roles["gemv"] for n in int8)  # patch embed too
+    assert len(int8) == 12 * 6 + 1 - 4 and all(n not in roles["attention"] + roles["gemv"] for n in int8)  # patch embed too
     heads = [n for n in g.node if n.op_type == "Gemm"]
     assert heads and {n.name for n in heads} <= set(roles["gemv"])  # the classifier on the CLS token: (N, 192) x (192, classes)
     # the LayerNorm output read by q, k and v goes through one shared pair

@@ -172,18 +172,22 @@ def _has_cls_only(model, wanted: bool) -> bool:
 
 
 @contextlib.contextmanager
-def _graph_options(model, *, cls_only: bool = False, merge: int = 0):
+def _graph_options(model, *, cls_only: bool = False, merge: int = 0, split_qkv: bool = False):
     """Set vitedge's ViT export options for the duration (restored afterwards): the last block computed
-    for the CLS token only, and ``merge`` tokens merged per block."""
+    for the CLS token only, ``merge`` tokens merged per block, Q/K/V as three projections."""
     if not _has_cls_only(model, True):
         yield
         return
-    saved = model.cls_only_last_block, model.merge_tokens
+    saved = model.cls_only_last_block, model.merge_tokens, model.blocks[0].attn.split_qkv if len(model.blocks) else False
     model.cls_only_last_block, model.merge_tokens = cls_only, merge
+    for blk in model.blocks:
+        blk.attn.split_qkv = split_qkv
     try:
         yield
     finally:
-        model.cls_only_last_block, model.merge_tokens = saved
+        model.cls_only_last_block, model.merge_tokens = saved[:2]
+        for blk in model.blocks:
+            blk.attn.split_qkv = saved[2]
 
 
 def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) -> tuple[int, "object | None"]:
@@ -220,9 +224,11 @@ def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) 
     return search.r, search
 
 
-def _graph_info(spec, cls_only: bool, merge: int, search) -> dict:
+def _graph_info(spec, cls_only: bool, merge: int, search, split_qkv: bool) -> dict:
     """The manifest's ``model.graph``: how the exported graph differs from a plain forward pass."""
     info = {"last_block": "cls_token_only" if _has_cls_only(spec.model, cls_only) else "all_tokens"}
+    if _has_cls_only(spec.model, True):
+        info["qkv"] = "split" if split_qkv else "fused"
     if merge or search is not None:
         from .token_merging import describe, token_counts
 
@@ -241,6 +247,7 @@ def export_onnx(
     tolerance: Tolerance | None = None,
     on_stage: "Callable[[str], None] | None" = None,
     cls_only_last_block: bool = True,
+    split_qkv: bool = True,
     merge_tokens: "int | str" = 0,
     val_images: "str | Path | None" = None,
     max_drop: float | None = None,
@@ -250,6 +257,8 @@ def export_onnx(
     ``cls_only_last_block``: the model's output reads the CLS token only, so the exported graph runs
     the last block's attention output projection, MLP and the final norm for that token alone (every
     token is still a key and a value).  Exact: the ONNX file is verified against the full PyTorch model.
+    ``split_qkv``: the fused qkv projection is exported as three (query, key, value), each reshaped to heads
+    on its own, so runtimes see the plain attention pattern (exact; ``benchmarks/exact_levers.md``).
 
     ``images`` are real images for the check (default: a few shipped ones when available; ``[]``
     for random inputs only).  ``on_stage`` is called with a short description of each step
@@ -305,7 +314,7 @@ def export_onnx(
         scratch, tmp = draft.scratch, draft.path
         stage(f"exporting with torch.onnx (opset {opset}" + (", external data)" if external else ")"))
         try:
-            with torch.no_grad(), _graph_options(torch_model, cls_only=cls_only_last_block, merge=merge):
+            with torch.no_grad(), _graph_options(torch_model, cls_only=cls_only_last_block, merge=merge, split_qkv=split_qkv):
                 _torch_export(torch_model, dummy, tmp, opset, batch is None, external)
         except Exception as exc:
             raise VitedgeError(f"torch.onnx.export failed: {_reason(exc)}", "try another --opset (below 17 uses the TorchScript exporter)") from None
@@ -341,7 +350,7 @@ def export_onnx(
         manifest = Manifest(
             artifact=output.name, format="onnx", precision="fp32", backend=None,
             task=_task(spec, refs["random"]),
-            model={**spec.model_info(), "graph": _graph_info(spec, cls_only_last_block, merge, search)},
+            model={**spec.model_info(), "graph": _graph_info(spec, cls_only_last_block, merge, search, split_qkv)},
             preprocessing=spec.preprocessing.to_dict(), labels=spec.labels,
             inputs=ins, outputs=outs, opset=opset, assumptions=list(spec.notes),
             verification={"reference": "pytorch-fp32", "checks": checks, "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol}},

@@ -90,6 +90,33 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.attn_drop = nn.Dropout(dropout)
         self.proj_drop = nn.Dropout(dropout)
+        self.split = None  # see split_qkv
+
+    @property
+    def split_qkv(self) -> bool:
+        return self.split is not None
+
+    @split_qkv.setter
+    def split_qkv(self, on: bool) -> None:
+        """For export: Q, K and V as three projections (copies of the qkv weights), each reshaped to (B, H, N, hd)
+        on its own.  Exact; the runtimes then see the plain Transpose-MatMul-Softmax-MatMul attention pattern,
+        without the 5-D permute and gathers of the fused output.  Eager PyTorch keeps the one fused GEMM."""
+        if not on:
+            self.split = None
+            return
+        d, bias = self.qkv.in_features, self.qkv.bias is not None
+        parts = nn.ModuleList(nn.Linear(d, d, bias=bias) for _ in range(3)).to(self.qkv.weight)
+        with torch.no_grad():
+            for i, lin in enumerate(parts):
+                lin.weight.copy_(self.qkv.weight[i * d : (i + 1) * d])
+                if bias:
+                    lin.bias.copy_(self.qkv.bias[i * d : (i + 1) * d])
+        self.split = parts
+
+    def _project(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Query (0), key (1) or value (2) of ``x`` as (B, H, N, hd), from the split projections."""
+        b, n, _ = x.shape
+        return self.split[i](x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False,
                 size: torch.Tensor | None = None):
@@ -99,10 +126,13 @@ class Attention(nn.Module):
         output has one token; exact for the CLS token's row.  ``size`` (B, N, 1): patches each token
         stands for after token merging; adds ``log(size)`` to the logits (ToMe's proportional attention)."""
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, hd)
+        if self.split_qkv:  # (with cls_only, the query of the CLS token only)
+            q, k, v = self._project(x[:, :1] if cls_only else x, 0), self._project(x, 1), self._project(x, 2)
+        else:
+            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, hd)
         if cls_only:
-            q, n = q[:, :, :1], 1
+            q, n = q[:, :, :1], 1  # (a no-op for split projections)
         logits = (q * self.scale) @ k.transpose(-2, -1)
         if size is not None:
             logits = logits + size.log().transpose(1, 2)[:, None]  # (B, 1, 1, N)
