@@ -80,3 +80,13 @@ def test_auto_is_refused_where_there_is_nothing_to_choose(ref_onnx, tmp_path):
     with pytest.raises(VitedgeError, match="no auto quantization"):
         quantize(ref_onnx, tmp_path / "m.onnx", precision="auto", backend="tensorrt")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_random_weights_choose_on_speed_alone():
+    """A preset's predictions mean nothing: agreement cannot veto the faster model either way."""
+    res = _result(20.0, False, 10.0, 0.10)
+    res.enforced = False
+    assert res.float_wins and "speed alone" in res.choice()
+    res = _result(10.0, False, 20.0, 1.0)
+    res.enforced = False
+    assert not res.float_wins and res.choice().startswith("INT8")

@@ -188,7 +188,7 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
                 stream = StreamingBatches(plan.calib, pre, 32, min_count=min(samples or 1, len(plan.calib)), label="preparing calibration images")
                 fidelity = _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, target, search_budget,
                                         output, qinfo, report_files, classifier=parent.task == "classification",
-                                        auto=precision == "auto")
+                                        auto=precision == "auto", enforce=enforce)
                 if precision == "auto":
                     precision = _auto_choice(fidelity, src, tmp_out, backend, qinfo)
             qinfo["calibration"] = {
@@ -268,7 +268,7 @@ def _auto_choice(res, src: Path, tmp_out: Path, backend: str, qinfo: dict) -> st
 
 
 def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, target, budget, output, qinfo, report_files, classifier,
-                 auto: bool = False):
+                 auto: bool = False, enforce: bool = True):
     """NNCF INT8 for OpenVINO / ONNX Runtime through the fidelity search; the chosen try lands at ``tmp_out``."""
     import nncf
 
@@ -280,7 +280,7 @@ def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, targ
     work = scratch / "search"
     work.mkdir()
     res = fid.search(src, backend, stream, ev, work, target=target, budget_s=budget, fixed_batch=fixed, method=method,
-                     final_name=output.name, classifier=classifier, float_candidate=auto)
+                     final_name=output.name, classifier=classifier, float_candidate=auto, enforce=enforce)
     fid.copy_chosen(res, tmp_out, backend)
     stem = output.name
     tj, tm = f"{stem}.fidelity.json", f"{stem}.fidelity.md"

@@ -147,13 +147,18 @@ class FidelityResult:
     classifier: bool
     seconds: float
     reference: Row | None = None  # the FP32 model at the CPU's float precision (OpenVINO on BF16 CPUs), measured alike
+    enforced: bool = True  # False: predictions mean nothing (random-weight preset), speed alone decides
 
     @property
     def float_wins(self) -> bool:
         """The unquantized model (at the CPU's fastest float precision) meets the target and INT8 is no faster
         (or missed the target): what ``--auto`` writes instead of INT8."""
         r = self.reference
-        if r is None or not r.latency_ms or not self.target.check(r.metrics, self.classifier, r.drop_pp):
+        if r is None or not r.latency_ms:
+            return False
+        if not self.enforced:
+            return bool(self.chosen.latency_ms) and r.latency_ms < self.chosen.latency_ms / TIE
+        if not self.target.check(r.metrics, self.classifier, r.drop_pp):
             return False
         return not self.met or not self.chosen.latency_ms or r.latency_ms < self.chosen.latency_ms / TIE
 
@@ -163,6 +168,10 @@ class FidelityResult:
         if r is None:
             return "INT8: no float model was measured"
         fl = f"the FP32 model at {r.float_precision or 'fp32'} ({r.latency_ms:.2f} ms)"
+        if not self.enforced:  # a random-weight preset: speed alone
+            if self.float_wins:
+                return f"{r.float_precision or 'fp32'}: {fl} is faster than the best INT8 ({c.latency_ms:.2f} ms) on this CPU (random weights: speed alone decides)"
+            return f"INT8 ({c.latency_ms:.2f} ms): {r.latency_ms / c.latency_ms:.2f}x faster than {fl} on this CPU (random weights: speed alone decides)"
         if self.float_wins:
             why = "INT8 missed the fidelity target" if not self.met else f"the best INT8 ({c.latency_ms:.2f} ms) is not faster on this CPU"
             return f"{r.float_precision or 'fp32'}: {why}, and {fl} meets the target"
@@ -338,10 +347,11 @@ def _wait(proc: subprocess.Popen, no: int, t0: float, timeout: float) -> int | N
 
 def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *, target: Target, budget_s: float,
            fixed_batch: int | None, method: str = "minmax", final_name: str = "model.onnx", classifier: bool | None = None,
-           float_candidate: bool = False) -> FidelityResult:
+           float_candidate: bool = False, enforce: bool = True) -> FidelityResult:
     """Run the default try, then the ladder while the target is missed and the budget lasts.  The FP32 model
     is measured too at the CPU's fastest float precision on BF16 CPUs (OpenVINO), or always with
-    ``float_candidate`` (``--auto``: the faster of the two is written)."""
+    ``float_candidate`` (``--auto``: the faster of the two is written).  ``enforce=False`` (random-weight
+    presets, whose predictions mean nothing): the fastest variant is chosen, whatever its agreement."""
     import onnx
 
     t0 = time.perf_counter()
@@ -381,7 +391,10 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
         raise VitedgeError(f"every INT8 try failed: {errors}", "check the model with `vitedge check parity`, or try --fp16")
     met_rows = [r for r in rows if r.status == "met"]
     chosen = best
-    if met_rows:  # within 3 % of the fastest is a tie (timing noise): prefer the earlier, more-INT8 try
+    if not enforce:  # predictions that mean nothing (a random-weight preset): pick on speed alone
+        ran = [r for r in rows if r.status in ("met", "missed") and r.latency_ms]
+        chosen = min(ran, key=lambda r: r.latency_ms) if ran else best
+    elif met_rows:  # within 3 % of the fastest is a tie (timing noise): prefer the earlier, more-INT8 try
         fastest = min(r.latency_ms for r in met_rows)
         chosen = next(r for r in met_rows if r.latency_ms <= fastest * TIE)
     reference = None
@@ -390,7 +403,7 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
         ref_rows = ctx.run_try(0, "float reference", base, fps[:1], 900.0, float_reference=True)
         reference = ref_rows[0] if ref_rows[0].status == "reference" else None
     return FidelityResult(target, bool(met_rows), chosen, rows, scratch / f"try{chosen.try_no}", classifier, time.perf_counter() - t0,
-                          reference)
+                          reference, enforce)
 
 
 def try_command(job: Path) -> list[str]:
