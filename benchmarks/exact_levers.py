@@ -1,12 +1,18 @@
-"""The CLS-only last block (issue 15's first exact lever), on and off, timed interleaved in one run.
+"""Issue 15's exact levers in ``vitedge export``, each on and off, timed interleaved in one run.
 
-A classifier reads the CLS token only, so ``vitedge export`` runs the last block's attention output
-projection, MLP and the final norm for that token alone (``cls_only_last_block``, on by default; the file
-is verified against the full PyTorch model).  This times batch-1 engines built from both exports of the
-same weights (random-weight presets: speed does not depend on the weights), each pair back to back in
-every round, and reports the median of the per-round ratios.
+Both are on by default and verified against the full PyTorch model by ``vitedge export``:
 
-    python benchmarks/cls_only.py --models vit_small,vit_base       # writes benchmarks/cls_only.md
+1. **CLS-only last block** (``cls_only_last_block``): a classifier reads the CLS token only, so the last
+   block's query, attention output projection, MLP and the final norm run for that token alone.
+2. **Split Q/K/V** (``split_qkv``): the fused qkv projection is exported as three projections, each reshaped
+   to heads on its own, so a runtime sees the plain Transpose-MatMul-Softmax-MatMul attention pattern
+   instead of a 5-D permute and gathers.
+
+This times batch-1 engines built from three exports of the same weights (plain; lever 1; levers 1 + 2;
+random-weight presets: speed does not depend on the weights), all engines of one kind back to back in
+every round (order alternating), and reports the median of the per-round ratios to the plain export.
+
+    python benchmarks/exact_levers.py --models vit_small,vit_base       # writes benchmarks/exact_levers.md
 """
 
 from __future__ import annotations
@@ -23,18 +29,22 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
+VARIANTS = (("plain export", "plain", False, False), ("CLS-only last block", "cls", True, False),
+            ("CLS-only + split Q/K/V (default)", "cls_split", True, True))
+
+
 def build(model: str, work: Path, calib: Path) -> dict[str, dict[str, Path]]:
-    """{variant: {engine kind: path}} for variant in (all tokens, CLS only)."""
+    """{variant: {engine kind: path}}."""
     from vitedge import export_onnx, load_model
     from vitedge.compilation import compile_model
     from vitedge.quantization import quantize
 
     spec = load_model(model)
     out: dict[str, dict[str, Path]] = {}
-    for variant, cls_only in (("all tokens", False), ("CLS only", True)):
-        d = work / model / ("cls" if cls_only else "all")
+    for variant, folder, cls_only, split in VARIANTS:
+        d = work / model / folder
         d.mkdir(parents=True, exist_ok=True)
-        onnx, _ = export_onnx(spec, d / "fp32.onnx", images=[], cls_only_last_block=cls_only)
+        onnx, _ = export_onnx(spec, d / "fp32.onnx", images=[], cls_only_last_block=cls_only, split_qkv=split)
         q, _ = quantize(onnx, d / "int8.xml", backend="openvino", calib=calib, samples=32, search_budget=0)
         out[variant] = {
             "onnxruntime fp32": compile_model(onnx, d / "ort.onnx", target="onnxruntime")[0],
@@ -44,29 +54,41 @@ def build(model: str, work: Path, calib: Path) -> dict[str, dict[str, Path]]:
     return out
 
 
-def time_pairs(a_path: Path, b_path: Path, rounds: int, seconds: float) -> tuple[float, float, float]:
-    """Median batch-1 latency (ms) of a and b, and the median over rounds of a/b (each round times both)."""
+def time_interleaved(paths: list[Path], rounds: int, seconds: float) -> tuple[list[float], list[float]]:
+    """Median batch-1 latency (ms) of each engine, and the median over rounds of (first engine / engine)."""
     from vitedge import load
 
-    with load(a_path) as a, load(b_path) as b:
-        x = np.random.default_rng(0).standard_normal((1, *a.input_shape[1:])).astype(np.float32)
-        for e in (a, b):
+    engines = [load(p) for p in paths]
+    try:
+        x = np.random.default_rng(0).standard_normal((1, *engines[0].input_shape[1:])).astype(np.float32)
+        for e in engines:
             for _ in range(10):
                 e.infer(x)
-        ma, mb, ratios = [], [], []
-        for _ in range(rounds):
-            per = []
-            for e in (a, b):
-                samples, t_end = [], time.perf_counter() + seconds / rounds / 2
+        per_engine: list[list[float]] = [[] for _ in engines]
+        for k in range(rounds):
+            order = list(range(len(engines)))[:: 1 if k % 2 == 0 else -1]
+            for i in order:
+                time.sleep(0.2)  # let the previous engine's worker threads go idle
+                engines[i].infer(x)
+                samples, t_end = [], time.perf_counter() + seconds / rounds / len(engines)
                 while time.perf_counter() < t_end or len(samples) < 5:
                     t0 = time.perf_counter()
-                    e.infer(x)
+                    engines[i].infer(x)
                     samples.append((time.perf_counter() - t0) * 1e3)
-                per.append(statistics.median(samples))
-            ma.append(per[0])
-            mb.append(per[1])
-            ratios.append(per[0] / per[1])
-    return statistics.median(ma), statistics.median(mb), statistics.median(ratios)
+                per_engine[i].append(statistics.median(samples))
+    finally:
+        for e in engines:
+            e.close()
+    medians = [statistics.median(v) for v in per_engine]
+    ratios = [statistics.median(a / b for a, b in zip(per_engine[0], v)) for v in per_engine]
+    return medians, ratios
+
+
+def settle(below: float, timeout: float = 180.0) -> None:
+    """Wait (up to ``timeout`` s) for the 1-minute load average to fall below ``below`` after the builds."""
+    t_end = time.time() + timeout
+    while os.getloadavg()[0] >= below and time.time() < t_end:
+        time.sleep(5)
 
 
 def main(argv=None) -> int:
@@ -75,34 +97,36 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="vit_small,vit_base")
-    ap.add_argument("--work", type=Path, default=HERE / "runs" / "cls_only")
+    ap.add_argument("--work", type=Path, default=HERE / "runs" / "exact_levers")
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--seconds", type=float, default=10.0, help="timing seconds per pair of engines")
-    ap.add_argument("--out", type=Path, default=HERE / "cls_only.md")
+    ap.add_argument("--seconds", type=float, default=15.0, help="timing seconds per group of engines")
+    ap.add_argument("--out", type=Path, default=HERE / "exact_levers.md")
     args = ap.parse_args(argv)
     machine = print_machine()
-    load_start = os.getloadavg()
-    print(f"load average at start: {load_start}", file=sys.stderr)
     calib = SHIPPED_CALIBRATION / "digits" / "calib"  # any real images: speed does not depend on them
+    built = {model: build(model, args.work, calib) for model in args.models.split(",")}
+    settle((machine.get("usable_cores") or 1) / 2)
+    load_start = os.getloadavg()
+    print(f"load average before timing: {load_start}", file=sys.stderr)
     rows = []
-    for model in args.models.split(","):
-        engines = build(model, args.work, calib)
-        for kind in engines["all tokens"]:
-            full, lean, ratio = time_pairs(engines["all tokens"][kind], engines["CLS only"][kind], args.rounds, args.seconds)
-            rows.append((model, kind, full, lean, ratio))
-            print(f"{model} {kind}: all tokens {full:.2f} ms, CLS only {lean:.2f} ms, speed-up {ratio:.3f}x", file=sys.stderr)
+    for model, engines in built.items():
+        for kind in engines[VARIANTS[0][0]]:
+            med, ratio = time_interleaved([engines[v[0]][kind] for v in VARIANTS], args.rounds, args.seconds)
+            rows.append((model, kind, med, ratio))
+            print(f"{model} {kind}: " + ", ".join(f"{v[0]} {m:.2f} ms ({r:.3f}x)" for v, m, r in zip(VARIANTS, med, ratio)), file=sys.stderr)
     load_end = os.getloadavg()
-    print(f"load average at end: {load_end}", file=sys.stderr)
-    lines = ["# CLS-only last block: on vs off (batch 1, interleaved, one run)", "",
-             f"Generated by `python benchmarks/cls_only.py` on {time.strftime('%Y-%m-%d')}. CPU: {machine.get('cpu')}; "
-             f"ISA: {isa_summary(machine)}; {machine.get('usable_cores')} cores; load average {load_start[0]:.2f} at start, "
-             f"{load_end[0]:.2f} at end. Random-weight presets at 224 px (197 tokens).", "",
-             "| model | engine | all tokens p50 (ms) | CLS-only last block p50 (ms) | speed-up (median of paired rounds) |",
-             "|---|---|---:|---:|---:|"]
-    lines += [f"| {m} | {k} | {a:.2f} | {b:.2f} | {r:.3f}x |" for m, k, a, b, r in rows]
-    lines += ["", "Exact: the CLS-only file is verified against the full PyTorch model by `vitedge export`; "
-              "the saving is the last block's projection and MLP for the other 196 tokens (about 1/12 of a "
-              "12-block model's MLP and projection work).", ""]
+    print(f"load average after timing: {load_end}", file=sys.stderr)
+    busy = max(load_start[0], load_end[0]) > (machine.get("usable_cores") or 1)
+    lines = ["# Exact export levers: on vs off (batch 1, interleaved, one run)", "",
+             f"Generated by `python benchmarks/exact_levers.py --models {args.models}` on {time.strftime('%Y-%m-%d')}. "
+             f"CPU: {machine.get('cpu')}; ISA: {isa_summary(machine)}; {machine.get('usable_cores')} cores; load average "
+             f"{[round(v, 2) for v in load_start]} before timing, {[round(v, 2) for v in load_end]} after"
+             + (" **(busy machine: re-run quietly)**" if busy else "") + ". Random-weight presets at 224 px (197 tokens).", "",
+             "| model | engine | " + " | ".join(f"{v[0]} p50 ms (speed-up)" for v in VARIANTS) + " |",
+             "|---|---|" + "---:|" * len(VARIANTS)]
+    lines += [f"| {m} | {k} | " + " | ".join(f"{a:.2f} ({r:.3f}x)" for a, r in zip(med, ratio)) + " |" for m, k, med, ratio in rows]
+    lines += ["", "Speed-up: the median over rounds of (plain export latency / this latency), each round timing every engine "
+              "of the row back to back.  Exact: every file is verified against the full PyTorch model by `vitedge export`.", ""]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
     return 0
