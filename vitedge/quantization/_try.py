@@ -85,18 +85,31 @@ def run(job: dict) -> dict:
 
 
 def _measure_variants(job: dict, model: Path, x, ref: dict) -> list[dict]:
-    """Outputs (saved next to the job for the parent to compare) and latency, per float precision."""
+    """Outputs (saved next to the job for the parent to compare) and latency, per float precision and engine
+    shape; all variants are timed in interleaved rounds, with the model of ``job["compare"]`` (the float
+    reference times the chosen INT8 try beside itself, so the two are compared in the same conditions)."""
     from ..compare import match_outputs
-    from .nncf_int8 import measure
+    from .nncf_int8 import prepare, timed_interleaved
 
-    variants = []
+    variants, runs = [], []
     folder = Path(job["result"]).parent
+    x = np.asarray(x)
     for fp in job["float_precisions"]:
         for static in ([True, False] if job["backend"] == "openvino" and not job.get("fixed_batch") else [False]):
-            outs, latency = measure(model, job["backend"], np.asarray(x), fp, static=static, fixed=job.get("fixed_batch"))
+            outs, run = prepare(model, job["backend"], x, fp, static=static, fixed=job.get("fixed_batch"))
             key = f"{fp or 'default'}.{'static' if static else 'dynamic'}"
             np.savez(folder / f"outputs.{key}.npz", **match_outputs(ref, outs, "the quantized model", check_shapes=False))
-            variants.append({"float_precision": fp, "static": static, "key": key, "latency_ms": latency})
+            variants.append({"float_precision": fp, "static": static, "key": key})
+            runs.append(run)
+    other = job.get("compare")
+    if other:
+        runs.append(prepare(Path(other["path"]), job["backend"], x[:1], other["float_precision"], static=other["static"],
+                            fixed=job.get("fixed_batch"))[1])
+    latencies = timed_interleaved(runs)
+    for v, ms in zip(variants, latencies):
+        v["latency_ms"] = ms
+        if other:
+            v["compare_latency_ms"] = latencies[-1]
     return variants
 
 

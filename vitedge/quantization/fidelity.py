@@ -125,6 +125,7 @@ class Row:
     error: str | None = None
     drop_pp: float | None = None
     engine_batch: int | str | None = None  # OpenVINO: 1 (static, what latency engines are compiled to) or "dynamic"
+    paired_ms: float | None = None  # float reference: the chosen INT8 try's latency, timed interleaved with this row
 
     def describe(self) -> str:
         return "FP32 model, not quantized (for comparison)" if self.status == "reference" else self.config.describe()
@@ -134,7 +135,7 @@ class Row:
                 "float_precision": self.float_precision, "engine_batch": self.engine_batch, "status": self.status, "latency_ms": self.latency_ms,
                 "seconds": round(self.seconds, 1), "float_ops": self.float_ops, "error": self.error, "drop_pp": self.drop_pp,
                 "top1_agreement": self.metrics.get("top1_agreement"), "cosine_min": min_cosine(self.metrics) if self.metrics else None,
-                "snr_db": self.metrics.get("snr_db")}
+                "snr_db": self.metrics.get("snr_db"), "paired_int8_latency_ms": self.paired_ms}
 
 
 @dataclass
@@ -150,6 +151,12 @@ class FidelityResult:
     enforced: bool = True  # False: predictions mean nothing (random-weight preset), speed alone decides
 
     @property
+    def int8_ms(self) -> float | None:
+        """The chosen INT8 try's latency: as timed beside the float reference when it was, else from its try."""
+        r = self.reference
+        return r.paired_ms if r is not None and r.paired_ms else self.chosen.latency_ms
+
+    @property
     def float_wins(self) -> bool:
         """The unquantized model (at the CPU's fastest float precision) meets the target and INT8 is no faster
         (or missed the target): what ``--auto`` writes instead of INT8."""
@@ -157,33 +164,33 @@ class FidelityResult:
         if r is None or not r.latency_ms:
             return False
         if not self.enforced:
-            return bool(self.chosen.latency_ms) and r.latency_ms < self.chosen.latency_ms / TIE
+            return bool(self.int8_ms) and r.latency_ms < self.int8_ms / TIE
         if not self.target.check(r.metrics, self.classifier, r.drop_pp):
             return False
-        return not self.met or not self.chosen.latency_ms or r.latency_ms < self.chosen.latency_ms / TIE
+        return not self.met or not self.int8_ms or r.latency_ms < self.int8_ms / TIE
 
     def choice(self) -> str:
-        """Why ``--auto`` chose what it chose, in one sentence."""
-        r, c = self.reference, self.chosen
+        """Why ``--auto`` chose what it chose, in one sentence (latencies timed side by side when they were)."""
+        r, q = self.reference, self.int8_ms
         if r is None:
             return "INT8: no float model was measured"
-        fl = f"the FP32 model at {r.float_precision or 'fp32'} ({r.latency_ms:.2f} ms)"
+        fl, fp = f"the FP32 model at {r.float_precision or 'fp32'} ({r.latency_ms:.2f} ms)", r.float_precision or "fp32"
         if not self.enforced:  # a random-weight preset: speed alone
             if self.float_wins:
-                return f"{r.float_precision or 'fp32'}: {fl} is faster than the best INT8 ({c.latency_ms:.2f} ms) on this CPU (random weights: speed alone decides)"
-            return f"INT8 ({c.latency_ms:.2f} ms): {r.latency_ms / c.latency_ms:.2f}x faster than {fl} on this CPU (random weights: speed alone decides)"
+                return f"{fp}: {fl} is faster than the best INT8 ({q:.2f} ms) on this CPU (random weights: speed alone decides)"
+            return f"INT8 ({q:.2f} ms): {r.latency_ms / q:.2f}x faster than {fl} on this CPU (random weights: speed alone decides)"
         if self.float_wins:
-            why = "INT8 missed the fidelity target" if not self.met else f"the best INT8 ({c.latency_ms:.2f} ms) is not faster on this CPU"
-            return f"{r.float_precision or 'fp32'}: {why}, and {fl} meets the target"
+            why = "INT8 missed the fidelity target" if not self.met else f"the best INT8 ({q:.2f} ms) is not faster on this CPU"
+            return f"{fp}: {why}, and {fl} meets the target"
         if not self.target.check(r.metrics, self.classifier, r.drop_pp):
-            return f"INT8 ({c.latency_ms:.2f} ms): {fl} misses the fidelity target"
-        return f"INT8 ({c.latency_ms:.2f} ms): {r.latency_ms / c.latency_ms:.2f}x faster than {fl} on this CPU"
+            return f"INT8 ({q:.2f} ms): {fl} misses the fidelity target"
+        return f"INT8 ({q:.2f} ms): {r.latency_ms / q:.2f}x faster than {fl} on this CPU"
 
     @property
     def speedup_vs_float(self) -> float | None:
-        if self.reference is None or not self.reference.latency_ms or not self.chosen.latency_ms:
+        if self.reference is None or not self.reference.latency_ms or not self.int8_ms:
             return None
-        return self.reference.latency_ms / self.chosen.latency_ms
+        return self.reference.latency_ms / self.int8_ms
 
     def summary(self) -> str:
         c = self.chosen
@@ -283,20 +290,21 @@ class _Search:
     ac_layers: int  # accuracy control may return at most this many matrix ops to float
     final_name: str  # the artifact's file name (external data of big ONNX models is saved under it)
 
-    def job(self, d: Path, cfg: Int8Config, fps: list, float_reference: bool) -> dict:
+    def job(self, d: Path, cfg: Int8Config, fps: list, float_reference: bool, compare: dict | None = None) -> dict:
         ac_drop = (1.0 - self.target.agreement) if self.classifier else (1.0 - self.target.cosine)
         return {"source": str(self.src), "backend": self.backend, "config": cfg.to_dict(),
                 "output": str(d / ("model.xml" if self.backend == "openvino" else "model.onnx")),
                 "calib": str(self.arrays.calib), "eval": str(self.arrays.eval), "reference": str(self.arrays.reference),
                 "float_precisions": fps, "fixed_batch": self.fixed_batch, "classifier": self.classifier,
                 "ac_max_drop": max(ac_drop, 1e-6), "ac_max_float_layers": self.ac_layers, "data_name": f"{self.final_name}.data",
-                "result": str(d / "result.json"), "float_reference": float_reference}
+                "result": str(d / "result.json"), "float_reference": float_reference, "compare": compare}
 
-    def run_try(self, no: int, step: str, cfg: Int8Config, fps: list, timeout: float, float_reference: bool = False) -> list[Row]:
+    def run_try(self, no: int, step: str, cfg: Int8Config, fps: list, timeout: float, float_reference: bool = False,
+                compare: dict | None = None) -> list[Row]:
         """One try in a child process; its rows (one per float precision), or one row saying how it failed."""
         d = self.scratch / (f"try{no}" if not float_reference else "float_reference")
         d.mkdir()
-        (d / "job.json").write_text(json.dumps(self.job(d, cfg, fps, float_reference)))
+        (d / "job.json").write_text(json.dumps(self.job(d, cfg, fps, float_reference, compare)))
         t0 = time.perf_counter()
         with open(d / "log.txt", "wb") as log:
             proc = subprocess.Popen(try_command(d / "job.json"), stdout=log, stderr=subprocess.STDOUT,
@@ -327,7 +335,7 @@ class _Search:
         if self.backend == "openvino":
             shape = self.fixed_batch or (1 if variant["static"] else "dynamic")
         return Row(no, step, cfg, fp, status, metrics=m, latency_ms=variant["latency_ms"], seconds=secs, float_ops=float_ops,
-                   drop_pp=drop, engine_batch=shape)
+                   drop_pp=drop, engine_batch=shape, paired_ms=variant.get("compare_latency_ms"))
 
 
 def _wait(proc: subprocess.Popen, no: int, t0: float, timeout: float) -> int | None:
@@ -400,7 +408,10 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
     reference = None
     if float_candidate or (backend == "openvino" and "bf16" in fps):
         # is INT8 worth it here?  The FP32 model at the CPU's fastest float precision, measured the same way
-        ref_rows = ctx.run_try(0, "float reference", base, fps[:1], 900.0, float_reference=True)
+        model = scratch / f"try{chosen.try_no}" / ("model.xml" if backend == "openvino" else "model.onnx")
+        compare = {"path": str(model), "float_precision": chosen.float_precision, "static": chosen.engine_batch == 1}
+        ref_rows = ctx.run_try(0, "float reference", base, fps[:1], 900.0, float_reference=True,
+                               compare=compare if chosen.status in ("met", "missed") and model.exists() else None)
         reference = ref_rows[0] if ref_rows[0].status == "reference" else None
     return FidelityResult(target, bool(met_rows), chosen, rows, scratch / f"try{chosen.try_no}", classifier, time.perf_counter() - t0,
                           reference, enforce)
@@ -439,7 +450,12 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
         shape = "" if r.engine_batch is None else ("dynamic" if r.engine_batch == "dynamic" else f"static {r.engine_batch}")
         lines.append(f"| {r.try_no if r.status != 'reference' else '-'}{chosen} | {r.step} | {r.describe()} | {r.float_precision or ''} | {shape} | {status} | {agree} | "
                      f"{drop} | {cos} | {lat} | {'' if r.float_ops is None else r.float_ops} | {r.seconds:.0f} |")
-    lines += ["", "Latency: median of batch-1 runs in the try's own process, on this machine; compare rows, not machines.",
+    ref = result.reference
+    if ref is not None and ref.paired_ms:
+        lines += ["", f"Float reference and the chosen INT8 try timed side by side (interleaved, one process): "
+                  f"{ref.latency_ms:.2f} ms vs {ref.paired_ms:.2f} ms (what `--auto` compares)."]
+    lines += ["", "Latency: median of batch-1 runs in the try's own process, its variants timed interleaved, on this machine; "
+              "compare rows, not machines.",
               "Agreement with FP32 is measured on held-out images; the search chose on them too, so confirm on",
               "fresh images with `vitedge validate --data DIR`."]
     path_md.write_text("\n".join(lines) + "\n")

@@ -268,24 +268,32 @@ def pad_to_multiple(x: np.ndarray, k: int) -> np.ndarray:
 
 
 # -- measuring a candidate --------------------------------------------------------------------------------------------------
-def _timed(run: Callable[[], object], min_runs: int = 20, max_seconds: float = 3.0) -> float:
-    """Median wall time of ``run`` in ms, after warm-up."""
-    for _ in range(3):
-        run()
-    times: list[float] = []
-    t_end = time.perf_counter() + max_seconds
-    while len(times) < min_runs or (time.perf_counter() < t_end and len(times) < 200):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() > t_end + max_seconds:
-            break
-    return 1000.0 * float(np.median(times))
+def timed_interleaved(runs: list[Callable[[], object]], rounds: int = 8, seconds: float = 6.0, min_runs: int = 3) -> list[float]:
+    """Median wall time (ms) of each of ``runs``, timed in interleaved rounds (order reversed every other
+    round), so that a machine whose speed drifts (shared hosts, frequency changes) slows every run alike
+    and the comparison between them holds."""
+    for run in runs:
+        for _ in range(3):
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    per = seconds / rounds / max(1, len(runs))
+    for k in range(rounds):
+        order = range(len(runs)) if k % 2 == 0 else reversed(range(len(runs)))
+        for i in order:
+            runs[i]()  # untimed: wakes this engine's worker threads
+            t_end = time.perf_counter() + per
+            n = 0
+            while n < min_runs or (time.perf_counter() < t_end and n < 50):
+                t0 = time.perf_counter()
+                runs[i]()
+                times[i].append(time.perf_counter() - t0)
+                n += 1
+    return [1000.0 * float(np.median(t)) for t in times]
 
 
-def measure(path: Path, backend: str, x: np.ndarray, float_precision: str | None, static: bool = False,
-            batch: int = 16, fixed: int | None = None) -> tuple[dict[str, np.ndarray], float]:
-    """Outputs on the held-out images and the batch-1 latency (ms) of a quantized file on the CPU.
+def prepare(path: Path, backend: str, x: np.ndarray, float_precision: str | None, static: bool = False,
+            batch: int = 16, fixed: int | None = None) -> tuple[dict[str, np.ndarray], Callable[[], object]]:
+    """Outputs on the held-out images of a (quantized) file on the CPU, and a batch-1 run to time it with.
 
     OpenVINO ``static``: the model reshaped to batch 1, as ``vitedge compile`` makes latency engines, and
     run image by image.  It is measured, not assumed equal to the dynamic model: on an AMX CPU the static
@@ -310,7 +318,7 @@ def measure(path: Path, backend: str, x: np.ndarray, float_precision: str | None
         names = [o.get_any_name() for o in compiled.outputs]
         # np.array copies: the request's output tensors are reused by the next call
         parts = [[np.array(req.infer({0: x[i : i + batch]})[o]) for o in compiled.outputs] for i in range(0, len(x), batch)]
-        latency = _timed(lambda: req.infer({0: one}))
+        run = lambda: req.infer({0: one})  # noqa: E731 - keeps compiled/req alive with the closure
     else:
         import onnxruntime as ort
 
@@ -322,9 +330,16 @@ def measure(path: Path, backend: str, x: np.ndarray, float_precision: str | None
         name = sess.get_inputs()[0].name
         names = [o.name for o in sess.get_outputs()]
         parts = [sess.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
-        latency = _timed(lambda: sess.run(None, {name: one}))
+        run = lambda: sess.run(None, {name: one})  # noqa: E731
     outs = {name: np.concatenate([p[k] for p in parts])[:n] for k, name in enumerate(names)}
-    return outs, latency
+    return outs, run
+
+
+def measure(path: Path, backend: str, x: np.ndarray, float_precision: str | None, static: bool = False,
+            batch: int = 16, fixed: int | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """:func:`prepare`, then the median batch-1 latency (ms)."""
+    outs, run = prepare(path, backend, x, float_precision, static, batch, fixed)
+    return outs, timed_interleaved([run])[0]
 
 
 def float_ops_openvino(ov_model) -> list[str]:
