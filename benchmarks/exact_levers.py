@@ -130,7 +130,9 @@ def main(argv=None) -> int:
              "|---|---|" + "---:|" * len(VARIANTS)]
     lines += [f"| {m} | {k} | " + " | ".join(f"{a:.2f} ({r:.3f}x)" for a, r in zip(med, ratio)) + " |" for m, k, med, ratio in rows]
     lines += ["", "Speed-up: the median over rounds of (plain export latency / this latency), each round timing every engine "
-              "of the row back to back.  Exact: every file is verified against the full PyTorch model by `vitedge export`.", ""]
+              "of the row back to back; it is the column to read.  The p50 columns pool all rounds, so on a host whose speed "
+              "drifts during the run they can disagree with it.  Exact: every file is verified against the full PyTorch "
+              "model by `vitedge export`.", ""]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
     return 0
