@@ -155,6 +155,7 @@ print("HWM", kb("VmHWM"))
 """
 
 
+@pytest.mark.e2e
 def test_openvino_nncf_calibration_memory_flat(ref_onnx, calib_dir, tmp_path, activation_bytes):
     """NNCF runs OpenVINO (not Python allocations): peak RSS of a fresh process, 8 vs 96 images."""
     import os

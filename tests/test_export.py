@@ -100,6 +100,7 @@ def test_compare_outputs_numbers():
 # ------------------------------------------------------------------------------------------
 # presets
 # ------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_vit_tiny_preset_export(tmp_path):
     torch.manual_seed(0)
     path, man = export_onnx("vit_tiny", tmp_path / "tiny.onnx")
@@ -339,6 +340,7 @@ def test_cli_bad_batch_value(tmp_path):
     assert res.exit_code == 2 and "use 'dynamic' or a positive integer" in res.stderr
 
 
+@pytest.mark.e2e
 def test_last_block_runs_for_the_cls_token_only(tmp_path):
     """The classifier reads CLS only: the exported last block's projection and MLP run on 1 token, not 197,
     and the file still matches the full PyTorch model (export verifies it)."""

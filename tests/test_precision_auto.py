@@ -53,6 +53,7 @@ def test_auto_records_why_and_writes_what_it_chose(ref_onnx, tmp_path):
     assert eman.precision == man.precision if man.precision == "int8" else eman.precision in ("fp32", "bf16")
 
 
+@pytest.mark.e2e
 def test_auto_writes_the_measured_float_model_when_it_wins(ref_onnx, tmp_path, monkeypatch, digit_batch):
     """Force the float branch (on this CPU INT8 usually wins for the small reference model) and check the
     written file is the unquantized model, recorded as such, and compiled at the precision that was measured."""

@@ -147,6 +147,7 @@ def test_tensorrt_qdq(ref_onnx, calib_dir, val_dir, val_data, tmp_path):
 
 
 # -- reproducibility, defaults, size ------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_same_inputs_same_bytes(ref_onnx, tmp_path):
     """Reference model: shipped calibration images by default, held-out split, byte-identical re-runs."""
     a, man = quantize(ref_onnx, tmp_path / "a" / "m.onnx", samples=40, seed=3)
@@ -158,6 +159,7 @@ def test_same_inputs_same_bytes(ref_onnx, tmp_path):
     assert man.verification["images"] == 20 and "held-out" in man.verification["eval_set"]
 
 
+@pytest.mark.e2e
 def test_preset_int8_is_about_4x_smaller(tmp_path, calib_dir):
     from vitedge import export_onnx
 

@@ -178,6 +178,7 @@ def _check_input(batch: int = 3) -> np.ndarray:
     return np.random.default_rng(5).standard_normal((batch, 3, 64, 64)).astype(np.float32)
 
 
+@pytest.mark.e2e
 def test_export_records_merging_in_the_manifest(merged_export):
     model, path, man = merged_export
     tm = man.model["graph"]["token_merging"]
@@ -188,6 +189,7 @@ def test_export_records_merging_in_the_manifest(merged_export):
     assert man.verification["reference"] == "pytorch-fp32" and all(c["passed"] for c in man.verification["checks"].values())
 
 
+@pytest.mark.e2e
 def test_exported_graph_runs_fewer_tokens(merged_export):
     import onnx
 
@@ -201,6 +203,7 @@ def test_exported_graph_runs_fewer_tokens(merged_export):
     assert {17, 13, 9, 5} <= token_dims, token_dims
 
 
+@pytest.mark.e2e
 def test_onnxruntime_matches_pytorch_with_the_same_merging(merged_export):
     from vitedge.export import ort_session
 
@@ -213,6 +216,7 @@ def test_onnxruntime_matches_pytorch_with_the_same_merging(merged_export):
     assert np.abs(out - _logits(model, torch.from_numpy(x), 0)).max() > 1e-3  # and the graph really merges
 
 
+@pytest.mark.e2e
 def test_openvino_runs_the_merged_graph(merged_export):
     ov = pytest.importorskip("openvino")
     model, path, _ = merged_export
@@ -317,6 +321,7 @@ def test_auto_needs_enough_images(ref_spec, tmp_path, unlabelled_dir):
         choose_merge(ref_spec, ImageSet.from_path(unlabelled_dir), max_drop=-1)
 
 
+@pytest.mark.e2e
 def test_cli_auto_export_records_and_prints_the_trials(ref_spec, tmp_path, unlabelled_dir):
     from vitedge.data import ImageSet
     from vitedge.token_merging import choose_merge
