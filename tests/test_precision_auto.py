@@ -42,7 +42,7 @@ def _has_fake_quantize(xml) -> bool:
 
 @pytest.mark.e2e
 def test_auto_records_why_and_writes_what_it_chose(ref_onnx, tmp_path):
-    from vitedge import compile_model, quantize
+    from vitedge import compile_model, quantize, validate
 
     path, man = quantize(ref_onnx, tmp_path / "m.xml", precision="auto", backend="openvino")
     choice = man.quantization["choice"]
@@ -51,6 +51,8 @@ def test_auto_records_why_and_writes_what_it_chose(ref_onnx, tmp_path):
     assert _has_fake_quantize(path) is (man.precision == "int8")
     engine, eman = compile_model(path, tmp_path / "e.xml", target="openvino")
     assert eman.precision == man.precision if man.precision == "int8" else eman.precision in ("fp32", "bf16")
+    rep = validate([engine], ref_onnx, samples=16, time_budget=0.05, rounds=1, warmup=1, min_runs=3, batch_sizes=(1,))
+    assert any("quantize --auto" in n and choice["why"] in n for n in rep.data["findings"])  # the report says why
 
 
 @pytest.mark.e2e

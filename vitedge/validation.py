@@ -229,6 +229,9 @@ def _open_engine(spec: EngineSpec, preprocessing=None, notes: list[str] | None =
         if hint and hint != precision and precision in ("fp32", "fp16", "bf16"):
             precision = hint
     name = spec.name or f"{eng.backend} {precision}" + (f" ({hint} hint)" if hint else "")
+    choice = ((man.quantization or {}).get("choice") or {}) if man else {}
+    if choice and notes is not None:  # `vitedge quantize --auto` picked this engine's precision on this CPU: say why
+        notes.append(f"{name}: precision chosen by `quantize --auto` on {choice.get('cpu', 'its CPU')}: {choice.get('why')}")
     return _Model(eng, name, precision, options=dict(spec.options), rss_baseline_mb=baseline_mb,
                   size_bytes=artifact_size(eng.artifact, man), **measured)
 

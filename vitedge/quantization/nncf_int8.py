@@ -268,10 +268,12 @@ def pad_to_multiple(x: np.ndarray, k: int) -> np.ndarray:
 
 
 # -- measuring a candidate --------------------------------------------------------------------------------------------------
-def timed_interleaved(runs: list[Callable[[], object]], rounds: int = 8, seconds: float = 6.0, min_runs: int = 3) -> list[float]:
+def timed_interleaved(runs: list[Callable[[], object]], rounds: int = 8, seconds: float = 6.0, min_runs: int = 3,
+                      max_runs: int = 6) -> list[float]:
     """Median wall time (ms) of each of ``runs``, timed in interleaved rounds (order reversed every other
     round), so that a machine whose speed drifts (shared hosts, frequency changes) slows every run alike
-    and the comparison between them holds."""
+    and the comparison between them holds.  Each engine runs ``min_runs`` to ``max_runs`` times per round,
+    within its share of ``seconds``."""
     for run in runs:
         for _ in range(3):
             run()
@@ -283,7 +285,7 @@ def timed_interleaved(runs: list[Callable[[], object]], rounds: int = 8, seconds
             runs[i]()  # untimed: wakes this engine's worker threads
             t_end = time.perf_counter() + per
             n = 0
-            while n < min_runs or (time.perf_counter() < t_end and n < 50):
+            while n < min_runs or (time.perf_counter() < t_end and n < max_runs):
                 t0 = time.perf_counter()
                 runs[i]()
                 times[i].append(time.perf_counter() - t0)
