@@ -82,6 +82,7 @@ def test_realtime_readme_commands_run_as_written(tmp_path):
     run_commands(checkout_like(tmp_path), cmds)
 
 
+@pytest.mark.e2e
 def test_realtime_readme_stream_commands_run_as_written(tmp_path, ref_onnx):
     """The README's stream.py commands, on the engine its `vitedge compile ... -o ref.ov.xml` names
     (compiled here from the session's reference export; the full command list is the slow test)."""
@@ -153,6 +154,7 @@ def test_stream_corrupt_frame_ends_the_run_with_one_line(tmp_path, ref_onnx):
     assert res.returncode != 0 and "Traceback" not in err and len(err.splitlines()) == 1 and "b.png" in err, err
 
 
+@pytest.mark.e2e
 def test_compile_settings_runs_as_the_readme_writes_it(tmp_path, ref_onnx):
     """`python examples/realtime/compile_settings.py ref.onnx` (the README's command), with few timing rounds."""
     cmd = re.search(r"`(python examples/realtime/compile_settings\.py [^`]+)`", (EXAMPLE / "README.md").read_text()).group(1)

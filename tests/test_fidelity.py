@@ -94,6 +94,7 @@ def features_onnx(tmp_path_factory, ref_spec) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_target_not_met_keeps_the_best_try_and_exits_1(features_onnx, calib_dir, tmp_path):
     """An unreachable target (cosine 1.0): the most faithful try is written anyway, the table says NOT met, the CLI exits 1."""
     from vitedge.cli.main import main

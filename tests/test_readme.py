@@ -98,6 +98,7 @@ def _check_quickstart_output(outputs: list[str]) -> None:
     assert "(2, 10)" in first, first
 
 
+@pytest.mark.e2e
 def test_readme_python_blocks_run_as_written(tmp_path, ref_onnx):
     work = checkout_like(tmp_path)
     text = README.read_text()

@@ -150,6 +150,7 @@ def test_cpu_recipes_run_full_size(tmp_path, name):
     assert all(s.status == "done" for s in res.steps)
 
 
+@pytest.mark.e2e
 def test_tensorrt_recipe_stops_with_clear_message_and_keeps_earlier_steps(tmp_path):
     from vitedge.errors import VitedgeError
 
