@@ -3,8 +3,8 @@
 One set of algorithms (NNCF's min-max calibration, SmoothQuant, bias correction, accuracy control)
 writes both formats, so a configuration that keeps a model's predictions on one runtime means the
 same on the other.  :class:`Int8Config` is one point of the fidelity search's ladder
-(``fidelity.py``); :func:`quantize_nncf` applies it; :func:`measure` runs the result on the held-out
-images and times it.  Everything here runs inside a child process of the search
+(``fidelity.py``); :func:`quantize_nncf` applies it; :func:`prepare` runs the result on the held-out
+images and :func:`timed_interleaved` times it.  Everything here runs inside a child process of the search
 (``_try.py``), so a crash in a native library costs one try, not the user's run.
 
 ViT-aware structure (which MatMul is the patch embedding, a block's fc2, the attention core) is
@@ -335,13 +335,6 @@ def prepare(path: Path, backend: str, x: np.ndarray, float_precision: str | None
         run = lambda: sess.run(None, {name: one})  # noqa: E731
     outs = {name: np.concatenate([p[k] for p in parts])[:n] for k, name in enumerate(names)}
     return outs, run
-
-
-def measure(path: Path, backend: str, x: np.ndarray, float_precision: str | None, static: bool = False,
-            batch: int = 16, fixed: int | None = None) -> tuple[dict[str, np.ndarray], float]:
-    """:func:`prepare`, then the median batch-1 latency (ms)."""
-    outs, run = prepare(path, backend, x, float_precision, static, batch, fixed)
-    return outs, timed_interleaved([run])[0]
 
 
 def float_ops_openvino(ov_model) -> list[str]:
