@@ -7,7 +7,6 @@ manifest.  A failed check leaves nothing behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import warnings
@@ -23,6 +22,7 @@ from .artifact import Artifact, writing
 from .errors import InputError, ModelNotSupported, VitedgeError, first_line
 from .manifest import Manifest, TensorSpec
 from .models.loading import ModelSpec, load_model
+from .models.vit import graph_options
 
 log = logging.getLogger("vitedge")
 
@@ -171,25 +171,6 @@ def _has_cls_only(model, wanted: bool) -> bool:
     return wanted and isinstance(model, VisionTransformer)
 
 
-@contextlib.contextmanager
-def _graph_options(model, *, cls_only: bool = False, merge: int = 0, split_qkv: bool = False):
-    """Set vitedge's ViT export options for the duration (restored afterwards): the last block computed
-    for the CLS token only, ``merge`` tokens merged per block, Q/K/V as three projections."""
-    if not _has_cls_only(model, True):
-        yield
-        return
-    saved = model.cls_only_last_block, model.merge_tokens, model.blocks[0].attn.split_qkv if len(model.blocks) else False
-    model.cls_only_last_block, model.merge_tokens = cls_only, merge
-    for blk in model.blocks:
-        blk.attn.split_qkv = split_qkv
-    try:
-        yield
-    finally:
-        model.cls_only_last_block, model.merge_tokens = saved[:2]
-        for blk in model.blocks:
-            blk.attn.split_qkv = saved[2]
-
-
 def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) -> tuple[int, "object | None"]:
     """``--merge-tokens`` resolved to ``r`` (``auto`` measures it), with the search when one ran."""
     from . import token_merging
@@ -303,7 +284,7 @@ def export_onnx(
 
     stage("running PyTorch on the check inputs")
     inputs = _verification_inputs(spec, images, batch)
-    with torch.inference_mode(), _graph_options(torch_model, merge=merge):  # the reference merges tokens like the graph
+    with torch.inference_mode(), graph_options(torch_model, merge=merge):  # the reference merges tokens like the graph
         refs = {k: torch_model(torch.from_numpy(v)).numpy() for k, v in inputs.items()}
     if not all(np.isfinite(r).all() for r in refs.values()):
         raise VitedgeError("the PyTorch model itself produces NaN/inf on the verification inputs", "check the weights; nothing was exported")
@@ -314,7 +295,7 @@ def export_onnx(
         scratch, tmp = draft.scratch, draft.path
         stage(f"exporting with torch.onnx (opset {opset}" + (", external data)" if external else ")"))
         try:
-            with torch.no_grad(), _graph_options(torch_model, cls_only=cls_only_last_block, merge=merge, split_qkv=split_qkv):
+            with torch.no_grad(), graph_options(torch_model, cls_only=cls_only_last_block, merge=merge, split_qkv=split_qkv):
                 _torch_export(torch_model, dummy, tmp, opset, batch is None, external)
         except Exception as exc:
             raise VitedgeError(f"torch.onnx.export failed: {_reason(exc)}", "try another --opset (below 17 uses the TorchScript exporter)") from None

@@ -25,6 +25,7 @@ from .compare import classification, top1_loss
 from .data import ImageSet, label_indices
 from .errors import InputError, ModelNotSupported
 from .models.tome import max_merge, tokens_per_block
+from .models.vit import graph_options
 
 log = logging.getLogger("vitedge")
 
@@ -80,13 +81,8 @@ def check_mergeable(model) -> None:
 
 
 def _logits(model, x: np.ndarray, r: int) -> np.ndarray:
-    saved = model.merge_tokens
-    model.merge_tokens = r
-    try:
-        with torch.inference_mode():
-            return np.concatenate([model(torch.from_numpy(x[i : i + BATCH])).numpy() for i in range(0, len(x), BATCH)])
-    finally:
-        model.merge_tokens = saved
+    with torch.inference_mode(), graph_options(model, merge=r):
+        return np.concatenate([model(torch.from_numpy(x[i : i + BATCH])).numpy() for i in range(0, len(x), BATCH)])
 
 
 def choose_merge(spec, images: ImageSet, max_drop: float = DEFAULT_MAX_DROP,

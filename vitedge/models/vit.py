@@ -11,6 +11,7 @@ returns the attention maps, per layer, as ``(batch, heads, tokens, tokens)`` ten
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -287,6 +288,26 @@ class VisionTransformer(nn.Module):
         return (logits, maps) if return_attention else logits
 
 
+@contextlib.contextmanager
+def graph_options(model, *, cls_only: bool = False, merge: int = 0, split_qkv: bool = False):
+    """Set a :class:`VisionTransformer`'s graph options for the duration (restored afterwards): the last block
+    computed for the CLS token only, ``merge`` tokens merged per block, Q/K/V as three projections.  Export
+    turns them on; any other module passes through unchanged."""
+    if not isinstance(model, VisionTransformer):
+        yield
+        return
+    saved = model.cls_only_last_block, model.merge_tokens, [blk.attn.split_qkv for blk in model.blocks]
+    model.cls_only_last_block, model.merge_tokens = cls_only, merge
+    for blk in model.blocks:
+        blk.attn.split_qkv = split_qkv
+    try:
+        yield
+    finally:
+        model.cls_only_last_block, model.merge_tokens = saved[:2]
+        for blk, split in zip(model.blocks, saved[2]):
+            blk.attn.split_qkv = split
+
+
 def create_model(name: str, **overrides) -> VisionTransformer:
     """Build a preset with random weights (for trials; train or load weights for real use)."""
     return VisionTransformer.from_config(preset_config(name, **overrides))
@@ -296,4 +317,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ViTConfig", "VisionTransformer", "PRESETS", "preset_config", "create_model", "count_parameters"]
+__all__ = ["ViTConfig", "VisionTransformer", "PRESETS", "graph_options", "preset_config", "create_model", "count_parameters"]
