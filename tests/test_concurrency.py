@@ -125,6 +125,7 @@ def test_close_while_threads_run_and_wait(paths, batch, images, kind, options):
     big = np.repeat(batch, 6, axis=0)  # 60 images: long enough per call that callers pile up
     want = eng.infer(big)
     go = threading.Barrier(N + 1)
+    first_done = threading.Event()
 
     def work(t):
         go.wait(JOIN_S)
@@ -136,12 +137,17 @@ def test_close_while_threads_run_and_wait(paths, batch, images, kind, options):
                 return done, exc
             np.testing.assert_array_equal(got, want)  # a run that was let finish has its full, right result
             done += 1
+            first_done.set()
 
     closed_in = []
 
     def close_under_load():
         go.wait(JOIN_S)
-        time.sleep(0.5)
+        # close once some call has finished (a fixed sleep was too short on a loaded CI machine, where
+        # eight threads sharing one infer request each need hundreds of turns per 60-image call),
+        # then a little later so that callers are both running and waiting at the close
+        first_done.wait(JOIN_S)
+        time.sleep(0.2)
         t0 = time.monotonic()
         eng.close()
         closed_in.append(time.monotonic() - t0)
@@ -153,7 +159,8 @@ def test_close_while_threads_run_and_wait(paths, batch, images, kind, options):
     assert len(results) == N
     for done, exc in results.values():
         assert "was closed" in str(exc), exc
-    assert sum(done for done, _ in results.values()) > 0  # they did run before the close
+    assert first_done.is_set()  # they did run before the close
+    assert sum(done for done, _ in results.values()) > 0
     with pytest.raises(VitedgeError, match="was closed"):
         eng.infer(batch[:1])
     with pytest.raises(VitedgeError, match="was closed"):
