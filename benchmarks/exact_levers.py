@@ -27,6 +27,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from ablation import settle  # noqa: E402
 
 
 VARIANTS = (("plain export", "plain", False, False), ("CLS-only last block", "cls", True, False),
@@ -86,13 +90,6 @@ def time_interleaved(paths: list[Path], rounds: int, seconds: float) -> tuple[li
     medians = [statistics.median(v) for v in per_engine]
     ratios = [statistics.median(a / b for a, b in zip(per_engine[0], v)) for v in per_engine]
     return medians, ratios
-
-
-def settle(below: float, timeout: float = 180.0) -> None:
-    """Wait (up to ``timeout`` s) for the 1-minute load average to fall below ``below`` after the builds."""
-    t_end = time.time() + timeout
-    while os.getloadavg()[0] >= below and time.time() < t_end:
-        time.sleep(5)
 
 
 def main(argv=None) -> int:

@@ -88,7 +88,7 @@ def _write(args, info, done: list[str], budget: float, load_before, sections: li
         f"- software: torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, openvino {v.get('openvino')}, nncf {v.get('nncf')}, "
         f"Python {v.get('python')}",
         f"- method: every engine and PyTorch eager FP32 are timed in one process, in 3 interleaved rounds after warm-up, "
-        f"{budget:g} s per engine (extended up to 2x until the median is stable); batch 1; speed-up = ratio of medians (p50).",
+        f"{budget:g} s per engine (extended up to 2x until the median is stable); batch 1; speed-up = the median over rounds of (eager latency / engine latency) within the round (paired: a drift in the host's speed cancels in each ratio).",
         f"- load average before/after: {load_before} / {after} (on a shared machine the ratios are noisier than on an idle one)",
         "- presets have random weights: their accuracy column is top-1 agreement with FP32 on real images; the reference model "
         "is trained, so its column is a real top-1 drop with a paired 95 % interval. **Bold**: recommended engine (reference: fastest within "

@@ -33,8 +33,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from exact_levers import settle  # noqa: E402
-from ablation import _quiet, time_interleaved, vitedge_runner  # noqa: E402
+from ablation import _quiet, settle, time_interleaved, vitedge_runner  # noqa: E402
 
 CKPT = ROOT / "benchmarks" / "runs" / "dinov2" / "dinov2_vits14_cls500.safetensors"
 RS = (0, 2, 4, 6, 8, 10, 12, 16, 20)
