@@ -36,6 +36,22 @@ def test_the_faster_faithful_model_wins(int8_ms, int8_ok, float_ms, float_agreem
     assert why.startswith("bf16" if float_wins else "INT8"), why
 
 
+def test_a_preset_picks_the_fastest_sound_variant_not_a_broken_one():
+    """Random-weight presets choose on speed, but a variant whose outputs are far from all its siblings' is broken
+    (seen: OpenVINO's static f32 engine of a token-merged INT8 ViT-S, cosine 0.61 vs 0.99), never chosen."""
+    def variant(ms, cos):
+        r = _row("missed", ms, 0.2)
+        r.metrics["cosine_min"] = cos
+        return r
+
+    sound = [variant(19.1, 0.9874), variant(22.7, 0.9873), variant(22.4, 0.9878)]
+    broken = variant(18.9, 0.6070)
+    assert fid._sound(sound + [broken]) == sound
+    assert min(fid._sound(sound + [broken]), key=lambda r: r.latency_ms) is sound[0]
+    near = [variant(10.0, 0.9990), variant(9.0, 0.9975)]  # 2.5x the error but within 0.01 of it: INT8 noise, kept
+    assert fid._sound(near) == near
+
+
 def _has_fake_quantize(xml) -> bool:
     return any(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(str(xml)).get_ordered_ops())
 

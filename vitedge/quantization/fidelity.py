@@ -47,6 +47,7 @@ DEFAULT_BUDGET_S = 900.0  # wall time for the whole search, default try excluded
 FIRST_TRY_TIMEOUT_S = 3600.0  # the default try is never cut by the budget, only by this
 TRY_TIMEOUT_S = 1800.0  # any later try: at most this, and never past the budget
 TIE = 1.03  # latencies within 3 % are a tie (timing noise): prefer the earlier try, and INT8 over float
+BROKEN_ERROR_RATIO, BROKEN_MIN_GAP = 3.0, 0.01  # see _sound(): a variant this much further from FP32 is broken
 FLOAT_WORTH = 1.05  # INT8 less than this much faster than the float model is called out
 AC_MAX_FLOAT_FRACTION = 0.25  # accuracy control may return at most this share of the matrix ops to float
 
@@ -399,8 +400,8 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
         raise VitedgeError(f"every INT8 try failed: {errors}", "check the model with `vitedge check parity`, or try --fp16")
     met_rows = [r for r in rows if r.status == "met"]
     chosen = best
-    if not enforce:  # predictions that mean nothing (a random-weight preset): pick on speed alone
-        ran = [r for r in rows if r.status in ("met", "missed") and r.latency_ms]
+    if not enforce:  # predictions that mean nothing (a random-weight preset): pick on speed, among sound variants
+        ran = _sound([r for r in rows if r.status in ("met", "missed") and r.latency_ms and r.metrics])
         chosen = min(ran, key=lambda r: r.latency_ms) if ran else best
     elif met_rows:  # within 3 % of the fastest is a tie (timing noise): prefer the earlier, more-INT8 try
         fastest = min(r.latency_ms for r in met_rows)
@@ -415,6 +416,18 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
         reference = ref_rows[0] if ref_rows[0].status == "reference" else None
     return FidelityResult(target, bool(met_rows), chosen, rows, scratch / f"try{chosen.try_no}", classifier, time.perf_counter() - t0,
                           reference, enforce)
+
+
+def _sound(rows: list[Row]) -> list[Row]:
+    """The rows whose outputs are not broken: error (1 - min cosine to FP32) at most BROKEN_ERROR_RATIO times the
+    smallest error among ``rows``, or within BROKEN_MIN_GAP of it.  For a random-weight preset agreement means nothing, but
+    cosine still tells INT8 noise (every variant of a try alike) from an engine that computes something else: e.g.
+    OpenVINO's static-shape f32 engine of a token-merged INT8 ViT-S (cosine 0.61 where its siblings had 0.99)."""
+    if not rows:
+        return rows
+    best_err = min(1.0 - min_cosine(r.metrics) for r in rows)
+    limit = max(BROKEN_ERROR_RATIO * best_err, best_err + BROKEN_MIN_GAP)
+    return [r for r in rows if 1.0 - min_cosine(r.metrics) <= limit]
 
 
 def try_command(job: Path) -> list[str]:
