@@ -63,8 +63,10 @@ def build(model: str, work: Path, calib: Path) -> dict[str, dict[str, Path]]:
 
 
 def time_interleaved(paths: list[Path], rounds: int, seconds: float) -> tuple[list[float], list[float]]:
-    """Median batch-1 latency (ms) of each engine, and the median over rounds of (first engine / engine)."""
+    """Median batch-1 latency (ms) of each engine (the median of its per-round medians), and the median over rounds
+    of (first engine / engine) (``vitedge.validation.paired_speedup``)."""
     from vitedge import load
+    from vitedge.validation import paired_speedup
 
     engines = [load(p) for p in paths]
     try:
@@ -72,7 +74,7 @@ def time_interleaved(paths: list[Path], rounds: int, seconds: float) -> tuple[li
         for e in engines:
             for _ in range(10):
                 e.infer(x)
-        per_engine: list[list[float]] = [[] for _ in engines]
+        per_engine: list[list[list[float]]] = [[] for _ in engines]  # per engine, per round: the runs (ms)
         for k in range(rounds):
             order = list(range(len(engines)))[:: 1 if k % 2 == 0 else -1]
             for i in order:
@@ -83,12 +85,12 @@ def time_interleaved(paths: list[Path], rounds: int, seconds: float) -> tuple[li
                     t0 = time.perf_counter()
                     engines[i].infer(x)
                     samples.append((time.perf_counter() - t0) * 1e3)
-                per_engine[i].append(statistics.median(samples))
+                per_engine[i].append(samples)
     finally:
         for e in engines:
             e.close()
-    medians = [statistics.median(v) for v in per_engine]
-    ratios = [statistics.median(a / b for a, b in zip(per_engine[0], v)) for v in per_engine]
+    medians = [statistics.median(statistics.median(r) for r in v) for v in per_engine]
+    ratios = [paired_speedup(per_engine[0], v)["speedup"] for v in per_engine]
     return medians, ratios
 
 
