@@ -295,10 +295,12 @@ def _int8_search(src, tmp_out, scratch, backend, method, stream, ev, fixed, targ
         qinfo["scheme"] = qdq_scheme(onnx.load(str(tmp_out), load_external_data=False))
     qinfo.update(tool=f"nncf {nncf.__version__}" + (" (OpenVINO IR)" if backend == "openvino" else " (QDQ ONNX for ONNX Runtime)"),
                  model_type="TRANSFORMER", preset="MIXED", method=method, per_channel=True, config=c.config.to_dict(),
-                 configuration=c.config.describe(), range_estimator=ESTIMATORS[c.config.estimator],
-                 excluded_nodes=fid.kept_float(res), float_precision=c.float_precision, engine_batch=c.engine_batch,
-                 fidelity={"target": target.describe(res.classifier), "met": res.met, "chosen_try": c.try_no,
-                           "tries": len({r.try_no for r in res.rows}), "table": tm, "summary": res.summary()})
+                 configuration=c.describe(), range_estimator=ESTIMATORS[c.config.estimator], kept_float_groups=list(c.kept),
+                 float_mac_share=c.float_share, excluded_nodes=fid.kept_float(res), float_precision=c.float_precision,
+                 engine_batch=c.engine_batch,
+                 fidelity={"target": target.describe(res.classifier), "met": res.met, "verdict": c.verdict,
+                           "agreement_interval": c.interval, "images": c.metrics.get("images"), "chosen_candidate": c.no,
+                           "candidates": len({r.no for r in res.rows}), "table": tm, "summary": res.summary()})
     shutil.rmtree(work, ignore_errors=True)
     return res
 

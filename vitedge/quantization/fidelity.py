@@ -1,55 +1,61 @@
-"""The INT8 fidelity search: measure the default, and when it misses the target, climb a bounded ladder.
+"""The INT8 fidelity search: quantize once, then revert the harmful groups to float, decided with statistics.
 
 Real pretrained ViTs carry activation outliers (a few residual channels 50-100x the rest, attention
-sinks) that make a tool's default INT8 flip predictions; where the harm sits differs from model to
-model, so vitedge finds it by measuring.  Every try is one NNCF configuration
-(:class:`~vitedge.quantization.nncf_int8.Int8Config`), quantized and measured in a child process
-(a crash or hang costs that try only), on held-out images the calibration never saw.
+sinks) that make a tool's default INT8 flip predictions, and the harm sits in a few places that differ
+from model to model.  The search finds them by measuring, on images the calibration never saw:
 
-The ladder (``docs/quantize.md``), each step changing the most faithful configuration so far:
+1. **Quantize once.**  NNCF quantizes the model with vitedge's default configuration, keeping its output
+   revertible (:mod:`.candidates`).  The default INT8 engine is measured for every engine variant the CPU
+   offers (float parts in bf16 / f32, static batch 1 / dynamic batch).  Met: done.
+2. **Rank.**  One pass measures what keeping each structural group in float buys - per block the Q/K/V
+   projections, the attention core (Q·Kᵀ, softmax·V), the output projection, fc1, fc2; the patch embedding;
+   the head - each a graph edit of the one quantized model, scored by a continuous measure against FP32
+   (mean KL divergence of the class probabilities, or mean 1 - cosine of other outputs) on calibration
+   images, so the held-out images are left for the verdicts.  Groups are found from the graph (weights
+   and data flow), so ONNX files vitedge did not export work too.
+3. **Revert.**  The best-ranked groups (gain per multiply-add) go back to float, 1, 2, 4, 8... at a time
+   and then bisected, until the target is met or more than :data:`MAX_FLOAT_SHARE` of the multiply-adds
+   would run in float.
+4. **Whole-model settings** (SmoothQuant off / 0.5, quantile ranges, full bias correction) are candidates
+   of the same search when reverting is not enough: each is tried on a calibration subset first and
+   quantized on the full set only when it beats the default there; the winner is reverted in turn.
 
-1. vitedge's default (NNCF, Transformer model type; ONNX Runtime: attention core in float)
-2. attention core (Q·Kᵀ, softmax·V) in float (OpenVINO; small cost; NVIDIA's default too)
-3. SmoothQuant off, then SmoothQuant 0.5          (no speed cost)
-4. quantile activation ranges                      (no speed cost)
-5. full bias correction                            (no speed cost)
-6. patch embedding and first block in float        (costs a block)
-7. NNCF accuracy control: the most harmful layers back to float until the target is met
-
-On OpenVINO CPUs with BF16 each try is measured with its float parts in bf16 and in f32 (bf16 is
-faster, but adds flips of its own).  The search stops at the first try that meets the target and
-chooses the fastest variant that meets it; if none does within the time budget, the most faithful
-try is kept and the caller is told (``FidelityResult.met``).  Every try goes into a table beside
-the artifact (``<artifact>.fidelity.md`` / ``.json``).
+Every candidate's agreement (with its Wilson interval), drop, minimum cosine, share of multiply-adds in
+float and batch-1 latency goes into a table beside the artifact (``<artifact>.fidelity.md`` / ``.json``).
+The fastest candidate that meets the target is written; when none does, the most faithful is written
+and the caller is told (:attr:`FidelityResult.met`).  Everything native runs in a worker process
+(:mod:`.worker`): a crash or hang costs one candidate, not the run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .. import compare
 from ..errors import VitedgeError
 from ..ui import err_console, note
 from .calibration import EvalSet
-from .nncf_int8 import Int8Config, graph_roles
+from .nncf_int8 import GraphRoles, Int8Config, graph_roles
+from .worker import Worker, WorkerCrashed, WorkerFailed, WorkerTimeout
 
 DEFAULT_AGREEMENT = 0.98  # top-1 agreement with FP32, classifiers
 DEFAULT_COSINE = 0.995  # minimum per-image output cosine, other outputs
-DEFAULT_BUDGET_S = 900.0  # wall time for the whole search, default try excluded
-FIRST_TRY_TIMEOUT_S = 3600.0  # the default try is never cut by the budget, only by this
-TRY_TIMEOUT_S = 1800.0  # any later try: at most this, and never past the budget
-TIE = 1.03  # latencies within 3 % are a tie (timing noise): prefer the earlier try, and INT8 over float
+DEFAULT_BUDGET_S = 600.0  # wall time for everything after the default candidate
+QUANTIZE_TIMEOUT_S = 3600.0  # one NNCF quantization (the default one is never cut by the budget, only by this)
+MAX_FLOAT_SHARE = 0.25  # reverting stops before more than this share of the multiply-adds runs in float
+RANK_IMAGES = 64  # calibration images the ranking pass scores each group on
+SUBSET_IMAGES = 64  # calibration images a whole-model setting is first tried on
+SETTING_GAIN = 0.8  # a whole-model setting is quantized on the full set when its divergence is below this x the default's
+TIE = 1.03  # latencies within 3 % are a tie (timing noise): prefer the earlier, more-INT8 candidate
 BROKEN_ERROR_RATIO, BROKEN_MIN_GAP = 3.0, 0.01  # see _sound(): a variant this much further from FP32 is broken
 FLOAT_WORTH = 1.05  # INT8 less than this much faster than the float model is called out
-AC_MAX_FLOAT_FRACTION = 0.25  # accuracy control may return at most this share of the matrix ops to float
+CI_LEVEL = compare.CI_LEVEL
 
 
 @dataclass(frozen=True)
@@ -74,12 +80,24 @@ class Target:
         return f"min output cosine >= {self.cosine:g}"
 
     def check(self, m: dict, classifier: bool, drop_pp: float | None) -> bool:
+        """Met by the point estimate (what the search acts on; :meth:`verdict` adds the interval)."""
         if not m.get("finite", True):
             return False
         if classifier:
             ok = m.get("top1_agreement", 1.0) >= self.agreement - 1e-12
             return ok and (self.max_drop is None or drop_pp is None or drop_pp <= self.max_drop + 1e-9)
         return min_cosine(m) >= self.cosine - 1e-12
+
+    def verdict(self, m: dict, classifier: bool, drop_pp: float | None) -> tuple[str, list[float] | None]:
+        """``met`` / ``missed`` when the agreement's Wilson interval lies on one side of the target, else
+        ``not separable`` (the point estimate is on the side :meth:`check` says); with the interval."""
+        if not classifier or "top1_agreement" not in m or not m.get("images"):
+            return ("met" if self.check(m, classifier, drop_pp) else "missed"), None
+        n = int(m["images"])
+        lo, hi = compare.wilson_interval(int(round(m["top1_agreement"] * n)), n, CI_LEVEL)
+        if not self.check(m, classifier, drop_pp):
+            return ("missed" if hi < self.agreement or not m.get("finite", True) else "not separable"), [lo, hi]
+        return ("met" if lo >= self.agreement else "not separable"), [lo, hi]
 
 
 def min_cosine(m: dict) -> float:
@@ -93,28 +111,63 @@ def default_config(backend: str) -> Int8Config:
     return Int8Config(attention_float=backend == "onnxruntime")
 
 
-def ladder(backend: str, has_blocks: bool, fixed_batch: int | None = None) -> list[tuple[str, callable]]:
-    """(step name, best config so far -> next config).  Steps that would repeat a config are skipped."""
-    steps = [
-        ("attention core float", lambda c: c.but(attention_float=True)),
-        ("SmoothQuant off", lambda c: c.but(smooth_quant=-1.0)),
-        ("SmoothQuant 0.5", lambda c: c.but(smooth_quant=0.5)),
-        ("quantile ranges", lambda c: c.but(estimator="percentile")),
-        ("full bias correction", lambda c: c.but(bias_correction="full")),
-    ]
-    if has_blocks:
-        steps.append(("patch embedding + first block float",
-                      lambda c: c.but(float_groups=tuple(sorted(set(c.float_groups) | {"patch_embed", "first_block"})))))
-    if not fixed_batch:  # accuracy control ranks layers on single images
-        steps.append(("sensitive layers float", lambda c: c.but(accuracy_control=True)))
-    return steps
+SETTINGS: list[tuple[str, dict]] = [  # whole-model settings tried when reverting groups is not enough
+    ("SmoothQuant off", {"smooth_quant": -1.0}),
+    ("SmoothQuant 0.5", {"smooth_quant": 0.5}),
+    ("quantile ranges", {"estimator": "percentile"}),
+    ("full bias correction", {"bias_correction": "full"}),
+]
 
 
+# -- structural groups ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Group:
+    """Matrix ops that go back to float together, with their share of the model's multiply-adds."""
+
+    name: str
+    ops: tuple[str, ...]
+    share: float
+
+
+def structural_groups(roles: GraphRoles, macs: dict[str, int]) -> list[Group]:
+    """Per block: Q/K/V projections, attention core, output projection, fc1, fc2 (a block's weight ops are in that
+    order: the last three are proj, fc1, fc2); then the patch embedding and the head.  Shares are of all matrix ops."""
+    total = float(sum(macs.values())) or 1.0
+
+    def group(name: str, ops: list[str]) -> Group | None:
+        ops = [o for o in ops if o]
+        return Group(name, tuple(ops), sum(macs.get(o, 0) for o in ops) / total) if ops else None
+
+    attn = roles.attention
+    per_block_attn = len(attn) == 2 * len(roles.blocks)
+    out: list[Group | None] = [group("patch embedding", roles.patch_embed)]
+    for b, ops in enumerate(roles.blocks):
+        core = attn[2 * b : 2 * b + 2] if per_block_attn else []
+        if len(ops) >= 4:
+            parts = [("q/k/v", ops[:-3]), ("attention core", core), ("attention out", [ops[-3]]), ("fc1", [ops[-2]]), ("fc2", [ops[-1]])]
+        else:
+            parts = [("attention core", core)] + [(f"op {i}", [o]) for i, o in enumerate(ops)]
+        out += [group(f"block {b} {what}", o) for what, o in parts]
+    if attn and not per_block_attn:
+        out.append(group("attention core", attn))
+    out.append(group("head", roles.head))
+    return [g for g in out if g is not None]
+
+
+def matrix_macs(source: Path) -> dict[str, int]:
+    """Multiply-adds of every matrix op of the FP32 ONNX model, by node name."""
+    from ..validation import onnx_precision_breakdown
+
+    info = onnx_precision_breakdown(source) or {"layers": []}
+    return {layer["name"]: int(layer["macs"]) for layer in info["layers"]}
+
+
+# -- the table's rows -------------------------------------------------------------------------------------------------------
 @dataclass
 class Row:
-    """One measured variant of one try (a row of the table)."""
+    """One measured engine variant of one candidate (a row of the table)."""
 
-    try_no: int
+    no: int
     step: str
     config: Int8Config
     float_precision: str | None
@@ -126,16 +179,30 @@ class Row:
     error: str | None = None
     drop_pp: float | None = None
     engine_batch: int | str | None = None  # OpenVINO: 1 (static, what latency engines are compiled to) or "dynamic"
-    paired_ms: float | None = None  # float reference: the chosen INT8 try's latency, timed interleaved with this row
+    paired_ms: float | None = None  # float reference: the chosen INT8 candidate's latency, timed interleaved with this row
+    kept: tuple[str, ...] = ()  # structural groups returned to float by the search
+    float_share: float | None = None  # share of the matrix multiply-adds that run in float
+    verdict: str | None = None  # met | missed | not separable (the interval straddles the target)
+    interval: list[float] | None = None  # Wilson interval of the top-1 agreement
+    divergence: float | None = None  # the continuous measure against FP32 on the held-out images
+    model: str | None = None  # the candidate's file in the scratch folder
 
     def describe(self) -> str:
-        return "FP32 model, not quantized (for comparison)" if self.status == "reference" else self.config.describe()
+        if self.status == "reference":
+            return "FP32 model, not quantized (for comparison)"
+        what = self.config.describe()
+        if self.kept:
+            what += f" + {len(self.kept)} group{'s' if len(self.kept) > 1 else ''} float ({', '.join(self.kept)})"
+        return what
 
     def to_dict(self) -> dict:
-        return {"try": self.try_no, "step": self.step, "config": self.config.to_dict(), "description": self.describe(),
-                "float_precision": self.float_precision, "engine_batch": self.engine_batch, "status": self.status, "latency_ms": self.latency_ms,
-                "seconds": round(self.seconds, 1), "float_ops": self.float_ops, "error": self.error, "drop_pp": self.drop_pp,
-                "top1_agreement": self.metrics.get("top1_agreement"), "cosine_min": min_cosine(self.metrics) if self.metrics else None,
+        return {"candidate": self.no, "step": self.step, "config": self.config.to_dict(), "description": self.describe(),
+                "kept_float_groups": list(self.kept), "float_mac_share": self.float_share,
+                "float_precision": self.float_precision, "engine_batch": self.engine_batch, "status": self.status,
+                "verdict": self.verdict, "latency_ms": self.latency_ms, "seconds": round(self.seconds, 1), "float_ops": self.float_ops,
+                "error": self.error, "drop_pp": self.drop_pp, "top1_agreement": self.metrics.get("top1_agreement"),
+                "agreement_interval": self.interval, "images": self.metrics.get("images"),
+                "cosine_min": min_cosine(self.metrics) if self.metrics else None, "divergence": self.divergence,
                 "snr_db": self.metrics.get("snr_db"), "paired_int8_latency_ms": self.paired_ms}
 
 
@@ -145,15 +212,17 @@ class FidelityResult:
     met: bool
     chosen: Row
     rows: list[Row]
-    artifact_dir: Path  # where the chosen try's files are
+    artifact: Path | None  # the chosen candidate's file (in the scratch folder)
     classifier: bool
     seconds: float
-    reference: Row | None = None  # the FP32 model at the CPU's float precision (OpenVINO on BF16 CPUs), measured alike
+    reference: Row | None = None  # the FP32 model at the CPU's float precision, measured alike
     enforced: bool = True  # False: predictions mean nothing (random-weight preset), speed alone decides
+    ranking: list[dict] = field(default_factory=list)  # every group's gain, best first
+    default: Row | None = None  # the default INT8 engine as deployed (what the search started from)
 
     @property
     def int8_ms(self) -> float | None:
-        """The chosen INT8 try's latency: as timed beside the float reference when it was, else from its try."""
+        """The chosen INT8 candidate's latency: as timed beside the float reference when it was, else its own."""
         r = self.reference
         return r.paired_ms if r is not None and r.paired_ms else self.chosen.latency_ms
 
@@ -182,7 +251,7 @@ class FidelityResult:
             return f"INT8 ({q:.2f} ms): {r.latency_ms / q:.2f}x faster than {fl} on this CPU (random weights: speed alone decides)"
         if self.float_wins:
             why = "INT8 missed the fidelity target" if not self.met else f"the best INT8 ({q:.2f} ms) is not faster on this CPU"
-            return f"{fp}: {why}, and {fl} meets the target"
+            return f"{fp}: {why}, and {fl} meets the target ({_numbers(r, self.classifier)})"
         if not self.target.check(r.metrics, self.classifier, r.drop_pp):
             return f"INT8 ({q:.2f} ms): {fl} misses the fidelity target"
         return f"INT8 ({q:.2f} ms): {r.latency_ms / q:.2f}x faster than {fl} on this CPU"
@@ -195,27 +264,46 @@ class FidelityResult:
 
     def summary(self) -> str:
         c = self.chosen
-        what = (f"try {c.try_no} ({c.config.describe()}" + (f", float parts {c.float_precision}" if c.float_precision else "")
+        what = (f"candidate {c.no} ({c.describe()}" + (f", float parts {c.float_precision}" if c.float_precision else "")
                 + (f", {'dynamic batch' if c.engine_batch == 'dynamic' else f'static batch {c.engine_batch}'} engine" if c.engine_batch else "")
                 + ")")
         nums = _numbers(c, self.classifier)
-        tries = len({r.try_no for r in self.rows})
+        n = len({r.no for r in self.rows})
+        done = f"{n} candidate{'s' if n != 1 else ''} in {self.seconds:.0f} s"
         speed = ""
         if self.speedup_vs_float is not None:
-            speed = f"; {self.speedup_vs_float:.2f}x the speed of the FP32 model in bf16 ({_numbers(self.reference, self.classifier)})"
+            speed = f"; {self.speedup_vs_float:.2f}x the speed of the FP32 model at {self.reference.float_precision or 'fp32'}"
             if self.speedup_vs_float < FLOAT_WORTH:
-                speed += " - INT8 buys little here: consider bf16 (`vitedge benchmark` compares every precision)"
+                speed += " - INT8 buys little here: consider --auto"
+        gave = _given_up(c, self.default)
         if self.met:
-            return (f"INT8 fidelity target ({self.target.describe(self.classifier)}) met by {what}: {nums}; "
-                    f"{tries} tr{'y' if tries == 1 else 'ies'} in {self.seconds:.0f} s{speed}")
-        return (f"INT8 fidelity target ({self.target.describe(self.classifier)}) NOT met after {tries} tries in {self.seconds:.0f} s; "
-                f"kept the most faithful, {what}: {nums}{speed}")
+            head = f"INT8 fidelity target ({self.target.describe(self.classifier)}) met by {what}: {nums}; {done}{gave}{speed}"
+        else:
+            head = (f"INT8 fidelity target ({self.target.describe(self.classifier)}) NOT met after {done}; "
+                    f"kept the most faithful, {what}: {nums}{speed}")
+        if c.verdict == "not separable" and c.interval is not None:
+            head += (f" - {c.metrics.get('images')} held-out images cannot separate it from the target "
+                     f"(interval [{100 * c.interval[0]:.1f}, {100 * c.interval[1]:.1f}]%); give more with --val")
+        return head
+
+
+def _given_up(c: Row, default: Row | None) -> str:
+    """What the user gave up for fidelity: multiply-adds in float and the latency against the default INT8 engine."""
+    if not c.kept:
+        return ""
+    s = f"; gave up: {100 * (c.float_share or 0):.1f}% of the multiply-adds run in float"
+    if default is not None and default.latency_ms and c.latency_ms:
+        s += f", {c.latency_ms / default.latency_ms:.2f}x the default INT8 latency"
+    return s
 
 
 def _numbers(r: Row, classifier: bool) -> str:
     parts = []
     if classifier and "top1_agreement" in r.metrics:
-        parts.append(f"agreement {100 * r.metrics['top1_agreement']:.2f}%")
+        s = f"agreement {100 * r.metrics['top1_agreement']:.1f}%"
+        if r.interval is not None:
+            s += f" [{100 * r.interval[0]:.1f}, {100 * r.interval[1]:.1f}] on {r.metrics.get('images')} images"
+        parts.append(s)
     if r.drop_pp is not None and classifier:
         parts.append(f"drop {r.drop_pp:+.2f} pp")
     if r.metrics:
@@ -228,33 +316,64 @@ def _numbers(r: Row, classifier: bool) -> str:
 def _score(r: Row, classifier: bool) -> tuple:
     """Higher is more faithful."""
     if r.status not in ("met", "missed"):
-        return (-1.0, -1.0)
+        return (-1.0, -1.0, -1.0)
     cos = min_cosine(r.metrics)
+    div = -(r.divergence if r.divergence is not None else 0.0)
     if classifier:
-        return (r.metrics.get("top1_agreement", 0.0), -(r.drop_pp or 0.0), cos)
-    return (cos, r.metrics.get("snr_db") or 0.0)
+        return (r.metrics.get("top1_agreement", 0.0), -(r.drop_pp or 0.0), div, cos)
+    return (cos, div, r.metrics.get("snr_db") or 0.0)
+
+
+def divergence(ref: dict[str, np.ndarray], outs: dict[str, np.ndarray], classifier: bool) -> float:
+    """The continuous measure candidates are ranked by: mean KL(FP32 || INT8) of the class probabilities for a
+    classifier, else the mean over images and outputs of 1 - cosine.  Unlike agreement it moves with every image,
+    so a few dozen images rank candidates that agreement on hundreds could not tell apart."""
+    outs = compare.match_outputs(ref, outs, "the quantized model", check_shapes=False)
+    if classifier:
+        name = next(iter(ref))
+        p, q = (_log_softmax(np.asarray(a, np.float64)) for a in (ref[name], outs[name]))
+        kl = (np.exp(p) * (p - q)).sum(axis=1)
+        return float(np.mean(kl)) if np.isfinite(kl).all() else float("inf")
+    errs = [1.0 - compare.cosine(np.asarray(ref[k], np.float64), np.asarray(outs[k], np.float64)) for k in ref]
+    return float(np.mean([e.mean() for e in errs]))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
 def float_precisions(backend: str) -> list[str | None]:
     """OpenVINO: the float parts of an INT8 engine run in bf16 on BF16 CPUs (faster) unless f32 is needed."""
     if backend != "openvino":
         return [None]
-    from ..compilation import default_precision_hint
+    from ..backends.openvino import default_precision_hint
 
     return ["bf16", "f32"] if default_precision_hint("int8") == "bf16" else ["f32"]
 
 
+def engine_variants(backend: str, fixed_batch: int | None) -> list[dict]:
+    """The engines a candidate is measured as, the one ``vitedge compile`` builds by default first: OpenVINO's
+    float parts at each precision the CPU offers, static batch 1 and dynamic batch (measured, not assumed equal:
+    docs/openvino_static_batch.md); ONNX Runtime's one engine."""
+    shapes = [True, False] if backend == "openvino" and not fixed_batch else [False]
+    return [{"float_precision": fp, "static": s} for fp in float_precisions(backend) for s in shapes]
+
+
+# -- data on disk -----------------------------------------------------------------------------------------------------------
 class _Arrays:
-    """The calibration and held-out images, preprocessed once, as .npy files every try maps in."""
+    """The calibration and held-out images, preprocessed once, as .npy files the worker maps in."""
 
     def __init__(self, scratch: Path, calib_stream, ev: EvalSet):
         self.dir = scratch
         self.calib = scratch / "calib.npy"
         self.eval = scratch / "eval.npy"
-        self.reference = scratch / "reference.npz"
+        self.rank = scratch / "rank.npy"
         _to_npy(self.calib, calib_stream)
         _to_npy(self.eval, ev.batches(32))
-        np.savez(self.reference, **ev.ref_outputs)
+        calib = np.load(self.calib, mmap_mode="r")
+        np.save(self.rank, np.asarray(calib[:RANK_IMAGES]))
+        self.calib_count = len(calib)
 
 
 def _to_npy(path: Path, batches) -> None:
@@ -276,152 +395,371 @@ def _to_npy(path: Path, batches) -> None:
     raw.unlink()
 
 
-@dataclass
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+# -- the search -------------------------------------------------------------------------------------------------------------
 class _Search:
-    """What every try of one search shares: the source model, the data on disk, the target."""
+    """One search: the source model, the data on disk, the worker, the target, the rows so far."""
 
-    src: Path
-    backend: str
-    arrays: _Arrays
-    ev: EvalSet
-    scratch: Path
-    target: Target
-    classifier: bool
-    fixed_batch: int | None
-    ac_layers: int  # accuracy control may return at most this many matrix ops to float
-    final_name: str  # the artifact's file name (external data of big ONNX models is saved under it)
+    def __init__(self, src: Path, backend: str, arrays: _Arrays, ev: EvalSet, scratch: Path, target: Target, classifier: bool,
+                 fixed_batch: int | None, final_name: str, worker: Worker, budget_s: float, t0: float, enforce: bool):
+        self.src, self.backend, self.arrays, self.ev, self.scratch = src, backend, arrays, ev, scratch
+        self.target, self.classifier, self.fixed_batch, self.final_name = target, classifier, fixed_batch, final_name
+        self.worker, self.budget_s, self.t0, self.enforce = worker, budget_s, t0, enforce
+        self.rows: list[Row] = []
+        self.count = 0
+        self.suffix = ".xml" if backend == "openvino" else ".onnx"
+        roles = graph_roles(_onnx_structure(src))
+        self.macs = matrix_macs(src)
+        self.groups = structural_groups(roles, self.macs)
+        self.attention_pairs = [tuple(roles.attention[i : i + 2]) for i in range(0, len(roles.attention) - 1, 2)]
+        self.rank_ref: dict[str, np.ndarray] | None = None
 
-    def job(self, d: Path, cfg: Int8Config, fps: list, float_reference: bool, compare: dict | None = None) -> dict:
-        ac_drop = (1.0 - self.target.agreement) if self.classifier else (1.0 - self.target.cosine)
-        return {"source": str(self.src), "backend": self.backend, "config": cfg.to_dict(),
-                "output": str(d / ("model.xml" if self.backend == "openvino" else "model.onnx")),
-                "calib": str(self.arrays.calib), "eval": str(self.arrays.eval), "reference": str(self.arrays.reference),
-                "float_precisions": fps, "fixed_batch": self.fixed_batch, "classifier": self.classifier,
-                "ac_max_drop": max(ac_drop, 1e-6), "ac_max_float_layers": self.ac_layers, "data_name": f"{self.final_name}.data",
-                "result": str(d / "result.json"), "float_reference": float_reference, "compare": compare}
+    # time
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.t0)
 
-    def run_try(self, no: int, step: str, cfg: Int8Config, fps: list, timeout: float, float_reference: bool = False,
-                compare: dict | None = None) -> list[Row]:
-        """One try in a child process; its rows (one per float precision), or one row saying how it failed."""
-        d = self.scratch / (f"try{no}" if not float_reference else "float_reference")
-        d.mkdir()
-        (d / "job.json").write_text(json.dumps(self.job(d, cfg, fps, float_reference, compare)))
+    def _call(self, name: str, timeout: float, what: str, **kw):
+        return self.worker.call(name, timeout, what, **kw)
+
+    # steps
+    def quantize(self, cfg: Int8Config, tag: str, count: int | None = None, timeout: float | None = None) -> tuple[str, list[str], float]:
+        """NNCF once for ``cfg`` (on the first ``count`` calibration images); the revertible base's path."""
+        out = self.scratch / tag / f"base{self.suffix}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        n = f"{count} of the {self.arrays.calib_count}" if count else f"{self.arrays.calib_count}"
+        res = self._call("quantize_base", timeout or max(5.0, self.left()), f"INT8: quantizing with {cfg.describe()} on {n} calibration images",
+                         source=str(self.src), backend=self.backend, config=cfg.to_dict(), calib=str(self.arrays.calib),
+                         out=str(out), count=count, fixed_batch=self.fixed_batch)
+        return str(out), res["quantized"], res["seconds"]
+
+    def float_share(self, base_quantized: list[str], kept: list[Group]) -> float:
+        """Share of the matrix multiply-adds that run in float: those not quantized in the base, plus the kept groups."""
+        q = {n.removesuffix("/WithoutBiases") for n in base_quantized}
+        for qk, av in self.attention_pairs:  # OpenVINO fuses Q·Kᵀ into its attention op, named after ·V
+            if av in q:
+                q.add(qk)
+        for g in kept:
+            q -= set(g.ops)
+        total = float(sum(self.macs.values())) or 1.0
+        return sum(v for k, v in self.macs.items() if k not in q) / total
+
+    def evaluate(self, step: str, cfg: Int8Config, base: str, quantized: list[str], kept: list[Group], variants: list[dict],
+                 time_s: float = 2.0, seconds: float = 0.0) -> list[Row]:
+        """A candidate (the base with ``kept`` in float) measured on the held-out images, one row per engine variant."""
+        self.count += 1
+        no = self.count
+        folder = self.scratch / f"candidate{no}"
+        model = folder / f"model{self.suffix}"
+        ops = [o for g in kept for o in g.ops]
+        label = f"INT8 candidate {no} ({step})"
         t0 = time.perf_counter()
-        with open(d / "log.txt", "wb") as log:
-            proc = subprocess.Popen(try_command(d / "job.json"), stdout=log, stderr=subprocess.STDOUT,
-                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
-            code = _wait(proc, no, t0, timeout)
-        secs = time.perf_counter() - t0
-        if code is None:
-            return [Row(no, step, cfg, None, "timeout", seconds=secs, error=f"stopped after {timeout:.0f} s (search budget)")]
-        if not (d / "result.json").exists():
-            what = f"signal {-code}" if code < 0 else f"exit code {code}"
-            tail = (d / "log.txt").read_bytes()[-300:].decode(errors="replace").strip().splitlines()
-            return [Row(no, step, cfg, None, "crashed", seconds=secs,
-                        error=f"the try's process died ({what}){': ' + tail[-1][:160] if tail else ''}")]
-        res = json.loads((d / "result.json").read_text())
-        if res["status"] != "ok":
-            return [Row(no, step, cfg, None, "failed", seconds=secs, error=res["error"][:200])]
-        (d / "float_ops.json").write_text(json.dumps(res["float_ops"]))
-        return [self._row(no, step, cfg, d, v, secs, None if float_reference else len(res["float_ops"]), float_reference)
-                for v in res["variants"]]
+        try:
+            res = self._call("measure", max(60.0, self.left()) if no > 1 else QUANTIZE_TIMEOUT_S, f"{label}: measuring on {len(self.ev)} held-out images",
+                             backend=self.backend, model=str(model), data=str(self.arrays.eval), out_dir=str(folder), variants=variants,
+                             fixed_batch=self.fixed_batch, base=base, keep_float=ops, keep=True, time_s=time_s,
+                             data_name=f"{self.final_name}.data")
+        except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
+            status = {WorkerCrashed: "crashed", WorkerTimeout: "timeout", WorkerFailed: "failed"}[type(exc)]
+            row = Row(no, step, cfg, None, status, seconds=time.perf_counter() - t0 + seconds, error=str(exc)[:200],
+                      kept=tuple(g.name for g in kept))
+            self._print([row])
+            self.rows.append(row)
+            return [row]
+        share = self.float_share(quantized, kept)
+        rows = []
+        for v in res["variants"]:
+            outs = _load_npz(v["outputs"])
+            m = self.ev.measure_outputs(outs)
+            drop = self.ev.drop_pp(m) if self.classifier else None
+            verdict, interval = self.target.verdict(m, self.classifier, drop)
+            status = "met" if self.target.check(m, self.classifier, drop) else "missed"
+            shape = (self.fixed_batch or (1 if v["static"] else "dynamic")) if self.backend == "openvino" else None
+            rows.append(Row(no, step, cfg, v["float_precision"], status, metrics=m, latency_ms=v.get("latency_ms"),
+                            seconds=time.perf_counter() - t0 + seconds, float_ops=len(res["float_ops"]), drop_pp=drop, engine_batch=shape,
+                            kept=tuple(g.name for g in kept), float_share=share, verdict=verdict, interval=interval,
+                            divergence=divergence(self.ev.ref_outputs, outs, self.classifier), model=str(model)))
+        (folder / "float_ops.json").write_text(json.dumps(res["float_ops"]))
+        self._print(rows)
+        self.rows += rows
+        return rows
 
-    def _row(self, no, step, cfg, d: Path, variant: dict, secs: float, float_ops: int | None, float_reference: bool) -> Row:
-        fp = variant["float_precision"]
-        with np.load(d / f"outputs.{variant['key']}.npz") as z:
-            m = self.ev.measure_outputs({k: z[k] for k in z.files})
-        drop = self.ev.drop_pp(m) if self.classifier else None
-        status = "reference" if float_reference else ("met" if self.target.check(m, self.classifier, drop) else "missed")
-        shape = None
-        if self.backend == "openvino":
-            shape = self.fixed_batch or (1 if variant["static"] else "dynamic")
-        return Row(no, step, cfg, fp, status, metrics=m, latency_ms=variant["latency_ms"], seconds=secs, float_ops=float_ops,
-                   drop_pp=drop, engine_batch=shape, paired_ms=variant.get("compare_latency_ms"))
+    def _print(self, rows: list[Row]) -> None:
+        for r in rows:
+            shape = "" if r.engine_batch is None else ("dynamic " if r.engine_batch == "dynamic" else "static ")
+            share = "" if r.float_share is None else f"{100 * r.float_share:4.1f}% float, "
+            err_console.print(f"  {r.no:3d} {r.status:7s} {('float ' + r.float_precision) if r.float_precision else '':11s} {shape:8s}"
+                              f"{share}{_numbers(r, self.classifier) or r.error or ''}", soft_wrap=True)
 
+    def rank(self, base: str, variant: dict, candidates: list[Group]) -> list[dict]:
+        """Score every group by how much keeping it in float lowers the divergence from FP32 on calibration images."""
+        if self.rank_ref is None:
+            path = str(self.scratch / "rank_reference.npz")
+            self._call("reference_outputs", 600.0, "INT8: FP32 outputs for the ranking pass", source=str(self.src),
+                       data=str(self.arrays.rank), out=path, fixed_batch=self.fixed_batch)
+            self.rank_ref = _load_npz(path)
+        folder = self.scratch / "ranking"
 
-def _wait(proc: subprocess.Popen, no: int, t0: float, timeout: float) -> int | None:
-    """The child's exit code, with a status line while it works; None (and the child killed) after ``timeout``."""
-    with err_console.status(f"INT8 try {no}: quantizing and measuring in a child process") as status:
-        while True:
+        def score(ops: list[str], tag: str) -> float:
+            res = self._call("measure", max(30.0, self.left()), f"INT8 ranking: {tag}", backend=self.backend,
+                             model=str(folder / tag / f"model{self.suffix}"), data=str(self.arrays.rank), out_dir=str(folder / tag),
+                             variants=[variant], fixed_batch=self.fixed_batch, base=base, keep_float=ops, keep=False)
+            return divergence(self.rank_ref, _load_npz(res["variants"][0]["outputs"]), self.classifier)
+
+        base_div = score([], "none")
+        ranking = []
+        err_console.print(f"[bold]INT8 ranking[/]: what keeping each of {len(candidates)} groups in float buys "
+                          f"({RANK_IMAGES if self.arrays.calib_count >= RANK_IMAGES else self.arrays.calib_count} calibration images)")
+        for k, g in enumerate(candidates):
+            if self.left() <= 5:
+                note(f"INT8 search budget ({self.budget_s:.0f} s) used up while ranking ({k} of {len(candidates)} groups); "
+                     "pass --search-budget to allow more")
+                break
             try:
-                return proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                elapsed = time.perf_counter() - t0
-                status.update(f"INT8 try {no}: quantizing and measuring in a child process ({elapsed:.0f} s)")
-                if elapsed > timeout:
-                    proc.kill()
-                    proc.wait()
-                    return None
+                d = score(list(g.ops), f"g{k}")
+            except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
+                ranking.append({"group": g.name, "ops": list(g.ops), "share": g.share, "gain": None, "error": str(exc)[:160]})
+                continue
+            ranking.append({"group": g.name, "ops": list(g.ops), "share": g.share, "gain": base_div - d, "divergence": d})
+        for r in ranking:
+            r["base_divergence"] = base_div
+        return ranking
+
+
+def _onnx_structure(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _order(ranking: list[dict], groups: list[Group]) -> list[Group]:
+    """Groups worth reverting, best first: positive gain, by gain per share of multiply-adds (a cheap group that buys
+    as much goes first), where a group's share counts at least half a percent."""
+    by_name = {g.name: g for g in groups}
+    useful = [r for r in ranking if r.get("gain") is not None and r["gain"] > 0]
+    useful.sort(key=lambda r: r["gain"] / max(r["share"], 0.005), reverse=True)
+    return [by_name[r["group"]] for r in useful]
+
+
+def _within(order: list[Group], share_of, cap: float) -> list[Group]:
+    """``order`` without the groups that would take the float share past ``cap`` (each skipped group leaves room
+    for the cheaper ones after it)."""
+    kept: list[Group] = []
+    for g in order:
+        if share_of(kept + [g]) <= cap + 1e-9:
+            kept.append(g)
+    return kept
 
 
 def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *, target: Target, budget_s: float,
            fixed_batch: int | None, method: str = "minmax", final_name: str = "model.onnx", classifier: bool | None = None,
            float_candidate: bool = False, enforce: bool = True) -> FidelityResult:
-    """Run the default try, then the ladder while the target is missed and the budget lasts.  The FP32 model
-    is measured too at the CPU's fastest float precision on BF16 CPUs (OpenVINO), or always with
-    ``float_candidate`` (``--auto``: the faster of the two is written).  ``enforce=False`` (random-weight
-    presets, whose predictions mean nothing): the fastest variant is chosen, whatever its agreement."""
-    import onnx
-
+    """Quantize once, measure; when the target is missed, rank the groups and revert the harmful ones, then try
+    whole-model settings, within ``budget_s`` seconds.  ``float_candidate`` (``--auto``): the FP32 model is measured
+    alike at the CPU's fastest float precision and timed beside the chosen INT8.  ``enforce=False`` (random-weight
+    presets, whose predictions mean nothing): the fastest sound variant of the default is chosen, no search."""
     t0 = time.perf_counter()
     if classifier is None:  # class logits: one (N, classes) output
         classifier = ev.ref.ndim == 2 and ev.ref.shape[1] > 1 and len(ev.ref_outputs) == 1
-    roles = graph_roles(onnx.load(str(src), load_external_data=False))
-    n_matrix = sum(len(b) for b in roles.blocks) + len(roles.patch_embed) + len(roles.head) + len(roles.attention)
-    ctx = _Search(src, backend, _Arrays(scratch, calib_stream, ev), ev, scratch, target, classifier, fixed_batch,
-                  max(1, int(n_matrix * AC_MAX_FLOAT_FRACTION)), final_name)
-    base = default_config(backend) if method == "minmax" else default_config(backend).but(estimator=method)
-    fps = float_precisions(backend)
-    rows: list[Row] = []
-    best: Row | None = None
-    tried: set[Int8Config] = set()
-    plan = [("default", lambda c: c)] + (ladder(backend, bool(roles.blocks), fixed_batch) if budget_s > 0 else [])
-    for k, (step, make) in enumerate(plan, 1):
-        cfg = make(best.config if best is not None else base)
-        if cfg in tried:
+    with Worker(scratch) as worker:
+        s = _Search(src, backend, _Arrays(scratch, calib_stream, ev), ev, scratch, target, classifier, fixed_batch, final_name,
+                    worker, budget_s, t0, enforce)
+        base_cfg = default_config(backend) if method == "minmax" else default_config(backend).but(estimator=method)
+        variants = engine_variants(backend, fixed_batch)
+        err_console.print(f"[bold]INT8 default[/]: {base_cfg.describe()}")
+        try:
+            base, quantized, q_s = s.quantize(base_cfg, "default", timeout=QUANTIZE_TIMEOUT_S)
+        except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
+            raise VitedgeError(f"INT8 quantization failed: {exc}", "check the model with `vitedge check parity`, or try --fp16") from None
+        first = s.evaluate("default", base_cfg, base, quantized, [], variants, seconds=q_s)
+        s.t0 = time.perf_counter()  # the budget counts from here: the default is never cut by it
+        default = _best(first, classifier)
+        ranking: list[dict] = []
+        if enforce and budget_s > 0 and not any(r.status == "met" for r in first) and default is not None:
+            ranking = _revert_search(s, base_cfg, base, quantized, default)
+            if not any(r.status == "met" for r in s.rows) and s.left() > 5:
+                _settings_search(s, base_cfg, default, ranking)
+        rows = s.rows
+        best = _best(rows, classifier)
+        if best is None:
+            errors = "; ".join(f"candidate {r.no}: {r.status} ({r.error})" for r in rows[:3])
+            raise VitedgeError(f"every INT8 candidate failed: {errors}", "check the model with `vitedge check parity`, or try --fp16")
+        met_rows = [r for r in rows if r.status == "met"]
+        chosen = best
+        if not enforce:  # predictions that mean nothing (a random-weight preset): pick on speed, among sound variants
+            ran = _sound([r for r in rows if r.status in ("met", "missed") and r.latency_ms and r.metrics])
+            chosen = min(ran, key=lambda r: r.latency_ms) if ran else best
+        elif met_rows:
+            chosen = _fastest(s, met_rows)
+        reference = None
+        if float_candidate:  # --auto: the FP32 model at the CPU's fastest float precision, measured and timed alike
+            reference = _float_reference(s, chosen, variants[0])
+    return FidelityResult(target, bool(met_rows), chosen, rows, Path(chosen.model) if chosen.model else None, classifier,
+                          time.perf_counter() - t0, reference, enforce, ranking, _deployed_default(first))
+
+
+def _best(rows: list[Row], classifier: bool) -> Row | None:
+    ran = [r for r in rows if r.status in ("met", "missed")]
+    return max(ran, key=lambda r: _score(r, classifier)) if ran else None
+
+
+def _deployed_default(first: list[Row]) -> Row | None:
+    return first[0] if first and first[0].status in ("met", "missed") else None
+
+
+def _revert_search(s: _Search, cfg: Int8Config, base: str, quantized: list[str], start: Row) -> list[dict]:
+    """Rank the groups on ``base``, then revert the best 1, 2, 4, ... and bisect; returns the ranking."""
+    variant = {"float_precision": start.float_precision, "static": start.engine_batch == 1}
+    q = {n.removesuffix("/WithoutBiases") for n in quantized}
+    candidates = [g for g in s.groups if any(o in q for o in g.ops)
+                  or (g.name.endswith("attention core") and any(av in q for _, av in s.attention_pairs if av in g.ops))]
+    ranking = s.rank(base, variant, candidates)
+    order = _order(ranking, s.groups)
+    if not order:
+        note("INT8 search: keeping no single group in float brings the model closer to FP32")
+        return ranking
+    order = _within(order, lambda gs: s.float_share(quantized, gs), MAX_FLOAT_SHARE)
+    if not order:
+        note(f"INT8 search: every group that helps puts more than {100 * MAX_FLOAT_SHARE:.0f}% of the multiply-adds in float")
+        return ranking
+    cap = len(order)
+    err_console.print(f"[bold]INT8 revert[/]: groups in order of gain per multiply-add: {', '.join(g.name for g in order[:8])}"
+                      + (" ..." if len(order) > 8 else ""))
+    tried: dict[int, bool] = {}
+
+    def attempt(k: int) -> bool:
+        if k not in tried:
+            rows = s.evaluate(f"revert {k} group{'s' if k > 1 else ''}", cfg, base, quantized, order[:k], [variant])
+            tried[k] = any(r.status == "met" for r in rows)
+        return tried[k]
+
+    lo, hi, k = 0, None, 1
+    while s.left() > 5:  # doubling
+        k = min(k, cap)
+        if attempt(k):
+            hi = k
+            break
+        lo = k
+        if k == cap:
+            break
+        k *= 2
+    while hi is not None and hi - lo > 1 and s.left() > 5:  # bisecting: the fewest groups that meet the target
+        mid = (lo + hi) // 2
+        if attempt(mid):
+            hi = mid
+        else:
+            lo = mid
+    if s.left() <= 5:
+        note(f"INT8 search budget ({s.budget_s:.0f} s) used up while reverting groups; pass --search-budget to allow more")
+    return ranking
+
+
+def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: list[dict]) -> None:
+    """Whole-model settings, each first on a calibration subset against the default on the same subset; the best that
+    beats it clearly is quantized on the full set, measured, and reverted in the default's ranking order."""
+    if s.arrays.calib_count <= SUBSET_IMAGES:
+        subset = None
+    else:
+        subset = SUBSET_IMAGES
+    variant = {"float_precision": default.float_precision, "static": default.engine_batch == 1}
+    scores = {}
+    for name, change in [("default", {})] + SETTINGS:
+        cfg = base_cfg.but(**change)
+        if cfg == base_cfg and name != "default":
             continue
-        tried.add(cfg)
-        remaining = FIRST_TRY_TIMEOUT_S if k == 1 else min(TRY_TIMEOUT_S, budget_s - (time.perf_counter() - t0))
-        if remaining <= 5:
-            note(f"INT8 search budget ({budget_s:.0f} s) used up before step '{step}'; pass --search-budget to allow more")
+        if s.left() <= 5:
+            note(f"INT8 search budget ({s.budget_s:.0f} s) used up before trying '{name}'; pass --search-budget to allow more")
+            return
+        try:
+            base, _, _ = s.quantize(cfg, f"setting_{len(scores)}", count=subset, timeout=max(5.0, s.left()))
+            res = s._call("measure", max(30.0, s.left()), f"INT8 setting '{name}' on {subset or 'all'} calibration images",
+                          backend=s.backend, model=str(s.scratch / f"setting_{len(scores)}" / f"model{s.suffix}"), data=str(s.arrays.rank),
+                          out_dir=str(s.scratch / f"setting_{len(scores)}"), variants=[variant], fixed_batch=s.fixed_batch, base=base,
+                          keep_float=[], keep=False)
+        except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
+            err_console.print(f"  setting '{name}': {type(exc).__name__.removeprefix('Worker').lower()} ({str(exc)[:120]})")
+            scores[name] = (cfg, float("inf"))
+            continue
+        if s.rank_ref is None:
+            return
+        d = divergence(s.rank_ref, _load_npz(res["variants"][0]["outputs"]), s.classifier)
+        scores[name] = (cfg, d)
+        err_console.print(f"  setting '{name}': divergence {d:.4g} on the ranking images", soft_wrap=True)
+    ref = scores.get("default", (base_cfg, float("inf")))[1]
+    name, (cfg, d) = min(((k, v) for k, v in scores.items() if k != "default"), key=lambda kv: kv[1][1], default=(None, (None, None)))
+    if name is None or not (d < SETTING_GAIN * ref) or s.left() <= 5:
+        return
+    try:
+        base, quantized, q_s = s.quantize(cfg, "setting_full", timeout=max(5.0, s.left()))
+    except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
+        err_console.print(f"  setting '{name}' on all calibration images: {exc}")
+        return
+    rows = s.evaluate(name, cfg, base, quantized, [], [variant], seconds=q_s)
+    if any(r.status == "met" for r in rows) or s.left() <= 5:
+        return
+    order = _within(_order(ranking, s.groups), lambda gs: s.float_share(quantized, gs), MAX_FLOAT_SHARE)
+    cap = len(order)
+    best_k = max((len(r.kept) for r in s.rows if r.status == "met"), default=cap)
+    for k in sorted({min(cap, k) for k in (1, 2, 4, 8, 16, 32, best_k)}):
+        if k == 0 or s.left() <= 5:
             break
-        err_console.print(f"[bold]INT8 try {len(tried)}[/] (step {k}/{len(plan)}: {step}): {cfg.describe()}")
-        new = ctx.run_try(len(tried), step, cfg, fps, remaining)
-        rows += new
-        for r in new:
-            err_console.print(f"  {r.status:7s} {('float ' + r.float_precision) if r.float_precision else '':11s} "
-                              f"{'' if r.engine_batch is None else ('dynamic ' if r.engine_batch == 'dynamic' else 'static '):8s}{_numbers(r, classifier) or r.error or ''}")
-            if best is None or _score(r, classifier) > _score(best, classifier):
-                best = r
-        if any(r.status == "met" for r in new):
-            break
-    if best is None or best.status not in ("met", "missed"):
-        errors = "; ".join(f"try {r.try_no}: {r.status} ({r.error})" for r in rows[:3])
-        raise VitedgeError(f"every INT8 try failed: {errors}", "check the model with `vitedge check parity`, or try --fp16")
-    met_rows = [r for r in rows if r.status == "met"]
-    chosen = best
-    if not enforce:  # predictions that mean nothing (a random-weight preset): pick on speed, among sound variants
-        ran = _sound([r for r in rows if r.status in ("met", "missed") and r.latency_ms and r.metrics])
-        chosen = min(ran, key=lambda r: r.latency_ms) if ran else best
-    elif met_rows:  # within 3 % of the fastest is a tie (timing noise): prefer the earlier, more-INT8 try
-        fastest = min(r.latency_ms for r in met_rows)
-        chosen = next(r for r in met_rows if r.latency_ms <= fastest * TIE)
-    reference = None
-    if float_candidate or (backend == "openvino" and "bf16" in fps):
-        # is INT8 worth it here?  The FP32 model at the CPU's fastest float precision, measured the same way
-        model = scratch / f"try{chosen.try_no}" / ("model.xml" if backend == "openvino" else "model.onnx")
-        compare = {"path": str(model), "float_precision": chosen.float_precision, "static": chosen.engine_batch == 1}
-        ref_rows = ctx.run_try(0, "float reference", base, fps[:1], 900.0, float_reference=True,
-                               compare=compare if chosen.status in ("met", "missed") and model.exists() else None)
-        reference = ref_rows[0] if ref_rows[0].status == "reference" else None
-    return FidelityResult(target, bool(met_rows), chosen, rows, scratch / f"try{chosen.try_no}", classifier, time.perf_counter() - t0,
-                          reference, enforce)
+        rows = s.evaluate(f"{name} + revert {k}", cfg, base, quantized, order[:k], [variant])
+        if any(r.status == "met" for r in rows):
+            return
+
+
+def _fastest(s: _Search, met: list[Row]) -> Row:
+    """Among the candidates that meet the target, the fastest, timed side by side in one process (within 3 % is a
+    tie: the one with fewer ops in float, then the earlier, wins)."""
+    met = sorted(met, key=lambda r: (r.float_share or 0.0, r.no))
+    if len(met) > 1:
+        try:
+            lat = s._call("time_models", 300.0, f"INT8: timing {len(met)} candidates side by side", backend=s.backend,
+                          models=[{"path": r.model, "float_precision": r.float_precision, "static": r.engine_batch == 1} for r in met],
+                          sample=str(s.arrays.eval), fixed_batch=s.fixed_batch)
+            for r, ms in zip(met, lat):
+                r.latency_ms = ms
+        except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
+            note(f"timing the candidates side by side failed ({exc}); using each candidate's own timing")
+    timed = [r for r in met if r.latency_ms]
+    if not timed:
+        return met[0]
+    fastest = min(r.latency_ms for r in timed)
+    return next(r for r in timed if r.latency_ms <= fastest * TIE)
+
+
+def _float_reference(s: _Search, chosen: Row, variant: dict) -> Row | None:
+    """The FP32 model at the CPU's fastest float precision: measured on the held-out images and timed beside ``chosen``."""
+    folder = s.scratch / "float_reference"
+    try:
+        res = s._call("measure", 900.0, "FP32 model: measuring for comparison", backend=s.backend, model=str(s.src), data=str(s.arrays.eval),
+                      out_dir=str(folder), variants=[variant], fixed_batch=s.fixed_batch)
+        lat = None
+        if chosen.model:
+            lat = s._call("time_models", 300.0, "FP32 model and the chosen INT8: timing side by side", backend=s.backend,
+                          models=[{"path": str(s.src), **variant},
+                                  {"path": chosen.model, "float_precision": chosen.float_precision, "static": chosen.engine_batch == 1}],
+                          sample=str(s.arrays.eval), fixed_batch=s.fixed_batch)
+    except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
+        note(f"the FP32 model could not be measured for comparison ({exc})")
+        return None
+    outs = _load_npz(res["variants"][0]["outputs"])
+    m = s.ev.measure_outputs(outs)
+    drop = s.ev.drop_pp(m) if s.classifier else None
+    verdict, interval = s.target.verdict(m, s.classifier, drop)
+    shape = (s.fixed_batch or (1 if variant["static"] else "dynamic")) if s.backend == "openvino" else None
+    return Row(0, "float reference", Int8Config(), variant["float_precision"], "reference", metrics=m,
+               latency_ms=lat[0] if lat else None, drop_pp=drop, engine_batch=shape, paired_ms=lat[1] if lat else None,
+               float_share=1.0, verdict=verdict, interval=interval, divergence=divergence(s.ev.ref_outputs, outs, s.classifier))
 
 
 def _sound(rows: list[Row]) -> list[Row]:
     """The rows whose outputs are not broken: error (1 - min cosine to FP32) at most BROKEN_ERROR_RATIO times the
     smallest error among ``rows``, or within BROKEN_MIN_GAP of it.  For a random-weight preset agreement means nothing, but
-    cosine still tells INT8 noise (every variant of a try alike) from an engine that computes something else: e.g.
+    cosine still tells INT8 noise (every variant of a candidate alike) from an engine that computes something else: e.g.
     OpenVINO's static-shape f32 engine of a token-merged INT8 ViT-S (cosine 0.61 where its siblings had 0.99)."""
     if not rows:
         return rows
@@ -430,61 +768,73 @@ def _sound(rows: list[Row]) -> list[Row]:
     return [r for r in rows if 1.0 - min_cosine(r.metrics) <= limit]
 
 
-def try_command(job: Path) -> list[str]:
-    """The child process of one try."""
-    return [sys.executable, "-m", "vitedge.quantization._try", str(job)]
-
-
 def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model: str, backend: str, eval_source: str,
                 images: int) -> None:
-    """Every try's numbers, as JSON and Markdown, next to the artifact."""
+    """Every candidate's numbers and the ranking, as JSON and Markdown, next to the artifact."""
     from . import _clean
 
     rows = [r.to_dict() for r in result.rows]
     info = {"model": model, "backend": backend, "target": {"agreement": result.target.agreement, "cosine": result.target.cosine,
             "max_drop": result.target.max_drop, "metric": result.target.describe(result.classifier)},
-            "measured_on": eval_source, "images": images, "met": result.met, "chosen_try": result.chosen.try_no,
-            "chosen_float_precision": result.chosen.float_precision, "seconds": round(result.seconds, 1), "tries": rows,
+            "measured_on": eval_source, "images": images, "met": result.met, "chosen_candidate": result.chosen.no,
+            "chosen_float_precision": result.chosen.float_precision, "chosen_verdict": result.chosen.verdict,
+            "seconds": round(result.seconds, 1), "candidates": rows, "ranking": result.ranking,
             "float_reference": result.reference.to_dict() if result.reference else None, "speedup_vs_float": result.speedup_vs_float,
-            "summary": result.summary()}
+            "max_float_mac_share": MAX_FLOAT_SHARE, "summary": result.summary()}
     path_json.write_text(json.dumps(_clean(info), indent=2) + "\n")
     lines = [f"# INT8 fidelity search: {model} ({backend})", "",
-             f"- target: {result.target.describe(result.classifier)}; measured on {eval_source} ({images} images)",
+             f"- target: {result.target.describe(result.classifier)}; measured on {eval_source} ({images} images); "
+             f"agreement intervals are {100 * CI_LEVEL:.0f} % Wilson intervals",
              f"- result: {result.summary()}", "",
-             "| try | step | configuration | float parts | engine batch | status | top-1 agreement | drop pp | min cosine | latency ms (batch 1) | float matrix ops | seconds |",
-             "|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| # | step | configuration | float MACs | float parts | engine batch | status | verdict | top-1 agreement | drop pp | min cosine | divergence | latency ms (batch 1) | seconds |",
+             "|---:|---|---|---:|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in result.rows + ([result.reference] if result.reference else []):
         chosen = " **(chosen)**" if r is result.chosen else ""
-        agree = "" if r.metrics.get("top1_agreement") is None else f"{100 * r.metrics['top1_agreement']:.2f}%"
+        agree = "" if r.metrics.get("top1_agreement") is None else f"{100 * r.metrics['top1_agreement']:.1f}%"
+        if r.interval is not None:
+            agree += f" [{100 * r.interval[0]:.1f}, {100 * r.interval[1]:.1f}]"
         cos = f"{min_cosine(r.metrics):.5f}" if r.metrics else ""
         lat = "" if r.latency_ms is None else f"{r.latency_ms:.2f}"
         drop = "" if r.drop_pp is None else f"{r.drop_pp:+.2f}"
+        div = "" if r.divergence is None else f"{r.divergence:.3g}"
+        share = "" if r.float_share is None else f"{100 * r.float_share:.1f}%"
         status = r.status + (f": {r.error}" if r.error else "")
         shape = "" if r.engine_batch is None else ("dynamic" if r.engine_batch == "dynamic" else f"static {r.engine_batch}")
-        lines.append(f"| {r.try_no if r.status != 'reference' else '-'}{chosen} | {r.step} | {r.describe()} | {r.float_precision or ''} | {shape} | {status} | {agree} | "
-                     f"{drop} | {cos} | {lat} | {'' if r.float_ops is None else r.float_ops} | {r.seconds:.0f} |")
+        lines.append(f"| {r.no if r.status != 'reference' else '-'}{chosen} | {r.step} | {r.describe()} | {share} | {r.float_precision or ''} | "
+                     f"{shape} | {status} | {r.verdict or ''} | {agree} | {drop} | {cos} | {div} | {lat} | {r.seconds:.0f} |")
+    if result.ranking:
+        lines += ["", "## Ranking: what keeping each group in float buys", "",
+                  f"Divergence from FP32 on {RANK_IMAGES} calibration images (mean KL of class probabilities, or mean 1 - cosine); "
+                  f"the default candidate's: {result.ranking[0].get('base_divergence', float('nan')):.4g}.", "",
+                  "| group | share of MACs | divergence with it in float | gain |", "|---|---:|---:|---:|"]
+        for r in sorted(result.ranking, key=lambda r: -(r.get("gain") or -1e9)):
+            gain = "" if r.get("gain") is None else f"{r['gain']:.4g}"
+            d = "" if r.get("divergence") is None else f"{r['divergence']:.4g}"
+            lines.append(f"| {r['group']} | {100 * r['share']:.2f}% | {d or r.get('error', '')} | {gain} |")
     ref = result.reference
     if ref is not None and ref.paired_ms:
-        lines += ["", f"Float reference and the chosen INT8 try timed side by side (interleaved, one process): "
+        lines += ["", f"Float reference and the chosen INT8 candidate timed side by side (interleaved, one process): "
                   f"{ref.latency_ms:.2f} ms vs {ref.paired_ms:.2f} ms (what `--auto` compares)."]
-    lines += ["", "Latency: median of batch-1 runs in the try's own process, its variants timed interleaved, on this machine; "
-              "compare rows, not machines.",
-              "Agreement with FP32 is measured on held-out images; the search chose on them too, so confirm on",
-              "fresh images with `vitedge validate --data DIR`."]
+    lines += ["", "Latency: median of batch-1 runs in the search's worker process; candidates that met the target were timed again "
+              "side by side before one was chosen. Compare rows, not machines.",
+              "Agreement with FP32 is measured on held-out images the calibration never saw; the search stopped on them too, so",
+              "confirm on fresh images with `vitedge validate --data DIR`."]
     path_md.write_text("\n".join(lines) + "\n")
 
 
 def copy_chosen(result: FidelityResult, dest: Path, backend: str) -> list[str]:
-    """Move the chosen try's files to ``dest`` (an .xml/.onnx path in the scratch folder); returns their names."""
-    src = result.artifact_dir / ("model.xml" if backend == "openvino" else "model.onnx")
+    """Move the chosen candidate's files to ``dest`` (an .xml/.onnx path in the scratch folder); returns their names."""
+    src = result.artifact
+    if src is None:
+        raise VitedgeError("the INT8 search kept no model file")
     names = []
     shutil.move(str(src), dest)
     names.append(dest.name)
     if backend == "openvino":
         shutil.move(str(src.with_suffix(".bin")), dest.with_suffix(".bin"))
         names.append(dest.with_suffix(".bin").name)
-    else:  # external data (models over 1.8 GB) was saved under the final name already
-        data = result.artifact_dir / (dest.name + ".data")
+    else:  # external data (models over 1.8 GB) was saved under the artifact's final name already
+        data = src.parent / f"{dest.name}.data"
         if data.exists():
             shutil.move(str(data), dest.parent / data.name)
             names.append(data.name)
@@ -492,6 +842,5 @@ def copy_chosen(result: FidelityResult, dest: Path, backend: str) -> list[str]:
 
 
 def kept_float(result: FidelityResult) -> list[str]:
-    p = result.artifact_dir / "float_ops.json"
-    return json.loads(p.read_text()) if p.exists() else []
-
+    p = result.artifact.parent / "float_ops.json" if result.artifact else None
+    return json.loads(p.read_text()) if p is not None and p.exists() else []

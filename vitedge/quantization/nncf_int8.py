@@ -39,7 +39,6 @@ class Int8Config:
     bias_correction: str = "fast"  # fast | full (NNCF's BiasCorrection: slower, corrects every layer's mean shift)
     attention_float: bool = False  # Q·Kᵀ and softmax·V stay in float
     float_groups: tuple[str, ...] = ()  # structural groups kept in float: patch_embed, first_block, last_block, fc2
-    accuracy_control: bool = False  # NNCF ranks the quantized layers and returns the most harmful to float
 
     def describe(self) -> str:
         parts = []
@@ -52,8 +51,6 @@ class Int8Config:
         if self.attention_float:
             parts.append("attention core float")
         parts += [f"{g.replace('_', ' ')} float" for g in self.float_groups]
-        if self.accuracy_control:
-            parts.append("sensitive layers float (NNCF accuracy control)")
         return ", ".join(parts) or "NNCF defaults"
 
     def to_dict(self) -> dict:
@@ -198,68 +195,22 @@ def _advanced(cfg: Int8Config):
 
 
 def quantize_nncf(model, calib: Iterable[np.ndarray], subset_size: int, cfg: Int8Config, ignored: list[str],
-                  validation: "Validation | None" = None):
-    """Quantize an ``ov.Model`` or an ``onnx.ModelProto`` with NNCF; returns the same kind of model."""
+                  compress_weights: bool = True):
+    """Quantize an ``ov.Model`` or an ``onnx.ModelProto`` with NNCF; returns the same kind of model.
+
+    ``compress_weights=False`` leaves the weights' fake-quantizers on the FP32 weights (NNCF's own accuracy
+    control works on that form): ops can then be returned to float exactly, by a graph edit
+    (:mod:`vitedge.quantization.candidates`)."""
     import nncf
 
     data = nncf.Dataset(calib)
     scope = nncf.IgnoredScope(names=list(ignored) + [n + "/WithoutBiases" for n in ignored], validate=False) if ignored else None
-    common = dict(model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED, subset_size=subset_size,
-                  fast_bias_correction=cfg.bias_correction == "fast", ignored_scope=scope)
-    if not cfg.accuracy_control:
-        return nncf.quantize(model, data, advanced_parameters=_advanced(cfg), **common)
-    if validation is None:
-        raise ValueError("accuracy control needs validation data")
-    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
-
-    return nncf.quantize_with_accuracy_control(
-        model, data, nncf.Dataset(validation.items, lambda item: item[0]), validation, max_drop=validation.max_drop,
-        drop_type=nncf.DropType.ABSOLUTE, advanced_quantization_parameters=_advanced(cfg),
-        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-            max_num_iterations=validation.max_float_layers, ranking_subset_size=min(len(validation.items), 300)),
-        **common)
-
-
-class Validation:
-    """NNCF accuracy control's metric: agreement with FP32 (classifiers) or the minimum output cosine.
-
-    Items are single held-out images with their index, so NNCF can rank layers on per-image values.
-    """
-
-    def __init__(self, x: np.ndarray, ref: dict[str, np.ndarray], classifier: bool, max_drop: float, max_float_layers: int,
-                 input_name: str | None = None):
-        # NNCF's transform gives the model input: {name: array} for ONNX, the array for OpenVINO
-        self.items = [({input_name: x[i : i + 1]} if input_name else x[i : i + 1], i) for i in range(len(x))]
-        self.ref = ref
-        self.first = next(iter(ref))
-        self.classifier = classifier
-        self.max_drop = max_drop
-        self.max_float_layers = max_float_layers
-
-    def _runner(self, model) -> Callable[[np.ndarray], list[np.ndarray]]:
-        if hasattr(model, "SerializeToString"):  # ONNX backend: NNCF hands over the ModelProto
-            import onnxruntime as ort
-
-            sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-            name = sess.get_inputs()[0].name
-            return lambda x: sess.run(None, {name: x})
-        return lambda x: [np.asarray(v) for v in model(x).values()]  # OpenVINO compiled model
-
-    def __call__(self, model, data) -> tuple[float, list[float]]:
-        from ..compare import cosine
-
-        run = self._runner(model)
-        values = []
-        for x, i in data:
-            x = next(iter(x.values())) if isinstance(x, dict) else x
-            out = run(x)[0].reshape(1, -1)
-            ref = self.ref[self.first][i].reshape(1, -1)
-            if self.classifier:  # the reference's top-1 kept
-                values.append(float(out.argmax() == ref.argmax()))
-            else:
-                values.append(float(cosine(ref, out)[0]))
-        metric = float(np.mean(values)) if self.classifier else float(np.min(values))
-        return metric, values
+    adv = _advanced(cfg)
+    if not compress_weights:
+        adv.backend_params["compress_weights"] = False  # NNCF's BackendParameters.COMPRESS_WEIGHTS, both backends
+    return nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
+                         subset_size=subset_size, fast_bias_correction=cfg.bias_correction == "fast", ignored_scope=scope,
+                         advanced_parameters=adv)
 
 
 def pad_to_multiple(x: np.ndarray, k: int) -> np.ndarray:

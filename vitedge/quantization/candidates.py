@@ -1,0 +1,258 @@
+"""Build and measure INT8 candidates: the calls the search's worker process runs (:mod:`.worker`).
+
+Quantize once, derive the rest by graph edits.  :func:`quantize_base` runs NNCF once per configuration
+and keeps its output in a *revertible* form: the weights' fake-quantizers are left on the FP32 weights
+(NNCF's ``compress_weights=False``, what its own accuracy control works on).  A candidate that keeps some
+matrix ops in float is then that graph with the fake-quantizers on those ops' inputs removed, and the
+remaining weights compressed to int8 as NNCF would have (:func:`build`): a graph edit of a second, not a new
+calibration.  :func:`measure` runs a candidate on a set of preprocessed images (``.npy``), saves its outputs
+for the parent to compare with FP32, and can keep the deployable file; :func:`time_models` times several
+files side by side.
+
+Both formats: an OpenVINO IR (FakeQuantize) and a QDQ ONNX model for ONNX Runtime (QuantizeLinear /
+DequantizeLinear, each reader of an activation given its own pair so ONNX Runtime fuses it into an integer
+kernel: :func:`~.nncf_int8.dedicate_qdq`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._io import save_onnx
+from .nncf_int8 import Int8Config, dedicate_qdq, float_names, float_ops_onnx, float_ops_openvino, graph_roles, pad_to_multiple, \
+    prepare, quantize_nncf, timed_interleaved
+
+_cache: dict[tuple, Any] = {}  # this process's loaded models and arrays (the worker lives for one search)
+
+
+def _array(path: str) -> np.ndarray:
+    key = ("array", path)
+    if key not in _cache:
+        _cache[key] = np.load(path, mmap_mode="r")
+    return _cache[key]
+
+
+class _Calibration:
+    """NNCF's calibration items: one image at a time (NNCF's statistics assume it), or the model's fixed batch;
+    ``{input name: array}`` for NNCF's ONNX backend, the bare array for its OpenVINO backend."""
+
+    def __init__(self, x: np.ndarray, fixed: int | None, input_name: str | None = None):
+        self.x, self.fixed, self.input_name = x, fixed, input_name
+
+    def __iter__(self):
+        bs = self.fixed or 1
+        for i in range(0, len(self.x), bs):
+            b = np.ascontiguousarray(pad_to_multiple(self.x[i : i + bs], bs))
+            yield {self.input_name: b} if self.input_name else b
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // (self.fixed or 1))
+
+
+def quantize_base(source: str, backend: str, config: dict, calib: str, out: str, count: int | None = None,
+                  fixed_batch: int | None = None) -> dict:
+    """NNCF INT8 of ``source`` with ``config`` on the first ``count`` calibration images, saved revertible at ``out``.
+
+    Returns the names of the matrix ops it quantized and the seconds it took."""
+    import onnx
+
+    t0 = time.perf_counter()
+    cfg = Int8Config.from_dict(config)
+    x = _array(calib)
+    x = x[:count] if count else x
+    proto = onnx.load(source)
+    ignored = float_names(cfg, graph_roles(proto))
+    if backend == "openvino":
+        import openvino as ov
+
+        model = ov.convert_model(source)
+        if cfg.attention_float:
+            from .nncf_int8 import ov_attention_matmuls
+
+            ignored = sorted(set(ignored) | set(ov_attention_matmuls(model)))
+        data = _Calibration(x, fixed_batch)
+        q = quantize_nncf(model, data, len(data), cfg, ignored, compress_weights=False)
+        ov.save_model(q, out, compress_to_fp16=False)
+        quantized = [op.get_friendly_name() for op in q.get_ordered_ops() if _ov_quantized(op)]
+    else:
+        data = _Calibration(x, fixed_batch, proto.graph.input[0].name)
+        q = quantize_nncf(proto, data, len(data), cfg, ignored, compress_weights=False)
+        save_onnx(q, Path(out), f"{Path(out).name}.data")
+        dq = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+        quantized = [n.name for n in q.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and any(i in dq for i in n.input[:2])]
+    _cache.pop(("base", out), None)
+    return {"quantized": quantized, "seconds": time.perf_counter() - t0}
+
+
+# -- graph edits ------------------------------------------------------------------------------------------------------------
+_OV_MATRIX = ("MatMul", "Convolution", "ScaledDotProductAttention")
+
+
+def _ov_quantized(op) -> bool:
+    return op.get_type_name() in _OV_MATRIX and any(
+        op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(op.get_input_size()))
+
+
+# NNCF places a quantizer before ops that only move values (e.g. the keys' Reshape/Transpose into an attention op):
+# the fake-quantizer of an op's input is searched upwards through them
+_MOVES_ONLY = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _ov_keep_float(model, names: list[str]) -> list[str]:
+    """Bypass the FakeQuantize on every input of the named ops (activation and weight), for those ops only.
+
+    OpenVINO names a Conv with a bias ``NAME/WithoutBiases`` and a fused attention after its ·V MatMul."""
+    wanted = set(names) | {n + "/WithoutBiases" for n in names}
+    done = []
+    for op in model.get_ordered_ops():
+        if op.get_friendly_name() not in wanted or op.get_type_name() not in _OV_MATRIX:
+            continue
+        for i in range(op.get_input_size()):
+            reader, port = op, i
+            src = reader.input_value(port).get_node()
+            while src.get_type_name() in _MOVES_ONLY:
+                reader, port = src, 0
+                src = reader.input_value(0).get_node()
+            if src.get_type_name() == "FakeQuantize":
+                reader.input(port).replace_source_output(src.input_value(0))
+        done.append(op.get_friendly_name())
+    return done
+
+
+def _onnx_keep_float(model, names: list[str]) -> list[str]:
+    """Feed the named ops their float inputs: rewire each input read through QuantizeLinear -> DequantizeLinear (possibly
+    followed by ops that only move values) to the tensor before the pair (for a weight, its FP32 initializer); pairs no
+    reader uses any more are removed."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    wanted, done = set(names), []
+    for n in g.node:
+        if n.name not in wanted:
+            continue
+        for i in range(len(n.input)):
+            reader, port = n, i
+            src = producer.get(reader.input[port])
+            while src is not None and src.op_type in _MOVES_ONLY:
+                reader, port = src, 0
+                src = producer.get(reader.input[0])
+            if src is None or src.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(src.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                reader.input[port] = q.input[0]
+        done.append(n.name)
+    _drop_dead(model)
+    return done
+
+
+def _drop_dead(model) -> None:
+    g = model.graph
+    keep = {o.name for o in g.output}
+    alive = []
+    for n in reversed(list(g.node)):
+        if any(o in keep for o in n.output):
+            alive.append(n)
+            keep.update(n.input)
+    alive.reverse()
+    del g.node[:]
+    g.node.extend(alive)
+    used = [t for t in g.initializer if t.name in keep]
+    del g.initializer[:]
+    g.initializer.extend(used)
+
+
+def _base(path: str, backend: str):
+    key = ("base", path)
+    if key not in _cache:
+        if backend == "openvino":
+            import openvino as ov
+
+            _cache[key] = ov.Core().read_model(path)
+        else:
+            import onnx
+
+            _cache[key] = onnx.load(path)
+    return _cache[key]
+
+
+def build(base: str, backend: str, keep_float: list[str], out: str, data_name: str | None = None) -> list[str]:
+    """The deployable candidate: the revertible base with ``keep_float`` in float and the other weights
+    compressed to int8, written to ``out``.  Returns the matrix ops that run in float."""
+    if backend == "openvino":
+        import openvino as ov
+        from openvino._offline_transformations import compress_quantize_weights_transformation
+
+        model = _base(base, backend).clone()
+        _ov_keep_float(model, keep_float)
+        compress_quantize_weights_transformation(model)
+        ov.save_model(model, out, compress_to_fp16=False)
+        return float_ops_openvino(model)
+    import onnx
+    from nncf.onnx.graph.passes import compress_quantize_weights_transformation
+
+    model = onnx.ModelProto()
+    model.CopyFrom(_base(base, backend))
+    _onnx_keep_float(model, keep_float)
+    compress_quantize_weights_transformation(model)
+    dedicate_qdq(model)  # ONNX Runtime fuses a Q/DQ pair into an integer MatMul only when it has one reader
+    save_onnx(model, Path(out), data_name or f"{Path(out).name}.data")
+    return float_ops_onnx(model)
+
+
+def measure(backend: str, model: str, data: str, out_dir: str, variants: list[dict], fixed_batch: int | None = None,
+            base: str | None = None, keep_float: list[str] | None = None, keep: bool = False, time_s: float = 0.0,
+            data_name: str | None = None) -> dict:
+    """Outputs of a candidate on the images in ``data`` for each engine variant (float precision, static batch 1),
+    saved as ``out_dir/outputs.KEY.npz``, and with ``time_s`` > 0 each variant's batch-1 latency (its variants
+    timed interleaved).  With ``base``: the candidate is first built from it (:func:`build`) at ``model``; without,
+    ``model`` is run as it is (the FP32 reference).  ``keep=False`` deletes a built file after measuring (ranking
+    candidates are many)."""
+    t0 = time.perf_counter()
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    float_ops: list[str] = []
+    if base is not None:
+        float_ops = build(base, backend, list(keep_float or []), model, data_name)
+    x = np.asarray(_array(data))
+    res, runs = [], []
+    for v in variants:
+        outs, run = prepare(Path(model), backend, x, v.get("float_precision"), static=bool(v.get("static")), fixed=fixed_batch)
+        key = variant_key(v)
+        np.savez(folder / f"outputs.{key}.npz", **outs)
+        res.append({**v, "key": key, "outputs": str(folder / f"outputs.{key}.npz")})
+        runs.append(run)
+    if time_s > 0:
+        for v, ms in zip(res, timed_interleaved(runs, seconds=time_s)):
+            v["latency_ms"] = ms
+    del runs
+    if base is not None and not keep:
+        for f in (Path(model), Path(model).with_suffix(".bin"), Path(model).parent / (data_name or f"{Path(model).name}.data")):
+            f.unlink(missing_ok=True)
+    return {"variants": res, "float_ops": float_ops, "seconds": time.perf_counter() - t0}
+
+
+def variant_key(v: dict) -> str:
+    return f"{v.get('float_precision') or 'default'}.{'static' if v.get('static') else 'dynamic'}"
+
+
+def time_models(backend: str, models: list[dict], sample: str, fixed_batch: int | None = None, seconds: float = 6.0) -> list[float]:
+    """Batch-1 latency (ms, median) of each ``{"path", "float_precision", "static"}``, timed in interleaved rounds
+    in this one process so that a machine whose speed drifts slows every model alike."""
+    x = np.asarray(_array(sample)[: fixed_batch or 1])
+    runs = [prepare(Path(m["path"]), backend, x, m.get("float_precision"), static=bool(m.get("static")), fixed=fixed_batch)[1]
+            for m in models]
+    return timed_interleaved(runs, seconds=seconds)
+
+
+def reference_outputs(source: str, data: str, out: str, fixed_batch: int | None = None) -> str:
+    """The FP32 model's outputs (ONNX Runtime, as the held-out reference is made) on the images in ``data``."""
+    outs, _ = prepare(Path(source), "onnxruntime", np.asarray(_array(data)), None, fixed=fixed_batch)
+    np.savez(out, **outs)
+    return out
+
+
+CALLS = {"quantize_base": quantize_base, "measure": measure, "time_models": time_models, "reference_outputs": reference_outputs}

@@ -1,0 +1,173 @@
+"""A child process that runs the INT8 search's heavy calls, so a crash in a native library costs one call.
+
+NNCF, OpenVINO and ONNX Runtime are native code: a malloc corruption (seen in NNCF's quantile estimator)
+or a hang must not take the user's run down with it.  The search sends each call (a function of
+:mod:`vitedge.quantization.candidates` and its keyword arguments) to one long-lived child process over a
+:mod:`multiprocessing` pipe; the child keeps what it loaded (the quantized base model, the image arrays)
+between calls, so a call that edits the base graph costs seconds, not a re-import and a re-load.
+
+A call whose child dies raises :class:`WorkerCrashed`; one that runs past its time raises
+:class:`WorkerTimeout` after the child is killed.  Either way the next call starts a fresh child.
+
+The child is ``python -m vitedge.quantization.worker`` connected back over a local socket
+(:mod:`multiprocessing.connection`, with an auth key), not a ``multiprocessing.Process``: spawning one
+re-imports the caller's main module, which breaks scripts without a ``__main__`` guard, notebooks and stdin.
+Its output goes to ``worker.log`` in the search's scratch folder; a crash's last line is quoted from there.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Listener
+from pathlib import Path
+from typing import Any
+
+from ..errors import VitedgeError, first_line
+from ..ui import err_console
+
+START_TIMEOUT_S = 120.0  # importing NNCF, OpenVINO and ONNX Runtime on a busy machine
+
+
+class WorkerFailed(VitedgeError):
+    """The call raised inside the child (a Python error: the child itself is fine)."""
+
+
+class WorkerCrashed(VitedgeError):
+    """The child process died during the call (a signal or an exit from native code)."""
+
+
+class WorkerTimeout(VitedgeError):
+    """The call ran past its time; the child was killed."""
+
+
+def _serve(conn) -> None:
+    """The child's loop: run each (function name, kwargs) from the pipe, send back ("ok", result) or ("error", text)."""
+    from . import candidates
+
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        name, kwargs = msg
+        try:
+            fn = candidates.CALLS[name]
+            conn.send(("ok", fn(**kwargs)))
+        except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
+            text = first_line(exc, 300)
+            conn.send(("error", text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}",
+                       traceback.format_exc()[-4000:]))
+
+
+class Worker:
+    """One child process at a time; :meth:`call` runs a function of :mod:`candidates` in it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.log = self.folder / "worker.log"
+        self._proc: subprocess.Popen | None = None
+        self._conn = None
+
+    def _start(self) -> None:
+        key = secrets.token_bytes(16)
+        with Listener(authkey=key) as listener:  # a fresh local socket (a named pipe on Windows)
+            with open(self.log, "ab") as log:
+                self._proc = subprocess.Popen([sys.executable, "-m", __name__, str(listener.address)], stdout=log,
+                                              stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1", VITEDGE_WORKER_KEY=key.hex()))
+            accepted: list = []
+            waiter = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+            waiter.start()
+            t0 = time.perf_counter()
+            while waiter.is_alive():
+                waiter.join(0.5)
+                if waiter.is_alive() and (self._proc.poll() is not None or time.perf_counter() - t0 > START_TIMEOUT_S):
+                    self._proc.kill()
+                    code = self._proc.wait()
+                    self._proc = None
+                    raise WorkerCrashed(f"the worker process did not start (exit code {code}){self._last_log_line()}")
+            self._conn = accepted[0]
+
+    def _stop(self, kill: bool = False) -> None:
+        if self._proc is None:
+            return
+        if not kill:
+            try:
+                self._conn.send(None)
+                self._proc.wait(timeout=10)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
+                pass
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._conn.close()
+        self._proc = self._conn = None
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = self.log.read_bytes()[-400:].decode(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return f": {lines[-1][:160]}" if lines else ""
+
+    def call(self, name: str, timeout: float, what: str, **kwargs: Any) -> Any:
+        """Run ``candidates.CALLS[name](**kwargs)`` in the child, showing ``what`` with the elapsed time."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._stop(kill=True)
+            self._start()
+        t0 = time.perf_counter()
+        self._conn.send((name, kwargs))
+        with err_console.status(what) as status:
+            while True:
+                reply = None
+                if self._conn.poll(1.0):
+                    try:
+                        reply = self._conn.recv()
+                    except EOFError:  # the child died before it could answer
+                        pass
+                    else:
+                        break
+                if reply is None and self._proc.poll() is not None:
+                    code = self._proc.wait()
+                    tail = self._last_log_line()
+                    self._stop(kill=True)
+                    how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                    raise WorkerCrashed(f"the worker process died ({how}){tail}")
+                elapsed = time.perf_counter() - t0
+                if elapsed > timeout:
+                    self._stop(kill=True)
+                    raise WorkerTimeout(f"stopped after {timeout:.0f} s")
+                status.update(f"{what} ({elapsed:.0f} s)")
+        if reply[0] == "ok":
+            return reply[1]
+        raise WorkerFailed(reply[1], None)
+
+    def close(self) -> None:
+        self._stop()
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def main() -> None:
+    from multiprocessing.connection import Client
+
+    conn = Client(sys.argv[1], authkey=bytes.fromhex(os.environ.pop("VITEDGE_WORKER_KEY")))
+    try:
+        _serve(conn)
+    finally:
+        conn.close()
+
+
+if __name__ == "__main__":
+    main()
