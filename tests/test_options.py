@@ -13,7 +13,13 @@ from vitedge.backends import registry
 from vitedge.cli import main
 from vitedge.errors import VitedgeError
 from vitedge.manifest import CompileRecord, Manifest, QuantizationRecord
-from vitedge.options import CompileOptions, ExportOptions, QuantizeOptions, TimingOptions, ValidateOptions
+from vitedge.options import (
+    CompileOptions,
+    ExportOptions,
+    QuantizeOptions,
+    TimingOptions,
+    ValidateOptions,
+)
 from vitedge.recipes import load_recipe, run_recipe, schema
 
 # every option flag of the commands, as shipped (another issue renames them; until then they must not change)
@@ -78,9 +84,9 @@ def test_recipes_schema_is_valid_json_schema():
 
 
 def test_every_shipped_recipe_validates_against_the_printed_schema():
-    from vitedge.recipes import RECIPES_DIR
-
     import yaml
+
+    from vitedge.recipes import RECIPES_DIR
 
     validator = jsonschema.Draft202012Validator(_schema_from_cli())
     shipped = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -151,8 +157,7 @@ def test_defaults_are_those_of_the_step_functions():
 
 def test_quantization_constants_are_declared_once():
     """vitedge.quantization and its fidelity search use the choices and defaults of vitedge.options."""
-    from vitedge import options
-    from vitedge import quantization
+    from vitedge import options, quantization
     from vitedge.quantization import calibration, fidelity
 
     assert quantization.METHODS == options.METHODS and quantization.PRECISIONS == options.PRECISIONS

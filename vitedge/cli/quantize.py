@@ -4,8 +4,8 @@ from pathlib import Path
 
 import click
 
-from ..ui import console
 from ..options import QuantizeOptions
+from ..ui import console
 from ._common import options_of, preprocessing_from_cli, preprocessing_options
 
 

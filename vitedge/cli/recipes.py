@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from ..recipes import RECIPES_DIR, BrokenRecipe, scan_recipes, schema as recipe_schema
+from ..recipes import RECIPES_DIR, BrokenRecipe, scan_recipes
+from ..recipes import schema as recipe_schema
 from ..ui import console
 
 
