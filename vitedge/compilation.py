@@ -34,11 +34,10 @@ from .backends import registry
 from .backends.openvino import default_precision_hint, openvino_config  # noqa: F401  (public here since 0.1)
 from .errors import FileProblem, ShapeMismatch, VitedgeError
 from .manifest import Manifest, TensorSpec
+from .options import HINTS, PRECISION_HINTS  # declared with the compile options
 
 log = logging.getLogger("vitedge")
 
-HINTS = ("latency", "throughput")
-PRECISION_HINTS = ("f32", "bf16", "f16")
 _MIN_COSINE = 0.99  # an engine this far from its source is broken, not merely lower precision
 
 

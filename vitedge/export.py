@@ -23,13 +23,12 @@ from .errors import InputError, ModelNotSupported, VitedgeError, first_line
 from .manifest import Manifest, TensorSpec
 from .models.loading import ModelSpec, load_model
 from .models.vit import graph_options
+from .options import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET  # declared with the export options
 
 log = logging.getLogger("vitedge")
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
-DEFAULT_OPSET = 18
-MIN_OPSET, MAX_OPSET = 13, 21
 
 
 @dataclass

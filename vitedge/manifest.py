@@ -15,7 +15,7 @@ import glob
 import datetime as _dt
 import json
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ._io import sha256_file, write_json_atomic
@@ -52,6 +52,54 @@ class TensorSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "TensorSpec":
         return cls(d["name"], list(d["shape"]), d.get("dtype", "float32"))
+
+
+@dataclass(frozen=True)
+class _Section:
+    """A typed view of a manifest section (a dict in the JSON): the keys more than one reader uses.
+    Unknown keys are left out (a section may hold more, e.g. a backend's own settings)."""
+
+    @classmethod
+    def of(cls, section: dict | None):
+        section = section or {}
+        return cls(**{f.name: section[f.name] for f in fields(cls) if section.get(f.name) is not None})
+
+
+@dataclass(frozen=True)
+class QuantizationRecord(_Section):
+    """``Manifest.quantization``: what ``vitedge quantize`` did (see :class:`vitedge.options.QuantizeOptions`)."""
+
+    precision: str | None = None  # what was asked (int8 | fp16 | auto); the manifest's own precision is what was written
+    backend: str | None = None
+    method: str | None = None  # calibration method (INT8)
+    configuration: str | None = None  # the INT8 configuration the fidelity search chose, described
+    float_precision: str | None = None  # the float precision the INT8 search measured the model at (f32 | bf16)
+    engine_batch: int | None = None  # the batch the chosen INT8 try was measured at
+    excluded_nodes: list = field(default_factory=list)  # matrix ops kept in float
+    calibration: dict = field(default_factory=dict)  # source, fingerprint, size, seed, ...
+    fidelity: dict | None = None  # target, met, table, summary
+    choice: dict | None = None  # quantize --auto: which of INT8 / float was written, and why
+    max_drop: dict | None = None  # TensorRT sensitivity search: budget_pp, kept_float, report
+
+
+@dataclass(frozen=True)
+class CompileRecord(_Section):
+    """``Manifest.compile``: the options an engine was compiled with (the first four are
+    :class:`vitedge.options.CompileOptions` fields, as resolved) and what the backend recorded."""
+
+    target: str | None = None
+    batch: int | str | None = None  # the engine's batch, or "dynamic"
+    hint: str | None = None
+    precision_hint: str | None = None
+    source: str | None = None  # the file compiled
+    compile_seconds: float | None = None
+    threads: int | None = None
+    device: str | None = None  # OpenVINO
+    openvino_config: dict = field(default_factory=dict)  # OpenVINO
+    inference_precision: str | None = None  # OpenVINO: the precision the CPU plugin runs float ops in
+    blob: dict | None = None  # OpenVINO compiled blob: file, device, openvino
+    profile: dict | None = None  # TensorRT optimisation profile
+    tensorrt: dict | None = None  # TensorRT version and GPU the engine was built for
 
 
 @dataclass
@@ -186,6 +234,16 @@ class Manifest:
 
     def hash_files(self, folder: Path, names: list[str]) -> None:
         self.files = {n: sha256_file(folder / n) for n in names}
+
+    @property
+    def quantization_record(self) -> QuantizationRecord:
+        """The ``quantization`` section, typed."""
+        return QuantizationRecord.of(self.quantization)
+
+    @property
+    def compile_record(self) -> CompileRecord:
+        """The ``compile`` section, typed."""
+        return CompileRecord.of(self.compile)
 
     @property
     def preprocessing_obj(self):

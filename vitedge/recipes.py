@@ -1,6 +1,6 @@
 """Recipes: the whole pipeline (export -> quantize -> compile -> validate) in one YAML file.
 
-A recipe is validated against :data:`SCHEMA` (JSON Schema, checked with ``jsonschema``) when it
+A recipe is validated against :func:`schema` (JSON Schema, checked with ``jsonschema``) when it
 is loaded; errors name the file, the line and the key.  Paths inside a recipe are relative to the
 recipe file.  :func:`run_recipe` runs the steps into one output folder; a step whose inputs
 (content hashes of its input files) and options are unchanged is not redone.
@@ -24,109 +24,49 @@ from ._shipped import folder as shipped_folder
 from .backends import registry
 from .errors import FileProblem, VitedgeError
 from .manifest import BUNDLE_FILE, Manifest
+from .options import STEPS, CompileOptions, ExportOptions, QuantizeOptions, ValidateOptions
 
 # the shipped recipes/ folder, from the installed package (wheel or editable install)
 RECIPES_DIR = shipped_folder("recipes")
 STATE_FILE = ".vitedge-run.json"
 
 _PATH = {"type": "string", "minLength": 1}
-SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "vitedge recipe",
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["name", "model", "steps"],
-    "properties": {
-        "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$", "description": "short identifier"},
-        "description": {"type": "string", "description": "one line shown by `vitedge recipes`"},
-        "model": {
-            "description": "checkpoint file / Hugging Face folder (relative to the recipe), a preset name, 'reference', or an ONNX file",
-            "type": "string", "minLength": 1,
-        },
-        "img_size": {"type": "integer", "minimum": 16, "description": "input resolution (default: the model's)"},
-        "data": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "calibration": {**_PATH, "description": "calibration images (folder, .npy or .npz)"},
-                "validation": {**_PATH, "description": "validation images (class/image folders give top-1/top-5)"},
-                "labelled": {"type": "boolean", "description": "use class folders as labels (default: when the model's labels match)"},
-            },
-        },
-        "steps": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["export"],
-            "properties": {
-                "export": {
-                    "type": "object", "additionalProperties": False,
-                    "properties": {
-                        "opset": {"type": "integer", "minimum": 13, "maximum": 21},
-                        "batch": {"oneOf": [{"const": "dynamic"}, {"type": "integer", "minimum": 1}]},
-                        "merge_tokens": {
-                            "oneOf": [{"type": "integer", "minimum": 0}, {"const": "auto"}],
-                            "description": "token merging (ToMe, lossy): tokens merged per block, or 'auto' (needs val_images); default 0, off",
-                        },
-                        "val_images": {**_PATH, "description": "held-out images for merge_tokens: auto (class sub-folders give labels)"},
-                        "max_drop": {"type": "number", "minimum": 0, "description": "top-1 points merge_tokens: auto may lose (default 1.0)"},
-                    },
-                    # val_images / max_drop only mean something to the auto search, which needs the images
-                    "dependentSchemas": {
-                        "val_images": {"required": ["merge_tokens"], "properties": {"merge_tokens": {"const": "auto"}}},
-                        "max_drop": {"required": ["merge_tokens"], "properties": {"merge_tokens": {"const": "auto"}}},
-                    },
-                    "if": {"required": ["merge_tokens"], "properties": {"merge_tokens": {"const": "auto"}}},
-                    "then": {"required": ["val_images"]},
-                },
-                "quantize": {
-                    "type": "object", "additionalProperties": False, "required": ["precision"],
-                    "properties": {
-                        "precision": {"enum": ["int8", "fp16"]},
-                        "backend": {"enum": "<backends that quantize>"},
-                        "samples": {"type": "integer", "minimum": 1},
-                        "method": {"enum": ["minmax", "percentile", "entropy"]},
-                        "max_drop": {"type": "number", "minimum": 0},
-                        "target_agreement": {"type": "number", "minimum": 0, "maximum": 1},
-                        "target_cosine": {"type": "number", "minimum": 0, "maximum": 1},
-                        "search_budget": {"type": "number", "minimum": 0},
-                        "min_calib": {"type": "integer", "minimum": 1},
-                        "seed": {"type": "integer"},
-                    },
-                },
-                "compile": {
-                    "type": "object", "additionalProperties": False, "required": ["target"],
-                    "properties": {
-                        "target": {"enum": "<backends that compile>"},
-                        "batch": {"oneOf": [{"const": "dynamic"}, {"type": "integer", "minimum": 1}]},
-                        "threads": {"type": "integer", "minimum": 1},
-                        "hint": {"enum": ["latency", "throughput"]},
-                        "precision_hint": {"enum": ["f32", "bf16", "f16"]},
-                        "device": {"type": "string"},
-                        "export_blob": {"type": "boolean"},
-                    },
-                },
-                "validate": {
-                    "type": "object", "additionalProperties": False,
-                    "properties": {
-                        "max_drop": {"type": "number", "minimum": 0, "description": "top-1 drop gate, percentage points"},
-                        "min_speedup": {"type": "number", "minimum": 0, "description": "speed-up gate over the FP32 reference"},
-                        "samples": {"type": "integer", "minimum": 1, "description": "validation images used (default: all)"},
-                        "time_budget": {"type": "number", "exclusiveMinimum": 0, "description": "seconds of timing per engine and batch size"},
-                    },
-                },
-            },
-        },
-    },
-}
 
 
 def schema() -> dict[str, Any]:
-    """:data:`SCHEMA` with the backend choices of the registry (a backend registered later is accepted too)."""
-    full = copy.deepcopy(SCHEMA)
-    props = full["properties"]["steps"]["properties"]
-    props["quantize"]["properties"]["backend"]["enum"] = registry.names("quantize")
-    props["compile"]["properties"]["target"]["enum"] = registry.names("compile")
-    return full
+    """The recipe JSON Schema: the top level here, each step's from its options dataclass
+    (:mod:`vitedge.options`), with the backend choices of the registry (a backend registered later is accepted too)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "vitedge recipe",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "model", "steps"],
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$", "description": "short identifier"},
+            "description": {"type": "string", "description": "one line shown by `vitedge recipes`"},
+            "model": {
+                "description": "checkpoint file / Hugging Face folder (relative to the recipe), a preset name, 'reference', or an ONNX file",
+                "type": "string", "minLength": 1,
+            },
+            "img_size": {"type": "integer", "minimum": 16, "description": "input resolution (default: the model's)"},
+            "data": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "calibration": {**_PATH, "description": "calibration images (folder, .npy or .npz)"},
+                    "validation": {**_PATH, "description": "validation images (class/image folders give top-1/top-5)"},
+                    "labelled": {"type": "boolean", "description": "use class folders as labels (default: when the model's labels match)"},
+                },
+            },
+            "steps": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["export"],
+                "properties": {name: opts.recipe_schema() for name, opts in STEPS.items()},
+            },
+        },
+    }
 
 
 @dataclass
@@ -357,9 +297,7 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
     from .export import export_onnx
     from .manifest import Manifest
     from .models.loading import load_model
-    from .quantization import Target, quantize
-    from .quantization.calibration import MIN_CALIB
-    from .quantization.fidelity import DEFAULT_AGREEMENT, DEFAULT_BUDGET_S, DEFAULT_COSINE
+    from .quantization import quantize
     from .validation import validate
 
     if not isinstance(recipe, Recipe):
@@ -379,20 +317,19 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
         onnx_path = Path(model)
     else:
         onnx_path = out / "model.onnx"
-        batch = exp.get("batch", "dynamic")
-        merge_val = recipe.resolve(exp.get("val_images"))  # token merging's auto search measures on these
+        eopts = ExportOptions.from_mapping(exp, recipe.resolve)  # the recipe's img_size sizes the model before export
+        merge_val = eopts.val_images  # token merging's auto search measures on these
 
         def do_export():
             spec = load_model(model, img_size=d.get("img_size"))
-            _, man = export_onnx(spec, onnx_path, opset=exp.get("opset", 18), batch=None if batch == "dynamic" else batch,
-                                 merge_tokens=exp.get("merge_tokens", 0), val_images=merge_val, max_drop=exp.get("max_drop"))
+            _, man = export_onnx(spec, onnx_path, **eopts.export_kwargs())
             err = max(c["max_abs_error"] for c in man.verification["checks"].values())
             merging = man.model.get("graph", {}).get("token_merging")
             extra = f"; token merging r={merging['r']} (lossy)" if merging else ""
             return f"verified vs PyTorch, max abs error {err:.1e}{extra}"
 
         # the options (merge_tokens, val_images, max_drop included) and the content of the files read are the cache key
-        run.step("export", {**exp, "img_size": d.get("img_size")}, _model_inputs(model) + ([Path(merge_val)] if merge_val and Path(merge_val).exists() else []),
+        run.step("export", {**exp, "img_size": d.get("img_size")}, _model_inputs(model) + ([merge_val] if merge_val and merge_val.exists() else []),
                  [onnx_path], do_export)
     current = onnx_path
 
@@ -402,20 +339,17 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
         backend = q.get("backend") or (steps.get("compile") or {}).get("target", "onnxruntime")
         q_path = out / f"model.{q['precision']}{registry.get(backend, 'quantize').quantized_suffix}"
         qopts = {**q, "backend": backend}
+        # the fidelity search measures on a held-out part of the calibration images, so that the validate
+        # step's numbers come from images the search never chose on
+        quant = QuantizeOptions.from_mapping({**qopts, "calib": calib, "val": None if calib else val})
 
         def do_quantize():
-            # the fidelity search measures on a held-out part of the calibration images, so that the validate
-            # step's numbers come from images the search never chose on
-            target = Target(q.get("target_agreement", DEFAULT_AGREEMENT), q.get("target_cosine", DEFAULT_COSINE), q.get("max_drop"))
-            _, man = quantize(current, q_path, precision=q["precision"], backend=backend, calib=calib,
-                              samples=q.get("samples"), method=q.get("method"), max_drop=q.get("max_drop"),
-                              val=None if calib else val, seed=q.get("seed", 0), target=target,
-                              search_budget=q.get("search_budget", DEFAULT_BUDGET_S), min_calib=q.get("min_calib", MIN_CALIB))
+            _, man = quantize(current, q_path, **quant.quantize_kwargs())
             agree = man.verification.get("agreement", {})
             parts = [f"{k} {agree[k]:.4f}" for k in ("top1_agreement", "cosine_mean") if isinstance(agree.get(k), float)]
-            fid = (man.quantization or {}).get("fidelity")
-            if fid:
-                parts.append(f"fidelity target {'met' if fid['met'] else 'NOT met'} ({man.quantization.get('configuration')})")
+            rec = man.quantization_record
+            if rec.fidelity:
+                parts.append(f"fidelity target {'met' if rec.fidelity['met'] else 'NOT met'} ({rec.configuration})")
             return ", ".join(parts)
 
         run.step("quantize", qopts, _artifact_inputs(current) + ([Path(calib)] if calib else []), [q_path], do_quantize)
@@ -426,13 +360,11 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
     engine = current
     if c:
         engine = out / f"engine{registry.get(c['target'], 'compile').engine_suffix}"
-        copts = {k: v for k, v in c.items() if k != "target"}
-        if copts.get("batch") == "dynamic":
-            copts["batch"] = None
+        copts = CompileOptions.from_mapping(c, recipe.resolve)  # a timing_cache path is relative to the recipe
 
         def do_compile():
-            compile_model(current, engine, target=c["target"], **copts)
-            return f"{c['target']} engine"
+            compile_model(current, engine, **copts.compile_kwargs())
+            return f"{copts.target} engine"
 
         run.step("compile", c, _artifact_inputs(current), [engine], do_compile)
 
@@ -452,9 +384,7 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
                 images = ImageSet.from_path(val)
                 images.labels = [None] * len(images)  # class folders are not this model's labels
                 data_arg = images
-            extra = {k: v[k] for k in ("samples", "time_budget") if k in v}
-            rep = validate(engine, reference, data=data_arg, max_drop=v.get("max_drop"), min_speedup=v.get("min_speedup"),
-                           out_dir=rep_dir, **extra)
+            rep = validate(engine, reference, data=data_arg, out_dir=rep_dir, **ValidateOptions.from_mapping(v).validate_kwargs())
             report = rep.to_dict()
             return rep.summary()
 

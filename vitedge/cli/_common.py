@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import FileProblem
+
+if TYPE_CHECKING:
+    from ..options import OptionField, StepOptions
 
 
 class BackendChoice(click.Choice):
@@ -27,19 +31,58 @@ class BackendChoice(click.Choice):
         pass
 
 
-def _parse_batch(ctx, param, value):
-    if value is None or str(value).lower() == "dynamic":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter("use 'dynamic' or a positive integer") from None
+def options_of(cls: "type[StepOptions]"):
+    """A decorator adding the click options of every field of ``cls`` (a :mod:`vitedge.options` dataclass),
+    in field order: the field's flag, short flag, type or choices, default (shown) and help."""
+
+    def add(f):
+        for opt in reversed(cls.fields()):
+            for decl in reversed(_click_options(opt)):
+                f = decl(f)
+        return f
+
+    return add
 
 
-batch_option = click.option("--batch", default="dynamic", show_default=True, callback=_parse_batch,
-                            help="'dynamic' or a fixed batch size.")
-images_option = click.option("--images", type=click.Path(exists=True, path_type=Path), default=None,
-                             help="Folder of real images used for the checks (default: the shipped calibration images).")
+def _click_options(o: "OptionField") -> list:
+    s = o.spec
+    if s.switches:  # --int8 / --fp16 / --auto: one flag per value
+        return [click.option(flag, o.name, flag_value=value, help=text) for flag, value, text in s.switches]
+    decls = [d for d in (s.short, s.flag or "--" + o.name.replace("_", "-"), o.name) if d]
+    if o.base_type is bool:
+        return [click.option(*decls, is_flag=True, help=s.help)]
+    default = s.cli_default if s.cli_default is not None else o.default
+    kw: dict = {"default": default, "type": _click_type(o), "help": s.help, "metavar": s.metavar}
+    if s.shown_default or default is not None:
+        kw["show_default"] = s.shown_default or True
+    if s.parse:
+        kw["callback"] = _callback(s.parse)
+    return [click.option(*decls, **kw)]
+
+
+def _click_type(o: "OptionField"):
+    s = o.spec
+    if s.backends:
+        return BackendChoice(s.backends)
+    if s.choices:
+        return click.Choice(s.choices)
+    if s.path is not None:
+        return click.Path(path_type=Path, **s.path)
+    if o.base_type in (int, float):
+        if s.cli_range:
+            return (click.IntRange if o.base_type is int else click.FloatRange)(min=s.minimum, max=s.maximum)
+        return o.base_type
+    return None  # text (a parser or the step reads it)
+
+
+def _callback(parse):
+    def callback(ctx, param, value):
+        try:
+            return None if value is None else parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
 
 
 def list_images_arg(folder: Path | None) -> list[Path] | None:

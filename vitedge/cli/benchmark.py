@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from .validate import print_report, timing_options
+from ..options import TimingOptions
+from ._common import options_of
+from .validate import print_report
 
 
 def _csv(ctx, param, value):
@@ -30,7 +32,7 @@ def _csv(ctx, param, value):
 @click.option("--strict", is_flag=True, help="Judge the budget on the upper end of the drop's 95% confidence interval.")
 @click.option("--img-size", type=int, default=None, help="Input resolution (presets and checkpoints).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Calibration images used for INT8.")
-@timing_options
+@options_of(TimingOptions)
 def command(model, calib, data, out_dir, backends, precisions, max_drop, strict, img_size, calib_samples,
             batch_sizes, time_budget, runs, rounds, samples):
     """Sweep the backends x precisions this machine can run for MODEL (checkpoint, preset, 'reference' or FP32 .onnx):

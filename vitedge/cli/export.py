@@ -4,27 +4,17 @@ from pathlib import Path
 
 import click
 
-from ..export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx
+from ..export import export_onnx
+from ..options import ExportOptions
 from ..ui import console, err_console, note
-from ._common import batch_option, images_option, list_images_arg
+from ._common import list_images_arg, options_of
 
 
 @click.command("export")
 @click.argument("model", metavar="MODEL")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .onnx file.")
-@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True,
-              help=f"ONNX opset ({MIN_OPSET}-{MAX_OPSET}; below 17 uses the TorchScript exporter, LayerNorm decomposed).")
-@batch_option
-@click.option("--img-size", type=int, default=None, help="Input resolution (position embeddings are interpolated).")
-@images_option
-@click.option("--merge-tokens", "merge_tokens", default="0", metavar="R|auto",
-              help="Token merging (ToMe; lossy, opt-in): merge R tokens in every block but the last, so later blocks run "
-                   "on fewer tokens.  'auto' picks the largest R whose top-1 drop on --val-images stays within --max-drop.  [default: 0, off]")
-@click.option("--val-images", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Held-out images for --merge-tokens auto (class sub-folders give labels; without labels, top-1 changes are counted).")
-@click.option("--max-drop", type=float, default=None,
-              help="Top-1 points --merge-tokens auto may lose on --val-images.  [default: 1.0]")
-def command(model, output, opset, batch, img_size, images, merge_tokens, val_images, max_drop):
+@options_of(ExportOptions)
+def command(model, output, **options):
     """Export MODEL to a verified ONNX file, plus a <stem>.vitedge.json manifest.
 
     MODEL is a checkpoint (.safetensors/.pth/.pt/.bin, vitedge or timm layout), a Hugging Face
@@ -36,9 +26,10 @@ def command(model, output, opset, batch, img_size, images, merge_tokens, val_ima
     --merge-tokens the reference is the PyTorch model with the same merging; `vitedge validate`
     against an unmerged export measures what merging costs.
     """
+    opts = ExportOptions(**options)
     with err_console.status("exporting", spinner="dots") as status:
-        path, man = export_onnx(model, output, opset=opset, batch=batch, img_size=img_size, images=list_images_arg(images),
-                                merge_tokens=merge_tokens, val_images=val_images, max_drop=max_drop, on_stage=lambda text: status.update(f"{text} ..."))
+        path, man = export_onnx(model, output, **opts.export_kwargs(), images=list_images_arg(opts.images),
+                                on_stage=lambda text: status.update(f"{text} ..."))
     for a in man.assumptions:
         note(a)
     for key, r in man.verification["checks"].items():

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from ..recipes import RECIPES_DIR, SCHEMA, BrokenRecipe, scan_recipes
+from ..recipes import RECIPES_DIR, BrokenRecipe, scan_recipes
+from ..recipes import schema as recipe_schema
 from ..ui import console
 
 
@@ -20,7 +21,7 @@ def command(folder, schema):
     A recipe that does not load is listed with its error (exit code 1); the others are listed anyway.
     """
     if schema:
-        console.print_json(json.dumps(SCHEMA))
+        console.print_json(json.dumps(recipe_schema()))
         return
     folder = folder or RECIPES_DIR
     found = scan_recipes(folder)

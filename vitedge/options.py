@@ -1,0 +1,359 @@
+"""Every step's options, declared once.
+
+:class:`ExportOptions`, :class:`QuantizeOptions`, :class:`CompileOptions` and :class:`ValidateOptions`
+are frozen dataclasses: each field is one option, with its type, default, allowed values and help
+text (an :class:`Spec` in the field's metadata).  Everything else is generated from them:
+
+* the recipe JSON Schema of each step (:func:`recipe_schema` assembles the whole recipe's), with the
+  backend choices read from :mod:`vitedge.backends.registry` when the schema is made;
+* the click options of ``vitedge export/quantize/compile/validate/benchmark``
+  (:func:`vitedge.cli._common.options_of`);
+* the step's options in a recipe run (:meth:`StepOptions.from_mapping`).
+
+Like Optimum's ``QuantizationConfig``, an options object is plain typed data with named ways to make
+it (``from_mapping`` for a recipe step, ``take`` for a command's keyword arguments); the steps
+themselves still check values that need the model or the machine (e.g. ``--batch 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+# the choices and defaults the steps use (vitedge.quantization, .compilation and .export import them from here)
+PRECISIONS = ("int8", "fp16", "auto")  # auto: INT8, or the float model where INT8 does not pay on this CPU
+METHODS = ("minmax", "percentile", "entropy")  # activation range calibration
+HINTS = ("latency", "throughput")
+PRECISION_HINTS = ("f32", "bf16", "f16")
+CI_METHODS = ("agresti-min", "bootstrap")
+DEFAULT_OPSET = 18
+MIN_OPSET, MAX_OPSET = 13, 21
+DEFAULT_AGREEMENT = 0.98  # INT8 fidelity target: top-1 agreement with FP32, classifiers
+DEFAULT_COSINE = 0.995  # INT8 fidelity target: minimum per-image output cosine, other outputs
+DEFAULT_BUDGET_S = 900.0  # wall time of the INT8 configuration search, default try excluded
+MIN_CALIB = 16  # fewer calibration images than this is refused unless asked for
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one option is, beyond its Python type and default (kept in the field's metadata)."""
+
+    help: str
+    choices: tuple[str, ...] = ()
+    backends: str | None = None  # the choices are the registered backends with this capability
+    minimum: float | None = None
+    maximum: float | None = None
+    schema: dict | None = None  # recipe JSON Schema of the value, where the type alone does not say it
+    recipe: bool = True  # False: CLI only (a recipe gives its data files under `data:`, or the option is about display)
+    required: bool = False  # a recipe must give it
+    flag: str | None = None  # the CLI name when it is not --field-name
+    short: str | None = None  # e.g. "-t"
+    switches: tuple[tuple[str, str, str], ...] = ()  # (flag, value, help): flags that each set one value (--int8)
+    cli_default: str | None = None  # the CLI's text form of the default ("dynamic", "1,4,8")
+    parse: Callable[[str], Any] | None = None  # CLI text -> value; a ValueError's message is the error shown
+    cli_range: bool = False  # the CLI refuses values outside minimum/maximum (else the step's own check says why)
+    metavar: str | None = None
+    path: Mapping[str, bool] | None = None  # a file or folder: click.Path's exists / dir_okay / file_okay
+    shown_default: str | None = None  # the default shown in help when the step decides it at run time
+
+
+def option(default: Any = None, help: str = "", **spec: Any) -> Any:
+    """A dataclass field that is an option (``default`` plus the :class:`Spec` keywords)."""
+    return field(default=default, metadata={"vitedge": Spec(help, **spec)})
+
+
+@dataclass(frozen=True)
+class OptionField:
+    """One declared option: the dataclass field's name, default and type with its :class:`Spec`."""
+
+    name: str
+    default: Any
+    type: Any
+    spec: Spec
+
+    @property
+    def base_type(self) -> Any:
+        """The type without ``None`` (``int | None`` -> ``int``)."""
+        args = [a for a in typing.get_args(self.type) if a is not type(None)]
+        return args[0] if typing.get_origin(self.type) in (typing.Union, _UnionType) and len(args) == 1 else self.type
+
+    def json_schema(self) -> dict:
+        s = self.spec
+        if s.schema is not None:
+            out = dict(s.schema)
+        elif s.backends:
+            from .backends import registry
+
+            out = {"enum": registry.names(s.backends)}
+        elif s.choices:
+            out = {"enum": list(s.choices)}
+        else:
+            out = _type_schema(self.base_type)
+            bounds = {k: v for k, v in (("minimum", s.minimum), ("maximum", s.maximum)) if v is not None}
+            (out["items"] if out.get("type") == "array" else out).update(bounds)
+        out["description"] = s.help
+        if self.default is not None and self.default is not False:
+            out["default"] = _jsonable(self.default)
+        return out
+
+
+_UnionType = type(int | None)
+
+
+def _type_schema(tp) -> dict:
+    if tp is bool:
+        return {"type": "boolean"}
+    if tp is int:
+        return {"type": "integer"}
+    if tp is float:
+        return {"type": "number"}
+    if tp is Path:
+        return {"type": "string", "minLength": 1}
+    if tp is str:
+        return {"type": "string"}
+    if typing.get_origin(tp) is tuple:
+        return {"type": "array", "items": _type_schema(typing.get_args(tp)[0]), "minItems": 1}
+    raise TypeError(f"no JSON Schema for option type {tp!r}: give Spec(schema=...)")
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
+
+
+class StepOptions:
+    """The behaviour every step's options dataclass shares."""
+
+    STEP: ClassVar[str]
+    RULES: ClassVar[dict] = {}  # JSON Schema constraints between fields (added to the step's schema)
+
+    @classmethod
+    def fields(cls) -> list[OptionField]:
+        hints = typing.get_type_hints(cls)
+        return [OptionField(f.name, f.default, hints[f.name], f.metadata["vitedge"]) for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def recipe_fields(cls) -> list[OptionField]:
+        return [f for f in cls.fields() if f.spec.recipe]
+
+    @classmethod
+    def recipe_schema(cls) -> dict:
+        """The JSON Schema of this step in a recipe (unknown keys refused)."""
+        fields = cls.recipe_fields()
+        out: dict = {"type": "object", "additionalProperties": False, "properties": {f.name: f.json_schema() for f in fields}}
+        required = [f.name for f in fields if f.spec.required]
+        if required:
+            out["required"] = required
+        return {**out, **cls.RULES}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], resolve: Callable[[str], str] | None = None):
+        """The options a recipe step gives (already schema-checked); path options go through ``resolve``
+        (the recipe makes them relative to its file)."""
+        kw = dict(values)
+        for f in cls.fields():
+            if f.name in kw and f.base_type is Path and kw[f.name] is not None:
+                kw[f.name] = Path(resolve(kw[f.name]) if resolve else kw[f.name])
+            elif f.name in kw and typing.get_origin(f.base_type) is tuple:
+                kw[f.name] = tuple(kw[f.name])
+        return cls(**kw)
+
+    @classmethod
+    def take(cls, kwargs: dict):
+        """The options among a command's keyword arguments, removed from ``kwargs`` (what remains is the rest)."""
+        return cls(**{f.name: kwargs.pop(f.name) for f in cls.fields() if f.name in kwargs})
+
+
+# -- parsers of CLI text --------------------------------------------------------------------------
+def parse_batch(text: str) -> int | str:
+    """``'dynamic'`` or a positive integer (the export's batch)."""
+    if str(text).lower() == "dynamic":
+        return "dynamic"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("use 'dynamic' or a positive integer") from None
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,4,8"`` -> ``(1, 4, 8)``."""
+    try:
+        sizes = tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
+    except ValueError:
+        sizes = ()
+    if not sizes or any(s < 1 for s in sizes):
+        raise ValueError("use comma-separated positive integers, e.g. 1,4,8")
+    return sizes
+
+
+def _one_of(*alternatives: dict) -> dict:
+    return {"oneOf": list(alternatives)}
+
+
+_AUTO_MERGE = {"required": ["merge_tokens"], "properties": {"merge_tokens": {"const": "auto"}}}
+
+
+# -- the steps -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportOptions(StepOptions):
+    """``vitedge export`` / a recipe's ``steps.export``."""
+
+    STEP: ClassVar[str] = "export"
+    # val_images / max_drop only mean something to the merge_tokens auto search, which needs the images
+    RULES: ClassVar[dict] = {
+        "dependentSchemas": {"val_images": _AUTO_MERGE, "max_drop": _AUTO_MERGE},
+        "if": _AUTO_MERGE, "then": {"required": ["val_images"]},
+    }
+
+    opset: int = option(DEFAULT_OPSET, f"ONNX opset ({MIN_OPSET}-{MAX_OPSET}; below 17 uses the TorchScript exporter, LayerNorm decomposed).",
+                        minimum=MIN_OPSET, maximum=MAX_OPSET)
+    batch: int | str = option("dynamic", "'dynamic' or a fixed batch size.", parse=parse_batch,
+                              schema=_one_of({"const": "dynamic"}, {"type": "integer", "minimum": 1}))
+    img_size: int | None = option(None, "Input resolution (position embeddings are interpolated).", minimum=16,
+                                  recipe=False)  # a recipe's img_size is top-level: every step uses it
+    images: Path | None = option(None, "Folder of real images used for the checks (default: the shipped calibration images).",
+                                 path={"exists": True}, recipe=False)
+    merge_tokens: int | str = option(
+        0, "Token merging (ToMe; lossy, opt-in): merge R tokens in every block but the last, so later blocks run "
+           "on fewer tokens (0: off).  'auto' picks the largest R whose top-1 drop on --val-images stays within --max-drop.",
+        metavar="R|auto", cli_default="0", schema=_one_of({"type": "integer", "minimum": 0}, {"const": "auto"}))
+    val_images: Path | None = option(None, "Held-out images for --merge-tokens auto (class sub-folders give labels; without labels, "
+                                           "top-1 changes are counted).", path={"exists": True})
+    max_drop: float | None = option(None, "Top-1 points --merge-tokens auto may lose on --val-images.", minimum=0, shown_default="1.0")
+
+    def export_kwargs(self) -> dict:
+        """Keyword arguments of :func:`vitedge.export.export_onnx` (``images`` is the caller's: it lists the folder)."""
+        return {"opset": self.opset, "batch": None if self.batch == "dynamic" else self.batch, "img_size": self.img_size,
+                "merge_tokens": self.merge_tokens, "val_images": self.val_images, "max_drop": self.max_drop}
+
+
+@dataclass(frozen=True)
+class QuantizeOptions(StepOptions):
+    """``vitedge quantize`` / a recipe's ``steps.quantize``.  ``max_drop`` is given once, here: :meth:`target`
+    carries it into the INT8 fidelity target, and :meth:`quantize_kwargs` into the TensorRT sensitivity search."""
+
+    STEP: ClassVar[str] = "quantize"
+
+    precision: str | None = option(None, "int8 (calibrated), fp16, or auto (INT8 where it pays on this CPU).", choices=PRECISIONS,
+                                   required=True, switches=(
+        ("--int8", "int8", "INT8 with calibration (MatMul/Gemm/Conv; LayerNorm/Softmax/GELU stay float)."),
+        ("--fp16", "fp16", "FP16 weights/math, FP32 inputs/outputs."),
+        ("--auto", "auto", "INT8 where it pays: run the INT8 search, measure the FP32 model at this CPU's fastest float precision "
+                           "(bf16 on AVX-512 BF16/AMX CPUs) the same way, and write the faster one that meets the fidelity target.")))
+    backend: str = option("onnxruntime", "Target runtime: onnxruntime/tensorrt write .onnx (QDQ), openvino writes IR .xml+.bin "
+                                         "(in a recipe, the default is the compile step's target).", backends="quantize")
+    calib: Path | None = option(None, "Calibration images: folder (recursive, class sub-folders allowed) or preprocessed .npy/.npz. "
+                                      "Required for INT8 except for the reference model.", path={}, recipe=False)
+    samples: int | None = option(None, "Calibration images to use (default: all, up to 300; sampled with --seed).", minimum=1)
+    method: str | None = option(None, "Activation range calibration (default: minmax; entropy for --backend tensorrt, as NVIDIA's tools do).",
+                                choices=METHODS)
+    target_agreement: float = option(DEFAULT_AGREEMENT, "INT8 fidelity target for classifiers: top-1 agreement with FP32 on held-out images.",
+                                     minimum=0, maximum=1)
+    target_cosine: float = option(DEFAULT_COSINE, "INT8 fidelity target for other outputs (features, dense maps): minimum per-image output cosine.",
+                                  minimum=0, maximum=1)
+    search_budget: float = option(DEFAULT_BUDGET_S, "When the default INT8 misses the target, time allowed for trying other configurations "
+                                                    "(0: default only). Every try is written to <out>.fidelity.md/.json.",
+                                  minimum=0, metavar="SECONDS")
+    max_drop: float | None = option(None, "Also bound the top-1 points INT8 may lose (on --val labels, else vs FP32 predictions). "
+                                          "TensorRT: the most sensitive layers are kept in float until it fits (<out>.sensitivity.md/.json).",
+                                    minimum=0)
+    min_calib: int = option(MIN_CALIB, "Fewest calibration images accepted; lower it only if you know the ranges will still be representative.",
+                            minimum=1)
+    val: Path | None = option(None, "Held-out images for the agreement numbers and --max-drop (default: a held-out part of --calib).",
+                              path={}, recipe=False)
+    seed: int = option(0, "Seed for sampling and the held-out split.")
+
+    def target(self):
+        """The INT8 fidelity target (:class:`vitedge.quantization.Target`), ``max_drop`` included."""
+        from .quantization import Target
+
+        return Target(self.target_agreement, self.target_cosine, self.max_drop)
+
+    def quantize_kwargs(self) -> dict:
+        """Keyword arguments of :func:`vitedge.quantization.quantize` (all but the files and ``preprocessing``)."""
+        return {"precision": self.precision, "backend": self.backend, "calib": self.calib, "samples": self.samples,
+                "method": self.method, "max_drop": self.max_drop, "val": self.val, "seed": self.seed, "target": self.target(),
+                "search_budget": self.search_budget, "min_calib": self.min_calib}
+
+
+@dataclass(frozen=True)
+class CompileOptions(StepOptions):
+    """``vitedge compile`` / a recipe's ``steps.compile``.  The backend-specific options (OpenVINO: streams,
+    export_blob; TensorRT: workspace_mb, profile, timing_cache) are refused by the other targets."""
+
+    STEP: ClassVar[str] = "compile"
+
+    target: str = option("onnxruntime", "Backend that builds the engine; `vitedge backends` lists them and what this machine can run.",
+                         backends="compile", short="-t", required=True)
+    batch: int | str = option("auto", "'auto' (static 1 for --hint latency, dynamic for throughput), 'dynamic' or a fixed size.",
+                              schema=_one_of({"enum": ["auto", "dynamic"]}, {"type": "integer", "minimum": 1}))
+    img_size: int | str | None = option(
+        None, "Resolution; for a model name/checkpoint (exported at that size), or TensorRT MIN,OPT,MAX for dynamic-size ONNX.",
+        schema=_one_of({"type": "integer", "minimum": 16}, {"type": "string", "pattern": r"^\d+,\d+,\d+$"}))
+    threads: int | None = option(None, "Inference threads (default: all cores).", minimum=1, cli_range=True)
+    hint: str = option("latency", "Optimise for one request at a time (latency) or many in parallel (throughput).", choices=HINTS)
+    precision_hint: str | None = option(
+        None, "Precision of the ops computed in float. OpenVINO default: device default (bf16 on AVX-512 BF16 CPUs), f32 for INT8 models. "
+              "TensorRT default: f16.", choices=PRECISION_HINTS)
+    device: str | None = option(None, "OpenVINO device (CPU, GPU, NPU, AUTO, ...; default CPU).")
+    streams: int | str | None = option(None, "OpenVINO streams (a number or AUTO; default from the hint).",
+                                       schema=_one_of({"type": "integer", "minimum": 1}, {"const": "AUTO"}))
+    export_blob: bool = option(False, "OpenVINO: also write the compiled blob (.blob) for a fast cold start.", flag="--blob")
+    workspace_mb: int | None = option(None, "TensorRT: builder workspace memory limit (default 1024).", minimum=1)
+    profile: str | None = option(None, "TensorRT: MIN,OPT,MAX batch sizes of the optimisation profile (default 1,1,32 latency / 1,8,32 throughput).",
+                                 schema={"type": "string", "pattern": r"^\d+,\d+,\d+$"})
+    timing_cache: Path | None = option(None, "TensorRT: timing cache file, read if it exists and updated (faster rebuilds).",
+                                       path={"dir_okay": False})
+
+    def compile_kwargs(self) -> dict:
+        """Keyword arguments of :func:`vitedge.compilation.compile_model` (all but the files and ``preprocessing``)."""
+        size = self.img_size
+        if isinstance(size, str) and size.isdigit():
+            size = int(size)
+        return {**{f.name: getattr(self, f.name) for f in self.fields()}, "img_size": size}
+
+
+@dataclass(frozen=True)
+class TimingOptions(StepOptions):
+    """How engines are timed (``vitedge validate`` and ``vitedge benchmark``)."""
+
+    STEP: ClassVar[str] = "timing"
+
+    samples: int | None = option(None, "Use a seeded sample of N validation images (default: all).", minimum=1, cli_range=True)
+    rounds: int = option(10, "Interleaved timing rounds (reference, engine 1, ..., reference, ...); the speed-up is the "
+                             "median of the per-round ratios reference/engine.", minimum=1, cli_range=True)
+    runs: int | None = option(None, "Exact number of timed runs at batch 1 (instead of the time budget).", minimum=1, cli_range=True)
+    time_budget: float = option(5.0, "Seconds of timed runs per model at batch 1 (extended up to 2x until the median is stable).",
+                                minimum=0.01, cli_range=True)
+    batch_sizes: tuple[int, ...] = option((1, 4, 8), "Batch sizes of the throughput sweep.", minimum=1, cli_default="1,4,8",
+                                          parse=parse_batch_sizes)
+
+
+@dataclass(frozen=True)
+class ValidateOptions(TimingOptions):
+    """``vitedge validate`` / a recipe's ``steps.validate`` (the timing options included)."""
+
+    STEP: ClassVar[str] = "validate"
+
+    max_drop: float | None = option(None, "Gate: max top-1 drop in percentage points (exit 1 if exceeded).", minimum=0)
+    min_speedup: float | None = option(None, "Gate: min batch-1 speed-up over the FP32 reference (exit 1 if missed).", minimum=0)
+    reference_threads: int | None = option(None, "Threads of the FP32 reference (PyTorch intra-op, or ONNX Runtime for an .onnx reference). "
+                                                 "Default: every usable core, as the ONNX Runtime and OpenVINO engines use.",
+                                           minimum=1, cli_range=True)
+    strict: bool = option(False, "Gate on the upper end of the drop's 95% confidence interval, not the estimate.")
+    backend: str | None = option(None, "Run the engines with this backend (e.g. an ONNX file with OpenVINO).", backends="run", recipe=False)
+    precision_hint: str | None = option(None, "OpenVINO inference precision for the engines (INFERENCE_PRECISION_HINT).",
+                                        choices=PRECISION_HINTS, recipe=False)
+    ci_method: str = option("agresti-min", "Paired confidence interval of the accuracy drop.", choices=CI_METHODS)
+    worst: int = option(10, "How many worst images to list per engine.", minimum=0, cli_range=True)
+
+    def validate_kwargs(self) -> dict:
+        """Keyword arguments of :func:`vitedge.validation.validate` (the engines' backend and precision hint go
+        into their :class:`~vitedge.validation.EngineSpec`)."""
+        return {f.name: getattr(self, f.name) for f in self.fields() if f.name not in ("backend", "precision_hint")}
+
+
+STEPS: dict[str, type[StepOptions]] = {o.STEP: o for o in (ExportOptions, QuantizeOptions, CompileOptions, ValidateOptions)}
