@@ -139,13 +139,13 @@ import numpy as np, openvino as ov
 from vitedge.quantization.calibration import StreamingBatches
 from vitedge.quantization.fidelity import _to_npy
 from vitedge.quantization.nncf_int8 import Int8Config, quantize_nncf
-from vitedge.quantization._try import _Reiterable
+from vitedge.quantization.candidates import _Calibration
 model, calib, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 man = Manifest.find(model)[1]
 # what vitedge quantize does: the parent streams the images into a .npy, the try maps it in
 from pathlib import Path
 _to_npy(Path(out + ".npy"), StreamingBatches(ImageSet.from_path(calib).sample(n, 0), man.preprocessing_obj, 8, min_count=1))
-data = _Reiterable(np.load(out + ".npy", mmap_mode="r"), None)
+data = _Calibration(np.load(out + ".npy", mmap_mode="r"), None)
 ov.save_model(quantize_nncf(ov.convert_model(model), data, len(data), Int8Config(), []), out)
 def kb(key):
     for line in open("/proc/self/status"):

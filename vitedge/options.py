@@ -34,7 +34,7 @@ DEFAULT_OPSET = 18
 MIN_OPSET, MAX_OPSET = 13, 21
 DEFAULT_AGREEMENT = 0.98  # INT8 fidelity target: top-1 agreement with FP32, classifiers
 DEFAULT_COSINE = 0.995  # INT8 fidelity target: minimum per-image output cosine, other outputs
-DEFAULT_BUDGET_S = 900.0  # wall time of the INT8 configuration search, default try excluded
+DEFAULT_BUDGET_S = 600.0  # wall time of the INT8 search after the default candidate
 MIN_CALIB = 16  # fewer calibration images than this is refused unless asked for
 
 
@@ -275,7 +275,7 @@ class QuantizeOptions(StepOptions):
     def quantize_kwargs(self) -> dict:
         """Keyword arguments of :func:`vitedge.quantization.quantize` (all but the files and ``preprocessing``)."""
         return {"precision": self.precision, "backend": self.backend, "calib": self.calib, "samples": self.samples,
-                "method": self.method, "max_drop": self.max_drop, "val": self.val, "seed": self.seed, "target": self.target(),
+                "method": self.method, "val": self.val, "seed": self.seed, "target": self.target(),
                 "search_budget": self.search_budget, "min_calib": self.min_calib}
 
 

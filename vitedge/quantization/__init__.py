@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from .._onnx import onnx_precision, quantized_ops
@@ -19,6 +20,7 @@ from ..backends import registry
 from ..errors import FileProblem, GateFailed, VitedgeError
 from ..export import embed_metadata
 from ..manifest import Manifest
+from ..options import METHODS, PRECISIONS
 from ..runtime import load
 from ..ui import note
 from .calibration import MIN_CALIB, EvalSet, StreamingBatches, plan_data
@@ -26,8 +28,6 @@ from .fidelity import DEFAULT_BUDGET_S, Target
 
 log = logging.getLogger("vitedge")
 
-PRECISIONS = ("int8", "fp16", "auto")  # auto: INT8, or the float model where INT8 does not pay on this CPU
-METHODS = ("minmax", "percentile", "entropy")
 TENSORRT_DEFAULT_METHOD = "entropy"  # calibration of the TensorRT INT8 path when none is given (modelopt's INT8 default)
 
 __all__ = ["quantize", "Target", "FidelityNotMet", "PRECISIONS", "METHODS"]
@@ -127,6 +127,12 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
     # TensorRT's INT8 path calibrates with entropy by default (NVIDIA's Model Optimizer does); NNCF's with min/max
     method = str(method or (TENSORRT_DEFAULT_METHOD if backend == "tensorrt" else "minmax")).lower()
     src_path = Path(model)
+    target = target or Target()
+    if max_drop is not None:  # the keyword is a shorthand for Target(max_drop=...): one value, never two
+        if target.max_drop is not None and target.max_drop != max_drop:
+            raise VitedgeError(f"max_drop={max_drop} contradicts the target's max_drop={target.max_drop}", "give it once")
+        target = replace(target, max_drop=max_drop)
+    max_drop = target.max_drop
     _check_args(precision, backend, method, max_drop, samples, output, src_path)
     src, parent = _open_model(src_path, preprocessing, labels)
     if max_drop is not None and parent.task != "classification":
@@ -137,9 +143,6 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
     fixed = fixed if isinstance(fixed, int) and fixed > 0 else None  # a fixed-batch model is fed batches of exactly that size
     asked = precision
     plan = plan_data(parent, pre, precision=precision, calib=calib, val=val, samples=samples, seed=seed, min_calib=min_calib)
-    target = target or Target()
-    if max_drop is not None and target.max_drop is None:
-        target = Target(target.agreement, target.cosine, max_drop)
     enforce = True
     if precision in ("int8", "auto") and str((parent.model or {}).get("source", "")).startswith("preset:"):
         note("random-weight preset: its predictions mean nothing, so the INT8 fidelity target is measured and reported "

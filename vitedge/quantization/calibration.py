@@ -21,6 +21,7 @@ from .. import compare
 from ..data import SHIPPED_CALIBRATION, ImageSet, label_indices
 from ..errors import ShapeMismatch, VitedgeError
 from ..manifest import Manifest
+from ..options import MIN_CALIB
 from ..preprocess import Preprocessing
 from ..ui import progress
 
@@ -30,7 +31,6 @@ DEFAULT_SAMPLES = 300  # calibration images used when --samples is not given (NN
 HOLDOUT_FRACTION = 0.2  # part of the calibration folder kept for evaluation when --val is absent, at least ...
 CALIB_KEEP = 150  # ... and more where the folder has more than this many images for calibration, up to MAX_HOLDOUT
 MIN_FOR_HOLDOUT = 10
-MIN_CALIB = 16  # fewer calibration images than this is refused unless asked for (min_calib / --min-calib)
 MAX_HOLDOUT = 200  # one flip moves agreement by 0.5 points at 200 images (5 points at 20)
 EVAL_CACHE_BYTES = 512 * 1024 * 1024  # evaluation arrays kept in memory up to this size
 SHIPPED_DIGITS = SHIPPED_CALIBRATION / "digits" / "calib"

@@ -39,15 +39,14 @@ import numpy as np
 
 from .. import compare
 from ..errors import VitedgeError
+from ..options import DEFAULT_AGREEMENT, DEFAULT_BUDGET_S, DEFAULT_COSINE
 from ..ui import err_console, note
 from .calibration import EvalSet
 from .nncf_int8 import GraphRoles, Int8Config, graph_roles
 from .worker import Worker, WorkerCrashed, WorkerFailed, WorkerTimeout
 
-DEFAULT_AGREEMENT = 0.98  # top-1 agreement with FP32, classifiers
-DEFAULT_COSINE = 0.995  # minimum per-image output cosine, other outputs
-DEFAULT_BUDGET_S = 600.0  # wall time for everything after the default candidate
 QUANTIZE_TIMEOUT_S = 3600.0  # one NNCF quantization (the default one is never cut by the budget, only by this)
+SETTING_TIMEOUT_S = 900.0  # one whole-model setting's quantization: at most this, and never past the budget
 MAX_FLOAT_SHARE = 0.25  # reverting stops before more than this share of the multiply-adds runs in float
 RANK_IMAGES = 64  # calibration images the ranking pass scores each group on
 SUBSET_IMAGES = 64  # calibration images a whole-model setting is first tried on
@@ -219,6 +218,7 @@ class FidelityResult:
     enforced: bool = True  # False: predictions mean nothing (random-weight preset), speed alone decides
     ranking: list[dict] = field(default_factory=list)  # every group's gain, best first
     default: Row | None = None  # the default INT8 engine as deployed (what the search started from)
+    settings: dict = field(default_factory=dict)  # whole-model settings tried on a calibration subset
 
     @property
     def int8_ms(self) -> float | None:
@@ -417,6 +417,7 @@ class _Search:
         self.groups = structural_groups(roles, self.macs)
         self.attention_pairs = [tuple(roles.attention[i : i + 2]) for i in range(0, len(roles.attention) - 1, 2)]
         self.rank_ref: dict[str, np.ndarray] | None = None
+        self.settings: dict[str, dict] = {}  # whole-model settings tried on a calibration subset
 
     # time
     def left(self) -> float:
@@ -598,7 +599,7 @@ def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *,
         if float_candidate:  # --auto: the FP32 model at the CPU's fastest float precision, measured and timed alike
             reference = _float_reference(s, chosen, variants[0])
     return FidelityResult(target, bool(met_rows), chosen, rows, Path(chosen.model) if chosen.model else None, classifier,
-                          time.perf_counter() - t0, reference, enforce, ranking, _deployed_default(first))
+                          time.perf_counter() - t0, reference, enforce, ranking, _deployed_default(first), s.settings)
 
 
 def _best(rows: list[Row], classifier: bool) -> Row | None:
@@ -658,52 +659,53 @@ def _revert_search(s: _Search, cfg: Int8Config, base: str, quantized: list[str],
 
 
 def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: list[dict]) -> None:
-    """Whole-model settings, each first on a calibration subset against the default on the same subset; the best that
-    beats it clearly is quantized on the full set, measured, and reverted in the default's ranking order."""
-    if s.arrays.calib_count <= SUBSET_IMAGES:
-        subset = None
-    else:
-        subset = SUBSET_IMAGES
+    """Whole-model settings, each first on a calibration subset against the default on the same subset (divergence on
+    the ranking images); the best that beats it clearly is quantized on the full set, measured, and reverted in the
+    default's ranking order."""
+    if s.rank_ref is None:
+        return
+    subset = SUBSET_IMAGES if s.arrays.calib_count > SUBSET_IMAGES else None
     variant = {"float_precision": default.float_precision, "static": default.engine_batch == 1}
-    scores = {}
-    for name, change in [("default", {})] + SETTINGS:
-        cfg = base_cfg.but(**change)
-        if cfg == base_cfg and name != "default":
-            continue
+    configs = {"default": base_cfg}
+    configs.update({name: base_cfg.but(**change) for name, change in SETTINGS if base_cfg.but(**change) != base_cfg})
+    err_console.print(f"[bold]INT8 settings[/]: each on {subset or 'all'} calibration images, against the default on the same images")
+    for k, (name, cfg) in enumerate(configs.items()):
         if s.left() <= 5:
             note(f"INT8 search budget ({s.budget_s:.0f} s) used up before trying '{name}'; pass --search-budget to allow more")
-            return
+            break
+        folder = s.scratch / f"setting{k}"
         try:
-            base, _, _ = s.quantize(cfg, f"setting_{len(scores)}", count=subset, timeout=max(5.0, s.left()))
-            res = s._call("measure", max(30.0, s.left()), f"INT8 setting '{name}' on {subset or 'all'} calibration images",
-                          backend=s.backend, model=str(s.scratch / f"setting_{len(scores)}" / f"model{s.suffix}"), data=str(s.arrays.rank),
-                          out_dir=str(s.scratch / f"setting_{len(scores)}"), variants=[variant], fixed_batch=s.fixed_batch, base=base,
-                          keep_float=[], keep=False)
+            base, _, _ = s.quantize(cfg, folder.name, count=subset, timeout=max(5.0, min(SETTING_TIMEOUT_S, s.left())))
+            res = s._call("measure", max(30.0, s.left()), f"INT8 setting '{name}': measuring", backend=s.backend,
+                          model=str(folder / f"model{s.suffix}"), data=str(s.arrays.rank), out_dir=str(folder), variants=[variant],
+                          fixed_batch=s.fixed_batch, base=base, keep_float=[], keep=False)
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
-            err_console.print(f"  setting '{name}': {type(exc).__name__.removeprefix('Worker').lower()} ({str(exc)[:120]})")
-            scores[name] = (cfg, float("inf"))
+            status = {WorkerCrashed: "crashed", WorkerTimeout: "timeout", WorkerFailed: "failed"}[type(exc)]
+            s.settings[name] = {"config": cfg.to_dict(), "status": status, "error": str(exc)[:200], "divergence": None}
+            err_console.print(f"  setting '{name}': {status} ({str(exc)[:120]})", soft_wrap=True)
             continue
-        if s.rank_ref is None:
-            return
         d = divergence(s.rank_ref, _load_npz(res["variants"][0]["outputs"]), s.classifier)
-        scores[name] = (cfg, d)
+        s.settings[name] = {"config": cfg.to_dict(), "status": "ok", "divergence": d, "images": subset or s.arrays.calib_count}
         err_console.print(f"  setting '{name}': divergence {d:.4g} on the ranking images", soft_wrap=True)
-    ref = scores.get("default", (base_cfg, float("inf")))[1]
-    name, (cfg, d) = min(((k, v) for k, v in scores.items() if k != "default"), key=lambda kv: kv[1][1], default=(None, (None, None)))
-    if name is None or not (d < SETTING_GAIN * ref) or s.left() <= 5:
+    ref = (s.settings.get("default") or {}).get("divergence")
+    tried = [(n, v["divergence"]) for n, v in s.settings.items() if n != "default" and v["divergence"] is not None]
+    if ref is None or not tried or s.left() <= 5:
         return
+    name, d = min(tried, key=lambda kv: kv[1])
+    if not d < SETTING_GAIN * ref:
+        note(f"INT8 search: no whole-model setting beats the default clearly (best: {name}, divergence {d:.3g} vs {ref:.3g})")
+        return
+    cfg = configs[name]
     try:
         base, quantized, q_s = s.quantize(cfg, "setting_full", timeout=max(5.0, s.left()))
     except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
-        err_console.print(f"  setting '{name}' on all calibration images: {exc}")
+        err_console.print(f"  setting '{name}' on all calibration images: {exc}", soft_wrap=True)
         return
     rows = s.evaluate(name, cfg, base, quantized, [], [variant], seconds=q_s)
     if any(r.status == "met" for r in rows) or s.left() <= 5:
         return
     order = _within(_order(ranking, s.groups), lambda gs: s.float_share(quantized, gs), MAX_FLOAT_SHARE)
-    cap = len(order)
-    best_k = max((len(r.kept) for r in s.rows if r.status == "met"), default=cap)
-    for k in sorted({min(cap, k) for k in (1, 2, 4, 8, 16, 32, best_k)}):
+    for k in sorted({min(len(order), k) for k in (1, 2, 4, 8, 16, 32)}):
         if k == 0 or s.left() <= 5:
             break
         rows = s.evaluate(f"{name} + revert {k}", cfg, base, quantized, order[:k], [variant])
@@ -778,7 +780,7 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
             "max_drop": result.target.max_drop, "metric": result.target.describe(result.classifier)},
             "measured_on": eval_source, "images": images, "met": result.met, "chosen_candidate": result.chosen.no,
             "chosen_float_precision": result.chosen.float_precision, "chosen_verdict": result.chosen.verdict,
-            "seconds": round(result.seconds, 1), "candidates": rows, "ranking": result.ranking,
+            "seconds": round(result.seconds, 1), "candidates": rows, "ranking": result.ranking, "settings": result.settings,
             "float_reference": result.reference.to_dict() if result.reference else None, "speedup_vs_float": result.speedup_vs_float,
             "max_float_mac_share": MAX_FLOAT_SHARE, "summary": result.summary()}
     path_json.write_text(json.dumps(_clean(info), indent=2) + "\n")
@@ -811,6 +813,12 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
             gain = "" if r.get("gain") is None else f"{r['gain']:.4g}"
             d = "" if r.get("divergence") is None else f"{r['divergence']:.4g}"
             lines.append(f"| {r['group']} | {100 * r['share']:.2f}% | {d or r.get('error', '')} | {gain} |")
+    if result.settings:
+        lines += ["", "## Whole-model settings, each quantized on a calibration subset", "",
+                  "| setting | status | divergence on the ranking images |", "|---|---|---:|"]
+        for name, v in result.settings.items():
+            d = "" if v.get("divergence") is None else f"{v['divergence']:.4g}"
+            lines.append(f"| {name} | {v['status'] + (': ' + v['error'] if v.get('error') else '')} | {d} |")
     ref = result.reference
     if ref is not None and ref.paired_ms:
         lines += ["", f"Float reference and the chosen INT8 candidate timed side by side (interleaved, one process): "

@@ -67,6 +67,11 @@ def _serve(conn) -> None:
                        traceback.format_exc()[-4000:]))
 
 
+def worker_command(address: str) -> list[str]:
+    """The child process: this module run as a script, told where to connect."""
+    return [sys.executable, "-m", __name__, address]
+
+
 class Worker:
     """One child process at a time; :meth:`call` runs a function of :mod:`candidates` in it."""
 
@@ -80,7 +85,7 @@ class Worker:
         key = secrets.token_bytes(16)
         with Listener(authkey=key) as listener:  # a fresh local socket (a named pipe on Windows)
             with open(self.log, "ab") as log:
-                self._proc = subprocess.Popen([sys.executable, "-m", __name__, str(listener.address)], stdout=log,
+                self._proc = subprocess.Popen(worker_command(str(listener.address)), stdout=log,
                                               stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1", VITEDGE_WORKER_KEY=key.hex()))
             accepted: list = []
             waiter = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
@@ -163,6 +168,10 @@ def main() -> None:
     from multiprocessing.connection import Client
 
     conn = Client(sys.argv[1], authkey=bytes.fromhex(os.environ.pop("VITEDGE_WORKER_KEY")))
+    import nncf  # noqa: F401 - imported before the first call, so that no call's time limit pays for the imports
+    import onnxruntime  # noqa: F401
+    import openvino  # noqa: F401
+
     try:
         _serve(conn)
     finally:
