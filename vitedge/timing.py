@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -69,23 +69,21 @@ def interleaved(fns: Sequence[Callable[[], object]], rounds: int, slot: Slot, *,
     rounds = max(1, rounds)
     samples: list[list[list[float]]] = [[] for _ in fns]
     order = list(range(len(fns)))
-    bar = progress() if description is not None else None
+    with ExitStack() as stack:
+        advance, grow = _bar(stack, description, rounds * len(fns))
 
-    def play(k: int, chosen: set[int], s: Slot) -> None:
-        for i in (order[::-1] if alternate and k % 2 else order):
-            if i not in chosen:
-                samples[i].append([])
-                continue
-            if pause_s:
-                time.sleep(pause_s)
-            if wake:
-                fns[i]()
-            samples[i].append(run_for(fns[i], s))
-            if bar is not None:
-                bar.advance(task)
+        def play(k: int, chosen: set[int], s: Slot) -> None:
+            for i in (order[::-1] if alternate and k % 2 else order):
+                if i not in chosen:
+                    samples[i].append([])
+                    continue
+                if pause_s:
+                    time.sleep(pause_s)
+                if wake:
+                    fns[i]()
+                samples[i].append(run_for(fns[i], s))
+                advance()
 
-    with bar if bar is not None else nullcontext():
-        task = bar.add_task(description, total=rounds * len(fns)) if bar is not None else None
         for k in range(rounds):
             play(k, set(order), slot)
         if until_stable is not None:
@@ -94,10 +92,18 @@ def interleaved(fns: Sequence[Callable[[], object]], rounds: int, slot: Slot, *,
                 if not shaky:
                     break
                 shaky.add(0)  # keep the round paired: the baseline is timed in it too
-                if bar is not None:
-                    bar.update(task, total=bar.tasks[0].total + len(shaky))
+                grow(len(shaky))
                 play(k, shaky, replace(slot, min_runs=1))
     return samples
+
+
+def _bar(stack: ExitStack, description: str | None, total: int) -> tuple[Callable[[], None], Callable[[int], None]]:
+    """(advance by one, grow the total by n) of a progress bar entered on ``stack``; no bar without a description."""
+    if description is None:
+        return (lambda: None), (lambda n: None)
+    bar = stack.enter_context(progress())
+    task = bar.add_task(description, total=total)
+    return (lambda: bar.advance(task)), (lambda n: bar.update(task, total=(bar.tasks[0].total or 0) + n))
 
 
 # ------------------------------------------------------------------------------------------
