@@ -87,18 +87,15 @@ def torch_runner(model, name="PyTorch eager FP32", group="by_hand", compile_=Fal
 
 
 def ov_runner(name, group, model_path, *, shape=None, config=None, note="", blob: Path | None = None) -> Runner:
-    import openvino as ov
+    from vitedge.backends.openvino import compiled_model, core
 
-    core = ov.Core()
     cfg = {"PERFORMANCE_HINT": "LATENCY", **(config or {})}
+    c = core()  # made before the clock starts: loading the plugins is not the engine's cold start
     t0 = time.perf_counter()
     if blob is not None:
-        compiled = core.import_model(blob.read_bytes(), "CPU", cfg)
+        compiled = c.import_model(blob.read_bytes(), "CPU", cfg)
     else:
-        m = core.read_model(str(model_path))
-        if shape is not None:
-            m.reshape({m.inputs[0]: ov.PartialShape(shape)})
-        compiled = core.compile_model(m, "CPU", cfg)
+        compiled = compiled_model(model_path, "CPU", cfg, shape=shape)
     cold = time.perf_counter() - t0
     req = compiled.create_infer_request()
     holder = {"c": compiled, "r": req}
@@ -112,15 +109,10 @@ def ov_runner(name, group, model_path, *, shape=None, config=None, note="", blob
 
 
 def ort_runner(name, group, path, *, opt_level="all", note="", static_batch: int | None = None, threads=THREADS) -> Runner:
-    import onnxruntime as ort
+    from vitedge.backends.onnxruntime import session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[opt_level]
     t0 = time.perf_counter()
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = session(path, threads=threads, opt_level=opt_level)  # ONNX Runtime's default options otherwise
     cold = time.perf_counter() - t0
     iname = sess.get_inputs()[0].name
     holder = {"s": sess}
@@ -244,37 +236,29 @@ def runtime_summary(compiled) -> str:
 # measurement
 # ------------------------------------------------------------------------------------------------
 def time_interleaved(runners: list[Runner], x: np.ndarray, rounds: int, seconds: float) -> None:
-    """``rounds`` rounds; each round runs every runner in turn for ~seconds/rounds (>= 2 runs).
+    """``rounds`` rounds (:func:`vitedge.timing.interleaved`); each round runs every runner in turn for
+    ~seconds/rounds (2 to 200 runs), in reverse order every other round, after 2 warm-up runs each.
 
     Between engines the loop pauses 0.3 s and runs once untimed: the runtimes' worker threads spin
     for a while after a run, and without the pause they steal the cores from the next engine (that
     made a 0.5 ms engine read 3 ms in a first version of this script)."""
-    for r in runners:  # warm-up
-        for _ in range(2):
-            r.fn(x)
-    per = seconds / rounds
-    for k in range(rounds):
-        order = runners if k % 2 == 0 else runners[::-1]  # alternate the order: no runner always follows the same one
-        for r in order:
-            time.sleep(0.3)  # let the previous engine's spinning worker threads (OpenMP/ORT/OpenVINO) go idle
-            r.fn(x)  # untimed: wakes this engine's thread pool
-            t_end = time.perf_counter() + per
-            this_round: list[float] = []
-            while len(this_round) < 2 or (time.perf_counter() < t_end and len(this_round) < 200):
-                t = time.perf_counter()
-                r.fn(x)
-                this_round.append((time.perf_counter() - t) * 1e3)
-            r.samples += this_round
-            r.rounds.append(this_round)
+    from vitedge.timing import Slot, flat_samples, interleaved
+
+    fns = [(lambda r=r: r.fn(x)) for r in runners]
+    samples = interleaved(fns, rounds, Slot(seconds / rounds, 2, 200), warmup=Slot(0.0, 2, 2), alternate=True, wake=True,
+                          pause_s=0.3)
+    for r, rounds_ms in zip(runners, samples):
+        r.rounds += rounds_ms
+        r.samples += flat_samples(rounds_ms)
 
 
 def paired_ratio(ref: Runner, r: Runner) -> tuple[float, float, float]:
-    """Speed-up of ``r`` over ``ref`` from rounds timed back to back (``vitedge.validation.paired_speedup``,
+    """Speed-up of ``r`` over ``ref`` from rounds timed back to back (``vitedge.timing.paired_speedup``,
     what ``vitedge validate`` reports): the median of the per-round ratios, and their 10th and 90th
     percentiles.  On a host whose speed drifts during the run (a shared VM: the same engine read 28 ms
     and 45 ms within a minute) the ratio of the pooled medians mixes different speeds; the per-round
     ratio compares engines timed seconds apart."""
-    from vitedge.validation import paired_speedup
+    from vitedge.timing import paired_speedup
 
     p = paired_speedup(ref.rounds, r.rounds)
     lo, hi = np.percentile(p["ratios"], [10, 90])

@@ -64,28 +64,18 @@ def build(model: str, work: Path, calib: Path) -> dict[str, dict[str, Path]]:
 
 def time_interleaved(paths: list[Path], rounds: int, seconds: float) -> tuple[list[float], list[float]]:
     """Median batch-1 latency (ms) of each engine (the median of its per-round medians), and the median over rounds
-    of (first engine / engine) (``vitedge.validation.paired_speedup``)."""
+    of (first engine / engine) (``vitedge.timing.paired_speedup``).  Timed with ``vitedge.timing.interleaved``:
+    10 warm-up runs each, then per round every engine in turn (reverse order every other round) after a 0.2 s
+    pause and one untimed run, for its share of ``seconds`` and at least 5 runs."""
     from vitedge import load
-    from vitedge.validation import paired_speedup
+    from vitedge.timing import Slot, interleaved, paired_speedup
 
     engines = [load(p) for p in paths]
     try:
         x = np.random.default_rng(0).standard_normal((1, *engines[0].input_shape[1:])).astype(np.float32)
-        for e in engines:
-            for _ in range(10):
-                e.infer(x)
-        per_engine: list[list[list[float]]] = [[] for _ in engines]  # per engine, per round: the runs (ms)
-        for k in range(rounds):
-            order = list(range(len(engines)))[:: 1 if k % 2 == 0 else -1]
-            for i in order:
-                time.sleep(0.2)  # let the previous engine's worker threads go idle
-                engines[i].infer(x)
-                samples, t_end = [], time.perf_counter() + seconds / rounds / len(engines)
-                while time.perf_counter() < t_end or len(samples) < 5:
-                    t0 = time.perf_counter()
-                    engines[i].infer(x)
-                    samples.append((time.perf_counter() - t0) * 1e3)
-                per_engine[i].append(samples)
+        fns = [(lambda e=e: e.infer(x)) for e in engines]
+        per_engine = interleaved(fns, rounds, Slot(seconds / rounds / len(engines), 5, None), warmup=Slot(0.0, 10, 10),
+                                 alternate=True, wake=True, pause_s=0.2)
     finally:
         for e in engines:
             e.close()

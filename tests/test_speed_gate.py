@@ -55,7 +55,7 @@ def test_gate_line_names_only_the_gates_that_were_set():
 
 # -- the gate: median of paired per-round ratios ------------------------------------------------------
 def test_speedup_is_the_median_of_paired_round_ratios_not_the_ratio_of_medians():
-    from vitedge.validation import paired_speedup
+    from vitedge.timing import paired_speedup
 
     # five rounds; in rounds 3-5 another process slows the PyTorch reference but not the engine as much
     ref = [[10.0], [10.0], [40.0], [40.0], [40.0]]
@@ -76,7 +76,7 @@ def test_speedup_is_the_median_of_paired_round_ratios_not_the_ratio_of_medians()
 
 def test_round_times_are_round_medians_and_unpaired_rounds_are_skipped():
     from vitedge.errors import VitedgeError
-    from vitedge.validation import flat_samples, paired_speedup
+    from vitedge.timing import flat_samples, paired_speedup
 
     ref = [[9.0, 10.0, 50.0], [20.0, 21.0, 22.0], [8.0], [12.0]]
     eng = [[1.0, 2.0, 3.0], [4.0, 5.0, 100.0], [], [3.0]]  # round 3: the engine sat out (an extension round)
@@ -105,11 +105,7 @@ def test_gate_checks_the_median_ratio_and_says_how_it_was_measured():
 
 # -- a busy machine -----------------------------------------------------------------------------------
 def test_busy_machine_decision_on_literal_load_averages():
-    from vitedge.validation import (
-        BUSY_LOAD_PER_CORE,
-        _load_record,
-        busy_machine_warning,
-    )
+    from vitedge.resources import BUSY_LOAD_PER_CORE, busy_machine_warning, load_record
 
     assert BUSY_LOAD_PER_CORE == 1.0
     assert busy_machine_warning([[0.3, 0.2, 0.1], [1.9, 1.0, 0.5]], cores=2) is None  # our own 2 threads: quiet
@@ -123,18 +119,18 @@ def test_busy_machine_decision_on_literal_load_averages():
         "the machine was busy (load 4.01 on 4 cores): timings and speed-ups are unreliable; re-run on a quiet machine")
     assert busy_machine_warning([[1.5, 9.0, 9.0]], cores=1) is not None  # only the 1-minute figure counts...
     assert busy_machine_warning([[0.5, 9.0, 9.0]], cores=1) is None  # ...not the 5- and 15-minute ones
-    rec = _load_record([0.1, 0.1, 0.1], [2.5, 1.0, 0.4], [0.8, 0.9, 0.4], cores=2)
+    rec = load_record([0.1, 0.1, 0.1], [2.5, 1.0, 0.4], [0.8, 0.9, 0.4], cores=2)
     assert rec == {"at_start": [0.1, 0.1, 0.1], "before_timing": [2.5, 1.0, 0.4], "after_timing": [0.8, 0.9, 0.4], "cores": 2,
                    "busy_load_per_core": 1.0, "busy": True,
                    "warning": "the machine was busy (load 2.50 on 2 cores): timings and speed-ups are unreliable; "
                               "re-run on a quiet machine"}
-    assert _load_record(None, [0.5, 0.5, 0.5], [1.0, 1, 1], cores=2)["busy"] is False
+    assert load_record(None, [0.5, 0.5, 0.5], [1.0, 1, 1], cores=2)["busy"] is False
 
 
 def test_report_shows_the_load_and_the_busy_warning():
-    from vitedge.validation import _load_record
+    from vitedge.resources import load_record
 
-    quiet = _report({"min_speedup": 2.0}, machine={"load": _load_record([0.1, 0.2, 0.3], [0.5, 0.4, 0.3], [1.52, 1.1, 0.87], 2)},
+    quiet = _report({"min_speedup": 2.0}, machine={"load": load_record([0.1, 0.2, 0.3], [0.5, 0.4, 0.3], [1.52, 1.1, 0.87], 2)},
                     settings={"reference_threads": 2, "rounds": 10})
     jsonschema.validate(quiet.data, SCHEMA)
     md, html = quiet.markdown(), quiet.html()
@@ -142,7 +138,7 @@ def test_report_shows_the_load_and_the_busy_warning():
         assert "before timing 0.50 / 0.40 / 0.30, after timing 1.52 / 1.10 / 0.87" in text
         assert "timed in the same run, 2 threads" in text or "reference: ref, 2 threads" in text
         assert "the machine was busy" not in text
-    busy = _report({}, machine={"load": _load_record(None, [5.0, 3.0, 1.0], [4.0, 3.0, 1.0], 2)}, settings={"reference_threads": 2})
+    busy = _report({}, machine={"load": load_record(None, [5.0, 3.0, 1.0], [4.0, 3.0, 1.0], 2)}, settings={"reference_threads": 2})
     warning = "the machine was busy (load 5.00 on 2 cores): timings and speed-ups are unreliable; re-run on a quiet machine"
     assert f"> **Warning: {warning}**" in busy.markdown()
     assert f'<p class="bad"><b>Warning: {warning}</b></p>' in busy.html()

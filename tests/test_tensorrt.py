@@ -30,11 +30,11 @@ from click.testing import CliRunner
 
 import vitedge
 import vitedge.backends.tensorrt as trtmod
-from vitedge.backends.base import Engine
+from vitedge.backends.base import Engine, mac_summary
 from vitedge.backends.tensorrt import (
     SUPPORTED_TENSORRT, TRT_SUPPORTED_OPS, OnnxInfo, TensorRTEngine, _Buffers, attach_timing_cache, check_compat,
     check_onnx_for_tensorrt, check_tensorrt_version, compute_profile, convert_for_tensorrt, cuda_check, inspect_onnx,
-    layers_summary, network_flags, parse_engine_information, parser_errors, profile_chunks, tensorrt_status, typing_plan,
+    network_flags, parse_engine_information, parser_errors, profile_chunks, tensorrt_status, typing_plan,
 )
 from vitedge.cli.main import main as cli
 from vitedge.compilation import compile_model
@@ -468,7 +468,7 @@ def test_engine_inspector_json_gives_per_layer_precisions():
     layers = parse_engine_information(INSPECTOR_JSON)
     assert [(l["type"], l["precision"]) for l in layers] == [("CaskConvolution", "int8"), ("Myelin", "fp16"), ("CaskGemmMatrixMultiply", "fp16")]
     assert layers[0]["macs"] == 192 * 14 * 14 * 3 * 16 * 16 and layers[2]["macs"] == 1000 * 192 and layers[1].get("fused")
-    s = layers_summary(layers, "test")
+    s = mac_summary(layers, "test")
     assert s["int8_mac_share"] == pytest.approx(layers[0]["macs"] / (layers[0]["macs"] + layers[2]["macs"]))
     assert s["layer_count"] == {"int8": 1, "fp16": 2} and "1 fused subgraphs" in s["source"]
     # TensorRT 11's schema (I/O Tensors instead of Bindings) and LAYER_NAMES_ONLY builds parse too
@@ -480,8 +480,9 @@ def test_validation_shows_the_inspector_view_for_tensorrt(monkeypatch):
     from vitedge import validation
 
     monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(LayerInformationFormat=SimpleNamespace(JSON="json")))
-    engine = SimpleNamespace(create_engine_inspector=lambda: SimpleNamespace(get_engine_information=lambda fmt: INSPECTOR_JSON))
-    pb = validation.precision_breakdown(SimpleNamespace(engine=SimpleNamespace(_engine=engine, artifact="m.engine"), backend="tensorrt"))
+    eng = object.__new__(TensorRTEngine)  # only the deserialized engine is needed: no GPU here
+    eng._engine = SimpleNamespace(create_engine_inspector=lambda: SimpleNamespace(get_engine_information=lambda fmt: INSPECTOR_JSON))
+    pb = validation.precision_breakdown(SimpleNamespace(engine=eng))
     assert pb["source"].startswith("tensorrt engine inspector") and pb["int8_mac_share"] > 0.9 and len(pb["layers"]) == 3
 
 
@@ -808,7 +809,7 @@ def test_gpu_build_run_inspect_and_compare_top1_with_onnxruntime(tmp_path, ref_o
         assert (eng.infer(x).argmax(1) == ref.infer(x).argmax(1)).mean() >= 0.95
         assert eng.infer(x[:1]).shape == (1, 10)  # under the profile's minimum: padded
         assert eng.infer(np.concatenate([x, x[:3]])).shape == (33, 10)  # beyond its maximum: chunked, last chunk padded
-        pb = trtmod.precision_breakdown(eng)
+        pb = eng.precision_breakdown()
     assert pb["layers"] and all(l["precision"] != "?" for l in pb["layers"])
     if which == "int8":
         assert pb["layer_count"].get("int8"), pb["layer_count"]

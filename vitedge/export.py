@@ -152,14 +152,11 @@ def embed_metadata(model_proto, manifest: Manifest) -> None:
 
 
 def ort_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
+    """An ONNX Runtime CPU session of an exported file, to check it (ONNX Runtime's default options)."""
+    from .backends.onnxruntime import session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return session(path, threads=threads)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise VitedgeError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from None
 

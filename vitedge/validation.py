@@ -10,13 +10,18 @@ Everything is measured in one process, in one run:
 * **Latency.**  Warm-up, then time-bounded runs at batch 1, *interleaved* in rounds (reference,
   engine 1, engine 2, ..., reference, ...) so that a change in machine load hits every model alike.
   The speed-up is the median over rounds of (reference time in the round / engine time in the
-  round): paired ratios, each measured side by side (:func:`paired_speedup`), with their spread.
+  round): paired ratios, each measured side by side (:func:`~vitedge.timing.paired_speedup`), with their spread.
   The budget is extended (up to twice) for a model whose median is not yet stable.  The reference
   runs with an explicit thread count (``reference_threads``), and the load average before and after
-  timing is recorded; a busy machine is warned about (:func:`busy_machine_warning`).  Then
+  timing is recorded; a busy machine is warned about (:func:`~vitedge.resources.busy_machine_warning`).  Then
   throughput over a batch sweep, load/compile time, size on disk and peak resident memory.
 * **Gates.**  ``max_drop`` (pp) and ``min_speedup`` raise :class:`~vitedge.errors.GateFailed`
   *after* the report is written.
+
+This module is the orchestration (open -> run -> compare -> time -> report); how things are timed is in
+:mod:`vitedge.timing`, memory and machine load in :mod:`vitedge.resources`, comparisons in
+:mod:`vitedge.compare` and which precision an engine's layers run in in its backend
+(:meth:`~vitedge.backends.base.Engine.precision_breakdown`).
 """
 
 from __future__ import annotations
@@ -24,8 +29,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +38,10 @@ import numpy as np
 
 from . import compare
 from .compare import CI_LEVEL, paired_drop, wilson_interval  # noqa: F401 - public names of this module
-from ._onnx import INTEGER_KERNEL_OPS
 from .errors import GateFailed, VitedgeError
 from .report import SCHEMA_ID, Report, now_iso
+from .resources import RssPeak, load_average, load_record, reference_thread_count, set_torch_threads, torch_threads, usable_cores
+from .timing import Slot, flat_samples, interleaved, latency_stats, paired_speedup
 from .ui import progress
 
 #: per-output numbers in a report's ``vs_reference.outputs``, in this order
@@ -105,37 +109,6 @@ class _Model:
         self.engine.close()
 
 
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def _set_torch_threads(n: int) -> None:
-    import torch
-
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity), else the machine's logical cores."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def reference_thread_count(threads: int | None) -> int:
-    """The FP32 reference's thread count: as given, else every usable core - what the ONNX Runtime and
-    OpenVINO engines use by default, so that the speed-up compares like with like."""
-    if threads is None:
-        return usable_cores()
-    if int(threads) < 1:
-        raise VitedgeError(f"--reference-threads {threads} must be >= 1")
-    return int(threads)
-
-
 def artifact_size(path: Path, manifest=None) -> int:
     """Bytes on disk of an artifact and its companion files (external data, OpenVINO .bin)."""
     path = Path(path)
@@ -144,41 +117,6 @@ def artifact_size(path: Path, manifest=None) -> int:
     if path.suffix == ".xml":
         names.add(path.with_suffix(".bin").name)
     return int(sum((path.parent / n).stat().st_size for n in names if (path.parent / n).is_file()))
-
-
-class _RssPeak:
-    """Samples this process's resident memory in a thread; ``peak_mb`` and ``increase_mb`` after exit."""
-
-    def __init__(self, interval: float = 0.005):
-        import psutil
-
-        self._proc = psutil.Process()
-        self.interval = interval
-        self.baseline = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "_RssPeak":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 2**20
-
-    @property
-    def increase_mb(self) -> float:
-        return max(0, self.peak - self.baseline) / 2**20
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,7 +146,7 @@ def _hint_precision(options: dict, manifest) -> str | None:
 
 def _opened(open_engine: Callable[[], Any], *, loaded: bool = True) -> tuple[Any, dict]:
     """Open an engine, measuring the time (``loaded=False``: a model already in memory, load time 0) and memory it takes."""
-    with _RssPeak() as mem:
+    with RssPeak() as mem:
         t0 = time.perf_counter()
         eng = open_engine()
         load_s = time.perf_counter() - t0 if loaded else 0.0
@@ -356,30 +294,6 @@ def _note_merged_reference(man, name: str, notes: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# statistics
-# ------------------------------------------------------------------------------------------
-def latency_stats(samples_ms: Sequence[float], batch: int = 1, keep: int = 1000) -> dict:
-    s = np.sort(np.asarray(samples_ms, float))
-    n = len(s)
-    p50, p90, p99 = np.percentile(s, [50, 90, 99])
-    # distribution-free CI of the median from order statistics
-    half = compare.z_value(CI_LEVEL) * math.sqrt(n) / 2
-    lo_i, hi_i = max(0, int(math.floor(n / 2 - half)) - 1), min(n - 1, int(math.ceil(n / 2 + half)))
-    kept = s if n <= keep else np.asarray(samples_ms, float)[np.linspace(0, n - 1, keep).astype(int)]
-    return {
-        "batch": batch, "runs": n, "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
-        "mean_ms": float(s.mean()), "std_ms": float(s.std()), "min_ms": float(s[0]), "max_ms": float(s[-1]),
-        "median_ci95_ms": [float(s[lo_i]), float(s[hi_i])], "samples_ms": [round(float(v), 4) for v in kept],
-    }
-
-
-def _median_rel_width(samples: list[float]) -> float:
-    st = latency_stats(samples, keep=0)
-    lo, hi = st["median_ci95_ms"]
-    return (hi - lo) / max(st["p50_ms"], 1e-9)
-
-
-# ------------------------------------------------------------------------------------------
 # timing
 # ------------------------------------------------------------------------------------------
 @dataclass
@@ -400,128 +314,28 @@ class Timing:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _run_for(fn: Callable[[], Any], seconds: float, min_n: int, max_n: int) -> list[float]:
-    out: list[float] = []
-    start = time.perf_counter()
-    while len(out) < max_n and (len(out) < min_n or time.perf_counter() - start < seconds):
-        t0 = time.perf_counter_ns()
-        fn()
-        out.append((time.perf_counter_ns() - t0) / 1e6)
-    return out
+def _timed(models: list[_Model], inputs: dict[str, np.ndarray], timing: Timing, description: str,
+           budget_s: float | None = None, min_runs: int | None = None, adaptive: bool = True) -> dict[str, list[list[float]]]:
+    """Latency samples (ms) per model and round, timed with :func:`vitedge.timing.interleaved` after a warm-up.
 
-
-def _warm(runners: list[_Model], inputs: dict[str, np.ndarray], timing: Timing) -> None:
-    for r in runners:
-        x = inputs[r.name]
-        _run_for(lambda: r.infer(x), timing.warmup_s, timing.warmup_runs, max(timing.warmup_runs, 200))
-
-
-def time_interleaved(runners: list[_Model], inputs: dict[str, np.ndarray], timing: Timing, description: str,
-                     budget_s: float | None = None, min_runs: int | None = None, adaptive: bool = True) -> dict[str, list[list[float]]]:
-    """Latency samples (ms) per runner and round, measured in interleaved rounds (after a warm-up).
-
-    ``{name: [[ms, ...] of round 0, [ms, ...] of round 1, ...]}``: every runner has one list per round,
-    empty for a round it sat out.  The first runner (the reference) is timed in every round, so each
-    round pairs it with every engine timed back to back with it (:func:`paired_speedup`).  Rounds added
-    because a median is not yet stable time the reference and the unstable models only.
+    ``{name: [[ms, ...] of round 0, [ms, ...] of round 1, ...]}``.  Every round runs the models in the same
+    order, the reference (first) included, so each pairs it with every engine timed back to back with it
+    (:func:`~vitedge.timing.paired_speedup`).  With ``adaptive``, rounds are added (up to twice the budget) for
+    models whose median is not yet stable; they time the reference and the unstable models only.
     """
     budget = timing.budget_s if budget_s is None else budget_s
     min_runs = timing.min_runs if min_runs is None else min_runs
     rounds = max(1, timing.rounds)
-    samples: dict[str, list[list[float]]] = {r.name: [] for r in runners}
-    _warm(runners, inputs, timing)
-    with progress() as bar:
-        task = bar.add_task(description, total=rounds * len(runners))
-        for _ in range(rounds):
-            for r in runners:
-                x = inputs[r.name]
-                if timing.runs:
-                    n = math.ceil(timing.runs / rounds)
-                    samples[r.name].append(_run_for(lambda: r.infer(x), 0.0, n, n))
-                else:
-                    samples[r.name].append(_run_for(lambda: r.infer(x), budget / rounds, math.ceil(min_runs / rounds),
-                                                    math.ceil(timing.max_runs / rounds)))
-                bar.advance(task)
-        if adaptive and not timing.runs:
-            # extend, at most doubling the budget, for models whose median is not yet stable
-            for _ in range(rounds):
-                shaky = [r for r in runners if _median_rel_width(flat_samples(samples[r.name])) > timing.rel_tolerance]
-                if not shaky:
-                    break
-                if shaky[0] is not runners[0]:  # keep the round paired: the reference is timed in it too
-                    shaky.insert(0, runners[0])
-                bar.update(task, total=bar.tasks[0].total + len(shaky))
-                for r in runners:
-                    x = inputs[r.name]
-                    samples[r.name].append(_run_for(lambda: r.infer(x), budget / rounds, 1, math.ceil(timing.max_runs / rounds))
-                                           if r in shaky else [])
-                    if r in shaky:
-                        bar.advance(task)
-    return samples
-
-
-def flat_samples(rounds: Sequence[Sequence[float]]) -> list[float]:
-    """Every sample of a runner, round after round."""
-    return [v for rnd in rounds for v in rnd]
-
-
-def paired_speedup(reference_rounds: Sequence[Sequence[float]], engine_rounds: Sequence[Sequence[float]]) -> dict:
-    """The speed-up of an engine over the reference from rounds timed back to back (:func:`time_interleaved`).
-
-    Round *i* gives one ratio: the reference's median time in round *i* / the engine's median time in
-    round *i*.  ``speedup`` is the median of these ratios (what ``--min-speedup`` is checked against);
-    ``ratio_iqr`` their 25th-75th percentile range, ``ratio_min``/``ratio_max`` the extremes, and
-    ``ratio_of_medians`` the old, unpaired figure (median of all reference times / median of all engine
-    times) for comparison.  A slow change in load that hits both models alike cancels in each ratio.
-    Rounds where either side has no sample are skipped.
-    """
-    pairs = [(float(np.median(r)), float(np.median(e))) for r, e in zip(reference_rounds, engine_rounds) if len(r) and len(e)]
-    if not pairs:
-        raise VitedgeError("no timing round has both the reference and the engine: cannot pair them")
-    ratios = [r / max(e, 1e-12) for r, e in pairs]
-    q1, med, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
-    ref_all, eng_all = flat_samples(reference_rounds), flat_samples(engine_rounds)
-    return {
-        "speedup": med, "method": "median of per-round ratios", "rounds": len(ratios),
-        "ratio_iqr": [q1, q3], "ratio_min": float(min(ratios)), "ratio_max": float(max(ratios)),
-        "ratios": [round(v, 4) for v in ratios],
-        "ratio_of_medians": float(np.median(ref_all)) / max(float(np.median(eng_all)), 1e-12),
-    }
-
-
-# ------------------------------------------------------------------------------------------
-# machine load
-# ------------------------------------------------------------------------------------------
-#: the 1-minute load average per usable core above which the machine counts as busy.  The reading
-#: taken after timing includes vitedge's own threads (at most about one per core), so a load above
-#: one per core means other processes competed for the cores.
-BUSY_LOAD_PER_CORE = 1.0
-
-
-def load_average() -> list[float] | None:
-    """The 1-, 5- and 15-minute load averages (``os.getloadavg``), or None where the OS has none."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def busy_machine_warning(readings: Sequence[Sequence[float] | None], cores: int,
-                         per_core: float = BUSY_LOAD_PER_CORE) -> str | None:
-    """The warning to give when a 1-minute load average in ``readings`` (``[1 min, 5 min, 15 min]`` each,
-    None if unknown) is above ``per_core`` times ``cores``; None when the machine was quiet."""
-    ones = [float(r[0]) for r in readings if r]
-    if not ones or max(ones) <= per_core * cores:
-        return None
-    return (f"the machine was busy (load {max(ones):.2f} on {cores} core{'s' if cores != 1 else ''}): "
-            "timings and speed-ups are unreliable; re-run on a quiet machine")
-
-
-def _load_record(start, before, after, cores: int) -> dict:
-    """``machine.load`` in the report: the load averages around timing and whether the machine was busy."""
-    warning = busy_machine_warning([start, before, after], cores)
-    return {"at_start": start, "before_timing": before, "after_timing": after, "cores": cores,
-            "busy_load_per_core": BUSY_LOAD_PER_CORE, "busy": warning is not None, "warning": warning}
+    if timing.runs:
+        n = math.ceil(timing.runs / rounds)
+        slot = Slot(0.0, n, n)
+    else:
+        slot = Slot(budget / rounds, math.ceil(min_runs / rounds), math.ceil(timing.max_runs / rounds))
+    fns = [(lambda r=r, x=inputs[r.name]: r.infer(x)) for r in models]
+    samples = interleaved(fns, rounds, slot, warmup=Slot(timing.warmup_s, timing.warmup_runs, max(timing.warmup_runs, 200)),
+                          alternate=False, until_stable=timing.rel_tolerance if adaptive and not timing.runs else None,
+                          description=description)
+    return {r.name: s for r, s in zip(models, samples)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -577,130 +391,15 @@ def _outputs(runner: _Model, x: np.ndarray, batch: int, what: str) -> dict[str, 
 # ------------------------------------------------------------------------------------------
 # which precision layers really ran in
 # ------------------------------------------------------------------------------------------
-_OV_PREC = {"i8": "int8", "u8": "int8", "bf16": "bf16", "f16": "fp16", "f32": "fp32", "i32": "int32"}
-
-
-def _dims(shape) -> list[int]:
-    out = []
-    for d in shape:
-        try:
-            v = int(d.get_length()) if hasattr(d, "get_length") else int(d)
-        except Exception:  # dynamic dimension
-            v = 1
-        out.append(max(v, 1))
-    return out
-
-
-def openvino_precision_breakdown(compiled) -> dict:
-    """Precision of every MatMul/FullyConnected/Convolution in OpenVINO's runtime graph and the MAC share of each."""
-    layers, macs_by = [], {}
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        ri = op.get_rt_info()
-        if "layerType" not in ri:
-            continue
-        kind = ri["layerType"].astype(str)
-        if kind not in ("FullyConnected", "MatMul", "Convolution", "Deconvolution"):
-            continue
-        prec = _OV_PREC.get(ri["runtimePrecision"].astype(str), ri["runtimePrecision"].astype(str)) if "runtimePrecision" in ri else "?"
-        try:
-            out = _dims(op.get_output_partial_shape(0))
-            ins = [_dims(op.get_input_partial_shape(i)) for i in range(op.get_input_size())]
-        except Exception:
-            continue
-        if kind == "FullyConnected" and len(ins) > 1:
-            k = ins[1][-1]
-        elif kind in ("Convolution", "Deconvolution") and len(ins) > 1:
-            k = int(np.prod(ins[1][1:]))
-        else:
-            k = ins[0][-1] if ins and ins[0] else 1
-        macs = int(np.prod(out)) * int(k)
-        layers.append({"name": op.get_friendly_name(), "type": kind, "precision": prec, "macs": macs})
-        macs_by[prec] = macs_by.get(prec, 0) + macs
-    return _mac_summary("openvino runtime model (runtimePrecision per layer; fused attention subgraphs not counted)", layers, macs_by)
-
-
-def _mac_summary(source: str, layers: list[dict], macs_by: dict[str, int]) -> dict:
-    """Share of multiply-accumulates per precision, with the per-layer listing (first 400 layers)."""
-    total = sum(macs_by.values())
-    return {
-        "source": source,
-        "mac_share": {k: v / total for k, v in macs_by.items()} if total else {},
-        "int8_mac_share": macs_by.get("int8", 0) / total if total else 0.0,
-        "layers": layers[:400],
-    }
-
-
-def onnx_precision_breakdown(path: Path) -> dict | None:
-    """Static view of an ONNX graph as ONNX Runtime's CPU provider runs it: MatMul/Gemm/Conv fed by
-    DequantizeLinear on both inputs (QDQ) or integer ops run in INT8, the rest in their tensor type."""
-    import onnx
-    from onnx import shape_inference
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-        model = shape_inference.infer_shapes(model)
-    except Exception:  # shape inference fails on some custom-domain graphs
-        return None
-    g = model.graph
-    shapes, types = {}, {}
-    for v in list(g.value_info) + list(g.input) + list(g.output):
-        t = v.type.tensor_type
-        shapes[v.name] = [d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim]
-        types[v.name] = t.elem_type
-    for init in g.initializer:
-        shapes[init.name] = list(init.dims)
-        types[init.name] = init.data_type
-    producer = {o: n for n in g.node for o in n.output}
-    layers, macs_by = [], {}
-    for n in g.node:
-        if n.op_type not in ("MatMul", "Gemm", "Conv") and n.op_type not in INTEGER_KERNEL_OPS:
-            continue
-        out = shapes.get(n.output[0])
-        a = shapes.get(n.input[0])
-        w_idx = 3 if n.op_type in ("QLinearMatMul", "QLinearConv") else 1
-        w = shapes.get(n.input[w_idx]) if len(n.input) > w_idx else None
-        if not out or not a:
-            continue
-        if "Conv" in n.op_type:
-            k = int(np.prod(w[1:])) if w else 1
-        elif n.op_type == "Gemm":
-            trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
-            k = a[0] if trans_a else a[-1]
-        else:
-            k = a[-1]
-        macs = int(np.prod(out)) * int(k)
-        if n.op_type in INTEGER_KERNEL_OPS:
-            prec = "int8"
-        else:
-            dq = [producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input[:2]]
-            if all(dq):
-                prec = "int8"
-            else:
-                et = types.get(n.output[0], 1)
-                prec = {1: "fp32", 10: "fp16", 16: "bf16"}.get(et, str(et))
-                if any(dq):
-                    prec += " (int8 weights)"
-        layers.append({"name": n.name, "type": n.op_type, "precision": prec, "macs": macs})
-        macs_by[prec] = macs_by.get(prec, 0) + macs
-    return _mac_summary("onnx graph (QDQ-fed or integer MatMul/Gemm/Conv run as INT8 kernels in ONNX Runtime CPU)", layers, macs_by)
-
-
 def precision_breakdown(runner: _Model) -> dict | None:
-    eng = runner.engine
-    if eng is None:
+    """What the model's engine reports about the precision its matrix layers run in
+    (:meth:`~vitedge.backends.base.Engine.precision_breakdown`); a failure is reported in it, never raised."""
+    if runner.engine is None:
         return None
     try:
-        if runner.backend == "openvino" and hasattr(eng, "compiled"):
-            return openvino_precision_breakdown(eng.compiled)
-        if runner.backend == "onnxruntime" and Path(eng.artifact).suffix == ".onnx":
-            return onnx_precision_breakdown(Path(eng.artifact))
-        if runner.backend == "tensorrt":  # the engine inspector's per-layer precisions
-            from .backends.tensorrt import precision_breakdown as tensorrt_precision_breakdown
-
-            return tensorrt_precision_breakdown(eng)
+        return runner.engine.precision_breakdown()
     except Exception as exc:  # a diagnostic: never fail validation because of it
         return {"source": f"unavailable ({type(exc).__name__}: {str(exc)[:120]})", "mac_share": {}, "int8_mac_share": 0.0, "layers": []}
-    return None
 
 
 # ------------------------------------------------------------------------------------------
@@ -793,7 +492,7 @@ def validate(
     ``max_drop``: top-1 drop gate in percentage points (without labels: top-1 disagreement with FP32,
     an upper bound of the drop); ``strict`` gates on the upper end of the confidence interval.
     ``min_speedup``: batch-1 speed-up gate over the reference: the median of the per-round paired ratios
-    (:func:`paired_speedup`).
+    (:func:`~vitedge.timing.paired_speedup`).
     ``reference_threads``: threads of the FP32 reference (PyTorch intra-op threads, or ONNX Runtime's for an
     ``.onnx`` reference); default every usable core, as the ONNX Runtime and OpenVINO engines use.
     ``preprocessing``: for ONNX files without a vitedge manifest (engines or reference; see
@@ -815,7 +514,7 @@ def validate(
     machine = machine_info()
     models: list[_Model] = []
     acc_ref: _Model | None = None
-    torch_threads = _torch_threads()  # process-wide: a PyTorch reference sets it, restored when done
+    torch_threads_before = torch_threads()  # process-wide: a PyTorch reference sets it, restored when done
     try:
         baseline, acc_ref = _open_reference(reference, specs, notes, preprocessing, ref_threads)
         models.append(baseline)
@@ -831,7 +530,7 @@ def validate(
             acc_ref = None
         load_before = load_average()
         latency, throughput = _time(models, inputs, timing, batch_sizes)
-        machine["load"] = _load_record(machine.get("load_average"), load_before, load_average(), usable_cores())
+        machine["load"] = load_record(machine.get("load_average"), load_before, load_average(), usable_cores())
         if machine["load"]["warning"]:
             from .ui import err_console
 
@@ -842,7 +541,7 @@ def validate(
         for r in models + ([acc_ref] if acc_ref is not None else []):
             r.close()
         gc.collect()
-        _set_torch_threads(torch_threads)
+        set_torch_threads(torch_threads_before)
     return _finish(report, post, out_dir)
 
 
@@ -928,7 +627,7 @@ class _Truth:
 def _run(r: _Model, inputs: "_Inputs", what: str = "accuracy") -> dict[str, np.ndarray]:
     """Every output of a model on the validation images; its peak memory is raised to what this pass took."""
     x, _, _ = inputs.get(r.preprocessing)
-    with _RssPeak() as mem:
+    with RssPeak() as mem:
         outs = _outputs(r, x, inputs.eval_batch, what)
     r.peak_rss_mb = max(r.peak_rss_mb or 0, mem.peak_mb)
     if r.rss_baseline_mb is not None:
@@ -1001,9 +700,9 @@ def _compare(r: _Model, truth: _Truth, outs: dict[str, np.ndarray], ci_method: s
 
 # -- time --------------------------------------------------------------------------------------
 def _time(models: list[_Model], inputs: "_Inputs", timing: Timing, batch_sizes: Sequence[int]) -> tuple[dict, dict]:
-    """Batch-1 latency samples per model and round (interleaved, see :func:`time_interleaved`), and throughput per batch size."""
+    """Batch-1 latency samples per model and round (interleaved, see :func:`_timed`), and throughput per batch size."""
     first = {r.name: inputs.get(r.preprocessing)[0][:1] for r in models}
-    lat = time_interleaved(models, first, timing, "timing batch 1")  # per round: paired speed-ups in _report
+    lat = _timed(models, first, timing, "timing batch 1")  # per round: paired speed-ups in _report
     throughput: dict[str, list[dict]] = {r.name: [] for r in models}
     tp_budget = timing.throughput_budget_s or max(timing.budget_s / 4, 0.05)
     tp_timing = Timing(**{**timing.to_dict(), "warmup_runs": 1, "warmup_s": 0.0,
@@ -1016,7 +715,7 @@ def _time(models: list[_Model], inputs: "_Inputs", timing: Timing, batch_sizes: 
             for r in models:
                 xall = inputs.get(r.preprocessing)[0]
                 xb[r.name] = xall[np.arange(bs) % len(xall)] if len(xall) else np.repeat(first[r.name], bs, 0)
-            samples = time_interleaved(models, xb, tp_timing, f"throughput batch {bs}", budget_s=tp_budget, min_runs=3,
+            samples = _timed(models, xb, tp_timing, f"throughput batch {bs}", budget_s=tp_budget, min_runs=3,
                                        adaptive=False)
         for r in models:
             st = latency_stats(flat_samples(samples[r.name]), batch=bs, keep=0)
@@ -1057,7 +756,7 @@ def _report(models: list[_Model], results: dict[str, dict], truth: _Truth, lat: 
         "schema": SCHEMA_ID, "kind": kind, "created": now_iso(), "vitedge_version": __version__,
         "machine": machine,
         "settings": {"data": str(images.source), **{k: v for k, v in settings.items() if k != "gates"},
-                     "torch_threads": _torch_threads(), "gates": g},
+                     "torch_threads": torch_threads(), "gates": g},
         "data": {"source": str(images.source), "images": len(truth.names), "labelled": truth.labelled,
                  "classes": 0 if truth.features else len(truth.class_names), "skipped": [s for s, _ in images.skipped]},
         "models": entries,

@@ -36,6 +36,36 @@ class Prediction:
         return {"top": [{"label": l, "index": i, "prob": p} for l, i, p in zip(self.labels, self.indices, self.probs)]}
 
 
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """``x`` with its last image repeated up to ``size`` images: the last batch for a model that takes a fixed
+    number (a fixed-batch engine, a TensorRT profile's minimum, a static calibration graph).  The caller
+    drops the outputs of the repeated images."""
+    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
+
+
+def mac_summary(layers: list[dict], source: str) -> dict:
+    """Which precision an engine's matrix layers run in, weighted by their multiply-accumulates.
+
+    ``layers``: ``{"name", "type", "precision", "macs"}`` per layer (``"fused": True`` for a subgraph whose
+    inside the runtime does not list).  Gives ``mac_share`` per precision, ``int8_mac_share``,
+    ``layer_count`` per precision and the first 400 layers: the ``precision_breakdown`` of a report,
+    the same for every backend (:meth:`Engine.precision_breakdown`)."""
+    macs_by: dict[str, int] = {}
+    count_by: dict[str, int] = {}
+    for layer in layers:
+        macs_by[layer["precision"]] = macs_by.get(layer["precision"], 0) + int(layer.get("macs") or 0)
+        count_by[layer["precision"]] = count_by.get(layer["precision"], 0) + 1
+    total = sum(macs_by.values())
+    fused = [layer["name"] for layer in layers if layer.get("fused")]
+    return {
+        "source": source + (f"; {len(fused)} fused subgraphs report only their input precision" if fused else ""),
+        "mac_share": {k: v / total for k, v in macs_by.items() if v} if total else {},
+        "int8_mac_share": macs_by.get("int8", 0) / total if total else 0.0,
+        "layer_count": count_by,
+        "layers": layers[:400],
+    }
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     e = np.exp(x)
@@ -84,6 +114,11 @@ class Engine(ABC):
 
     def _release(self) -> None:
         """Free backend resources.  Called once, when the engine is closed and no run is in flight."""
+
+    def precision_breakdown(self) -> dict | None:
+        """Which precision the engine's matrix layers really run in (:func:`mac_summary`), as its runtime
+        reports them; None when the backend cannot tell (validation shows it beside the accuracy)."""
+        return None
 
     # -- running and closing under concurrent callers ---------------------------------------
     def _closed_error(self, waiting: bool = False) -> VitedgeError:
@@ -194,10 +229,7 @@ class Engine(ABC):
             if self._closed:  # closed between two chunks: the rest of this call will not run
                 raise self._closed_error(waiting=True)
             chunk = batch[i : i + fixed]
-            n = len(chunk)
-            if n < fixed:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
-            parts.append({k: v[:n] for k, v in self._run(chunk).items()})
+            parts.append({k: v[: len(chunk)] for k, v in self._run(pad_batch(chunk, fixed)).items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def infer(self, batch: np.ndarray) -> np.ndarray:

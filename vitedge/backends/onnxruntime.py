@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from .._io import needs_external_data
+from .._onnx import INTEGER_KERNEL_OPS
 from ..errors import VitedgeError, first_line
 from ..manifest import Manifest
-from .base import Engine
+from .base import Engine, mac_summary
 from .registry import Backend, register
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
@@ -33,7 +35,23 @@ def disabled_optimizers(precision: str | None) -> list[str]:
     return ["MatMulAddFusion"] if precision == "int8" else []
 
 
+def _optimization_level(name: str):
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if name not in levels:
+        raise VitedgeError(f"unknown ONNX Runtime optimisation level {name!r}", f"use one of {', '.join(levels)}")
+    return levels[name]
+
+
 def session_options(threads: int | None = None, optimized_model_path: str | None = None, opt_level: str = "all"):
+    """The options of vitedge's engines: ``threads`` intra-op threads (default: every core), one inter-op
+    thread, sequential execution, quiet."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -41,18 +59,36 @@ def session_options(threads: int | None = None, optimized_model_path: str | None
     so.intra_op_num_threads = threads or (os.cpu_count() or 1)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    if opt_level not in levels:
-        raise VitedgeError(f"unknown ONNX Runtime optimisation level {opt_level!r}", f"use one of {', '.join(levels)}")
-    so.graph_optimization_level = levels[opt_level]
+    so.graph_optimization_level = _optimization_level(opt_level)
     if optimized_model_path:
         so.optimized_model_filepath = optimized_model_path
     return so
+
+
+def session(model, options=None, *, threads: int | None = None, opt_level: str | None = None, precision: str | None = None,
+            providers: Sequence[str] | None = None):
+    """An ONNX Runtime ``InferenceSession``: every one vitedge (and its benchmarks) opens is made here.
+
+    ``model``: a path, the serialized bytes or an ``onnx.ModelProto``.  ``options``: a ``SessionOptions``
+    (default: ONNX Runtime's own, quiet), with ``threads`` intra-op threads and the ``opt_level`` graph
+    optimisation level when given.  ``precision``: the model's, to turn off the optimizers that would spoil
+    it (:func:`disabled_optimizers`).  ``providers``: default the CPU only.  Errors are ONNX Runtime's own:
+    the caller says what could not be loaded.
+    """
+    import onnxruntime as ort
+
+    so = options
+    if so is None:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    if opt_level:
+        so.graph_optimization_level = _optimization_level(opt_level)
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                providers=list(providers or ["CPUExecutionProvider"]), disabled_optimizers=disabled_optimizers(precision))
 
 
 def available_providers(prefer_gpu: bool = True) -> list[str]:
@@ -91,7 +127,7 @@ def compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str, 
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
         # CPU provider only: a model optimised for CUDA/TensorRT nodes would not load on a CPU
-        ort.InferenceSession(str(work), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled_optimizers(man.precision))
+        session(work, so, precision=man.precision)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise VitedgeError(f"ONNX Runtime cannot optimise {src.name}: {first_line(exc)}") from None
     files = [out_name] + ([out_name + ".data"] if (scratch / (out_name + ".data")).exists() else [])
@@ -103,6 +139,60 @@ def compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str, 
         "onnxruntime": ort.__version__,
     }
     return files, settings, man.precision
+
+
+# -- which precision layers really ran in --------------------------------------------------------
+def onnx_precision_breakdown(path: Path) -> dict | None:
+    """Static view of an ONNX graph as ONNX Runtime's CPU provider runs it: MatMul/Gemm/Conv fed by
+    DequantizeLinear on both inputs (QDQ) or integer ops run in INT8, the rest in their tensor type."""
+    import onnx
+    from onnx import shape_inference
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        model = shape_inference.infer_shapes(model)
+    except Exception:  # shape inference fails on some custom-domain graphs
+        return None
+    g = model.graph
+    shapes, types = {}, {}
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        t = v.type.tensor_type
+        shapes[v.name] = [d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim]
+        types[v.name] = t.elem_type
+    for init in g.initializer:
+        shapes[init.name] = list(init.dims)
+        types[init.name] = init.data_type
+    producer = {o: n for n in g.node for o in n.output}
+    layers = []
+    for n in g.node:
+        if n.op_type not in ("MatMul", "Gemm", "Conv") and n.op_type not in INTEGER_KERNEL_OPS:
+            continue
+        out = shapes.get(n.output[0])
+        a = shapes.get(n.input[0])
+        w_idx = 3 if n.op_type in ("QLinearMatMul", "QLinearConv") else 1
+        w = shapes.get(n.input[w_idx]) if len(n.input) > w_idx else None
+        if not out or not a:
+            continue
+        if "Conv" in n.op_type:
+            k = int(np.prod(w[1:])) if w else 1
+        elif n.op_type == "Gemm":
+            trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
+            k = a[0] if trans_a else a[-1]
+        else:
+            k = a[-1]
+        if n.op_type in INTEGER_KERNEL_OPS:
+            prec = "int8"
+        else:
+            dq = [producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input[:2]]
+            if all(dq):
+                prec = "int8"
+            else:
+                et = types.get(n.output[0], 1)
+                prec = {1: "fp32", 10: "fp16", 16: "bf16"}.get(et, str(et))
+                if any(dq):
+                    prec += " (int8 weights)"
+        layers.append({"name": n.name, "type": n.op_type, "precision": prec, "macs": int(np.prod(out)) * int(k)})
+    return mac_summary(layers, "onnx graph (QDQ-fed or integer MatMul/Gemm/Conv run as INT8 kernels in ONNX Runtime CPU)")
 
 
 class OnnxRuntimeEngine(Engine):
@@ -123,15 +213,17 @@ class OnnxRuntimeEngine(Engine):
                                    f"available: {', '.join(ort.get_available_providers())}")
         self.threads = threads or (os.cpu_count() or 1)
         try:
-            disabled = disabled_optimizers(manifest.precision if manifest is not None else None)
-            self.session = ort.InferenceSession(str(artifact), session_options(threads, opt_level=opt_level),
-                                                providers=providers or available_providers(), disabled_optimizers=disabled)
+            self.session = session(artifact, session_options(threads, opt_level=opt_level), providers=providers or available_providers(),
+                                   precision=manifest.precision if manifest is not None else None)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise VitedgeError(f"ONNX Runtime cannot load {artifact}: {first_line(exc)}",
                                "is the file complete? re-create it with vitedge compile") from None
         self.providers = self.session.get_providers()
         self._names = [o.name for o in self.session.get_outputs()]
         self._input = self.session.get_inputs()[0].name
+
+    def precision_breakdown(self) -> dict | None:
+        return onnx_precision_breakdown(self.artifact) if self.artifact.suffix == ".onnx" else None
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         # InferenceSession.run is thread-safe: concurrent callers need no lock

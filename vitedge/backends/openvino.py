@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ShapeMismatch, VitedgeError, first_line
 from ..manifest import Manifest
-from .base import Engine
+from .base import Engine, mac_summary
 from .registry import Backend, register
 
 _core = None
@@ -34,6 +34,18 @@ def core():
 
         _core = ov.Core()
     return _core
+
+
+def compiled_model(model, device: str = "CPU", config: dict | None = None, shape=None):
+    """``model`` (an IR or ONNX path, or an ``ov.Model``) compiled for ``device`` with ``config`` on the shared
+    :func:`core`; ``shape``: the input reshaped to it first (e.g. ``[1, 3, 224, 224]`` for a static batch 1)."""
+    import openvino as ov
+
+    c = core()
+    m = c.read_model(str(model)) if not isinstance(model, ov.Model) else model
+    if shape is not None:
+        m.reshape({m.inputs[0]: ov.PartialShape(list(shape))})
+    return c.compile_model(m, device, config or {})
 
 
 def _blob_usable(artifact: Path, manifest: Manifest | None, device: str) -> Path | None:
@@ -131,7 +143,7 @@ def compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, 
     cfg = openvino_config(hint, threads, streams, precision_hint or searched or default_precision_hint(precision, device))
     settings: dict[str, Any] = {"device": device, "openvino_config": cfg, "openvino": ov.__version__}
     try:
-        compiled = core().compile_model(str(scratch / out_name), device, cfg)
+        compiled = compiled_model(scratch / out_name, device, cfg)
     except Exception as exc:
         raise VitedgeError(f"OpenVINO cannot compile {src.name} for {device}: {first_line(exc)}") from None
     settings["inference_precision"] = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")) if device == "CPU" else None
@@ -146,6 +158,47 @@ def compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, 
     if precision == "fp32" and hint_used in ("bf16", "f16"):
         precision = "bf16" if hint_used == "bf16" else "fp16"
     return files, settings, precision
+
+
+# -- which precision layers really ran in --------------------------------------------------------
+_OV_PREC = {"i8": "int8", "u8": "int8", "bf16": "bf16", "f16": "fp16", "f32": "fp32", "i32": "int32"}
+
+
+def _dims(shape) -> list[int]:
+    out = []
+    for d in shape:
+        try:
+            v = int(d.get_length()) if hasattr(d, "get_length") else int(d)
+        except Exception:  # dynamic dimension
+            v = 1
+        out.append(max(v, 1))
+    return out
+
+
+def openvino_precision_breakdown(compiled) -> dict:
+    """Precision of every MatMul/FullyConnected/Convolution in OpenVINO's runtime graph and the MAC share of each."""
+    layers = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        ri = op.get_rt_info()
+        if "layerType" not in ri:
+            continue
+        kind = ri["layerType"].astype(str)
+        if kind not in ("FullyConnected", "MatMul", "Convolution", "Deconvolution"):
+            continue
+        prec = _OV_PREC.get(ri["runtimePrecision"].astype(str), ri["runtimePrecision"].astype(str)) if "runtimePrecision" in ri else "?"
+        try:
+            out = _dims(op.get_output_partial_shape(0))
+            ins = [_dims(op.get_input_partial_shape(i)) for i in range(op.get_input_size())]
+        except Exception:
+            continue
+        if kind == "FullyConnected" and len(ins) > 1:
+            k = ins[1][-1]
+        elif kind in ("Convolution", "Deconvolution") and len(ins) > 1:
+            k = int(np.prod(ins[1][1:]))
+        else:
+            k = ins[0][-1] if ins and ins[0] else 1
+        layers.append({"name": op.get_friendly_name(), "type": kind, "precision": prec, "macs": int(np.prod(out)) * int(k)})
+    return mac_summary(layers, "openvino runtime model (runtimePrecision per layer; fused attention subgraphs not counted)")
 
 
 class OpenVINOEngine(Engine):
@@ -172,13 +225,12 @@ class OpenVINOEngine(Engine):
             if info.get("device") and info["device"] != device:
                 raise VitedgeError(f"{artifact.name} was compiled for {info['device']}, not {device}",
                                    "open the .xml to compile for another device")
-        c = core()
         try:
             if blob is not None:
                 with open(blob, "rb") as f:
-                    self.compiled = c.import_model(f.read(), device, cfg)
+                    self.compiled = core().import_model(f.read(), device, cfg)
             else:
-                self.compiled = c.compile_model(c.read_model(str(artifact)), device, cfg)
+                self.compiled = compiled_model(artifact, device, cfg)
         except Exception as exc:  # openvino raises RuntimeError with long traces
             raise VitedgeError(f"OpenVINO cannot load {artifact} on {device}: {first_line(exc)}",
                                "is the file complete? re-create it with vitedge compile") from None
@@ -211,6 +263,9 @@ class OpenVINOEngine(Engine):
             except Exception:  # property not supported by this device
                 pass
         return out
+
+    def precision_breakdown(self) -> dict | None:
+        return openvino_precision_breakdown(self.compiled)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         req = self._take(self._pool)  # each caller gets its own infer request: safe for concurrent use

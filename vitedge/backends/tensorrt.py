@@ -60,7 +60,7 @@ from ..errors import (
     first_line,
 )
 from ..manifest import Manifest
-from .base import Engine
+from .base import Engine, mac_summary, pad_batch
 from .registry import Backend, register
 
 log = logging.getLogger("vitedge")
@@ -434,37 +434,11 @@ def parse_engine_information(text: str) -> list[dict]:
     return layers
 
 
-def layers_summary(layers: list[dict], source: str) -> dict:
-    """The per-precision view validation shows (same keys as the OpenVINO and ONNX breakdowns)."""
-    macs_by: dict[str, int] = {}
-    count_by: dict[str, int] = {}
-    for layer in layers:
-        macs_by[layer["precision"]] = macs_by.get(layer["precision"], 0) + int(layer.get("macs") or 0)
-        count_by[layer["precision"]] = count_by.get(layer["precision"], 0) + 1
-    total = sum(macs_by.values())
-    fused = [layer["name"] for layer in layers if layer.get("fused")]
-    return {
-        "source": source + (f"; {len(fused)} fused subgraphs report only their input precision" if fused else ""),
-        "mac_share": {k: v / total for k, v in macs_by.items() if v} if total else {},
-        "int8_mac_share": macs_by.get("int8", 0) / total if total else 0.0,
-        "layer_count": count_by,
-        "layers": layers[:400],
-    }
-
-
 def engine_layers(engine, trt=None) -> list[dict]:
     """Per-layer precisions of a deserialized ``ICudaEngine`` through its engine inspector."""
     trt = trt or __import__("tensorrt")
     inspector = engine.create_engine_inspector()
     return parse_engine_information(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-
-
-def precision_breakdown(eng) -> dict | None:
-    """:func:`vitedge.validation.precision_breakdown` for a :class:`TensorRTEngine`: the engine inspector's view."""
-    engine = getattr(eng, "_engine", None)
-    if engine is None:
-        return None
-    return layers_summary(engine_layers(engine), "tensorrt engine inspector (per-layer I/O precision, ProfilingVerbosity.DETAILED)")
 
 
 def _check_images(man: Manifest) -> list | None:
@@ -607,7 +581,7 @@ def build_engine(src: Path, man: Manifest, scratch: Path, out_name: str, *, batc
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     try:  # what TensorRT chose per layer (the engine inspector); a diagnostic, never a reason to fail
         engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(serialized))
-        summary = layers_summary(engine_layers(engine, trt), "tensorrt engine inspector")
+        summary = mac_summary(engine_layers(engine, trt), "tensorrt engine inspector")
         layer_precisions = {"layer_count": summary["layer_count"], "mac_share": summary["mac_share"], "source": summary["source"]}
         del engine
     except Exception as exc:
@@ -750,16 +724,19 @@ class TensorRTEngine(Engine):
         if not lo <= len(batch) <= hi:  # outside the profile: chunks of its max, the last padded up to its min
             parts = []
             for start, stop, size in profile_chunks(len(batch), lo, hi):
-                chunk = batch[start:stop]
-                if size > len(chunk):
-                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
-                parts.append({k: v[: stop - start] for k, v in self._run(chunk).items()})
+                parts.append({k: v[: stop - start] for k, v in self._run(pad_batch(batch[start:stop], size)).items()})
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         context = self._take(self._contexts)  # one execution context: callers run one at a time
         try:
             return self._buffers.run(context, self._engine, {self._input: batch})
         finally:
             self._give(self._contexts, context)
+
+    def precision_breakdown(self) -> dict | None:
+        """The engine inspector's per-layer precisions (vitedge builds with ``ProfilingVerbosity.DETAILED``)."""
+        if self._engine is None:  # released
+            return None
+        return mac_summary(engine_layers(self._engine), "tensorrt engine inspector (per-layer I/O precision, ProfilingVerbosity.DETAILED)")
 
     def _release(self) -> None:
         # Engine.close() calls this once no run is in flight, so the context is back in its list

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from .. import compare
+from ..backends.base import pad_batch
 from ..data import SHIPPED_CALIBRATION, ImageSet, label_indices
 from ..errors import ShapeMismatch, VitedgeError
 from ..manifest import Manifest
@@ -160,10 +161,7 @@ class StreamingBatches:
                 for b in self.ims.batches(self.pre, self.batch_size, self.min_count):
                     self.seen += len(b.x)
                     bar.update(task, completed=self.seen)
-                    x = b.x
-                    if self.pad and len(x) < self.batch_size:
-                        x = np.concatenate([x, np.repeat(x[-1:], self.batch_size - len(x), axis=0)])
-                    yield x
+                    yield pad_batch(b.x, self.batch_size) if self.pad else b.x
         except VitedgeError as exc:
             self.error = exc
             raise

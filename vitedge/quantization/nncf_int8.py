@@ -15,7 +15,6 @@ files (timm, transformers, torch.onnx) alike because it looks at weights and dat
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -215,33 +214,23 @@ def quantize_nncf(model, calib: Iterable[np.ndarray], subset_size: int, cfg: Int
 
 def pad_to_multiple(x: np.ndarray, k: int) -> np.ndarray:
     """``x`` with its last image repeated until its length is a multiple of ``k`` (fixed-batch models)."""
-    return np.concatenate([x, np.repeat(x[-1:], -len(x) % k, axis=0)]) if len(x) % k else x
+    from ..backends.base import pad_batch
+
+    return pad_batch(x, -(-len(x) // k) * k)
 
 
 # -- measuring a candidate --------------------------------------------------------------------------------------------------
 def timed_interleaved(runs: list[Callable[[], object]], rounds: int = 8, seconds: float = 6.0, min_runs: int = 3,
                       max_runs: int = 6) -> list[float]:
-    """Median wall time (ms) of each of ``runs``, timed in interleaved rounds (order reversed every other
-    round), so that a machine whose speed drifts (shared hosts, frequency changes) slows every run alike
-    and the comparison between them holds.  Each engine runs ``min_runs`` to ``max_runs`` times per round,
-    within its share of ``seconds``."""
-    for run in runs:
-        for _ in range(3):
-            run()
-    times: list[list[float]] = [[] for _ in runs]
-    per = seconds / rounds / max(1, len(runs))
-    for k in range(rounds):
-        order = range(len(runs)) if k % 2 == 0 else reversed(range(len(runs)))
-        for i in order:
-            runs[i]()  # untimed: wakes this engine's worker threads
-            t_end = time.perf_counter() + per
-            n = 0
-            while n < min_runs or (time.perf_counter() < t_end and n < max_runs):
-                t0 = time.perf_counter()
-                runs[i]()
-                times[i].append(time.perf_counter() - t0)
-                n += 1
-    return [1000.0 * float(np.median(t)) for t in times]
+    """Median wall time (ms) of each of ``runs``, timed in interleaved rounds (:func:`vitedge.timing.interleaved`,
+    order reversed every other round), so that a machine whose speed drifts (shared hosts, frequency changes)
+    slows every run alike and the comparison between them holds.  After 3 warm-up runs each, each runs once
+    untimed then ``min_runs`` to ``max_runs`` times per round, within its share of ``seconds``."""
+    from ..timing import Slot, flat_samples, interleaved
+
+    slot = Slot(seconds / rounds / max(1, len(runs)), min_runs, max(min_runs, max_runs))
+    samples = interleaved(runs, rounds, slot, warmup=Slot(0.0, 3, 3), alternate=True, wake=True)
+    return [float(np.median(flat_samples(s))) for s in samples]
 
 
 def prepare(path: Path, backend: str, x: np.ndarray, float_precision: str | None, static: bool = False,
