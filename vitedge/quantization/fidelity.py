@@ -155,7 +155,7 @@ def structural_groups(roles: GraphRoles, macs: dict[str, int]) -> list[Group]:
 
 def matrix_macs(source: Path) -> dict[str, int]:
     """Multiply-adds of every matrix op of the FP32 ONNX model, by node name."""
-    from ..validation import onnx_precision_breakdown
+    from ..backends.onnxruntime import onnx_precision_breakdown
 
     info = onnx_precision_breakdown(source) or {"layers": []}
     return {layer["name"]: int(layer["macs"]) for layer in info["layers"]}

@@ -1,11 +1,11 @@
 """INT8 with NNCF for both CPU runtimes: OpenVINO IR (FakeQuantize) and QDQ ONNX for ONNX Runtime.
 
-One set of algorithms (NNCF's min-max calibration, SmoothQuant, bias correction, accuracy control)
-writes both formats, so a configuration that keeps a model's predictions on one runtime means the
-same on the other.  :class:`Int8Config` is one point of the fidelity search's ladder
-(``fidelity.py``); :func:`quantize_nncf` applies it; :func:`prepare` runs the result on the held-out
-images and :func:`timed_interleaved` times it.  Everything here runs inside a child process of the search
-(``_try.py``), so a crash in a native library costs one try, not the user's run.
+One set of algorithms (NNCF's min-max calibration, SmoothQuant, bias correction) writes both formats,
+so a configuration that keeps a model's predictions on one runtime means the same on the other.
+:class:`Int8Config` is one whole-model setting of the fidelity search (``fidelity.py``);
+:func:`quantize_nncf` applies it; :func:`prepare` runs a result on the held-out images and
+:func:`timed_interleaved` times it.  The search runs all of it in its worker process (``worker.py``,
+``candidates.py``), so a crash in a native library costs one call, not the user's run.
 
 ViT-aware structure (which MatMul is the patch embedding, a block's fc2, the attention core) is
 read from the ONNX graph by :func:`graph_roles`; it works on vitedge's exports and on foreign ONNX
@@ -247,28 +247,21 @@ def prepare(path: Path, backend: str, x: np.ndarray, float_precision: str | None
         x = pad_to_multiple(x, fixed)
     one = np.ascontiguousarray(x[: fixed or 1])
     if backend == "openvino":
-        import openvino as ov
+        from ..backends.openvino import compiled_model
 
-        core = ov.Core()
         cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_PRECISION_HINT": float_precision} if float_precision else {})}
-        model = core.read_model(str(path))
         if static:
-            model.reshape({model.inputs[0]: [1] + list(x.shape[1:])})
             batch = 1
-        compiled = core.compile_model(model, "CPU", cfg)
+        compiled = compiled_model(path, "CPU", cfg, shape=[1, *x.shape[1:]] if static else None)
         req = compiled.create_infer_request()
         names = [o.get_any_name() for o in compiled.outputs]
         # np.array copies: the request's output tensors are reused by the next call
         parts = [[np.array(req.infer({0: x[i : i + batch]})[o]) for o in compiled.outputs] for i in range(0, len(x), batch)]
         run = lambda: req.infer({0: one})  # noqa: E731 - keeps compiled/req alive with the closure
     else:
-        import onnxruntime as ort
+        from ..backends.onnxruntime import session
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        from ..backends.onnxruntime import disabled_optimizers
-
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled_optimizers("int8"))
+        sess = session(path, precision="int8")
         name = sess.get_inputs()[0].name
         names = [o.name for o in sess.get_outputs()]
         parts = [sess.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
