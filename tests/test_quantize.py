@@ -264,7 +264,7 @@ def test_cli(ref_onnx, val_dir, tmp_path):
                                   "-o", str(tmp_path / "c.onnx")])
     assert r.exit_code == 0, r.output
     assert "S8" in r.output and "agreement with FP32 on 360 images" in r.output
-    assert "INT8 fidelity target (top-1 agreement >= 98.0%) met by try 1" in r.output
+    assert "INT8 fidelity target (top-1 agreement >= 98.0%) met by candidate 1" in r.output
     assert (tmp_path / "c.onnx").exists() and (tmp_path / "c.onnx.vitedge.json").exists() and (tmp_path / "c.onnx.fidelity.md").exists()
     r = CliRunner().invoke(main, ["quantize", str(ref_onnx), "-o", str(tmp_path / "d.onnx")])
     assert r.exit_code == 2 and "--int8, --fp16 or --auto" in r.output
