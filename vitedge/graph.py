@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import onnx_ir as ir
 
@@ -25,6 +26,9 @@ import onnx_ir as ir
 MATRIX_OPS = ("MatMul", "Gemm", "Conv")
 #: Ops a weight passes through on its way to a matrix op without changing its values' role.
 WEIGHT_PASS_THROUGH = ("Transpose", "Cast", "Identity", "DequantizeLinear")
+#: Ops that only move or select elements (data on input 0): quantizers commute with them, so NNCF places an
+#: activation's Q/DQ pair before them (k -> Q/DQ -> Reshape -> Transpose -> Q·Kᵀ).
+LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Gather", "Slice")
 
 _R = TypeVar("_R")
 
@@ -168,6 +172,14 @@ def sort(model: ir.Model) -> bool:
     return TopologicalSortPass()(model).modified
 
 
+@editor
+def tidy(model: ir.Model) -> bool:
+    """Topological order, then no dead nodes or initializers: the state to leave a graph in after edits."""
+    sort(model)
+    remove_dead(model)
+    return True
+
+
 def rewire(value: ir.Value, replacement: ir.Value, readers: Iterable[ir.Node] | None = None) -> int:
     """Make ``readers`` (default: every reader of ``value``) read ``replacement`` instead; returns how many
     inputs changed.  Graph outputs are not touched.  What nobody reads any more stays until :func:`remove_dead`."""
@@ -201,6 +213,7 @@ def add_outputs(model: ir.Model, value_names: Iterable[str]) -> list[str]:
     from .errors import VitedgeError
 
     vals = values(model)
+    value_names = list(value_names)
     missing = [n for n in value_names if n not in vals]
     if missing:
         raise VitedgeError(f"the model has no value named {missing[0]!r}", "pick a node output name from the ONNX graph")
@@ -224,8 +237,18 @@ def _infer_types(model: ir.Model, wanted: list[ir.Value]) -> None:
 
 # -- Q/DQ models ------------------------------------------------------------------------------------------------------------
 def float_ops(model: Any) -> list[str]:
-    """Matrix ops whose (first) input is not dequantized, i.e. that run in float, in a QDQ ONNX model."""
-    return [n.name for n in as_model(model).graph if n.op_type in MATRIX_OPS and not _is_dequantized(n.inputs[0])]
+    """Matrix ops that run in float in a QDQ ONNX model: their (first) input is not dequantized, directly or
+    through layout ops (NNCF puts an activation's pair before a Reshape/Transpose)."""
+    return [n.name for n in as_model(model).graph if n.op_type in MATRIX_OPS and not _is_dequantized(_behind_layout(n.inputs[0])[0])]
+
+
+def _behind_layout(value: ir.Value | None) -> tuple[ir.Value | None, list[ir.Node]]:
+    """The value before any layout ops (:data:`LAYOUT_OPS`) that lead to ``value``, and those ops, nearest first."""
+    layout = []
+    while value is not None and value.producer() is not None and value.producer().op_type in LAYOUT_OPS:
+        layout.append(value.producer())
+        value = layout[-1].inputs[0]
+    return value, layout
 
 
 def _is_dequantized(value: ir.Value | None) -> bool:
@@ -269,20 +292,9 @@ def dedicate_qdq(model: ir.Model) -> int:
         anchor = dq
         for k, reader in enumerate(readers[1:], 1):
             sfx = f"_reader{k}"
-            copies: dict[ir.Value, ir.Value] = {}
-
-            def own(v: ir.Value | None) -> ir.Value | None:
-                """This pair's copy of a scale/zero-point initializer (other inputs are shared)."""
-                if v is None or not v.is_initializer():
-                    return v
-                if v not in copies:
-                    copies[v] = ir.Value(name=v.name + sfx, type=v.type, shape=v.shape,
-                                         const_value=ir.Tensor(v.const_value.numpy(), dtype=v.const_value.dtype))
-                    g.register_initializer(copies[v])
-                return copies[v]
-
-            q2 = _copy_node(q, [q.inputs[0]] + [own(v) for v in q.inputs[1:]], sfx)
-            dq2 = _copy_node(dq, [q2.outputs[0]] + [own(v) for v in dq.inputs[1:]], sfx)
+            copies: dict[ir.Value, ir.Value] = {}  # this pair's scale/zero-point initializers
+            q2 = _copy_node(q, [q.inputs[0]] + [_own_initializer(g, v, sfx, copies) for v in q.inputs[1:]], sfx)
+            dq2 = _copy_node(dq, [q2.outputs[0]] + [_own_initializer(g, v, sfx, copies) for v in dq.inputs[1:]], sfx)
             g.insert_after(anchor, [q2, dq2])
             anchor = dq2
             rewire(dq.outputs[0], dq2.outputs[0], [reader])
@@ -290,22 +302,37 @@ def dedicate_qdq(model: ir.Model) -> int:
     return added
 
 
-def _copy_node(node: ir.Node, inputs: list, sfx: str) -> ir.Node:
-    """A copy of ``node`` reading ``inputs``, its name and single output's name suffixed with ``sfx``."""
+def _own_initializer(g: ir.Graph, v: ir.Value | None, sfx: str, copies: dict) -> ir.Value | None:
+    """A copy of initializer ``v`` named with ``sfx`` (one per ``copies``, so a Q and DQ that share a scale share its
+    copy); any other input is returned as is."""
+    if v is None or not v.is_initializer():
+        return v
+    if v not in copies:
+        t = v.const_value
+        copies[v] = ir.Value(name=v.name + sfx, type=v.type, shape=v.shape, const_value=ir.Tensor(t.numpy(), dtype=t.dtype))
+        g.register_initializer(copies[v])
+    return copies[v]
+
+
+def _copy_node(node: ir.Node, inputs: list, sfx: str | None = None) -> ir.Node:
+    """A copy of ``node`` (one output) reading ``inputs``; its name and its output's are the original's with
+    ``sfx`` appended, or new unique ones (given when it joins the graph) without ``sfx``."""
     attrs = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
-    copy = ir.Node(node.domain, node.op_type, inputs, attrs, name=node.name + sfx, version=node.version,
+    copy = ir.Node(node.domain, node.op_type, inputs, attrs, name=node.name + sfx if sfx else None, version=node.version,
                    doc_string=node.doc_string, num_outputs=1)
-    copy.outputs[0].name = node.outputs[0].name + sfx
+    if sfx:
+        copy.outputs[0].name = node.outputs[0].name + sfx
     return copy
 
 
 @editor
 def keep_float(model: ir.Model, op_names: Iterable[str]) -> list[str]:
     """Make the named matrix ops run in float again (in place): each input that a QuantizeLinear ->
-    DequantizeLinear pair feeds is rewired to the pair's own input, i.e. exactly the float value the op read
-    before quantization (for a weight, the float initializer).  Only these ops are rewired: a pair shared
-    with other readers stays for them; pairs nobody reads any more are removed.  Returns the names of the
-    ops changed, in graph order.
+    DequantizeLinear pair feeds, directly or through layout ops (:data:`LAYOUT_OPS`, e.g. k's Reshape and
+    Transpose before Q·Kᵀ), reads the pair's own input instead, i.e. exactly the float value the op read
+    before quantization (for a weight, the float initializer).  Only these ops are rewired: a pair (or a
+    layout op) shared with other readers stays for them, the layout ops being copied for this op; what
+    nobody reads any more is removed.  Returns the names of the ops changed, in graph order.
 
     This derives "keep these ops in float" variants from one quantized graph without calibrating again.
     The result equals quantizing with those ops ignored only where the quantizer's other steps did not
@@ -321,23 +348,32 @@ def keep_float(model: ir.Model, op_names: Iterable[str]) -> list[str]:
     nodes = [n for n in g if n.name in wanted]
     unknown = wanted - {n.name for n in nodes}
     if unknown:
-        raise VitedgeError(f"the model has no node named {sorted(unknown)[0]!r}", "use node names from the ONNX graph")
-    edits: list[tuple[ir.Node, int, ir.Value]] = []  # checked first, so an error leaves the model as it was
+        raise VitedgeError(f"the model has no node named {min(unknown)!r}", "use node names from the ONNX graph")
+    edits: list[tuple[ir.Node, int, list[ir.Node], ir.Value]] = []  # checked first: an error leaves the model as it was
     for node in nodes:
         if node.op_type not in MATRIX_OPS:
             raise VitedgeError(f"{node.name} is a {node.op_type}, not a matrix op ({'/'.join(MATRIX_OPS)})")
         for i, v in enumerate(node.inputs):
+            v, layout = _behind_layout(v)
             src = qdq_source(v)
             if src is not None:
-                edits.append((node, i, src))
+                edits.append((node, i, layout, src))
             elif _is_dequantized(v) and constant_behind(v.producer().inputs[0], through=()) is not None:
                 raise VitedgeError(
                     f"{node.name}'s weight is stored as integers (a DequantizeLinear without a QuantizeLinear): its float "
                     "values are not in the file", "quantize with NNCF's backend_params={'compress_weights': False} to keep "
                     "float weights behind Q/DQ pairs")
-    for node, i, src in edits:
+    for node, i, layout, src in edits:
+        readers = [node] + layout[:-1]  # who reads each layout op's output
+        if all(p.outputs[0].consumers() == (r,) and not p.outputs[0].is_graph_output() for p, r in zip(layout, readers)):
+            (layout[-1] if layout else node).replace_input_with(0 if layout else i, src)
+            continue
+        for p in reversed(layout):  # shared with other readers: this op gets its own copies
+            copy = _copy_node(p, [src, *p.inputs[1:]])
+            g.insert_after(p, copy)
+            src = copy.outputs[0]
         node.replace_input_with(i, src)
-    changed = list(dict.fromkeys(node.name for node, _, _ in edits))
+    changed = list(dict.fromkeys(node.name for node, *_ in edits))
     if changed:
         remove_dead(model)
     return changed
