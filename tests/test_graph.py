@@ -227,3 +227,31 @@ def test_qdq_scheme_and_float_ops(quantized, fp32):
     assert graph.qdq_scheme(fp32) == "S8 weights only"
     assert sorted(graph.float_ops(fp32)) == sorted(n.name for n in fp32.graph.node if n.op_type in graph.MATRIX_OPS)
     assert graph.float_ops(quantized()) == graph_roles(fp32).attention[1::2]  # NNCF leaves softmax·V in float
+
+
+def test_keep_float_copies_a_shared_layout_op_for_the_reverted_op_only():
+    """x -> Q/DQ -> Transpose read by two MatMuls: reverting one gives it float x through its own Transpose;
+    the other keeps reading the quantized x."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2, 8, 5)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "zp"),
+             numpy_helper.from_array(w, "w")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="dq"),
+             helper.make_node("Transpose", ["xd"], ["xt"], perm=[0, 2, 1], name="t"),
+             helper.make_node("MatMul", ["xt", "w"], ["a"], name="mm_a"),
+             helper.make_node("MatMul", ["xt", "w"], ["b"], name="mm_b")]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, 5]) for n in ("a", "b")]
+    g = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 3])], outs, inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    x = rng.uniform(0, 10, (2, 8, 3)).astype(np.float32)
+    _, b_before = _run(model, x)
+    assert graph.keep_float(model, ["mm_a"]) == ["mm_a"]
+    onnx.checker.check_model(model)
+    a, b = _run(model, x)
+    np.testing.assert_allclose(a, x.transpose(0, 2, 1) @ w, rtol=1e-5)  # float x
+    np.testing.assert_array_equal(b, b_before)  # still quantized
+    assert not np.allclose(b, a, rtol=1e-4)
+    assert [n.op_type for n in model.graph.node].count("Transpose") == 2

@@ -104,41 +104,40 @@ def _tensor_types(proto) -> dict[str, int]:
 def _instrument(proto) -> tuple[object, list[str], dict[str, int]]:
     """A copy of ``proto`` with two scalar outputs per float activation: max |x| and sum(x - x)
     (0 when every element is finite, NaN otherwise)."""
-    import onnx
-    from onnx import TensorProto, helper
+    import onnx_ir as ir
+
+    from .. import graph
 
     types = _tensor_types(proto)
     floats = _float_types()
-    inst = onnx.ModelProto()
-    inst.CopyFrom(proto)
-    g = inst.graph
-    inits = {i.name for i in g.initializer}
-    names = [i.name for i in g.input if i.name not in inits]
-    names += [o for n in g.node for o in n.output if o]
+    model = graph.as_model(proto)  # a view: the statistics nodes are added to it, ``proto`` stays as it is
+    g = model.graph
+    vals = graph.values(model)
+    names = [v.name for v in g.inputs if not v.is_initializer()] + [v.name for n in g for v in n.outputs if v.name]
     watched = []
     seen = set()
+
+    def add(op: str, inputs: list, name: str, out: str, **attrs):
+        node = ir.node(op, inputs, attrs, name=name)
+        node.outputs[0].name = out
+        g.append(node)
+        return node.outputs[0]
+
     for k, t in enumerate(names):
-        if t in seen or t in inits or types.get(t) not in floats:
+        if t in seen or vals[t].is_initializer() or types.get(t) not in floats:
             continue
         seen.add(t)
-        src = t
-        nodes = []
-        if types[t] != TensorProto.FLOAT:
-            src = f"{_STAT_PREFIX}{k}_f32"
-            nodes.append(helper.make_node("Cast", [t], [src], to=TensorProto.FLOAT, name=f"{_STAT_PREFIX}{k}_cast"))
-        a, d = f"{_STAT_PREFIX}{k}_abs", f"{_STAT_PREFIX}{k}_diff"
-        mx, fin = f"{_STAT_PREFIX}{k}_max", f"{_STAT_PREFIX}{k}_fin"
-        nodes += [
-            helper.make_node("Abs", [src], [a], name=f"{_STAT_PREFIX}{k}_absn"),
-            helper.make_node("ReduceMax", [a], [mx], keepdims=0, name=f"{_STAT_PREFIX}{k}_maxn"),
-            helper.make_node("Sub", [src, src], [d], name=f"{_STAT_PREFIX}{k}_subn"),
-            helper.make_node("ReduceSum", [d], [fin], keepdims=0, name=f"{_STAT_PREFIX}{k}_finn"),
-        ]
-        g.node.extend(nodes)
-        g.output.extend([helper.make_tensor_value_info(mx, TensorProto.FLOAT, []),
-                         helper.make_tensor_value_info(fin, TensorProto.FLOAT, [])])
+        p = f"{_STAT_PREFIX}{k}"
+        src = vals[t]
+        if types[t] != ir.DataType.FLOAT:
+            src = add("Cast", [src], f"{p}_cast", f"{p}_f32", to=ir.DataType.FLOAT)
+        mx = add("ReduceMax", [add("Abs", [src], f"{p}_absn", f"{p}_abs")], f"{p}_maxn", f"{p}_max", keepdims=0)
+        fin = add("ReduceSum", [add("Sub", [src, src], f"{p}_subn", f"{p}_diff")], f"{p}_finn", f"{p}_fin", keepdims=0)
+        for v in (mx, fin):
+            v.type, v.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([])
+        g.outputs.extend([mx, fin])
         watched.append(t)
-    return inst, watched, {t: types[t] for t in watched}
+    return graph.to_proto(model), watched, {t: types[t] for t in watched}
 
 
 @dataclass
