@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -117,7 +117,7 @@ def values(model: Any) -> dict[str, ir.Value]:
     return out
 
 
-def name_maps(model: Any) -> tuple[dict[str, ir.Node], dict[str, tuple[ir.Node, ...]]]:
+def name_maps(model: Any) -> tuple[dict[str, ir.Node], dict[str, Sequence[ir.Node]]]:
     """``({value name: producing node}, {value name: reading nodes})``, for code that keys tensors by name
     (e.g. statistics collected per tensor by ONNX Runtime)."""
     vals = values(model)
@@ -244,15 +244,15 @@ def float_ops(model: Any) -> list[str]:
 
 def _behind_layout(value: ir.Value | None) -> tuple[ir.Value | None, list[ir.Node]]:
     """The value before any layout ops (:data:`LAYOUT_OPS`) that lead to ``value``, and those ops, nearest first."""
-    layout = []
-    while value is not None and value.producer() is not None and value.producer().op_type in LAYOUT_OPS:
-        layout.append(value.producer())
-        value = layout[-1].inputs[0]
+    layout: list[ir.Node] = []
+    while value is not None and (p := value.producer()) is not None and p.op_type in LAYOUT_OPS:
+        layout.append(p)
+        value = p.inputs[0]
     return value, layout
 
 
 def _is_dequantized(value: ir.Value | None) -> bool:
-    return value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
+    return value is not None and (p := value.producer()) is not None and p.op_type == "DequantizeLinear"
 
 
 def qdq_scheme(model: Any) -> str:
