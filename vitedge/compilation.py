@@ -120,17 +120,31 @@ def _check_options(hint, precision_hint, threads):
 
 
 # -- ONNX helpers -------------------------------------------------------------------------------
-def set_static_batch(proto, batch: int) -> None:
-    """Fix the batch dimension of every graph input and output of an ONNX model (in place)."""
-    for v in list(proto.graph.input) + list(proto.graph.output):
-        dims = v.type.tensor_type.shape.dim
-        if dims and not dims[0].dim_value:
-            dims[0].Clear()
-            dims[0].dim_value = batch
-        elif dims and dims[0].dim_value != batch:
-            raise ShapeMismatch(f"the model has a fixed batch of {dims[0].dim_value}, not {batch}", "compile with --batch "
-                               f"{dims[0].dim_value}, or re-export with --batch dynamic")
-    del proto.graph.value_info[:]  # stale symbolic shapes; re-inferred by the runtimes
+def set_static_batch(model, batch: int) -> bool:
+    """Fix the batch dimension of every graph input and output of an ONNX model (an ``onnx.ModelProto``,
+    edited in place, or an ``ir.Model``), and forget the shapes inferred for the values in between
+    (symbolic, now stale; the runtimes infer them again)."""
+    from . import graph
+
+    return graph.editor(_set_static_batch)(model, batch)
+
+
+def _set_static_batch(model, batch: int) -> bool:
+    import onnx_ir as ir
+
+    g = model.graph
+    for v in list(g.inputs) + list(g.outputs):
+        dims = v.shape
+        if dims and not (isinstance(dims[0], int) and dims[0]):
+            v.shape = ir.Shape([batch, *dims[1:]])
+        elif dims and dims[0] != batch:
+            raise ShapeMismatch(f"the model has a fixed batch of {dims[0]}, not {batch}", "compile with --batch "
+                               f"{dims[0]}, or re-export with --batch dynamic")
+    for node in g:
+        for v in node.outputs:
+            if not v.is_graph_output():
+                v.shape, v.type = None, None
+    return True
 
 
 def _specs_with_batch(specs: list[TensorSpec], batch: int | None) -> list[TensorSpec]:

@@ -456,13 +456,9 @@ def drop_stale_value_info(proto) -> int:
     """Remove ``value_info`` entries of initializers: the FP16 converter leaves some that give an FP32
     weight (kept for LayerNorm) the FP16 type, which strict ONNX type checking rejects; an
     initializer's own type is the truth.  Returns how many were removed."""
-    inits = {i.name for i in proto.graph.initializer}
-    keep = [v for v in proto.graph.value_info if v.name not in inits]
-    dropped = len(proto.graph.value_info) - len(keep)
-    if dropped:
-        del proto.graph.value_info[:]
-        proto.graph.value_info.extend(keep)
-    return dropped
+    from ..graph import drop_initializer_value_info
+
+    return drop_initializer_value_info(proto)
 
 
 def convert_for_tensorrt(src: Path, out: Path, man: Manifest, *, qdq: bool) -> dict:

@@ -104,41 +104,40 @@ def _tensor_types(proto) -> dict[str, int]:
 def _instrument(proto) -> tuple[object, list[str], dict[str, int]]:
     """A copy of ``proto`` with two scalar outputs per float activation: max |x| and sum(x - x)
     (0 when every element is finite, NaN otherwise)."""
-    import onnx
-    from onnx import TensorProto, helper
+    import onnx_ir as ir
+
+    from .. import graph
 
     types = _tensor_types(proto)
     floats = _float_types()
-    inst = onnx.ModelProto()
-    inst.CopyFrom(proto)
-    g = inst.graph
-    inits = {i.name for i in g.initializer}
-    names = [i.name for i in g.input if i.name not in inits]
-    names += [o for n in g.node for o in n.output if o]
+    model = graph.as_model(proto)  # a view: the statistics nodes are added to it, ``proto`` stays as it is
+    g = model.graph
+    vals = graph.values(model)
+    names = [v.name for v in g.inputs if not v.is_initializer()] + [v.name for n in g for v in n.outputs if v.name]
     watched = []
     seen = set()
+
+    def add(op: str, inputs: list, name: str, out: str, **attrs):
+        node = ir.node(op, inputs, attrs, name=name)
+        node.outputs[0].name = out
+        g.append(node)
+        return node.outputs[0]
+
     for k, t in enumerate(names):
-        if t in seen or t in inits or types.get(t) not in floats:
+        if t in seen or vals[t].is_initializer() or types.get(t) not in floats:
             continue
         seen.add(t)
-        src = t
-        nodes = []
-        if types[t] != TensorProto.FLOAT:
-            src = f"{_STAT_PREFIX}{k}_f32"
-            nodes.append(helper.make_node("Cast", [t], [src], to=TensorProto.FLOAT, name=f"{_STAT_PREFIX}{k}_cast"))
-        a, d = f"{_STAT_PREFIX}{k}_abs", f"{_STAT_PREFIX}{k}_diff"
-        mx, fin = f"{_STAT_PREFIX}{k}_max", f"{_STAT_PREFIX}{k}_fin"
-        nodes += [
-            helper.make_node("Abs", [src], [a], name=f"{_STAT_PREFIX}{k}_absn"),
-            helper.make_node("ReduceMax", [a], [mx], keepdims=0, name=f"{_STAT_PREFIX}{k}_maxn"),
-            helper.make_node("Sub", [src, src], [d], name=f"{_STAT_PREFIX}{k}_subn"),
-            helper.make_node("ReduceSum", [d], [fin], keepdims=0, name=f"{_STAT_PREFIX}{k}_finn"),
-        ]
-        g.node.extend(nodes)
-        g.output.extend([helper.make_tensor_value_info(mx, TensorProto.FLOAT, []),
-                         helper.make_tensor_value_info(fin, TensorProto.FLOAT, [])])
+        p = f"{_STAT_PREFIX}{k}"
+        src = vals[t]
+        if types[t] != ir.DataType.FLOAT:
+            src = add("Cast", [src], f"{p}_cast", f"{p}_f32", to=ir.DataType.FLOAT)
+        mx = add("ReduceMax", [add("Abs", [src], f"{p}_absn", f"{p}_abs")], f"{p}_maxn", f"{p}_max", keepdims=0)
+        fin = add("ReduceSum", [add("Sub", [src, src], f"{p}_subn", f"{p}_diff")], f"{p}_finn", f"{p}_fin", keepdims=0)
+        for v in (mx, fin):
+            v.type, v.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([])
+        g.outputs.extend([mx, fin])
         watched.append(t)
-    return inst, watched, {t: types[t] for t in watched}
+    return graph.to_proto(model), watched, {t: types[t] for t in watched}
 
 
 @dataclass
@@ -227,53 +226,43 @@ def _convert(proto, block_nodes: set[str], direct: bool = True):
                                                 node_block_list=sorted(block_nodes))
             finally:
                 root.disabled = was
+        from .. import graph
+
+        model = graph.as_model(half)
         if direct:
-            _skip_fp16_roundtrips(half)
-        toposort(half)
-        return half
+            _skip_fp16_roundtrips(model)
+        toposort(model)
+        return graph.to_proto(model)
     except Exception as exc:
         raise VitedgeError(f"FP16 conversion failed: {type(exc).__name__}: {first_line(exc, 200)}") from None
 
 
-def _skip_fp16_roundtrips(half) -> int:
+def _skip_fp16_roundtrips(model) -> int:
     """The ORT converter links two FP32 nodes through FP16 (Cast to FP16, then back to FP32), which
-    overflows exactly where the guard kept nodes in FP32: FP32 readers get the FP32 tensor directly."""
-    from onnx import TensorProto
-
-    g = half.graph
-
-    def to(n):
-        return next((a.i for a in n.attribute if a.name == "to"), None)
-
-    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) if v.type.HasField("tensor_type")}
-    down = {n.output[0]: n for n in g.node if n.op_type == "Cast" and to(n) == TensorProto.FLOAT16}
-    rename = {}
-    for n in g.node:
-        if n.op_type == "Cast" and to(n) == TensorProto.FLOAT and n.input[0] in down:
-            src = down[n.input[0]].input[0]
-            if types.get(src, TensorProto.FLOAT) == TensorProto.FLOAT:
-                rename[n.output[0]] = src
-    outputs = {o.name for o in g.output}
-    rename = {k: v for k, v in rename.items() if k not in outputs}
-    if not rename:
-        return 0
-    for n in g.node:
-        for i, name in enumerate(n.input):
-            if name in rename:
-                n.input[i] = rename[name]
-    return len(rename)  # the Casts nobody reads any more go in toposort()
-
-
-def toposort(proto) -> None:
-    """Put the nodes in topological order and drop the Casts nobody reads (the ORT converter appends its
-    Casts at the end, which ONNX forbids and strict consumers such as ``onnx.reference`` reject)."""
+    overflows exactly where the guard kept nodes in FP32: FP32 readers get the FP32 tensor directly
+    (``model``: an ``ir.Model``).  Returns how many round trips were skipped."""
     import onnx_ir as ir
-    from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-    model = ir.from_proto(proto)
-    TopologicalSortPass()(model)
-    RemoveUnusedNodesPass()(model)
-    proto.CopyFrom(ir.to_proto(model))
+    from .. import graph
+
+    def cast_to(node, dtype) -> bool:
+        return node is not None and node.op_type == "Cast" and node.attributes.get_int("to") == dtype
+
+    skipped = 0
+    for up in list(model.graph):
+        down = up.inputs[0].producer() if cast_to(up, ir.DataType.FLOAT) else None
+        if cast_to(down, ir.DataType.FLOAT16) and (down.inputs[0].dtype or ir.DataType.FLOAT) == ir.DataType.FLOAT:
+            skipped += graph.bypass(up, down.inputs[0])  # the FP16 Cast nobody reads any more goes in toposort()
+    return skipped
+
+
+def toposort(model) -> None:
+    """Put the nodes in topological order and drop the Casts nobody reads (the ORT converter appends its
+    Casts at the end, which ONNX forbids and strict consumers such as ``onnx.reference`` reject).
+    Takes an ``ir.Model`` or an ``onnx.ModelProto`` (edited in place)."""
+    from .. import graph
+
+    graph.tidy(model)
 
 
 def _name_nodes(proto) -> None:
@@ -282,16 +271,6 @@ def _name_nodes(proto) -> None:
         if not n.name or n.name in seen:
             n.name = f"{n.op_type}_{i}"
         seen.add(n.name)
-
-
-def _graph_maps(proto):
-    producer, consumers = {}, {}
-    for n in proto.graph.node:
-        for o in n.output:
-            producer[o] = n
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return producer, consumers
 
 
 def _bad_fp16(t: str, s16: TensorStats, s32: TensorStats) -> bool:
@@ -323,7 +302,9 @@ def convert_onnx_fp16(model: Path, out: Path, data=None, *, margin: float = DEFA
         if guard:
             info["note"] = "no images to check on: only the op-type list kept FP32"
     else:
-        producer, consumers = _graph_maps(proto)
+        from .. import graph
+
+        producer, consumers = graph.name_maps(proto)  # tensor name -> node(s), the stats are per tensor name
         with tempfile.TemporaryDirectory(prefix="vitedge_fp16_") as tmp:
             s32 = scan_tensors(proto, source, Path(tmp))
             ref = np.concatenate(s32.outputs)
@@ -359,11 +340,11 @@ def convert_onnx_fp16(model: Path, out: Path, data=None, *, margin: float = DEFA
                 badset = set(bad)
                 # where the trouble starts: bad tensors none of whose float activation inputs are bad, and
                 # every bad tensor FP16 cannot hold even in principle (FP32 saw it past 65504)
-                origins = [producer[t] for t in bad if not any(i in badset for i in producer[t].input)
+                origins = [producer[t] for t in bad if not any(i is not None and i.name in badset for i in producer[t].inputs)
                            or s32.max_abs.get(t, 0.0) > FP16_MAX]
                 new = 0
                 for nd in origins:
-                    for o in nd.output:
+                    for o in (v.name for v in nd.outputs):
                         if nd.name not in block:
                             block[nd.name] = f"inf/NaN in FP16 check (round {r + 1})"
                             new += 1

@@ -26,7 +26,6 @@ log = logging.getLogger("vitedge")
 #: vitedge's --method names -> NNCF's activation range estimators (NNCF has no KL method: its histogram
 #: estimator, which picks the range minimising the quantization error, stands in for "entropy").
 ESTIMATORS = {"minmax": "MINMAX", "percentile": "MEAN_QUANTILE", "entropy": "HISTOGRAM"}
-MATRIX_OPS = ("MatMul", "Gemm", "Conv")
 
 
 @dataclass(frozen=True)
@@ -95,46 +94,25 @@ def graph_roles(model) -> GraphRoles:
     (fc2); the fc2s close the encoder blocks, so everything between two fc2s is one block.  A Conv
     before the first block is the patch embedding; weight ops after the last fc2 are the head.
     """
-    g = model.graph
-    consts = {i.name: i for i in g.initializer}
-    produced_by = {o: n for n in g.node for o in n.output}
-
-    def weight(name: str):
-        """The constant behind an input (through Transpose/Cast/Identity), else None."""
-        for _ in range(4):
-            if name in consts:
-                return consts[name]
-            n = produced_by.get(name)
-            if n is None:
-                return None
-            if n.op_type == "Constant":
-                return next((a.t for a in n.attribute if a.name == "value"), None)
-            if n.op_type not in ("Transpose", "Cast", "Identity", "DequantizeLinear"):
-                return None
-            name = n.input[0]
-        return None
+    from ..graph import MATRIX_OPS, as_model, constant_behind
 
     roles = GraphRoles()
-    readers: dict[str, list[str]] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n.op_type)
     ops: list[tuple[str, str, int | None, int | None]] = []  # (name, op type, input width, output width)
-    for n in g.node:
+    for n in as_model(model).graph:
         if n.op_type not in MATRIX_OPS:
             continue
-        w = weight(n.input[1]) if len(n.input) > 1 else None
+        w = constant_behind(n.inputs[1]) if len(n.inputs) > 1 else None
         if w is None:
-            if n.op_type == "MatMul" and weight(n.input[0]) is None:
+            if n.op_type == "MatMul" and constant_behind(n.inputs[0]) is None:
                 # token merging's similarity (read by the max/argmax of the matching), else the attention core
-                merging = any(t in ("ReduceMax", "ArgMax", "TopK") for t in readers.get(n.output[0], []))
+                merging = any(r.op_type in ("ReduceMax", "ArgMax", "TopK") for r in n.outputs[0].consumers())
                 (roles.token_merging if merging else roles.attention).append(n.name)
             continue
-        dims = list(w.dims)
+        dims = list(w.shape)
         if len(dims) != 2:
             ops.append((n.name, n.op_type, None, None))
             continue
-        trans_b = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+        trans_b = n.op_type == "Gemm" and n.attributes.get_int("transB", 0)
         k, m = (dims[1], dims[0]) if trans_b else (dims[0], dims[1])
         ops.append((n.name, n.op_type, k, m))
     widths = [m for *_, m in ops if m]
@@ -280,79 +258,23 @@ def float_ops_openvino(ov_model) -> list[str]:
     return out
 
 
+# -- QDQ ONNX: the helpers live in vitedge.graph (imported on use: it loads onnx); these names are the search's -------------
 def float_ops_onnx(model) -> list[str]:
-    """Matrix ops whose inputs are not dequantized (i.e. run in float) in a QDQ ONNX model."""
-    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    return [n.name for n in model.graph.node if n.op_type in MATRIX_OPS and n.input[0] not in dq]
+    """Matrix ops that run in float in a QDQ ONNX model (:func:`vitedge.graph.float_ops`)."""
+    from ..graph import float_ops
+
+    return float_ops(model)
 
 
 def qdq_scheme(model) -> str:
-    """``U8S8``/``S8S8`` (activation/weight integer types) of a QDQ ONNX model; ``mixed`` when activations differ."""
-    init = {i.name: i for i in model.graph.initializer}
-    act = set()
-    for n in model.graph.node:
-        if n.op_type == "QuantizeLinear" and n.input[0] not in init and len(n.input) > 2 and n.input[2] in init:
-            act.add("U8" if init[n.input[2]].data_type == 2 else "S8")  # TensorProto.UINT8 == 2
-    return f"{act.pop()}S8" if len(act) == 1 else ("mixed U8/S8 activations, S8 weights" if act else "S8 weights only")
+    """``U8S8``/``S8S8``/mixed integer scheme of a QDQ ONNX model (:func:`vitedge.graph.qdq_scheme`)."""
+    from .. import graph
+
+    return graph.qdq_scheme(model)
 
 
 def dedicate_qdq(model) -> int:
-    """Give every reader of a shared Q/DQ pair its own pair (in place); returns how many pairs were added.
+    """A Q/DQ pair per reader, so ONNX Runtime fuses each into an integer kernel (:func:`vitedge.graph.dedicate_qdq`)."""
+    from .. import graph
 
-    NNCF writes one Q/DQ pair per tensor, so a LayerNorm output read by the q, k and v MatMuls has one
-    pair with three readers.  ONNX Runtime on x86 turns signed activations into unsigned ones
-    (QDQS8ToU8Transformer) and fuses DequantizeLinear -> MatMul into an integer kernel
-    (MatMulIntegerToFloat) only for a Q/DQ pair with one reader and zero-point/scale tensors of its
-    own; otherwise q, k and v stay float MatMuls behind a fake-quant (measured: 36 of the 73 MatMuls of
-    a ViT-S).  The copies have identical scales, so the numbers do not change, and each disappears into
-    its reader's integer kernel.
-    """
-    import onnx
-
-    g = model.graph
-    init = {t.name: t for t in g.initializer}
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    producer = {o: n for n in g.node for o in n.output}
-    outputs = {o.name for o in g.output}
-    added, new_nodes, new_init = 0, [], []
-
-    def copy_tensor(name: str, suffix: str) -> str:
-        t = onnx.TensorProto()
-        t.CopyFrom(init[name])
-        t.name = name + suffix
-        new_init.append(t)
-        return t.name
-
-    for n in g.node:
-        new_nodes.append(n)
-        if n.op_type != "DequantizeLinear" or n.output[0] in outputs:
-            continue
-        q = producer.get(n.input[0])
-        users = readers.get(n.output[0], [])
-        if q is None or q.op_type != "QuantizeLinear" or len(readers.get(q.output[0], [])) != 1 or len(users) < 2:
-            continue
-        for k, user in enumerate(users[1:], 1):
-            sfx = f"_reader{k}"
-            q2, dq2 = onnx.NodeProto(), onnx.NodeProto()
-            q2.CopyFrom(q)
-            dq2.CopyFrom(n)
-            q2.name, dq2.name = q.name + sfx, n.name + sfx
-            q2.output[0], dq2.output[0] = q.output[0] + sfx, n.output[0] + sfx
-            for node in (q2, dq2):
-                for j in range(1, len(node.input)):
-                    if node.input[j] in init:
-                        node.input[j] = copy_tensor(node.input[j], sfx) if node is q2 else q2.input[j]
-            dq2.input[0] = q2.output[0]
-            for j, name in enumerate(user.input):
-                if name == n.output[0]:
-                    user.input[j] = dq2.output[0]
-            new_nodes += [q2, dq2]
-            added += 1
-    if added:
-        del g.node[:]
-        g.node.extend(new_nodes)
-        g.initializer.extend(new_init)
-    return added
+    return graph.dedicate_qdq(model)

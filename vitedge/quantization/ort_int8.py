@@ -40,6 +40,7 @@ log = logging.getLogger("vitedge")
 
 MIN_MATMUL_DIM = 16  # modelopt's _MIN_MATMUL_DIM: MatMul/Gemm with K or N below it stay float
 QUANT_OP_TYPES = ["MatMul", "Gemm", "Conv"]  # LayerNorm, Softmax, GELU stay float (ViT-aware default)
+QDQ = ("QuantizeLinear", "DequantizeLinear")
 CALIB_BATCH = 8
 CHUNK_BATCHES = 4  # batches per collect_data call for MinMax (its augmented outputs are per-tensor min/max scalars)
 HIST_CHUNK_BATCHES = 1  # entropy/percentile: the augmented model outputs every full activation, so one batch at a time
@@ -96,34 +97,27 @@ def tensorrt_float_nodes(model: Path) -> dict[str, list[str]]:
     """Matrix nodes NVIDIA's placement leaves in float: ``attention`` (MatMuls of two activations: q·kᵀ
     and softmax·v), ``gemv`` (MatMul/Gemm whose activation input has one row per image) and ``small``
     (a weight with fewer than 16 rows or columns, e.g. a 10-class head)."""
-    import onnx
-
+    from .. import graph
     from .nncf_int8 import graph_roles
 
-    proto = onnx.load(str(model), load_external_data=False)
-    roles = graph_roles(proto)
-    g = proto.graph
-    shapes = {}
-    for v in list(g.value_info) + list(g.input) + list(g.output):
-        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-    inits = {i.name: i for i in g.initializer}
+    model = graph.load(model)
+    roles = graph_roles(model)
     attention = set(roles.attention)
     gemv, small = [], []
-    for n in g.node:
+    for n in model.graph:
         if n.op_type not in ("MatMul", "Gemm") or n.name in attention:
             continue
-        act = next((i for i in n.input[:2] if i and i not in inits), None)
-        shape = shapes.get(act) if act else None
+        act = next((v for v in n.inputs[:2] if v is not None and not v.is_initializer()), None)
+        shape = [d if isinstance(d, int) else None for d in act.shape] if act is not None and act.shape is not None else None
         if shape:
-            trans_a = n.op_type == "Gemm" and any(a.name == "transA" and a.i for a in n.attribute)
+            trans_a = n.op_type == "Gemm" and n.attributes.get_int("transA", 0)
             if (len(shape) == 2 and not trans_a) or (len(shape) >= 3 and shape[-2] == 1):  # (N, K) or (N, 1, K): one row per image
                 gemv.append(n.name)
                 continue
-        w = inits.get(n.input[1]) if len(n.input) > 1 else None
-        if w is not None and len(w.dims) == 2:  # K or N under 16: too small for INT8 Tensor Core kernels (modelopt's rule)
-            trans_b = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
-            k, m = (w.dims[1], w.dims[0]) if trans_b else (w.dims[0], w.dims[1])
+        w = n.inputs[1].const_value if len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].is_initializer() else None
+        if w is not None and len(w.shape) == 2:  # K or N under 16: too small for INT8 Tensor Core kernels (modelopt's rule)
+            trans_b = n.op_type == "Gemm" and n.attributes.get_int("transB", 0)
+            k, m = (w.shape[1], w.shape[0]) if trans_b else (w.shape[0], w.shape[1])
             if min(k, m) < MIN_MATMUL_DIM:
                 small.append(n.name)
     return {"attention": sorted(attention), "gemv": gemv, "small": small}
@@ -243,35 +237,23 @@ def quantize_qdq(model: Path, out: Path, cache: Path, cfg: QDQConfig, method: st
 def _only_matrix_consumers(path: Path) -> None:
     """TensorRT: a Q/DQ pair must feed only MatMul/Conv/Gemm; other readers of the tensor (e.g. a Shape
     on the input) get the float tensor back, so TensorRT fuses every pair into its INT8 kernels."""
-    import onnx
+    from .. import graph
 
-    proto = onnx.load(str(path))
-    g = proto.graph
-    q_in = {n.output[0]: n.input[0] for n in g.node if n.op_type == "QuantizeLinear"}
-    dq_src = {n.output[0]: q_in[n.input[0]] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in q_in}
-    changed = False
-    for n in g.node:
-        if n.op_type in QUANT_OP_TYPES or n.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        for k, name in enumerate(n.input):
-            if name in dq_src:
-                n.input[k] = dq_src[name]
-                changed = True
+    model = graph.load(path)
+    changed = 0
+    for dq in list(model.graph):
+        src = graph.qdq_source(dq.outputs[0])
+        if src is not None:
+            others = [r for r in dq.outputs[0].consumers() if r.op_type not in QUANT_OP_TYPES and r.op_type not in QDQ]
+            changed += graph.rewire(dq.outputs[0], src, others)
     if changed:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = True
-        while dead:  # drop Q/DQ pairs nobody reads any more
-            dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not set(n.output) & used]
-            for n in dead:
-                g.node.remove(n)
-            used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        onnx.save(proto, str(path))
+        graph.remove_dead(model)  # the pairs nobody reads any more
+        graph.save(model, path)
 
 
 def quantizable_nodes(model: Path, cfg: QDQConfig | None = None) -> list[str]:
     """Matrix nodes the quantizer may put in INT8 (those ``cfg`` always keeps in float left out)."""
-    import onnx
+    from .. import graph
 
-    g = onnx.load(str(model), load_external_data=False).graph
     skip = set(cfg.nodes_to_exclude) if cfg else set()
-    return [n.name for n in g.node if n.op_type in QUANT_OP_TYPES and n.name not in skip]
+    return [n.name for n in graph.load(model).graph if n.op_type in QUANT_OP_TYPES and n.name not in skip]
