@@ -296,3 +296,35 @@ def test_outlier_vit_vitedge_default_meets_the_target(outlier_case, backend, suf
         assert best["group"] == "block 1 attention core", table["ranking"]
         assert "block 1 attention core" in man.quantization["kept_float_groups"]
         assert man.quantization["float_mac_share"] < 0.05  # a few groups, not whole blocks
+
+
+@pytest.mark.parametrize("backend,suffix", [("onnxruntime", ".onnx"), ("openvino", ".xml")])
+def test_a_candidate_built_by_graph_edits_equals_quantizing_with_those_ops_ignored(outlier_case, backend, suffix, tmp_path):
+    """Quantize once, revert by graph edits: block 1's attention core and a weight op (block 0's fc2, whose bias fast
+    bias correction adjusts) put back in float on the one quantized model give the outputs NNCF writes when told to
+    ignore them (same calibration data), while the candidate differs from the all-INT8 model."""
+    from vitedge.quantization import candidates
+    from vitedge.quantization.nncf_int8 import dedicate_qdq, prepare, quantize_nncf
+
+    path, _, xc, xv, _ = outlier_case
+    roles = graph_roles(onnx.load(str(path), load_external_data=False))
+    names = [roles.attention[-1], roles.fc2[0]]  # softmax·V of block 1 (OpenVINO's fused attention op is named after it)
+    np.save(tmp_path / "calib.npy", xc)
+    base = str(tmp_path / f"base{suffix}")
+    candidates.quantize_base(str(path), backend, Int8Config().to_dict(), str(tmp_path / "calib.npy"), base)
+    candidates.build(base, backend, names, str(tmp_path / f"edit{suffix}"))
+    candidates.build(base, backend, [], str(tmp_path / f"int8{suffix}"))
+    if backend == "openvino":
+        import openvino as ov
+
+        q = quantize_nncf(ov.convert_model(str(path)), candidates._Calibration(xc, None), len(xc), Int8Config(), names)
+        ov.save_model(q, str(tmp_path / f"ignored{suffix}"))
+    else:
+        proto = onnx.load(str(path))
+        q = quantize_nncf(proto, candidates._Calibration(xc, None, proto.graph.input[0].name), len(xc), Int8Config(), names)
+        dedicate_qdq(q)  # as every ONNX Runtime INT8 file is deployed: the same integer kernels on both sides
+        onnx.save(q, str(tmp_path / f"ignored{suffix}"))
+    fp = "f32" if backend == "openvino" else None
+    edit, ignored, int8 = (next(iter(prepare(tmp_path / f"{k}{suffix}", backend, xv, fp)[0].values())) for k in ("edit", "ignored", "int8"))
+    np.testing.assert_allclose(edit, ignored, rtol=1e-5, atol=1e-5 * float(np.abs(ignored).max()))
+    assert np.abs(edit - int8).max() > 1e-3 * float(np.abs(int8).max())  # the edit did change the model

@@ -162,7 +162,9 @@ def onnx_precision_breakdown(path: Path) -> dict | None:
     for init in g.initializer:
         shapes[init.name] = list(init.dims)
         types[init.name] = init.data_type
-    producer = {o: n for n in g.node for o in n.output}
+    from .. import graph
+
+    producer, _ = graph.name_maps(model)
     layers = []
     for n in g.node:
         if n.op_type not in ("MatMul", "Gemm", "Conv") and n.op_type not in INTEGER_KERNEL_OPS:

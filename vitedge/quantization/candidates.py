@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import graph
 from .._io import save_onnx
 from .nncf_int8 import Int8Config, dedicate_qdq, float_names, float_ops_onnx, float_ops_openvino, graph_roles, pad_to_multiple, \
     prepare, quantize_nncf, timed_interleaved
@@ -98,8 +99,8 @@ def _ov_quantized(op) -> bool:
 
 
 # NNCF places a quantizer before ops that only move values (e.g. the keys' Reshape/Transpose into an attention op):
-# the fake-quantizer of an op's input is searched upwards through them
-_MOVES_ONLY = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+# the fake-quantizer of an op's input is searched upwards through them (vitedge.graph.keep_float does so for ONNX)
+_MOVES_ONLY = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")
 
 
 def _ov_keep_float(model, names: list[str]) -> list[str]:
@@ -121,48 +122,6 @@ def _ov_keep_float(model, names: list[str]) -> list[str]:
                 reader.input(port).replace_source_output(src.input_value(0))
         done.append(op.get_friendly_name())
     return done
-
-
-def _onnx_keep_float(model, names: list[str]) -> list[str]:
-    """Feed the named ops their float inputs: rewire each input read through QuantizeLinear -> DequantizeLinear (possibly
-    followed by ops that only move values) to the tensor before the pair (for a weight, its FP32 initializer); pairs no
-    reader uses any more are removed."""
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    wanted, done = set(names), []
-    for n in g.node:
-        if n.name not in wanted:
-            continue
-        for i in range(len(n.input)):
-            reader, port = n, i
-            src = producer.get(reader.input[port])
-            while src is not None and src.op_type in _MOVES_ONLY:
-                reader, port = src, 0
-                src = producer.get(reader.input[0])
-            if src is None or src.op_type != "DequantizeLinear":
-                continue
-            q = producer.get(src.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
-                reader.input[port] = q.input[0]
-        done.append(n.name)
-    _drop_dead(model)
-    return done
-
-
-def _drop_dead(model) -> None:
-    g = model.graph
-    keep = {o.name for o in g.output}
-    alive = []
-    for n in reversed(list(g.node)):
-        if any(o in keep for o in n.output):
-            alive.append(n)
-            keep.update(n.input)
-    alive.reverse()
-    del g.node[:]
-    g.node.extend(alive)
-    used = [t for t in g.initializer if t.name in keep]
-    del g.initializer[:]
-    g.initializer.extend(used)
 
 
 def _base(path: str, backend: str):
@@ -196,7 +155,7 @@ def build(base: str, backend: str, keep_float: list[str], out: str, data_name: s
 
     model = onnx.ModelProto()
     model.CopyFrom(_base(base, backend))
-    _onnx_keep_float(model, keep_float)
+    graph.keep_float(model, keep_float)
     compress_quantize_weights_transformation(model)
     dedicate_qdq(model)  # ONNX Runtime fuses a Q/DQ pair into an integer MatMul only when it has one reader
     save_onnx(model, Path(out), data_name or f"{Path(out).name}.data")
