@@ -20,7 +20,7 @@ import pytest
 
 from vitedge.data import ImageSet
 from vitedge.manifest import Manifest
-from vitedge.quantization import ort_int8
+from vitedge.quantization import tensorrt_qdq
 from vitedge.quantization.calibration import StreamingBatches
 
 FEW, MANY = 8, 48  # whole batches of 8 (ONNX Runtime's own histogram collector needs equal batch shapes)
@@ -29,12 +29,12 @@ FEW, MANY = 8, 48  # whole batches of 8 (ONNX Runtime's own histogram collector 
 @pytest.fixture(scope="module")
 def prepared(ref_onnx, tmp_path_factory):
     d = tmp_path_factory.mktemp("calmem")
-    return ort_int8.prepare(ref_onnx, d / "prepared.onnx"), Manifest.find(ref_onnx)[1]
+    return tensorrt_qdq.prepare(ref_onnx, d / "prepared.onnx"), Manifest.find(ref_onnx)[1]
 
 
 def _stream(calib_dir, man, n):
     ims = ImageSet.from_path(calib_dir).sample(n, 0)
-    return StreamingBatches(ims, man.preprocessing_obj, ort_int8.CALIB_BATCH, min_count=1)
+    return StreamingBatches(ims, man.preprocessing_obj, tensorrt_qdq.CALIB_BATCH, min_count=1)
 
 
 class _LiveOutputs:
@@ -78,7 +78,7 @@ def activation_bytes(ref_onnx, calib_dir, tmp_path_factory) -> int:
 
     man = Manifest.find(ref_onnx)[1]
     proto = onnx.load(str(ref_onnx))
-    names = [t for nd in proto.graph.node if nd.op_type in ort_int8.QUANT_OP_TYPES for t in list(nd.input[:1]) + list(nd.output)]
+    names = [t for nd in proto.graph.node if nd.op_type in tensorrt_qdq.QUANT_OP_TYPES for t in list(nd.input[:1]) + list(nd.output)]
     proto.graph.output.extend([onnx.helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(names)])
     probe = tmp_path_factory.mktemp("probe") / "probe.onnx"
     onnx.save(proto, str(probe))
@@ -95,7 +95,7 @@ def test_ort_calibration_keeps_no_activations(prepared, calib_dir, tmp_path, met
         scratch = tmp_path / f"{method}_{n}"
         scratch.mkdir()
         live = _LiveOutputs().install(monkeypatch)
-        ort_int8.calibrate(model, _stream(calib_dir, man, n), name, method, scratch)
+        tensorrt_qdq.calibrate(model, _stream(calib_dir, man, n), name, method, scratch)
         monkeypatch.undo()
         held[n] = live.max_alive
         assert (scratch / "ranges.json").stat().st_size > 100
@@ -103,8 +103,8 @@ def test_ort_calibration_keeps_no_activations(prepared, calib_dir, tmp_path, met
     assert keep_all_cost > 1_000_000  # the check has something to see
     assert held[MANY] - held[FEW] < 0.05 * keep_all_cost, (method, held, keep_all_cost)
     # at most one chunk of batches is held at a time, whatever the number of images
-    chunk = ort_int8.CHUNK_BATCHES if method == "minmax" else ort_int8.HIST_CHUNK_BATCHES
-    assert held[MANY] <= chunk * ort_int8.CALIB_BATCH * max(activation_bytes, 1) * 4
+    chunk = tensorrt_qdq.CHUNK_BATCHES if method == "minmax" else tensorrt_qdq.HIST_CHUNK_BATCHES
+    assert held[MANY] <= chunk * tensorrt_qdq.CALIB_BATCH * max(activation_bytes, 1) * 4
 
 
 def test_measurement_catches_kept_activations(prepared, calib_dir, tmp_path, activation_bytes, monkeypatch):
@@ -120,10 +120,10 @@ def test_measurement_catches_kept_activations(prepared, calib_dir, tmp_path, act
     held = {}
     for n in (FEW, MANY):
         live = _LiveOutputs().install(monkeypatch)
-        cal = create_calibrator(model, ort_int8.QUANT_OP_TYPES, augmented_model_path=str(tmp_path / f"aug_{n}.onnx"),
-                                calibrate_method=ort_int8._method("entropy"))
+        cal = create_calibrator(model, tensorrt_qdq.QUANT_OP_TYPES, augmented_model_path=str(tmp_path / f"aug_{n}.onnx"),
+                                calibrate_method=tensorrt_qdq._method("entropy"))
         with contextlib.redirect_stdout(io.StringIO()):
-            cal.collect_data(ort_int8._ListReader(list(_stream(calib_dir, man, n)), name))
+            cal.collect_data(tensorrt_qdq._ListReader(list(_stream(calib_dir, man, n)), name))
         held[n] = live.max_alive  # outputs alive at once during collect_data
         monkeypatch.undo()
         del cal

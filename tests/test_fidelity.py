@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from vitedge.errors import VitedgeError
 from vitedge.quantization import FidelityNotMet, Target, quantize
 from vitedge.quantization import fidelity
-from vitedge.quantization.nncf_int8 import Int8Config, graph_roles
+from vitedge.quantization.nncf_int8 import Int8Config
+from vitedge.quantization.roles import graph_roles
 
 
 def test_graph_roles_on_a_vitedge_export(ref_onnx):
@@ -74,7 +75,9 @@ def test_default_meets_target_and_writes_the_table(ref_onnx, tmp_path):
     assert "cannot separate it from the target" in q["fidelity"]["summary"] and "--val" in q["fidelity"]["summary"]
     table = json.loads((tmp_path / "ref.int8.xml.fidelity.json").read_text())
     assert table["met"] and table["candidates"][0]["status"] == "met" and table["candidates"][0]["latency_ms"] > 0
-    assert {r["float_precision"] for r in table["candidates"]} == set(fidelity.float_precisions("openvino"))
+    from vitedge.quantization.strategies import OPENVINO
+
+    assert {r["float_precision"] for r in table["candidates"]} == {v["float_precision"] for v in OPENVINO.variants(None)}
     assert not table["ranking"]  # met at once: nothing ranked
     assert q["float_precision"] == table["chosen_float_precision"]
     md = (tmp_path / "ref.int8.xml.fidelity.md").read_text()
@@ -177,7 +180,7 @@ def test_shared_qdq_pairs_are_dedicated_so_onnx_runtime_runs_integer_matmuls(tmp
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from vitedge.quantization.nncf_int8 import dedicate_qdq
+    from vitedge.graph import dedicate_qdq
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(3, np.int8), "zp")]
@@ -298,13 +301,15 @@ def test_outlier_vit_vitedge_default_meets_the_target(outlier_case, backend, suf
         assert man.quantization["float_mac_share"] < 0.05  # a few groups, not whole blocks
 
 
-@pytest.mark.parametrize("backend,suffix", [("onnxruntime", ".onnx"), ("openvino", ".xml")])
+@pytest.mark.parametrize("backend,suffix", [("onnx", ".onnx"), ("openvino", ".xml")])
 def test_a_candidate_built_by_graph_edits_equals_quantizing_with_those_ops_ignored(outlier_case, backend, suffix, tmp_path):
     """Quantize once, revert by graph edits: block 1's attention core and a weight op (block 0's fc2, whose bias fast
     bias correction adjusts) put back in float on the one quantized model give the outputs NNCF writes when told to
     ignore them (same calibration data), while the candidate differs from the all-INT8 model."""
     from vitedge.quantization import candidates
-    from vitedge.quantization.nncf_int8 import dedicate_qdq, prepare, quantize_nncf
+    from vitedge.graph import dedicate_qdq
+    from vitedge.quantization.candidates import prepare
+    from vitedge.quantization.nncf_int8 import quantize_nncf
 
     path, _, xc, xv, _ = outlier_case
     roles = graph_roles(onnx.load(str(path), load_external_data=False))

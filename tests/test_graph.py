@@ -10,7 +10,7 @@ import pytest
 
 from vitedge import graph
 from vitedge.errors import VitedgeError
-from vitedge.quantization.nncf_int8 import graph_roles
+from vitedge.quantization.roles import graph_roles
 
 
 def _copy(proto):

@@ -20,6 +20,7 @@ from vitedge.benchmarking import candidates
 from vitedge.cli import main as cli
 from vitedge.compilation import compile_model
 from vitedge.errors import VitedgeError
+from vitedge.manifest import Manifest
 from vitedge.recipes import load_recipe
 
 
@@ -46,7 +47,7 @@ def test_toy_backend_appears_everywhere(toy, ref_onnx, tmp_path, val_dir):
     # listed, with what it can do
     res = runner.invoke(cli, ["backends", "--json"])
     rows = {r["name"]: r for r in json.loads(res.output)}
-    assert rows["toy"]["available"] and rows["toy"]["runs"] == [".toy"] and rows["toy"]["quantize"] == []
+    assert rows["toy"]["available"] and rows["toy"]["runs"] == [".toy"] and rows["toy"]["quantize"] == ["fp16"]
     # compile: the CLI choice, the default name, the backend's own option, verification through vitedge.load
     res = runner.invoke(cli, ["compile", str(ref_onnx), "-t", "toy", "-o", str(tmp_path / "m.toy")])
     assert res.exit_code == 0, res.output
@@ -72,11 +73,20 @@ def test_toy_backend_appears_everywhere(toy, ref_onnx, tmp_path, val_dir):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"name": "r", "model": "preset:vit_tiny", "steps": {"export": {}, "compile": {"target": "toy"}}}))
     assert load_recipe(recipe).data["steps"]["compile"]["target"] == "toy"
+    # quantize goes through the toy's own strategy (FP16 only), measured against FP32 like every backend's file
+    res = runner.invoke(cli, ["quantize", str(ref_onnx), "--fp16", "--backend", "toy", "-o", str(tmp_path / "q.onnx")])
+    assert res.exit_code == 0, res.output
+    man = Manifest.find(tmp_path / "q.onnx")[1]
+    assert man.backend == "toy" and man.precision == "fp16" and man.quantization["tool"].startswith("toy:")
+    assert man.verification["engine"] == "onnxruntime" and man.verification["agreement"]["top1_agreement"] >= 0.99
     # ... and not where it cannot do the job
-    res = runner.invoke(cli, ["quantize", str(ref_onnx), "--int8", "--backend", "toy", "-o", str(tmp_path / "q.onnx")])
-    assert res.exit_code == 2 and "'toy' is not one of" in res.output
-    recipe.write_text(yaml.safe_dump({"name": "r", "model": "preset:vit_tiny",
-                                      "steps": {"export": {}, "quantize": {"precision": "int8", "backend": "toy"}}}))
+    res = runner.invoke(cli, ["quantize", str(ref_onnx), "--int8", "--backend", "toy", "-o", str(tmp_path / "q8.onnx")])
+    assert res.exit_code == 2 and "no int8 quantization" in res.output and not (tmp_path / "q8.onnx").exists()
+    steps = {"export": {}, "quantize": {"precision": "fp16", "backend": "toy"}}
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": "preset:vit_tiny", "steps": steps}))
+    assert load_recipe(recipe).data["steps"]["quantize"]["backend"] == "toy"
+    steps["quantize"]["backend"] = "toyy"
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": "preset:vit_tiny", "steps": steps}))
     with pytest.raises(VitedgeError, match="backend"):
         load_recipe(recipe)
 

@@ -68,7 +68,7 @@ def test_rounds_are_added_for_an_unstable_callable_and_stay_paired():
 
 
 def test_search_timer_keeps_its_method():
-    from vitedge.quantization.nncf_int8 import timed_interleaved
+    from vitedge.quantization.candidates import timed_interleaved
 
     log: list[str] = []
     ms = timed_interleaved([_logging(log, "a", 0.003), _logging(log, "b", 0.001)], rounds=2, seconds=0.0)

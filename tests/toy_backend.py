@@ -16,6 +16,7 @@ import onnxruntime as ort
 from vitedge.backends.base import Engine
 from vitedge.backends.registry import Backend, register
 from vitedge.errors import VitedgeError
+from vitedge.quantization.strategies import Job, Outcome, Quantizer
 
 
 def compile_toy(src: Path, man, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint, device, img_size=None,
@@ -40,6 +41,18 @@ class ToyEngine(Engine):
         return dict(zip(self._names, self.session.run(None, {self.session.get_inputs()[0].name: batch})))
 
 
+class ToyQuantizer(Quantizer):
+    """FP16 only: ONNX Runtime's float16 converter (inputs and outputs stay FP32); ONNX Runtime measures the file."""
+
+    def fp16(self, job: Job) -> Outcome:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        onnx.save(convert_float_to_float16(onnx.load(str(job.src)), keep_io_types=True), str(job.out))
+        return Outcome({"tool": "toy: onnxruntime.transformers.float16"}, "fp16")
+
+
 BACKEND = register(Backend(name="toy", summary="test backend: ONNX bytes run by ONNX Runtime (basic optimisations)",
                            engine=ToyEngine, runs=(".toy",), compiler=compile_toy, compile_options=("shout",),
-                           engine_suffix=".toy", engine_name="{stem}.toy", engine_format="toy", benchmark={"fp32": None}))
+                           engine_suffix=".toy", engine_name="{stem}.toy", engine_format="toy", benchmark={"fp32": None},
+                           quantize=("fp16",), quantized_suffix=".onnx", quantizer=ToyQuantizer()))

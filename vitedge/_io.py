@@ -6,6 +6,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -90,3 +91,14 @@ def save_onnx(proto: Any, path: str | os.PathLike, data_name: str | None = None)
     path = Path(path)
     big = needs_external_data(proto)
     onnx.save(proto, str(path), save_as_external_data=big, location=(data_name or path.name + ".data") if big else None)
+
+
+def json_safe(obj):
+    """``obj`` with its non-finite floats as None (JSON has no inf/nan), through dicts, lists and tuples."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

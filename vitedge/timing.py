@@ -1,7 +1,7 @@
 """Timing: the one interleaved timer, and the statistics of what it measures.
 
 Every latency vitedge reports comes from :func:`interleaved`: ``validate`` and ``benchmark`` (through
-``validate``), the INT8 fidelity search (``quantization.nncf_int8.timed_interleaved``) and the scripts
+``validate``), the INT8 fidelity search (``quantization.candidates.timed_interleaved``) and the scripts
 in ``benchmarks/``.  It times several callables in *rounds*, each round running every callable in turn,
 so that a change in machine speed (another process, a shared host's neighbours, frequency changes)
 hits every callable alike and a ratio between two of them, taken round by round, holds

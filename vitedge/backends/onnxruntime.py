@@ -247,5 +247,6 @@ BACKEND = register(Backend(
     engine_format="onnx",
     quantize=("int8", "fp16", "auto"),
     quantized_suffix=".onnx",
+    quantizer="vitedge.quantization.strategies:ONNXRUNTIME",
     benchmark={"fp32": None, "fp16": None, "int8": None},
 ))

@@ -295,5 +295,6 @@ BACKEND = register(Backend(
     engine_format="openvino",
     quantize=("int8", "fp16", "auto"),
     quantized_suffix=".xml",
+    quantizer="vitedge.quantization.strategies:OPENVINO",
     benchmark={"fp32": "f32", "fp16": None, "bf16": "bf16", "int8": None},
 ))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import BackendUnavailable, VitedgeError
 
@@ -47,6 +47,8 @@ class Backend:
     engine_format:  the manifest ``format`` of that file.
     quantize:       the precisions ``vitedge quantize --backend NAME`` writes, and ``quantized_suffix``
                     the suffix of that file (an OpenVINO IR is ``.xml``; everything else is ONNX).
+    quantizer:      how it quantizes: a :class:`vitedge.quantization.strategies.Quantizer`, or its import path
+                    ``"module:attribute"`` (resolved on first use, so declaring it imports nothing heavy).
     benchmark:      the precisions ``vitedge benchmark`` builds and times for it, each with the compile
                     ``precision_hint`` that makes the engine compute in it (None: the file's own types).
     status:         ``() -> None`` when usable on this machine, else the reason it is not (one line).
@@ -63,6 +65,7 @@ class Backend:
     engine_format: str = "onnx"
     quantize: tuple[str, ...] = ()
     quantized_suffix: str = ".onnx"
+    quantizer: Any = None
     benchmark: Mapping[str, str | None] = field(default_factory=dict)
     status: Callable[[], str | None] = field(default=lambda: None)
 
@@ -71,6 +74,16 @@ class Backend:
             raise ValueError(f"unknown capability {capability!r}")
         return {"run": True, "compile": self.compiler is not None, "quantize": bool(self.quantize),
                 "benchmark": bool(self.benchmark)}[capability]
+
+    def quantization(self):
+        """This backend's quantization strategy (a :class:`~vitedge.quantization.strategies.Quantizer`)."""
+        q = self.quantizer
+        if isinstance(q, str):
+            module, _, attr = q.partition(":")
+            q = getattr(importlib.import_module(module), attr)
+        if q is None:
+            raise VitedgeError(f"backend {self.name} cannot quantize", f"backends that can: {', '.join(names('quantize'))}")
+        return q
 
     def unavailable(self) -> str | None:
         """None when this backend can be used on this machine, else why not."""
@@ -90,6 +103,8 @@ def register(backend: Backend) -> Backend:
         raise ValueError(f"backend name {backend.name!r} must be a plain identifier")
     if not backend.runs or not all(s.startswith(".") for s in backend.runs):
         raise ValueError(f"backend {backend.name}: runs= needs file suffixes such as '.onnx'")
+    if backend.quantize and backend.quantizer is None:
+        raise ValueError(f"backend {backend.name}: quantize= needs quantizer= (how it quantizes)")
     if backend.compiler is not None and not backend.engine_suffix:
         raise ValueError(f"backend {backend.name}: a backend that compiles needs engine_suffix")
     _REGISTRY[backend.name] = backend

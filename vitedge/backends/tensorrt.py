@@ -761,6 +761,7 @@ BACKEND = register(Backend(
     engine_format="tensorrt",
     quantize=("int8", "fp16"),
     quantized_suffix=".onnx",
+    quantizer="vitedge.quantization.strategies:TENSORRT",
     benchmark={"fp32": "f32", "fp16": "f16", "int8": None},
     status=tensorrt_status,
 ))

@@ -9,23 +9,25 @@ calibration.  :func:`measure` runs a candidate on a set of preprocessed images (
 for the parent to compare with FP32, and can keep the deployable file; :func:`time_models` times several
 files side by side.
 
-Both formats: an OpenVINO IR (FakeQuantize) and a QDQ ONNX model for ONNX Runtime (QuantizeLinear /
+``fmt`` everywhere is the file format NNCF writes, ``openvino`` (an IR) or ``onnx`` (QDQ ONNX run by ONNX
+Runtime).  Both formats: an OpenVINO IR (FakeQuantize) and a QDQ ONNX model for ONNX Runtime (QuantizeLinear /
 DequantizeLinear, each reader of an activation given its own pair so ONNX Runtime fuses it into an integer
-kernel: :func:`~.nncf_int8.dedicate_qdq`).
+kernel: :func:`vitedge.graph.dedicate_qdq`).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .. import graph
 from .._io import save_onnx
-from .nncf_int8 import Int8Config, dedicate_qdq, float_names, float_ops_onnx, float_ops_openvino, graph_roles, pad_to_multiple, \
-    prepare, quantize_nncf, timed_interleaved
+from ..backends.base import pad_batch
+from .nncf_int8 import Int8Config, float_names, quantize_nncf
+from .roles import graph_roles
 
 _cache: dict[tuple, Any] = {}  # this process's loaded models and arrays (the worker lives for one search)
 
@@ -47,14 +49,14 @@ class _Calibration:
     def __iter__(self):
         bs = self.fixed or 1
         for i in range(0, len(self.x), bs):
-            b = np.ascontiguousarray(pad_to_multiple(self.x[i : i + bs], bs))
+            b = np.ascontiguousarray(pad_batch(self.x[i : i + bs], bs))
             yield {self.input_name: b} if self.input_name else b
 
     def __len__(self) -> int:
         return -(-len(self.x) // (self.fixed or 1))
 
 
-def quantize_base(source: str, backend: str, config: dict, calib: str, out: str, count: int | None = None,
+def quantize_base(source: str, fmt: str, config: dict, calib: str, out: str, count: int | None = None,
                   fixed_batch: int | None = None) -> dict:
     """NNCF INT8 of ``source`` with ``config`` on the first ``count`` calibration images, saved revertible at ``out``.
 
@@ -67,13 +69,11 @@ def quantize_base(source: str, backend: str, config: dict, calib: str, out: str,
     x = x[:count] if count else x
     proto = onnx.load(source)
     ignored = float_names(cfg, graph_roles(proto))
-    if backend == "openvino":
+    if fmt == "openvino":
         import openvino as ov
 
         model = ov.convert_model(source)
         if cfg.attention_float:
-            from .nncf_int8 import ov_attention_matmuls
-
             ignored = sorted(set(ignored) | set(ov_attention_matmuls(model)))
         data = _Calibration(x, fixed_batch)
         q = quantize_nncf(model, data, len(data), cfg, ignored, compress_weights=False)
@@ -124,10 +124,10 @@ def _ov_keep_float(model, names: list[str]) -> list[str]:
     return done
 
 
-def _base(path: str, backend: str):
+def _base(path: str, fmt: str):
     key = ("base", path)
     if key not in _cache:
-        if backend == "openvino":
+        if fmt == "openvino":
             import openvino as ov
 
             _cache[key] = ov.Core().read_model(path)
@@ -138,14 +138,16 @@ def _base(path: str, backend: str):
     return _cache[key]
 
 
-def build(base: str, backend: str, keep_float: list[str], out: str, data_name: str | None = None) -> list[str]:
+def build(base: str, fmt: str, keep_float: list[str], out: str, data_name: str | None = None) -> list[str]:
     """The deployable candidate: the revertible base with ``keep_float`` in float and the other weights
     compressed to int8, written to ``out``.  Returns the matrix ops that run in float."""
-    if backend == "openvino":
+    if fmt == "openvino":
         import openvino as ov
-        from openvino._offline_transformations import compress_quantize_weights_transformation
+        from openvino._offline_transformations import (
+            compress_quantize_weights_transformation,
+        )
 
-        model = _base(base, backend).clone()
+        model = _base(base, fmt).clone()
         _ov_keep_float(model, keep_float)
         compress_quantize_weights_transformation(model)
         ov.save_model(model, out, compress_to_fp16=False)
@@ -154,15 +156,15 @@ def build(base: str, backend: str, keep_float: list[str], out: str, data_name: s
     from nncf.onnx.graph.passes import compress_quantize_weights_transformation
 
     model = onnx.ModelProto()
-    model.CopyFrom(_base(base, backend))
+    model.CopyFrom(_base(base, fmt))
     graph.keep_float(model, keep_float)
     compress_quantize_weights_transformation(model)
-    dedicate_qdq(model)  # ONNX Runtime fuses a Q/DQ pair into an integer MatMul only when it has one reader
+    graph.dedicate_qdq(model)  # ONNX Runtime fuses a Q/DQ pair into an integer MatMul only when it has one reader
     save_onnx(model, Path(out), data_name or f"{Path(out).name}.data")
-    return float_ops_onnx(model)
+    return graph.float_ops(model)
 
 
-def measure(backend: str, model: str, data: str, out_dir: str, variants: list[dict], fixed_batch: int | None = None,
+def measure(fmt: str, model: str, data: str, out_dir: str, variants: list[dict], fixed_batch: int | None = None,
             base: str | None = None, keep_float: list[str] | None = None, keep: bool = False, time_s: float = 0.0,
             data_name: str | None = None) -> dict:
     """Outputs of a candidate on the images in ``data`` for each engine variant (float precision, static batch 1),
@@ -175,11 +177,11 @@ def measure(backend: str, model: str, data: str, out_dir: str, variants: list[di
     folder.mkdir(parents=True, exist_ok=True)
     float_ops: list[str] = []
     if base is not None:
-        float_ops = build(base, backend, list(keep_float or []), model, data_name)
+        float_ops = build(base, fmt, list(keep_float or []), model, data_name)
     x = np.asarray(_array(data))
     res, runs = [], []
     for v in variants:
-        outs, run = prepare(Path(model), backend, x, v.get("float_precision"), static=bool(v.get("static")), fixed=fixed_batch)
+        outs, run = prepare(Path(model), fmt, x, v.get("float_precision"), static=bool(v.get("static")), fixed=fixed_batch)
         key = variant_key(v)
         np.savez(folder / f"outputs.{key}.npz", **outs)
         res.append({**v, "key": key, "outputs": str(folder / f"outputs.{key}.npz")})
@@ -194,22 +196,104 @@ def measure(backend: str, model: str, data: str, out_dir: str, variants: list[di
     return {"variants": res, "float_ops": float_ops, "seconds": time.perf_counter() - t0}
 
 
+# -- running a candidate ----------------------------------------------------------------------------------------------------
+def prepare(path: Path, fmt: str, x: np.ndarray, float_precision: str | None, static: bool = False,
+            batch: int = 16, fixed: int | None = None) -> tuple[dict[str, np.ndarray], Callable[[], object]]:
+    """Outputs on the held-out images of a (quantized) file on the CPU, and a batch-1 run to time it with.
+
+    OpenVINO ``static``: the model reshaped to batch 1, as ``vitedge compile`` makes latency engines, and
+    run image by image.  It is measured, not assumed equal to the dynamic model: on an AMX CPU the static
+    batch-1 INT8 engine of a real ViT-S agreed visibly less with FP32 (mean cosine 0.985 vs 0.999).
+    """
+    n = len(x)
+    if fixed:  # a fixed-batch model takes exactly that many images: pad the last batch, time one batch
+        batch, static = fixed, False
+        x = pad_batch(x, -(-len(x) // fixed) * fixed)
+    one = np.ascontiguousarray(x[: fixed or 1])
+    if fmt == "openvino":
+        from ..backends.openvino import compiled_model
+
+        cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_PRECISION_HINT": float_precision} if float_precision else {})}
+        if static:
+            batch = 1
+        compiled = compiled_model(path, "CPU", cfg, shape=[1, *x.shape[1:]] if static else None)
+        req = compiled.create_infer_request()
+        names = [o.get_any_name() for o in compiled.outputs]
+        # np.array copies: the request's output tensors are reused by the next call
+        parts = [[np.array(req.infer({0: x[i : i + batch]})[o]) for o in compiled.outputs] for i in range(0, len(x), batch)]
+        run = lambda: req.infer({0: one})  # noqa: E731 - keeps compiled/req alive with the closure
+    else:
+        from ..backends.onnxruntime import session
+
+        sess = session(path, precision="int8")
+        name = sess.get_inputs()[0].name
+        names = [o.name for o in sess.get_outputs()]
+        parts = [sess.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
+        run = lambda: sess.run(None, {name: one})  # noqa: E731
+    outs = {name: np.concatenate([p[k] for p in parts])[:n] for k, name in enumerate(names)}
+    return outs, run
+
+
+def timed_interleaved(runs: list[Callable[[], object]], rounds: int = 8, seconds: float = 6.0, min_runs: int = 3,
+                      max_runs: int = 6) -> list[float]:
+    """Median wall time (ms) of each of ``runs``, timed in interleaved rounds (:func:`vitedge.timing.interleaved`,
+    order reversed every other round), so that a machine whose speed drifts (shared hosts, frequency changes)
+    slows every run alike and the comparison between them holds.  After 3 warm-up runs each, each runs once
+    untimed then ``min_runs`` to ``max_runs`` times per round, within its share of ``seconds``."""
+    from ..timing import Slot, flat_samples, interleaved
+
+    slot = Slot(seconds / rounds / max(1, len(runs)), min_runs, max(min_runs, max_runs))
+    samples = interleaved(runs, rounds, slot, warmup=Slot(0.0, 3, 3), alternate=True, wake=True)
+    return [float(np.median(flat_samples(s))) for s in samples]
+
+
+def ov_attention_matmuls(ov_model) -> list[str]:
+    """The attention core of an OpenVINO model: its fused ScaledDotProductAttention ops (``convert_model``
+    fuses Q·Kᵀ, softmax and ·V into one, named after the ·V MatMul) and any MatMul of two activations."""
+
+    def is_const(out) -> bool:
+        node = out.get_node()
+        for _ in range(4):
+            t = node.get_type_name()
+            if t == "Constant":
+                return True
+            if t not in ("Convert", "Transpose", "Reshape", "FakeQuantize"):
+                return False
+            node = node.input_value(0).get_node()
+        return False
+
+    return [op.get_friendly_name() for op in ov_model.get_ordered_ops()
+            if op.get_type_name() == "ScaledDotProductAttention"
+            or (op.get_type_name() == "MatMul" and not is_const(op.input_value(0)) and not is_const(op.input_value(1)))]
+
+
+def float_ops_openvino(ov_model) -> list[str]:
+    """MatMul/Convolution ops whose activation input is not fake-quantized (i.e. run in float)."""
+    out = []
+    for op in ov_model.get_ordered_ops():
+        if op.get_type_name() in ("MatMul", "Convolution"):
+            if op.input_value(0).get_node().get_type_name() != "FakeQuantize":
+                out.append(op.get_friendly_name())
+    return out
+
+
+# -- QDQ ONNX: the helpers live in vitedge.graph (imported on use: it loads onnx); these names are the search's -------------
 def variant_key(v: dict) -> str:
     return f"{v.get('float_precision') or 'default'}.{'static' if v.get('static') else 'dynamic'}"
 
 
-def time_models(backend: str, models: list[dict], sample: str, fixed_batch: int | None = None, seconds: float = 6.0) -> list[float]:
+def time_models(fmt: str, models: list[dict], sample: str, fixed_batch: int | None = None, seconds: float = 6.0) -> list[float]:
     """Batch-1 latency (ms, median) of each ``{"path", "float_precision", "static"}``, timed in interleaved rounds
     in this one process so that a machine whose speed drifts slows every model alike."""
     x = np.asarray(_array(sample)[: fixed_batch or 1])
-    runs = [prepare(Path(m["path"]), backend, x, m.get("float_precision"), static=bool(m.get("static")), fixed=fixed_batch)[1]
+    runs = [prepare(Path(m["path"]), fmt, x, m.get("float_precision"), static=bool(m.get("static")), fixed=fixed_batch)[1]
             for m in models]
     return timed_interleaved(runs, seconds=seconds)
 
 
 def reference_outputs(source: str, data: str, out: str, fixed_batch: int | None = None) -> str:
     """The FP32 model's outputs (ONNX Runtime, as the held-out reference is made) on the images in ``data``."""
-    outs, _ = prepare(Path(source), "onnxruntime", np.asarray(_array(data)), None, fixed=fixed_batch)
+    outs, _ = prepare(Path(source), "onnx", np.asarray(_array(data)), None, fixed=fixed_batch)
     np.savez(out, **outs)
     return out
 

@@ -38,11 +38,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import compare
+from .._io import json_safe
 from ..errors import VitedgeError
-from ..options import DEFAULT_AGREEMENT, DEFAULT_BUDGET_S, DEFAULT_COSINE
+from ..options import DEFAULT_AGREEMENT, DEFAULT_COSINE
 from ..ui import err_console, note
 from .calibration import EvalSet
-from .nncf_int8 import GraphRoles, Int8Config, graph_roles
+from .nncf_int8 import Int8Config
+from .roles import Group, graph_roles, matrix_macs, structural_groups
 from .worker import Worker, WorkerCrashed, WorkerFailed, WorkerTimeout
 
 QUANTIZE_TIMEOUT_S = 3600.0  # one NNCF quantization (the default one is never cut by the budget, only by this)
@@ -104,61 +106,12 @@ def min_cosine(m: dict) -> float:
     return min(o["cosine_min"] for o in outs.values()) if outs else m["cosine_min"]
 
 
-def default_config(backend: str) -> Int8Config:
-    """ONNX Runtime: the attention core stays float (its int8 attention MatMuls are slow and lossy);
-    OpenVINO: NNCF's defaults (its fused attention kernel takes int8 inputs)."""
-    return Int8Config(attention_float=backend == "onnxruntime")
-
-
 SETTINGS: list[tuple[str, dict]] = [  # whole-model settings tried when reverting groups is not enough
     ("SmoothQuant off", {"smooth_quant": -1.0}),
     ("SmoothQuant 0.5", {"smooth_quant": 0.5}),
     ("quantile ranges", {"estimator": "percentile"}),
     ("full bias correction", {"bias_correction": "full"}),
 ]
-
-
-# -- structural groups ------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Group:
-    """Matrix ops that go back to float together, with their share of the model's multiply-adds."""
-
-    name: str
-    ops: tuple[str, ...]
-    share: float
-
-
-def structural_groups(roles: GraphRoles, macs: dict[str, int]) -> list[Group]:
-    """Per block: Q/K/V projections, attention core, output projection, fc1, fc2 (a block's weight ops are in that
-    order: the last three are proj, fc1, fc2); then the patch embedding and the head.  Shares are of all matrix ops."""
-    total = float(sum(macs.values())) or 1.0
-
-    def group(name: str, ops: list[str]) -> Group | None:
-        ops = [o for o in ops if o]
-        return Group(name, tuple(ops), sum(macs.get(o, 0) for o in ops) / total) if ops else None
-
-    attn = roles.attention
-    per_block_attn = len(attn) == 2 * len(roles.blocks)
-    out: list[Group | None] = [group("patch embedding", roles.patch_embed)]
-    for b, ops in enumerate(roles.blocks):
-        core = attn[2 * b : 2 * b + 2] if per_block_attn else []
-        if len(ops) >= 4:
-            parts = [("q/k/v", ops[:-3]), ("attention core", core), ("attention out", [ops[-3]]), ("fc1", [ops[-2]]), ("fc2", [ops[-1]])]
-        else:
-            parts = [("attention core", core)] + [(f"op {i}", [o]) for i, o in enumerate(ops)]
-        out += [group(f"block {b} {what}", o) for what, o in parts]
-    if attn and not per_block_attn:
-        out.append(group("attention core", attn))
-    out.append(group("head", roles.head))
-    return [g for g in out if g is not None]
-
-
-def matrix_macs(source: Path) -> dict[str, int]:
-    """Multiply-adds of every matrix op of the FP32 ONNX model, by node name."""
-    from ..backends.onnxruntime import onnx_precision_breakdown
-
-    info = onnx_precision_breakdown(source) or {"layers": []}
-    return {layer["name"]: int(layer["macs"]) for layer in info["layers"]}
 
 
 # -- the table's rows -------------------------------------------------------------------------------------------------------
@@ -343,23 +296,6 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
-def float_precisions(backend: str) -> list[str | None]:
-    """OpenVINO: the float parts of an INT8 engine run in bf16 on BF16 CPUs (faster) unless f32 is needed."""
-    if backend != "openvino":
-        return [None]
-    from ..backends.openvino import default_precision_hint
-
-    return ["bf16", "f32"] if default_precision_hint("int8") == "bf16" else ["f32"]
-
-
-def engine_variants(backend: str, fixed_batch: int | None) -> list[dict]:
-    """The engines a candidate is measured as, the one ``vitedge compile`` builds by default first: OpenVINO's
-    float parts at each precision the CPU offers, static batch 1 and dynamic batch (measured, not assumed equal:
-    docs/openvino_static_batch.md); ONNX Runtime's one engine."""
-    shapes = [True, False] if backend == "openvino" and not fixed_batch else [False]
-    return [{"float_precision": fp, "static": s} for fp in float_precisions(backend) for s in shapes]
-
-
 # -- data on disk -----------------------------------------------------------------------------------------------------------
 class _Arrays:
     """The calibration and held-out images, preprocessed once, as .npy files the worker maps in."""
@@ -404,14 +340,14 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 class _Search:
     """One search: the source model, the data on disk, the worker, the target, the rows so far."""
 
-    def __init__(self, src: Path, backend: str, arrays: _Arrays, ev: EvalSet, scratch: Path, target: Target, classifier: bool,
+    def __init__(self, src: Path, fmt: str, arrays: _Arrays, ev: EvalSet, scratch: Path, target: Target, classifier: bool,
                  fixed_batch: int | None, final_name: str, worker: Worker, budget_s: float, t0: float, enforce: bool):
-        self.src, self.backend, self.arrays, self.ev, self.scratch = src, backend, arrays, ev, scratch
+        self.src, self.fmt, self.arrays, self.ev, self.scratch = src, fmt, arrays, ev, scratch
         self.target, self.classifier, self.fixed_batch, self.final_name = target, classifier, fixed_batch, final_name
         self.worker, self.budget_s, self.t0, self.enforce = worker, budget_s, t0, enforce
         self.rows: list[Row] = []
         self.count = 0
-        self.suffix = ".xml" if backend == "openvino" else ".onnx"
+        self.suffix = ".xml" if fmt == "openvino" else ".onnx"
         roles = graph_roles(_onnx_structure(src))
         self.macs = matrix_macs(src)
         self.groups = structural_groups(roles, self.macs)
@@ -433,7 +369,7 @@ class _Search:
         out.parent.mkdir(parents=True, exist_ok=True)
         n = f"{count} of the {self.arrays.calib_count}" if count else f"{self.arrays.calib_count}"
         res = self._call("quantize_base", timeout or max(5.0, self.left()), f"INT8: quantizing with {cfg.describe()} on {n} calibration images",
-                         source=str(self.src), backend=self.backend, config=cfg.to_dict(), calib=str(self.arrays.calib),
+                         source=str(self.src), fmt=self.fmt, config=cfg.to_dict(), calib=str(self.arrays.calib),
                          out=str(out), count=count, fixed_batch=self.fixed_batch)
         return str(out), res["quantized"], res["seconds"]
 
@@ -460,7 +396,7 @@ class _Search:
         t0 = time.perf_counter()
         try:
             res = self._call("measure", max(60.0, self.left()) if no > 1 else QUANTIZE_TIMEOUT_S, f"{label}: measuring on {len(self.ev)} held-out images",
-                             backend=self.backend, model=str(model), data=str(self.arrays.eval), out_dir=str(folder), variants=variants,
+                             fmt=self.fmt, model=str(model), data=str(self.arrays.eval), out_dir=str(folder), variants=variants,
                              fixed_batch=self.fixed_batch, base=base, keep_float=ops, keep=True, time_s=time_s,
                              data_name=f"{self.final_name}.data")
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
@@ -478,7 +414,7 @@ class _Search:
             drop = self.ev.drop_pp(m) if self.classifier else None
             verdict, interval = self.target.verdict(m, self.classifier, drop)
             status = "met" if self.target.check(m, self.classifier, drop) else "missed"
-            shape = (self.fixed_batch or (1 if v["static"] else "dynamic")) if self.backend == "openvino" else None
+            shape = (self.fixed_batch or (1 if v["static"] else "dynamic")) if self.fmt == "openvino" else None
             rows.append(Row(no, step, cfg, v["float_precision"], status, metrics=m, latency_ms=v.get("latency_ms"),
                             seconds=time.perf_counter() - t0 + seconds, float_ops=len(res["float_ops"]), drop_pp=drop, engine_batch=shape,
                             kept=tuple(g.name for g in kept), float_share=share, verdict=verdict, interval=interval,
@@ -505,7 +441,7 @@ class _Search:
         folder = self.scratch / "ranking"
 
         def score(ops: list[str], tag: str) -> float:
-            res = self._call("measure", max(30.0, self.left()), f"INT8 ranking: {tag}", backend=self.backend,
+            res = self._call("measure", max(30.0, self.left()), f"INT8 ranking: {tag}", fmt=self.fmt,
                              model=str(folder / tag / f"model{self.suffix}"), data=str(self.arrays.rank), out_dir=str(folder / tag),
                              variants=[variant], fixed_batch=self.fixed_batch, base=base, keep_float=ops, keep=False)
             return divergence(self.rank_ref, _load_npz(res["variants"][0]["outputs"]), self.classifier)
@@ -555,21 +491,21 @@ def _within(order: list[Group], share_of, cap: float) -> list[Group]:
     return kept
 
 
-def search(src: Path, backend: str, calib_stream, ev: EvalSet, scratch: Path, *, target: Target, budget_s: float,
-           fixed_batch: int | None, method: str = "minmax", final_name: str = "model.onnx", classifier: bool | None = None,
-           float_candidate: bool = False, enforce: bool = True) -> FidelityResult:
-    """Quantize once, measure; when the target is missed, rank the groups and revert the harmful ones, then try
-    whole-model settings, within ``budget_s`` seconds.  ``float_candidate`` (``--auto``): the FP32 model is measured
+def search(src: Path, fmt: str, calib_stream, ev: EvalSet, scratch: Path, *, target: Target, budget_s: float,
+           fixed_batch: int | None, base_config: Int8Config, variants: list[dict], final_name: str = "model.onnx",
+           classifier: bool | None = None, float_candidate: bool = False, enforce: bool = True) -> FidelityResult:
+    """Quantize once with ``base_config``, measure every engine variant of ``variants``; when the target is missed,
+    rank the groups and revert the harmful ones, then try whole-model settings, within ``budget_s`` seconds.
+    ``fmt``: NNCF's output, ``openvino`` (an IR) or ``onnx`` (QDQ ONNX for ONNX Runtime).  ``float_candidate`` (``--auto``): the FP32 model is measured
     alike at the CPU's fastest float precision and timed beside the chosen INT8.  ``enforce=False`` (random-weight
     presets, whose predictions mean nothing): the fastest sound variant of the default is chosen, no search."""
     t0 = time.perf_counter()
     if classifier is None:  # class logits: one (N, classes) output
         classifier = ev.ref.ndim == 2 and ev.ref.shape[1] > 1 and len(ev.ref_outputs) == 1
     with Worker(scratch) as worker:
-        s = _Search(src, backend, _Arrays(scratch, calib_stream, ev), ev, scratch, target, classifier, fixed_batch, final_name,
+        s = _Search(src, fmt, _Arrays(scratch, calib_stream, ev), ev, scratch, target, classifier, fixed_batch, final_name,
                     worker, budget_s, t0, enforce)
-        base_cfg = default_config(backend) if method == "minmax" else default_config(backend).but(estimator=method)
-        variants = engine_variants(backend, fixed_batch)
+        base_cfg = base_config
         err_console.print(f"[bold]INT8 default[/]: {base_cfg.describe()}")
         try:
             base, quantized, q_s = s.quantize(base_cfg, "default", timeout=QUANTIZE_TIMEOUT_S)
@@ -676,7 +612,7 @@ def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: li
         folder = s.scratch / f"setting{k}"
         try:
             base, _, _ = s.quantize(cfg, folder.name, count=subset, timeout=max(5.0, min(SETTING_TIMEOUT_S, s.left())))
-            res = s._call("measure", max(30.0, s.left()), f"INT8 setting '{name}': measuring", backend=s.backend,
+            res = s._call("measure", max(30.0, s.left()), f"INT8 setting '{name}': measuring", fmt=s.fmt,
                           model=str(folder / f"model{s.suffix}"), data=str(s.arrays.rank), out_dir=str(folder), variants=[variant],
                           fixed_batch=s.fixed_batch, base=base, keep_float=[], keep=False)
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
@@ -719,7 +655,7 @@ def _fastest(s: _Search, met: list[Row]) -> Row:
     met = sorted(met, key=lambda r: (r.float_share or 0.0, r.no))
     if len(met) > 1:
         try:
-            lat = s._call("time_models", 300.0, f"INT8: timing {len(met)} candidates side by side", backend=s.backend,
+            lat = s._call("time_models", 300.0, f"INT8: timing {len(met)} candidates side by side", fmt=s.fmt,
                           models=[{"path": r.model, "float_precision": r.float_precision, "static": r.engine_batch == 1} for r in met],
                           sample=str(s.arrays.eval), fixed_batch=s.fixed_batch)
             for r, ms in zip(met, lat):
@@ -737,11 +673,11 @@ def _float_reference(s: _Search, chosen: Row, variant: dict) -> Row | None:
     """The FP32 model at the CPU's fastest float precision: measured on the held-out images and timed beside ``chosen``."""
     folder = s.scratch / "float_reference"
     try:
-        res = s._call("measure", 900.0, "FP32 model: measuring for comparison", backend=s.backend, model=str(s.src), data=str(s.arrays.eval),
+        res = s._call("measure", 900.0, "FP32 model: measuring for comparison", fmt=s.fmt, model=str(s.src), data=str(s.arrays.eval),
                       out_dir=str(folder), variants=[variant], fixed_batch=s.fixed_batch)
         lat = None
         if chosen.model:
-            lat = s._call("time_models", 300.0, "FP32 model and the chosen INT8: timing side by side", backend=s.backend,
+            lat = s._call("time_models", 300.0, "FP32 model and the chosen INT8: timing side by side", fmt=s.fmt,
                           models=[{"path": str(s.src), **variant},
                                   {"path": chosen.model, "float_precision": chosen.float_precision, "static": chosen.engine_batch == 1}],
                           sample=str(s.arrays.eval), fixed_batch=s.fixed_batch)
@@ -752,7 +688,7 @@ def _float_reference(s: _Search, chosen: Row, variant: dict) -> Row | None:
     m = s.ev.measure_outputs(outs)
     drop = s.ev.drop_pp(m) if s.classifier else None
     verdict, interval = s.target.verdict(m, s.classifier, drop)
-    shape = (s.fixed_batch or (1 if variant["static"] else "dynamic")) if s.backend == "openvino" else None
+    shape = (s.fixed_batch or (1 if variant["static"] else "dynamic")) if s.fmt == "openvino" else None
     return Row(0, "float reference", Int8Config(), variant["float_precision"], "reference", metrics=m,
                latency_ms=lat[0] if lat else None, drop_pp=drop, engine_batch=shape, paired_ms=lat[1] if lat else None,
                float_share=1.0, verdict=verdict, interval=interval, divergence=divergence(s.ev.ref_outputs, outs, s.classifier))
@@ -773,8 +709,6 @@ def _sound(rows: list[Row]) -> list[Row]:
 def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model: str, backend: str, eval_source: str,
                 images: int) -> None:
     """Every candidate's numbers and the ranking, as JSON and Markdown, next to the artifact."""
-    from . import _clean
-
     rows = [r.to_dict() for r in result.rows]
     info = {"model": model, "backend": backend, "target": {"agreement": result.target.agreement, "cosine": result.target.cosine,
             "max_drop": result.target.max_drop, "metric": result.target.describe(result.classifier)},
@@ -783,7 +717,7 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
             "seconds": round(result.seconds, 1), "candidates": rows, "ranking": result.ranking, "settings": result.settings,
             "float_reference": result.reference.to_dict() if result.reference else None, "speedup_vs_float": result.speedup_vs_float,
             "max_float_mac_share": MAX_FLOAT_SHARE, "summary": result.summary()}
-    path_json.write_text(json.dumps(_clean(info), indent=2) + "\n")
+    path_json.write_text(json.dumps(json_safe(info), indent=2) + "\n")
     lines = [f"# INT8 fidelity search: {model} ({backend})", "",
              f"- target: {result.target.describe(result.classifier)}; measured on {eval_source} ({images} images); "
              f"agreement intervals are {100 * CI_LEVEL:.0f} % Wilson intervals",
@@ -830,7 +764,7 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
     path_md.write_text("\n".join(lines) + "\n")
 
 
-def copy_chosen(result: FidelityResult, dest: Path, backend: str) -> list[str]:
+def copy_chosen(result: FidelityResult, dest: Path, fmt: str) -> list[str]:
     """Move the chosen candidate's files to ``dest`` (an .xml/.onnx path in the scratch folder); returns their names."""
     src = result.artifact
     if src is None:
@@ -838,7 +772,7 @@ def copy_chosen(result: FidelityResult, dest: Path, backend: str) -> list[str]:
     names = []
     shutil.move(str(src), dest)
     names.append(dest.name)
-    if backend == "openvino":
+    if fmt == "openvino":
         shutil.move(str(src.with_suffix(".bin")), dest.with_suffix(".bin"))
         names.append(dest.with_suffix(".bin").name)
     else:  # external data (models over 1.8 GB) was saved under the artifact's final name already

@@ -210,9 +210,11 @@ class Fp16Result:
 
 
 def _convert(proto, block_nodes: set[str], direct: bool = True):
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
     import onnx
+    from onnxruntime.transformers.float16 import (
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+    )
 
     cp = onnx.ModelProto()
     cp.CopyFrom(proto)

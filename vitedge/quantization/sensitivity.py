@@ -18,7 +18,7 @@ import numpy as np
 from ..runtime import load
 from ..ui import progress
 from .calibration import EvalSet
-from .ort_int8 import QDQConfig, quantize_qdq
+from .tensorrt_qdq import QDQConfig, quantize_qdq
 
 MAX_FLOAT_FRACTION = 0.5  # beyond this the model is no longer meaningfully INT8
 

@@ -14,7 +14,7 @@ onnxruntime-gpu and CuPy, which replace the CPU onnxruntime (see docs/tensorrt.m
 
 * only MatMul/Gemm/Conv inputs get Q/DQ (per-channel symmetric weights, per-tensor symmetric activations);
 * the MHA core stays in float: the two MatMuls of two activations (q·kᵀ and softmax·v), found with
-  :func:`vitedge.quantization.nncf_int8.graph_roles`, are not quantized;
+  :func:`vitedge.quantization.roles.graph_roles`, are not quantized;
 * GEMVs stay in float: a MatMul/Gemm whose activation has one row per image (the classifier head on
   the CLS token) gains nothing from INT8 on a GPU and loses accuracy;
 * MatMul/Gemm with a weight dimension (K or N) under 16 stay in float (too small for INT8 Tensor Cores);
@@ -50,7 +50,6 @@ HIST_CHUNK_BATCHES = 1  # entropy/percentile: the augmented model outputs every 
 class QDQConfig:
     """How the QDQ model is built (recorded in the manifest)."""
 
-    target: str  # onnxruntime | tensorrt
     activation_type: str  # QUInt8 | QInt8
     weight_type: str = "QInt8"
     per_channel: bool = True
@@ -80,7 +79,7 @@ def tensorrt_config(model: Path | None = None) -> QDQConfig:
     are excluded (see :func:`tensorrt_float_nodes`)."""
     kept = tensorrt_float_nodes(model) if model is not None else {}
     return QDQConfig(
-        "tensorrt", "QInt8", activation_symmetric=True,
+        "QInt8", activation_symmetric=True,
         extra_options={
             "QuantizeBias": False,  # TensorRT keeps biases in float and fuses them itself
             "OpTypesToExcludeOutputQuantization": list(QUANT_OP_TYPES),  # Q/DQ on inputs only
@@ -98,7 +97,7 @@ def tensorrt_float_nodes(model: Path) -> dict[str, list[str]]:
     and softmax·v), ``gemv`` (MatMul/Gemm whose activation input has one row per image) and ``small``
     (a weight with fewer than 16 rows or columns, e.g. a 10-class head)."""
     from .. import graph
-    from .nncf_int8 import graph_roles
+    from .roles import graph_roles
 
     model = graph.load(model)
     roles = graph_roles(model)
@@ -229,8 +228,7 @@ def quantize_qdq(model: Path, out: Path, cache: Path, cfg: QDQConfig, method: st
                 root.disabled = was
     except Exception as exc:
         raise VitedgeError(f"ONNX Runtime quantization failed: {type(exc).__name__}: {first_line(exc, 200)}") from None
-    if cfg.target == "tensorrt":
-        _only_matrix_consumers(out)
+    _only_matrix_consumers(out)
     return out
 
 
