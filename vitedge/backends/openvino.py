@@ -36,13 +36,43 @@ def core():
     return _core
 
 
+def split_keepdims_reductions(model) -> int:
+    """Rewrite every ReduceMean/ReduceMax/ReduceSum with ``keep_dims=False`` as the same reduction with
+    ``keep_dims=True`` followed by a Squeeze of those axes (in place; the values are identical).  Returns how many.
+
+    Why: OpenVINO's CPU plugin (seen in 2026.4) fuses a per-channel FakeQuantize that follows such a reduction
+    into it and then quantizes every channel with channel 0's parameters.  A mean-pooled classifier head with
+    SmoothQuant lost up to 89 quantization steps on the pooled half of its input; it was what made static
+    batch-1 INT8 engines less faithful than dynamic ones (docs/openvino_static_batch.md has the numbers and a
+    minimal reproduction).  With keep_dims=True the plugin does not fuse, and the engine computes the IR."""
+    from openvino import opset13 as ops
+
+    makers = {"ReduceMean": ops.reduce_mean, "ReduceMax": ops.reduce_max, "ReduceSum": ops.reduce_sum}
+    n = 0
+    for node in model.get_ordered_ops():
+        make = makers.get(node.get_type_name())
+        if make is None or node.get_attributes().get("keep_dims", True):
+            continue
+        kept = make(node.input_value(0), node.input_value(1), True)
+        squeezed = ops.squeeze(kept, node.input_value(1))
+        kept.set_friendly_name(node.get_friendly_name() + "/keep_dims")
+        squeezed.set_friendly_name(node.get_friendly_name())
+        for target in list(node.output(0).get_target_inputs()):
+            target.replace_source_output(squeezed.output(0))
+        n += 1
+    return n
+
+
 def compiled_model(model, device: str = "CPU", config: dict | None = None, shape=None):
-    """``model`` (an IR or ONNX path, or an ``ov.Model``) compiled for ``device`` with ``config`` on the shared
-    :func:`core`; ``shape``: the input reshaped to it first (e.g. ``[1, 3, 224, 224]`` for a static batch 1)."""
+    """``model`` (an IR or ONNX path, or an ``ov.Model``, which is edited in place) compiled for ``device`` with
+    ``config`` on the shared :func:`core`; ``shape``: the input reshaped to it first (e.g. ``[1, 3, 224, 224]``
+    for a static batch 1).  Reductions are rewritten first (:func:`split_keepdims_reductions`), so IRs written
+    elsewhere are not hit by OpenVINO's fused Reduce + FakeQuantize either."""
     import openvino as ov
 
     c = core()
     m = c.read_model(str(model)) if not isinstance(model, ov.Model) else model
+    split_keepdims_reductions(m)
     if shape is not None:
         m.reshape({m.inputs[0]: ov.PartialShape(list(shape))})
     return c.compile_model(m, device, config or {})
@@ -135,13 +165,15 @@ def compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, 
             raise ShapeMismatch(f"{src.name} has a fixed batch of {shape[0].get_length()}, not {batch}",
                                f"compile with --batch {shape[0].get_length()}, or re-export with --batch dynamic")
         model.reshape({model.inputs[0]: ov.PartialShape([batch] + shape[1:])})
+    rewritten = split_keepdims_reductions(model)  # the saved engine is right in any OpenVINO runtime, not only vitedge's
     # FP32 weights stay FP32 (save_model would halve them by default); FP16 inputs keep FP16
     ov.save_model(model, str(scratch / out_name), compress_to_fp16=precision == "fp16")
     files = [out_name, Path(out_name).with_suffix(".bin").name]
     # the INT8 fidelity search measured which float precision keeps the predictions on this CPU (f32 or bf16)
     searched = _searched(man, "float_precision") if device.split(":", 1)[0] == "CPU" else None
     cfg = openvino_config(hint, threads, streams, precision_hint or searched or default_precision_hint(precision, device))
-    settings: dict[str, Any] = {"device": device, "openvino_config": cfg, "openvino": ov.__version__}
+    settings: dict[str, Any] = {"device": device, "openvino_config": cfg, "openvino": ov.__version__,
+                                "reductions_split": rewritten}
     try:
         compiled = compiled_model(scratch / out_name, device, cfg)
     except Exception as exc:

@@ -26,6 +26,7 @@ import numpy as np
 from .. import graph
 from .._io import save_onnx
 from ..backends.base import pad_batch
+from ..backends.openvino import split_keepdims_reductions
 from .nncf_int8 import Int8Config, float_names, quantize_nncf
 from .roles import graph_roles
 
@@ -150,6 +151,7 @@ def build(base: str, fmt: str, keep_float: list[str], out: str, data_name: str |
         model = _base(base, fmt).clone()
         _ov_keep_float(model, keep_float)
         compress_quantize_weights_transformation(model)
+        split_keepdims_reductions(model)  # OpenVINO's fused Reduce + FakeQuantize bug (docs/openvino_static_batch.md)
         ov.save_model(model, out, compress_to_fp16=False)
         return float_ops_openvino(model)
     import onnx

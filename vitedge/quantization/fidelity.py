@@ -421,6 +421,7 @@ class _Search:
                             divergence=divergence(self.ev.ref_outputs, outs, self.classifier), model=str(model)))
         (folder / "float_ops.json").write_text(json.dumps(res["float_ops"]))
         self._print(rows)
+        _warn_shape_gap(rows)
         self.rows += rows
         return rows
 
@@ -464,6 +465,24 @@ class _Search:
         for r in ranking:
             r["base_divergence"] = base_div
         return ranking
+
+
+SHAPE_GAP = 3.0  # one file's static and dynamic engines this far apart (divergence) compute different things
+
+
+def _warn_shape_gap(rows: list[Row]) -> None:
+    """The same file as a static batch-1 and a dynamic-batch engine should agree to rounding; when not, the runtime
+    computes something else for one of them (seen: OpenVINO's fused Reduce + FakeQuantize, docs/openvino_static_batch.md)."""
+    by_fp: dict = {}
+    for r in rows:
+        if r.divergence is not None and r.engine_batch is not None:
+            by_fp.setdefault(r.float_precision, {})[r.engine_batch == 1] = r.divergence
+    for fp, d in by_fp.items():
+        if len(d) == 2 and max(d.values()) > SHAPE_GAP * max(min(d.values()), 1e-6):
+            worse = "static batch-1" if d[True] > d[False] else "dynamic-batch"
+            note(f"the {worse} engine ({fp or 'default'} float parts) is {max(d.values()) / max(min(d.values()), 1e-9):.1f}x further from "
+                 "FP32 than the other shape of the same file: a runtime issue (see docs/openvino_static_batch.md); "
+                 "the search keeps the faithful one")
 
 
 def _onnx_structure(path: Path):
