@@ -227,7 +227,7 @@ class RunResult:
 
 
 def _key(step: str, options: dict, inputs: list[Path]) -> str:
-    from . import __version__
+    from ._version import __version__
 
     h = hashlib.sha256()
     h.update(json.dumps({"step": step, "options": options, "vitedge": __version__}, sort_keys=True, default=str).encode())

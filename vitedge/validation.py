@@ -727,7 +727,7 @@ def _time(models: list[_Model], inputs: "_Inputs", timing: Timing, batch_sizes: 
 # -- report ------------------------------------------------------------------------------------
 def _report(models: list[_Model], results: dict[str, dict], truth: _Truth, lat: dict, throughput: dict, images,
             settings: dict, kind: str, machine: dict, notes: list[str]) -> Report:
-    from . import __version__
+    from ._version import __version__
 
     baseline = models[0]
     base_tp = {t["batch"]: t["images_per_s"] for t in throughput[baseline.name]}
