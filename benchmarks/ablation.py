@@ -198,7 +198,7 @@ def ort_vit_optimized(fp32_onnx: Path, out: Path, d_model: int, heads: int) -> P
 def static_copy(src: Path, dst: Path, batch: int = 1) -> Path:
     import onnx
 
-    from vitedge.compilation import set_static_batch
+    from vitedge.graph import set_static_batch
 
     if not dst.exists():
         p = onnx.load(str(src))

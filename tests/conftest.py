@@ -46,6 +46,28 @@ def ref_onnx(tmp_path_factory, ref_spec) -> Path:
     return out
 
 
+def _ref_int8(tmp_path_factory, ref_onnx: Path, calib_dir: Path, backend: str, suffix: str) -> Path:
+    from vitedge.quantization import quantize
+
+    out = tmp_path_factory.mktemp(f"ref_int8_{backend}") / f"ref.int8{suffix}"
+    path, man = quantize(ref_onnx, out, precision="int8", backend=backend, calib=calib_dir, samples=32)
+    assert man.precision == "int8"
+    return path
+
+
+@pytest.fixture(scope="session")
+def ref_int8_onnxruntime(tmp_path_factory, ref_onnx, calib_dir) -> Path:
+    """The reference model quantized to INT8 for ONNX Runtime (QDQ ONNX) by ``vitedge quantize`` on 32 calibration
+    images, for tests that need an INT8 artifact (tests of quantize itself make their own)."""
+    return _ref_int8(tmp_path_factory, ref_onnx, calib_dir, "onnxruntime", ".onnx")
+
+
+@pytest.fixture(scope="session")
+def ref_int8_openvino(tmp_path_factory, ref_onnx, calib_dir) -> Path:
+    """The reference model quantized to INT8 for OpenVINO (IR .xml + .bin), as :func:`ref_int8_onnxruntime`."""
+    return _ref_int8(tmp_path_factory, ref_onnx, calib_dir, "openvino", ".xml")
+
+
 @pytest.fixture(scope="session")
 def tiny_vit():
     """A small random-weight ViT (shape tests only: its predictions mean nothing)."""

@@ -12,22 +12,18 @@ import pytest
 
 from vitedge.backends.openvino import cpu_has_bf16
 from vitedge.compilation import compile_model, default_precision_hint
-from vitedge.quantization import quantize
 
 
 @pytest.fixture(scope="module")
-def ov_int8(tmp_path_factory, ref_onnx, calib_dir):
-    d = tmp_path_factory.mktemp("perf_ov")
-    ir, _ = quantize(ref_onnx, d / "ref.int8.xml", precision="int8", backend="openvino", calib=calib_dir, samples=16)
-    eng, man = compile_model(ir, d / "ref.int8.ov.xml", target="openvino")
+def ov_int8(tmp_path_factory, ref_int8_openvino):
+    ir = ref_int8_openvino
+    eng, man = compile_model(ir, tmp_path_factory.mktemp("perf_ov") / "ref.int8.ov.xml", target="openvino")
     return ir, eng, man
 
 
 @pytest.fixture(scope="module")
-def ort_int8(tmp_path_factory, ref_onnx, calib_dir):
-    d = tmp_path_factory.mktemp("perf_ort")
-    q, _ = quantize(ref_onnx, d / "ref.int8.onnx", precision="int8", backend="onnxruntime", calib=calib_dir, samples=16)
-    return compile_model(q, d / "ref.int8.ort.onnx", target="onnxruntime")
+def ort_int8(tmp_path_factory, ref_int8_onnxruntime):
+    return compile_model(ref_int8_onnxruntime, tmp_path_factory.mktemp("perf_ort") / "ref.int8.ort.onnx", target="onnxruntime")
 
 
 @pytest.mark.parametrize("bf16, want", [(True, "bf16"), (False, "f32")])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -162,20 +161,3 @@ def load_file_dict(folder: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "model.safetensors"))
-
-
-# -- no import circle ----------------------------------------------------------------------------------
-def _vitedge_imports(module: str) -> set[str]:
-    """Every vitedge module ``module`` imports, at the top or inside a function."""
-    path = Path(__file__).resolve().parent.parent / "vitedge" / (module.replace(".", "/") + ".py")
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            found.add(node.module)
-    return found
-
-
-def test_no_import_circle_through_foreign():
-    assert not {"parity", "runtime"} & _vitedge_imports("foreign")
-    assert _vitedge_imports("preprocessing_resolver") <= {"errors", "preprocess"}
-    assert "preprocessing_resolver" not in _vitedge_imports("preprocess")

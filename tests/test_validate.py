@@ -25,19 +25,9 @@ FAST = dict(time_budget=0.05, rounds=2, warmup=1, min_runs=4)
 
 
 @pytest.fixture(scope="module")
-def int8_onnx(tmp_path_factory, ref_onnx, calib_dir) -> Path:
-    """The reference model quantized to INT8 (ONNX Runtime QDQ) by vitedge quantize."""
-    from vitedge.quantization import quantize
-
-    out = tmp_path_factory.mktemp("int8") / "ref.int8.onnx"
-    path, _ = quantize(ref_onnx, out, precision="int8", backend="onnxruntime", calib=calib_dir, samples=32)
-    return path
-
-
-@pytest.fixture(scope="module")
-def labelled_report(tmp_path_factory, int8_onnx, ref_onnx, val_dir) -> tuple[Report, Path]:
+def labelled_report(tmp_path_factory, ref_int8_onnxruntime, ref_onnx, val_dir) -> tuple[Report, Path]:
     out = tmp_path_factory.mktemp("report")
-    rep = validate([int8_onnx, EngineSpec(ref_onnx, "openvino", {"config": {"INFERENCE_PRECISION_HINT": "f32"}})], "reference",
+    rep = validate([ref_int8_onnxruntime, EngineSpec(ref_onnx, "openvino", {"config": {"INFERENCE_PRECISION_HINT": "f32"}})], "reference",
                    data=val_dir, samples=120, batch_sizes=(1, 2), out_dir=out, **FAST)
     return rep, out
 
@@ -103,7 +93,7 @@ def test_pytorch_engine_runs_the_reference_like_any_engine(ref_spec, ref_onnx, v
 
 
 # -- labelled data, Python API -------------------------------------------------------------------
-def test_int8_engine_reports_drop_interval_and_speedup(labelled_report, int8_onnx):
+def test_int8_engine_reports_drop_interval_and_speedup(labelled_report, ref_int8_onnxruntime):
     rep, _ = labelled_report
     assert rep.labelled and rep.data["data"]["images"] == 120
     ref = rep.reference
@@ -126,7 +116,7 @@ def test_int8_engine_reports_drop_interval_and_speedup(labelled_report, int8_onn
     lat = int8["latency"]
     assert lat["runs"] >= 4 and lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
     assert [t["batch"] for t in int8["throughput"]] == [1, 2] and all(t["images_per_s"] > 0 for t in int8["throughput"])
-    assert int8["size_bytes"] == int8_onnx.stat().st_size and int8["load_s"] > 0
+    assert int8["size_bytes"] == ref_int8_onnxruntime.stat().st_size and int8["load_s"] > 0
     # which precision the layers really run in: all matrix work of the QDQ model is INT8
     assert int8["precision_breakdown"]["int8_mac_share"] > 0.9
 
@@ -163,9 +153,9 @@ def test_report_files_match_schema(labelled_report):
 
 
 # -- gates through the CLI ----------------------------------------------------------------------
-def test_cli_missed_gate_exits_1_after_writing_report(tmp_path, int8_onnx, val_dir):
+def test_cli_missed_gate_exits_1_after_writing_report(tmp_path, ref_int8_onnxruntime, val_dir):
     out = tmp_path / "rep"
-    res = _cli(["validate", str(int8_onnx), "-r", "reference", "-d", str(val_dir), "--samples", "40", "--runs", "6",
+    res = _cli(["validate", str(ref_int8_onnxruntime), "-r", "reference", "-d", str(val_dir), "--samples", "40", "--runs", "6",
                 "--batch-sizes", "1", "--min-speedup", "1000", "-o", str(out)])
     assert res.exit_code == 1, res.output
     assert "speed-up" in res.output and "--min-speedup 1000x" in res.output
@@ -174,12 +164,12 @@ def test_cli_missed_gate_exits_1_after_writing_report(tmp_path, int8_onnx, val_d
     assert (out / "report.html").exists() and (out / "report.md").exists()
 
 
-def test_cli_met_gates_exit_0(tmp_path, int8_onnx, val_dir):
+def test_cli_met_gates_exit_0(tmp_path, ref_int8_onnxruntime, val_dir):
     import torch
 
     before = torch.get_num_threads()
     out = tmp_path / "rep"
-    res = _cli(["validate", str(int8_onnx), "-r", "reference", "-d", str(val_dir), "--samples", "40", "--runs", "6",
+    res = _cli(["validate", str(ref_int8_onnxruntime), "-r", "reference", "-d", str(val_dir), "--samples", "40", "--runs", "6",
                 "--batch-sizes", "1", "--min-speedup", "0.001", "--max-drop", "50", "--reference-threads", "1", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "all gates passed" in res.output and "onnxruntime int8" in res.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._version import __version__
 from .errors import BackendUnavailable, FileProblem, GateFailed, InputError, ModelNotSupported, ShapeMismatch, VitedgeError
 from .export import export_onnx
 from .manifest import Manifest
@@ -16,9 +17,8 @@ from .benchmarking import benchmark
 from .report import Report
 from .validation import EngineSpec, validate
 
-__version__ = "0.1.0"
-
 __all__ = [
     "BackendUnavailable", "FileProblem", "GateFailed", "InputError", "ModelNotSupported", "ShapeMismatch", "Manifest", "ModelSpec", "PRESETS", "Preprocessing", "ViTConfig",
     "VisionTransformer", "VitedgeError", "Engine", "EngineSpec", "Prediction", "Report", "benchmark", "validate", "compile_model", "quantize", "create_model", "export_onnx", "load", "load_model", "save_checkpoint",
+    "__version__",
 ]

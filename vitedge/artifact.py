@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ._io import atomic_dir, commit_files
+from .backends import registry
 from .errors import FileProblem
 from .manifest import Manifest
+from .ui import note
 
 _OS_ADVICE = {
     errno.ENOSPC: "free some space or write elsewhere (-o)",
@@ -88,8 +90,6 @@ class Artifact:
     def load(self, backend: str | None = None, **options):
         """Open the artifact as an engine (see :func:`vitedge.load`): with ``backend``, else the manifest's
         backend when it runs this kind of file, else the registered backend for the file's suffix."""
-        from .backends import registry
-
         if backend is None:
             backend = self.manifest.backend
             if backend is None or self.path.suffix.lower() not in registry.get(backend).runs:
@@ -130,8 +130,6 @@ class Draft:
         commit_files(self.scratch, {n: dest / n for n in names})
         _drop_legacy_sidecar(self.output)
         if replaced:
-            from .ui import note
-
             note(f"replaced the existing {', '.join(replaced)} in {dest}")
         self.artifact = Artifact(self.output, manifest)
         return self.artifact

@@ -17,9 +17,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .backends import registry
+from .backends.openvino import cpu_has_bf16  # OpenVINO's own answer on BF16, not the CPU flags
+from .compare import top1_loss
+from .compilation import compile_model
 from .errors import VitedgeError
+from .export import export_onnx
+from .models.loading import ModelSpec, load_model
+from .quantization import FidelityNotMet, quantize
+from .quantization.fidelity import Target
 from .report import Report
+from .sysinfo import machine_info, print_machine
 from .ui import err_console, note
+from .validation import EngineSpec, validate
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # what each backend offers is in its registry entry (docs/validate.md)
 
@@ -50,8 +59,6 @@ def _unavailable(c: Candidate, machine: dict) -> str | None:
     if reason:
         return reason
     if backend.benchmark.get(c.precision) == "bf16":
-        from .backends.openvino import cpu_has_bf16  # OpenVINO's own answer, not the CPU flags
-
         if not cpu_has_bf16():
             return f"OpenVINO does not compute BF16 on this CPU (no AVX-512 BF16/AMX): {c.backend} would silently compute in FP32"
     return None
@@ -59,10 +66,6 @@ def _unavailable(c: Candidate, machine: dict) -> str | None:
 
 def _build(c: Candidate, fp32_onnx: Path, folder: Path, calib, calib_samples, seed: int):
     """Build one candidate; returns an EngineSpec (raises VitedgeError with the reason otherwise)."""
-    from .compilation import compile_model
-    from .quantization import FidelityNotMet, quantize
-    from .validation import EngineSpec
-
     backend = registry.get(c.backend)
     stem = f"{c.backend}-{c.precision}"
     if c.precision in ("fp32", "bf16"):
@@ -82,8 +85,6 @@ def _build(c: Candidate, fp32_onnx: Path, folder: Path, calib, calib_samples, se
 
 def _drop_value(m: dict, labelled: bool, strict: bool) -> float:
     """Top-1 points lost vs the reference (:func:`vitedge.compare.top1_loss`); ``strict``: the upper end of its interval."""
-    from .compare import top1_loss
-
     value, ci = top1_loss(m["vs_reference"], labelled)
     return ci[1] if strict else value
 
@@ -95,8 +96,6 @@ FLOAT_PREFERRED_WITHIN = 1.05
 
 def meets_target(m: dict, target=None) -> bool:
     """The INT8 fidelity target, applied to every engine: top-1 agreement (classifiers) or min cosine vs the reference."""
-    from .quantization.fidelity import Target
-
     vs = m["vs_reference"]
     return (target or Target()).check(vs, classifier=vs.get("top1_agreement") is not None, drop_pp=None)
 
@@ -193,11 +192,6 @@ def benchmark(
     top-1/top-5).  ``max_drop``: the accuracy budget (pp) for the recommendation — engines over it
     are reported, not dropped.  Artifacts go to ``out_dir/artifacts``, reports to ``out_dir``.
     """
-    from .export import export_onnx
-    from .models.loading import ModelSpec, load_model
-    from .sysinfo import machine_info, print_machine
-    from .validation import validate
-
     say = log or (lambda msg: err_console.print(msg, highlight=False, soft_wrap=True))
     cands = candidates(backends, precisions)
     out_dir = Path(out_dir)

@@ -28,13 +28,20 @@ from typing import Any
 
 import numpy as np
 
+from . import compare
 from ._onnx import onnx_precision
 from .artifact import Artifact, writing
 from .backends import registry
-from .backends.openvino import default_precision_hint, openvino_config  # noqa: F401  (public here since 0.1)
-from .errors import FileProblem, ShapeMismatch, VitedgeError
+from .backends.onnxruntime import OnnxRuntimeEngine
+from .backends.openvino import OpenVINOEngine, default_precision_hint, openvino_config  # noqa: F401  (public here since 0.1)
+from .data import default_check_images
+from .errors import FileProblem, VitedgeError
+from .export import export_onnx
+from .foreign import ensure_manifest
 from .manifest import Manifest, TensorSpec
+from .models.loading import ModelSpec
 from .options import HINTS, PRECISION_HINTS  # declared with the compile options
+from .ui import note
 
 log = logging.getLogger("vitedge")
 
@@ -47,8 +54,6 @@ def _source(model, img_size, scratch: Path, preprocessing=None) -> tuple[Path, M
 
     An ONNX file without a vitedge manifest gets one from the file and ``preprocessing`` (see
     :func:`vitedge.foreign.ensure_manifest`); ``img_size`` stands in for a dynamic-size file's size."""
-    from .models.loading import ModelSpec
-
     if isinstance(model, (str, Path)) and not isinstance(model, ModelSpec):
         p = Path(model)
         if p.suffix in (".onnx", ".xml") or p.name.endswith(".vitedge.json"):
@@ -58,8 +63,6 @@ def _source(model, img_size, scratch: Path, preprocessing=None) -> tuple[Path, M
             if man is None and artifact.suffix != ".onnx":
                 raise VitedgeError(f"{artifact} has no vitedge manifest", "compile the ONNX file, or re-create the IR with vitedge quantize")
             if man is None or preprocessing is not None:
-                from .foreign import ensure_manifest
-
                 if man is None and isinstance(img_size, int):  # --img-size also sizes a manifest-less file
                     if preprocessing is None:
                         preprocessing = {"img_size": img_size}
@@ -76,7 +79,6 @@ def _source(model, img_size, scratch: Path, preprocessing=None) -> tuple[Path, M
             return artifact, man
         if p.suffix in (".engine", ".plan", ".blob"):
             raise VitedgeError(f"{p} is already a compiled engine", "compile the ONNX file it came from")
-    from .export import export_onnx
 
     out = scratch / "exported.onnx"
     _, man = export_onnx(model, out, img_size=img_size)
@@ -120,33 +122,6 @@ def _check_options(hint, precision_hint, threads):
 
 
 # -- ONNX helpers -------------------------------------------------------------------------------
-def set_static_batch(model, batch: int) -> bool:
-    """Fix the batch dimension of every graph input and output of an ONNX model (an ``onnx.ModelProto``,
-    edited in place, or an ``ir.Model``), and forget the shapes inferred for the values in between
-    (symbolic, now stale; the runtimes infer them again)."""
-    from . import graph
-
-    return graph.editor(_set_static_batch)(model, batch)
-
-
-def _set_static_batch(model, batch: int) -> bool:
-    import onnx_ir as ir
-
-    g = model.graph
-    for v in list(g.inputs) + list(g.outputs):
-        dims = v.shape
-        if dims and not (isinstance(dims[0], int) and dims[0]):
-            v.shape = ir.Shape([batch, *dims[1:]])
-        elif dims and dims[0] != batch:
-            raise ShapeMismatch(f"the model has a fixed batch of {dims[0]}, not {batch}", "compile with --batch "
-                               f"{dims[0]}, or re-export with --batch dynamic")
-    for node in g:
-        for v in node.outputs:
-            if not v.is_graph_output():
-                v.shape, v.type = None, None
-    return True
-
-
 def _specs_with_batch(specs: list[TensorSpec], batch: int | None) -> list[TensorSpec]:
     if batch is None:
         return [TensorSpec(s.name, list(s.shape), s.dtype) for s in specs]
@@ -155,8 +130,6 @@ def _specs_with_batch(specs: list[TensorSpec], batch: int | None) -> list[Tensor
 
 # -- verification -------------------------------------------------------------------------------
 def _check_inputs(man: Manifest, batch: int | None) -> dict[str, np.ndarray]:
-    from .data import default_check_images
-
     dims = _dims(man)
     c, h, w = ([d if isinstance(d, int) and d > 0 else 0 for d in dims[1:4]] + [0, 0, 0])[:3]
     pre = man.preprocessing_obj
@@ -175,15 +148,11 @@ def _check_inputs(man: Manifest, batch: int | None) -> dict[str, np.ndarray]:
 
 def _reference_outputs(src: Path, man: Manifest, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if src.suffix == ".onnx":
-        from .backends.onnxruntime import OnnxRuntimeEngine
-
         eng = OnnxRuntimeEngine(src, man, providers=["CPUExecutionProvider"], opt_level="basic")
     else:
-        from .backends.openvino import OpenVINOEngine
-
         # f32, except for an INT8 IR whose float parts the fidelity search measured and chose in bf16 on held-out
         # images: then the check is about what compiling changed, not about that precision again
-        eng = OpenVINOEngine(src, man, device="CPU", config={"INFERENCE_PRECISION_HINT": _searched(man, "float_precision") or "f32"},
+        eng = OpenVINOEngine(src, man, device="CPU", config={"INFERENCE_PRECISION_HINT": man.searched("float_precision") or "f32"},
                              use_blob=False)
     with eng:
         return {k: eng.infer_all(x) for k, x in inputs.items()}
@@ -192,8 +161,6 @@ def _reference_outputs(src: Path, man: Manifest, inputs: dict[str, np.ndarray]) 
 def _verify(engine, refs: dict[str, dict[str, np.ndarray]], inputs: dict[str, np.ndarray]) -> dict:
     """Agreement of every output with the source model; the first output's numbers at the top level,
     and per output under ``outputs`` for models with several outputs or non-classifier outputs."""
-    from . import compare
-
     checks = {}
     for key, x in inputs.items():
         ref = refs[key]
@@ -216,13 +183,6 @@ def _verify(engine, refs: dict[str, dict[str, np.ndarray]], inputs: dict[str, np
 
 
 # -- what the INT8 search chose ----------------------------------------------------------------
-def _searched(man: Manifest, key: str):
-    """What the INT8 fidelity search measured and chose (``float_precision``, ``engine_batch``) for an INT8 model,
-    or for the FP32 model ``quantize --auto`` wrote because it was faster here."""
-    q = man.quantization or {}
-    return q.get(key) if man.precision == "int8" or q.get("choice") else None
-
-
 # -- public API ---------------------------------------------------------------------------------
 def default_output(src_name: str, target: str, folder: Path) -> Path:
     stem = src_name
@@ -295,14 +255,10 @@ def compile_model(
         fixed = man.inputs[0].shape[0] if man.inputs and man.inputs[0].shape else None
         if auto_batch and isinstance(fixed, int) and fixed > 0 and batch != fixed:
             batch = fixed  # the model was exported with a fixed batch: keep it
-            from .ui import note
-
             note(f"{src.name} has a fixed batch of {fixed}: compiling at batch {fixed}")
-        elif auto_batch and target == "openvino" and _searched(man, "engine_batch") == "dynamic":
+        elif auto_batch and target == "openvino" and man.searched("engine_batch") == "dynamic":
             # the INT8 fidelity search measured both engine shapes and chose the dynamic one (its table says why)
             batch = None
-            from .ui import note
-
             note(f"{src.name}: dynamic batch, the engine shape the INT8 fidelity search chose (see its .fidelity.md)")
         output = Path(output) if output is not None else default_output(src.name if src.parent != scratch else "model.onnx", target, parent)
         if output.suffix != backend.engine_suffix:

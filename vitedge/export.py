@@ -17,13 +17,18 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import token_merging
 from ._io import EXPORT_EXTERNAL_WEIGHT_BYTES
 from .artifact import Artifact, writing
+from .backends.onnxruntime import session
+from .compare import output_metrics
+from .data import ImageSet, default_check_images
 from .errors import InputError, ModelNotSupported, VitedgeError, first_line
 from .manifest import Manifest, TensorSpec
 from .models.loading import ModelSpec, load_model
-from .models.vit import graph_options
+from .models.vit import VisionTransformer, graph_options
 from .options import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET  # declared with the export options
+from .token_merging import describe, token_counts
 
 log = logging.getLogger("vitedge")
 
@@ -42,8 +47,6 @@ class Tolerance:
 
 def compare_outputs(ref: np.ndarray, out: np.ndarray) -> dict:
     """Agreement numbers between a reference and a candidate output (same shape): :func:`vitedge.compare.output_metrics`."""
-    from .compare import output_metrics
-
     return output_metrics(ref, out)
 
 
@@ -153,8 +156,6 @@ def embed_metadata(model_proto, manifest: Manifest) -> None:
 
 def ort_session(path: Path, threads: int | None = None):
     """An ONNX Runtime CPU session of an exported file, to check it (ONNX Runtime's default options)."""
-    from .backends.onnxruntime import session
-
     try:
         return session(path, threads=threads)
     except Exception as exc:  # onnxruntime raises its own exception types
@@ -162,15 +163,11 @@ def ort_session(path: Path, threads: int | None = None):
 
 
 def _has_cls_only(model, wanted: bool) -> bool:
-    from .models.vit import VisionTransformer
-
     return wanted and isinstance(model, VisionTransformer)
 
 
 def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) -> tuple[int, "object | None"]:
     """``--merge-tokens`` resolved to ``r`` (``auto`` measures it), with the search when one ran."""
-    from . import token_merging
-
     auto = str(merge_tokens).strip().lower() == "auto"
     if not auto:
         try:
@@ -194,7 +191,6 @@ def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) 
     if val_images is None:
         raise InputError("--merge-tokens auto needs --val-images: a folder of held-out images to measure the top-1 drop on",
                          "give one (class sub-folders for labels), or a fixed --merge-tokens N")
-    from .data import ImageSet
 
     search = token_merging.choose_merge(spec, ImageSet.from_path(val_images),
                                         token_merging.DEFAULT_MAX_DROP if max_drop is None else max_drop, stage)
@@ -207,8 +203,6 @@ def _graph_info(spec, cls_only: bool, merge: int, search, split_qkv: bool) -> di
     if _has_cls_only(spec.model, True):
         info["qkv"] = "split" if split_qkv else "fused"
     if merge or search is not None:
-        from .token_merging import describe, token_counts
-
         info["token_merging"] = describe(merge, token_counts(spec.model, spec.preprocessing.img_size, merge), search)
     return info
 
@@ -262,8 +256,6 @@ def export_onnx(
         raise VitedgeError(f"output {output} is a folder", "give a file name ending in .onnx")
     spec = load_model(model, img_size=img_size)  # a ModelSpec passes through (img_size still applies)
     if images is None:
-        from .data import default_check_images
-
         images = default_check_images()  # a few shipped real images, when available
     tolerance = tolerance or Tolerance()
     torch_model = spec.model.eval()

@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ._io import sha256_file
 from .errors import FileProblem, ShapeMismatch, VitedgeError
 from .manifest import Manifest, TensorSpec
 from .preprocess import Preprocessing
 from .preprocessing_resolver import resolve_preprocessing, sources_from_json
+from .ui import note
 
 FOREIGN_FAMILY = "foreign"
 _FEATURE_NAMES = ("hidden", "token", "feature", "embed", "pooler", "map", "patch", "dense")
@@ -257,12 +259,8 @@ def ensure_manifest(path: str | Path, preprocessing: "Preprocessing | dict | str
         if isinstance(n, int) and n != len(labels):
             raise VitedgeError(f"{len(labels)} labels given but {artifact.name} outputs {n} classes")
     if hash_file and not man.files:
-        from ._io import sha256_file
-
         man.files = {artifact.name: sha256_file(artifact)}
     if announce:
-        from .ui import note
-
         for line in describe(man, artifact):
             note(line)
     return artifact, man

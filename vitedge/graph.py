@@ -22,6 +22,9 @@ from typing import Any, TypeVar
 
 import onnx_ir as ir
 
+from ._io import EXTERNAL_DATA_BYTES
+from .errors import ShapeMismatch, VitedgeError
+
 #: Matrix ops: what INT8 quantizes and what "runs in float" is about.
 MATRIX_OPS = ("MatMul", "Gemm", "Conv")
 #: Ops a weight passes through on its way to a matrix op without changing its values' role.
@@ -62,8 +65,6 @@ def to_proto(model: ir.Model):
 def save(model: ir.Model, path: str | os.PathLike, data_name: str | None = None) -> None:
     """Write ``model`` to ``path``; the weights go to ``data_name`` (default ``<file>.data``) when the model is
     too big for one file or already kept them outside (as :func:`vitedge._io.save_onnx` decides for protos)."""
-    from ._io import EXTERNAL_DATA_BYTES
-
     path = Path(path)
     tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
     big = any(isinstance(t, ir.ExternalTensor) for t in tensors) or sum(t.nbytes for t in tensors) > EXTERNAL_DATA_BYTES
@@ -180,6 +181,26 @@ def tidy(model: ir.Model) -> bool:
     return True
 
 
+@editor
+def set_static_batch(model: ir.Model, batch: int) -> bool:
+    """Fix the batch dimension of every graph input and output to ``batch`` (a fixed batch of another size is an
+    error), and forget the shapes inferred for the values in between (symbolic, now stale; the runtimes infer
+    them again)."""
+    g = model.graph
+    for v in list(g.inputs) + list(g.outputs):
+        dims = v.shape
+        if dims and not (isinstance(dims[0], int) and dims[0]):
+            v.shape = ir.Shape([batch, *dims[1:]])
+        elif dims and dims[0] != batch:
+            raise ShapeMismatch(f"the model has a fixed batch of {dims[0]}, not {batch}", "compile with --batch "
+                               f"{dims[0]}, or re-export with --batch dynamic")
+    for node in g:
+        for v in node.outputs:
+            if not v.is_graph_output():
+                v.shape, v.type = None, None
+    return True
+
+
 def rewire(value: ir.Value, replacement: ir.Value, readers: Iterable[ir.Node] | None = None) -> int:
     """Make ``readers`` (default: every reader of ``value``) read ``replacement`` instead; returns how many
     inputs changed.  Graph outputs are not touched.  What nobody reads any more stays until :func:`remove_dead`."""
@@ -210,8 +231,6 @@ def add_outputs(model: ir.Model, value_names: Iterable[str]) -> list[str]:
     """Expose intermediate values (e.g. attention probabilities) as extra graph outputs, after the existing ones;
     returns the names added (values already outputs are skipped).  Types and shapes come from the model's
     value info, else from ONNX shape inference; an unknown name is an error."""
-    from .errors import VitedgeError
-
     vals = values(model)
     value_names = list(value_names)
     missing = [n for n in value_names if n not in vals]
@@ -341,8 +360,6 @@ def keep_float(model: ir.Model, op_names: Iterable[str]) -> list[str]:
     A weight stored as integers with a DequantizeLinear only (NNCF's default weight compression, ONNX
     Runtime's quantizer) has no float values in the file: that is an error, not a silent approximation.
     """
-    from .errors import VitedgeError
-
     wanted = set(op_names)
     g = model.graph
     nodes = [n for n in g if n.name in wanted]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ._io import sha256_file, write_json_atomic
 from .errors import FileProblem, VitedgeError
+from .preprocess import Preprocessing
 
 MANIFEST_SUFFIX = ".vitedge.json"
 BUNDLE_FILE = "vitedge-bundle.json"  # in a recipe's output folder: {"engine": "<file>"}, what vitedge.load(folder) opens
@@ -240,6 +241,12 @@ class Manifest:
         """The ``quantization`` section, typed."""
         return QuantizationRecord.of(self.quantization)
 
+    def searched(self, key: str):
+        """What the INT8 fidelity search measured and chose (``float_precision``, ``engine_batch``) for an INT8 model,
+        or for the FP32 model ``quantize --auto`` wrote because it was faster here; None for any other model."""
+        q = self.quantization or {}
+        return q.get(key) if self.precision == "int8" or q.get("choice") else None
+
     @property
     def compile_record(self) -> CompileRecord:
         """The ``compile`` section, typed."""
@@ -247,6 +254,4 @@ class Manifest:
 
     @property
     def preprocessing_obj(self):
-        from .preprocess import Preprocessing
-
         return Preprocessing.from_dict(self.preprocessing) if self.preprocessing else None

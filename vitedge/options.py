@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .backends import registry
+
 # the choices and defaults the steps use (vitedge.quantization, .compilation and .export import them from here)
 PRECISIONS = ("int8", "fp16", "auto")  # auto: INT8, or the float model where INT8 does not pay on this CPU
 METHODS = ("minmax", "percentile", "entropy")  # activation range calibration
@@ -86,8 +88,6 @@ class OptionField:
         if s.schema is not None:
             out = dict(s.schema)
         elif s.backends:
-            from .backends import registry
-
             out = {"enum": registry.names(s.backends)}
         elif s.choices:
             out = {"enum": list(s.choices)}

@@ -18,9 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import ImageSet
 from .errors import VitedgeError
-from .preprocess import Preprocessing
+from .manifest import MANIFEST_SUFFIX, Manifest
+from .models.loading import load_model
+from .preprocess import Preprocessing, load_image
 from .preprocessing_resolver import resolve_preprocessing, sources_from_json, sources_near
+from .runtime import load
 
 FIELDS = ("img_size", "resize", "center_crop", "interpolation", "channel_order", "scale", "mean", "std")
 
@@ -37,9 +41,6 @@ def reference_preprocessing(source: str | Path) -> tuple[Preprocessing, str]:
     ``source``: a timm config JSON, a Hugging Face ``preprocessor_config.json`` (or its folder),
     a vitedge checkpoint / manifest / artifact, a timm checkpoint folder, a preset name or ``reference``.
     """
-    from .manifest import MANIFEST_SUFFIX, Manifest
-    from .models.loading import load_model
-
     p = Path(source)
     if p.is_dir():
         sources, found = sources_near(p)
@@ -105,10 +106,6 @@ def _same(a, b) -> bool:
 
 def check_parity(engine_path: str | Path, reference: str | Path, data: str | Path, *, samples: int = 64, seed: int = 0) -> ParityReport:
     """Compare the engine's bundled preprocessing with the reference's on real images."""
-    from .data import ImageSet
-    from .preprocess import load_image
-    from .runtime import load
-
     ref_pre, where = reference_preprocessing(reference)
     images = ImageSet.from_path(data).sample(samples, seed)
     if images.arrays is not None:

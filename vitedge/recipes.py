@@ -19,12 +19,19 @@ from typing import Any, Callable
 import yaml
 
 from ._io import sha256_file, write_json_atomic
-from .artifact import companions
 from ._shipped import folder as shipped_folder
+from ._version import __version__
+from .artifact import companions
 from .backends import registry
+from .compilation import compile_model
+from .data import ImageSet
 from .errors import FileProblem, VitedgeError
+from .export import export_onnx
 from .manifest import BUNDLE_FILE, Manifest
+from .models.loading import REFERENCE_CHECKPOINT, load_model
 from .options import STEPS, CompileOptions, ExportOptions, QuantizeOptions, ValidateOptions
+from .quantization import quantize
+from .validation import validate
 
 # the shipped recipes/ folder, from the installed package (wheel or editable install)
 RECIPES_DIR = shipped_folder("recipes")
@@ -227,8 +234,6 @@ class RunResult:
 
 
 def _key(step: str, options: dict, inputs: list[Path]) -> str:
-    from . import __version__
-
     h = hashlib.sha256()
     h.update(json.dumps({"step": step, "options": options, "vitedge": __version__}, sort_keys=True, default=str).encode())
     for p in inputs:
@@ -242,8 +247,6 @@ def _key(step: str, options: dict, inputs: list[Path]) -> str:
 
 def _model_inputs(model: str) -> list[Path]:
     """Files whose content decides the export: the checkpoint (or the shipped reference's)."""
-    from .models.loading import REFERENCE_CHECKPOINT
-
     p = REFERENCE_CHECKPOINT if model == "reference" else Path(model)
     return [p] if p.exists() else []
 
@@ -293,13 +296,6 @@ class _Runner:
 def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *, force: bool = False,
                log: Callable[[str], None] = lambda msg: None) -> RunResult:
     """Run every step of ``recipe`` into ``out_dir`` (default ``runs/<name>``)."""
-    from .compilation import compile_model
-    from .export import export_onnx
-    from .manifest import Manifest
-    from .models.loading import load_model
-    from .quantization import quantize
-    from .validation import validate
-
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out_dir) if out_dir else Path("runs") / recipe.name
@@ -379,8 +375,6 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
             nonlocal report
             data_arg = val
             if val and data.get("labelled") is False:
-                from .data import ImageSet
-
                 images = ImageSet.from_path(val)
                 images.labels = [None] * len(images)  # class folders are not this model's labels
                 data_arg = images

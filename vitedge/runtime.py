@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .artifact import Artifact
+from .backends import pytorch, registry
 from .backends.base import Engine
 from .errors import FileProblem
+from .foreign import ensure_manifest
 from .manifest import Manifest
 
 
@@ -23,11 +25,7 @@ def load(path: str | Path, backend: str | None = None, *, preprocessing=None, la
     does not; otherwise ImageNet-style preprocessing at its input size is assumed (listed in
     ``engine.manifest.assumptions``), and a dynamic-size file can only run ``infer()`` on arrays.
     """
-    from .foreign import ensure_manifest
-
     if opens_as_pytorch(path, backend):
-        from .backends import pytorch  # a checkpoint or Hugging Face folder: the FP32 reference itself
-
         source = path if Path(path).exists() else str(path)  # a name: "reference" or a preset
         return pytorch.open(source, preprocessing=preprocessing, labels=labels, **options)
     artifact, manifest = Manifest.find(path)
@@ -43,8 +41,6 @@ def opens_as_pytorch(path, backend: str | None = None) -> bool:
     """Whether :func:`load` opens ``path`` as the PyTorch FP32 reference: ``backend="pytorch"`` (needed for a
     name such as ``reference`` or a preset), a checkpoint file, or a model folder (``config.json``, no vitedge
     manifest)."""
-    from .backends import registry
-
     if backend is not None:
         return backend == "pytorch"
     p = Path(path)

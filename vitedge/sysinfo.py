@@ -11,6 +11,9 @@ import os
 import platform
 from pathlib import Path
 
+from .manifest import library_versions
+from .ui import err_console
+
 # report name -> /proc/cpuinfo flag(s); any listed flag present means "yes"
 ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "AVX2": ("avx2",),
@@ -56,8 +59,6 @@ def machine_info() -> dict:
     """Everything about the machine that a latency figure depends on (JSON-serialisable)."""
     import psutil
 
-    from .manifest import library_versions
-
     model, flags = _cpuinfo()
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -98,8 +99,6 @@ def machine_summary(info: dict | None = None) -> str:
 
 def print_machine(info: dict | None = None) -> dict:
     """Print the machine line on stderr (with every benchmark) and return the info."""
-    from .ui import err_console
-
     info = info or machine_info()
     err_console.print(f"[bold]machine:[/] {machine_summary(info)}", soft_wrap=True, highlight=False)
     return info

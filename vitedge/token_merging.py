@@ -25,7 +25,7 @@ from .compare import classification, top1_loss
 from .data import ImageSet, label_indices
 from .errors import InputError, ModelNotSupported
 from .models.tome import max_merge, tokens_per_block
-from .models.vit import graph_options
+from .models.vit import VisionTransformer, graph_options
 
 log = logging.getLogger("vitedge")
 
@@ -71,8 +71,6 @@ def token_counts(model, img_size: tuple[int, int], r: int) -> list[int]:
 
 
 def check_mergeable(model) -> None:
-    from .models.vit import VisionTransformer
-
     if not isinstance(model, VisionTransformer):
         raise ModelNotSupported(f"token merging needs a model vitedge builds (got {type(model).__name__})",
                                 "export from a checkpoint, model folder or preset; ONNX files cannot be re-merged")

@@ -37,12 +37,23 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import compare
+from ._io import sha256_file
+from ._version import __version__
+from .backends import pytorch
 from .compare import CI_LEVEL, paired_drop, wilson_interval  # noqa: F401 - public names of this module
+from .data import SHIPPED_CALIBRATION, ImageSet, label_indices
 from .errors import GateFailed, VitedgeError
+from .foreign import describe, ensure_manifest
+from .manifest import Manifest
+from .models.loading import REFERENCE_CHECKPOINT, ModelSpec
+from .models.vit import PRESETS
+from .preprocess import Preprocessing
 from .report import SCHEMA_ID, Report, now_iso
 from .resources import RssPeak, load_average, load_record, reference_thread_count, set_torch_threads, torch_threads, usable_cores
+from .runtime import load
+from .sysinfo import machine_info
 from .timing import Slot, flat_samples, interleaved, latency_stats, paired_speedup
-from .ui import progress
+from .ui import err_console, progress
 
 #: per-output numbers in a report's ``vs_reference.outputs``, in this order
 _OUTPUT_KEYS = ("cosine_mean", "cosine_min", "max_abs_error", "snr_db", "finite")
@@ -154,8 +165,6 @@ def _opened(open_engine: Callable[[], Any], *, loaded: bool = True) -> tuple[Any
 
 
 def _open_engine(spec: EngineSpec, preprocessing=None, notes: list[str] | None = None) -> _Model:
-    from .runtime import load
-
     pre = _foreign_preprocessing(spec.path, preprocessing, notes)
     eng, measured = _opened(lambda: load(spec.path, backend=spec.backend, preprocessing=pre, **spec.options))
     baseline_mb = measured["peak_rss_mb"] - measured["rss_increase_mb"]
@@ -176,9 +185,6 @@ def _open_engine(spec: EngineSpec, preprocessing=None, notes: list[str] | None =
 
 def _fp32_parent(spec: EngineSpec) -> Path | None:
     """The FP32 ONNX file an engine was derived from, found by its manifest lineage and hash-checked."""
-    from .manifest import Manifest
-    from ._io import sha256_file
-
     try:
         artifact, man = Manifest.find(spec.path)
     except VitedgeError:
@@ -197,9 +203,6 @@ def _fp32_parent(spec: EngineSpec) -> Path | None:
 def _foreign_preprocessing(path, preprocessing, notes: list[str] | None, fallback: dict | None = None):
     """For an ONNX file without a vitedge manifest: the preprocessing to feed it (given, else ``fallback``,
     else assumed at its input size) - what was assumed goes into ``notes``.  None for files with a manifest."""
-    from .foreign import describe, ensure_manifest
-    from .manifest import Manifest
-
     try:
         artifact, man = Manifest.find(path)
     except VitedgeError:
@@ -207,8 +210,6 @@ def _foreign_preprocessing(path, preprocessing, notes: list[str] | None, fallbac
     if man is not None or artifact.suffix != ".onnx":
         return None
     if preprocessing is None and fallback:
-        from .preprocess import Preprocessing
-
         preprocessing = Preprocessing.from_dict(fallback)
         preprocessing.assumed = []
         if notes is not None:
@@ -220,8 +221,6 @@ def _foreign_preprocessing(path, preprocessing, notes: list[str] | None, fallbac
 
 
 def _engine_manifest(spec: EngineSpec):
-    from .manifest import Manifest
-
     try:
         return Manifest.find(spec.path)[1]
     except VitedgeError:
@@ -247,11 +246,6 @@ def _open_reference(reference, specs: list[EngineSpec], notes: list[str], prepro
     """(timing baseline, separate accuracy reference or None).  An FP32 ``.onnx`` file runs in ONNX Runtime;
     anything else (checkpoint, preset, ``ModelSpec``) in PyTorch eager (:class:`~vitedge.backends.pytorch.PyTorchEngine`),
     either with ``threads`` threads (None: the backend's default)."""
-    from .backends import pytorch
-    from .models.loading import ModelSpec
-    from .models.vit import PRESETS
-    from .runtime import load
-
     reference = _reference_source(reference, specs, notes)
     if isinstance(reference, (str, Path)) and str(reference).endswith(".onnx"):
         path, eng_man = Path(reference), _engine_manifest(specs[0])
@@ -501,8 +495,6 @@ def validate(
     (``vs_reference.outputs``: cosine, max abs error, SNR).
     Writes ``report.json/md/html`` to ``out_dir`` (if given), then raises ``GateFailed`` if a gate is missed.
     """
-    from .sysinfo import machine_info
-
     specs = _as_specs(engine, backend)
     _check_arguments(max_drop, min_speedup, batch_sizes)
     ref_threads = reference_thread_count(reference_threads)
@@ -532,8 +524,6 @@ def validate(
         latency, throughput = _time(models, inputs, timing, batch_sizes)
         machine["load"] = load_record(machine.get("load_average"), load_before, load_average(), usable_cores())
         if machine["load"]["warning"]:
-            from .ui import err_console
-
             err_console.print(f"[bold yellow]warning:[/] {machine['load']['warning']}", soft_wrap=True)
             notes.insert(0, machine["load"]["warning"])
         report = _report(models, results, truth, latency, throughput, images, settings, kind, machine, notes)
@@ -556,8 +546,6 @@ def _check_arguments(max_drop, min_speedup, batch_sizes) -> None:
 
 
 def _images(data, baseline: _Model, samples: int | None, seed: int, notes: list[str]):
-    from .data import ImageSet
-
     if data is None:
         images = _default_data(baseline, notes)
     elif isinstance(data, ImageSet):
@@ -568,9 +556,6 @@ def _images(data, baseline: _Model, samples: int | None, seed: int, notes: list[
 
 
 def _default_data(model: _Model, notes: list[str]):
-    from .data import SHIPPED_CALIBRATION, ImageSet
-    from .models.loading import REFERENCE_CHECKPOINT
-
     val = SHIPPED_CALIBRATION / "digits" / "val"
     if not val.is_dir():
         raise VitedgeError("no validation data given", "pass --data DIR (class/image folders for top-1/top-5, or plain images)")
@@ -638,8 +623,6 @@ def _run(r: _Model, inputs: "_Inputs", what: str = "accuracy") -> dict[str, np.n
 def _reference_pass(truth: _Model, engines: list[_Model], inputs: "_Inputs", images, kind: str, max_drop: float | None,
                     notes: list[str]) -> _Truth:
     """Run the reference, then decide what its outputs are: class logits (labels read as class indices) or features."""
-    from .data import label_indices
-
     _, labels, names = inputs.get(truth.preprocessing)
     outs = _run(truth, inputs, "FP32 reference")
     first, logits = next(iter(outs.items()))
@@ -727,7 +710,6 @@ def _time(models: list[_Model], inputs: "_Inputs", timing: Timing, batch_sizes: 
 # -- report ------------------------------------------------------------------------------------
 def _report(models: list[_Model], results: dict[str, dict], truth: _Truth, lat: dict, throughput: dict, images,
             settings: dict, kind: str, machine: dict, notes: list[str]) -> Report:
-    from . import __version__
 
     baseline = models[0]
     base_tp = {t["batch"]: t["images_per_s"] for t in throughput[baseline.name]}

@@ -105,7 +105,7 @@ def compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str, 
     import onnx
     import onnxruntime as ort
 
-    from ..compilation import set_static_batch
+    from ..graph import set_static_batch
 
     if src.suffix != ".onnx":
         raise VitedgeError(f"{src.name} is an OpenVINO IR: ONNX Runtime runs ONNX files", "compile the ONNX file, or use --target openvino")

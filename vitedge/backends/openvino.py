@@ -150,8 +150,6 @@ def compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, 
                      device, img_size=None, streams=None, export_blob=False) -> tuple[list[str], dict, str]:
     import openvino as ov
 
-    from ..compilation import _searched
-
     device = device or "CPU"
     check_device(device)
     precision = man.precision
@@ -170,7 +168,7 @@ def compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, 
     ov.save_model(model, str(scratch / out_name), compress_to_fp16=precision == "fp16")
     files = [out_name, Path(out_name).with_suffix(".bin").name]
     # the INT8 fidelity search measured which float precision keeps the predictions on this CPU (f32 or bf16)
-    searched = _searched(man, "float_precision") if device.split(":", 1)[0] == "CPU" else None
+    searched = man.searched("float_precision") if device.split(":", 1)[0] == "CPU" else None
     cfg = openvino_config(hint, threads, streams, precision_hint or searched or default_precision_hint(precision, device))
     settings: dict[str, Any] = {"device": device, "openvino_config": cfg, "openvino": ov.__version__,
                                 "reductions_split": rewritten}

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import VitedgeError
 from ..manifest import Manifest, TensorSpec
+from ..models.loading import ModelSpec, load_model
 from .base import Engine
 from .registry import Backend, register
 
@@ -61,8 +62,6 @@ class PyTorchEngine(Engine):
     def __init__(self, artifact, manifest: Manifest | None = None, *, threads: int | None = None, spec=None,
                  img_size: int | None = None):
         import torch
-
-        from ..models.loading import load_model
 
         if spec is None:
             spec = load_model(str(artifact), img_size=img_size)
@@ -134,8 +133,6 @@ def open(source, *, threads: int | None = None, img_size: int | None = None, pre
          labels: list[str] | None = None) -> PyTorchEngine:  # noqa: A001 - the backend's factory, by design
     """Open a PyTorch engine from a checkpoint file, Hugging Face folder, preset name, ``"reference"``, an
     ``nn.Module`` (with ``img_size``) or a :class:`~vitedge.models.loading.ModelSpec` (used as is)."""
-    from ..models.loading import ModelSpec, load_model
-
     if isinstance(source, ModelSpec) and img_size is None and preprocessing is None and labels is None:
         spec = source
     else:

@@ -50,7 +50,9 @@ from typing import Any
 
 import numpy as np
 
+from .._io import save_onnx
 from .._onnx import QDQ_OPS
+from ..data import default_check_images
 from ..errors import (
     BackendUnavailable,
     FileProblem,
@@ -60,6 +62,8 @@ from ..errors import (
     first_line,
 )
 from ..manifest import Manifest
+from ..quantization.fp16 import FP16_KEEP_FLOAT, convert_onnx_fp16
+from ..ui import note
 from .base import Engine, mac_summary, pad_batch
 from .registry import Backend, register
 
@@ -366,8 +370,6 @@ def attach_timing_cache(config, path: Path | None) -> bool:
         # ITimingCache.combine returns False for a cache of another TensorRT version or (ignore_mismatch=False) GPU
         reused = loaded is not None and bool(cache.combine(loaded, False))
         if not reused:
-            from ..ui import note
-
             note(f"timing cache {path} is from another TensorRT version or GPU (or damaged): ignored and rebuilt")
     if not config.set_timing_cache(cache, False):
         raise VitedgeError(f"TensorRT refused the timing cache{f' {path}' if path else ''}", "delete the file or give another --timing-cache")
@@ -443,8 +445,6 @@ def engine_layers(engine, trt=None) -> list[dict]:
 
 def _check_images(man: Manifest) -> list | None:
     """The shipped check images through the model's preprocessing (the FP16 overflow guard's data), or None."""
-    from ..data import default_check_images
-
     pre = man.preprocessing_obj
     images = default_check_images()
     if pre is None or not images:
@@ -466,9 +466,6 @@ def convert_for_tensorrt(src: Path, out: Path, man: Manifest, *, qdq: bool) -> d
     activations overflow FP16 stay FP32, and the engine honours that because the build is strongly typed).
     A QDQ file's Q/DQ nodes get FP16 scales, which needs ONNX opset 19."""
     import onnx
-
-    from .._io import save_onnx
-    from ..quantization.fp16 import FP16_KEEP_FLOAT, convert_onnx_fp16
 
     path = src
     if qdq:

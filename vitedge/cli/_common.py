@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ..backends import registry
+from ..data import default_check_images, list_images
 from ..errors import FileProblem
 
 if TYPE_CHECKING:
@@ -22,8 +24,6 @@ class BackendChoice(click.Choice):
 
     @property
     def choices(self):
-        from ..backends import registry
-
         return tuple(registry.names(self.capability))
 
     @choices.setter
@@ -86,8 +86,6 @@ def _callback(parse):
 
 
 def list_images_arg(folder: Path | None) -> list[Path] | None:
-    from ..data import default_check_images, list_images
-
     if folder is None:
         return default_check_images()
     found = list_images(folder)

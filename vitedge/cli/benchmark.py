@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from ..benchmarking import benchmark
 from ..options import TimingOptions
+from ..ui import note
 from ._common import options_of
 from .validate import print_report
 
@@ -39,13 +41,9 @@ def command(model, calib, data, out_dir, backends, precisions, max_drop, strict,
     build each engine, validate all of them against PyTorch eager FP32 in one run, print a ranked table with the
     Pareto front and write report.json/md/html. Candidates that cannot run here are listed with the reason.
     """
-    from ..benchmarking import benchmark
-
     rep = benchmark(model, calib=calib, data=data, out_dir=out_dir, backends=backends, precisions=precisions, max_drop=max_drop,
                     strict=strict, img_size=img_size, samples=samples, calib_samples=calib_samples, batch_sizes=batch_sizes,
                     time_budget=time_budget, rounds=rounds, runs=runs)
     print_report(rep, out_dir)
     for s in rep.data.get("skipped", []):
-        from ..ui import note
-
         note(f"not benchmarked: {s['name']}: {s['reason']}")

@@ -7,6 +7,7 @@ import click
 from rich.table import Table
 
 from ..errors import GateFailed
+from ..parity import check_parity
 from ..ui import console
 
 
@@ -28,8 +29,6 @@ def parity(engine, reference, data, samples, as_json):
 
     Exits 1 when they differ, listing each mismatch and the top-1 agreement it costs.
     """
-    from ..parity import check_parity
-
     rep = check_parity(engine, reference, data, samples=samples)
     if as_json:
         console.print_json(json.dumps(rep.to_dict()))

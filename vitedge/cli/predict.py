@@ -5,14 +5,16 @@ from pathlib import Path
 
 import click
 
+from ..data import list_images
 from ..errors import FileProblem
-from ..ui import console
+from ..foreign import ensure_manifest
+from ..manifest import Manifest
+from ..runtime import load, opens_as_pytorch
+from ..ui import console, note
 from ._common import BackendChoice, preprocessing_from_cli, preprocessing_options
 
 
 def _expand(images: tuple[str, ...]) -> list[Path]:
-    from ..data import list_images
-
     out: list[Path] = []
     for item in images:
         p = Path(item)
@@ -43,17 +45,11 @@ def command(engine, images, top_k, as_json, backend, batch_size, **pre_flags):
     An ONNX classifier exported elsewhere (no vitedge manifest) works too: its preprocessing comes from
     --img-size/--mean/--std/... or --preprocessing FILE, and what is assumed is printed.
     """
-    from ..manifest import Manifest
-    from ..runtime import load, opens_as_pytorch
-    from ..ui import note
-
     paths = _expand(images)
     results = []
     pre = preprocessing_from_cli(**pre_flags)
     artifact, man = (engine, Manifest(engine.name, "pytorch")) if opens_as_pytorch(engine, backend) else Manifest.find(engine)
     if man is None:
-        from ..foreign import ensure_manifest
-
         ensure_manifest(artifact, pre, announce=True, hash_file=False)  # the one-line error / the assumptions, up front
     elif pre is not None:
         note(f"{artifact.name} has a vitedge manifest: its own preprocessing is used, not the flags")

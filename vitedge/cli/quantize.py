@@ -4,7 +4,9 @@ from pathlib import Path
 
 import click
 
+from ..errors import VitedgeError
 from ..options import QuantizeOptions
+from ..quantization import FidelityNotMet, quantize
 from ..ui import console
 from ._common import options_of, preprocessing_from_cli, preprocessing_options
 
@@ -27,9 +29,6 @@ def command(model, output, **options):
     and writes the fastest that meets it. Exit code 1: no configuration met the target; the most
     faithful one was written anyway, with the table of every try.
     """
-    from ..errors import VitedgeError
-    from ..quantization import FidelityNotMet, quantize
-
     opts = QuantizeOptions.take(options)  # what remains are the preprocessing flags
     if opts.precision is None:
         raise VitedgeError("choose a precision", "pass --int8, --fp16 or --auto")

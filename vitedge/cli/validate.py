@@ -8,13 +8,14 @@ import click
 
 from ..errors import GateFailed, VitedgeError
 from ..options import ValidateOptions
+from ..sysinfo import print_machine
+from ..ui import console, err_console, note
+from ..validation import EngineSpec, validate
 from ._common import options_of, preprocessing_from_cli, preprocessing_options
 
 
 def print_report(rep, out_dir: Path | None) -> None:
     from rich.console import Console
-
-    from ..ui import console, err_console, note
 
     out = console if console.is_terminal else Console(width=max(console.width, 140), highlight=False)
     out.print(rep.rich_table())
@@ -49,9 +50,6 @@ def command(engines, reference, data, out_dir, **options):
 
     Exits 1 when a gate (--max-drop, --min-speedup) is missed, after writing the report.
     """
-    from ..sysinfo import print_machine
-    from ..validation import EngineSpec, validate
-
     opts = ValidateOptions.take(options)  # what remains are the preprocessing flags
     run_options = {}
     if opts.precision_hint:
@@ -68,6 +66,4 @@ def command(engines, reference, data, out_dir, **options):
         raise
     print_report(rep, out_dir)
     if opts.max_drop is not None or opts.min_speedup is not None:
-        from ..ui import console
-
         console.print("[green]all gates passed[/]")

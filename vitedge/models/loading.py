@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._io import atomic_output
 from ..errors import FileProblem, ModelNotSupported, VitedgeError
 from ..preprocess import Preprocessing
 from ..preprocessing_resolver import is_timm_config, resolve_preprocessing, sources_near
@@ -68,8 +69,6 @@ class ModelSpec:
 def save_checkpoint(spec: ModelSpec, path: str | Path) -> Path:
     """Write weights + config + preprocessing + labels as one ``.safetensors`` file."""
     from safetensors.torch import save_file
-
-    from .._io import atomic_output
 
     if spec.config is None:
         raise VitedgeError("only vitedge VisionTransformer models can be saved as vitedge checkpoints")
