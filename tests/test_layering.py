@@ -25,11 +25,8 @@ PACKAGE = Path(vitedge.__file__).parent
 ALLOWED_IN_FUNCTION = [
     ("vitedge", "vitedge.graph",
      "vitedge.graph is the onnx_ir floor (it imports onnx_ir at its top): a heavy library stays out of `import vitedge`"),
-    ("vitedge.options", "vitedge.quantization",
-     "QuantizeOptions.target() builds vitedge.quantization's Target (options sits below quantization); Target, whose "
-     "defaults already live in options, moves down here when the lead's quantization refactor lands"),
-    ("vitedge.quantization", "vitedge",
-     "vitedge/quantization/ is being refactored (issue 23): its own in-function imports move to the top with that work"),
+    ("vitedge.quantization.worker", "vitedge.quantization.candidates",
+     "the candidates module loads onnx_ir (vitedge.graph) and runs NNCF: only the worker process needs it, not the search"),
 ]
 
 #: heavy third-party libraries that neither `import vitedge` nor `vitedge --help` may load (torch is not

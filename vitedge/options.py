@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .backends import registry
+from .compare import wilson_interval
+from .errors import VitedgeError
 
 # the choices and defaults the steps use (vitedge.quantization, .compilation and .export import them from here)
 PRECISIONS = ("int8", "fp16", "auto")  # auto: INT8, or the float model where INT8 does not pay on this CPU
@@ -267,9 +269,7 @@ class QuantizeOptions(StepOptions):
     seed: int = option(0, "Seed for sampling and the held-out split.")
 
     def target(self):
-        """The INT8 fidelity target (:class:`vitedge.quantization.Target`), ``max_drop`` included."""
-        from .quantization import Target
-
+        """The INT8 fidelity target (:class:`Target`), ``max_drop`` included."""
         return Target(self.target_agreement, self.target_cosine, self.max_drop)
 
     def quantize_kwargs(self) -> dict:
@@ -357,3 +357,52 @@ class ValidateOptions(TimingOptions):
 
 
 STEPS: dict[str, type[StepOptions]] = {o.STEP: o for o in (ExportOptions, QuantizeOptions, CompileOptions, ValidateOptions)}
+
+
+# -- the INT8 fidelity target ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """What "keeps the predictions" means.  Classifiers: top-1 agreement with FP32 (and, with
+    ``max_drop``, the top-1 points lost on labelled images).  Other outputs: the minimum per-image
+    cosine of every output."""
+
+    agreement: float = DEFAULT_AGREEMENT
+    cosine: float = DEFAULT_COSINE
+    max_drop: float | None = None  # top-1 percentage points (labelled: accuracy; else disagreement)
+
+    def __post_init__(self):
+        for name, v in (("target agreement", self.agreement), ("target cosine", self.cosine)):
+            if not (0.0 <= v <= 1.0):
+                raise VitedgeError(f"{name} {v} must be between 0 and 1", "e.g. --target-agreement 0.98")
+
+    def describe(self, classifier: bool) -> str:
+        if classifier:
+            s = f"top-1 agreement >= {100 * self.agreement:.1f}%"
+            return s + (f" and top-1 drop <= {self.max_drop:g} pp" if self.max_drop is not None else "")
+        return f"min output cosine >= {self.cosine:g}"
+
+    def check(self, m: dict, classifier: bool, drop_pp: float | None) -> bool:
+        """Met by the point estimate (what the search acts on; :meth:`verdict` adds the interval)."""
+        if not m.get("finite", True):
+            return False
+        if classifier:
+            ok = m.get("top1_agreement", 1.0) >= self.agreement - 1e-12
+            return ok and (self.max_drop is None or drop_pp is None or drop_pp <= self.max_drop + 1e-9)
+        return _min_cosine(m) >= self.cosine - 1e-12
+
+    def verdict(self, m: dict, classifier: bool, drop_pp: float | None) -> tuple[str, list[float] | None]:
+        """``met`` / ``missed`` when the agreement's Wilson interval lies on one side of the target, else
+        ``not separable`` (the point estimate is on the side :meth:`check` says); with the interval."""
+        if not classifier or "top1_agreement" not in m or not m.get("images"):
+            return ("met" if self.check(m, classifier, drop_pp) else "missed"), None
+        n = int(m["images"])
+        lo, hi = wilson_interval(int(round(m["top1_agreement"] * n)), n)
+        if not self.check(m, classifier, drop_pp):
+            return ("missed" if hi < self.agreement or not m.get("finite", True) else "not separable"), [lo, hi]
+        return ("met" if lo >= self.agreement else "not separable"), [lo, hi]
+
+
+def _min_cosine(m: dict) -> float:
+    """The smallest per-image cosine over every output of a measurement (``outputs`` when there are several)."""
+    outs = m.get("outputs")
+    return min(o["cosine_min"] for o in outs.values()) if outs else m["cosine_min"]

@@ -17,12 +17,12 @@ from ..artifact import Artifact, writing
 from ..backends import registry
 from ..errors import FileProblem, GateFailed, VitedgeError
 from ..export import embed_metadata
+from ..foreign import ensure_manifest
 from ..manifest import Manifest
-from ..options import DEFAULT_BUDGET_S, METHODS, PRECISIONS
+from ..options import DEFAULT_BUDGET_S, METHODS, PRECISIONS, Target
 from ..runtime import load
 from ..ui import note
 from .calibration import MIN_CALIB, EvalSet, plan_data
-from .fidelity import Target
 from .strategies import Job
 
 log = logging.getLogger("vitedge")
@@ -44,8 +44,6 @@ def _open_model(model, preprocessing=None, labels=None) -> tuple[Path, Manifest]
         raise FileProblem(f"{path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with `vitedge export`") from None
     if not proto.graph.node:
         raise FileProblem(f"{path} is not a readable ONNX file (empty graph)", "re-export it with `vitedge export`")
-    from ..foreign import ensure_manifest
-
     # a file vitedge did not export gets a manifest built from the file (what was assumed is printed)
     _, man = ensure_manifest(path, preprocessing, labels, announce=True)
     if man.precision not in ("fp32", None):

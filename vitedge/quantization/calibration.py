@@ -22,6 +22,7 @@ from ..backends.base import pad_batch
 from ..data import SHIPPED_CALIBRATION, ImageSet, label_indices
 from ..errors import ShapeMismatch, VitedgeError
 from ..manifest import Manifest
+from ..models.loading import REFERENCE_CHECKPOINT
 from ..options import MIN_CALIB
 from ..preprocess import Preprocessing
 from ..ui import progress
@@ -38,8 +39,6 @@ SHIPPED_DIGITS = SHIPPED_CALIBRATION / "digits" / "calib"
 
 
 def is_reference_model(manifest: Manifest) -> bool:
-    from ..models.loading import REFERENCE_CHECKPOINT
-
     src = str((manifest.model or {}).get("source", ""))
     return bool(src) and Path(src).name == REFERENCE_CHECKPOINT.name
 

@@ -26,7 +26,9 @@ import numpy as np
 from .. import graph
 from .._io import save_onnx
 from ..backends.base import pad_batch
-from ..backends.openvino import split_keepdims_reductions
+from ..backends.onnxruntime import session
+from ..backends.openvino import compiled_model, split_keepdims_reductions
+from ..timing import Slot, flat_samples, interleaved
 from .nncf_int8 import Int8Config, float_names, quantize_nncf
 from .roles import graph_roles
 
@@ -213,8 +215,6 @@ def prepare(path: Path, fmt: str, x: np.ndarray, float_precision: str | None, st
         x = pad_batch(x, -(-len(x) // fixed) * fixed)
     one = np.ascontiguousarray(x[: fixed or 1])
     if fmt == "openvino":
-        from ..backends.openvino import compiled_model
-
         cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_PRECISION_HINT": float_precision} if float_precision else {})}
         if static:
             batch = 1
@@ -225,8 +225,6 @@ def prepare(path: Path, fmt: str, x: np.ndarray, float_precision: str | None, st
         parts = [[np.array(req.infer({0: x[i : i + batch]})[o]) for o in compiled.outputs] for i in range(0, len(x), batch)]
         run = lambda: req.infer({0: one})  # noqa: E731 - keeps compiled/req alive with the closure
     else:
-        from ..backends.onnxruntime import session
-
         sess = session(path, precision="int8")
         name = sess.get_inputs()[0].name
         names = [o.name for o in sess.get_outputs()]
@@ -242,8 +240,6 @@ def timed_interleaved(runs: list[Callable[[], object]], rounds: int = 8, seconds
     order reversed every other round), so that a machine whose speed drifts (shared hosts, frequency changes)
     slows every run alike and the comparison between them holds.  After 3 warm-up runs each, each runs once
     untimed then ``min_runs`` to ``max_runs`` times per round, within its share of ``seconds``."""
-    from ..timing import Slot, flat_samples, interleaved
-
     slot = Slot(seconds / rounds / max(1, len(runs)), min_runs, max(min_runs, max_runs))
     samples = interleaved(runs, rounds, slot, warmup=Slot(0.0, 3, 3), alternate=True, wake=True)
     return [float(np.median(flat_samples(s))) for s in samples]

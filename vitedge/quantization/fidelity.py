@@ -40,7 +40,7 @@ import numpy as np
 from .. import compare
 from .._io import json_safe
 from ..errors import VitedgeError
-from ..options import DEFAULT_AGREEMENT, DEFAULT_COSINE
+from ..options import Target
 from ..ui import err_console, note
 from .calibration import EvalSet
 from .nncf_int8 import Int8Config
@@ -57,48 +57,6 @@ TIE = 1.03  # latencies within 3 % are a tie (timing noise): prefer the earlier,
 BROKEN_ERROR_RATIO, BROKEN_MIN_GAP = 3.0, 0.01  # see _sound(): a variant this much further from FP32 is broken
 FLOAT_WORTH = 1.05  # INT8 less than this much faster than the float model is called out
 CI_LEVEL = compare.CI_LEVEL
-
-
-@dataclass(frozen=True)
-class Target:
-    """What "keeps the predictions" means.  Classifiers: top-1 agreement with FP32 (and, with
-    ``max_drop``, the top-1 points lost on labelled images).  Other outputs: the minimum per-image
-    cosine of every output."""
-
-    agreement: float = DEFAULT_AGREEMENT
-    cosine: float = DEFAULT_COSINE
-    max_drop: float | None = None  # top-1 percentage points (labelled: accuracy; else disagreement)
-
-    def __post_init__(self):
-        for name, v in (("target agreement", self.agreement), ("target cosine", self.cosine)):
-            if not (0.0 <= v <= 1.0):
-                raise VitedgeError(f"{name} {v} must be between 0 and 1", "e.g. --target-agreement 0.98")
-
-    def describe(self, classifier: bool) -> str:
-        if classifier:
-            s = f"top-1 agreement >= {100 * self.agreement:.1f}%"
-            return s + (f" and top-1 drop <= {self.max_drop:g} pp" if self.max_drop is not None else "")
-        return f"min output cosine >= {self.cosine:g}"
-
-    def check(self, m: dict, classifier: bool, drop_pp: float | None) -> bool:
-        """Met by the point estimate (what the search acts on; :meth:`verdict` adds the interval)."""
-        if not m.get("finite", True):
-            return False
-        if classifier:
-            ok = m.get("top1_agreement", 1.0) >= self.agreement - 1e-12
-            return ok and (self.max_drop is None or drop_pp is None or drop_pp <= self.max_drop + 1e-9)
-        return min_cosine(m) >= self.cosine - 1e-12
-
-    def verdict(self, m: dict, classifier: bool, drop_pp: float | None) -> tuple[str, list[float] | None]:
-        """``met`` / ``missed`` when the agreement's Wilson interval lies on one side of the target, else
-        ``not separable`` (the point estimate is on the side :meth:`check` says); with the interval."""
-        if not classifier or "top1_agreement" not in m or not m.get("images"):
-            return ("met" if self.check(m, classifier, drop_pp) else "missed"), None
-        n = int(m["images"])
-        lo, hi = compare.wilson_interval(int(round(m["top1_agreement"] * n)), n, CI_LEVEL)
-        if not self.check(m, classifier, drop_pp):
-            return ("missed" if hi < self.agreement or not m.get("finite", True) else "not separable"), [lo, hi]
-        return ("met" if lo >= self.agreement else "not separable"), [lo, hi]
 
 
 def min_cosine(m: dict) -> float:

@@ -28,6 +28,7 @@ import numpy as np
 
 from .._io import save_onnx
 from ..errors import VitedgeError, first_line
+from ..export import compare_outputs
 
 log = logging.getLogger("vitedge")
 
@@ -365,8 +366,6 @@ def convert_onnx_fp16(model: Path, out: Path, data=None, *, margin: float = DEFA
                 raise VitedgeError(
                     f"FP16 still overflows after keeping {len(block) + len(op_kept)} nodes in FP32 (first bad tensor: {sorted(bad)[0] if bad else 'output'})",
                     "use FP32 or BF16 for this model (e.g. OpenVINO, whose CPU plugin runs BF16), or fix the activations' scale")
-            from ..export import compare_outputs
-
             finite16 = [m for t, m in s16.max_abs.items() if np.isfinite(m) and s16.types.get(t) == onnx.TensorProto.FLOAT16]
             info.update(checked=True, images=s32.images, rounds=rounds, agreement_on_check_images=compare_outputs(ref, out16),
                         largest_fp16_activation=max(finite16, default=0.0),  # over the tensors left in FP16

@@ -3,11 +3,12 @@ projection, fc1, fc2), head - found from weights and data flow, not names, so ON
 (timm, transformers, torch.onnx) work too.  The INT8 search reverts these groups to float
 (:func:`structural_groups`); NNCF and TensorRT's placement keep some of them float by rule.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..backends.onnxruntime import onnx_precision_breakdown
 
 
 @dataclass
@@ -113,7 +114,5 @@ def structural_groups(roles: GraphRoles, macs: dict[str, int]) -> list[Group]:
 
 def matrix_macs(source: Path) -> dict[str, int]:
     """Multiply-adds of every matrix op of the FP32 ONNX model, by node name."""
-    from ..backends.onnxruntime import onnx_precision_breakdown
-
     info = onnx_precision_breakdown(source) or {"layers": []}
     return {layer["name"]: int(layer["macs"]) for layer in info["layers"]}

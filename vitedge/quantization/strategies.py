@@ -25,11 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._io import commit_files, json_safe, save_onnx
+from ..backends.openvino import default_precision_hint
+from ..backends.tensorrt import drop_stale_value_info
 from ..errors import GateFailed, VitedgeError
 from ..manifest import Manifest
+from ..sysinfo import isa_summary
 from ..ui import note
+from . import fidelity as fid
+from . import sensitivity, tensorrt_qdq
 from .calibration import DataPlan, EvalSet, StreamingBatches
 from .fidelity import FidelityResult, Target
+from .fp16 import FP16_KEEP_FLOAT, convert_onnx_fp16, openvino_fp16
+from .nncf_int8 import ESTIMATORS, Int8Config
 
 log = logging.getLogger("vitedge")
 
@@ -92,8 +99,6 @@ class Quantizer:
 
 
 def _onnx_fp16(job: Job) -> Outcome:
-    from .fp16 import FP16_KEEP_FLOAT, convert_onnx_fp16
-
     res = convert_onnx_fp16(job.src, job.out, job.ev)  # overflow guard: nodes whose tensors overflow FP16 stay FP32
     info = {"tool": "onnxruntime.transformers.float16 (keep_io_types)", "io": "float32", "excluded_nodes": res.kept,
             "kept_float_op_types": FP16_KEEP_FLOAT, "overflow_guard": dict(res.guard, checked_on=job.ev.source)}
@@ -117,8 +122,6 @@ class NNCFQuantizer(Quantizer):
 
     def base_config(self):
         """vitedge's default NNCF configuration for this runtime."""
-        from .nncf_int8 import Int8Config
-
         return Int8Config()
 
     def variants(self, fixed_batch: int | None) -> list[dict]:
@@ -127,9 +130,6 @@ class NNCFQuantizer(Quantizer):
 
     def int8(self, job: Job) -> Outcome:
         import nncf
-
-        from . import fidelity as fid
-        from .nncf_int8 import ESTIMATORS
 
         if job.ev.random:
             raise VitedgeError("INT8 needs held-out images to measure against FP32", "pass --val DIR or more --calib images")
@@ -173,8 +173,6 @@ class NNCFQuantizer(Quantizer):
     def _auto(self, res: FidelityResult, job: Job, info: dict) -> str:
         """``--auto``: keep the INT8 file, or write the FP32 model (run at the CPU's float precision) when it meets
         the target and INT8 is no faster here.  Returns the precision written (``int8`` / ``fp32``)."""
-        from ..sysinfo import isa_summary
-
         why = res.choice()
         info["choice"] = {"asked": "auto", "chosen": (res.reference.float_precision or "fp32") if res.float_wins else "int8",
                           "why": why, "cpu": isa_summary()}
@@ -218,8 +216,6 @@ class OpenVINOQuantizer(NNCFQuantizer):
     tool = "OpenVINO IR"
 
     def variants(self, fixed_batch: int | None) -> list[dict]:
-        from ..backends.openvino import default_precision_hint
-
         fps = ["bf16", "f32"] if default_precision_hint("int8") == "bf16" else ["f32"]
         shapes = [False] if fixed_batch else [True, False]
         return [{"float_precision": fp, "static": s} for fp in fps for s in shapes]
@@ -234,8 +230,6 @@ class OpenVINOQuantizer(NNCFQuantizer):
         return {"config": {"INFERENCE_PRECISION_HINT": fp}} if fp else {}
 
     def fp16(self, job: Job) -> Outcome:
-        from .fp16 import openvino_fp16
-
         guard = openvino_fp16(job.src, job.out, job.ev)  # FP32 scan marks what FP16 cannot hold; compiled CPU output checked
         info = {"tool": "openvino.save_model(compress_to_fp16=True)", "excluded_nodes": [], "overflow_guard": dict(guard, checked_on=job.ev.source),
                 "notes": ["weights stored as FP16; the CPU plugin decides the compute precision"]}
@@ -256,13 +250,9 @@ class TensorRTQuantizer(Quantizer):
         return _onnx_fp16(job)
 
     def finish_onnx(self, proto) -> None:
-        from ..backends.tensorrt import drop_stale_value_info
-
         drop_stale_value_info(proto)  # TensorRT parses the file as typed: no stale value_info types on weights
 
     def int8(self, job: Job) -> Outcome:
-        from . import sensitivity, tensorrt_qdq
-
         fixed, ev, method, max_drop = job.fixed_batch, job.ev, job.method, job.target.max_drop
         stream = StreamingBatches(job.plan.calib, job.parent.preprocessing_obj, fixed or 8, min_count=min(job.samples or 1, len(job.plan.calib)),
                                   pad=fixed is not None)

@@ -35,6 +35,7 @@ from pathlib import Path
 from .._io import needs_external_data
 from ..errors import VitedgeError, first_line
 from .calibration import StreamingBatches
+from .roles import graph_roles
 
 log = logging.getLogger("vitedge")
 
@@ -97,8 +98,6 @@ def tensorrt_float_nodes(model: Path) -> dict[str, list[str]]:
     and softmax·v), ``gemv`` (MatMul/Gemm whose activation input has one row per image) and ``small``
     (a weight with fewer than 16 rows or columns, e.g. a 10-class head)."""
     from .. import graph
-    from .roles import graph_roles
-
     model = graph.load(model)
     roles = graph_roles(model)
     attention = set(roles.attention)
