@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import inspect
 import json
 
@@ -156,14 +158,24 @@ def test_defaults_are_those_of_the_step_functions():
 
 
 def test_quantization_constants_are_declared_once():
-    """vitedge.quantization and its fidelity search use the choices and defaults of vitedge.options."""
-    from vitedge import options, quantization
-    from vitedge.quantization import calibration, fidelity
+    """The choices and defaults the steps use are assigned in vitedge/options.py and nowhere else in the package."""
+    import ast
 
-    assert quantization.METHODS == options.METHODS and quantization.PRECISIONS == options.PRECISIONS
-    assert (fidelity.DEFAULT_AGREEMENT, fidelity.DEFAULT_COSINE, fidelity.DEFAULT_BUDGET_S) == (
-        options.DEFAULT_AGREEMENT, options.DEFAULT_COSINE, options.DEFAULT_BUDGET_S)
-    assert calibration.MIN_CALIB == options.MIN_CALIB
+    import vitedge
+
+    names = {"METHODS", "PRECISIONS", "ENGINE_PRECISIONS", "DEFAULT_AGREEMENT", "DEFAULT_COSINE", "DEFAULT_BUDGET_S", "MIN_CALIB", "HINTS", "PRECISION_HINTS"}
+    root = Path(vitedge.__file__).parent
+    assigned = {}
+    for path in root.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            for t in targets:
+                if isinstance(t, ast.Name) and t.id in names:
+                    assigned.setdefault(t.id, []).append(str(path.relative_to(root)))
+    assert set(assigned) == names and all(v == ["options.py"] for v in assigned.values()), assigned
+    from vitedge import options, quantization
+
+    assert quantization.METHODS is options.METHODS and quantization.Target is options.Target
 
 
 def test_max_drop_is_given_once_and_reaches_the_target():

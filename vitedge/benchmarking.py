@@ -17,20 +17,20 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .backends import registry
-from .backends.openvino import cpu_has_bf16  # OpenVINO's own answer on BF16, not the CPU flags
+from .backends.openvino import (
+    cpu_has_bf16,  # OpenVINO's own answer on BF16, not the CPU flags
+)
 from .compare import top1_loss
 from .compilation import compile_model
 from .errors import VitedgeError
 from .export import export_onnx
 from .models.loading import ModelSpec, load_model
+from .options import ENGINE_PRECISIONS, Target
 from .quantization import FidelityNotMet, quantize
-from .quantization.fidelity import Target
 from .report import Report
 from .sysinfo import machine_info, print_machine
 from .ui import err_console, note
 from .validation import EngineSpec, validate
-
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # what each backend offers is in its registry entry (docs/validate.md)
 
 
 @dataclass
@@ -45,10 +45,10 @@ class Candidate:
 
 def candidates(backends: Sequence[str] | None = None, precisions: Sequence[str] | None = None) -> list[Candidate]:
     chosen = [registry.get(b, "benchmark") for b in backends] if backends else registry.backends("benchmark")
-    precisions = [p.lower() for p in (precisions or PRECISIONS)]
+    precisions = [p.lower() for p in (precisions or ENGINE_PRECISIONS)]
     for p in precisions:
-        if p not in PRECISIONS:
-            raise VitedgeError(f"unknown precision {p!r}", f"choose from {', '.join(PRECISIONS)}")
+        if p not in ENGINE_PRECISIONS:
+            raise VitedgeError(f"unknown precision {p!r}", f"choose from {', '.join(ENGINE_PRECISIONS)}")
     return [Candidate(b.name, p) for b in chosen for p in precisions if p in b.benchmark]
 
 

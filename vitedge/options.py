@@ -31,6 +31,7 @@ from .errors import VitedgeError
 # the choices and defaults the steps use (vitedge.quantization, .compilation and .export import them from here)
 PRECISIONS = ("int8", "fp16", "auto")  # auto: INT8, or the float model where INT8 does not pay on this CPU
 METHODS = ("minmax", "percentile", "entropy")  # activation range calibration
+ENGINE_PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # what vitedge benchmark builds; each backend's offer is in its registry entry
 HINTS = ("latency", "throughput")
 PRECISION_HINTS = ("f32", "bf16", "f16")
 CI_METHODS = ("agresti-min", "bootstrap")
