@@ -3,22 +3,46 @@
 from __future__ import annotations
 
 from ._version import __version__
+from .backends.base import Engine, Prediction
+from .benchmarking import benchmark
+from .compilation import compile_model
 from .errors import BackendUnavailable, FileProblem, GateFailed, InputError, ModelNotSupported, ShapeMismatch, VitedgeError
 from .export import export_onnx
 from .manifest import Manifest
 from .models.loading import ModelSpec, load_model, save_checkpoint
-from .models.vit import PRESETS, ViTConfig, VisionTransformer, create_model
+from .models.vit import PRESETS, VisionTransformer, ViTConfig, create_model
 from .preprocess import Preprocessing
-from .runtime import load
-from .backends.base import Engine, Prediction
-from .compilation import compile_model
 from .quantization import quantize
-from .benchmarking import benchmark
 from .report import Report
+from .runtime import load
 from .validation import EngineSpec, validate
 
 __all__ = [
-    "BackendUnavailable", "FileProblem", "GateFailed", "InputError", "ModelNotSupported", "ShapeMismatch", "Manifest", "ModelSpec", "PRESETS", "Preprocessing", "ViTConfig",
-    "VisionTransformer", "VitedgeError", "Engine", "EngineSpec", "Prediction", "Report", "benchmark", "validate", "compile_model", "quantize", "create_model", "export_onnx", "load", "load_model", "save_checkpoint",
+    "BackendUnavailable",
+    "FileProblem",
+    "GateFailed",
+    "InputError",
+    "ModelNotSupported",
+    "ShapeMismatch",
+    "Manifest",
+    "ModelSpec",
+    "PRESETS",
+    "Preprocessing",
+    "ViTConfig",
+    "VisionTransformer",
+    "VitedgeError",
+    "Engine",
+    "EngineSpec",
+    "Prediction",
+    "Report",
+    "benchmark",
+    "validate",
+    "compile_model",
+    "quantize",
+    "create_model",
+    "export_onnx",
+    "load",
+    "load_model",
+    "save_checkpoint",
     "__version__",
 ]

@@ -10,8 +10,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 #: ONNX models above this size keep their weights in a ``.data`` file beside the ``.onnx``:
 #: protobuf cannot serialize a message over 2 GiB, and this leaves room for the graph itself.

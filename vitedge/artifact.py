@@ -23,9 +23,9 @@ import contextlib
 import errno
 import glob
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from ._io import atomic_dir, commit_files
 from .backends import registry
@@ -77,7 +77,7 @@ class Artifact:
         return sum(p.stat().st_size for p in self.files if p.exists())
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Artifact":
+    def open(cls, path: str | os.PathLike) -> Artifact:
         """The artifact at a file, its manifest or a bundle folder; refused when it has no vitedge manifest."""
         artifact, man = Manifest.find(path)
         if man is None:

@@ -12,9 +12,9 @@ budget is recommended.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .backends import registry
 from .backends.openvino import (

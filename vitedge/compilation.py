@@ -88,7 +88,7 @@ def _source(model, img_size, scratch: Path, preprocessing=None) -> tuple[Path, M
 def _size_matches(man: Manifest, img_size) -> bool:
     hw = man.inputs[0].shape[2:] if man.inputs else []
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    return all(not isinstance(d, int) or d <= 0 or d == s for d, s in zip(hw, size))
+    return all(not isinstance(d, int) or d <= 0 or d == s for d, s in zip(hw, size, strict=False))
 
 
 def _dims(man: Manifest) -> list:
@@ -208,20 +208,20 @@ def _backend_options(backend: registry.Backend, given: dict) -> dict:
 
 
 def compile_model(
-    model: "str | Path | Any",
+    model: str | Path | Any,
     output: str | Path | None = None,
     *,
     target: str = "onnxruntime",
-    batch: "int | str | None" = "auto",
+    batch: int | str | None = "auto",
     img_size: int | None = None,
     threads: int | None = None,
     hint: str = "latency",
     precision_hint: str | None = None,
     device: str | None = None,
-    streams: "int | str | None" = None,
+    streams: int | str | None = None,
     export_blob: bool = False,
     workspace_mb: int | None = None,
-    profile: "str | tuple | None" = None,
+    profile: str | tuple | None = None,
     timing_cache: str | Path | None = None,
     verify: bool = True,
     preprocessing=None,

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -63,7 +63,7 @@ class ImageSet:
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def from_path(cls, path: str | Path) -> "ImageSet":
+    def from_path(cls, path: str | Path) -> ImageSet:
         path = Path(path)
         if not path.exists():
             raise FileProblem(f"data {path} does not exist", "give a folder of images or a .npy/.npz file")
@@ -82,7 +82,7 @@ class ImageSet:
         return cls(str(path), paths, labels)
 
     @classmethod
-    def _from_array_file(cls, path: Path) -> "ImageSet":
+    def _from_array_file(cls, path: Path) -> ImageSet:
         try:
             data = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
@@ -127,12 +127,12 @@ class ImageSet:
         if self.arrays is not None:
             h.update(np.ascontiguousarray(self.arrays).tobytes())
         else:
-            for p, lbl in zip(self.paths, self.labels):
+            for p, lbl in zip(self.paths, self.labels, strict=True):
                 h.update(f"{lbl}/{p.name}".encode())
                 h.update(p.read_bytes())
         return h.hexdigest()
 
-    def sample(self, n: int | None, seed: int = 0) -> "ImageSet":
+    def sample(self, n: int | None, seed: int = 0) -> ImageSet:
         """A deterministic subset of ``n`` items (all of them when n is None or >= len)."""
         if n is None or n >= len(self):
             return self
@@ -149,7 +149,7 @@ class ImageSet:
             return
         want = tuple(int(d) if isinstance(d, int) else None for d in shape[1:])
         got = self.arrays.shape[1:]
-        if any(w is not None and w != g for w, g in zip(want, got)):
+        if any(w is not None and w != g for w, g in zip(want, got, strict=False)):
             raise ShapeMismatch(f"{self.source}: arrays of shape {got} do not match the model input {tuple(shape[1:])}",
                                "preprocess to the model's input size, or pass a folder of images")
 
@@ -166,7 +166,7 @@ class ImageSet:
         self.skipped = []
         xs, lbls, names = [], [], []
         good = 0
-        for p, lbl in zip(self.paths, self.labels):
+        for p, lbl in zip(self.paths, self.labels, strict=True):
             try:
                 xs.append(pre(load_image(p)))
             except VitedgeError as exc:

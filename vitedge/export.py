@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -166,7 +166,7 @@ def _has_cls_only(model, wanted: bool) -> bool:
     return wanted and isinstance(model, VisionTransformer)
 
 
-def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) -> tuple[int, "object | None"]:
+def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) -> tuple[int, object | None]:
     """``--merge-tokens`` resolved to ``r`` (``auto`` measures it), with the search when one ran."""
     auto = str(merge_tokens).strip().lower() == "auto"
     if not auto:
@@ -208,7 +208,7 @@ def _graph_info(spec, cls_only: bool, merge: int, search, split_qkv: bool) -> di
 
 
 def export_onnx(
-    model: "str | Path | torch.nn.Module | ModelSpec",
+    model: str | Path | torch.nn.Module | ModelSpec,
     output: str | Path,
     *,
     opset: int = DEFAULT_OPSET,
@@ -216,11 +216,11 @@ def export_onnx(
     img_size: int | None = None,
     images: list[Path] | None = None,
     tolerance: Tolerance | None = None,
-    on_stage: "Callable[[str], None] | None" = None,
+    on_stage: Callable[[str], None] | None = None,
     cls_only_last_block: bool = True,
     split_qkv: bool = True,
-    merge_tokens: "int | str" = 0,
-    val_images: "str | Path | None" = None,
+    merge_tokens: int | str = 0,
+    val_images: str | Path | None = None,
     max_drop: float | None = None,
 ) -> Artifact:
     """Export to ONNX and verify it.  ``batch=None`` means dynamic batch.

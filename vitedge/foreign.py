@@ -118,7 +118,7 @@ def manifest_for_onnx(path: Path) -> Manifest:
 def preprocessing_from_options(
     *, img_size: int | None = None, mean=None, std=None, resize: int | None = None, crop: bool | None = None,
     interpolation: str | None = None, json_path: str | Path | None = None, input_shape: list | None = None,
-) -> tuple["Preprocessing", list[str]]:
+) -> tuple[Preprocessing, list[str]]:
     """Preprocessing for a model without a manifest: from flags, a small JSON, and the ONNX input shape.
 
     Resolved by :func:`vitedge.preprocessing_resolver.resolve_preprocessing` (flags override the
@@ -130,7 +130,7 @@ def preprocessing_from_options(
     sources: dict = {}
     if json_path:
         sources, _ = sources_from_json(json_path)
-    hw = [d for d in (input_shape or [])[2:4]]
+    hw = list((input_shape or [])[2:4])
     fixed_hw = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else None
     flags = {"img_size": img_size, "resize": resize, "center_crop": crop, "interpolation": interpolation, "mean": mean, "std": std}
     try:
@@ -149,7 +149,7 @@ def preprocessing_from_options(
 _OPTION_KEYS = ("img_size", "mean", "std", "resize", "crop", "interpolation", "json_path")
 
 
-def resolve_options(given, input_shape: list | None) -> "Preprocessing | None":
+def resolve_options(given, input_shape: list | None) -> Preprocessing | None:
     """A :class:`Preprocessing` from what a caller gave: one itself, a dict of
     :func:`preprocessing_from_options` keywords (``img_size, mean, std, resize, crop, interpolation,
     json_path``; resolved against the model's input shape), a JSON file path, or None."""
@@ -187,8 +187,8 @@ def describe(man: Manifest, artifact: Path) -> list[str]:
     ins = ", ".join(f"{s.name!r} {_shape(s)}" for s in man.inputs)
     outs = ", ".join(f"{s.name!r} {_shape(s)}" for s in man.outputs)
     m = man.model or {}
-    lines = [f"{artifact.name} has no vitedge manifest: input {ins}; output{'s' if len(man.outputs) > 1 else ''} {outs} "
-             f"({m.get('producer', '?')}, opset {m.get('opset', '?')}, LayerNorm {m.get('layer_norm', '?')})"]
+    lines = [(f"{artifact.name} has no vitedge manifest: input {ins}; output{'s' if len(man.outputs) > 1 else ''} {outs} "
+             f"({m.get('producer', '?')}, opset {m.get('opset', '?')}, LayerNorm {m.get('layer_norm', '?')})")]
     batch = man.inputs[0].shape[0] if man.inputs and man.inputs[0].shape else None
     if isinstance(batch, int) and batch > 0:
         lines.append(f"{artifact.name} has a fixed batch of {batch}: other batch sizes run in chunks of {batch}")
@@ -196,7 +196,7 @@ def describe(man: Manifest, artifact: Path) -> list[str]:
     return lines
 
 
-def ensure_manifest(path: str | Path, preprocessing: "Preprocessing | dict | str | Path | None" = None, labels: list[str] | None = None, *,
+def ensure_manifest(path: str | Path, preprocessing: Preprocessing | dict | str | Path | None = None, labels: list[str] | None = None, *,
                     announce: bool = True, require_preprocessing: bool = True, hash_file: bool = True) -> tuple[Path, Manifest]:
     """The artifact and its manifest; for a foreign ONNX file, one is built from the file itself.
 

@@ -382,7 +382,7 @@ def keep_float(model: ir.Model, op_names: Iterable[str]) -> list[str]:
                     "float weights behind Q/DQ pairs")
     for node, i, layout, src in edits:
         readers = [node] + layout[:-1]  # who reads each layout op's output
-        if all(p.outputs[0].consumers() == (r,) and not p.outputs[0].is_graph_output() for p, r in zip(layout, readers)):
+        if all(p.outputs[0].consumers() == (r,) and not p.outputs[0].is_graph_output() for p, r in zip(layout, readers, strict=False)):
             (layout[-1] if layout else node).replace_input_with(0 if layout else i, src)
             continue
         for p in reversed(layout):  # shared with other readers: this op gets its own copies

@@ -11,8 +11,8 @@ manifest and extends it, so the lineage (export -> quantize -> compile) stays re
 from __future__ import annotations
 
 import copy
-import glob
 import datetime as _dt
+import glob
 import json
 import platform
 from dataclasses import asdict, dataclass, field, fields
@@ -51,7 +51,7 @@ class TensorSpec:
     dtype: str = "float32"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TensorSpec":
+    def from_dict(cls, d: dict) -> TensorSpec:
         return cls(d["name"], list(d["shape"]), d.get("dtype", "float32"))
 
 
@@ -131,7 +131,7 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
+    def from_dict(cls, d: dict) -> Manifest:
         d = dict(d)
         d["inputs"] = [TensorSpec.from_dict(t) for t in d.get("inputs", [])]
         d["outputs"] = [TensorSpec.from_dict(t) for t in d.get("outputs", [])]
@@ -158,7 +158,7 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Manifest":
+    def load(cls, path: str | Path) -> Manifest:
         path = Path(path)
         try:
             return cls.from_dict(json.loads(path.read_text()))
@@ -168,7 +168,7 @@ class Manifest:
             raise FileProblem(f"manifest {path} is not a valid vitedge manifest ({exc})", "re-create it with vitedge") from None
 
     @classmethod
-    def find(cls, path: str | Path) -> tuple[Path, "Manifest | None"]:
+    def find(cls, path: str | Path) -> tuple[Path, Manifest | None]:
         """Locate an artifact and its manifest from a file, a sidecar or a bundle folder.
 
         Returns ``(artifact_path, manifest_or_None)``.
@@ -220,7 +220,7 @@ class Manifest:
         return path, None
 
     # -- derivation -------------------------------------------------------------------------
-    def derive(self, artifact: str, fmt: str, **changes) -> "Manifest":
+    def derive(self, artifact: str, fmt: str, **changes) -> Manifest:
         """A child manifest: same model and preprocessing, parent recorded in the lineage."""
         child = copy.deepcopy(self)
         child.lineage = list(self.lineage) + [

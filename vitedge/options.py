@@ -244,8 +244,8 @@ class QuantizeOptions(StepOptions):
                                    required=True, switches=(
         ("--int8", "int8", "INT8 with calibration (MatMul/Gemm/Conv; LayerNorm/Softmax/GELU stay float)."),
         ("--fp16", "fp16", "FP16 weights/math, FP32 inputs/outputs."),
-        ("--auto", "auto", "INT8 where it pays: run the INT8 search, measure the FP32 model at this CPU's fastest float precision "
-                           "(bf16 on AVX-512 BF16/AMX CPUs) the same way, and write the faster one that meets the fidelity target.")))
+        ("--auto", "auto", ("INT8 where it pays: run the INT8 search, measure the FP32 model at this CPU's fastest float precision "
+                           "(bf16 on AVX-512 BF16/AMX CPUs) the same way, and write the faster one that meets the fidelity target."))))
     backend: str = option("onnxruntime", "Target runtime: onnxruntime/tensorrt write .onnx (QDQ), openvino writes IR .xml+.bin "
                                          "(in a recipe, the default is the compile step's target).", backends="quantize")
     calib: Path | None = option(None, "Calibration images: folder (recursive, class sub-folders allowed) or preprocessed .npy/.npz. "

@@ -98,7 +98,7 @@ def _value(pre: Preprocessing, name: str):
 
 def _same(a, b) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(np.isclose(float(x), float(y), rtol=1e-4, atol=1e-6) for x, y in zip(a, b))
+        return len(a) == len(b) and all(np.isclose(float(x), float(y), rtol=1e-4, atol=1e-6) for x, y in zip(a, b, strict=True))
     if isinstance(a, float) or isinstance(b, float):
         return a is not None and b is not None and bool(np.isclose(float(a), float(b), rtol=1e-4))
     return a == b

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -51,7 +51,7 @@ _INTERP = {
     "box": Image.Resampling.BOX,
 }
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
 @dataclass
@@ -90,12 +90,12 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
-    def for_size(cls, img_size: int, **kw) -> "Preprocessing":
+    def for_size(cls, img_size: int, **kw) -> Preprocessing:
         """The default rule at ``img_size``: resize to floor(size / 0.875), center crop, bicubic, ImageNet mean/std."""
         return cls(img_size=(img_size, img_size), **kw)
 

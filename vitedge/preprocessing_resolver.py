@@ -177,7 +177,7 @@ def resolve_preprocessing(
     *,
     timm: dict | None = None,
     hf: dict | None = None,
-    manifest: "dict | Preprocessing | None" = None,
+    manifest: dict | Preprocessing | None = None,
     flags: dict | None = None,
 ) -> Preprocessing:
     """The model's preprocessing from what is known about it (see the module docstring for the rules).

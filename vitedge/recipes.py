@@ -12,9 +12,10 @@ import copy
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -99,7 +100,7 @@ class Recipe:
             return str(cand.resolve())  # "recipes/../calibration_data" -> ".../calibration_data"
         return value  # a preset name or "reference"
 
-    def with_changes(self, **changes) -> "Recipe":
+    def with_changes(self, **changes) -> Recipe:
         """A copy with top-level or dotted keys changed (e.g. ``{"steps.quantize.samples": 8}``)."""
         data = copy.deepcopy(self.data)
         for dotted, value in changes.items():

@@ -220,6 +220,18 @@ def _num(v: Any, fmt: str) -> str:
     return format(v, fmt)
 
 
+def _accuracy_text(vs: dict) -> str:
+    """An engine's accuracy against the reference in a few words: the top-1 drop with labels, the top-1
+    agreement without, the worst output's SNR for models that are not classifiers."""
+    if vs.get("top1_drop_pp") is not None:
+        return f"top-1 drop {_pp(vs['top1_drop_pp'], vs['top1_drop_ci95_pp'])}"
+    if vs.get("top1_agreement") is not None:
+        return f"top-1 agreement {_pct(vs['top1_agreement'])}"
+    outputs = vs.get("outputs") or {}
+    worst = min((o["snr_db"] for o in outputs.values() if o["snr_db"] is not None), default=None)
+    return f"{len(outputs)} outputs, worst SNR {_num(worst, '.1f')} dB"
+
+
 class Report:
     """One validation or benchmark result; ``report.data`` is the ``report.json`` document."""
 
@@ -228,7 +240,7 @@ class Report:
 
     # -- access -----------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path) -> "Report":
+    def load(cls, path: str | Path) -> Report:
         path = Path(path)
         if path.is_dir():
             path = path / "report.json"
@@ -279,10 +291,7 @@ class Report:
         lines = []
         for e in self.engines:
             vs = e["vs_reference"]
-            acc = (f"top-1 drop {_pp(vs['top1_drop_pp'], vs['top1_drop_ci95_pp'])}" if vs.get("top1_drop_pp") is not None
-                   else f"top-1 agreement {_pct(vs['top1_agreement'])}" if vs.get("top1_agreement") is not None
-                   else f"{len(vs.get('outputs') or {})} outputs, worst SNR {_num(min((o['snr_db'] for o in vs['outputs'].values() if o['snr_db'] is not None), default=None), '.1f')} dB")
-            lines.append(f"{e['name']}: {acc}, cosine {vs['cosine_mean']:.5f}, p50 {_ms(e['latency']['p50_ms'])} ms, "
+            lines.append(f"{e['name']}: {_accuracy_text(vs)}, cosine {vs['cosine_mean']:.5f}, p50 {_ms(e['latency']['p50_ms'])} ms, "
                          f"speed-up {e['speedup']:.2f}x")
         return "\n".join(lines)
 
@@ -411,7 +420,7 @@ def _shares(breakdown: dict) -> str:
     return ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(breakdown.get("mac_share", {}).items(), key=lambda kv: -kv[1]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template(name: str):
     """A report template (package data in vitedge/templates); HTML ones autoescape."""
     import jinja2
@@ -491,8 +500,8 @@ def latency_svg(models: list[dict], width: int = 760) -> str:
     log = hi / max(lo, 1e-9) > 8
     x = _Axis(lo * (0.9 if log else 1) - (0 if log else 0.05 * (hi - lo)), hi * (1.1 if log else 1) + (0 if log else 0.05 * (hi - lo)),
               left, width - right, log)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-             f'font-family="sans-serif" font-size="11">']
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+             f'font-family="sans-serif" font-size="11">')]
     for t in _nice_ticks(x.lo, x.hi, log):
         px = x(t)
         parts.append(f'<line x1="{px:.1f}" y1="{top - 5}" x2="{px:.1f}" y2="{height - 35}" stroke="#e4e4e4"/>'
@@ -538,8 +547,8 @@ def accuracy_latency_svg(models: list[dict], labelled: bool, pareto: list[str], 
     ylo, yhi = min(ys), max(ys)
     pad = max(0.5, 0.15 * (yhi - ylo))
     ya = _Axis(max(0.0, ylo - pad), min(100.0, yhi + pad) if yhi + pad > ylo - pad else yhi + 1, height - bottom, top, False)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-             f'font-family="sans-serif" font-size="11">']
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+             f'font-family="sans-serif" font-size="11">')]
     for t in _nice_ticks(xa.lo, xa.hi, log):
         parts.append(f'<line x1="{xa(t):.1f}" y1="{top}" x2="{xa(t):.1f}" y2="{height - bottom}" stroke="#e4e4e4"/>'
                      f'<text x="{xa(t):.1f}" y="{height - bottom + 14}" text-anchor="middle">{_fmt_tick(t)}</text>')
@@ -570,7 +579,8 @@ def accuracy_latency_svg(models: list[dict], labelled: bool, pareto: list[str], 
                 break
         placed.append(box)
         ty = py + dy
-        lead = f'<line x1="{px:.1f}" y1="{py:.1f}" x2="{(x0 + w if left_side else x0):.1f}" y2="{ty - 4:.1f}" stroke="{c}" stroke-opacity="0.5"/>' if abs(dy) > 14 else ""
+        x2 = x0 + w if left_side else x0
+        lead = f'<line x1="{px:.1f}" y1="{py:.1f}" x2="{x2:.1f}" y2="{ty - 4:.1f}" stroke="{c}" stroke-opacity="0.5"/>' if abs(dy) > 14 else ""
         parts.append(f'<g>{shape}<title>{name}: {lx:.3f} ms, {ly:.2f} %</title></g>{lead}'
                      f'<text x="{x0:.1f}" y="{ty:.1f}" fill="{c}">{name}</text>')
     parts.append("</svg>")

@@ -51,7 +51,7 @@ def instruction_sets(flags: set[str] | None = None) -> dict[str, bool | None]:
     if flags is None:
         _, flags = _cpuinfo()
     if flags is None:
-        return {name: None for name in ISA_FLAGS}
+        return dict.fromkeys(ISA_FLAGS)
     return {name: any(f in flags for f in want) for name, want in ISA_FLAGS.items()}
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -147,7 +147,7 @@ def paired_speedup(reference_rounds: Sequence[Sequence[float]], engine_rounds: S
     times) for comparison.  A slow change in load that hits both models alike cancels in each ratio.
     Rounds where either side has no sample are skipped.
     """
-    pairs = [(float(np.median(r)), float(np.median(e))) for r, e in zip(reference_rounds, engine_rounds) if len(r) and len(e)]
+    pairs = [(float(np.median(r)), float(np.median(e))) for r, e in zip(reference_rounds, engine_rounds, strict=True) if len(r) and len(e)]
     if not pairs:
         raise VitedgeError("no timing round has both the reference and the engine: cannot pair them")
     ratios = [r / max(e, 1e-12) for r, e in pairs]

@@ -15,8 +15,8 @@ largest useful ``r``; every tried ``r`` is recorded, so a non-monotone model sho
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -30,9 +30,10 @@ import gc
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -329,7 +330,7 @@ def _timed(models: list[_Model], inputs: dict[str, np.ndarray], timing: Timing, 
     samples = interleaved(fns, rounds, slot, warmup=Slot(timing.warmup_s, timing.warmup_runs, max(timing.warmup_runs, 200)),
                           alternate=False, until_stable=timing.rel_tolerance if adaptive and not timing.runs else None,
                           description=description)
-    return {r.name: s for r, s in zip(models, samples)}
+    return {r.name: s for r, s in zip(models, samples, strict=True)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -609,7 +610,7 @@ class _Truth:
         return self.y is not None
 
 
-def _run(r: _Model, inputs: "_Inputs", what: str = "accuracy") -> dict[str, np.ndarray]:
+def _run(r: _Model, inputs: _Inputs, what: str = "accuracy") -> dict[str, np.ndarray]:
     """Every output of a model on the validation images; its peak memory is raised to what this pass took."""
     x, _, _ = inputs.get(r.preprocessing)
     with RssPeak() as mem:
@@ -620,7 +621,7 @@ def _run(r: _Model, inputs: "_Inputs", what: str = "accuracy") -> dict[str, np.n
     return outs
 
 
-def _reference_pass(truth: _Model, engines: list[_Model], inputs: "_Inputs", images, kind: str, max_drop: float | None,
+def _reference_pass(truth: _Model, engines: list[_Model], inputs: _Inputs, images, kind: str, max_drop: float | None,
                     notes: list[str]) -> _Truth:
     """Run the reference, then decide what its outputs are: class logits (labels read as class indices) or features."""
     _, labels, names = inputs.get(truth.preprocessing)
@@ -682,7 +683,7 @@ def _compare(r: _Model, truth: _Truth, outs: dict[str, np.ndarray], ci_method: s
 
 
 # -- time --------------------------------------------------------------------------------------
-def _time(models: list[_Model], inputs: "_Inputs", timing: Timing, batch_sizes: Sequence[int]) -> tuple[dict, dict]:
+def _time(models: list[_Model], inputs: _Inputs, timing: Timing, batch_sizes: Sequence[int]) -> tuple[dict, dict]:
     """Batch-1 latency samples per model and round (interleaved, see :func:`_timed`), and throughput per batch size."""
     first = {r.name: inputs.get(r.preprocessing)[0][:1] for r in models}
     lat = _timed(models, first, timing, "timing batch 1")  # per round: paired speed-ups in _report
@@ -778,7 +779,8 @@ def _apply_gates(models: list[dict], max_drop, min_speedup, strict: bool, labell
                 m["gate_failures"].append(msg)
                 failures.append(msg)
         if min_speedup is not None and m["speedup"] < min_speedup:
-            msg = f"{m['name']}: speed-up {m['speedup']:.2f}x{_spread_text(m.get('speedup_spread'))} over the FP32 reference is below --min-speedup {min_speedup:g}x"
+            msg = (f"{m['name']}: speed-up {m['speedup']:.2f}x{_spread_text(m.get('speedup_spread'))} over the FP32 reference "
+                   f"is below --min-speedup {min_speedup:g}x")
             m["gate_failures"].append(msg)
             failures.append(msg)
     return {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict, "passed": not failures, "failures": failures}

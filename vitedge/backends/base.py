@@ -14,10 +14,10 @@ from __future__ import annotations
 import threading
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ class Prediction:
     probs: list[float]
 
     def to_dict(self) -> dict:
-        return {"top": [{"label": l, "index": i, "prob": p} for l, i, p in zip(self.labels, self.indices, self.probs)]}
+        return {"top": [{"label": lbl, "index": i, "prob": p} for lbl, i, p in zip(self.labels, self.indices, self.probs, strict=True)]}
 
 
 def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
@@ -112,7 +112,7 @@ class Engine(ABC):
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Run a preprocessed float32 (N, C, H, W) batch; return every output by name."""
 
-    def _release(self) -> None:
+    def _release(self) -> None:  # noqa: B027 - an optional hook: a backend holding nothing to free keeps this default
         """Free backend resources.  Called once, when the engine is closed and no run is in flight."""
 
     def precision_breakdown(self) -> dict | None:
@@ -211,7 +211,7 @@ class Engine(ABC):
         if batch.ndim != 4:
             raise ShapeMismatch(f"input of shape {batch.shape} is not (N, C, H, W)")
         want = self.input_shape
-        for axis, (w, g) in enumerate(zip(want[1:], batch.shape[1:]), start=1):
+        for axis, (w, g) in enumerate(zip(want[1:], batch.shape[1:], strict=False), start=1):
             if isinstance(w, int) and w > 0 and w != g:
                 raise ShapeMismatch(f"input shape {tuple(batch.shape)} does not match the engine's {tuple(want)} (axis {axis})",
                                    "preprocess to the engine's input size")
@@ -265,7 +265,7 @@ class Engine(ABC):
             if self._idle.wait_for(lambda: self._inflight == 0, timeout):
                 self._release_once()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:

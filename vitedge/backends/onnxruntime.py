@@ -10,8 +10,8 @@ execution providers are used when the installed onnxruntime has them (``provider
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -229,7 +229,7 @@ class OnnxRuntimeEngine(Engine):
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         # InferenceSession.run is thread-safe: concurrent callers need no lock
-        return dict(zip(self._names, self.session.run(None, {self._input: batch})))
+        return dict(zip(self._names, self.session.run(None, {self._input: batch}), strict=True))
 
     def _release(self) -> None:
         # Engine.close() calls this once no run is in flight

@@ -301,7 +301,7 @@ class OpenVINOEngine(Engine):
         req = self._take(self._pool)  # each caller gets its own infer request: safe for concurrent use
         try:
             res = req.infer({0: batch})
-            return {n: np.array(res[o]) for n, o in zip(self._names, self._outputs)}
+            return {n: np.array(res[o]) for n, o in zip(self._names, self._outputs, strict=True)}
         except RuntimeError as exc:
             raise VitedgeError(f"OpenVINO could not run a batch of shape {tuple(batch.shape)}: {first_line(exc, 200)}") from None
         finally:

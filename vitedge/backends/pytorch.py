@@ -12,8 +12,8 @@ opened (``torch.set_num_threads``); the engine records the count it runs with (`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class PyTorchEngine(Engine):
         self.threads = torch.get_num_threads()
 
     @classmethod
-    def from_spec(cls, spec, *, threads: int | None = None) -> "PyTorchEngine":
+    def from_spec(cls, spec, *, threads: int | None = None) -> PyTorchEngine:
         return cls(spec.source, spec=spec, threads=threads)
 
     @property
@@ -130,7 +130,7 @@ class PyTorchEngine(Engine):
 
 
 def open(source, *, threads: int | None = None, img_size: int | None = None, preprocessing=None,
-         labels: list[str] | None = None) -> PyTorchEngine:  # noqa: A001 - the backend's factory, by design
+         labels: list[str] | None = None) -> PyTorchEngine:
     """Open a PyTorch engine from a checkpoint file, Hugging Face folder, preset name, ``"reference"``, an
     ``nn.Module`` (with ``img_size``) or a :class:`~vitedge.models.loading.ModelSpec` (used as is)."""
     if isinstance(source, ModelSpec) and img_size is None and preprocessing is None and labels is None:

@@ -16,9 +16,10 @@ The declaration is deliberately small and free of heavy imports: the backend's r
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BackendUnavailable, VitedgeError
 
@@ -55,7 +56,7 @@ class Backend:
     """
 
     name: str
-    engine: "type[Engine] | Callable[..., Engine]"
+    engine: type[Engine] | Callable[..., Engine]
     runs: tuple[str, ...]
     summary: str = ""
     compiler: Callable | None = None
@@ -158,5 +159,5 @@ def require(backend: Backend) -> None:
         raise BackendUnavailable(f"{backend.name} is not available on this machine: {why}")
 
 
-def open_engine(name: str, artifact: Path, manifest: "Manifest", **options) -> "Engine":
+def open_engine(name: str, artifact: Path, manifest: Manifest, **options) -> Engine:
     return get(name).engine(artifact, manifest, **options)

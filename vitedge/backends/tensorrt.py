@@ -531,7 +531,8 @@ def build_engine(src: Path, man: Manifest, scratch: Path, out_name: str, *, batc
     first, so those mistakes are reported on any machine.
     """
     if src.suffix != ".onnx":
-        raise VitedgeError(f"{src.name} is an OpenVINO IR: TensorRT builds from ONNX", "compile the ONNX (FP32, or INT8 QDQ from vitedge quantize --backend tensorrt)")
+        raise VitedgeError(f"{src.name} is an OpenVINO IR: TensorRT builds from ONNX",
+                           "compile the ONNX (FP32, or INT8 QDQ from vitedge quantize --backend tensorrt)")
     if workspace_mb is None or int(workspace_mb) < 16:
         raise VitedgeError(f"workspace {workspace_mb} MB is too small", "give --workspace-mb 16 or more (default 1024)")
     info = inspect_onnx(src)

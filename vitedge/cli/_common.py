@@ -31,7 +31,7 @@ class BackendChoice(click.Choice):
         pass
 
 
-def options_of(cls: "type[StepOptions]"):
+def options_of(cls: type[StepOptions]):
     """A decorator adding the click options of every field of ``cls`` (a :mod:`vitedge.options` dataclass),
     in field order: the field's flag, short flag, type or choices, default (shown) and help."""
 
@@ -44,7 +44,7 @@ def options_of(cls: "type[StepOptions]"):
     return add
 
 
-def _click_options(o: "OptionField") -> list:
+def _click_options(o: OptionField) -> list:
     s = o.spec
     if s.switches:  # --int8 / --fp16 / --auto: one flag per value
         return [click.option(flag, o.name, flag_value=value, help=text) for flag, value, text in s.switches]
@@ -60,7 +60,7 @@ def _click_options(o: "OptionField") -> list:
     return [click.option(*decls, **kw)]
 
 
-def _click_type(o: "OptionField"):
+def _click_type(o: OptionField):
     s = o.spec
     if s.backends:
         return BackendChoice(s.backends)
@@ -103,7 +103,8 @@ def preprocessing_options(f=None, *, img_size: bool = True):
         return lambda g: preprocessing_options(g, img_size=img_size)
     opts = [
         click.option("--preprocessing", "pre_json", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="JSON with img_size, resize, center_crop, interpolation, mean, std, scale, channel_order - or a Hugging Face preprocessor_config.json / timm data config (models without a manifest; flags override it)."),
+                     help="JSON with img_size, resize, center_crop, interpolation, mean, std, scale, channel_order - or a Hugging Face "
+                          "preprocessor_config.json / timm data config (models without a manifest; flags override it)."),
         click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box"]), default=None,
                      help="Resize interpolation (models without a manifest)."),
         click.option("--crop/--no-crop", default=None, help="Center-crop after the resize (models without a manifest)."),

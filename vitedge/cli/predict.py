@@ -57,11 +57,11 @@ def command(engine, images, top_k, as_json, backend, batch_size, **pre_flags):
     with load(engine, backend=backend, preprocessing=pre) as eng:
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
-            for p, pred in zip(chunk, eng.predict(chunk, top_k=top_k)):
+            for p, pred in zip(chunk, eng.predict(chunk, top_k=top_k), strict=True):
                 results.append((p, pred))
     if as_json:
         click.echo(json.dumps([{"image": str(p), **pred.to_dict()} for p, pred in results], indent=2))
         return
     for p, pred in results:
-        tops = ", ".join(f"{lbl} {prob:.1%}" for lbl, prob in zip(pred.labels, pred.probs))
+        tops = ", ".join(f"{lbl} {prob:.1%}" for lbl, prob in zip(pred.labels, pred.probs, strict=True))
         console.print(f"{p}: {tops}", soft_wrap=True)

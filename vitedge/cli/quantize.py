@@ -55,7 +55,8 @@ def _describe(model, path, man, opts: QuantizeOptions) -> None:
     elif man.precision == "fp32":
         console.print(f"not quantized: FP32 weights, run at {rec.float_precision or 'fp32'} ({rec.choice['why']})")
     else:
-        console.print(f"FP16 for {backend}" + (f": {len(rec.excluded_nodes)} LayerNorm/Softmax nodes kept in FP32" if backend != "openvino" else ": FP16-compressed weights"))
+        detail = f"{len(rec.excluded_nodes)} LayerNorm/Softmax nodes kept in FP32" if backend != "openvino" else "FP16-compressed weights"
+        console.print(f"FP16 for {backend}: {detail}")
     a = v["agreement"]
     if man.task == "classification":
         line = (f"agreement with FP32 on {v['images']} images ({v['eval_set']}): top-1 {100 * a.get('top1_agreement', 1):.2f}%, "

@@ -31,7 +31,7 @@ from .._io import atomic_output
 from ..errors import FileProblem, ModelNotSupported, VitedgeError
 from ..preprocess import Preprocessing
 from ..preprocessing_resolver import is_timm_config, resolve_preprocessing, sources_near
-from .vit import PRESETS, ViTConfig, VisionTransformer, preset_config
+from .vit import PRESETS, VisionTransformer, ViTConfig, preset_config
 
 CHECKPOINT_METADATA_KEY = "vitedge"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -382,7 +382,7 @@ def _labels_from(meta_labels, num_classes: int) -> list[str] | None:
 
 
 def load_model(
-    source: "str | Path | nn.Module | ModelSpec",
+    source: str | Path | nn.Module | ModelSpec,
     *,
     img_size: int | None = None,
     num_heads: int | None = None,
@@ -483,7 +483,8 @@ def _from_path(path: Path, num_heads: int | None) -> ModelSpec:
         labels = (sources.get("timm") or {}).get("label_names")
         return ModelSpec(model, pre, cfg, _labels_from(labels, cfg.num_classes), str(path), notes, sources)
     if any(k.startswith(("vit.embeddings", "embeddings.patch_embeddings")) for k in sd):
-        raise VitedgeError(f"{path} looks like Hugging Face ViT weights", "load the whole save_pretrained folder (with config.json) instead of the weights file")
+        raise VitedgeError(f"{path} looks like Hugging Face ViT weights",
+                           "load the whole save_pretrained folder (with config.json) instead of the weights file")
     sample = ", ".join(list(sd)[:3])
     raise VitedgeError(
         f"{path} is not a ViT checkpoint vitedge knows (keys like {sample})",

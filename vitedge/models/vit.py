@@ -43,8 +43,8 @@ class ViTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ViTConfig":
-        known = {f for f in cls.__dataclass_fields__}
+    def from_dict(cls, data: dict) -> ViTConfig:
+        known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ViT config keys: {', '.join(unknown)}")
@@ -230,7 +230,7 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     @classmethod
-    def from_config(cls, cfg: ViTConfig) -> "VisionTransformer":
+    def from_config(cls, cfg: ViTConfig) -> VisionTransformer:
         return cls(**cfg.to_dict())
 
     def _init_weights(self) -> None:
@@ -304,7 +304,7 @@ def graph_options(model, *, cls_only: bool = False, merge: int = 0, split_qkv: b
         yield
     finally:
         model.cls_only_last_block, model.merge_tokens = saved[:2]
-        for blk, split in zip(model.blocks, saved[2]):
+        for blk, split in zip(model.blocks, saved[2], strict=True):
             blk.attn.split_qkv = split
 
 

@@ -82,7 +82,7 @@ def _check_args(precision, backend, method, max_drop, samples, output: Path, mod
 
 def quantize(model, output, *, precision: str = "int8", backend: str = "onnxruntime", calib=None, samples: int | None = None,
              method: str | None = None, max_drop: float | None = None, val=None, seed: int = 0, preprocessing=None,
-             labels: list[str] | None = None, target: "Target | None" = None, search_budget: float = DEFAULT_BUDGET_S,
+             labels: list[str] | None = None, target: Target | None = None, search_budget: float = DEFAULT_BUDGET_S,
              min_calib: int = MIN_CALIB) -> Artifact:
     """Quantize an FP32 ONNX export to INT8 or FP16 for a backend, measure it against FP32, write it with its manifest.
 
@@ -100,7 +100,8 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
     try goes into ``<output>.fidelity.md/.json`` and the fastest that meets the target is written.
     If none does, the most faithful is written and :class:`FidelityNotMet` (exit code 1) is raised after
     the files are in place.  TensorRT's QDQ file comes from ONNX Runtime's quantizer; there ``max_drop``
-    keeps the most sensitive layers in float (``<output>.sensitivity.md``).  ``preprocessing`` / ``labels``: for an ONNX file vitedge did not export (no manifest) - a
+    keeps the most sensitive layers in float (``<output>.sensitivity.md``).  ``preprocessing`` / ``labels``: for an ONNX
+    file vitedge did not export (no manifest) - a
     :class:`~vitedge.preprocess.Preprocessing`, a dict of options (``img_size, mean, std, resize, crop,
     interpolation, json_path``) or a JSON file; see ``docs/foreign.md``.  Models that are not
     classifiers (e.g. a dense token map, several outputs) are measured per output.

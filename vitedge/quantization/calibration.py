@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -64,7 +64,7 @@ def _check_fits(ims: ImageSet, manifest: Manifest, pre: Preprocessing | None, wh
     if shape:
         ims.check_shape(shape)
         if ims.arrays is None and pre is not None:
-            hw = [d for d in shape[2:4]]
+            hw = list(shape[2:4])
             if all(isinstance(d, int) for d in hw) and tuple(hw) != tuple(pre.img_size):
                 raise ShapeMismatch(f"the manifest preprocessing makes {pre.img_size} images but the model takes {tuple(shape)}",
                                    "fix the preprocessing in the model's .vitedge.json")

@@ -18,8 +18,9 @@ kernel: :func:`vitedge.graph.dedicate_qdq`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -191,7 +192,7 @@ def measure(fmt: str, model: str, data: str, out_dir: str, variants: list[dict],
         res.append({**v, "key": key, "outputs": str(folder / f"outputs.{key}.npz")})
         runs.append(run)
     if time_s > 0:
-        for v, ms in zip(res, timed_interleaved(runs, seconds=time_s)):
+        for v, ms in zip(res, timed_interleaved(runs, seconds=time_s), strict=True):
             v["latency_ms"] = ms
     del runs
     if base is not None and not keep:

@@ -635,7 +635,7 @@ def _fastest(s: _Search, met: list[Row]) -> Row:
             lat = s._call("time_models", 300.0, f"INT8: timing {len(met)} candidates side by side", fmt=s.fmt,
                           models=[{"path": r.model, "float_precision": r.float_precision, "static": r.engine_batch == 1} for r in met],
                           sample=str(s.arrays.eval), fixed_batch=s.fixed_batch)
-            for r, ms in zip(met, lat):
+            for r, ms in zip(met, lat, strict=True):
                 r.latency_ms = ms
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
             note(f"timing the candidates side by side failed ({exc}); using each candidate's own timing")
@@ -696,10 +696,11 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
             "max_float_mac_share": MAX_FLOAT_SHARE, "summary": result.summary()}
     path_json.write_text(json.dumps(json_safe(info), indent=2) + "\n")
     lines = [f"# INT8 fidelity search: {model} ({backend})", "",
-             f"- target: {result.target.describe(result.classifier)}; measured on {eval_source} ({images} images); "
-             f"agreement intervals are {100 * CI_LEVEL:.0f} % Wilson intervals",
+             (f"- target: {result.target.describe(result.classifier)}; measured on {eval_source} ({images} images); "
+             f"agreement intervals are {100 * CI_LEVEL:.0f} % Wilson intervals"),
              f"- result: {result.summary()}", "",
-             "| # | step | configuration | float MACs | float parts | engine batch | status | verdict | top-1 agreement | drop pp | min cosine | divergence | latency ms (batch 1) | seconds |",
+             ("| # | step | configuration | float MACs | float parts | engine batch | status | verdict | top-1 agreement | drop pp | min cosine "
+              "| divergence | latency ms (batch 1) | seconds |"),
              "|---:|---|---|---:|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in result.rows + ([result.reference] if result.reference else []):
         chosen = " **(chosen)**" if r is result.chosen else ""
@@ -717,8 +718,8 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
                      f"{shape} | {status} | {r.verdict or ''} | {agree} | {drop} | {cos} | {div} | {lat} | {r.seconds:.0f} |")
     if result.ranking:
         lines += ["", "## Ranking: what keeping each group in float buys", "",
-                  f"Divergence from FP32 on {RANK_IMAGES} calibration images (mean KL of class probabilities, or mean 1 - cosine); "
-                  f"the default candidate's: {result.ranking[0].get('base_divergence', float('nan')):.4g}.", "",
+                  (f"Divergence from FP32 on {RANK_IMAGES} calibration images (mean KL of class probabilities, or mean 1 - cosine); "
+                  f"the default candidate's: {result.ranking[0].get('base_divergence', float('nan')):.4g}."), "",
                   "| group | share of MACs | divergence with it in float | gain |", "|---|---:|---:|---:|"]
         for r in sorted(result.ranking, key=lambda r: -(r.get("gain") or -1e9)):
             gain = "" if r.get("gain") is None else f"{r['gain']:.4g}"
@@ -732,10 +733,10 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
             lines.append(f"| {name} | {v['status'] + (': ' + v['error'] if v.get('error') else '')} | {d} |")
     ref = result.reference
     if ref is not None and ref.paired_ms:
-        lines += ["", f"Float reference and the chosen INT8 candidate timed side by side (interleaved, one process): "
-                  f"{ref.latency_ms:.2f} ms vs {ref.paired_ms:.2f} ms (what `--auto` compares)."]
-    lines += ["", "Latency: median of batch-1 runs in the search's worker process; candidates that met the target were timed again "
-              "side by side before one was chosen. Compare rows, not machines.",
+        lines += ["", (f"Float reference and the chosen INT8 candidate timed side by side (interleaved, one process): "
+                  f"{ref.latency_ms:.2f} ms vs {ref.paired_ms:.2f} ms (what `--auto` compares).")]
+    lines += ["", ("Latency: median of batch-1 runs in the search's worker process; candidates that met the target were timed again "
+              "side by side before one was chosen. Compare rows, not machines."),
               "Agreement with FP32 is measured on held-out images the calibration never saw; the search stopped on them too, so",
               "confirm on fresh images with `vitedge validate --data DIR`."]
     path_md.write_text("\n".join(lines) + "\n")

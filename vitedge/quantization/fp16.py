@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -91,7 +91,7 @@ def _tensor_types(proto) -> dict[str, int]:
 
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception as exc:  # noqa: BLE001 - fall back to what the file declares
+    except Exception as exc:
         log.debug("shape inference failed (%s)", exc)
         inferred = proto
     g = inferred.graph
@@ -187,7 +187,7 @@ def scan_tensors(proto, data, workdir: Path) -> TensorStats:
         res = sess.run(out_names, {inp.name: x})
         stats.outputs.append(np.asarray(res[0], np.float32))
         stats.images += len(x)
-        for t, m, f in zip(watched, res[1 : 1 + n], res[1 + n :]):
+        for t, m, f in zip(watched, res[1 : 1 + n], res[1 + n :], strict=True):
             m, f = float(m), float(f)
             if not np.isfinite(f) or not np.isfinite(m):
                 stats.nonfinite.add(t)

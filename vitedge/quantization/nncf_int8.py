@@ -15,8 +15,9 @@ files (timm, transformers, torch.onnx) alike because it looks at weights and dat
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -59,14 +60,14 @@ class Int8Config:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Int8Config":
+    def from_dict(cls, d: dict) -> Int8Config:
         return cls(**{**d, "float_groups": tuple(d.get("float_groups", ()))})
 
-    def but(self, **changes) -> "Int8Config":
+    def but(self, **changes) -> Int8Config:
         return replace(self, **changes)
 
 
-def float_names(cfg: Int8Config, roles: "GraphRoles") -> list[str]:
+def float_names(cfg: Int8Config, roles: GraphRoles) -> list[str]:
     """Names of the ops this config keeps in float by structure (OpenVINO may suffix a Conv's name)."""
     names: list[str] = list(roles.token_merging)  # INT8 there would change which tokens merge, for no speed
     for grp in cfg.float_groups:

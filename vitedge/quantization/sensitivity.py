@@ -92,7 +92,8 @@ def write_report(path_json: Path, path_md: Path, info: dict) -> None:
     for r in info["layers"]:
         agree = "" if r.get("top1_agreement") is None else f"{100 * r['top1_agreement']:.2f}%"
         snr = "inf" if r["snr_db"] == float("inf") else f"{r['snr_db']:.1f}"
-        lines.append(f"| {r['rank']} | `{r['node']}` | {r['noise_ratio']:.3e} | {snr} | {r['cosine_min']:.5f} | {agree} | {'yes' if r['node'] in kept else ''} |")
+        mark = "yes" if r["node"] in kept else ""
+        lines.append(f"| {r['rank']} | `{r['node']}` | {r['noise_ratio']:.3e} | {snr} | {r['cosine_min']:.5f} | {agree} | {mark} |")
     if info.get("steps"):
         lines += ["", "| layers kept float | drop pp | SNR dB |", "|---:|---:|---:|"]
         for s in info["steps"]:

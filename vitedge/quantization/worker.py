@@ -61,7 +61,7 @@ def _serve(conn) -> None:
         try:
             fn = candidates.CALLS[name]
             conn.send(("ok", fn(**kwargs)))
-        except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
+        except BaseException as exc:
             text = first_line(exc, 300)
             conn.send(("error", text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}",
                        traceback.format_exc()[-4000:]))
@@ -157,7 +157,7 @@ class Worker:
     def close(self) -> None:
         self._stop()
 
-    def __enter__(self) -> "Worker":
+    def __enter__(self) -> Worker:
         return self
 
     def __exit__(self, *exc) -> None:
