@@ -18,13 +18,29 @@ from typing import Any
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
-INTEGER_KERNEL_OPS = frozenset({"QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger", "QGemm", "DynamicQuantizeMatMul",
-                                "MatMulIntegerToFloat", "QAttention"})
+INTEGER_KERNEL_OPS = frozenset(
+    {"QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention"}
+)
 
-QUANTIZED_OPS = QDQ_OPS | INTEGER_KERNEL_OPS | frozenset({
-    "DynamicQuantizeLinear", "MatMulNBits", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearSoftmax",
-    "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearLeakyRelu", "QLinearReduceMean",
-})
+QUANTIZED_OPS = (
+    QDQ_OPS
+    | INTEGER_KERNEL_OPS
+    | frozenset(
+        {
+            "DynamicQuantizeLinear",
+            "MatMulNBits",
+            "QLinearAdd",
+            "QLinearMul",
+            "QLinearSigmoid",
+            "QLinearSoftmax",
+            "QLinearConcat",
+            "QLinearAveragePool",
+            "QLinearGlobalAveragePool",
+            "QLinearLeakyRelu",
+            "QLinearReduceMean",
+        }
+    )
+)
 
 
 def op_types(proto: Any) -> set[str]:

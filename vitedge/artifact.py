@@ -81,8 +81,10 @@ class Artifact:
         """The artifact at a file, its manifest or a bundle folder; refused when it has no vitedge manifest."""
         artifact, man = Manifest.find(path)
         if man is None:
-            raise FileProblem(f"{artifact} has no vitedge manifest ({Manifest.sidecar_path(artifact).name})",
-                              "open it with vitedge.load (ONNX files made elsewhere are described on the fly)")
+            raise FileProblem(
+                f"{artifact} has no vitedge manifest ({Manifest.sidecar_path(artifact).name})",
+                "open it with vitedge.load (ONNX files made elsewhere are described on the fly)",
+            )
         if not artifact.exists():
             raise FileProblem(f"artifact {artifact} named by the manifest does not exist")
         return cls(artifact, man)
@@ -95,8 +97,7 @@ class Artifact:
             if backend is None or self.path.suffix.lower() not in registry.get(backend).runs:
                 found = registry.for_file(self.path)
                 if found is None:
-                    raise FileProblem(f"cannot tell which backend runs {self.path}",
-                                      f"pass backend= one of {', '.join(registry.names())}")
+                    raise FileProblem(f"cannot tell which backend runs {self.path}", f"pass backend= one of {', '.join(registry.names())}")
                 backend = found.name
         return registry.open_engine(backend, self.path, self.manifest, **options)
 

@@ -72,8 +72,15 @@ def _build(c: Candidate, fp32_onnx: Path, folder: Path, calib, calib_samples, se
         src = fp32_onnx
     else:
         try:
-            src, _ = quantize(fp32_onnx, folder / f"quant-{stem}{backend.quantized_suffix}", precision=c.precision, backend=c.backend,
-                              calib=calib if c.precision == "int8" else None, samples=calib_samples, seed=seed)
+            src, _ = quantize(
+                fp32_onnx,
+                folder / f"quant-{stem}{backend.quantized_suffix}",
+                precision=c.precision,
+                backend=c.backend,
+                calib=calib if c.precision == "int8" else None,
+                samples=calib_samples,
+                seed=seed,
+            )
         except FidelityNotMet as exc:  # measured and ranked anyway: the report shows how far it is from the target
             note(f"{c.name}: {exc}")
             src = exc.output
@@ -117,14 +124,19 @@ def choose(within: list[dict]) -> tuple[str | None, str | None]:
     if fastest.get("precision") != "int8":
         return fastest["name"], None
     lat = fastest["latency"]["p50_ms"]
-    floats = [m for m in within[1:] if m.get("precision") != "int8" and m["latency"]["p50_ms"] <= lat * FLOAT_PREFERRED_WITHIN
-              and _faithfulness(m) > _faithfulness(fastest)]
+    floats = [
+        m
+        for m in within[1:]
+        if m.get("precision") != "int8" and m["latency"]["p50_ms"] <= lat * FLOAT_PREFERRED_WITHIN and _faithfulness(m) > _faithfulness(fastest)
+    ]
     if not floats:
         return fastest["name"], None
     f = floats[0]
     slower = 100.0 * (f["latency"]["p50_ms"] / lat - 1)
-    return f["name"], (f"as fast as {fastest['name']} on this CPU ({slower:+.1f} % latency) and more faithful "
-                       f"(agreement {_pct(f)} vs {_pct(fastest)}), so INT8 buys nothing here")
+    return f["name"], (
+        f"as fast as {fastest['name']} on this CPU ({slower:+.1f} % latency) and more faithful "
+        f"(agreement {_pct(f)} vs {_pct(fastest)}), so INT8 buys nothing here"
+    )
 
 
 def _pct(m: dict) -> str:
@@ -150,14 +162,19 @@ def rank(report: Report, max_drop: float | None, strict: bool = False, fidelity:
     report.data["ranking"] = [m["name"] for m in by_speed]
     report.data["pareto"] = front
     report.data["recommended"] = rec
-    budget = " and ".join(([] if not fidelity else ["meeting the fidelity target"])
-                          + ([] if max_drop is None else [f"within {max_drop:g} pp top-1 {'drop' if labelled else 'disagreement'}"])) \
+    budget = (
+        " and ".join(
+            ([] if not fidelity else ["meeting the fidelity target"])
+            + ([] if max_drop is None else [f"within {max_drop:g} pp top-1 {'drop' if labelled else 'disagreement'}"])
+        )
         or "(no accuracy budget: random weights)"
+    )
     if rec:
         r = next(m for m in engines if m["name"] == rec)
         report.data["findings"].append(
             f"recommended: {rec} — {why or 'fastest ' + budget}: p50 {r['latency']['p50_ms']:.3f} ms, {r['speedup']:.2f}x over "
-            f"{report.reference['name']}, cosine {r['vs_reference']['cosine_mean']:.5f}.")
+            f"{report.reference['name']}, cosine {r['vs_reference']['cosine_mean']:.5f}."
+        )
     else:
         report.data["findings"].append(f"no engine is {budget}; loosen --max-drop or check the INT8 calibration.")
 
@@ -239,11 +256,29 @@ def benchmark(
         if load_s:
             rep.reference["load_s"] = load_s
         rep.data["skipped"] = skipped
-        rep.data["settings"]["benchmark"] = {"model": str(getattr(reference, "source", reference)), "calib": str(calib) if calib else None,
-                                             "max_drop_budget_pp": max_drop, "strict": strict,
-                                             "candidates": [c.name for c in cands]}
+        rep.data["settings"]["benchmark"] = {
+            "model": str(getattr(reference, "source", reference)),
+            "calib": str(calib) if calib else None,
+            "max_drop_budget_pp": max_drop,
+            "strict": strict,
+            "candidates": [c.name for c in cands],
+        }
         # a random-weight preset has no predictions worth keeping: no fidelity target, only --max-drop if given
         rank(rep, max_drop, strict, fidelity=not str(getattr(reference, "source", "")).startswith("preset:"))
 
-    return validate(specs, reference, data=data, out_dir=out_dir, batch_sizes=batch_sizes, runs=runs, samples=samples, seed=seed,
-                    time_budget=time_budget, rounds=rounds, warmup=warmup, min_runs=min_runs, kind="benchmark", post=post)
+    return validate(
+        specs,
+        reference,
+        data=data,
+        out_dir=out_dir,
+        batch_sizes=batch_sizes,
+        runs=runs,
+        samples=samples,
+        seed=seed,
+        time_budget=time_budget,
+        rounds=rounds,
+        warmup=warmup,
+        min_runs=min_runs,
+        kind="benchmark",
+        post=post,
+    )

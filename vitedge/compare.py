@@ -31,23 +31,24 @@ OUTPUT_KEYS = ("cosine_min", "cosine_mean", "max_abs_error", "snr_db", "finite")
 # ------------------------------------------------------------------------------------------
 # matching
 # ------------------------------------------------------------------------------------------
-def match_outputs(ref: Mapping[str, np.ndarray], outs: Mapping[str, np.ndarray], name: str = "the engine", *,
-                  check_shapes: bool = True) -> dict[str, np.ndarray]:
+def match_outputs(
+    ref: Mapping[str, np.ndarray], outs: Mapping[str, np.ndarray], name: str = "the engine", *, check_shapes: bool = True
+) -> dict[str, np.ndarray]:
     """``outs`` in the reference's order and under its names: by name where the names agree, else by position.
 
     A different number of outputs (or, with ``check_shapes``, a different shape) is a one-line
     :class:`~vitedge.errors.VitedgeError` naming ``name``.
     """
     if len(outs) != len(ref):
-        raise VitedgeError(f"{name} has {len(outs)} outputs but the reference {len(ref)}",
-                           "compare an engine with the model it was made from")
+        raise VitedgeError(f"{name} has {len(outs)} outputs but the reference {len(ref)}", "compare an engine with the model it was made from")
     got = list(outs.values())
     res = {k: outs[k] if k in outs else got[i] for i, k in enumerate(ref)}
     if check_shapes:
         for k, v in res.items():
             if np.shape(v) != np.shape(ref[k]):
-                raise VitedgeError(f"{name} outputs {np.shape(v)[1:]} for {k!r} but the reference {np.shape(ref[k])[1:]}",
-                                   "compare an engine with the model it was made from")
+                raise VitedgeError(
+                    f"{name} outputs {np.shape(v)[1:]} for {k!r} but the reference {np.shape(ref[k])[1:]}", "compare an engine with the model it was made from"
+                )
     return res
 
 
@@ -94,8 +95,9 @@ def output_metrics(ref: np.ndarray, out: np.ndarray) -> dict:
     return res
 
 
-def per_output(ref: Mapping[str, np.ndarray], outs: Mapping[str, np.ndarray], keys: Sequence[str] = OUTPUT_KEYS, *,
-               shape: bool = True, json_snr: bool = False) -> dict[str, dict]:
+def per_output(
+    ref: Mapping[str, np.ndarray], outs: Mapping[str, np.ndarray], keys: Sequence[str] = OUTPUT_KEYS, *, shape: bool = True, json_snr: bool = False
+) -> dict[str, dict]:
     """:func:`output_metrics` of every reference output (``outs`` already matched), reduced to ``keys``.
 
     ``shape`` adds each output's per-image shape; ``json_snr`` writes an infinite SNR as None (JSON has no inf).
@@ -133,8 +135,7 @@ def wilson_interval(k: int, n: int, level: float = CI_LEVEL) -> list[float]:
     return [max(0.0, float(ci.low)), min(1.0, float(ci.high))]
 
 
-def paired_drop(ref_ok: np.ndarray, eng_ok: np.ndarray, *, level: float = CI_LEVEL, method: str = "agresti-min",
-                n_boot: int = 4000, seed: int = 0) -> dict:
+def paired_drop(ref_ok: np.ndarray, eng_ok: np.ndarray, *, level: float = CI_LEVEL, method: str = "agresti-min", n_boot: int = 4000, seed: int = 0) -> dict:
     """Accuracy drop (reference minus engine) in percentage points with a paired confidence interval.
 
     Only images where exactly one of the two is right (``b``: reference only, ``c``: engine only)
@@ -171,8 +172,7 @@ def _bootstrap_mean(diff: np.ndarray, level: float, n_boot: int, seed: int) -> l
         return [0.0, 0.0]
     rng = np.random.default_rng(seed)
     seeded = {"rng": rng} if "rng" in inspect.signature(bootstrap).parameters else {"random_state": rng}
-    res = bootstrap((diff.astype(np.float64),), np.mean, n_resamples=n_boot, batch=500, vectorized=True,
-                    confidence_level=level, method="percentile", **seeded)
+    res = bootstrap((diff.astype(np.float64),), np.mean, n_resamples=n_boot, batch=500, vectorized=True, confidence_level=level, method="percentile", **seeded)
     return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
@@ -195,12 +195,24 @@ def accuracy(logits: np.ndarray, y: np.ndarray, level: float = CI_LEVEL) -> dict
     """Top-1 / top-5 accuracy against labels, with Wilson intervals."""
     ok1, ok5 = correct(logits, y)
     n = len(y)
-    return {"top1": float(ok1.mean()), "top5": float(ok5.mean()),
-            "top1_ci95": wilson_interval(int(ok1.sum()), n, level), "top5_ci95": wilson_interval(int(ok5.sum()), n, level)}
+    return {
+        "top1": float(ok1.mean()),
+        "top5": float(ok5.mean()),
+        "top1_ci95": wilson_interval(int(ok1.sum()), n, level),
+        "top5_ci95": wilson_interval(int(ok5.sum()), n, level),
+    }
 
 
-def classification(ref: np.ndarray, out: np.ndarray, *, names: Sequence[str], class_names: Sequence[str],
-                   y: np.ndarray | None = None, ci_method: str = "agresti-min", worst: int = 10) -> dict:
+def classification(
+    ref: np.ndarray,
+    out: np.ndarray,
+    *,
+    names: Sequence[str],
+    class_names: Sequence[str],
+    y: np.ndarray | None = None,
+    ci_method: str = "agresti-min",
+    worst: int = 10,
+) -> dict:
     """A classifier's logits against the reference's (``vs_reference`` of a validation report).
 
     Agreement of top-1 (with its Wilson interval) and top-5 (the reference's top-1 among the engine's
@@ -214,23 +226,46 @@ def classification(ref: np.ndarray, out: np.ndarray, *, names: Sequence[str], cl
     cos = cosine(ref, out)
     order = np.lexsort((cos, agree1))  # disagreements first, then lowest cosine
     res = {
-        "top1_drop_pp": None, "top1_drop_ci95_pp": None, "top5_drop_pp": None, "top5_drop_ci95_pp": None,
-        "top1_agreement": float(agree1.mean()), "top1_agreement_ci95": wilson_interval(int(agree1.sum()), len(agree1)),
+        "top1_drop_pp": None,
+        "top1_drop_ci95_pp": None,
+        "top5_drop_pp": None,
+        "top5_drop_ci95_pp": None,
+        "top1_agreement": float(agree1.mean()),
+        "top1_agreement_ci95": wilson_interval(int(agree1.sum()), len(agree1)),
         "top5_agreement": float(agree5.mean()),
-        "cosine_mean": m["cosine_mean"], "cosine_min": m["cosine_min"], "snr_db": finite_or_none(m["snr_db"]),
-        "max_abs_error": m["max_abs_error"], "finite": m["finite"], "disagreements": int((~agree1).sum()),
+        "cosine_mean": m["cosine_mean"],
+        "cosine_min": m["cosine_min"],
+        "snr_db": finite_or_none(m["snr_db"]),
+        "max_abs_error": m["max_abs_error"],
+        "finite": m["finite"],
+        "disagreements": int((~agree1).sum()),
         "discordant": {},
-        "worst": [{"image": short_name(names[i]), "cosine": float(cos[i]), "reference_top1": class_names[ref_top[i, 0]],
-                   "engine_top1": class_names[eng_top[i, 0]], "label": None if y is None else class_names[y[i]]}
-                  for i in order[:worst]],
+        "worst": [
+            {
+                "image": short_name(names[i]),
+                "cosine": float(cos[i]),
+                "reference_top1": class_names[ref_top[i, 0]],
+                "engine_top1": class_names[eng_top[i, 0]],
+                "label": None if y is None else class_names[y[i]],
+            }
+            for i in order[:worst]
+        ],
     }
     if y is not None:
         (r1, r5), (e1, e5) = correct(ref, y), correct(out, y)
         d1, d5 = paired_drop(r1, e1, method=ci_method), paired_drop(r5, e5, method=ci_method)
-        res.update(top1_drop_pp=d1["drop_pp"], top1_drop_ci95_pp=d1["ci95_pp"], top5_drop_pp=d5["drop_pp"],
-                   top5_drop_ci95_pp=d5["ci95_pp"],
-                   discordant={"top1_reference_only": d1["reference_only"], "top1_engine_only": d1["engine_only"],
-                               "top5_reference_only": d5["reference_only"], "top5_engine_only": d5["engine_only"]})
+        res.update(
+            top1_drop_pp=d1["drop_pp"],
+            top1_drop_ci95_pp=d1["ci95_pp"],
+            top5_drop_pp=d5["drop_pp"],
+            top5_drop_ci95_pp=d5["ci95_pp"],
+            discordant={
+                "top1_reference_only": d1["reference_only"],
+                "top1_engine_only": d1["engine_only"],
+                "top5_reference_only": d5["reference_only"],
+                "top5_engine_only": d5["engine_only"],
+            },
+        )
     return res
 
 
@@ -239,11 +274,22 @@ def features(ref: Mapping[str, np.ndarray], outs: Mapping[str, np.ndarray]) -> d
     per = per_output(ref, outs, ("cosine_mean", "cosine_min", "max_abs_error", "snr_db", "finite"), json_snr=True)
     first = per[next(iter(per))]
     return {
-        "top1_drop_pp": None, "top1_drop_ci95_pp": None, "top5_drop_pp": None, "top5_drop_ci95_pp": None,
-        "top1_agreement": None, "top1_agreement_ci95": None, "top5_agreement": None,
-        "cosine_mean": first["cosine_mean"], "cosine_min": first["cosine_min"], "snr_db": first["snr_db"],
-        "max_abs_error": first["max_abs_error"], "finite": all(o["finite"] for o in per.values()),
-        "disagreements": 0, "discordant": {}, "worst": [], "outputs": per,
+        "top1_drop_pp": None,
+        "top1_drop_ci95_pp": None,
+        "top5_drop_pp": None,
+        "top5_drop_ci95_pp": None,
+        "top1_agreement": None,
+        "top1_agreement_ci95": None,
+        "top5_agreement": None,
+        "cosine_mean": first["cosine_mean"],
+        "cosine_min": first["cosine_min"],
+        "snr_db": first["snr_db"],
+        "max_abs_error": first["max_abs_error"],
+        "finite": all(o["finite"] for o in per.values()),
+        "disagreements": 0,
+        "discordant": {},
+        "worst": [],
+        "outputs": per,
     }
 
 

@@ -152,8 +152,7 @@ def _reference_outputs(src: Path, man: Manifest, inputs: dict[str, np.ndarray]) 
     else:
         # f32, except for an INT8 IR whose float parts the fidelity search measured and chose in bf16 on held-out
         # images: then the check is about what compiling changed, not about that precision again
-        eng = OpenVINOEngine(src, man, device="CPU", config={"INFERENCE_PRECISION_HINT": man.searched("float_precision") or "f32"},
-                             use_blob=False)
+        eng = OpenVINOEngine(src, man, device="CPU", config={"INFERENCE_PRECISION_HINT": man.searched("float_precision") or "f32"}, use_blob=False)
     with eng:
         return {k: eng.infer_all(x) for k, x in inputs.items()}
 
@@ -201,8 +200,10 @@ def _backend_options(backend: registry.Backend, given: dict) -> dict:
         if key not in backend.compile_options:
             owners = [b.name for b in registry.backends("compile") if key in b.compile_options]
             flag = "--" + key.replace("_", "-").replace("export-blob", "blob")
-            raise VitedgeError(f"{flag} is an option of {' and '.join(owners) or 'no backend'}, not {backend.name}",
-                               f"use --target {owners[0]}, or drop {flag}" if owners else f"drop {flag}")
+            raise VitedgeError(
+                f"{flag} is an option of {' and '.join(owners) or 'no backend'}, not {backend.name}",
+                f"use --target {owners[0]}, or drop {flag}" if owners else f"drop {flag}",
+            )
         out[key] = value
     return out
 
@@ -243,8 +244,10 @@ def compile_model(
     """
     backend = registry.get(target, "compile")
     _check_options(hint, precision_hint, threads)
-    extra = _backend_options(backend, {"streams": streams, "export_blob": export_blob, "workspace_mb": workspace_mb,
-                                       "profile": profile, "timing_cache": timing_cache, **backend_options})
+    extra = _backend_options(
+        backend,
+        {"streams": streams, "export_blob": export_blob, "workspace_mb": workspace_mb, "profile": profile, "timing_cache": timing_cache, **backend_options},
+    )
     auto_batch = isinstance(batch, str) and batch.lower() == "auto"
     batch = resolve_batch(batch, hint)
     t0 = time.perf_counter()
@@ -267,12 +270,25 @@ def compile_model(
             raise VitedgeError(f"output {output} would overwrite its input", "choose another -o")
         if src.suffix == ".onnx" and man.precision == "fp32" and man.format == "onnx" and not man.quantization:
             man.precision = onnx_precision(src)  # foreign/quantized files without a precise manifest
-        files, settings, precision = backend.compiler(src, man, scratch, output.name, batch=batch, threads=threads, hint=hint,
-                                                      precision_hint=precision_hint, device=device, img_size=img_size, **extra)
-        settings = {"target": target, "batch": batch if batch is not None else "dynamic", "hint": hint,
-                    "precision_hint": precision_hint, "source": src.name if src.parent != scratch else str(model), **settings}
-        child = man.derive(output.name, backend.engine_format, backend=backend.name, precision=precision,
-                           inputs=_specs_with_batch(man.inputs, batch), outputs=_specs_with_batch(man.outputs, batch))
+        files, settings, precision = backend.compiler(
+            src, man, scratch, output.name, batch=batch, threads=threads, hint=hint, precision_hint=precision_hint, device=device, img_size=img_size, **extra
+        )
+        settings = {
+            "target": target,
+            "batch": batch if batch is not None else "dynamic",
+            "hint": hint,
+            "precision_hint": precision_hint,
+            "source": src.name if src.parent != scratch else str(model),
+            **settings,
+        }
+        child = man.derive(
+            output.name,
+            backend.engine_format,
+            backend=backend.name,
+            precision=precision,
+            inputs=_specs_with_batch(man.inputs, batch),
+            outputs=_specs_with_batch(man.outputs, batch),
+        )
         child.compile = settings
         if verify:
             inputs = _check_inputs(man, batch)
@@ -292,15 +308,22 @@ def engine_summary(path: Path, man: Manifest) -> list[str]:
     size = sum((path.parent / f).stat().st_size for f in man.files if (path.parent / f).exists()) / 1e6
     lines = [f"{c.get('target')} engine, {man.precision}, batch {c.get('batch')}, hint {c.get('hint')}, {size:.1f} MB"]
     if c.get("openvino_config"):
-        lines.append("OpenVINO config: " + ", ".join(f"{k}={v}" for k, v in c["openvino_config"].items())
-                     + (f" (runs in {c['inference_precision']})" if c.get("inference_precision") else ""))
+        lines.append(
+            "OpenVINO config: "
+            + ", ".join(f"{k}={v}" for k, v in c["openvino_config"].items())
+            + (f" (runs in {c['inference_precision']})" if c.get("inference_precision") else "")
+        )
     if c.get("blob"):
         lines.append(f"compiled blob {c['blob']['file']} for {c['blob']['device']} (OpenVINO {c['blob']['openvino']})")
     for key, r in man.verification.get("checks", {}).items():
-        lines.append(f"checked on {key} inputs (batch {r['batch']}) vs {man.verification['reference']}: "
-                     f"cosine {r['cosine_min']:.6f}, max abs error {r['max_abs_error']:.2e}"
-                     + (f", top-1 agreement {r['top1_agreement']:.0%}" if "top1_agreement" in r and man.task == "classification" else ""))
+        lines.append(
+            f"checked on {key} inputs (batch {r['batch']}) vs {man.verification['reference']}: "
+            f"cosine {r['cosine_min']:.6f}, max abs error {r['max_abs_error']:.2e}"
+            + (f", top-1 agreement {r['top1_agreement']:.0%}" if "top1_agreement" in r and man.task == "classification" else "")
+        )
         for name, o in (r.get("outputs") or {}).items():
-            lines.append(f"  output {name}: cosine {o['cosine_min']:.6f}, max abs error {o['max_abs_error']:.2e}, "
-                         f"SNR {'inf' if o['snr_db'] == float('inf') else format(o['snr_db'], '.1f')} dB")
+            lines.append(
+                f"  output {name}: cosine {o['cosine_min']:.6f}, max abs error {o['max_abs_error']:.2e}, "
+                f"SNR {'inf' if o['snr_db'] == float('inf') else format(o['snr_db'], '.1f')} dB"
+            )
     return lines

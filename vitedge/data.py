@@ -150,8 +150,10 @@ class ImageSet:
         want = tuple(int(d) if isinstance(d, int) else None for d in shape[1:])
         got = self.arrays.shape[1:]
         if any(w is not None and w != g for w, g in zip(want, got, strict=False)):
-            raise ShapeMismatch(f"{self.source}: arrays of shape {got} do not match the model input {tuple(shape[1:])}",
-                               "preprocess to the model's input size, or pass a folder of images")
+            raise ShapeMismatch(
+                f"{self.source}: arrays of shape {got} do not match the model input {tuple(shape[1:])}",
+                "preprocess to the model's input size, or pass a folder of images",
+            )
 
     # -- streaming --------------------------------------------------------------------------
     def batches(self, pre: Preprocessing | None, batch_size: int = 8, min_count: int = 1) -> Iterator[Batch]:

@@ -79,15 +79,29 @@ def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, ext
             # positional form: works whatever the forward argument is called
             kw = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=4096)},)} if dynamic_batch else {}
             prog = torch.onnx.export(
-                model, (dummy,), None, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], verbose=False, **kw,
+                model,
+                (dummy,),
+                None,
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                verbose=False,
+                **kw,
             )
             prog.save(str(path), external_data=external)
         else:  # opsets below 17 only exist in the TorchScript exporter (LayerNorm is decomposed)
             kw = {"dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}} if dynamic_batch else {}
             torch.onnx.export(
-                model, (dummy,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], do_constant_folding=True, **kw,
+                model,
+                (dummy,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                do_constant_folding=True,
+                **kw,
             )
             if external:  # one .data file beside the graph, as the dynamo path writes it
                 import onnx
@@ -96,8 +110,7 @@ def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, ext
                 for f in path.parent.iterdir():
                     if f != path:
                         f.unlink()
-                onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                          location=path.name + ".data", size_threshold=1024)
+                onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
 
 
 def _reason(exc: BaseException) -> str:
@@ -144,8 +157,11 @@ def _tensor_specs(model_proto) -> tuple[list[TensorSpec], list[TensorSpec]]:
 def embed_metadata(model_proto, manifest: Manifest) -> None:
     """Put the manifest essentials into the ONNX file itself (survives without the sidecar)."""
     essentials = {
-        "model": manifest.model, "preprocessing": manifest.preprocessing, "labels": manifest.labels,
-        "task": manifest.task, "precision": manifest.precision,
+        "model": manifest.model,
+        "preprocessing": manifest.preprocessing,
+        "labels": manifest.labels,
+        "task": manifest.task,
+        "precision": manifest.precision,
     }
     keep = [p for p in model_proto.metadata_props if p.key != "vitedge"]
     del model_proto.metadata_props[:]
@@ -189,11 +205,12 @@ def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) 
             log.warning("--merge-tokens %d leaves %d token(s) for the last block: expect a large accuracy loss", r, counts[-1])
         return r, None
     if val_images is None:
-        raise InputError("--merge-tokens auto needs --val-images: a folder of held-out images to measure the top-1 drop on",
-                         "give one (class sub-folders for labels), or a fixed --merge-tokens N")
+        raise InputError(
+            "--merge-tokens auto needs --val-images: a folder of held-out images to measure the top-1 drop on",
+            "give one (class sub-folders for labels), or a fixed --merge-tokens N",
+        )
 
-    search = token_merging.choose_merge(spec, ImageSet.from_path(val_images),
-                                        token_merging.DEFAULT_MAX_DROP if max_drop is None else max_drop, stage)
+    search = token_merging.choose_merge(spec, ImageSet.from_path(val_images), token_merging.DEFAULT_MAX_DROP if max_drop is None else max_drop, stage)
     return search.r, search
 
 
@@ -261,8 +278,9 @@ def export_onnx(
     torch_model = spec.model.eval()
     bad = [name for name, t in torch_model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise VitedgeError(f"the model weights contain NaN/inf ({len(bad)} tensors, e.g. {bad[0]})",
-                           "the checkpoint is damaged or training diverged; nothing was exported")
+        raise VitedgeError(
+            f"the model weights contain NaN/inf ({len(bad)} tensors, e.g. {bad[0]})", "the checkpoint is damaged or training diverged; nothing was exported"
+        )
     merge, search = _merge_setting(spec, merge_tokens, val_images, max_drop, opset, stage)
     h, w = spec.preprocessing.img_size
     c = spec.config.in_channels if spec.config else 3
@@ -317,11 +335,18 @@ def export_onnx(
         proto = onnx.load(str(tmp), load_external_data=False)
         ins, outs = _tensor_specs(proto)
         manifest = Manifest(
-            artifact=output.name, format="onnx", precision="fp32", backend=None,
+            artifact=output.name,
+            format="onnx",
+            precision="fp32",
+            backend=None,
             task=_task(spec, refs["random"]),
             model={**spec.model_info(), "graph": _graph_info(spec, cls_only_last_block, merge, search, split_qkv)},
-            preprocessing=spec.preprocessing.to_dict(), labels=spec.labels,
-            inputs=ins, outputs=outs, opset=opset, assumptions=list(spec.notes),
+            preprocessing=spec.preprocessing.to_dict(),
+            labels=spec.labels,
+            inputs=ins,
+            outputs=outs,
+            opset=opset,
+            assumptions=list(spec.notes),
             verification={"reference": "pytorch-fp32", "checks": checks, "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol}},
         )
         embed_metadata(proto, manifest)

@@ -105,9 +105,11 @@ def manifest_for_onnx(path: Path) -> Manifest:
     ops = {n.op_type for n in proto.graph.node}
     man.task, why = _guess_task(outs)
     man.model = {
-        "family": FOREIGN_FAMILY, "source": str(path.resolve()),
+        "family": FOREIGN_FAMILY,
+        "source": str(path.resolve()),
         "producer": f"{proto.producer_name} {proto.producer_version}".strip() or "unknown",
-        "opset": opset, "layer_norm": _layer_norm(ops),
+        "opset": opset,
+        "layer_norm": _layer_norm(ops),
     }
     man.assumptions.append(why)
     if man.task == "classification":
@@ -116,8 +118,15 @@ def manifest_for_onnx(path: Path) -> Manifest:
 
 
 def preprocessing_from_options(
-    *, img_size: int | None = None, mean=None, std=None, resize: int | None = None, crop: bool | None = None,
-    interpolation: str | None = None, json_path: str | Path | None = None, input_shape: list | None = None,
+    *,
+    img_size: int | None = None,
+    mean=None,
+    std=None,
+    resize: int | None = None,
+    crop: bool | None = None,
+    interpolation: str | None = None,
+    json_path: str | Path | None = None,
+    input_shape: list | None = None,
 ) -> tuple[Preprocessing, list[str]]:
     """Preprocessing for a model without a manifest: from flags, a small JSON, and the ONNX input shape.
 
@@ -141,8 +150,10 @@ def preprocessing_from_options(
         raise
     if fixed_hw is not None and tuple(pre.img_size) != fixed_hw:
         size = pre.img_size
-        raise ShapeMismatch(f"preprocessing makes {size[0]}x{size[1]} images but the model takes {fixed_hw[0]}x{fixed_hw[1]}",
-                            f"use --img-size {fixed_hw[0]}" if fixed_hw[0] == fixed_hw[1] else "match the model's input size")
+        raise ShapeMismatch(
+            f"preprocessing makes {size[0]}x{size[1]} images but the model takes {fixed_hw[0]}x{fixed_hw[1]}",
+            f"use --img-size {fixed_hw[0]}" if fixed_hw[0] == fixed_hw[1] else "match the model's input size",
+        )
     return pre, list(pre.assumed)
 
 
@@ -172,8 +183,10 @@ def resolve_options(given, input_shape: list | None) -> Preprocessing | None:
 def _check_size(man: Manifest, pre: Preprocessing, artifact: Path) -> None:
     hw = man.inputs[0].shape[2:4] if man.inputs else []
     if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) and tuple(hw) != tuple(pre.img_size):
-        raise ShapeMismatch(f"preprocessing makes {pre.img_size[0]}x{pre.img_size[1]} images but {artifact.name} takes {hw[0]}x{hw[1]}",
-                            f"use --img-size {hw[0]}" if hw[0] == hw[1] else "match the model's input size")
+        raise ShapeMismatch(
+            f"preprocessing makes {pre.img_size[0]}x{pre.img_size[1]} images but {artifact.name} takes {hw[0]}x{hw[1]}",
+            f"use --img-size {hw[0]}" if hw[0] == hw[1] else "match the model's input size",
+        )
 
 
 def _same(stored: dict, pre: Preprocessing) -> bool:
@@ -187,8 +200,12 @@ def describe(man: Manifest, artifact: Path) -> list[str]:
     ins = ", ".join(f"{s.name!r} {_shape(s)}" for s in man.inputs)
     outs = ", ".join(f"{s.name!r} {_shape(s)}" for s in man.outputs)
     m = man.model or {}
-    lines = [(f"{artifact.name} has no vitedge manifest: input {ins}; output{'s' if len(man.outputs) > 1 else ''} {outs} "
-             f"({m.get('producer', '?')}, opset {m.get('opset', '?')}, LayerNorm {m.get('layer_norm', '?')})")]
+    lines = [
+        (
+            f"{artifact.name} has no vitedge manifest: input {ins}; output{'s' if len(man.outputs) > 1 else ''} {outs} "
+            f"({m.get('producer', '?')}, opset {m.get('opset', '?')}, LayerNorm {m.get('layer_norm', '?')})"
+        )
+    ]
     batch = man.inputs[0].shape[0] if man.inputs and man.inputs[0].shape else None
     if isinstance(batch, int) and batch > 0:
         lines.append(f"{artifact.name} has a fixed batch of {batch}: other batch sizes run in chunks of {batch}")
@@ -196,8 +213,15 @@ def describe(man: Manifest, artifact: Path) -> list[str]:
     return lines
 
 
-def ensure_manifest(path: str | Path, preprocessing: Preprocessing | dict | str | Path | None = None, labels: list[str] | None = None, *,
-                    announce: bool = True, require_preprocessing: bool = True, hash_file: bool = True) -> tuple[Path, Manifest]:
+def ensure_manifest(
+    path: str | Path,
+    preprocessing: Preprocessing | dict | str | Path | None = None,
+    labels: list[str] | None = None,
+    *,
+    announce: bool = True,
+    require_preprocessing: bool = True,
+    hash_file: bool = True,
+) -> tuple[Path, Manifest]:
     """The artifact and its manifest; for a foreign ONNX file, one is built from the file itself.
 
     ``preprocessing`` (a :class:`Preprocessing`, or options for :func:`resolve_options`, e.g.
@@ -215,12 +239,14 @@ def ensure_manifest(path: str | Path, preprocessing: Preprocessing | dict | str 
         preprocessing = None
     if man is not None:
         if preprocessing is not None and man.preprocessing and not isinstance(preprocessing, Preprocessing):
-            raise VitedgeError(f"{artifact.name} has a vitedge manifest with its own preprocessing",
-                               "drop the preprocessing flags: they are for ONNX files without a manifest")
+            raise VitedgeError(
+                f"{artifact.name} has a vitedge manifest with its own preprocessing", "drop the preprocessing flags: they are for ONNX files without a manifest"
+            )
         preprocessing = resolve_options(preprocessing, man.inputs[0].shape if man.inputs else None)
         if preprocessing is not None and man.preprocessing and not _same(man.preprocessing, preprocessing):
-            raise VitedgeError(f"{artifact.name} has a vitedge manifest with its own preprocessing",
-                               "drop the preprocessing flags: they are for ONNX files without a manifest")
+            raise VitedgeError(
+                f"{artifact.name} has a vitedge manifest with its own preprocessing", "drop the preprocessing flags: they are for ONNX files without a manifest"
+            )
         if preprocessing is not None and not man.preprocessing:
             _check_size(man, preprocessing, artifact)
             man.preprocessing = preprocessing.to_dict()
@@ -229,14 +255,15 @@ def ensure_manifest(path: str | Path, preprocessing: Preprocessing | dict | str 
             man.labels = list(labels)
         return artifact, man
     if artifact.suffix.lower() != ".onnx":
-        raise VitedgeError(f"{artifact} has no vitedge manifest ({Manifest.sidecar_path(artifact).name})",
-                           "only ONNX files can be used without one")
+        raise VitedgeError(f"{artifact} has no vitedge manifest ({Manifest.sidecar_path(artifact).name})", "only ONNX files can be used without one")
     man = manifest_for_onnx(artifact)
     preprocessing = resolve_options(preprocessing, man.inputs[0].shape)
     if man.preprocessing and preprocessing is not None:  # embedded vitedge metadata (copied file without its sidecar)
         if not _same(man.preprocessing, preprocessing):
-            raise VitedgeError(f"{artifact.name} carries vitedge metadata with its own preprocessing",
-                               "drop the preprocessing flags: they are for ONNX files without a manifest")
+            raise VitedgeError(
+                f"{artifact.name} carries vitedge metadata with its own preprocessing",
+                "drop the preprocessing flags: they are for ONNX files without a manifest",
+            )
     if not man.preprocessing:
         if preprocessing is None:
             shape = man.inputs[0].shape if man.inputs else None
@@ -244,8 +271,10 @@ def ensure_manifest(path: str | Path, preprocessing: Preprocessing | dict | str 
                 preprocessing, _ = preprocessing_from_options(input_shape=shape)
             except VitedgeError:
                 if require_preprocessing:
-                    raise VitedgeError(f"{artifact.name} has a dynamic input size {_shape(man.inputs[0])} and no vitedge manifest",
-                                       "pass --img-size (and --mean/--std, or --preprocessing FILE)") from None
+                    raise VitedgeError(
+                        f"{artifact.name} has a dynamic input size {_shape(man.inputs[0])} and no vitedge manifest",
+                        "pass --img-size (and --mean/--std, or --preprocessing FILE)",
+                    ) from None
                 preprocessing = None
         if preprocessing is not None:
             _check_size(man, preprocessing, artifact)

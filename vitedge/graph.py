@@ -192,8 +192,7 @@ def set_static_batch(model: ir.Model, batch: int) -> bool:
         if dims and not (isinstance(dims[0], int) and dims[0]):
             v.shape = ir.Shape([batch, *dims[1:]])
         elif dims and dims[0] != batch:
-            raise ShapeMismatch(f"the model has a fixed batch of {dims[0]}, not {batch}", "compile with --batch "
-                               f"{dims[0]}, or re-export with --batch dynamic")
+            raise ShapeMismatch(f"the model has a fixed batch of {dims[0]}, not {batch}", f"compile with --batch {dims[0]}, or re-export with --batch dynamic")
     for node in g:
         for v in node.outputs:
             if not v.is_graph_output():
@@ -337,8 +336,9 @@ def _copy_node(node: ir.Node, inputs: list, sfx: str | None = None) -> ir.Node:
     """A copy of ``node`` (one output) reading ``inputs``; its name and its output's are the original's with
     ``sfx`` appended, or new unique ones (given when it joins the graph) without ``sfx``."""
     attrs = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
-    copy = ir.Node(node.domain, node.op_type, inputs, attrs, name=node.name + sfx if sfx else None, version=node.version,
-                   doc_string=node.doc_string, num_outputs=1)
+    copy = ir.Node(
+        node.domain, node.op_type, inputs, attrs, name=node.name + sfx if sfx else None, version=node.version, doc_string=node.doc_string, num_outputs=1
+    )
     if sfx:
         copy.outputs[0].name = node.outputs[0].name + sfx
     return copy
@@ -377,9 +377,9 @@ def keep_float(model: ir.Model, op_names: Iterable[str]) -> list[str]:
                 edits.append((node, i, layout, src))
             elif _is_dequantized(v) and constant_behind(v.producer().inputs[0], through=()) is not None:
                 raise VitedgeError(
-                    f"{node.name}'s weight is stored as integers (a DequantizeLinear without a QuantizeLinear): its float "
-                    "values are not in the file", "quantize with NNCF's backend_params={'compress_weights': False} to keep "
-                    "float weights behind Q/DQ pairs")
+                    f"{node.name}'s weight is stored as integers (a DequantizeLinear without a QuantizeLinear): its float values are not in the file",
+                    "quantize with NNCF's backend_params={'compress_weights': False} to keep float weights behind Q/DQ pairs",
+                )
     for node, i, layout, src in edits:
         readers = [node] + layout[:-1]  # who reads each layout op's output
         if all(p.outputs[0].consumers() == (r,) and not p.outputs[0].is_graph_output() for p, r in zip(layout, readers, strict=False)):

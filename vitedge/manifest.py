@@ -184,8 +184,11 @@ class Manifest:
                     raise FileProblem(f"{path / BUNDLE_FILE} is not a vitedge bundle file ({exc})", "re-run the recipe") from None
                 return cls.find(path / engine)
             # engine.<suffix>.vitedge.json, or vitedge 0.1's engine.vitedge.json, or the only manifest
-            candidates = ([path / f"engine{MANIFEST_SUFFIX}"] if (path / f"engine{MANIFEST_SUFFIX}").exists() else
-                          sorted(path.glob(f"engine.*{MANIFEST_SUFFIX}")) or sorted(path.glob(f"*{MANIFEST_SUFFIX}")))
+            candidates = (
+                [path / f"engine{MANIFEST_SUFFIX}"]
+                if (path / f"engine{MANIFEST_SUFFIX}").exists()
+                else sorted(path.glob(f"engine.*{MANIFEST_SUFFIX}")) or sorted(path.glob(f"*{MANIFEST_SUFFIX}"))
+            )
             if len(candidates) != 1:
                 raise VitedgeError(
                     f"folder {path} holds {len(candidates)} vitedge manifests",
@@ -214,7 +217,8 @@ class Manifest:
                 raise FileProblem(
                     f"{legacy.name} describes {man.artifact}, not {path.name}",
                     f"{path.name} has no manifest of its own (vitedge 0.1 gave m.xml and m.onnx the same one): "
-                    f"re-create it with the vitedge command that wrote it, or open {man.artifact}")
+                    f"re-create it with the vitedge command that wrote it, or open {man.artifact}",
+                )
             man.artifact = path.name
             return path, man
         return path, None
@@ -223,9 +227,7 @@ class Manifest:
     def derive(self, artifact: str, fmt: str, **changes) -> Manifest:
         """A child manifest: same model and preprocessing, parent recorded in the lineage."""
         child = copy.deepcopy(self)
-        child.lineage = list(self.lineage) + [
-            {"artifact": self.artifact, "format": self.format, "precision": self.precision, "files": dict(self.files)}
-        ]
+        child.lineage = list(self.lineage) + [{"artifact": self.artifact, "format": self.format, "precision": self.precision, "files": dict(self.files)}]
         child.artifact, child.format = artifact, fmt
         child.files, child.verification, child.created = {}, {}, _now()
         child.versions = library_versions()

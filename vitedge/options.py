@@ -208,29 +208,48 @@ class ExportOptions(StepOptions):
     # val_images / max_drop only mean something to the merge_tokens auto search, which needs the images
     RULES: ClassVar[dict] = {
         "dependentSchemas": {"val_images": _AUTO_MERGE, "max_drop": _AUTO_MERGE},
-        "if": _AUTO_MERGE, "then": {"required": ["val_images"]},
+        "if": _AUTO_MERGE,
+        "then": {"required": ["val_images"]},
     }
 
-    opset: int = option(DEFAULT_OPSET, f"ONNX opset ({MIN_OPSET}-{MAX_OPSET}; below 17 uses the TorchScript exporter, LayerNorm decomposed).",
-                        minimum=MIN_OPSET, maximum=MAX_OPSET)
-    batch: int | str = option("dynamic", "'dynamic' or a fixed batch size.", parse=parse_batch,
-                              schema=_one_of({"const": "dynamic"}, {"type": "integer", "minimum": 1}))
-    img_size: int | None = option(None, "Input resolution (position embeddings are interpolated).", minimum=16,
-                                  recipe=False)  # a recipe's img_size is top-level: every step uses it
-    images: Path | None = option(None, "Folder of real images used for the checks (default: the shipped calibration images).",
-                                 path={"exists": True}, recipe=False)
+    opset: int = option(
+        DEFAULT_OPSET,
+        f"ONNX opset ({MIN_OPSET}-{MAX_OPSET}; below 17 uses the TorchScript exporter, LayerNorm decomposed).",
+        minimum=MIN_OPSET,
+        maximum=MAX_OPSET,
+    )
+    batch: int | str = option(
+        "dynamic", "'dynamic' or a fixed batch size.", parse=parse_batch, schema=_one_of({"const": "dynamic"}, {"type": "integer", "minimum": 1})
+    )
+    img_size: int | None = option(
+        None, "Input resolution (position embeddings are interpolated).", minimum=16, recipe=False
+    )  # a recipe's img_size is top-level: every step uses it
+    images: Path | None = option(
+        None, "Folder of real images used for the checks (default: the shipped calibration images).", path={"exists": True}, recipe=False
+    )
     merge_tokens: int | str = option(
-        0, "Token merging (ToMe; lossy, opt-in): merge R tokens in every block but the last, so later blocks run "
-           "on fewer tokens (0: off).  'auto' picks the largest R whose top-1 drop on --val-images stays within --max-drop.",
-        metavar="R|auto", cli_default="0", schema=_one_of({"type": "integer", "minimum": 0}, {"const": "auto"}))
-    val_images: Path | None = option(None, "Held-out images for --merge-tokens auto (class sub-folders give labels; without labels, "
-                                           "top-1 changes are counted).", path={"exists": True})
+        0,
+        "Token merging (ToMe; lossy, opt-in): merge R tokens in every block but the last, so later blocks run "
+        "on fewer tokens (0: off).  'auto' picks the largest R whose top-1 drop on --val-images stays within --max-drop.",
+        metavar="R|auto",
+        cli_default="0",
+        schema=_one_of({"type": "integer", "minimum": 0}, {"const": "auto"}),
+    )
+    val_images: Path | None = option(
+        None, "Held-out images for --merge-tokens auto (class sub-folders give labels; without labels, top-1 changes are counted).", path={"exists": True}
+    )
     max_drop: float | None = option(None, "Top-1 points --merge-tokens auto may lose on --val-images.", minimum=0, shown_default="1.0")
 
     def export_kwargs(self) -> dict:
         """Keyword arguments of :func:`vitedge.export.export_onnx` (``images`` is the caller's: it lists the folder)."""
-        return {"opset": self.opset, "batch": None if self.batch == "dynamic" else self.batch, "img_size": self.img_size,
-                "merge_tokens": self.merge_tokens, "val_images": self.val_images, "max_drop": self.max_drop}
+        return {
+            "opset": self.opset,
+            "batch": None if self.batch == "dynamic" else self.batch,
+            "img_size": self.img_size,
+            "merge_tokens": self.merge_tokens,
+            "val_images": self.val_images,
+            "max_drop": self.max_drop,
+        }
 
 
 @dataclass(frozen=True)
@@ -240,33 +259,58 @@ class QuantizeOptions(StepOptions):
 
     STEP: ClassVar[str] = "quantize"
 
-    precision: str | None = option(None, "int8 (calibrated), fp16, or auto (INT8 where it pays on this CPU).", choices=PRECISIONS,
-                                   required=True, switches=(
-        ("--int8", "int8", "INT8 with calibration (MatMul/Gemm/Conv; LayerNorm/Softmax/GELU stay float)."),
-        ("--fp16", "fp16", "FP16 weights/math, FP32 inputs/outputs."),
-        ("--auto", "auto", ("INT8 where it pays: run the INT8 search, measure the FP32 model at this CPU's fastest float precision "
-                           "(bf16 on AVX-512 BF16/AMX CPUs) the same way, and write the faster one that meets the fidelity target."))))
-    backend: str = option("onnxruntime", "Target runtime: onnxruntime/tensorrt write .onnx (QDQ), openvino writes IR .xml+.bin "
-                                         "(in a recipe, the default is the compile step's target).", backends="quantize")
-    calib: Path | None = option(None, "Calibration images: folder (recursive, class sub-folders allowed) or preprocessed .npy/.npz. "
-                                      "Required for INT8 except for the reference model.", path={}, recipe=False)
+    precision: str | None = option(
+        None,
+        "int8 (calibrated), fp16, or auto (INT8 where it pays on this CPU).",
+        choices=PRECISIONS,
+        required=True,
+        switches=(
+            ("--int8", "int8", "INT8 with calibration (MatMul/Gemm/Conv; LayerNorm/Softmax/GELU stay float)."),
+            ("--fp16", "fp16", "FP16 weights/math, FP32 inputs/outputs."),
+            (
+                "--auto",
+                "auto",
+                (
+                    "INT8 where it pays: run the INT8 search, measure the FP32 model at this CPU's fastest float precision "
+                    "(bf16 on AVX-512 BF16/AMX CPUs) the same way, and write the faster one that meets the fidelity target."
+                ),
+            ),
+        ),
+    )
+    backend: str = option(
+        "onnxruntime",
+        "Target runtime: onnxruntime/tensorrt write .onnx (QDQ), openvino writes IR .xml+.bin (in a recipe, the default is the compile step's target).",
+        backends="quantize",
+    )
+    calib: Path | None = option(
+        None,
+        "Calibration images: folder (recursive, class sub-folders allowed) or preprocessed .npy/.npz. Required for INT8 except for the reference model.",
+        path={},
+        recipe=False,
+    )
     samples: int | None = option(None, "Calibration images to use (default: all, up to 300; sampled with --seed).", minimum=1)
-    method: str | None = option(None, "Activation range calibration (default: minmax; entropy for --backend tensorrt, as NVIDIA's tools do).",
-                                choices=METHODS)
-    target_agreement: float = option(DEFAULT_AGREEMENT, "INT8 fidelity target for classifiers: top-1 agreement with FP32 on held-out images.",
-                                     minimum=0, maximum=1)
-    target_cosine: float = option(DEFAULT_COSINE, "INT8 fidelity target for other outputs (features, dense maps): minimum per-image output cosine.",
-                                  minimum=0, maximum=1)
-    search_budget: float = option(DEFAULT_BUDGET_S, "When the default INT8 misses the target, time allowed for trying other configurations "
-                                                    "(0: default only). Every try is written to <out>.fidelity.md/.json.",
-                                  minimum=0, metavar="SECONDS")
-    max_drop: float | None = option(None, "Also bound the top-1 points INT8 may lose (on --val labels, else vs FP32 predictions). "
-                                          "TensorRT: the most sensitive layers are kept in float until it fits (<out>.sensitivity.md/.json).",
-                                    minimum=0)
-    min_calib: int = option(MIN_CALIB, "Fewest calibration images accepted; lower it only if you know the ranges will still be representative.",
-                            minimum=1)
-    val: Path | None = option(None, "Held-out images for the agreement numbers and --max-drop (default: a held-out part of --calib).",
-                              path={}, recipe=False)
+    method: str | None = option(None, "Activation range calibration (default: minmax; entropy for --backend tensorrt, as NVIDIA's tools do).", choices=METHODS)
+    target_agreement: float = option(
+        DEFAULT_AGREEMENT, "INT8 fidelity target for classifiers: top-1 agreement with FP32 on held-out images.", minimum=0, maximum=1
+    )
+    target_cosine: float = option(
+        DEFAULT_COSINE, "INT8 fidelity target for other outputs (features, dense maps): minimum per-image output cosine.", minimum=0, maximum=1
+    )
+    search_budget: float = option(
+        DEFAULT_BUDGET_S,
+        "When the default INT8 misses the target, time allowed for trying other configurations "
+        "(0: default only). Every try is written to <out>.fidelity.md/.json.",
+        minimum=0,
+        metavar="SECONDS",
+    )
+    max_drop: float | None = option(
+        None,
+        "Also bound the top-1 points INT8 may lose (on --val labels, else vs FP32 predictions). "
+        "TensorRT: the most sensitive layers are kept in float until it fits (<out>.sensitivity.md/.json).",
+        minimum=0,
+    )
+    min_calib: int = option(MIN_CALIB, "Fewest calibration images accepted; lower it only if you know the ranges will still be representative.", minimum=1)
+    val: Path | None = option(None, "Held-out images for the agreement numbers and --max-drop (default: a held-out part of --calib).", path={}, recipe=False)
     seed: int = option(0, "Seed for sampling and the held-out split.")
 
     def target(self):
@@ -275,9 +319,18 @@ class QuantizeOptions(StepOptions):
 
     def quantize_kwargs(self) -> dict:
         """Keyword arguments of :func:`vitedge.quantization.quantize` (all but the files and ``preprocessing``)."""
-        return {"precision": self.precision, "backend": self.backend, "calib": self.calib, "samples": self.samples,
-                "method": self.method, "val": self.val, "seed": self.seed, "target": self.target(),
-                "search_budget": self.search_budget, "min_calib": self.min_calib}
+        return {
+            "precision": self.precision,
+            "backend": self.backend,
+            "calib": self.calib,
+            "samples": self.samples,
+            "method": self.method,
+            "val": self.val,
+            "seed": self.seed,
+            "target": self.target(),
+            "search_budget": self.search_budget,
+            "min_calib": self.min_calib,
+        }
 
 
 @dataclass(frozen=True)
@@ -287,27 +340,42 @@ class CompileOptions(StepOptions):
 
     STEP: ClassVar[str] = "compile"
 
-    target: str = option("onnxruntime", "Backend that builds the engine; `vitedge backends` lists them and what this machine can run.",
-                         backends="compile", short="-t", required=True)
-    batch: int | str = option("auto", "'auto' (static 1 for --hint latency, dynamic for throughput), 'dynamic' or a fixed size.",
-                              schema=_one_of({"enum": ["auto", "dynamic"]}, {"type": "integer", "minimum": 1}))
+    target: str = option(
+        "onnxruntime",
+        "Backend that builds the engine; `vitedge backends` lists them and what this machine can run.",
+        backends="compile",
+        short="-t",
+        required=True,
+    )
+    batch: int | str = option(
+        "auto",
+        "'auto' (static 1 for --hint latency, dynamic for throughput), 'dynamic' or a fixed size.",
+        schema=_one_of({"enum": ["auto", "dynamic"]}, {"type": "integer", "minimum": 1}),
+    )
     img_size: int | str | None = option(
-        None, "Resolution; for a model name/checkpoint (exported at that size), or TensorRT MIN,OPT,MAX for dynamic-size ONNX.",
-        schema=_one_of({"type": "integer", "minimum": 16}, {"type": "string", "pattern": r"^\d+,\d+,\d+$"}))
+        None,
+        "Resolution; for a model name/checkpoint (exported at that size), or TensorRT MIN,OPT,MAX for dynamic-size ONNX.",
+        schema=_one_of({"type": "integer", "minimum": 16}, {"type": "string", "pattern": r"^\d+,\d+,\d+$"}),
+    )
     threads: int | None = option(None, "Inference threads (default: all cores).", minimum=1, cli_range=True)
     hint: str = option("latency", "Optimise for one request at a time (latency) or many in parallel (throughput).", choices=HINTS)
     precision_hint: str | None = option(
-        None, "Precision of the ops computed in float. OpenVINO default: device default (bf16 on AVX-512 BF16 CPUs), f32 for INT8 models. "
-              "TensorRT default: f16.", choices=PRECISION_HINTS)
+        None,
+        "Precision of the ops computed in float. OpenVINO default: device default (bf16 on AVX-512 BF16 CPUs), f32 for INT8 models. TensorRT default: f16.",
+        choices=PRECISION_HINTS,
+    )
     device: str | None = option(None, "OpenVINO device (CPU, GPU, NPU, AUTO, ...; default CPU).")
-    streams: int | str | None = option(None, "OpenVINO streams (a number or AUTO; default from the hint).",
-                                       schema=_one_of({"type": "integer", "minimum": 1}, {"const": "AUTO"}))
+    streams: int | str | None = option(
+        None, "OpenVINO streams (a number or AUTO; default from the hint).", schema=_one_of({"type": "integer", "minimum": 1}, {"const": "AUTO"})
+    )
     export_blob: bool = option(False, "OpenVINO: also write the compiled blob (.blob) for a fast cold start.", flag="--blob")
     workspace_mb: int | None = option(None, "TensorRT: builder workspace memory limit (default 1024).", minimum=1)
-    profile: str | None = option(None, "TensorRT: MIN,OPT,MAX batch sizes of the optimisation profile (default 1,1,32 latency / 1,8,32 throughput).",
-                                 schema={"type": "string", "pattern": r"^\d+,\d+,\d+$"})
-    timing_cache: Path | None = option(None, "TensorRT: timing cache file, read if it exists and updated (faster rebuilds).",
-                                       path={"dir_okay": False})
+    profile: str | None = option(
+        None,
+        "TensorRT: MIN,OPT,MAX batch sizes of the optimisation profile (default 1,1,32 latency / 1,8,32 throughput).",
+        schema={"type": "string", "pattern": r"^\d+,\d+,\d+$"},
+    )
+    timing_cache: Path | None = option(None, "TensorRT: timing cache file, read if it exists and updated (faster rebuilds).", path={"dir_okay": False})
 
     def compile_kwargs(self) -> dict:
         """Keyword arguments of :func:`vitedge.compilation.compile_model` (all but the files and ``preprocessing``)."""
@@ -324,13 +392,15 @@ class TimingOptions(StepOptions):
     STEP: ClassVar[str] = "timing"
 
     samples: int | None = option(None, "Use a seeded sample of N validation images (default: all).", minimum=1, cli_range=True)
-    rounds: int = option(10, "Interleaved timing rounds (reference, engine 1, ..., reference, ...); the speed-up is the "
-                             "median of the per-round ratios reference/engine.", minimum=1, cli_range=True)
+    rounds: int = option(
+        10,
+        "Interleaved timing rounds (reference, engine 1, ..., reference, ...); the speed-up is the median of the per-round ratios reference/engine.",
+        minimum=1,
+        cli_range=True,
+    )
     runs: int | None = option(None, "Exact number of timed runs at batch 1 (instead of the time budget).", minimum=1, cli_range=True)
-    time_budget: float = option(5.0, "Seconds of timed runs per model at batch 1 (extended up to 2x until the median is stable).",
-                                minimum=0.01, cli_range=True)
-    batch_sizes: tuple[int, ...] = option((1, 4, 8), "Batch sizes of the throughput sweep.", minimum=1, cli_default="1,4,8",
-                                          parse=parse_batch_sizes)
+    time_budget: float = option(5.0, "Seconds of timed runs per model at batch 1 (extended up to 2x until the median is stable).", minimum=0.01, cli_range=True)
+    batch_sizes: tuple[int, ...] = option((1, 4, 8), "Batch sizes of the throughput sweep.", minimum=1, cli_default="1,4,8", parse=parse_batch_sizes)
 
 
 @dataclass(frozen=True)
@@ -341,13 +411,16 @@ class ValidateOptions(TimingOptions):
 
     max_drop: float | None = option(None, "Gate: max top-1 drop in percentage points (exit 1 if exceeded).", minimum=0)
     min_speedup: float | None = option(None, "Gate: min batch-1 speed-up over the FP32 reference (exit 1 if missed).", minimum=0)
-    reference_threads: int | None = option(None, "Threads of the FP32 reference (PyTorch intra-op, or ONNX Runtime for an .onnx reference). "
-                                                 "Default: every usable core, as the ONNX Runtime and OpenVINO engines use.",
-                                           minimum=1, cli_range=True)
+    reference_threads: int | None = option(
+        None,
+        "Threads of the FP32 reference (PyTorch intra-op, or ONNX Runtime for an .onnx reference). "
+        "Default: every usable core, as the ONNX Runtime and OpenVINO engines use.",
+        minimum=1,
+        cli_range=True,
+    )
     strict: bool = option(False, "Gate on the upper end of the drop's 95% confidence interval, not the estimate.")
     backend: str | None = option(None, "Run the engines with this backend (e.g. an ONNX file with OpenVINO).", backends="run", recipe=False)
-    precision_hint: str | None = option(None, "OpenVINO inference precision for the engines (INFERENCE_PRECISION_HINT).",
-                                        choices=PRECISION_HINTS, recipe=False)
+    precision_hint: str | None = option(None, "OpenVINO inference precision for the engines (INFERENCE_PRECISION_HINT).", choices=PRECISION_HINTS, recipe=False)
     ci_method: str = option("agresti-min", "Paired confidence interval of the accuracy drop.", choices=CI_METHODS)
     worst: int = option(10, "How many worst images to list per engine.", minimum=0, cli_range=True)
 

@@ -75,9 +75,7 @@ class Preprocessing:
         self.mean = tuple(float(v) for v in self.mean)
         self.std = tuple(float(v) for v in self.std)
         if self.interpolation not in _INTERP:
-            raise VitedgeError(
-                f"unknown interpolation {self.interpolation!r}", f"use one of {', '.join(_INTERP)}"
-            )
+            raise VitedgeError(f"unknown interpolation {self.interpolation!r}", f"use one of {', '.join(_INTERP)}")
         if self.channel_order not in ("RGB", "BGR"):
             raise VitedgeError(f"unknown channel order {self.channel_order!r}", "use RGB or BGR")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):

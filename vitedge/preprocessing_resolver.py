@@ -36,8 +36,7 @@ _HF_DEFAULT_MEAN = _HF_DEFAULT_STD = (0.5, 0.5, 0.5)  # IMAGENET_STANDARD_MEAN /
 # -- what kind of config a JSON object is ---------------------------------------------------------
 def is_timm_config(cfg: dict) -> bool:
     """A timm data config, ``pretrained_cfg`` or hub ``config.json`` ({"architecture", "pretrained_cfg", ...})."""
-    return isinstance(cfg, dict) and "model_type" not in cfg and (
-        "pretrained_cfg" in cfg or "architecture" in cfg or "input_size" in cfg or "crop_pct" in cfg)
+    return isinstance(cfg, dict) and "model_type" not in cfg and ("pretrained_cfg" in cfg or "architecture" in cfg or "input_size" in cfg or "crop_pct" in cfg)
 
 
 def is_hf_processor_config(cfg: dict) -> bool:
@@ -50,8 +49,9 @@ def read_json(path: str | Path) -> dict:
     try:
         cfg = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VitedgeError(f"preprocessing JSON {p} cannot be read ({type(exc).__name__}: {str(exc)[:120]})",
-                           "give a JSON object with img_size, mean, std, ...") from None
+        raise VitedgeError(
+            f"preprocessing JSON {p} cannot be read ({type(exc).__name__}: {str(exc)[:120]})", "give a JSON object with img_size, mean, std, ..."
+        ) from None
     if not isinstance(cfg, dict):
         raise VitedgeError(f"preprocessing JSON {p} is not an object", 'e.g. {"img_size": 224, "mean": [0.5, 0.5, 0.5]}')
     return cfg
@@ -118,8 +118,9 @@ def timm_fields(cfg: dict) -> tuple[dict, list[str]]:
     elif mode == "squash" and float(crop_pct) == 1.0:
         fields["resize"], fields["center_crop"] = None, False
     else:
-        raise VitedgeError(f"timm crop_mode {mode!r} with crop_pct {crop_pct} is not supported",
-                           "vitedge reproduces crop_mode 'center', and 'squash' with crop_pct 1.0")
+        raise VitedgeError(
+            f"timm crop_mode {mode!r} with crop_pct {crop_pct} is not supported", "vitedge reproduces crop_mode 'center', and 'squash' with crop_pct 1.0"
+        )
     for key in ("interpolation", "mean", "std"):
         if cfg.get(key) is not None:
             fields[key] = cfg[key]
@@ -220,8 +221,10 @@ def _complete(fields: dict, assumed: list[str], model_size) -> Preprocessing:
     assumed = list(assumed)
     if fields.get("img_size") is None:
         if model_size is None:
-            raise VitedgeError("the input size is not known (no config states it and the model's input is dynamic)",
-                               "pass --img-size (and --mean/--std, or --preprocessing FILE)")
+            raise VitedgeError(
+                "the input size is not known (no config states it and the model's input is dynamic)",
+                "pass --img-size (and --mean/--std, or --preprocessing FILE)",
+            )
         fields["img_size"] = model_size
     size = _size(fields["img_size"], "img_size")
     if min(size) < 1:
@@ -267,5 +270,13 @@ def _complete(fields: dict, assumed: list[str], model_size) -> Preprocessing:
     return pre
 
 
-__all__ = ["resolve_preprocessing", "timm_fields", "hf_fields", "vitedge_fields", "sources_from_json", "sources_near",
-           "is_timm_config", "is_hf_processor_config"]
+__all__ = [
+    "resolve_preprocessing",
+    "timm_fields",
+    "hf_fields",
+    "vitedge_fields",
+    "sources_from_json",
+    "sources_near",
+    "is_timm_config",
+    "is_hf_processor_config",
+]

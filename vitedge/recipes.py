@@ -55,7 +55,8 @@ def schema() -> dict[str, Any]:
             "description": {"type": "string", "description": "one line shown by `vitedge recipes`"},
             "model": {
                 "description": "checkpoint file / Hugging Face folder (relative to the recipe), a preset name, 'reference', or an ONNX file",
-                "type": "string", "minLength": 1,
+                "type": "string",
+                "minLength": 1,
             },
             "img_size": {"type": "integer", "minimum": 16, "description": "input resolution (default: the model's)"},
             "data": {
@@ -269,8 +270,13 @@ class _Runner:
     def step(self, name: str, options: dict, inputs: list[Path], outputs: list[Path], fn: Callable[[], str]) -> None:
         key = _key(name, options, inputs)
         prev = self.state.get(name)
-        if (not self.force and prev and prev["key"] == key and all(p.exists() for p in outputs)
-                and all((self.out / f).exists() and sha256_file(self.out / f) == h for f, h in prev.get("hashes", {}).items())):
+        if (
+            not self.force
+            and prev
+            and prev["key"] == key
+            and all(p.exists() for p in outputs)
+            and all((self.out / f).exists() and sha256_file(self.out / f) == h for f, h in prev.get("hashes", {}).items())
+        ):
             self.results.append(StepResult(name, "cached", [str(p) for p in outputs], 0.0, prev.get("summary", "")))
             self.log(f"{name}: unchanged, skipped")
             return
@@ -284,7 +290,8 @@ class _Runner:
             raise type(exc)(f"recipe {self.recipe.name}: step '{name}' failed: {exc}") from None
         files = [p for out in outputs for p in (_artifact_inputs(out) if out.suffix != ".json" else [out]) if p.exists()]
         self.state[name] = {
-            "key": key, "summary": summary,
+            "key": key,
+            "summary": summary,
             "hashes": {str(p.relative_to(self.out)): sha256_file(p) for p in files if p.is_relative_to(self.out)},
         }
         self._save()
@@ -294,8 +301,9 @@ class _Runner:
         write_json_atomic(self.state_path, self.state)
 
 
-def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *, force: bool = False,
-               log: Callable[[str], None] = lambda msg: None) -> RunResult:
+def run_recipe(
+    recipe: Recipe | str | Path, out_dir: str | Path | None = None, *, force: bool = False, log: Callable[[str], None] = lambda msg: None
+) -> RunResult:
     """Run every step of ``recipe`` into ``out_dir`` (default ``runs/<name>``)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -326,8 +334,13 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
             return f"verified vs PyTorch, max abs error {err:.1e}{extra}"
 
         # the options (merge_tokens, val_images, max_drop included) and the content of the files read are the cache key
-        run.step("export", {**exp, "img_size": d.get("img_size")}, _model_inputs(model) + ([merge_val] if merge_val and merge_val.exists() else []),
-                 [onnx_path], do_export)
+        run.step(
+            "export",
+            {**exp, "img_size": d.get("img_size")},
+            _model_inputs(model) + ([merge_val] if merge_val and merge_val.exists() else []),
+            [onnx_path],
+            do_export,
+        )
     current = onnx_path
 
     # quantize
@@ -383,8 +396,9 @@ def run_recipe(recipe: Recipe | str | Path, out_dir: str | Path | None = None, *
             report = rep.to_dict()
             return rep.summary()
 
-        run.step("validate", {**v, "labelled": data.get("labelled")}, _artifact_inputs(engine) + ([Path(val)] if val else []),
-                 [rep_dir / "report.json"], do_validate)
+        run.step(
+            "validate", {**v, "labelled": data.get("labelled")}, _artifact_inputs(engine) + ([Path(val)] if val else []), [rep_dir / "report.json"], do_validate
+        )
         if report is None and (rep_dir / "report.json").exists():
             report = json.loads((rep_dir / "report.json").read_text())
 

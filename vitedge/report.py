@@ -58,8 +58,14 @@ _LATENCY = {
     "properties": {
         "batch": {"type": "integer", "minimum": 1},
         "runs": {"type": "integer", "minimum": 1},
-        "p50_ms": _NUM, "p90_ms": _NUM, "p99_ms": _NUM, "mean_ms": _NUM, "std_ms": _NUM,
-        "min_ms": _NUM, "max_ms": _NUM, "median_ci95_ms": _INTERVAL,
+        "p50_ms": _NUM,
+        "p90_ms": _NUM,
+        "p99_ms": _NUM,
+        "mean_ms": _NUM,
+        "std_ms": _NUM,
+        "min_ms": _NUM,
+        "max_ms": _NUM,
+        "median_ci95_ms": _INTERVAL,
         "samples_ms": {"type": "array", "items": _NUM},
     },
 }
@@ -68,23 +74,46 @@ _VS_REF = {
     "type": ["object", "null"],
     "required": ["top1_agreement", "top5_agreement", "cosine_mean", "cosine_min", "snr_db", "worst"],
     "properties": {
-        "top1_drop_pp": _NUM_OR_NULL, "top1_drop_ci95_pp": _INTERVAL,
-        "top5_drop_pp": _NUM_OR_NULL, "top5_drop_ci95_pp": _INTERVAL,
-        "top1_agreement": _NUM_OR_NULL, "top1_agreement_ci95": _INTERVAL, "top5_agreement": _NUM_OR_NULL,
-        "cosine_mean": _NUM, "cosine_min": _NUM, "snr_db": _NUM_OR_NULL, "max_abs_error": _NUM,
+        "top1_drop_pp": _NUM_OR_NULL,
+        "top1_drop_ci95_pp": _INTERVAL,
+        "top5_drop_pp": _NUM_OR_NULL,
+        "top5_drop_ci95_pp": _INTERVAL,
+        "top1_agreement": _NUM_OR_NULL,
+        "top1_agreement_ci95": _INTERVAL,
+        "top5_agreement": _NUM_OR_NULL,
+        "cosine_mean": _NUM,
+        "cosine_min": _NUM,
+        "snr_db": _NUM_OR_NULL,
+        "max_abs_error": _NUM,
         "discordant": {"type": "object"},
         # per output (models with several outputs or a non-classifier head; top-1 fields are null for the latter)
-        "outputs": {"type": "object", "additionalProperties": {
-            "type": "object", "required": ["cosine_mean", "cosine_min", "max_abs_error", "snr_db"],
-            "properties": {"shape": {"type": "array"}, "cosine_mean": _NUM, "cosine_min": _NUM, "max_abs_error": _NUM,
-                           "snr_db": _NUM_OR_NULL, "finite": {"type": "boolean"}}}},
+        "outputs": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["cosine_mean", "cosine_min", "max_abs_error", "snr_db"],
+                "properties": {
+                    "shape": {"type": "array"},
+                    "cosine_mean": _NUM,
+                    "cosine_min": _NUM,
+                    "max_abs_error": _NUM,
+                    "snr_db": _NUM_OR_NULL,
+                    "finite": {"type": "boolean"},
+                },
+            },
+        },
         "worst": {
             "type": "array",
             "items": {
                 "type": "object",
                 "required": ["image", "cosine", "reference_top1", "engine_top1"],
-                "properties": {"image": {"type": "string"}, "cosine": _NUM, "reference_top1": {"type": "string"},
-                               "engine_top1": {"type": "string"}, "label": _STR_OR_NULL},
+                "properties": {
+                    "image": {"type": "string"},
+                    "cosine": _NUM,
+                    "reference_top1": {"type": "string"},
+                    "engine_top1": {"type": "string"},
+                    "label": _STR_OR_NULL,
+                },
             },
         },
     },
@@ -92,8 +121,7 @@ _VS_REF = {
 
 _MODEL = {
     "type": "object",
-    "required": ["name", "role", "backend", "precision", "size_bytes", "load_s", "latency", "throughput", "speedup",
-                 "accuracy", "vs_reference"],
+    "required": ["name", "role", "backend", "precision", "size_bytes", "load_s", "latency", "throughput", "speedup", "accuracy", "vs_reference"],
     "properties": {
         "name": {"type": "string"},
         "role": {"enum": ["reference", "engine"]},
@@ -115,16 +143,26 @@ _MODEL = {
         "latency": _LATENCY,
         "throughput": {
             "type": "array",
-            "items": {"type": "object", "required": ["batch", "images_per_s"],
-                      "properties": {"batch": {"type": "integer"}, "images_per_s": _NUM, "p50_ms": _NUM, "runs": {"type": "integer"}}},
+            "items": {
+                "type": "object",
+                "required": ["batch", "images_per_s"],
+                "properties": {"batch": {"type": "integer"}, "images_per_s": _NUM, "p50_ms": _NUM, "runs": {"type": "integer"}},
+            },
         },
         "speedup": _NUM,
         # how the speed-up was measured: per-round paired ratios (reference / engine), their spread
         "speedup_spread": {
-            "type": "object", "required": ["rounds", "ratio_iqr"],
-            "properties": {"method": {"type": "string"}, "rounds": {"type": "integer", "minimum": 1}, "ratio_iqr": _INTERVAL,
-                           "ratio_min": _NUM, "ratio_max": _NUM, "ratios": {"type": "array", "items": _NUM},
-                           "ratio_of_medians": _NUM},
+            "type": "object",
+            "required": ["rounds", "ratio_iqr"],
+            "properties": {
+                "method": {"type": "string"},
+                "rounds": {"type": "integer", "minimum": 1},
+                "ratio_iqr": _INTERVAL,
+                "ratio_min": _NUM,
+                "ratio_max": _NUM,
+                "ratios": {"type": "array", "items": _NUM},
+                "ratio_of_medians": _NUM,
+            },
         },
         "throughput_speedup": {"type": "object", "additionalProperties": _NUM},
         "precision_breakdown": {"type": ["object", "null"]},
@@ -152,15 +190,23 @@ SCHEMA: dict = {
         "data": {
             "type": "object",
             "required": ["source", "images", "labelled"],
-            "properties": {"source": {"type": "string"}, "images": {"type": "integer", "minimum": 1},
-                           "labelled": {"type": "boolean"}, "skipped": {"type": "array"}},
+            "properties": {
+                "source": {"type": "string"},
+                "images": {"type": "integer", "minimum": 1},
+                "labelled": {"type": "boolean"},
+                "skipped": {"type": "array"},
+            },
         },
         "models": {"type": "array", "minItems": 2, "items": _MODEL},
         "gates": {
             "type": "object",
             "required": ["passed", "failures"],
-            "properties": {"max_drop_pp": _NUM_OR_NULL, "min_speedup": _NUM_OR_NULL, "passed": {"type": "boolean"},
-                           "failures": {"type": "array", "items": {"type": "string"}}},
+            "properties": {
+                "max_drop_pp": _NUM_OR_NULL,
+                "min_speedup": _NUM_OR_NULL,
+                "passed": {"type": "boolean"},
+                "failures": {"type": "array", "items": {"type": "string"}},
+            },
         },
         "findings": {"type": "array", "items": {"type": "string"}},
         "ranking": {"type": "array", "items": {"type": "string"}},
@@ -291,8 +337,9 @@ class Report:
         lines = []
         for e in self.engines:
             vs = e["vs_reference"]
-            lines.append(f"{e['name']}: {_accuracy_text(vs)}, cosine {vs['cosine_mean']:.5f}, p50 {_ms(e['latency']['p50_ms'])} ms, "
-                         f"speed-up {e['speedup']:.2f}x")
+            lines.append(
+                f"{e['name']}: {_accuracy_text(vs)}, cosine {vs['cosine_mean']:.5f}, p50 {_ms(e['latency']['p50_ms'])} ms, speed-up {e['speedup']:.2f}x"
+            )
         return "\n".join(lines)
 
     # -- tables -----------------------------------------------------------------------------
@@ -312,10 +359,18 @@ class Report:
                 row += [_pct(acc.get("top1")), _pp(vs.get("top1_drop_pp"), vs.get("top1_drop_ci95_pp")) if vs else "–"]
             else:
                 row += [_pct(vs.get("top1_agreement")) if vs else "(ref)"]
-            row += [_num(vs.get("cosine_mean"), ".5f") if vs else "1", _num(vs.get("snr_db"), ".1f") if vs else "∞",
-                    _ms(lat["p50_ms"]), _ms(lat["p90_ms"]), _ms(lat["p99_ms"]), f"{m['speedup']:.2f}x",
-                    _num(best_tp, ".1f"), _mb(m.get("size_bytes")), _num(m.get("load_s"), ".2f"),
-                    "–" if m.get("rss_increase_mb") is None else f"{m['rss_increase_mb']:.0f}"]
+            row += [
+                _num(vs.get("cosine_mean"), ".5f") if vs else "1",
+                _num(vs.get("snr_db"), ".1f") if vs else "∞",
+                _ms(lat["p50_ms"]),
+                _ms(lat["p90_ms"]),
+                _ms(lat["p99_ms"]),
+                f"{m['speedup']:.2f}x",
+                _num(best_tp, ".1f"),
+                _mb(m.get("size_bytes")),
+                _num(m.get("load_s"), ".2f"),
+                "–" if m.get("rss_increase_mb") is None else f"{m['rss_increase_mb']:.0f}",
+            ]
             rows.append(row)
         return head, rows
 
@@ -324,8 +379,7 @@ class Report:
         from rich.table import Table
 
         lab = self.labelled
-        t = Table(title=f"vitedge {self.data['kind']}: {self.data['data']['images']} images; latency at batch 1",
-                  title_justify="left")
+        t = Table(title=f"vitedge {self.data['kind']}: {self.data['data']['images']} images; latency at batch 1", title_justify="left")
         cols = ["model", "top-1" if lab else "agree", "drop pp (95% CI)" if lab else "", "cosine", "p50 ms", "p99 ms", "speed-up", "size"]
         for i, h in enumerate(c for c in cols if c):
             t.add_column(h, justify="left" if i == 0 else "right")
@@ -340,8 +394,13 @@ class Report:
                 row += [_pct(acc.get("top1")), "–" if ref else _pp(vs.get("top1_drop_pp"), vs.get("top1_drop_ci95_pp")).replace(" pp", "")]
             else:
                 row += ["(ref)" if ref else _pct(vs.get("top1_agreement"))]
-            row += ["1" if ref else _num(vs.get("cosine_mean"), ".5f"), _ms(m["latency"]["p50_ms"]), _ms(m["latency"]["p99_ms"]),
-                    f"{m['speedup']:.2f}x", _mb(m.get("size_bytes"))]
+            row += [
+                "1" if ref else _num(vs.get("cosine_mean"), ".5f"),
+                _ms(m["latency"]["p50_ms"]),
+                _ms(m["latency"]["p99_ms"]),
+                f"{m['speedup']:.2f}x",
+                _mb(m.get("size_bytes")),
+            ]
             style = "bold green" if m["name"] == rec else ("green" if m["name"] in pareto else None)
             t.add_row(*row, style=style)
         return t
@@ -359,8 +418,15 @@ class Report:
         sizes = sorted({t["batch"] for m in self.models for t in m["throughput"]})
         throughput = {m["name"]: {t["batch"]: t["images_per_s"] for t in m["throughput"]} for m in self.models}
         return {
-            "d": d, "data": d["data"], "gates": d["gates"], "gate_line": gate_line(d["gates"]), "ref": self.reference, "engines": self.engines,
-            "head": head, "rows": rows, "pareto": set(d.get("pareto") or []),
+            "d": d,
+            "data": d["data"],
+            "gates": d["gates"],
+            "gate_line": gate_line(d["gates"]),
+            "ref": self.reference,
+            "engines": self.engines,
+            "head": head,
+            "rows": rows,
+            "pareto": set(d.get("pareto") or []),
             "throughput_head": ["model"] + [f"batch {b}" for b in sizes],
             "throughput_rows": [[m["name"]] + [_num(throughput[m["name"]].get(b), ".1f") for b in sizes] for m in self.models],
         }
@@ -426,11 +492,16 @@ def _template(name: str):
     import jinja2
 
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("vitedge", "templates"), autoescape=lambda name: name.endswith(".html.j2"),
-        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
+        loader=jinja2.PackageLoader("vitedge", "templates"),
+        autoescape=lambda name: name.endswith(".html.j2"),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
     )
-    env.filters.update(pct=_pct, pp=_pp, ms=_ms, mb=_mb, num=_num, f=format, shares=_shares,
-                       cell=lambda c: str(c).replace("|", "\\|"), shape=lambda s: str(tuple(s or [])))
+    env.filters.update(
+        pct=_pct, pp=_pp, ms=_ms, mb=_mb, num=_num, f=format, shares=_shares, cell=lambda c: str(c).replace("|", "\\|"), shape=lambda s: str(tuple(s or []))
+    )
     env.globals["machine_line"] = _machine_line
     env.globals["load_text"] = load_text
     env.globals["threads_text"] = lambda n: "" if not n else f", {n} thread{'s' if n != 1 else ''}"
@@ -498,16 +569,21 @@ def latency_svg(models: list[dict], width: int = 760) -> str:
     all_s = [s for m in models for s in (m["latency"]["samples_ms"] or [m["latency"]["p50_ms"]])]
     lo, hi = min(all_s), max(all_s)
     log = hi / max(lo, 1e-9) > 8
-    x = _Axis(lo * (0.9 if log else 1) - (0 if log else 0.05 * (hi - lo)), hi * (1.1 if log else 1) + (0 if log else 0.05 * (hi - lo)),
-              left, width - right, log)
-    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-             f'font-family="sans-serif" font-size="11">')]
+    x = _Axis(
+        lo * (0.9 if log else 1) - (0 if log else 0.05 * (hi - lo)), hi * (1.1 if log else 1) + (0 if log else 0.05 * (hi - lo)), left, width - right, log
+    )
+    parts = [
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">')
+    ]
     for t in _nice_ticks(x.lo, x.hi, log):
         px = x(t)
-        parts.append(f'<line x1="{px:.1f}" y1="{top - 5}" x2="{px:.1f}" y2="{height - 35}" stroke="#e4e4e4"/>'
-                     f'<text x="{px:.1f}" y="{height - 22}" text-anchor="middle">{_fmt_tick(t)}</text>')
-    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle">latency at batch 1, ms'
-                 f'{" (log scale)" if log else ""}</text>')
+        parts.append(
+            f'<line x1="{px:.1f}" y1="{top - 5}" x2="{px:.1f}" y2="{height - 35}" stroke="#e4e4e4"/>'
+            f'<text x="{px:.1f}" y="{height - 22}" text-anchor="middle">{_fmt_tick(t)}</text>'
+        )
+    parts.append(
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 6}" text-anchor="middle">latency at batch 1, ms{" (log scale)" if log else ""}</text>'
+    )
     rng = np.random.default_rng(0)
     for i, m in enumerate(models):
         cy = top + row_h * i + row_h / 2
@@ -519,10 +595,12 @@ def latency_svg(models: list[dict], width: int = 760) -> str:
         for v in shown:
             parts.append(f'<circle cx="{x(v):.1f}" cy="{cy + rng.uniform(-9, 9):.1f}" r="1.6" fill="{c}" fill-opacity="0.35"/>')
         p5, p25, p50, p75, p99 = np.percentile(s, [5, 25, 50, 75, 99])
-        parts.append(f'<line x1="{x(p5):.1f}" y1="{cy:.1f}" x2="{x(p99):.1f}" y2="{cy:.1f}" stroke="{c}"/>'
-                     f'<rect x="{x(p25):.1f}" y="{cy - 7:.1f}" width="{max(x(p75) - x(p25), 1):.1f}" height="14" fill="none" stroke="{c}" stroke-width="1.5"/>'
-                     f'<line x1="{x(p50):.1f}" y1="{cy - 9:.1f}" x2="{x(p50):.1f}" y2="{cy + 9:.1f}" stroke="{c}" stroke-width="2.5"/>'
-                     f'<title>{name}: p50 {p50:.3f} ms, p99 {p99:.3f} ms</title>')
+        parts.append(
+            f'<line x1="{x(p5):.1f}" y1="{cy:.1f}" x2="{x(p99):.1f}" y2="{cy:.1f}" stroke="{c}"/>'
+            f'<rect x="{x(p25):.1f}" y="{cy - 7:.1f}" width="{max(x(p75) - x(p25), 1):.1f}" height="14" fill="none" stroke="{c}" stroke-width="1.5"/>'
+            f'<line x1="{x(p50):.1f}" y1="{cy - 9:.1f}" x2="{x(p50):.1f}" y2="{cy + 9:.1f}" stroke="{c}" stroke-width="2.5"/>'
+            f"<title>{name}: p50 {p50:.3f} ms, p99 {p99:.3f} ms</title>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -542,21 +620,33 @@ def accuracy_latency_svg(models: list[dict], labelled: bool, pareto: list[str], 
         return "<p>(no accuracy figures)</p>"
     xs, ys = [p[1] for p in pts], [p[2] for p in pts]
     log = max(xs) / max(min(xs), 1e-9) > 8
-    xa = _Axis(min(xs) * 0.8 if log else min(xs) - 0.1 * (max(xs) - min(xs) or 1), max(xs) * 1.25 if log else max(xs) + 0.1 * (max(xs) - min(xs) or 1),
-               left, width - right, log)
+    xa = _Axis(
+        min(xs) * 0.8 if log else min(xs) - 0.1 * (max(xs) - min(xs) or 1),
+        max(xs) * 1.25 if log else max(xs) + 0.1 * (max(xs) - min(xs) or 1),
+        left,
+        width - right,
+        log,
+    )
     ylo, yhi = min(ys), max(ys)
     pad = max(0.5, 0.15 * (yhi - ylo))
     ya = _Axis(max(0.0, ylo - pad), min(100.0, yhi + pad) if yhi + pad > ylo - pad else yhi + 1, height - bottom, top, False)
-    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-             f'font-family="sans-serif" font-size="11">')]
+    parts = [
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">')
+    ]
     for t in _nice_ticks(xa.lo, xa.hi, log):
-        parts.append(f'<line x1="{xa(t):.1f}" y1="{top}" x2="{xa(t):.1f}" y2="{height - bottom}" stroke="#e4e4e4"/>'
-                     f'<text x="{xa(t):.1f}" y="{height - bottom + 14}" text-anchor="middle">{_fmt_tick(t)}</text>')
+        parts.append(
+            f'<line x1="{xa(t):.1f}" y1="{top}" x2="{xa(t):.1f}" y2="{height - bottom}" stroke="#e4e4e4"/>'
+            f'<text x="{xa(t):.1f}" y="{height - bottom + 14}" text-anchor="middle">{_fmt_tick(t)}</text>'
+        )
     for t in _nice_ticks(ya.lo, ya.hi, False):
-        parts.append(f'<line x1="{left}" y1="{ya(t):.1f}" x2="{width - right}" y2="{ya(t):.1f}" stroke="#e4e4e4"/>'
-                     f'<text x="{left - 6}" y="{ya(t) + 4:.1f}" text-anchor="end">{_fmt_tick(t)}</text>')
-    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 12}" text-anchor="middle">p50 latency at batch 1, ms'
-                 f'{" (log scale)" if log else ""} — lower is better</text>')
+        parts.append(
+            f'<line x1="{left}" y1="{ya(t):.1f}" x2="{width - right}" y2="{ya(t):.1f}" stroke="#e4e4e4"/>'
+            f'<text x="{left - 6}" y="{ya(t) + 4:.1f}" text-anchor="end">{_fmt_tick(t)}</text>'
+        )
+    parts.append(
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 12}" text-anchor="middle">p50 latency at batch 1, ms'
+        f"{' (log scale)' if log else ''} — lower is better</text>"
+    )
     ylab = "top-1 accuracy, %" if labelled else "top-1 agreement with FP32, %"
     parts.append(f'<text transform="translate(16,{(top + height - bottom) / 2:.0f}) rotate(-90)" text-anchor="middle">{ylab}</text>')
     front = sorted([p for p in pts if p[0]["name"] in pareto], key=lambda p: p[1])
@@ -568,8 +658,11 @@ def accuracy_latency_svg(models: list[dict], labelled: bool, pareto: list[str], 
         c = _COLORS[models.index(m) % len(_COLORS)]
         name = _html.escape(m["name"] + (" (ref)" if m["role"] == "reference" else ""))
         px, py = xa(lx), ya(ly)
-        shape = (f'<rect x="{px - 5:.1f}" y="{py - 5:.1f}" width="10" height="10" fill="{c}"/>' if m["role"] == "reference"
-                 else f'<circle cx="{px:.1f}" cy="{py:.1f}" r="5" fill="{c}"/>')
+        shape = (
+            f'<rect x="{px - 5:.1f}" y="{py - 5:.1f}" width="10" height="10" fill="{c}"/>'
+            if m["role"] == "reference"
+            else f'<circle cx="{px:.1f}" cy="{py:.1f}" r="5" fill="{c}"/>'
+        )
         w = 6.2 * len(m["name"] + (" (ref)" if m["role"] == "reference" else ""))
         left_side = px + 8 + w > width - 4
         x0 = px - 8 - w if left_side else px + 8
@@ -581,7 +674,6 @@ def accuracy_latency_svg(models: list[dict], labelled: bool, pareto: list[str], 
         ty = py + dy
         x2 = x0 + w if left_side else x0
         lead = f'<line x1="{px:.1f}" y1="{py:.1f}" x2="{x2:.1f}" y2="{ty - 4:.1f}" stroke="{c}" stroke-opacity="0.5"/>' if abs(dy) > 14 else ""
-        parts.append(f'<g>{shape}<title>{name}: {lx:.3f} ms, {ly:.2f} %</title></g>{lead}'
-                     f'<text x="{x0:.1f}" y="{ty:.1f}" fill="{c}">{name}</text>')
+        parts.append(f'<g>{shape}<title>{name}: {lx:.3f} ms, {ly:.2f} %</title></g>{lead}<text x="{x0:.1f}" y="{ty:.1f}" fill="{c}">{name}</text>')
     parts.append("</svg>")
     return "".join(parts)

@@ -105,19 +105,27 @@ def load_average() -> list[float] | None:
         return None
 
 
-def busy_machine_warning(readings: Sequence[Sequence[float] | None], cores: int,
-                         per_core: float = BUSY_LOAD_PER_CORE) -> str | None:
+def busy_machine_warning(readings: Sequence[Sequence[float] | None], cores: int, per_core: float = BUSY_LOAD_PER_CORE) -> str | None:
     """The warning to give when a 1-minute load average in ``readings`` (``[1 min, 5 min, 15 min]`` each,
     None if unknown) is above ``per_core`` times ``cores``; None when the machine was quiet."""
     ones = [float(r[0]) for r in readings if r]
     if not ones or max(ones) <= per_core * cores:
         return None
-    return (f"the machine was busy (load {max(ones):.2f} on {cores} core{'s' if cores != 1 else ''}): "
-            "timings and speed-ups are unreliable; re-run on a quiet machine")
+    return (
+        f"the machine was busy (load {max(ones):.2f} on {cores} core{'s' if cores != 1 else ''}): "
+        "timings and speed-ups are unreliable; re-run on a quiet machine"
+    )
 
 
 def load_record(start, before, after, cores: int) -> dict:
     """``machine.load`` in a report: the load averages around timing and whether the machine was busy."""
     warning = busy_machine_warning([start, before, after], cores)
-    return {"at_start": start, "before_timing": before, "after_timing": after, "cores": cores,
-            "busy_load_per_core": BUSY_LOAD_PER_CORE, "busy": warning is not None, "warning": warning}
+    return {
+        "at_start": start,
+        "before_timing": before,
+        "after_timing": after,
+        "cores": cores,
+        "busy_load_per_core": BUSY_LOAD_PER_CORE,
+        "busy": warning is not None,
+        "warning": warning,
+    }

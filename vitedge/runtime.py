@@ -32,8 +32,9 @@ def load(path: str | Path, backend: str | None = None, *, preprocessing=None, la
     if not artifact.exists():
         raise FileProblem(f"artifact {artifact} named by the manifest does not exist")
     if manifest is None or preprocessing is not None or labels is not None:
-        _, manifest = ensure_manifest(artifact if manifest is None else path, preprocessing, labels, announce=False,
-                                      require_preprocessing=False, hash_file=False)
+        _, manifest = ensure_manifest(
+            artifact if manifest is None else path, preprocessing, labels, announce=False, require_preprocessing=False, hash_file=False
+        )
     return Artifact(artifact, manifest).load(backend, **options)
 
 
@@ -47,5 +48,4 @@ def opens_as_pytorch(path, backend: str | None = None) -> bool:
     if not p.exists():
         return False
     found = registry.for_file(p)
-    return (found is not None and found.name == "pytorch") or (
-        p.is_dir() and (p / "config.json").exists() and not any(p.glob("*.vitedge.json")))
+    return (found is not None and found.name == "pytorch") or (p.is_dir() and (p / "config.json").exists() and not any(p.glob("*.vitedge.json")))

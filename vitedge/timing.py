@@ -40,17 +40,25 @@ def run_for(fn: Callable[[], object], slot: Slot) -> list[float]:
     """Wall times (ms) of ``fn``'s runs in one :class:`Slot`."""
     out: list[float] = []
     start = time.perf_counter()
-    while (slot.max_runs is None or len(out) < slot.max_runs) and (
-            len(out) < slot.min_runs or time.perf_counter() - start < slot.seconds):
+    while (slot.max_runs is None or len(out) < slot.max_runs) and (len(out) < slot.min_runs or time.perf_counter() - start < slot.seconds):
         t0 = time.perf_counter_ns()
         fn()
         out.append((time.perf_counter_ns() - t0) / 1e6)
     return out
 
 
-def interleaved(fns: Sequence[Callable[[], object]], rounds: int, slot: Slot, *, warmup: Slot = Slot(0.0, 0, 0),
-                alternate: bool = True, wake: bool = False, pause_s: float = 0.0, until_stable: float | None = None,
-                description: str | None = None) -> list[list[list[float]]]:
+def interleaved(
+    fns: Sequence[Callable[[], object]],
+    rounds: int,
+    slot: Slot,
+    *,
+    warmup: Slot = Slot(0.0, 0, 0),
+    alternate: bool = True,
+    wake: bool = False,
+    pause_s: float = 0.0,
+    until_stable: float | None = None,
+    description: str | None = None,
+) -> list[list[list[float]]]:
     """Latency samples (ms) of each of ``fns``, per round: ``[[runs of round 0], [runs of round 1], ...]`` per callable.
 
     Each callable is first warmed up alone (``warmup``, one after the other).  Then ``rounds`` rounds: in each,
@@ -73,7 +81,7 @@ def interleaved(fns: Sequence[Callable[[], object]], rounds: int, slot: Slot, *,
         advance, grow = _bar(stack, description, rounds * len(fns))
 
         def play(k: int, chosen: set[int], s: Slot) -> None:
-            for i in (order[::-1] if alternate and k % 2 else order):
+            for i in order[::-1] if alternate and k % 2 else order:
                 if i not in chosen:
                     samples[i].append([])
                     continue
@@ -124,9 +132,17 @@ def latency_stats(samples_ms: Sequence[float], batch: int = 1, keep: int = 1000)
     lo_i, hi_i = max(0, int(math.floor(n / 2 - half)) - 1), min(n - 1, int(math.ceil(n / 2 + half)))
     kept = s if n <= keep else np.asarray(samples_ms, float)[np.linspace(0, n - 1, keep).astype(int)]
     return {
-        "batch": batch, "runs": n, "p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
-        "mean_ms": float(s.mean()), "std_ms": float(s.std()), "min_ms": float(s[0]), "max_ms": float(s[-1]),
-        "median_ci95_ms": [float(s[lo_i]), float(s[hi_i])], "samples_ms": [round(float(v), 4) for v in kept],
+        "batch": batch,
+        "runs": n,
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99),
+        "mean_ms": float(s.mean()),
+        "std_ms": float(s.std()),
+        "min_ms": float(s[0]),
+        "max_ms": float(s[-1]),
+        "median_ci95_ms": [float(s[lo_i]), float(s[hi_i])],
+        "samples_ms": [round(float(v), 4) for v in kept],
     }
 
 
@@ -154,8 +170,12 @@ def paired_speedup(reference_rounds: Sequence[Sequence[float]], engine_rounds: S
     q1, med, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
     ref_all, eng_all = flat_samples(reference_rounds), flat_samples(engine_rounds)
     return {
-        "speedup": med, "method": "median of per-round ratios", "rounds": len(ratios),
-        "ratio_iqr": [q1, q3], "ratio_min": float(min(ratios)), "ratio_max": float(max(ratios)),
+        "speedup": med,
+        "method": "median of per-round ratios",
+        "rounds": len(ratios),
+        "ratio_iqr": [q1, q3],
+        "ratio_min": float(min(ratios)),
+        "ratio_max": float(max(ratios)),
         "ratios": [round(v, 4) for v in ratios],
         "ratio_of_medians": float(np.median(ref_all)) / max(float(np.median(eng_all)), 1e-12),
     }

@@ -58,9 +58,12 @@ class MergeSearch:
     images: int
 
     def to_dict(self) -> dict:
-        return {"max_drop_pp": self.max_drop, "images": self.images,
-                "measure": "paired top-1 drop" if self.labelled else "top-1 changes vs the unmerged FP32 model",
-                "trials": [asdict(t) for t in self.trials]}
+        return {
+            "max_drop_pp": self.max_drop,
+            "images": self.images,
+            "measure": "paired top-1 drop" if self.labelled else "top-1 changes vs the unmerged FP32 model",
+            "trials": [asdict(t) for t in self.trials],
+        }
 
 
 def token_counts(model, img_size: tuple[int, int], r: int) -> list[int]:
@@ -72,8 +75,10 @@ def token_counts(model, img_size: tuple[int, int], r: int) -> list[int]:
 
 def check_mergeable(model) -> None:
     if not isinstance(model, VisionTransformer):
-        raise ModelNotSupported(f"token merging needs a model vitedge builds (got {type(model).__name__})",
-                                "export from a checkpoint, model folder or preset; ONNX files cannot be re-merged")
+        raise ModelNotSupported(
+            f"token merging needs a model vitedge builds (got {type(model).__name__})",
+            "export from a checkpoint, model folder or preset; ONNX files cannot be re-merged",
+        )
     if model.config.num_classes <= 0:
         raise ModelNotSupported("token merging is for classifiers (the model has no head)", "export without --merge-tokens")
 
@@ -83,8 +88,7 @@ def _logits(model, x: np.ndarray, r: int) -> np.ndarray:
         return np.concatenate([model(torch.from_numpy(x[i : i + BATCH])).numpy() for i in range(0, len(x), BATCH)])
 
 
-def choose_merge(spec, images: ImageSet, max_drop: float = DEFAULT_MAX_DROP,
-                 on_stage: Callable[[str], None] | None = None) -> MergeSearch:
+def choose_merge(spec, images: ImageSet, max_drop: float = DEFAULT_MAX_DROP, on_stage: Callable[[str], None] | None = None) -> MergeSearch:
     """The largest ``r`` whose top-1 loss on ``images`` is within ``max_drop`` points, and every trial."""
     stage = on_stage or (lambda text: None)
     model = spec.model.eval()
@@ -92,8 +96,10 @@ def choose_merge(spec, images: ImageSet, max_drop: float = DEFAULT_MAX_DROP,
     if max_drop < 0:
         raise InputError(f"--max-drop {max_drop} must be >= 0 (top-1 points)")
     if len(images) < MIN_IMAGES:
-        raise InputError(f"{images.source} has {len(images)} images; choosing --merge-tokens auto needs at least {MIN_IMAGES}",
-                         "give a folder of held-out validation images (class sub-folders for labels), or a fixed --merge-tokens N")
+        raise InputError(
+            f"{images.source} has {len(images)} images; choosing --merge-tokens auto needs at least {MIN_IMAGES}",
+            "give a folder of held-out validation images (class sub-folders for labels), or a fixed --merge-tokens N",
+        )
     stage(f"reading {len(images)} validation images")
     batch = images.load_all(spec.preprocessing, min_count=MIN_IMAGES)
     # folder names are classes only for a model that has classes to match (a random-weight preset has none)
@@ -110,8 +116,15 @@ def choose_merge(spec, images: ImageSet, max_drop: float = DEFAULT_MAX_DROP,
         stage(f"measuring token merging r={r} on {len(batch.x)} images (try {len(trials) + 1}, r between 0 and {hi})")
         vs = classification(ref, _logits(model, batch.x, r), names=batch.names, class_names=class_names, y=y)
         loss, ci = top1_loss(vs, labelled)
-        trial = MergeTrial(r, token_counts(model, spec.preprocessing.img_size, r)[-1], round(float(loss), 3), [round(float(v), 3) for v in ci],
-                           float(vs["top1_agreement"]), float(vs["cosine_min"]), bool(loss <= max_drop))
+        trial = MergeTrial(
+            r,
+            token_counts(model, spec.preprocessing.img_size, r)[-1],
+            round(float(loss), 3),
+            [round(float(v), 3) for v in ci],
+            float(vs["top1_agreement"]),
+            float(vs["cosine_min"]),
+            bool(loss <= max_drop),
+        )
         trials[r] = trial
         log.info("token merging r=%d: top-1 loss %.2f points (%s)", r, loss, "within budget" if trial.within_budget else "over budget")
         return trial
@@ -131,8 +144,12 @@ def choose_merge(spec, images: ImageSet, max_drop: float = DEFAULT_MAX_DROP,
 
 def describe(r: int, counts: list[int], search: MergeSearch | None = None) -> dict:
     """The manifest's ``model.graph.token_merging`` entry."""
-    out = {"r": r, "tokens_per_block": counts, "lossy": counts[0] != counts[-1],
-           "method": "ToMe: bipartite soft matching on attention keys, size-weighted means, proportional attention"}
+    out = {
+        "r": r,
+        "tokens_per_block": counts,
+        "lossy": counts[0] != counts[-1],
+        "method": "ToMe: bipartite soft matching on attention keys, size-weighted means, proportional attention",
+    }
     if search is not None:
         out["search"] = search.to_dict()
     return out

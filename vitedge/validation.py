@@ -150,8 +150,7 @@ def _as_specs(engine, backend: str | None) -> list[EngineSpec]:
 
 
 def _hint_precision(options: dict, manifest) -> str | None:
-    cfg = {**(manifest.compile.get("openvino_config", {}) if manifest and isinstance(manifest.compile, dict) else {}),
-           **(options.get("config") or {})}
+    cfg = {**(manifest.compile.get("openvino_config", {}) if manifest and isinstance(manifest.compile, dict) else {}), **(options.get("config") or {})}
     hint = cfg.get("INFERENCE_PRECISION_HINT")
     return {"bf16": "bf16", "f16": "fp16", "f32": "fp32"}.get(str(hint).lower()) if hint else None
 
@@ -180,8 +179,7 @@ def _open_engine(spec: EngineSpec, preprocessing=None, notes: list[str] | None =
     choice = ((man.quantization or {}).get("choice") or {}) if man else {}
     if choice and notes is not None:  # `vitedge quantize --auto` picked this engine's precision on this CPU: say why
         notes.append(f"{name}: precision chosen by `quantize --auto` on {choice.get('cpu', 'its CPU')}: {choice.get('why')}")
-    return _Model(eng, name, precision, options=dict(spec.options), rss_baseline_mb=baseline_mb,
-                  size_bytes=artifact_size(eng.artifact, man), **measured)
+    return _Model(eng, name, precision, options=dict(spec.options), rss_baseline_mb=baseline_mb, size_bytes=artifact_size(eng.artifact, man), **measured)
 
 
 def _fp32_parent(spec: EngineSpec) -> Path | None:
@@ -238,12 +236,10 @@ def _reference_source(reference, specs: list[EngineSpec], notes: list[str]):
         reference = str(src).removeprefix("preset:")
         notes.append(f"reference taken from the engine's manifest: {reference}")
         return reference
-    raise VitedgeError(f"no FP32 reference for {specs[0].path}",
-                       "pass --reference with the checkpoint, preset name or FP32 ONNX file the engine was made from")
+    raise VitedgeError(f"no FP32 reference for {specs[0].path}", "pass --reference with the checkpoint, preset name or FP32 ONNX file the engine was made from")
 
 
-def _open_reference(reference, specs: list[EngineSpec], notes: list[str], preprocessing=None,
-                    threads: int | None = None) -> tuple[_Model, _Model | None]:
+def _open_reference(reference, specs: list[EngineSpec], notes: list[str], preprocessing=None, threads: int | None = None) -> tuple[_Model, _Model | None]:
     """(timing baseline, separate accuracy reference or None).  An FP32 ``.onnx`` file runs in ONNX Runtime;
     anything else (checkpoint, preset, ``ModelSpec``) in PyTorch eager (:class:`~vitedge.backends.pytorch.PyTorchEngine`),
     either with ``threads`` threads (None: the backend's default)."""
@@ -255,26 +251,30 @@ def _open_reference(reference, specs: list[EngineSpec], notes: list[str], prepro
         if eng.manifest.precision not in (None, "fp32"):
             notes.append(f"reference {path.name} says precision {eng.manifest.precision!r}, not fp32")
         _note_merged_reference(eng.manifest, path.name, notes)
-        return _Model(eng, "onnxruntime fp32", role="reference", options={"threads": eng.threads},
-                      size_bytes=artifact_size(eng.artifact, eng.manifest), **measured), None
+        return _Model(
+            eng, "onnxruntime fp32", role="reference", options={"threads": eng.threads}, size_bytes=artifact_size(eng.artifact, eng.manifest), **measured
+        ), None
 
     is_preset = isinstance(reference, str) and reference.replace("-", "_").lower() in PRESETS and not Path(reference).exists()
     size = None
     if is_preset:  # same input size as the engine (a preset's default is 224)
         man = _engine_manifest(specs[0])
         size = ((man.model or {}).get("config") or {}).get("img_size") if man else None
-    eng, measured = _opened(lambda: pytorch.open(reference, img_size=int(size) if size else None, threads=threads),
-                            loaded=not isinstance(reference, ModelSpec))
+    eng, measured = _opened(lambda: pytorch.open(reference, img_size=int(size) if size else None, threads=threads), loaded=not isinstance(reference, ModelSpec))
     base = _Model(eng, "pytorch fp32", role="reference", options=eng.options, size_bytes=eng.size_bytes(), **measured)
     if not is_preset:
         return base, None
     parent = _fp32_parent(specs[0])
     if parent is None:
-        notes.append(f"preset {reference!r} has fresh random weights, unrelated to the engine's: accuracy and agreement "
-                     "figures are meaningless; pass the FP32 ONNX file as --reference")
+        notes.append(
+            f"preset {reference!r} has fresh random weights, unrelated to the engine's: accuracy and agreement "
+            "figures are meaningless; pass the FP32 ONNX file as --reference"
+        )
         return base, None
-    notes.append(f"preset {reference!r} has random weights: accuracy is compared with the engine's FP32 parent "
-                 f"{parent.name} (found in its manifest lineage); PyTorch eager is used for timing only")
+    notes.append(
+        f"preset {reference!r} has random weights: accuracy is compared with the engine's FP32 parent "
+        f"{parent.name} (found in its manifest lineage); PyTorch eager is used for timing only"
+    )
     parent_engine = load(parent, backend="onnxruntime")
     _note_merged_reference(parent_engine.manifest, parent.name, notes)
     return base, _Model(parent_engine, "onnxruntime fp32 (parent)")
@@ -284,8 +284,10 @@ def _note_merged_reference(man, name: str, notes: list[str]) -> None:
     """An FP32 reference exported with token merging hides merging's own accuracy cost: say so."""
     merging = (((man.model if man else None) or {}).get("graph") or {}).get("token_merging") or {}
     if merging.get("lossy"):
-        notes.append(f"reference {name} was exported with token merging (r={merging['r']}, lossy): these numbers leave out "
-                     "what merging costs; pass an unmerged FP32 export or the checkpoint as --reference to include it")
+        notes.append(
+            f"reference {name} was exported with token merging (r={merging['r']}, lossy): these numbers leave out "
+            "what merging costs; pass an unmerged FP32 export or the checkpoint as --reference to include it"
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -309,8 +311,15 @@ class Timing:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _timed(models: list[_Model], inputs: dict[str, np.ndarray], timing: Timing, description: str,
-           budget_s: float | None = None, min_runs: int | None = None, adaptive: bool = True) -> dict[str, list[list[float]]]:
+def _timed(
+    models: list[_Model],
+    inputs: dict[str, np.ndarray],
+    timing: Timing,
+    description: str,
+    budget_s: float | None = None,
+    min_runs: int | None = None,
+    adaptive: bool = True,
+) -> dict[str, list[list[float]]]:
     """Latency samples (ms) per model and round, timed with :func:`vitedge.timing.interleaved` after a warm-up.
 
     ``{name: [[ms, ...] of round 0, [ms, ...] of round 1, ...]}``.  Every round runs the models in the same
@@ -327,9 +336,15 @@ def _timed(models: list[_Model], inputs: dict[str, np.ndarray], timing: Timing, 
     else:
         slot = Slot(budget / rounds, math.ceil(min_runs / rounds), math.ceil(timing.max_runs / rounds))
     fns = [(lambda r=r, x=inputs[r.name]: r.infer(x)) for r in models]
-    samples = interleaved(fns, rounds, slot, warmup=Slot(timing.warmup_s, timing.warmup_runs, max(timing.warmup_runs, 200)),
-                          alternate=False, until_stable=timing.rel_tolerance if adaptive and not timing.runs else None,
-                          description=description)
+    samples = interleaved(
+        fns,
+        rounds,
+        slot,
+        warmup=Slot(timing.warmup_s, timing.warmup_runs, max(timing.warmup_runs, 200)),
+        alternate=False,
+        until_stable=timing.rel_tolerance if adaptive and not timing.runs else None,
+        description=description,
+    )
     return {r.name: s for r, s in zip(models, samples, strict=True)}
 
 
@@ -408,35 +423,45 @@ def _findings(models: list[dict], machine: dict) -> list[str]:
     if int8 and len(engines) > 1:
         fastest, best8 = by_speed[0], int8[0]
         if fastest["precision"] != "int8":
-            out.append(f"INT8 is not the fastest choice on this machine: {fastest['name']} runs at "
-                       f"{fastest['latency']['p50_ms']:.3f} ms (p50, batch 1) and the fastest INT8 engine, {best8['name']}, at "
-                       f"{best8['latency']['p50_ms']:.3f} ms ({best8['latency']['p50_ms'] / fastest['latency']['p50_ms']:.2f}x slower).")
+            out.append(
+                f"INT8 is not the fastest choice on this machine: {fastest['name']} runs at "
+                f"{fastest['latency']['p50_ms']:.3f} ms (p50, batch 1) and the fastest INT8 engine, {best8['name']}, at "
+                f"{best8['latency']['p50_ms']:.3f} ms ({best8['latency']['p50_ms'] / fastest['latency']['p50_ms']:.2f}x slower)."
+            )
         else:
             others = [m for m in by_speed if m["precision"] != "int8"]
             if others:
-                out.append(f"INT8 is the fastest: {best8['name']} at {best8['latency']['p50_ms']:.3f} ms vs "
-                           f"{others[0]['latency']['p50_ms']:.3f} ms for the fastest non-INT8 engine ({others[0]['name']}), "
-                           f"{others[0]['latency']['p50_ms'] / best8['latency']['p50_ms']:.2f}x.")
+                out.append(
+                    f"INT8 is the fastest: {best8['name']} at {best8['latency']['p50_ms']:.3f} ms vs "
+                    f"{others[0]['latency']['p50_ms']:.3f} ms for the fastest non-INT8 engine ({others[0]['name']}), "
+                    f"{others[0]['latency']['p50_ms'] / best8['latency']['p50_ms']:.2f}x."
+                )
         for m in int8:
-            same = [o for o in engines if o["backend"] == m["backend"] and o["precision"] in ("fp32", "fp16", "bf16")
-                    and o["latency"]["p50_ms"] < m["latency"]["p50_ms"]]
+            same = [
+                o
+                for o in engines
+                if o["backend"] == m["backend"] and o["precision"] in ("fp32", "fp16", "bf16") and o["latency"]["p50_ms"] < m["latency"]["p50_ms"]
+            ]
             if same:
                 faster = ", ".join(f"{o['name']} ({o['latency']['p50_ms']:.3f} ms)" for o in sorted(same, key=lambda o: o["latency"]["p50_ms"]))
-                out.append(f"{m['name']} ({m['latency']['p50_ms']:.3f} ms) is slower than {faster} on the same backend: "
-                           "INT8 does not pay off there.")
+                out.append(f"{m['name']} ({m['latency']['p50_ms']:.3f} ms) is slower than {faster} on the same backend: INT8 does not pay off there.")
     for m in engines:
         pb = m.get("precision_breakdown") or {}
         share = pb.get("mac_share") or {}
         if not share:
             continue
         if m["precision"] == "int8" and pb.get("int8_mac_share", 0) < 0.5:
-            out.append(f"{m['name']}: only {100 * pb.get('int8_mac_share', 0):.0f} % of multiply-accumulates ran in INT8 "
-                       f"({', '.join(f'{k} {100 * v:.0f} %' for k, v in share.items())}).")
+            out.append(
+                f"{m['name']}: only {100 * pb.get('int8_mac_share', 0):.0f} % of multiply-accumulates ran in INT8 "
+                f"({', '.join(f'{k} {100 * v:.0f} %' for k, v in share.items())})."
+            )
         top = max(share, key=share.get)
         if m["precision"] == "fp32" and m["backend"] == "openvino" and top != "fp32":
-            out.append(f"{m['name']}: OpenVINO actually ran {100 * share[top]:.0f} % of multiply-accumulates in {top} "
-                       "(its default inference precision on CPUs with AVX-512 BF16/AMX); set "
-                       "INFERENCE_PRECISION_HINT=f32 for true FP32.")
+            out.append(
+                f"{m['name']}: OpenVINO actually ran {100 * share[top]:.0f} % of multiply-accumulates in {top} "
+                "(its default inference precision on CPUs with AVX-512 BF16/AMX); set "
+                "INFERENCE_PRECISION_HINT=f32 for true FP32."
+            )
     for m in engines:
         vs = m["vs_reference"]
         if not vs.get("finite", True):
@@ -500,9 +525,18 @@ def validate(
     _check_arguments(max_drop, min_speedup, batch_sizes)
     ref_threads = reference_thread_count(reference_threads)
     timing = timing or Timing(budget_s=time_budget, rounds=rounds, warmup_runs=warmup, min_runs=min_runs, runs=runs)
-    settings = {"samples": samples, "seed": seed, "batch_sizes": [int(b) for b in batch_sizes], "timing": timing.to_dict(),
-                "rounds": timing.rounds, "reference_threads": ref_threads, "ci_level": CI_LEVEL, "ci_method": ci_method, "eval_batch": eval_batch,
-                "gates": {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict}}
+    settings = {
+        "samples": samples,
+        "seed": seed,
+        "batch_sizes": [int(b) for b in batch_sizes],
+        "timing": timing.to_dict(),
+        "rounds": timing.rounds,
+        "reference_threads": ref_threads,
+        "ci_level": CI_LEVEL,
+        "ci_method": ci_method,
+        "eval_batch": eval_batch,
+        "gates": {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict},
+    }
     notes: list[str] = []
     machine = machine_info()
     models: list[_Model] = []
@@ -577,13 +611,17 @@ def _feed(truth: _Model, models: list[_Model], images, notes: list[str]) -> None
     for r in models[1:]:
         if r.preprocessing is None:
             if ref_pre is None and images.arrays is None:
-                raise VitedgeError(f"{r.artifact} has no preprocessing in its manifest and the reference has none either",
-                                   "re-export with vitedge, or validate with preprocessed .npy data")
+                raise VitedgeError(
+                    f"{r.artifact} has no preprocessing in its manifest and the reference has none either",
+                    "re-export with vitedge, or validate with preprocessed .npy data",
+                )
             r.preprocessing = ref_pre
             notes.append(f"{r.name}: no preprocessing in its manifest, used the reference's")
         elif ref_pre is not None and _pre_key(r.preprocessing) != _pre_key(ref_pre):
-            notes.append(f"{r.name}: its bundled preprocessing differs from the reference's; each model is fed "
-                         "through its own (accuracy differences may come from preprocessing)")
+            notes.append(
+                f"{r.name}: its bundled preprocessing differs from the reference's; each model is fed "
+                "through its own (accuracy differences may come from preprocessing)"
+            )
     if images.arrays is not None:
         for r in models:
             images.check_shape(r.engine.input_shape)
@@ -621,19 +659,22 @@ def _run(r: _Model, inputs: _Inputs, what: str = "accuracy") -> dict[str, np.nda
     return outs
 
 
-def _reference_pass(truth: _Model, engines: list[_Model], inputs: _Inputs, images, kind: str, max_drop: float | None,
-                    notes: list[str]) -> _Truth:
+def _reference_pass(truth: _Model, engines: list[_Model], inputs: _Inputs, images, kind: str, max_drop: float | None, notes: list[str]) -> _Truth:
     """Run the reference, then decide what its outputs are: class logits (labels read as class indices) or features."""
     _, labels, names = inputs.get(truth.preprocessing)
     outs = _run(truth, inputs, "FP32 reference")
     first, logits = next(iter(outs.items()))
     features = truth.engine.manifest.task != "classification" or logits.ndim != 2
     if features and kind == "benchmark":
-        raise VitedgeError(f"the model's output {first!r} {logits.shape[1:]} is not class logits ({truth.engine.manifest.task}): "
-                           "benchmark ranks engines by top-1", "use vitedge validate, which reports agreement per output")
+        raise VitedgeError(
+            f"the model's output {first!r} {logits.shape[1:]} is not class logits ({truth.engine.manifest.task}): benchmark ranks engines by top-1",
+            "use vitedge validate, which reports agreement per output",
+        )
     if features and max_drop is not None:
-        raise VitedgeError(f"--max-drop needs class logits, but the model's output {first!r} is {logits.shape[1:]} ({truth.engine.manifest.task})",
-                           "drop --max-drop: agreement per output (cosine, max abs error, SNR) is reported instead")
+        raise VitedgeError(
+            f"--max-drop needs class logits, but the model's output {first!r} is {logits.shape[1:]} ({truth.engine.manifest.task})",
+            "drop --max-drop: agreement per output (cosine, max abs error, SNR) is reported instead",
+        )
     if features:
         return _Truth(outs, names, True, [], None, None)
     n_classes = logits.shape[1]
@@ -649,11 +690,11 @@ def _reference_pass(truth: _Model, engines: list[_Model], inputs: _Inputs, image
             if known:
                 raise
             # a model without labels (e.g. an ONNX file exported elsewhere): its classes are only indices
-            notes.append(f"{images.source}: class folders do not match the model's {n_classes} unnamed classes; "
-                         "agreement with FP32 only (pass labels to get accuracy)")
+            notes.append(
+                f"{images.source}: class folders do not match the model's {n_classes} unnamed classes; agreement with FP32 only (pass labels to get accuracy)"
+            )
     if y is not None and (y >= n_classes).any():
-        raise VitedgeError(f"{images.source}: a class folder index exceeds the model's {n_classes} classes",
-                           "name class folders after the model's labels")
+        raise VitedgeError(f"{images.source}: a class folder index exceeds the model's {n_classes} classes", "name class folders after the model's labels")
     return _Truth(outs, names, False, class_names, y, compare.accuracy(logits, y) if y is not None else None)
 
 
@@ -664,22 +705,23 @@ def _compare(r: _Model, truth: _Truth, outs: dict[str, np.ndarray], ci_method: s
     ref = truth.outputs
     logits = next(iter(outs.values()))
     if len(outs) == len(ref) == 1 and logits.shape != truth.logits.shape:
-        raise VitedgeError(f"{r.name} outputs {logits.shape[1:]} but the reference {truth.logits.shape[1:]}",
-                           "validate an engine against the model it was made from")
+        raise VitedgeError(
+            f"{r.name} outputs {logits.shape[1:]} but the reference {truth.logits.shape[1:]}", "validate an engine against the model it was made from"
+        )
     outs = compare.match_outputs(ref, outs, r.name)
     logits = next(iter(outs.values()))
     if truth.features:
         vs = compare.features(ref, outs)
     else:
-        vs = compare.classification(truth.logits, logits, names=truth.names, class_names=truth.class_names, y=truth.y,
-                                    ci_method=ci_method, worst=worst)
+        vs = compare.classification(truth.logits, logits, names=truth.names, class_names=truth.class_names, y=truth.y, ci_method=ci_method, worst=worst)
         if len(ref) > 1:
             vs["outputs"] = compare.per_output(ref, outs, _OUTPUT_KEYS, json_snr=True)
     for k, o in (vs.get("outputs") or {}).items():
-        notes.append(f"{r.name}: output {k} {tuple(o['shape'])} vs FP32: cosine mean {o['cosine_mean']:.6f} (min {o['cosine_min']:.6f}), "
-                     f"max abs error {o['max_abs_error']:.3g}, SNR {'inf' if o['snr_db'] is None else format(o['snr_db'], '.1f')} dB")
-    return {"accuracy": compare.accuracy(logits, truth.y) if truth.labelled else None, "vs_reference": vs,
-            "precision_breakdown": precision_breakdown(r)}
+        notes.append(
+            f"{r.name}: output {k} {tuple(o['shape'])} vs FP32: cosine mean {o['cosine_mean']:.6f} (min {o['cosine_min']:.6f}), "
+            f"max abs error {o['max_abs_error']:.3g}, SNR {'inf' if o['snr_db'] is None else format(o['snr_db'], '.1f')} dB"
+        )
+    return {"accuracy": compare.accuracy(logits, truth.y) if truth.labelled else None, "vs_reference": vs, "precision_breakdown": precision_breakdown(r)}
 
 
 # -- time --------------------------------------------------------------------------------------
@@ -689,8 +731,7 @@ def _time(models: list[_Model], inputs: _Inputs, timing: Timing, batch_sizes: Se
     lat = _timed(models, first, timing, "timing batch 1")  # per round: paired speed-ups in _report
     throughput: dict[str, list[dict]] = {r.name: [] for r in models}
     tp_budget = timing.throughput_budget_s or max(timing.budget_s / 4, 0.05)
-    tp_timing = Timing(**{**timing.to_dict(), "warmup_runs": 1, "warmup_s": 0.0,
-                          "runs": None if timing.runs is None else max(3, timing.runs // 4)})
+    tp_timing = Timing(**{**timing.to_dict(), "warmup_runs": 1, "warmup_s": 0.0, "runs": None if timing.runs is None else max(3, timing.runs // 4)})
     for bs in sorted({int(b) for b in batch_sizes}):
         if bs == 1:
             samples = lat
@@ -699,18 +740,26 @@ def _time(models: list[_Model], inputs: _Inputs, timing: Timing, batch_sizes: Se
             for r in models:
                 xall = inputs.get(r.preprocessing)[0]
                 xb[r.name] = xall[np.arange(bs) % len(xall)] if len(xall) else np.repeat(first[r.name], bs, 0)
-            samples = _timed(models, xb, tp_timing, f"throughput batch {bs}", budget_s=tp_budget, min_runs=3,
-                                       adaptive=False)
+            samples = _timed(models, xb, tp_timing, f"throughput batch {bs}", budget_s=tp_budget, min_runs=3, adaptive=False)
         for r in models:
             st = latency_stats(flat_samples(samples[r.name]), batch=bs, keep=0)
-            throughput[r.name].append({"batch": bs, "images_per_s": bs * 1000.0 / st["p50_ms"], "p50_ms": st["p50_ms"],
-                                       "runs": st["runs"]})
+            throughput[r.name].append({"batch": bs, "images_per_s": bs * 1000.0 / st["p50_ms"], "p50_ms": st["p50_ms"], "runs": st["runs"]})
     return lat, throughput
 
 
 # -- report ------------------------------------------------------------------------------------
-def _report(models: list[_Model], results: dict[str, dict], truth: _Truth, lat: dict, throughput: dict, images,
-            settings: dict, kind: str, machine: dict, notes: list[str]) -> Report:
+def _report(
+    models: list[_Model],
+    results: dict[str, dict],
+    truth: _Truth,
+    lat: dict,
+    throughput: dict,
+    images,
+    settings: dict,
+    kind: str,
+    machine: dict,
+    notes: list[str],
+) -> Report:
 
     baseline = models[0]
     base_tp = {t["batch"]: t["images_per_s"] for t in throughput[baseline.name]}
@@ -720,32 +769,52 @@ def _report(models: list[_Model], results: dict[str, dict], truth: _Truth, lat: 
         paired = paired_speedup(lat[baseline.name], lat[r.name])
         speedup = paired.pop("speedup")
         res = results.get(r.name) or {"accuracy": truth.accuracy, "vs_reference": None, "precision_breakdown": None}
-        entries.append({
-            "name": r.name, "role": r.role, "backend": r.backend, "precision": r.precision,
-            "artifact": r.artifact, "format": r.fmt, "options": _jsonable(r.options),
-            "size_bytes": r.size_bytes, "load_s": float(r.load_s),
-            "peak_rss_mb": None if r.peak_rss_mb is None else round(float(r.peak_rss_mb), 1),
-            "rss_increase_mb": None if r.rss_increase_mb is None else round(float(r.rss_increase_mb), 1),
-            "accuracy": res["accuracy"], "vs_reference": res["vs_reference"],
-            "latency": st, "throughput": throughput[r.name],
-            "speedup": speedup, "speedup_spread": paired,
-            "throughput_speedup": {str(t["batch"]): t["images_per_s"] / base_tp[t["batch"]] for t in throughput[r.name] if t["batch"] in base_tp},
-            "precision_breakdown": res["precision_breakdown"],
-            "gate_failures": [],
-        })
+        entries.append(
+            {
+                "name": r.name,
+                "role": r.role,
+                "backend": r.backend,
+                "precision": r.precision,
+                "artifact": r.artifact,
+                "format": r.fmt,
+                "options": _jsonable(r.options),
+                "size_bytes": r.size_bytes,
+                "load_s": float(r.load_s),
+                "peak_rss_mb": None if r.peak_rss_mb is None else round(float(r.peak_rss_mb), 1),
+                "rss_increase_mb": None if r.rss_increase_mb is None else round(float(r.rss_increase_mb), 1),
+                "accuracy": res["accuracy"],
+                "vs_reference": res["vs_reference"],
+                "latency": st,
+                "throughput": throughput[r.name],
+                "speedup": speedup,
+                "speedup_spread": paired,
+                "throughput_speedup": {str(t["batch"]): t["images_per_s"] / base_tp[t["batch"]] for t in throughput[r.name] if t["batch"] in base_tp},
+                "precision_breakdown": res["precision_breakdown"],
+                "gate_failures": [],
+            }
+        )
     g = settings["gates"]
     gate = _apply_gates(entries, g["max_drop_pp"], g["min_speedup"], g["strict"], truth.labelled)
-    return Report({
-        "schema": SCHEMA_ID, "kind": kind, "created": now_iso(), "vitedge_version": __version__,
-        "machine": machine,
-        "settings": {"data": str(images.source), **{k: v for k, v in settings.items() if k != "gates"},
-                     "torch_threads": torch_threads(), "gates": g},
-        "data": {"source": str(images.source), "images": len(truth.names), "labelled": truth.labelled,
-                 "classes": 0 if truth.features else len(truth.class_names), "skipped": [s for s, _ in images.skipped]},
-        "models": entries,
-        "gates": gate,
-        "findings": notes + _findings(entries, machine),
-    })
+    return Report(
+        {
+            "schema": SCHEMA_ID,
+            "kind": kind,
+            "created": now_iso(),
+            "vitedge_version": __version__,
+            "machine": machine,
+            "settings": {"data": str(images.source), **{k: v for k, v in settings.items() if k != "gates"}, "torch_threads": torch_threads(), "gates": g},
+            "data": {
+                "source": str(images.source),
+                "images": len(truth.names),
+                "labelled": truth.labelled,
+                "classes": 0 if truth.features else len(truth.class_names),
+                "skipped": [s for s, _ in images.skipped],
+            },
+            "models": entries,
+            "gates": gate,
+            "findings": notes + _findings(entries, machine),
+        }
+    )
 
 
 def _finish(report: Report, post: Callable[[Report], None] | None, out_dir) -> Report:
@@ -774,13 +843,17 @@ def _apply_gates(models: list[dict], max_drop, min_speedup, strict: bool, labell
             what = "top-1 drop" if labelled else "top-1 disagreement with FP32 (no labels)"
             test = ci[1] if strict else value
             if test > max_drop:
-                msg = (f"{m['name']}: {what} {value:.2f} pp (95% CI {ci[0]:.2f} to {ci[1]:.2f}) "
-                       f"{'upper bound ' if strict else ''}exceeds --max-drop {max_drop:g} pp")
+                msg = (
+                    f"{m['name']}: {what} {value:.2f} pp (95% CI {ci[0]:.2f} to {ci[1]:.2f}) "
+                    f"{'upper bound ' if strict else ''}exceeds --max-drop {max_drop:g} pp"
+                )
                 m["gate_failures"].append(msg)
                 failures.append(msg)
         if min_speedup is not None and m["speedup"] < min_speedup:
-            msg = (f"{m['name']}: speed-up {m['speedup']:.2f}x{_spread_text(m.get('speedup_spread'))} over the FP32 reference "
-                   f"is below --min-speedup {min_speedup:g}x")
+            msg = (
+                f"{m['name']}: speed-up {m['speedup']:.2f}x{_spread_text(m.get('speedup_spread'))} over the FP32 reference "
+                f"is below --min-speedup {min_speedup:g}x"
+            )
             m["gate_failures"].append(msg)
             failures.append(msg)
     return {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict, "passed": not failures, "failures": failures}

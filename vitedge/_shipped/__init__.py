@@ -29,8 +29,7 @@ def folder(name: str) -> Path:
         # An editable install made before these folders became package data: its import hook does not
         # know the sub-package.  The checkout's folder is right there; say how to fix the install.
         root = Path(__file__).resolve().parents[2] / name
-        logging.getLogger("vitedge").warning(
-            "vitedge's shipped %s are not in its installed package; using %s (re-run `pip install -e .` to fix)", name, root)
+        logging.getLogger("vitedge").warning("vitedge's shipped %s are not in its installed package; using %s (re-run `pip install -e .` to fix)", name, root)
     if not isinstance(root, Path):
         raise RuntimeError(f"vitedge's shipped {name} are not plain files ({root!r}): install vitedge unzipped")
     return root

@@ -123,8 +123,9 @@ class Engine(ABC):
     # -- running and closing under concurrent callers ---------------------------------------
     def _closed_error(self, waiting: bool = False) -> VitedgeError:
         if waiting:
-            return VitedgeError(f"engine for {self.artifact} was closed while this call was waiting to run",
-                                "close an engine only when no thread still needs it")
+            return VitedgeError(
+                f"engine for {self.artifact} was closed while this call was waiting to run", "close an engine only when no thread still needs it"
+            )
         return VitedgeError(f"engine for {self.artifact} was closed", "open it again with vitedge.load")
 
     def _check_open(self) -> None:
@@ -197,8 +198,10 @@ class Engine(ABC):
     def preprocessing(self) -> Preprocessing:
         pre = self.manifest.preprocessing_obj
         if pre is None:
-            raise VitedgeError(f"{self.artifact} has no preprocessing in its manifest",
-                               "pass preprocessing= to vitedge.load (e.g. {'img_size': 224}), or use infer() with preprocessed arrays")
+            raise VitedgeError(
+                f"{self.artifact} has no preprocessing in its manifest",
+                "pass preprocessing= to vitedge.load (e.g. {'img_size': 224}), or use infer() with preprocessed arrays",
+            )
         return pre
 
     # -- public API -------------------------------------------------------------------------
@@ -213,8 +216,9 @@ class Engine(ABC):
         want = self.input_shape
         for axis, (w, g) in enumerate(zip(want[1:], batch.shape[1:], strict=False), start=1):
             if isinstance(w, int) and w > 0 and w != g:
-                raise ShapeMismatch(f"input shape {tuple(batch.shape)} does not match the engine's {tuple(want)} (axis {axis})",
-                                   "preprocess to the engine's input size")
+                raise ShapeMismatch(
+                    f"input shape {tuple(batch.shape)} does not match the engine's {tuple(want)} (axis {axis})", "preprocess to the engine's input size"
+                )
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         with self._running():
             return self._run_chunked(batch)

@@ -65,8 +65,9 @@ def session_options(threads: int | None = None, optimized_model_path: str | None
     return so
 
 
-def session(model, options=None, *, threads: int | None = None, opt_level: str | None = None, precision: str | None = None,
-            providers: Sequence[str] | None = None):
+def session(
+    model, options=None, *, threads: int | None = None, opt_level: str | None = None, precision: str | None = None, providers: Sequence[str] | None = None
+):
     """An ONNX Runtime ``InferenceSession``: every one vitedge (and its benchmarks) opens is made here.
 
     ``model``: a path, the serialized bytes or an ``onnx.ModelProto``.  ``options``: a ``SessionOptions``
@@ -87,8 +88,12 @@ def session(model, options=None, *, threads: int | None = None, opt_level: str |
         so.graph_optimization_level = _optimization_level(opt_level)
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
-                                providers=list(providers or ["CPUExecutionProvider"]), disabled_optimizers=disabled_optimizers(precision))
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model),
+        so,
+        providers=list(providers or ["CPUExecutionProvider"]),
+        disabled_optimizers=disabled_optimizers(precision),
+    )
 
 
 def available_providers(prefer_gpu: bool = True) -> list[str]:
@@ -100,8 +105,9 @@ def available_providers(prefer_gpu: bool = True) -> list[str]:
 
 
 # -- compile -------------------------------------------------------------------------------------
-def compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint,
-                        device, img_size=None, opt_level: str = "extended") -> tuple[list[str], dict, str]:
+def compile_onnxruntime(
+    src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint, device, img_size=None, opt_level: str = "extended"
+) -> tuple[list[str], dict, str]:
     import onnx
     import onnxruntime as ort
 
@@ -110,8 +116,7 @@ def compile_onnxruntime(src: Path, man: Manifest, scratch: Path, out_name: str, 
     if src.suffix != ".onnx":
         raise VitedgeError(f"{src.name} is an OpenVINO IR: ONNX Runtime runs ONNX files", "compile the ONNX file, or use --target openvino")
     if precision_hint not in (None, "f32"):
-        raise VitedgeError(f"ONNX Runtime on CPU has no {precision_hint} precision hint",
-                           "make an FP16/INT8 model with vitedge quantize, then compile it")
+        raise VitedgeError(f"ONNX Runtime on CPU has no {precision_hint} precision hint", "make an FP16/INT8 model with vitedge quantize, then compile it")
     if device not in (None, "CPU", "cpu"):
         raise VitedgeError(f"--device {device} applies to OpenVINO", "ONNX Runtime picks CUDA/TensorRT providers itself when installed")
     work = src
@@ -200,8 +205,7 @@ def onnx_precision_breakdown(path: Path) -> dict | None:
 class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
-    def __init__(self, artifact: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None,
-                 opt_level: str | None = None):
+    def __init__(self, artifact: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None, opt_level: str | None = None):
         super().__init__(artifact, manifest)
         import onnxruntime as ort
 
@@ -211,15 +215,19 @@ class OnnxRuntimeEngine(Engine):
         if providers is not None:
             unknown = [p for p in providers if p not in ort.get_available_providers()]
             if unknown:
-                raise VitedgeError(f"ONNX Runtime provider {unknown[0]} is not in this onnxruntime build",
-                                   f"available: {', '.join(ort.get_available_providers())}")
+                raise VitedgeError(
+                    f"ONNX Runtime provider {unknown[0]} is not in this onnxruntime build", f"available: {', '.join(ort.get_available_providers())}"
+                )
         self.threads = threads or (os.cpu_count() or 1)
         try:
-            self.session = session(artifact, session_options(threads, opt_level=opt_level), providers=providers or available_providers(),
-                                   precision=manifest.precision if manifest is not None else None)
+            self.session = session(
+                artifact,
+                session_options(threads, opt_level=opt_level),
+                providers=providers or available_providers(),
+                precision=manifest.precision if manifest is not None else None,
+            )
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise VitedgeError(f"ONNX Runtime cannot load {artifact}: {first_line(exc)}",
-                               "is the file complete? re-create it with vitedge compile") from None
+            raise VitedgeError(f"ONNX Runtime cannot load {artifact}: {first_line(exc)}", "is the file complete? re-create it with vitedge compile") from None
         self.providers = self.session.get_providers()
         self._names = [o.name for o in self.session.get_outputs()]
         self._input = self.session.get_inputs()[0].name
@@ -236,17 +244,19 @@ class OnnxRuntimeEngine(Engine):
         del self.session
 
 
-BACKEND = register(Backend(
-    name="onnxruntime",
-    summary="ONNX Runtime, the embedded default that runs everywhere (CPU; CUDA/TensorRT providers when installed)",
-    engine=OnnxRuntimeEngine,
-    runs=(".onnx",),
-    compiler=compile_onnxruntime,
-    engine_suffix=".onnx",
-    engine_name="{stem}.ort.onnx",
-    engine_format="onnx",
-    quantize=("int8", "fp16", "auto"),
-    quantized_suffix=".onnx",
-    quantizer="vitedge.quantization.strategies:ONNXRUNTIME",
-    benchmark={"fp32": None, "fp16": None, "int8": None},
-))
+BACKEND = register(
+    Backend(
+        name="onnxruntime",
+        summary="ONNX Runtime, the embedded default that runs everywhere (CPU; CUDA/TensorRT providers when installed)",
+        engine=OnnxRuntimeEngine,
+        runs=(".onnx",),
+        compiler=compile_onnxruntime,
+        engine_suffix=".onnx",
+        engine_name="{stem}.ort.onnx",
+        engine_format="onnx",
+        quantize=("int8", "fp16", "auto"),
+        quantized_suffix=".onnx",
+        quantizer="vitedge.quantization.strategies:ONNXRUNTIME",
+        benchmark={"fp32": None, "fp16": None, "int8": None},
+    )
+)

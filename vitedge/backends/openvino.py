@@ -146,8 +146,9 @@ def default_precision_hint(precision: str, device: str = "CPU") -> str | None:
     return "bf16" if device.split(":", 1)[0] == "CPU" and cpu_has_bf16() else "f32"
 
 
-def compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint,
-                     device, img_size=None, streams=None, export_blob=False) -> tuple[list[str], dict, str]:
+def compile_openvino(
+    src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint, device, img_size=None, streams=None, export_blob=False
+) -> tuple[list[str], dict, str]:
     import openvino as ov
 
     device = device or "CPU"
@@ -160,8 +161,10 @@ def compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, 
     if batch is not None:
         shape = list(model.inputs[0].get_partial_shape())
         if shape[0].is_static and shape[0].get_length() != batch:
-            raise ShapeMismatch(f"{src.name} has a fixed batch of {shape[0].get_length()}, not {batch}",
-                               f"compile with --batch {shape[0].get_length()}, or re-export with --batch dynamic")
+            raise ShapeMismatch(
+                f"{src.name} has a fixed batch of {shape[0].get_length()}, not {batch}",
+                f"compile with --batch {shape[0].get_length()}, or re-export with --batch dynamic",
+            )
         model.reshape({model.inputs[0]: ov.PartialShape([batch] + shape[1:])})
     rewritten = split_keepdims_reductions(model)  # the saved engine is right in any OpenVINO runtime, not only vitedge's
     # FP32 weights stay FP32 (save_model would halve them by default); FP16 inputs keep FP16
@@ -170,8 +173,7 @@ def compile_openvino(src: Path, man: Manifest, scratch: Path, out_name: str, *, 
     # the INT8 fidelity search measured which float precision keeps the predictions on this CPU (f32 or bf16)
     searched = man.searched("float_precision") if device.split(":", 1)[0] == "CPU" else None
     cfg = openvino_config(hint, threads, streams, precision_hint or searched or default_precision_hint(precision, device))
-    settings: dict[str, Any] = {"device": device, "openvino_config": cfg, "openvino": ov.__version__,
-                                "reductions_split": rewritten}
+    settings: dict[str, Any] = {"device": device, "openvino_config": cfg, "openvino": ov.__version__, "reductions_split": rewritten}
     try:
         compiled = compiled_model(scratch / out_name, device, cfg)
     except Exception as exc:
@@ -237,8 +239,9 @@ class OpenVINOEngine(Engine):
 
     backend = "openvino"
 
-    def __init__(self, artifact: Path, manifest: Manifest, device: str | None = None, config: dict | None = None,
-                 requests: int | None = None, use_blob: bool = True):
+    def __init__(
+        self, artifact: Path, manifest: Manifest, device: str | None = None, config: dict | None = None, requests: int | None = None, use_blob: bool = True
+    ):
         super().__init__(artifact, manifest)
         import openvino as ov
 
@@ -250,11 +253,12 @@ class OpenVINOEngine(Engine):
         if artifact.suffix == ".blob":
             info = settings.get("blob") or {}
             if info.get("openvino") and info["openvino"] != ov.__version__:
-                raise VitedgeError(f"{artifact.name} was exported by OpenVINO {info['openvino']}, this is {ov.__version__}",
-                                   "open the .xml instead, or re-create the blob with vitedge compile --blob")
+                raise VitedgeError(
+                    f"{artifact.name} was exported by OpenVINO {info['openvino']}, this is {ov.__version__}",
+                    "open the .xml instead, or re-create the blob with vitedge compile --blob",
+                )
             if info.get("device") and info["device"] != device:
-                raise VitedgeError(f"{artifact.name} was compiled for {info['device']}, not {device}",
-                                   "open the .xml to compile for another device")
+                raise VitedgeError(f"{artifact.name} was compiled for {info['device']}, not {device}", "open the .xml to compile for another device")
         try:
             if blob is not None:
                 with open(blob, "rb") as f:
@@ -262,8 +266,9 @@ class OpenVINOEngine(Engine):
             else:
                 self.compiled = compiled_model(artifact, device, cfg)
         except Exception as exc:  # openvino raises RuntimeError with long traces
-            raise VitedgeError(f"OpenVINO cannot load {artifact} on {device}: {first_line(exc)}",
-                               "is the file complete? re-create it with vitedge compile") from None
+            raise VitedgeError(
+                f"OpenVINO cannot load {artifact} on {device}: {first_line(exc)}", "is the file complete? re-create it with vitedge compile"
+            ) from None
         self.from_blob = blob is not None
         self._outputs = list(self.compiled.outputs)
         # OpenVINO may give an output several names (e.g. after a Cast from an FP16 ONNX): prefer the manifest's
@@ -313,18 +318,20 @@ class OpenVINOEngine(Engine):
         del self.compiled
 
 
-BACKEND = register(Backend(
-    name="openvino",
-    summary="OpenVINO on Intel/AMD CPUs (and Intel GPUs/NPUs): IR .xml/.bin, optional compiled .blob",
-    engine=OpenVINOEngine,
-    runs=(".xml", ".blob"),
-    compiler=compile_openvino,
-    compile_options=("streams", "export_blob"),
-    engine_suffix=".xml",
-    engine_name="{stem}.ov.xml",
-    engine_format="openvino",
-    quantize=("int8", "fp16", "auto"),
-    quantized_suffix=".xml",
-    quantizer="vitedge.quantization.strategies:OPENVINO",
-    benchmark={"fp32": "f32", "fp16": None, "bf16": "bf16", "int8": None},
-))
+BACKEND = register(
+    Backend(
+        name="openvino",
+        summary="OpenVINO on Intel/AMD CPUs (and Intel GPUs/NPUs): IR .xml/.bin, optional compiled .blob",
+        engine=OpenVINOEngine,
+        runs=(".xml", ".blob"),
+        compiler=compile_openvino,
+        compile_options=("streams", "export_blob"),
+        engine_suffix=".xml",
+        engine_name="{stem}.ov.xml",
+        engine_format="openvino",
+        quantize=("int8", "fp16", "auto"),
+        quantized_suffix=".xml",
+        quantizer="vitedge.quantization.strategies:OPENVINO",
+        benchmark={"fp32": "f32", "fp16": None, "bf16": "bf16", "int8": None},
+    )
+)

@@ -41,9 +41,16 @@ def manifest_for(spec) -> Manifest:
         task = "classification"
     out_shape = ["batch", classes if classes else (spec.config.d_model if spec.config is not None else "?")]
     return Manifest(
-        artifact=Path(str(spec.source)).name or str(spec.source), format="pytorch", precision="fp32", backend=NAME, task=task,
-        model=spec.model_info(), preprocessing=spec.preprocessing.to_dict(), labels=spec.labels,
-        inputs=[TensorSpec(INPUT_NAME, ["batch", channels, h, w])], outputs=[TensorSpec(OUTPUT_NAME, out_shape)],
+        artifact=Path(str(spec.source)).name or str(spec.source),
+        format="pytorch",
+        precision="fp32",
+        backend=NAME,
+        task=task,
+        model=spec.model_info(),
+        preprocessing=spec.preprocessing.to_dict(),
+        labels=spec.labels,
+        inputs=[TensorSpec(INPUT_NAME, ["batch", channels, h, w])],
+        outputs=[TensorSpec(OUTPUT_NAME, out_shape)],
         assumptions=list(spec.notes),
     )
 
@@ -59,8 +66,7 @@ class PyTorchEngine(Engine):
 
     backend = NAME
 
-    def __init__(self, artifact, manifest: Manifest | None = None, *, threads: int | None = None, spec=None,
-                 img_size: int | None = None):
+    def __init__(self, artifact, manifest: Manifest | None = None, *, threads: int | None = None, spec=None, img_size: int | None = None):
         import torch
 
         if spec is None:
@@ -129,8 +135,7 @@ class PyTorchEngine(Engine):
         self.spec = None
 
 
-def open(source, *, threads: int | None = None, img_size: int | None = None, preprocessing=None,
-         labels: list[str] | None = None) -> PyTorchEngine:
+def open(source, *, threads: int | None = None, img_size: int | None = None, preprocessing=None, labels: list[str] | None = None) -> PyTorchEngine:
     """Open a PyTorch engine from a checkpoint file, Hugging Face folder, preset name, ``"reference"``, an
     ``nn.Module`` (with ``img_size``) or a :class:`~vitedge.models.loading.ModelSpec` (used as is)."""
     if isinstance(source, ModelSpec) and img_size is None and preprocessing is None and labels is None:
@@ -140,9 +145,11 @@ def open(source, *, threads: int | None = None, img_size: int | None = None, pre
     return PyTorchEngine.from_spec(spec, threads=threads)
 
 
-BACKEND = register(Backend(
-    name=NAME,
-    summary="PyTorch eager FP32 (checkpoints, Hugging Face folders, presets): the reference every engine is measured against",
-    engine=PyTorchEngine,
-    runs=CHECKPOINT_SUFFIXES,
-))
+BACKEND = register(
+    Backend(
+        name=NAME,
+        summary="PyTorch eager FP32 (checkpoints, Hugging Face folders, presets): the reference every engine is measured against",
+        engine=PyTorchEngine,
+        runs=CHECKPOINT_SUFFIXES,
+    )
+)

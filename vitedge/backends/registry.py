@@ -73,8 +73,7 @@ class Backend:
     def can(self, capability: str) -> bool:
         if capability not in CAPABILITIES:
             raise ValueError(f"unknown capability {capability!r}")
-        return {"run": True, "compile": self.compiler is not None, "quantize": bool(self.quantize),
-                "benchmark": bool(self.benchmark)}[capability]
+        return {"run": True, "compile": self.compiler is not None, "quantize": bool(self.quantize), "benchmark": bool(self.benchmark)}[capability]
 
     def quantization(self):
         """This backend's quantization strategy (a :class:`~vitedge.quantization.strategies.Quantizer`)."""

@@ -77,11 +77,61 @@ QDQ_FP16_OPSET = 19  # QuantizeLinear/DequantizeLinear take FP16 inputs and scal
 
 # ONNX ops the reference ViT export uses that TensorRT 10's ONNX parser supports (opset <= 20)
 TRT_SUPPORTED_OPS = {
-    "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Equal", "Erf", "Expand", "Flatten", "Gather",
-    "Gelu", "Gemm", "Identity", "LayerNormalization", "MatMul", "Mul", "Pow", "ReduceMean", "Relu", "Reshape", "Shape",
-    "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
-    "QuantizeLinear", "DequantizeLinear", "Range", "Tile", "ReduceSum", "ReduceMax", "Neg", "Exp", "Clip", "Less",
-    "Greater", "Not", "And", "Or", "Max", "Min", "Abs", "Einsum", "BatchNormalization", "GlobalAveragePool", "Pad",
+    "Add",
+    "Cast",
+    "Concat",
+    "Constant",
+    "ConstantOfShape",
+    "Conv",
+    "Div",
+    "Equal",
+    "Erf",
+    "Expand",
+    "Flatten",
+    "Gather",
+    "Gelu",
+    "Gemm",
+    "Identity",
+    "LayerNormalization",
+    "MatMul",
+    "Mul",
+    "Pow",
+    "ReduceMean",
+    "Relu",
+    "Reshape",
+    "Shape",
+    "Sigmoid",
+    "Slice",
+    "Softmax",
+    "Split",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Transpose",
+    "Unsqueeze",
+    "Where",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "Range",
+    "Tile",
+    "ReduceSum",
+    "ReduceMax",
+    "Neg",
+    "Exp",
+    "Clip",
+    "Less",
+    "Greater",
+    "Not",
+    "And",
+    "Or",
+    "Max",
+    "Min",
+    "Abs",
+    "Einsum",
+    "BatchNormalization",
+    "GlobalAveragePool",
+    "Pad",
     "ScaledDotProductAttention",
 }
 _UNSUPPORTED_HINT = {
@@ -120,8 +170,10 @@ def check_tensorrt_version(version: str) -> int:
     major = (_major_minor(str(version)) or (0,))[0]
     if major not in SUPPORTED_TENSORRT:
         supported = " and ".join(f"{m}.x" for m in SUPPORTED_TENSORRT)
-        raise BackendUnavailable(f"TensorRT {version} is installed, but vitedge builds and runs engines with TensorRT {supported}",
-                                 'pip install "tensorrt>=10,<12"; on Jetson, use a JetPack whose TensorRT is 10.x')
+        raise BackendUnavailable(
+            f"TensorRT {version} is installed, but vitedge builds and runs engines with TensorRT {supported}",
+            'pip install "tensorrt>=10,<12"; on Jetson, use a JetPack whose TensorRT is 10.x',
+        )
     return major
 
 
@@ -157,8 +209,9 @@ def cuda_check(result, what: str, cudart=None):
             desc = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
         except Exception:  # no description: the name is enough
             pass
-        raise VitedgeError(f"CUDA error in {what}: {name}" + (f" ({desc})" if desc else ""),
-                           "check the GPU and its driver (nvidia-smi), and that the GPU has free memory")
+        raise VitedgeError(
+            f"CUDA error in {what}: {name}" + (f" ({desc})" if desc else ""), "check the GPU and its driver (nvidia-smi), and that the GPU has free memory"
+        )
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
@@ -210,7 +263,10 @@ def inspect_onnx(path: Path) -> OnnxInfo:
     dims = [d.dim_value if d.dim_value else (d.dim_param or None) for d in inputs[0].type.tensor_type.shape.dim]
     ops = {n.op_type for n in proto.graph.node}
     return OnnxInfo(
-        input_name=inputs[0].name, shape=dims, output_names=[o.name for o in proto.graph.output], ops=ops,
+        input_name=inputs[0].name,
+        shape=dims,
+        output_names=[o.name for o in proto.graph.output],
+        ops=ops,
         has_qdq=bool(ops & QDQ_OPS),
         fp16_weights=any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer),
         opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
@@ -251,8 +307,9 @@ def _parse_triple(value, what: str) -> tuple[int, int, int]:
     return lo, opt, hi
 
 
-def compute_profile(shape: list, *, batch: int | None = None, profile=None, hint: str = "latency",
-                    img_size=None, max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, tuple[int, ...]]:
+def compute_profile(
+    shape: list, *, batch: int | None = None, profile=None, hint: str = "latency", img_size=None, max_batch: int = DEFAULT_MAX_BATCH
+) -> dict[str, tuple[int, ...]]:
     """Optimisation-profile shapes ``{"min", "opt", "max"}`` for an (N, C, H, W) input.
 
     * fixed ``batch`` (or a static batch in the ONNX): min = opt = max = that batch;
@@ -283,8 +340,7 @@ def compute_profile(shape: list, *, batch: int | None = None, profile=None, hint
     for name, d in (("height", h), ("width", w)):
         if isinstance(d, int) and d > 0:
             if img_size is not None and _parse_triple(img_size, "img_size") != (d, d, d):
-                raise ShapeMismatch(f"the ONNX has a fixed {name} of {d}, not {img_size}",
-                                   "re-export the model at that size (vitedge export --img-size)")
+                raise ShapeMismatch(f"the ONNX has a fixed {name} of {d}, not {img_size}", "re-export the model at that size (vitedge export --img-size)")
             spatial.append((d, d, d))
         else:
             if img_size is None:
@@ -303,14 +359,17 @@ def typing_plan(info: OnnxInfo, precision_hint: str | None) -> tuple[str | None,
     """
     hint = precision_hint or "f16"
     if hint == "bf16":
-        raise VitedgeError("TensorRT builds here are strongly typed: BF16 would need an ONNX with BF16 types, which vitedge does not write",
-                           "use --precision-hint f16 (the default) or f32")
+        raise VitedgeError(
+            "TensorRT builds here are strongly typed: BF16 would need an ONNX with BF16 types, which vitedge does not write",
+            "use --precision-hint f16 (the default) or f32",
+        )
     if hint not in ("f16", "f32"):
         raise VitedgeError(f"precision hint {hint!r} is not f16 or f32 for TensorRT")
     if info.fp16_weights:  # already typed FP16 (an FP16 file, or a QDQ file whose float parts are FP16)
         if hint == "f32" and precision_hint:
-            log.warning("the ONNX carries FP16 types: a strongly typed build keeps them, whatever --precision-hint says "
-                        "(compile the FP32 export for an FP32 engine)")
+            log.warning(
+                "the ONNX carries FP16 types: a strongly typed build keeps them, whatever --precision-hint says (compile the FP32 export for an FP32 engine)"
+            )
         return None, "int8" if info.has_qdq else "fp16", "fp16"
     if hint == "f16":
         return "fp16", "int8" if info.has_qdq else "fp16", "fp16"
@@ -376,8 +435,20 @@ def attach_timing_cache(config, path: Path | None) -> bool:
     return reused
 
 
-_TRT_DTYPES = (("int8", "int8"), ("fp8", "fp8"), ("int4", "int4"), ("bf16", "bf16"), ("bfloat", "bf16"), ("half", "fp16"),
-               ("fp16", "fp16"), ("fp32", "fp32"), ("float", "fp32"), ("int32", "int32"), ("int64", "int64"), ("bool", "bool"))
+_TRT_DTYPES = (
+    ("int8", "int8"),
+    ("fp8", "fp8"),
+    ("int4", "int4"),
+    ("bf16", "bf16"),
+    ("bfloat", "bf16"),
+    ("half", "fp16"),
+    ("fp16", "fp16"),
+    ("fp32", "fp32"),
+    ("float", "fp32"),
+    ("int32", "int32"),
+    ("int64", "int64"),
+    ("bool", "bool"),
+)
 _MYELIN = ("myelin", "foreignnode")
 
 
@@ -477,9 +548,11 @@ def convert_for_tensorrt(src: Path, out: Path, man: Manifest, *, qdq: bool) -> d
             try:
                 proto = version_converter.convert_version(proto, QDQ_FP16_OPSET)
             except Exception as exc:
-                raise VitedgeError(f"{src.name} (opset {opset}) cannot be converted to opset {QDQ_FP16_OPSET}, which FP16 Q/DQ needs "
-                                   f"({type(exc).__name__}: {first_line(exc, 120)})",
-                                   "compile with --precision-hint f32 (float parts in FP32), or export at opset 19") from None
+                raise VitedgeError(
+                    f"{src.name} (opset {opset}) cannot be converted to opset {QDQ_FP16_OPSET}, which FP16 Q/DQ needs "
+                    f"({type(exc).__name__}: {first_line(exc, 120)})",
+                    "compile with --precision-hint f32 (float parts in FP32), or export at opset 19",
+                ) from None
         path = out.with_name(out.stem + f".opset{QDQ_FP16_OPSET}.onnx")
         save_onnx(proto, path)
     data = _check_images(man)
@@ -487,10 +560,14 @@ def convert_for_tensorrt(src: Path, out: Path, man: Manifest, *, qdq: bool) -> d
     proto = onnx.load(str(out))
     if drop_stale_value_info(proto):
         save_onnx(proto, out)
-    return {"to": "fp16", "tool": "vitedge.quantization.fp16.convert_onnx_fp16 (onnxruntime.transformers.float16, keep_io_types)",
-            "kept_fp32_nodes": len(res.kept), "kept_float_op_types": FP16_KEEP_FLOAT,
-            "overflow_guard": dict(res.guard, checked_on="the shipped check images" if data else "nothing (no check images)"),
-            **({"opset": QDQ_FP16_OPSET} if qdq else {})}
+    return {
+        "to": "fp16",
+        "tool": "vitedge.quantization.fp16.convert_onnx_fp16 (onnxruntime.transformers.float16, keep_io_types)",
+        "kept_fp32_nodes": len(res.kept),
+        "kept_float_op_types": FP16_KEEP_FLOAT,
+        "overflow_guard": dict(res.guard, checked_on="the shipped check images" if data else "nothing (no check images)"),
+        **({"opset": QDQ_FP16_OPSET} if qdq else {}),
+    }
 
 
 def _major_minor(version: str) -> tuple[int, ...]:
@@ -510,8 +587,10 @@ def check_compat(built: dict, current: dict) -> None:
     if not bv:
         raise VitedgeError("the engine's manifest does not say which TensorRT version built it", "rebuild it with vitedge compile --target tensorrt")
     if bv != cv and not (built.get("version_compatible") and _major_minor(bv)[:1] == _major_minor(cv or "0")[:1]):
-        raise VitedgeError(f"this engine was built with TensorRT {bv} but TensorRT {cv} is installed",
-                           f"rebuild it here with vitedge compile --target tensorrt, or install tensorrt=={bv}")
+        raise VitedgeError(
+            f"this engine was built with TensorRT {bv} but TensorRT {cv} is installed",
+            f"rebuild it here with vitedge compile --target tensorrt, or install tensorrt=={bv}",
+        )
     bcc, ccc = built.get("compute_capability"), current.get("compute_capability")
     if bcc != ccc and built.get("hardware_compatibility", "none") in (None, "none"):
         raise VitedgeError(
@@ -523,16 +602,29 @@ def check_compat(built: dict, current: dict) -> None:
 
 
 # -- build (needs TensorRT and a GPU) -----------------------------------------------------------
-def build_engine(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch: int | None, hint: str,
-                 precision_hint: str | None, workspace_mb: int, profile, timing_cache, img_size) -> tuple[list[str], dict, str]:
+def build_engine(
+    src: Path,
+    man: Manifest,
+    scratch: Path,
+    out_name: str,
+    *,
+    batch: int | None,
+    hint: str,
+    precision_hint: str | None,
+    workspace_mb: int,
+    profile,
+    timing_cache,
+    img_size,
+) -> tuple[list[str], dict, str]:
     """Build a serialized engine into ``scratch/out_name``; returns (files, settings, precision).
 
     Everything that can be checked without TensorRT (the ONNX, the profile, the options) is checked
     first, so those mistakes are reported on any machine.
     """
     if src.suffix != ".onnx":
-        raise VitedgeError(f"{src.name} is an OpenVINO IR: TensorRT builds from ONNX",
-                           "compile the ONNX (FP32, or INT8 QDQ from vitedge quantize --backend tensorrt)")
+        raise VitedgeError(
+            f"{src.name} is an OpenVINO IR: TensorRT builds from ONNX", "compile the ONNX (FP32, or INT8 QDQ from vitedge quantize --backend tensorrt)"
+        )
     if workspace_mb is None or int(workspace_mb) < 16:
         raise VitedgeError(f"workspace {workspace_mb} MB is too small", "give --workspace-mb 16 or more (default 1024)")
     info = inspect_onnx(src)
@@ -554,9 +646,11 @@ def build_engine(src: Path, man: Manifest, scratch: Path, out_name: str, *, batc
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(build_src)):
         errs = parser_errors(parser)
-        raise ModelNotSupported(f"TensorRT's ONNX parser rejected {src.name} ({len(errs)} error{'s' if len(errs) != 1 else ''}): "
-                                + ("; ".join(errs) if errs else "no error given"),
-                                "check the opset (13-20) and ops; re-export with vitedge export")
+        raise ModelNotSupported(
+            f"TensorRT's ONNX parser rejected {src.name} ({len(errs)} error{'s' if len(errs) != 1 else ''}): "
+            + ("; ".join(errs) if errs else "no error given"),
+            "check the opset (13-20) and ops; re-export with vitedge export",
+        )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer precisions in the engine inspector
@@ -581,11 +675,21 @@ def build_engine(src: Path, man: Manifest, scratch: Path, out_name: str, *, batc
     except Exception as exc:
         layer_precisions = {"source": f"unavailable ({type(exc).__name__}: {str(exc)[:120]})"}
     settings = {
-        "tensorrt": {"version": trt.__version__, "gpu": gpu.get("name"), "compute_capability": gpu.get("compute_capability"),
-                     "hardware_compatibility": "none", "version_compatible": False},
-        "strongly_typed": True, "flags": [], "float_precision": float_precision, "typing": typing,
-        "profile": {k: list(v) for k, v in shapes.items()}, "workspace_mb": int(workspace_mb),
-        "timing_cache": str(cache_path) if cache_path else None, "timing_cache_reused": cache_reused if cache_path else None,
+        "tensorrt": {
+            "version": trt.__version__,
+            "gpu": gpu.get("name"),
+            "compute_capability": gpu.get("compute_capability"),
+            "hardware_compatibility": "none",
+            "version_compatible": False,
+        },
+        "strongly_typed": True,
+        "flags": [],
+        "float_precision": float_precision,
+        "typing": typing,
+        "profile": {k: list(v) for k, v in shapes.items()},
+        "workspace_mb": int(workspace_mb),
+        "timing_cache": str(cache_path) if cache_path else None,
+        "timing_cache_reused": cache_reused if cache_path else None,
         "layer_precisions": layer_precisions,
     }
     return [out_name], settings, precision
@@ -636,8 +740,10 @@ class _Buffers:
         host: dict[str, np.ndarray] = {}
         for n, x in inputs.items():
             if not context.set_input_shape(n, tuple(int(d) for d in x.shape)):
-                raise ShapeMismatch(f"TensorRT refused the input shape {tuple(x.shape)} for {n}",
-                                    "the engine's optimisation profile does not cover it: rebuild with --profile / --img-size")
+                raise ShapeMismatch(
+                    f"TensorRT refused the input shape {tuple(x.shape)} for {n}",
+                    "the engine's optimisation profile does not cover it: rebuild with --profile / --img-size",
+                )
             host[n] = np.ascontiguousarray(x, dtype=trt.nptype(engine.get_tensor_dtype(n)))
             if not context.set_tensor_address(n, self._buffer(n, host[n].nbytes)):
                 raise VitedgeError(f"TensorRT refused the device buffer of {n}")
@@ -739,27 +845,53 @@ class TensorRTEngine(Engine):
         self._buffers.close()  # frees the device buffers and destroys the CUDA stream
 
 
-def compile_tensorrt(src: Path, man: Manifest, scratch: Path, out_name: str, *, batch, threads, hint, precision_hint, device,
-                     img_size=None, workspace_mb=None, profile=None, timing_cache=None) -> tuple[list[str], dict, str]:
+def compile_tensorrt(
+    src: Path,
+    man: Manifest,
+    scratch: Path,
+    out_name: str,
+    *,
+    batch,
+    threads,
+    hint,
+    precision_hint,
+    device,
+    img_size=None,
+    workspace_mb=None,
+    profile=None,
+    timing_cache=None,
+) -> tuple[list[str], dict, str]:
     """The registry's compile entry: :func:`build_engine` with its defaults (workspace 1024 MB)."""
-    return build_engine(src, man, scratch, out_name, batch=batch, hint=hint, precision_hint=precision_hint,
-                        workspace_mb=1024 if workspace_mb is None else workspace_mb, profile=profile,
-                        timing_cache=timing_cache, img_size=img_size)
+    return build_engine(
+        src,
+        man,
+        scratch,
+        out_name,
+        batch=batch,
+        hint=hint,
+        precision_hint=precision_hint,
+        workspace_mb=1024 if workspace_mb is None else workspace_mb,
+        profile=profile,
+        timing_cache=timing_cache,
+        img_size=img_size,
+    )
 
 
-BACKEND = register(Backend(
-    name="tensorrt",
-    summary="NVIDIA TensorRT on NVIDIA GPUs (and Jetson): a serialized .engine tied to the GPU and TensorRT version",
-    engine=TensorRTEngine,
-    runs=(".engine", ".plan"),
-    compiler=compile_tensorrt,
-    compile_options=("workspace_mb", "profile", "timing_cache"),
-    engine_suffix=".engine",
-    engine_name="{stem}.engine",
-    engine_format="tensorrt",
-    quantize=("int8", "fp16"),
-    quantized_suffix=".onnx",
-    quantizer="vitedge.quantization.strategies:TENSORRT",
-    benchmark={"fp32": "f32", "fp16": "f16", "int8": None},
-    status=tensorrt_status,
-))
+BACKEND = register(
+    Backend(
+        name="tensorrt",
+        summary="NVIDIA TensorRT on NVIDIA GPUs (and Jetson): a serialized .engine tied to the GPU and TensorRT version",
+        engine=TensorRTEngine,
+        runs=(".engine", ".plan"),
+        compiler=compile_tensorrt,
+        compile_options=("workspace_mb", "profile", "timing_cache"),
+        engine_suffix=".engine",
+        engine_name="{stem}.engine",
+        engine_format="tensorrt",
+        quantize=("int8", "fp16"),
+        quantized_suffix=".onnx",
+        quantizer="vitedge.quantization.strategies:TENSORRT",
+        benchmark={"fp32": "f32", "fp16": "f16", "int8": None},
+        status=tensorrt_status,
+    )
+)

@@ -102,11 +102,20 @@ def preprocessing_options(f=None, *, img_size: bool = True):
     if f is None:
         return lambda g: preprocessing_options(g, img_size=img_size)
     opts = [
-        click.option("--preprocessing", "pre_json", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="JSON with img_size, resize, center_crop, interpolation, mean, std, scale, channel_order - or a Hugging Face "
-                          "preprocessor_config.json / timm data config (models without a manifest; flags override it)."),
-        click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box"]), default=None,
-                     help="Resize interpolation (models without a manifest)."),
+        click.option(
+            "--preprocessing",
+            "pre_json",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="JSON with img_size, resize, center_crop, interpolation, mean, std, scale, channel_order - or a Hugging Face "
+            "preprocessor_config.json / timm data config (models without a manifest; flags override it).",
+        ),
+        click.option(
+            "--interpolation",
+            type=click.Choice(["nearest", "bilinear", "bicubic", "lanczos", "box"]),
+            default=None,
+            help="Resize interpolation (models without a manifest).",
+        ),
         click.option("--crop/--no-crop", default=None, help="Center-crop after the resize (models without a manifest)."),
         click.option("--resize", type=int, default=None, help="Resize the shorter side to this before cropping (models without a manifest)."),
         click.option("--std", default=None, help="Per-channel std, e.g. 0.229,0.224,0.225 (models without a manifest)."),
@@ -123,6 +132,5 @@ def preprocessing_options(f=None, *, img_size: bool = True):
 def preprocessing_from_cli(pre_json=None, interpolation=None, crop=None, resize=None, std=None, mean=None, pre_img_size=None):
     """The preprocessing options the flags give (for ``ensure_manifest``/``foreign.resolve_options``, which
     resolve them against the model's input shape and print what is assumed), or None when no flag was given."""
-    opts = {"json_path": pre_json, "interpolation": interpolation, "crop": crop, "resize": resize, "std": std, "mean": mean,
-            "img_size": pre_img_size}
+    opts = {"json_path": pre_json, "interpolation": interpolation, "crop": crop, "resize": resize, "std": std, "mean": mean, "img_size": pre_img_size}
     return {k: v for k, v in opts.items() if v is not None} or None

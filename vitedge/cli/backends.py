@@ -18,9 +18,18 @@ def command(as_json: bool) -> None:
     rows = []
     for b in registry.backends():
         why = b.unavailable()
-        rows.append({"name": b.name, "available": why is None, "reason": why, "runs": list(b.runs),
-                     "compiles_to": b.engine_suffix, "quantize": list(b.quantize), "benchmark": list(b.benchmark),
-                     "summary": b.summary})
+        rows.append(
+            {
+                "name": b.name,
+                "available": why is None,
+                "reason": why,
+                "runs": list(b.runs),
+                "compiles_to": b.engine_suffix,
+                "quantize": list(b.quantize),
+                "benchmark": list(b.benchmark),
+                "summary": b.summary,
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -28,8 +37,9 @@ def command(as_json: bool) -> None:
     for col in ("backend", "usable here", "runs", "compiles to", "quantizes"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["name"], "yes" if r["available"] else f"no: {r['reason']}", " ".join(r["runs"]),
-                      r["compiles_to"] or "–", ", ".join(r["quantize"]) or "–")
+        table.add_row(
+            r["name"], "yes" if r["available"] else f"no: {r['reason']}", " ".join(r["runs"]), r["compiles_to"] or "–", ", ".join(r["quantize"]) or "–"
+        )
     console.print(table)
     for r in rows:
         console.print(f"[bold]{r['name']}[/]: {r['summary']}", highlight=False)

@@ -21,29 +21,56 @@ def _csv(ctx, param, value):
 
 @click.command("benchmark")
 @click.argument("model")
-@click.option("--calib", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Calibration images for INT8 (optional for the reference model: its images ship with vitedge).")
-@click.option("--data", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Validation images (class/image folders give top-1/top-5).")
-@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vitedge-benchmark"), show_default=True,
-              help="Folder for the engines (artifacts/) and report.json/md/html.")
+@click.option(
+    "--calib",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Calibration images for INT8 (optional for the reference model: its images ship with vitedge).",
+)
+@click.option("--data", type=click.Path(exists=True, path_type=Path), default=None, help="Validation images (class/image folders give top-1/top-5).")
+@click.option(
+    "-o",
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("vitedge-benchmark"),
+    show_default=True,
+    help="Folder for the engines (artifacts/) and report.json/md/html.",
+)
 @click.option("--backends", callback=_csv, default=None, help="Comma-separated subset of onnxruntime,openvino,tensorrt (default: all).")
 @click.option("--precisions", callback=_csv, default=None, help="Comma-separated subset of fp32,fp16,bf16,int8 (default: all).")
-@click.option("--max-drop", type=float, default=1.0, show_default=True,
-              help="Accuracy budget in top-1 percentage points for the recommendation (engines over it are still listed).")
+@click.option(
+    "--max-drop",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Accuracy budget in top-1 percentage points for the recommendation (engines over it are still listed).",
+)
 @click.option("--strict", is_flag=True, help="Judge the budget on the upper end of the drop's 95% confidence interval.")
 @click.option("--img-size", type=int, default=None, help="Input resolution (presets and checkpoints).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Calibration images used for INT8.")
 @options_of(TimingOptions)
-def command(model, calib, data, out_dir, backends, precisions, max_drop, strict, img_size, calib_samples,
-            batch_sizes, time_budget, runs, rounds, samples):
+def command(model, calib, data, out_dir, backends, precisions, max_drop, strict, img_size, calib_samples, batch_sizes, time_budget, runs, rounds, samples):
     """Sweep the backends x precisions this machine can run for MODEL (checkpoint, preset, 'reference' or FP32 .onnx):
     build each engine, validate all of them against PyTorch eager FP32 in one run, print a ranked table with the
     Pareto front and write report.json/md/html. Candidates that cannot run here are listed with the reason.
     """
-    rep = benchmark(model, calib=calib, data=data, out_dir=out_dir, backends=backends, precisions=precisions, max_drop=max_drop,
-                    strict=strict, img_size=img_size, samples=samples, calib_samples=calib_samples, batch_sizes=batch_sizes,
-                    time_budget=time_budget, rounds=rounds, runs=runs)
+    rep = benchmark(
+        model,
+        calib=calib,
+        data=data,
+        out_dir=out_dir,
+        backends=backends,
+        precisions=precisions,
+        max_drop=max_drop,
+        strict=strict,
+        img_size=img_size,
+        samples=samples,
+        calib_samples=calib_samples,
+        batch_sizes=batch_sizes,
+        time_budget=time_budget,
+        rounds=rounds,
+        runs=runs,
+    )
     print_report(rep, out_dir)
     for s in rep.data.get("skipped", []):
         note(f"not benchmarked: {s['name']}: {s['reason']}")

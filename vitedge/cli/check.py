@@ -18,9 +18,12 @@ def command():
 
 @command.command("parity")
 @click.argument("engine", type=click.Path(exists=True, path_type=Path))
-@click.option("--reference", required=True,
-              help="Reference preprocessing: timm data config JSON, Hugging Face preprocessor_config.json (or its folder), "
-                   "vitedge checkpoint/manifest, preset or 'reference'.")
+@click.option(
+    "--reference",
+    required=True,
+    help="Reference preprocessing: timm data config JSON, Hugging Face preprocessor_config.json (or its folder), "
+    "vitedge checkpoint/manifest, preset or 'reference'.",
+)
 @click.option("--data", type=click.Path(exists=True, path_type=Path), required=True, help="Folder of raw images.")
 @click.option("--samples", type=int, default=64, show_default=True, help="Images used.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -49,6 +52,8 @@ def parity(engine, reference, data, samples, as_json):
             console.print(f"note: {n}")
     if not rep.ok:
         fields = ", ".join(d.field for d in rep.differences) or "pixel values"
-        raise GateFailed(f"preprocessing differs from the reference in: {fields}",
-                         "fix the engine manifest's preprocessing (re-export with the right --mean/--std/--img-size ...)")
+        raise GateFailed(
+            f"preprocessing differs from the reference in: {fields}",
+            "fix the engine manifest's preprocessing (re-export with the right --mean/--std/--img-size ...)",
+        )
     console.print("[green]preprocessing matches the reference[/]")

@@ -13,8 +13,13 @@ from ._common import options_of, preprocessing_from_cli, preprocessing_options
 @click.command("compile")
 @click.argument("model")
 @options_of(CompileOptions)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Engine file (.onnx / .xml / .engine). Default: beside MODEL, e.g. model.ort.onnx, model.ov.xml, model.engine.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Engine file (.onnx / .xml / .engine). Default: beside MODEL, e.g. model.ort.onnx, model.ov.xml, model.engine.",
+)
 @preprocessing_options(img_size=False)
 def command(model, output, **options):
     """Compile MODEL (ONNX from export/quantize, OpenVINO IR, or a model name) into an engine for TARGET.

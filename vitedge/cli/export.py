@@ -28,8 +28,7 @@ def command(model, output, **options):
     """
     opts = ExportOptions(**options)
     with err_console.status("exporting", spinner="dots") as status:
-        path, man = export_onnx(model, output, **opts.export_kwargs(), images=list_images_arg(opts.images),
-                                on_stage=lambda text: status.update(f"{text} ..."))
+        path, man = export_onnx(model, output, **opts.export_kwargs(), images=list_images_arg(opts.images), on_stage=lambda text: status.update(f"{text} ..."))
     for a in man.assumptions:
         note(a)
     for key, r in man.verification["checks"].items():
@@ -49,11 +48,14 @@ def _report_merging(merging: dict) -> None:
     search = merging.get("search")
     if search:
         for t in search["trials"]:
-            console.print(f"  merge r={t['r']:<3d} tokens in last block {t['tokens_last_block']:<4d} top-1 loss {t['top1_loss_pp']:5.2f} points "
-                          f"(95% CI {t['top1_loss_ci95_pp'][0]:.1f} to {t['top1_loss_ci95_pp'][1]:.1f})"
-                          f"{'' if t['within_budget'] else '  over budget'}")
-        console.print(f"token merging: r={merging['r']} chosen, the largest within {search['max_drop_pp']:g} points "
-                      f"({search['measure']}, {search['images']} images)")
+            console.print(
+                f"  merge r={t['r']:<3d} tokens in last block {t['tokens_last_block']:<4d} top-1 loss {t['top1_loss_pp']:5.2f} points "
+                f"(95% CI {t['top1_loss_ci95_pp'][0]:.1f} to {t['top1_loss_ci95_pp'][1]:.1f})"
+                f"{'' if t['within_budget'] else '  over budget'}"
+            )
+        console.print(
+            f"token merging: r={merging['r']} chosen, the largest within {search['max_drop_pp']:g} points ({search['measure']}, {search['images']} images)"
+        )
     counts = merging["tokens_per_block"]
     if merging["r"]:
         console.print(f"token merging r={merging['r']}: tokens per block {counts[0]} -> {counts[-1]} (lossy: validate against an unmerged export)")

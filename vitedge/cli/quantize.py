@@ -14,8 +14,7 @@ from ._common import options_of, preprocessing_from_cli, preprocessing_options
 @click.command("quantize")
 @click.argument("model", type=click.Path(path_type=Path))
 @options_of(QuantizeOptions)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Output .onnx (onnxruntime, tensorrt) or .xml (openvino).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .onnx (onnxruntime, tensorrt) or .xml (openvino).")
 @preprocessing_options
 def command(model, output, **options):
     """Quantize an FP32 ONNX model to INT8 or FP16 and measure it against FP32.
@@ -47,8 +46,10 @@ def _describe(model, path, man, opts: QuantizeOptions) -> None:
     if man.precision == "int8":
         cal = rec.calibration
         scheme = q.get("config", {}).get("scheme") or ", ".join(x for x in (q.get("scheme"), rec.configuration) if x)
-        console.print(f"INT8 for {backend}: {scheme}, method {rec.method or opts.method or 'minmax'}, per-channel weights, "
-                      f"calibrated on {cal.get('size')} images of {cal.get('source')} (seed {opts.seed})")
+        console.print(
+            f"INT8 for {backend}: {scheme}, method {rec.method or opts.method or 'minmax'}, per-channel weights, "
+            f"calibrated on {cal.get('size')} images of {cal.get('source')} (seed {opts.seed})"
+        )
         if rec.excluded_nodes:
             kept = rec.excluded_nodes
             console.print(f"kept in float: {len(kept)} matrix ops" + (f" ({', '.join(kept)})" if len(kept) <= 6 else ""))
@@ -59,16 +60,20 @@ def _describe(model, path, man, opts: QuantizeOptions) -> None:
         console.print(f"FP16 for {backend}: {detail}")
     a = v["agreement"]
     if man.task == "classification":
-        line = (f"agreement with FP32 on {v['images']} images ({v['eval_set']}): top-1 {100 * a.get('top1_agreement', 1):.2f}%, "
-                f"cosine min {a['cosine_min']:.5f} mean {a['cosine_mean']:.6f}, SNR {_db(a['snr_db'])} dB")
+        line = (
+            f"agreement with FP32 on {v['images']} images ({v['eval_set']}): top-1 {100 * a.get('top1_agreement', 1):.2f}%, "
+            f"cosine min {a['cosine_min']:.5f} mean {a['cosine_mean']:.6f}, SNR {_db(a['snr_db'])} dB"
+        )
         if "top1" in a:
             line += f"; top-1 accuracy {100 * a['top1']:.2f}% vs FP32 {100 * a['top1_fp32']:.2f}%"
         console.print(line)
     else:
         console.print(f"agreement with FP32 on {v['images']} images ({v['eval_set']}), per output:")
     for name, o in (a.get("outputs") or {}).items():
-        console.print(f"  {name} {tuple(o['shape'])}: cosine min {o['cosine_min']:.5f} mean {o['cosine_mean']:.6f}, "
-                      f"max abs error {o['max_abs_error']:.3g}, SNR {_db(o['snr_db'])} dB")
+        console.print(
+            f"  {name} {tuple(o['shape'])}: cosine min {o['cosine_min']:.5f} mean {o['cosine_mean']:.6f}, "
+            f"max abs error {o['max_abs_error']:.3g}, SNR {_db(o['snr_db'])} dB"
+        )
     if v.get("note"):
         console.print(v["note"])
     size_in = Path(model).stat().st_size

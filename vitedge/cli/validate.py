@@ -31,13 +31,28 @@ def print_report(rep, out_dir: Path | None) -> None:
 
 @click.command("validate")
 @click.argument("engines", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("-r", "--reference", default=None,
-              help="FP32 reference: checkpoint, preset, 'reference' or HF folder (timed as PyTorch eager), or an FP32 .onnx "
-                   "(timed with ONNX Runtime). Default: the model source in the engine's manifest.")
-@click.option("-d", "--data", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Validation images: class/image folders give top-1/top-5; plain images give agreement with FP32; .npy/.npz.")
-@click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("validation-report"), show_default=True,
-              help="Folder for report.json, report.md and report.html.")
+@click.option(
+    "-r",
+    "--reference",
+    default=None,
+    help="FP32 reference: checkpoint, preset, 'reference' or HF folder (timed as PyTorch eager), or an FP32 .onnx "
+    "(timed with ONNX Runtime). Default: the model source in the engine's manifest.",
+)
+@click.option(
+    "-d",
+    "--data",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Validation images: class/image folders give top-1/top-5; plain images give agreement with FP32; .npy/.npz.",
+)
+@click.option(
+    "-o",
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("validation-report"),
+    show_default=True,
+    help="Folder for report.json, report.md and report.html.",
+)
 @options_of(ValidateOptions)
 @preprocessing_options
 def command(engines, reference, data, out_dir, **options):

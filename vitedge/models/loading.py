@@ -117,8 +117,10 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except OSError as exc:
         raise FileProblem(f"{path} cannot be opened ({exc.strerror or exc})") from None
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch zip archive / legacy pickle
-        raise FileProblem(f"{path} is not a PyTorch file (neither a torch.save zip archive nor a pickle; empty or corrupt?)",
-                           "save weights with torch.save(model.state_dict(), path) or as .safetensors")
+        raise FileProblem(
+            f"{path} is not a PyTorch file (neither a torch.save zip archive nor a pickle; empty or corrupt?)",
+            "save weights with torch.save(model.state_dict(), path) or as .safetensors",
+        )
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt/pickled files
@@ -126,8 +128,10 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         if "Weights only load failed" in text:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
             what = f" ({found.group(1)})" if found else ""
-            raise VitedgeError(f"{path} holds pickled Python objects{what}, not just tensors; vitedge does not unpickle code",
-                               "save model.state_dict() instead of the whole model, or use .safetensors") from None
+            raise VitedgeError(
+                f"{path} holds pickled Python objects{what}, not just tensors; vitedge does not unpickle code",
+                "save model.state_dict() instead of the whole model, or use .safetensors",
+            ) from None
         raise FileProblem(
             f"{path} cannot be read as a PyTorch state dict ({_first_line(exc)})",
             "save weights with torch.save(model.state_dict(), path) or as .safetensors",
@@ -156,18 +160,24 @@ _HEAD_DIM_BY_WIDTH = {1280: 80}  # ViT-H/14 uses 16 heads of 80; the other stand
 
 def _infer_timm_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int | None) -> tuple[ViTConfig, list[str]]:
     notes = []
-    for unsupported, what in (("dist_token", "distilled DeiT (two heads)"), ("reg_token", "ViT with register tokens"),
-                              ("fc_norm.weight", "global-pool ViT (no CLS head)"), ("norm_pre.weight", "CLIP-style ViT"),
-                              ("blocks.0.attn.q_norm.weight", "ViT with QK-norm"),
-                              ("attn_pool.latent", "attention-pool ViT (no CLS head)")):
+    for unsupported, what in (
+        ("dist_token", "distilled DeiT (two heads)"),
+        ("reg_token", "ViT with register tokens"),
+        ("fc_norm.weight", "global-pool ViT (no CLS head)"),
+        ("norm_pre.weight", "CLIP-style ViT"),
+        ("blocks.0.attn.q_norm.weight", "ViT with QK-norm"),
+        ("attn_pool.latent", "attention-pool ViT (no CLS head)"),
+    ):
         if unsupported in sd:
             raise ModelNotSupported(f"{path} is a {what}, which is not the classic ViT vitedge supports", "use a CLS-token ViT/DeiT checkpoint")
     for key in ("blocks.0.mlp.fc1.weight", "blocks.0.attn.qkv.weight"):
         if key not in sd:
             raise VitedgeError(f"{path} has a patch embedding but no {key}", "expected timm ViT blocks (blocks.N.attn.qkv, blocks.N.mlp.fc1 ...)")
     if sd["pos_embed"].ndim != 3 or sd["patch_embed.proj.weight"].ndim != 4:
-        raise VitedgeError(f"{path}: pos_embed {tuple(sd['pos_embed'].shape)} / patch_embed.proj.weight "
-                           f"{tuple(sd['patch_embed.proj.weight'].shape)} are not the (1, tokens, D) / (D, C, P, P) of a ViT")
+        raise VitedgeError(
+            f"{path}: pos_embed {tuple(sd['pos_embed'].shape)} / patch_embed.proj.weight "
+            f"{tuple(sd['patch_embed.proj.weight'].shape)} are not the (1, tokens, D) / (D, C, P, P) of a ViT"
+        )
     w = sd["patch_embed.proj.weight"]
     d_model, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
     if w.shape[2] != w.shape[3]:
@@ -189,10 +199,17 @@ def _infer_timm_config(sd: dict[str, torch.Tensor], path: Path, num_heads: int |
         raise VitedgeError(f"{path}: width {d_model} is not divisible by num_heads={num_heads}")
     head = sd.get("head.weight")
     cfg = ViTConfig(
-        img_size=grid * patch, patch_size=patch, in_channels=in_ch,
-        num_classes=head.shape[0] if head is not None else 0, d_model=d_model, num_heads=num_heads,
-        num_layers=len(layers), d_ff=sd["blocks.0.mlp.fc1.weight"].shape[0], dropout=0.0,
-        layer_norm_eps=1e-6, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        img_size=grid * patch,
+        patch_size=patch,
+        in_channels=in_ch,
+        num_classes=head.shape[0] if head is not None else 0,
+        d_model=d_model,
+        num_heads=num_heads,
+        num_layers=len(layers),
+        d_ff=sd["blocks.0.mlp.fc1.weight"].shape[0],
+        dropout=0.0,
+        layer_norm_eps=1e-6,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
         layer_scale="blocks.0.ls1.gamma" in sd,  # DeiT III / DINOv2: ls1/ls2.gamma in every block
     )
     return cfg, notes
@@ -313,8 +330,7 @@ def _hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
                     raise FileProblem(f"{index} names shard {shard}, which is missing from {folder}")
                 sd.update(_read_state_dict(folder / shard)[0])
             return sd, index
-    raise VitedgeError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin",
-                       "save the model with save_pretrained() into this folder")
+    raise VitedgeError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin", "save the model with save_pretrained() into this folder")
 
 
 def _load_hf_folder(folder: Path) -> ModelSpec:
@@ -322,8 +338,10 @@ def _load_hf_folder(folder: Path) -> ModelSpec:
     hf = _read_config(cfg_path)
     model_type = hf.get("model_type")
     if model_type == "deit":
-        raise ModelNotSupported(f"{cfg_path}: model_type 'deit' is a distilled DeiT (extra distillation token), which is not the classic ViT vitedge supports",
-                           "use a CLS-token ViT; DeiT weights saved as ViTForImageClassification (model_type 'vit') load fine")
+        raise ModelNotSupported(
+            f"{cfg_path}: model_type 'deit' is a distilled DeiT (extra distillation token), which is not the classic ViT vitedge supports",
+            "use a CLS-token ViT; DeiT weights saved as ViTForImageClassification (model_type 'vit') load fine",
+        )
     if model_type != "vit":
         raise ModelNotSupported(f"{cfg_path}: model_type {model_type!r} is not a ViT", "vitedge loads model_type 'vit' (ViTForImageClassification / ViTModel)")
     if hf.get("hidden_act", "gelu") != "gelu":
@@ -339,10 +357,17 @@ def _load_hf_folder(folder: Path) -> ModelSpec:
     id2label = hf.get("id2label") or {}
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     cfg = ViTConfig(
-        img_size=image_size, patch_size=patch_size, in_channels=hf.get("num_channels", 3),
-        num_classes=num_classes, d_model=hf["hidden_size"], num_heads=hf["num_attention_heads"],
-        num_layers=hf["num_hidden_layers"], d_ff=hf["intermediate_size"], dropout=0.0,
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-12), qkv_bias=hf.get("qkv_bias", True),
+        img_size=image_size,
+        patch_size=patch_size,
+        in_channels=hf.get("num_channels", 3),
+        num_classes=num_classes,
+        d_model=hf["hidden_size"],
+        num_heads=hf["num_attention_heads"],
+        num_layers=hf["num_hidden_layers"],
+        d_ff=hf["intermediate_size"],
+        dropout=0.0,
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        qkv_bias=hf.get("qkv_bias", True),
     )
     model = _build(cfg, sd, weights)
     labels = [str(id2label.get(str(i), i)) for i in range(num_classes)] if id2label else None
@@ -411,8 +436,15 @@ def load_model(
             raise VitedgeError(f"img_size {img_size} is not divisible by the patch size 16 of preset {source}")
         cfg = preset_config(source, **({"img_size": img_size} if img_size else {}))
         model = VisionTransformer.from_config(cfg).eval()
-        spec = ModelSpec(model, resolve_preprocessing(cfg.img_size), cfg, None, f"preset:{source}",
-                         ["random weights (preset): fine for shape and speed trials, meaningless predictions"], {})
+        spec = ModelSpec(
+            model,
+            resolve_preprocessing(cfg.img_size),
+            cfg,
+            None,
+            f"preset:{source}",
+            ["random weights (preset): fine for shape and speed trials, meaningless predictions"],
+            {},
+        )
     else:
         spec = _from_path(Path(source), num_heads)
     if img_size and spec.config and (img_size, img_size) != tuple(spec.preprocessing.img_size):
@@ -436,12 +468,14 @@ def _from_module(module: nn.Module, img_size: int | None) -> ModelSpec:
     module = module.eval()
     if isinstance(module, VisionTransformer):
         cfg = module.config
-        return ModelSpec(module, resolve_preprocessing(img_size or cfg.img_size), cfg, None, type(module).__name__,
-                         [f"preprocessing not given: {_DEFAULT_RULE}"], {})
+        return ModelSpec(
+            module, resolve_preprocessing(img_size or cfg.img_size), cfg, None, type(module).__name__, [f"preprocessing not given: {_DEFAULT_RULE}"], {}
+        )
     if img_size is None:
         raise VitedgeError(f"{type(module).__name__} is not a vitedge VisionTransformer", "pass img_size= so vitedge knows the input shape")
-    return ModelSpec(module, resolve_preprocessing(img_size), None, None, type(module).__name__,
-                     [f"generic nn.Module: preprocessing not given: {_DEFAULT_RULE}"], {})
+    return ModelSpec(
+        module, resolve_preprocessing(img_size), None, None, type(module).__name__, [f"generic nn.Module: preprocessing not given: {_DEFAULT_RULE}"], {}
+    )
 
 
 def _from_path(path: Path, num_heads: int | None) -> ModelSpec:
@@ -483,8 +517,9 @@ def _from_path(path: Path, num_heads: int | None) -> ModelSpec:
         labels = (sources.get("timm") or {}).get("label_names")
         return ModelSpec(model, pre, cfg, _labels_from(labels, cfg.num_classes), str(path), notes, sources)
     if any(k.startswith(("vit.embeddings", "embeddings.patch_embeddings")) for k in sd):
-        raise VitedgeError(f"{path} looks like Hugging Face ViT weights",
-                           "load the whole save_pretrained folder (with config.json) instead of the weights file")
+        raise VitedgeError(
+            f"{path} looks like Hugging Face ViT weights", "load the whole save_pretrained folder (with config.json) instead of the weights file"
+        )
     sample = ", ".join(list(sd)[:3])
     raise VitedgeError(
         f"{path} is not a ViT checkpoint vitedge knows (keys like {sample})",

@@ -119,8 +119,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return self.split[i](x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False,
-                size: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False, size: torch.Tensor | None = None):
         """Returns ``(out, attention maps or None, keys averaged over heads)``.
 
         ``cls_only``: attend from the CLS token only (every token is still a key and a value), so the
@@ -179,8 +178,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(cfg.d_model) if cfg.layer_scale else nn.Identity()
         self.ls2 = LayerScale(cfg.d_model) if cfg.layer_scale else nn.Identity()
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False,
-                merge: int = 0, size: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False, merge: int = 0, size: torch.Tensor | None = None):
         """Returns ``(x, attention maps or None, size)``.  ``merge`` > 0: merge that many tokens between
         the attention and the MLP (token merging, :mod:`vitedge.models.tome`); ``size`` tracks how many
         patches each token stands for (``None`` until the first merge)."""
@@ -214,8 +212,18 @@ class VisionTransformer(nn.Module):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.config = ViTConfig(
-            img_size, patch_size, in_channels, num_classes, d_model, num_heads, num_layers, d_ff,
-            dropout, layer_norm_eps, qkv_bias, layer_scale,
+            img_size,
+            patch_size,
+            in_channels,
+            num_classes,
+            d_model,
+            num_heads,
+            num_layers,
+            d_ff,
+            dropout,
+            layer_norm_eps,
+            qkv_bias,
+            layer_scale,
         )
         grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, in_channels, d_model)

@@ -74,16 +74,32 @@ def _check_args(precision, backend, method, max_drop, samples, output: Path, mod
         raise VitedgeError(f"--samples {samples} must be >= 1")
     want = spec.quantized_suffix
     if output.suffix.lower() != want:
-        raise VitedgeError(f"output {output} must end in {want} for backend {backend}",
-                           "; ".join(f"{b.name} writes {b.quantized_suffix}" for b in registry.backends("quantize")))
+        raise VitedgeError(
+            f"output {output} must end in {want} for backend {backend}",
+            "; ".join(f"{b.name} writes {b.quantized_suffix}" for b in registry.backends("quantize")),
+        )
     if output.resolve() == model.resolve():
         raise VitedgeError("output would overwrite the input model", "choose another -o path")
 
 
-def quantize(model, output, *, precision: str = "int8", backend: str = "onnxruntime", calib=None, samples: int | None = None,
-             method: str | None = None, max_drop: float | None = None, val=None, seed: int = 0, preprocessing=None,
-             labels: list[str] | None = None, target: Target | None = None, search_budget: float = DEFAULT_BUDGET_S,
-             min_calib: int = MIN_CALIB) -> Artifact:
+def quantize(
+    model,
+    output,
+    *,
+    precision: str = "int8",
+    backend: str = "onnxruntime",
+    calib=None,
+    samples: int | None = None,
+    method: str | None = None,
+    max_drop: float | None = None,
+    val=None,
+    seed: int = 0,
+    preprocessing=None,
+    labels: list[str] | None = None,
+    target: Target | None = None,
+    search_budget: float = DEFAULT_BUDGET_S,
+    min_calib: int = MIN_CALIB,
+) -> Artifact:
     """Quantize an FP32 ONNX export to INT8 or FP16 for a backend, measure it against FP32, write it with its manifest.
 
     ``model``: a ``.onnx`` file with its ``.vitedge.json`` sidecar.  ``output``: ``.onnx``
@@ -120,16 +136,16 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
     _check_args(precision, backend, method, target.max_drop, samples, output, src_path)
     src, parent = _open_model(src_path, preprocessing, labels)
     if target.max_drop is not None and parent.task != "classification":
-        raise VitedgeError(f"--max-drop needs class logits, but {src.name} is a {parent.task} model",
-                           "drop --max-drop: agreement per output (cosine, SNR) is reported instead")
+        raise VitedgeError(
+            f"--max-drop needs class logits, but {src.name} is a {parent.task} model", "drop --max-drop: agreement per output (cosine, SNR) is reported instead"
+        )
     pre = parent.preprocessing_obj
     fixed = parent.inputs[0].shape[0] if parent.inputs[0].shape else None
     fixed = fixed if isinstance(fixed, int) and fixed > 0 else None  # a fixed-batch model is fed batches of exactly that size
     plan = plan_data(parent, pre, precision=precision, calib=calib, val=val, samples=samples, seed=seed, min_calib=min_calib)
     enforce = True
     if precision in ("int8", "auto") and str((parent.model or {}).get("source", "")).startswith("preset:"):
-        note("random-weight preset: its predictions mean nothing, so the INT8 fidelity target is measured and reported "
-             "but not enforced, and no search is run")
+        note("random-weight preset: its predictions mean nothing, so the INT8 fidelity target is measured and reported but not enforced, and no search is run")
         search_budget, enforce = 0.0, False
     for n in plan.notes:
         note(n)
@@ -142,15 +158,18 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
 
     fmt = strategy.format
     with writing(output) as draft:
-        job = Job(src, parent, draft.path, output, draft.scratch, backend, precision, method, plan, ev, target, search_budget,
-                  enforce, samples, fixed)
+        job = Job(src, parent, draft.path, output, draft.scratch, backend, precision, method, plan, ev, target, search_budget, enforce, samples, fixed)
         done = strategy.quantize(job)
         qinfo = {"precision": precision, "backend": backend, **done.info}
         if done.stream is not None:
             stream = done.stream
             qinfo["calibration"] = {
-                "source": plan.calib_source, "fingerprint": plan.calib.fingerprint(), "size": len(plan.calib) - stream.skipped,
-                "requested": len(plan.calib), "skipped_unreadable": stream.skipped, "seed": seed,
+                "source": plan.calib_source,
+                "fingerprint": plan.calib.fingerprint(),
+                "size": len(plan.calib) - stream.skipped,
+                "requested": len(plan.calib),
+                "skipped_unreadable": stream.skipped,
+                "seed": seed,
             }
             if stream.skipped:
                 note(f"{stream.skipped} unreadable calibration images skipped")
@@ -168,19 +187,30 @@ def quantize(model, output, *, precision: str = "int8", backend: str = "onnxrunt
         # (the manifest's numbers are the file at its dynamic batch; the fidelity table has every engine variant's)
         with registry.open_engine(strategy.measured_by, draft.path, man, **strategy.engine_options(qinfo)) as eng:
             metrics = ev.measure_outputs(ev.outputs(eng))
-        man.verification = json_safe({
-            "reference": f"fp32 onnx ({src.name}, onnxruntime)", "engine": strategy.measured_by,
-            "eval_set": ev.source, "images": len(ev), "random_inputs": ev.random, "agreement": metrics,
-            "drop_pp": ev.drop_pp(metrics) if not ev.random else None, "drop_kind": ev.drop_kind,
-        })
+        man.verification = json_safe(
+            {
+                "reference": f"fp32 onnx ({src.name}, onnxruntime)",
+                "engine": strategy.measured_by,
+                "eval_set": ev.source,
+                "images": len(ev),
+                "random_inputs": ev.random,
+                "agreement": metrics,
+                "drop_pp": ev.drop_pp(metrics) if not ev.random else None,
+                "drop_kind": ev.drop_kind,
+            }
+        )
         if strategy.verification_note:
             man.verification["note"] = strategy.verification_note
         artifact = draft.commit(man, extra=done.report_files)
     fidelity = done.fidelity
     if fidelity is not None and not fidelity.met and enforce and not (precision == "auto" and fidelity.float_wins):
-        raise FidelityNotMet(f"{fidelity.summary()}; wrote it anyway to {output} (table: {output.parent / qinfo['fidelity']['table']})",
-                             "give more or more typical calibration images, raise --search-budget, lower the target "
-                             "(--target-agreement/--target-cosine), try --auto, or use --fp16", output=output, manifest=man)
+        raise FidelityNotMet(
+            f"{fidelity.summary()}; wrote it anyway to {output} (table: {output.parent / qinfo['fidelity']['table']})",
+            "give more or more typical calibration images, raise --search-budget, lower the target "
+            "(--target-agreement/--target-cosine), try --auto, or use --fp16",
+            output=output,
+            manifest=man,
+        )
     return artifact
 
 

@@ -66,15 +66,20 @@ def _check_fits(ims: ImageSet, manifest: Manifest, pre: Preprocessing | None, wh
         if ims.arrays is None and pre is not None:
             hw = list(shape[2:4])
             if all(isinstance(d, int) for d in hw) and tuple(hw) != tuple(pre.img_size):
-                raise ShapeMismatch(f"the manifest preprocessing makes {pre.img_size} images but the model takes {tuple(shape)}",
-                                   "fix the preprocessing in the model's .vitedge.json")
+                raise ShapeMismatch(
+                    f"the manifest preprocessing makes {pre.img_size} images but the model takes {tuple(shape)}",
+                    "fix the preprocessing in the model's .vitedge.json",
+                )
     if ims.arrays is None and pre is None:
-        raise VitedgeError(f"{what} {ims.source} holds images but the model has no preprocessing in its manifest",
-                           "export the model with vitedge, or pass preprocessed arrays as .npy/.npz")
+        raise VitedgeError(
+            f"{what} {ims.source} holds images but the model has no preprocessing in its manifest",
+            "export the model with vitedge, or pass preprocessed arrays as .npy/.npz",
+        )
 
 
-def plan_data(manifest: Manifest, pre: Preprocessing | None, *, precision: str, calib, val, samples: int | None, seed: int,
-              min_calib: int = MIN_CALIB) -> DataPlan:
+def plan_data(
+    manifest: Manifest, pre: Preprocessing | None, *, precision: str, calib, val, samples: int | None, seed: int, min_calib: int = MIN_CALIB
+) -> DataPlan:
     """Choose calibration and evaluation sets, deterministically for a seed.
 
     INT8 calibration on fewer than ``min_calib`` images is refused: ranges from a handful of images
@@ -90,8 +95,10 @@ def plan_data(manifest: Manifest, pre: Preprocessing | None, *, precision: str, 
         calib_set = ImageSet.from_path(SHIPPED_DIGITS)
         notes.append(f"calibration images: the shipped digits set ({SHIPPED_DIGITS})")
     elif precision in ("int8", "auto"):
-        raise VitedgeError("INT8 needs calibration images (--calib DIR, .npy or .npz)",
-                           "the shipped digits images only suit the reference model; give ~100-500 images like your deployment data")
+        raise VitedgeError(
+            "INT8 needs calibration images (--calib DIR, .npy or .npz)",
+            "the shipped digits images only suit the reference model; give ~100-500 images like your deployment data",
+        )
     if calib_set is not None:
         _check_fits(calib_set, manifest, pre, "calibration data")
     val_set = ImageSet.from_path(val) if val is not None else None
@@ -124,12 +131,15 @@ def plan_data(manifest: Manifest, pre: Preprocessing | None, *, precision: str, 
     if min(want, len(pool)) < min_calib:
         held = "" if pool is calib_set else f" ({len(calib_set) - len(pool)} more are held out to measure agreement)"
         have = f"--samples {samples}" if samples is not None and samples < len(pool) else f"{calib_set.source} gives {len(pool)}{held}"
-        raise VitedgeError(f"INT8 calibration needs at least {min_calib} images, but {have}",
-                           "give ~100-500 images like your deployment data (and --val DIR for measuring), or pass --min-calib N to go lower")
+        raise VitedgeError(
+            f"INT8 calibration needs at least {min_calib} images, but {have}",
+            "give ~100-500 images like your deployment data (and --val DIR for measuring), or pass --min-calib N to go lower",
+        )
     if want > len(pool):
         held = "" if pool is calib_set else f" ({len(calib_set) - len(pool)} held out for evaluation; pass --val DIR to use all)"
-        raise VitedgeError(f"asked for {want} calibration samples but {calib_set.source} has only {len(pool)} usable for calibration{held}",
-                           "lower --samples or add images")
+        raise VitedgeError(
+            f"asked for {want} calibration samples but {calib_set.source} has only {len(pool)} usable for calibration{held}", "lower --samples or add images"
+        )
     chosen = pool.sample(want, seed)
     return DataPlan(chosen, eval_set, eval_source, calib_source=calib_set.source, notes=notes)
 
@@ -142,8 +152,7 @@ class StreamingBatches:
     :attr:`error`, so the caller can re-raise it instead of the library's wrapper.
     """
 
-    def __init__(self, ims: ImageSet, pre: Preprocessing | None, batch_size: int, min_count: int, label: str = "calibrating",
-                 pad: bool = False):
+    def __init__(self, ims: ImageSet, pre: Preprocessing | None, batch_size: int, min_count: int, label: str = "calibrating", pad: bool = False):
         self.ims, self.pre, self.batch_size, self.min_count, self.label = ims, pre, batch_size, min_count, label
         self.pad = pad  # fixed-batch models: the last, short batch is filled up by repeating its last image
         self.error: VitedgeError | None = None

@@ -60,8 +60,7 @@ class _Calibration:
         return -(-len(self.x) // (self.fixed or 1))
 
 
-def quantize_base(source: str, fmt: str, config: dict, calib: str, out: str, count: int | None = None,
-                  fixed_batch: int | None = None) -> dict:
+def quantize_base(source: str, fmt: str, config: dict, calib: str, out: str, count: int | None = None, fixed_batch: int | None = None) -> dict:
     """NNCF INT8 of ``source`` with ``config`` on the first ``count`` calibration images, saved revertible at ``out``.
 
     Returns the names of the matrix ops it quantized and the seconds it took."""
@@ -98,8 +97,7 @@ _OV_MATRIX = ("MatMul", "Convolution", "ScaledDotProductAttention")
 
 
 def _ov_quantized(op) -> bool:
-    return op.get_type_name() in _OV_MATRIX and any(
-        op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(op.get_input_size()))
+    return op.get_type_name() in _OV_MATRIX and any(op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(op.get_input_size()))
 
 
 # NNCF places a quantizer before ops that only move values (e.g. the keys' Reshape/Transpose into an attention op):
@@ -169,9 +167,19 @@ def build(base: str, fmt: str, keep_float: list[str], out: str, data_name: str |
     return graph.float_ops(model)
 
 
-def measure(fmt: str, model: str, data: str, out_dir: str, variants: list[dict], fixed_batch: int | None = None,
-            base: str | None = None, keep_float: list[str] | None = None, keep: bool = False, time_s: float = 0.0,
-            data_name: str | None = None) -> dict:
+def measure(
+    fmt: str,
+    model: str,
+    data: str,
+    out_dir: str,
+    variants: list[dict],
+    fixed_batch: int | None = None,
+    base: str | None = None,
+    keep_float: list[str] | None = None,
+    keep: bool = False,
+    time_s: float = 0.0,
+    data_name: str | None = None,
+) -> dict:
     """Outputs of a candidate on the images in ``data`` for each engine variant (float precision, static batch 1),
     saved as ``out_dir/outputs.KEY.npz``, and with ``time_s`` > 0 each variant's batch-1 latency (its variants
     timed interleaved).  With ``base``: the candidate is first built from it (:func:`build`) at ``model``; without,
@@ -202,8 +210,9 @@ def measure(fmt: str, model: str, data: str, out_dir: str, variants: list[dict],
 
 
 # -- running a candidate ----------------------------------------------------------------------------------------------------
-def prepare(path: Path, fmt: str, x: np.ndarray, float_precision: str | None, static: bool = False,
-            batch: int = 16, fixed: int | None = None) -> tuple[dict[str, np.ndarray], Callable[[], object]]:
+def prepare(
+    path: Path, fmt: str, x: np.ndarray, float_precision: str | None, static: bool = False, batch: int = 16, fixed: int | None = None
+) -> tuple[dict[str, np.ndarray], Callable[[], object]]:
     """Outputs on the held-out images of a (quantized) file on the CPU, and a batch-1 run to time it with.
 
     OpenVINO ``static``: the model reshaped to batch 1, as ``vitedge compile`` makes latency engines, and
@@ -235,8 +244,7 @@ def prepare(path: Path, fmt: str, x: np.ndarray, float_precision: str | None, st
     return outs, run
 
 
-def timed_interleaved(runs: list[Callable[[], object]], rounds: int = 8, seconds: float = 6.0, min_runs: int = 3,
-                      max_runs: int = 6) -> list[float]:
+def timed_interleaved(runs: list[Callable[[], object]], rounds: int = 8, seconds: float = 6.0, min_runs: int = 3, max_runs: int = 6) -> list[float]:
     """Median wall time (ms) of each of ``runs``, timed in interleaved rounds (:func:`vitedge.timing.interleaved`,
     order reversed every other round), so that a machine whose speed drifts (shared hosts, frequency changes)
     slows every run alike and the comparison between them holds.  After 3 warm-up runs each, each runs once
@@ -261,9 +269,12 @@ def ov_attention_matmuls(ov_model) -> list[str]:
             node = node.input_value(0).get_node()
         return False
 
-    return [op.get_friendly_name() for op in ov_model.get_ordered_ops()
-            if op.get_type_name() == "ScaledDotProductAttention"
-            or (op.get_type_name() == "MatMul" and not is_const(op.input_value(0)) and not is_const(op.input_value(1)))]
+    return [
+        op.get_friendly_name()
+        for op in ov_model.get_ordered_ops()
+        if op.get_type_name() == "ScaledDotProductAttention"
+        or (op.get_type_name() == "MatMul" and not is_const(op.input_value(0)) and not is_const(op.input_value(1)))
+    ]
 
 
 def float_ops_openvino(ov_model) -> list[str]:
@@ -285,8 +296,7 @@ def time_models(fmt: str, models: list[dict], sample: str, fixed_batch: int | No
     """Batch-1 latency (ms, median) of each ``{"path", "float_precision", "static"}``, timed in interleaved rounds
     in this one process so that a machine whose speed drifts slows every model alike."""
     x = np.asarray(_array(sample)[: fixed_batch or 1])
-    runs = [prepare(Path(m["path"]), fmt, x, m.get("float_precision"), static=bool(m.get("static")), fixed=fixed_batch)[1]
-            for m in models]
+    runs = [prepare(Path(m["path"]), fmt, x, m.get("float_precision"), static=bool(m.get("static")), fixed=fixed_batch)[1] for m in models]
     return timed_interleaved(runs, seconds=seconds)
 
 

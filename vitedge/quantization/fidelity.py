@@ -106,14 +106,30 @@ class Row:
         return what
 
     def to_dict(self) -> dict:
-        return {"candidate": self.no, "step": self.step, "config": self.config.to_dict(), "description": self.describe(),
-                "kept_float_groups": list(self.kept), "float_mac_share": self.float_share,
-                "float_precision": self.float_precision, "engine_batch": self.engine_batch, "status": self.status,
-                "verdict": self.verdict, "latency_ms": self.latency_ms, "seconds": round(self.seconds, 1), "float_ops": self.float_ops,
-                "error": self.error, "drop_pp": self.drop_pp, "top1_agreement": self.metrics.get("top1_agreement"),
-                "agreement_interval": self.interval, "images": self.metrics.get("images"),
-                "cosine_min": min_cosine(self.metrics) if self.metrics else None, "divergence": self.divergence,
-                "snr_db": self.metrics.get("snr_db"), "paired_int8_latency_ms": self.paired_ms}
+        return {
+            "candidate": self.no,
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "description": self.describe(),
+            "kept_float_groups": list(self.kept),
+            "float_mac_share": self.float_share,
+            "float_precision": self.float_precision,
+            "engine_batch": self.engine_batch,
+            "status": self.status,
+            "verdict": self.verdict,
+            "latency_ms": self.latency_ms,
+            "seconds": round(self.seconds, 1),
+            "float_ops": self.float_ops,
+            "error": self.error,
+            "drop_pp": self.drop_pp,
+            "top1_agreement": self.metrics.get("top1_agreement"),
+            "agreement_interval": self.interval,
+            "images": self.metrics.get("images"),
+            "cosine_min": min_cosine(self.metrics) if self.metrics else None,
+            "divergence": self.divergence,
+            "snr_db": self.metrics.get("snr_db"),
+            "paired_int8_latency_ms": self.paired_ms,
+        }
 
 
 @dataclass
@@ -175,9 +191,12 @@ class FidelityResult:
 
     def summary(self) -> str:
         c = self.chosen
-        what = (f"candidate {c.no} ({c.describe()}" + (f", float parts {c.float_precision}" if c.float_precision else "")
-                + (f", {'dynamic batch' if c.engine_batch == 'dynamic' else f'static batch {c.engine_batch}'} engine" if c.engine_batch else "")
-                + ")")
+        what = (
+            f"candidate {c.no} ({c.describe()}"
+            + (f", float parts {c.float_precision}" if c.float_precision else "")
+            + (f", {'dynamic batch' if c.engine_batch == 'dynamic' else f'static batch {c.engine_batch}'} engine" if c.engine_batch else "")
+            + ")"
+        )
         nums = _numbers(c, self.classifier)
         n = len({r.no for r in self.rows})
         done = f"{n} candidate{'s' if n != 1 else ''} in {self.seconds:.0f} s"
@@ -190,11 +209,12 @@ class FidelityResult:
         if self.met:
             head = f"INT8 fidelity target ({self.target.describe(self.classifier)}) met by {what}: {nums}; {done}{gave}{speed}"
         else:
-            head = (f"INT8 fidelity target ({self.target.describe(self.classifier)}) NOT met after {done}; "
-                    f"kept the most faithful, {what}: {nums}{speed}")
+            head = f"INT8 fidelity target ({self.target.describe(self.classifier)}) NOT met after {done}; kept the most faithful, {what}: {nums}{speed}"
         if c.verdict == "not separable" and c.interval is not None:
-            head += (f" - {c.metrics.get('images')} held-out images cannot separate it from the target "
-                     f"(interval [{100 * c.interval[0]:.1f}, {100 * c.interval[1]:.1f}]%); give more with --val")
+            head += (
+                f" - {c.metrics.get('images')} held-out images cannot separate it from the target "
+                f"(interval [{100 * c.interval[0]:.1f}, {100 * c.interval[1]:.1f}]%); give more with --val"
+            )
         return head
 
 
@@ -298,8 +318,22 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 class _Search:
     """One search: the source model, the data on disk, the worker, the target, the rows so far."""
 
-    def __init__(self, src: Path, fmt: str, arrays: _Arrays, ev: EvalSet, scratch: Path, target: Target, classifier: bool,
-                 fixed_batch: int | None, final_name: str, worker: Worker, budget_s: float, t0: float, enforce: bool):
+    def __init__(
+        self,
+        src: Path,
+        fmt: str,
+        arrays: _Arrays,
+        ev: EvalSet,
+        scratch: Path,
+        target: Target,
+        classifier: bool,
+        fixed_batch: int | None,
+        final_name: str,
+        worker: Worker,
+        budget_s: float,
+        t0: float,
+        enforce: bool,
+    ):
         self.src, self.fmt, self.arrays, self.ev, self.scratch = src, fmt, arrays, ev, scratch
         self.target, self.classifier, self.fixed_batch, self.final_name = target, classifier, fixed_batch, final_name
         self.worker, self.budget_s, self.t0, self.enforce = worker, budget_s, t0, enforce
@@ -326,9 +360,18 @@ class _Search:
         out = self.scratch / tag / f"base{self.suffix}"
         out.parent.mkdir(parents=True, exist_ok=True)
         n = f"{count} of the {self.arrays.calib_count}" if count else f"{self.arrays.calib_count}"
-        res = self._call("quantize_base", timeout or max(5.0, self.left()), f"INT8: quantizing with {cfg.describe()} on {n} calibration images",
-                         source=str(self.src), fmt=self.fmt, config=cfg.to_dict(), calib=str(self.arrays.calib),
-                         out=str(out), count=count, fixed_batch=self.fixed_batch)
+        res = self._call(
+            "quantize_base",
+            timeout or max(5.0, self.left()),
+            f"INT8: quantizing with {cfg.describe()} on {n} calibration images",
+            source=str(self.src),
+            fmt=self.fmt,
+            config=cfg.to_dict(),
+            calib=str(self.arrays.calib),
+            out=str(out),
+            count=count,
+            fixed_batch=self.fixed_batch,
+        )
         return str(out), res["quantized"], res["seconds"]
 
     def float_share(self, base_quantized: list[str], kept: list[Group]) -> float:
@@ -342,8 +385,9 @@ class _Search:
         total = float(sum(self.macs.values())) or 1.0
         return sum(v for k, v in self.macs.items() if k not in q) / total
 
-    def evaluate(self, step: str, cfg: Int8Config, base: str, quantized: list[str], kept: list[Group], variants: list[dict],
-                 time_s: float = 2.0, seconds: float = 0.0) -> list[Row]:
+    def evaluate(
+        self, step: str, cfg: Int8Config, base: str, quantized: list[str], kept: list[Group], variants: list[dict], time_s: float = 2.0, seconds: float = 0.0
+    ) -> list[Row]:
         """A candidate (the base with ``kept`` in float) measured on the held-out images, one row per engine variant."""
         self.count += 1
         no = self.count
@@ -353,14 +397,25 @@ class _Search:
         label = f"INT8 candidate {no} ({step})"
         t0 = time.perf_counter()
         try:
-            res = self._call("measure", max(60.0, self.left()) if no > 1 else QUANTIZE_TIMEOUT_S, f"{label}: measuring on {len(self.ev)} held-out images",
-                             fmt=self.fmt, model=str(model), data=str(self.arrays.eval), out_dir=str(folder), variants=variants,
-                             fixed_batch=self.fixed_batch, base=base, keep_float=ops, keep=True, time_s=time_s,
-                             data_name=f"{self.final_name}.data")
+            res = self._call(
+                "measure",
+                max(60.0, self.left()) if no > 1 else QUANTIZE_TIMEOUT_S,
+                f"{label}: measuring on {len(self.ev)} held-out images",
+                fmt=self.fmt,
+                model=str(model),
+                data=str(self.arrays.eval),
+                out_dir=str(folder),
+                variants=variants,
+                fixed_batch=self.fixed_batch,
+                base=base,
+                keep_float=ops,
+                keep=True,
+                time_s=time_s,
+                data_name=f"{self.final_name}.data",
+            )
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
             status = {WorkerCrashed: "crashed", WorkerTimeout: "timeout", WorkerFailed: "failed"}[type(exc)]
-            row = Row(no, step, cfg, None, status, seconds=time.perf_counter() - t0 + seconds, error=str(exc)[:200],
-                      kept=tuple(g.name for g in kept))
+            row = Row(no, step, cfg, None, status, seconds=time.perf_counter() - t0 + seconds, error=str(exc)[:200], kept=tuple(g.name for g in kept))
             self._print([row])
             self.rows.append(row)
             return [row]
@@ -373,10 +428,27 @@ class _Search:
             verdict, interval = self.target.verdict(m, self.classifier, drop)
             status = "met" if self.target.check(m, self.classifier, drop) else "missed"
             shape = (self.fixed_batch or (1 if v["static"] else "dynamic")) if self.fmt == "openvino" else None
-            rows.append(Row(no, step, cfg, v["float_precision"], status, metrics=m, latency_ms=v.get("latency_ms"),
-                            seconds=time.perf_counter() - t0 + seconds, float_ops=len(res["float_ops"]), drop_pp=drop, engine_batch=shape,
-                            kept=tuple(g.name for g in kept), float_share=share, verdict=verdict, interval=interval,
-                            divergence=divergence(self.ev.ref_outputs, outs, self.classifier), model=str(model)))
+            rows.append(
+                Row(
+                    no,
+                    step,
+                    cfg,
+                    v["float_precision"],
+                    status,
+                    metrics=m,
+                    latency_ms=v.get("latency_ms"),
+                    seconds=time.perf_counter() - t0 + seconds,
+                    float_ops=len(res["float_ops"]),
+                    drop_pp=drop,
+                    engine_batch=shape,
+                    kept=tuple(g.name for g in kept),
+                    float_share=share,
+                    verdict=verdict,
+                    interval=interval,
+                    divergence=divergence(self.ev.ref_outputs, outs, self.classifier),
+                    model=str(model),
+                )
+            )
         (folder / "float_ops.json").write_text(json.dumps(res["float_ops"]))
         self._print(rows)
         _warn_shape_gap(rows)
@@ -387,32 +459,54 @@ class _Search:
         for r in rows:
             shape = "" if r.engine_batch is None else ("dynamic " if r.engine_batch == "dynamic" else "static ")
             share = "" if r.float_share is None else f"{100 * r.float_share:4.1f}% float, "
-            err_console.print(f"  {r.no:3d} {r.status:7s} {('float ' + r.float_precision) if r.float_precision else '':11s} {shape:8s}"
-                              f"{share}{_numbers(r, self.classifier) or r.error or ''}", soft_wrap=True)
+            err_console.print(
+                f"  {r.no:3d} {r.status:7s} {('float ' + r.float_precision) if r.float_precision else '':11s} {shape:8s}"
+                f"{share}{_numbers(r, self.classifier) or r.error or ''}",
+                soft_wrap=True,
+            )
 
     def rank(self, base: str, variant: dict, candidates: list[Group]) -> list[dict]:
         """Score every group by how much keeping it in float lowers the divergence from FP32 on calibration images."""
         if self.rank_ref is None:
             path = str(self.scratch / "rank_reference.npz")
-            self._call("reference_outputs", 600.0, "INT8: FP32 outputs for the ranking pass", source=str(self.src),
-                       data=str(self.arrays.rank), out=path, fixed_batch=self.fixed_batch)
+            self._call(
+                "reference_outputs",
+                600.0,
+                "INT8: FP32 outputs for the ranking pass",
+                source=str(self.src),
+                data=str(self.arrays.rank),
+                out=path,
+                fixed_batch=self.fixed_batch,
+            )
             self.rank_ref = _load_npz(path)
         folder = self.scratch / "ranking"
 
         def score(ops: list[str], tag: str) -> float:
-            res = self._call("measure", max(30.0, self.left()), f"INT8 ranking: {tag}", fmt=self.fmt,
-                             model=str(folder / tag / f"model{self.suffix}"), data=str(self.arrays.rank), out_dir=str(folder / tag),
-                             variants=[variant], fixed_batch=self.fixed_batch, base=base, keep_float=ops, keep=False)
+            res = self._call(
+                "measure",
+                max(30.0, self.left()),
+                f"INT8 ranking: {tag}",
+                fmt=self.fmt,
+                model=str(folder / tag / f"model{self.suffix}"),
+                data=str(self.arrays.rank),
+                out_dir=str(folder / tag),
+                variants=[variant],
+                fixed_batch=self.fixed_batch,
+                base=base,
+                keep_float=ops,
+                keep=False,
+            )
             return divergence(self.rank_ref, _load_npz(res["variants"][0]["outputs"]), self.classifier)
 
         base_div = score([], "none")
         ranking = []
-        err_console.print(f"[bold]INT8 ranking[/]: what keeping each of {len(candidates)} groups in float buys "
-                          f"({RANK_IMAGES if self.arrays.calib_count >= RANK_IMAGES else self.arrays.calib_count} calibration images)")
+        err_console.print(
+            f"[bold]INT8 ranking[/]: what keeping each of {len(candidates)} groups in float buys "
+            f"({RANK_IMAGES if self.arrays.calib_count >= RANK_IMAGES else self.arrays.calib_count} calibration images)"
+        )
         for k, g in enumerate(candidates):
             if self.left() <= 5:
-                note(f"INT8 search budget ({self.budget_s:.0f} s) used up while ranking ({k} of {len(candidates)} groups); "
-                     "pass --search-budget to allow more")
+                note(f"INT8 search budget ({self.budget_s:.0f} s) used up while ranking ({k} of {len(candidates)} groups); pass --search-budget to allow more")
                 break
             try:
                 d = score(list(g.ops), f"g{k}")
@@ -438,9 +532,11 @@ def _warn_shape_gap(rows: list[Row]) -> None:
     for fp, d in by_fp.items():
         if len(d) == 2 and max(d.values()) > SHAPE_GAP * max(min(d.values()), 1e-6):
             worse = "static batch-1" if d[True] > d[False] else "dynamic-batch"
-            note(f"the {worse} engine ({fp or 'default'} float parts) is {max(d.values()) / max(min(d.values()), 1e-9):.1f}x further from "
-                 "FP32 than the other shape of the same file: a runtime issue (see docs/openvino_static_batch.md); "
-                 "the search keeps the faithful one")
+            note(
+                f"the {worse} engine ({fp or 'default'} float parts) is {max(d.values()) / max(min(d.values()), 1e-9):.1f}x further from "
+                "FP32 than the other shape of the same file: a runtime issue (see docs/openvino_static_batch.md); "
+                "the search keeps the faithful one"
+            )
 
 
 def _onnx_structure(path: Path):
@@ -468,9 +564,23 @@ def _within(order: list[Group], share_of, cap: float) -> list[Group]:
     return kept
 
 
-def search(src: Path, fmt: str, calib_stream, ev: EvalSet, scratch: Path, *, target: Target, budget_s: float,
-           fixed_batch: int | None, base_config: Int8Config, variants: list[dict], final_name: str = "model.onnx",
-           classifier: bool | None = None, float_candidate: bool = False, enforce: bool = True) -> FidelityResult:
+def search(
+    src: Path,
+    fmt: str,
+    calib_stream,
+    ev: EvalSet,
+    scratch: Path,
+    *,
+    target: Target,
+    budget_s: float,
+    fixed_batch: int | None,
+    base_config: Int8Config,
+    variants: list[dict],
+    final_name: str = "model.onnx",
+    classifier: bool | None = None,
+    float_candidate: bool = False,
+    enforce: bool = True,
+) -> FidelityResult:
     """Quantize once with ``base_config``, measure every engine variant of ``variants``; when the target is missed,
     rank the groups and revert the harmful ones, then try whole-model settings, within ``budget_s`` seconds.
     ``fmt``: NNCF's output, ``openvino`` (an IR) or ``onnx`` (QDQ ONNX for ONNX Runtime).  ``float_candidate`` (``--auto``): the FP32 model is measured
@@ -480,8 +590,7 @@ def search(src: Path, fmt: str, calib_stream, ev: EvalSet, scratch: Path, *, tar
     if classifier is None:  # class logits: one (N, classes) output
         classifier = ev.ref.ndim == 2 and ev.ref.shape[1] > 1 and len(ev.ref_outputs) == 1
     with Worker(scratch) as worker:
-        s = _Search(src, fmt, _Arrays(scratch, calib_stream, ev), ev, scratch, target, classifier, fixed_batch, final_name,
-                    worker, budget_s, t0, enforce)
+        s = _Search(src, fmt, _Arrays(scratch, calib_stream, ev), ev, scratch, target, classifier, fixed_batch, final_name, worker, budget_s, t0, enforce)
         base_cfg = base_config
         err_console.print(f"[bold]INT8 default[/]: {base_cfg.describe()}")
         try:
@@ -511,8 +620,20 @@ def search(src: Path, fmt: str, calib_stream, ev: EvalSet, scratch: Path, *, tar
         reference = None
         if float_candidate:  # --auto: the FP32 model at the CPU's fastest float precision, measured and timed alike
             reference = _float_reference(s, chosen, variants[0])
-    return FidelityResult(target, bool(met_rows), chosen, rows, Path(chosen.model) if chosen.model else None, classifier,
-                          time.perf_counter() - t0, reference, enforce, ranking, _deployed_default(first), s.settings)
+    return FidelityResult(
+        target,
+        bool(met_rows),
+        chosen,
+        rows,
+        Path(chosen.model) if chosen.model else None,
+        classifier,
+        time.perf_counter() - t0,
+        reference,
+        enforce,
+        ranking,
+        _deployed_default(first),
+        s.settings,
+    )
 
 
 def _best(rows: list[Row], classifier: bool) -> Row | None:
@@ -528,8 +649,9 @@ def _revert_search(s: _Search, cfg: Int8Config, base: str, quantized: list[str],
     """Rank the groups on ``base``, then revert the best 1, 2, 4, ... and bisect; returns the ranking."""
     variant = {"float_precision": start.float_precision, "static": start.engine_batch == 1}
     q = {n.removesuffix("/WithoutBiases") for n in quantized}
-    candidates = [g for g in s.groups if any(o in q for o in g.ops)
-                  or (g.name.endswith("attention core") and any(av in q for _, av in s.attention_pairs if av in g.ops))]
+    candidates = [
+        g for g in s.groups if any(o in q for o in g.ops) or (g.name.endswith("attention core") and any(av in q for _, av in s.attention_pairs if av in g.ops))
+    ]
     ranking = s.rank(base, variant, candidates)
     order = _order(ranking, s.groups)
     if not order:
@@ -540,8 +662,9 @@ def _revert_search(s: _Search, cfg: Int8Config, base: str, quantized: list[str],
         note(f"INT8 search: every group that helps puts more than {100 * MAX_FLOAT_SHARE:.0f}% of the multiply-adds in float")
         return ranking
     cap = len(order)
-    err_console.print(f"[bold]INT8 revert[/]: groups in order of gain per multiply-add: {', '.join(g.name for g in order[:8])}"
-                      + (" ..." if len(order) > 8 else ""))
+    err_console.print(
+        f"[bold]INT8 revert[/]: groups in order of gain per multiply-add: {', '.join(g.name for g in order[:8])}" + (" ..." if len(order) > 8 else "")
+    )
     tried: dict[int, bool] = {}
 
     def attempt(k: int) -> bool:
@@ -589,9 +712,20 @@ def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: li
         folder = s.scratch / f"setting{k}"
         try:
             base, _, _ = s.quantize(cfg, folder.name, count=subset, timeout=max(5.0, min(SETTING_TIMEOUT_S, s.left())))
-            res = s._call("measure", max(30.0, s.left()), f"INT8 setting '{name}': measuring", fmt=s.fmt,
-                          model=str(folder / f"model{s.suffix}"), data=str(s.arrays.rank), out_dir=str(folder), variants=[variant],
-                          fixed_batch=s.fixed_batch, base=base, keep_float=[], keep=False)
+            res = s._call(
+                "measure",
+                max(30.0, s.left()),
+                f"INT8 setting '{name}': measuring",
+                fmt=s.fmt,
+                model=str(folder / f"model{s.suffix}"),
+                data=str(s.arrays.rank),
+                out_dir=str(folder),
+                variants=[variant],
+                fixed_batch=s.fixed_batch,
+                base=base,
+                keep_float=[],
+                keep=False,
+            )
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
             status = {WorkerCrashed: "crashed", WorkerTimeout: "timeout", WorkerFailed: "failed"}[type(exc)]
             s.settings[name] = {"config": cfg.to_dict(), "status": status, "error": str(exc)[:200], "divergence": None}
@@ -632,9 +766,15 @@ def _fastest(s: _Search, met: list[Row]) -> Row:
     met = sorted(met, key=lambda r: (r.float_share or 0.0, r.no))
     if len(met) > 1:
         try:
-            lat = s._call("time_models", 300.0, f"INT8: timing {len(met)} candidates side by side", fmt=s.fmt,
-                          models=[{"path": r.model, "float_precision": r.float_precision, "static": r.engine_batch == 1} for r in met],
-                          sample=str(s.arrays.eval), fixed_batch=s.fixed_batch)
+            lat = s._call(
+                "time_models",
+                300.0,
+                f"INT8: timing {len(met)} candidates side by side",
+                fmt=s.fmt,
+                models=[{"path": r.model, "float_precision": r.float_precision, "static": r.engine_batch == 1} for r in met],
+                sample=str(s.arrays.eval),
+                fixed_batch=s.fixed_batch,
+            )
             for r, ms in zip(met, lat, strict=True):
                 r.latency_ms = ms
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
@@ -650,14 +790,28 @@ def _float_reference(s: _Search, chosen: Row, variant: dict) -> Row | None:
     """The FP32 model at the CPU's fastest float precision: measured on the held-out images and timed beside ``chosen``."""
     folder = s.scratch / "float_reference"
     try:
-        res = s._call("measure", 900.0, "FP32 model: measuring for comparison", fmt=s.fmt, model=str(s.src), data=str(s.arrays.eval),
-                      out_dir=str(folder), variants=[variant], fixed_batch=s.fixed_batch)
+        res = s._call(
+            "measure",
+            900.0,
+            "FP32 model: measuring for comparison",
+            fmt=s.fmt,
+            model=str(s.src),
+            data=str(s.arrays.eval),
+            out_dir=str(folder),
+            variants=[variant],
+            fixed_batch=s.fixed_batch,
+        )
         lat = None
         if chosen.model:
-            lat = s._call("time_models", 300.0, "FP32 model and the chosen INT8: timing side by side", fmt=s.fmt,
-                          models=[{"path": str(s.src), **variant},
-                                  {"path": chosen.model, "float_precision": chosen.float_precision, "static": chosen.engine_batch == 1}],
-                          sample=str(s.arrays.eval), fixed_batch=s.fixed_batch)
+            lat = s._call(
+                "time_models",
+                300.0,
+                "FP32 model and the chosen INT8: timing side by side",
+                fmt=s.fmt,
+                models=[{"path": str(s.src), **variant}, {"path": chosen.model, "float_precision": chosen.float_precision, "static": chosen.engine_batch == 1}],
+                sample=str(s.arrays.eval),
+                fixed_batch=s.fixed_batch,
+            )
     except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
         note(f"the FP32 model could not be measured for comparison ({exc})")
         return None
@@ -666,9 +820,22 @@ def _float_reference(s: _Search, chosen: Row, variant: dict) -> Row | None:
     drop = s.ev.drop_pp(m) if s.classifier else None
     verdict, interval = s.target.verdict(m, s.classifier, drop)
     shape = (s.fixed_batch or (1 if variant["static"] else "dynamic")) if s.fmt == "openvino" else None
-    return Row(0, "float reference", Int8Config(), variant["float_precision"], "reference", metrics=m,
-               latency_ms=lat[0] if lat else None, drop_pp=drop, engine_batch=shape, paired_ms=lat[1] if lat else None,
-               float_share=1.0, verdict=verdict, interval=interval, divergence=divergence(s.ev.ref_outputs, outs, s.classifier))
+    return Row(
+        0,
+        "float reference",
+        Int8Config(),
+        variant["float_precision"],
+        "reference",
+        metrics=m,
+        latency_ms=lat[0] if lat else None,
+        drop_pp=drop,
+        engine_batch=shape,
+        paired_ms=lat[1] if lat else None,
+        float_share=1.0,
+        verdict=verdict,
+        interval=interval,
+        divergence=divergence(s.ev.ref_outputs, outs, s.classifier),
+    )
 
 
 def _sound(rows: list[Row]) -> list[Row]:
@@ -683,25 +850,49 @@ def _sound(rows: list[Row]) -> list[Row]:
     return [r for r in rows if 1.0 - min_cosine(r.metrics) <= limit]
 
 
-def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model: str, backend: str, eval_source: str,
-                images: int) -> None:
+def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model: str, backend: str, eval_source: str, images: int) -> None:
     """Every candidate's numbers and the ranking, as JSON and Markdown, next to the artifact."""
     rows = [r.to_dict() for r in result.rows]
-    info = {"model": model, "backend": backend, "target": {"agreement": result.target.agreement, "cosine": result.target.cosine,
-            "max_drop": result.target.max_drop, "metric": result.target.describe(result.classifier)},
-            "measured_on": eval_source, "images": images, "met": result.met, "chosen_candidate": result.chosen.no,
-            "chosen_float_precision": result.chosen.float_precision, "chosen_verdict": result.chosen.verdict,
-            "seconds": round(result.seconds, 1), "candidates": rows, "ranking": result.ranking, "settings": result.settings,
-            "float_reference": result.reference.to_dict() if result.reference else None, "speedup_vs_float": result.speedup_vs_float,
-            "max_float_mac_share": MAX_FLOAT_SHARE, "summary": result.summary()}
+    info = {
+        "model": model,
+        "backend": backend,
+        "target": {
+            "agreement": result.target.agreement,
+            "cosine": result.target.cosine,
+            "max_drop": result.target.max_drop,
+            "metric": result.target.describe(result.classifier),
+        },
+        "measured_on": eval_source,
+        "images": images,
+        "met": result.met,
+        "chosen_candidate": result.chosen.no,
+        "chosen_float_precision": result.chosen.float_precision,
+        "chosen_verdict": result.chosen.verdict,
+        "seconds": round(result.seconds, 1),
+        "candidates": rows,
+        "ranking": result.ranking,
+        "settings": result.settings,
+        "float_reference": result.reference.to_dict() if result.reference else None,
+        "speedup_vs_float": result.speedup_vs_float,
+        "max_float_mac_share": MAX_FLOAT_SHARE,
+        "summary": result.summary(),
+    }
     path_json.write_text(json.dumps(json_safe(info), indent=2) + "\n")
-    lines = [f"# INT8 fidelity search: {model} ({backend})", "",
-             (f"- target: {result.target.describe(result.classifier)}; measured on {eval_source} ({images} images); "
-             f"agreement intervals are {100 * CI_LEVEL:.0f} % Wilson intervals"),
-             f"- result: {result.summary()}", "",
-             ("| # | step | configuration | float MACs | float parts | engine batch | status | verdict | top-1 agreement | drop pp | min cosine "
-              "| divergence | latency ms (batch 1) | seconds |"),
-             "|---:|---|---|---:|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# INT8 fidelity search: {model} ({backend})",
+        "",
+        (
+            f"- target: {result.target.describe(result.classifier)}; measured on {eval_source} ({images} images); "
+            f"agreement intervals are {100 * CI_LEVEL:.0f} % Wilson intervals"
+        ),
+        f"- result: {result.summary()}",
+        "",
+        (
+            "| # | step | configuration | float MACs | float parts | engine batch | status | verdict | top-1 agreement | drop pp | min cosine "
+            "| divergence | latency ms (batch 1) | seconds |"
+        ),
+        "|---:|---|---|---:|---|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in result.rows + ([result.reference] if result.reference else []):
         chosen = " **(chosen)**" if r is result.chosen else ""
         agree = "" if r.metrics.get("top1_agreement") is None else f"{100 * r.metrics['top1_agreement']:.1f}%"
@@ -714,31 +905,56 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
         share = "" if r.float_share is None else f"{100 * r.float_share:.1f}%"
         status = r.status + (f": {r.error}" if r.error else "")
         shape = "" if r.engine_batch is None else ("dynamic" if r.engine_batch == "dynamic" else f"static {r.engine_batch}")
-        lines.append(f"| {r.no if r.status != 'reference' else '-'}{chosen} | {r.step} | {r.describe()} | {share} | {r.float_precision or ''} | "
-                     f"{shape} | {status} | {r.verdict or ''} | {agree} | {drop} | {cos} | {div} | {lat} | {r.seconds:.0f} |")
+        lines.append(
+            f"| {r.no if r.status != 'reference' else '-'}{chosen} | {r.step} | {r.describe()} | {share} | {r.float_precision or ''} | "
+            f"{shape} | {status} | {r.verdict or ''} | {agree} | {drop} | {cos} | {div} | {lat} | {r.seconds:.0f} |"
+        )
     if result.ranking:
-        lines += ["", "## Ranking: what keeping each group in float buys", "",
-                  (f"Divergence from FP32 on {RANK_IMAGES} calibration images (mean KL of class probabilities, or mean 1 - cosine); "
-                  f"the default candidate's: {result.ranking[0].get('base_divergence', float('nan')):.4g}."), "",
-                  "| group | share of MACs | divergence with it in float | gain |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Ranking: what keeping each group in float buys",
+            "",
+            (
+                f"Divergence from FP32 on {RANK_IMAGES} calibration images (mean KL of class probabilities, or mean 1 - cosine); "
+                f"the default candidate's: {result.ranking[0].get('base_divergence', float('nan')):.4g}."
+            ),
+            "",
+            "| group | share of MACs | divergence with it in float | gain |",
+            "|---|---:|---:|---:|",
+        ]
         for r in sorted(result.ranking, key=lambda r: -(r.get("gain") or -1e9)):
             gain = "" if r.get("gain") is None else f"{r['gain']:.4g}"
             d = "" if r.get("divergence") is None else f"{r['divergence']:.4g}"
             lines.append(f"| {r['group']} | {100 * r['share']:.2f}% | {d or r.get('error', '')} | {gain} |")
     if result.settings:
-        lines += ["", "## Whole-model settings, each quantized on a calibration subset", "",
-                  "| setting | status | divergence on the ranking images |", "|---|---|---:|"]
+        lines += [
+            "",
+            "## Whole-model settings, each quantized on a calibration subset",
+            "",
+            "| setting | status | divergence on the ranking images |",
+            "|---|---|---:|",
+        ]
         for name, v in result.settings.items():
             d = "" if v.get("divergence") is None else f"{v['divergence']:.4g}"
             lines.append(f"| {name} | {v['status'] + (': ' + v['error'] if v.get('error') else '')} | {d} |")
     ref = result.reference
     if ref is not None and ref.paired_ms:
-        lines += ["", (f"Float reference and the chosen INT8 candidate timed side by side (interleaved, one process): "
-                  f"{ref.latency_ms:.2f} ms vs {ref.paired_ms:.2f} ms (what `--auto` compares).")]
-    lines += ["", ("Latency: median of batch-1 runs in the search's worker process; candidates that met the target were timed again "
-              "side by side before one was chosen. Compare rows, not machines."),
-              "Agreement with FP32 is measured on held-out images the calibration never saw; the search stopped on them too, so",
-              "confirm on fresh images with `vitedge validate --data DIR`."]
+        lines += [
+            "",
+            (
+                f"Float reference and the chosen INT8 candidate timed side by side (interleaved, one process): "
+                f"{ref.latency_ms:.2f} ms vs {ref.paired_ms:.2f} ms (what `--auto` compares)."
+            ),
+        ]
+    lines += [
+        "",
+        (
+            "Latency: median of batch-1 runs in the search's worker process; candidates that met the target were timed again "
+            "side by side before one was chosen. Compare rows, not machines."
+        ),
+        "Agreement with FP32 is measured on held-out images the calibration never saw; the search stopped on them too, so",
+        "confirm on fresh images with `vitedge validate --data DIR`.",
+    ]
     path_md.write_text("\n".join(lines) + "\n")
 
 

@@ -33,8 +33,18 @@ from ..export import compare_outputs
 log = logging.getLogger("vitedge")
 
 # ops whose statistics/exponentials overflow or lose too much in half precision: kept in float32
-FP16_KEEP_FLOAT = ["LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Exp", "Log",
-                   "SimplifiedLayerNormalization", "SkipLayerNormalization"]
+FP16_KEEP_FLOAT = [
+    "LayerNormalization",
+    "Softmax",
+    "ReduceMean",
+    "ReduceSum",
+    "Pow",
+    "Sqrt",
+    "Exp",
+    "Log",
+    "SimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+]
 FP16_MAX = 65504.0
 DEFAULT_MARGIN = 2.0  # keep FP32 where calibration saw more than FP16_MAX / margin (head-room for unseen images)
 MAX_ROUNDS = 8
@@ -225,8 +235,9 @@ def _convert(proto, block_nodes: set[str], direct: bool = True):
             root = logging.getLogger()
             was, root.disabled = root.disabled, True
             try:
-                half = convert_float_to_float16(cp, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + FP16_KEEP_FLOAT,
-                                                node_block_list=sorted(block_nodes))
+                half = convert_float_to_float16(
+                    cp, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + FP16_KEEP_FLOAT, node_block_list=sorted(block_nodes)
+                )
             finally:
                 root.disabled = was
         from .. import graph
@@ -283,8 +294,7 @@ def _bad_fp16(t: str, s16: TensorStats, s32: TensorStats) -> bool:
     return t in s16.fp16_overflow
 
 
-def convert_onnx_fp16(model: Path, out: Path, data=None, *, margin: float = DEFAULT_MARGIN,
-                      max_rounds: int = MAX_ROUNDS, guard: bool = True) -> Fp16Result:
+def convert_onnx_fp16(model: Path, out: Path, data=None, *, margin: float = DEFAULT_MARGIN, max_rounds: int = MAX_ROUNDS, guard: bool = True) -> Fp16Result:
     """FP16 ONNX (FP32 I/O) that stays finite on ``data``: overflow-prone nodes are kept in FP32.
 
     ``data``: preprocessed batches to check on (an ``EvalSet``, a list of arrays, or a zero-arg
@@ -336,15 +346,15 @@ def convert_onnx_fp16(model: Path, out: Path, data=None, *, margin: float = DEFA
                 s16 = scan_tensors(half, source, Path(tmp))
                 out16 = np.concatenate(s16.outputs)
                 bad = [t for t in s16.max_abs.keys() | s16.nonfinite if t in producer and _bad_fp16(t, s16, s32)]
-                rounds.append({"round": r + 1, "kept_fp32": len(block), "bad_tensors": len(bad),
-                               "output_finite": bool(np.isfinite(out16).all())})
+                rounds.append({"round": r + 1, "kept_fp32": len(block), "bad_tensors": len(bad), "output_finite": bool(np.isfinite(out16).all())})
                 if not bad and np.isfinite(out16).all():
                     break
                 badset = set(bad)
                 # where the trouble starts: bad tensors none of whose float activation inputs are bad, and
                 # every bad tensor FP16 cannot hold even in principle (FP32 saw it past 65504)
-                origins = [producer[t] for t in bad if not any(i is not None and i.name in badset for i in producer[t].inputs)
-                           or s32.max_abs.get(t, 0.0) > FP16_MAX]
+                origins = [
+                    producer[t] for t in bad if not any(i is not None and i.name in badset for i in producer[t].inputs) or s32.max_abs.get(t, 0.0) > FP16_MAX
+                ]
                 new = 0
                 for nd in origins:
                     for o in (v.name for v in nd.outputs):
@@ -365,11 +375,17 @@ def convert_onnx_fp16(model: Path, out: Path, data=None, *, margin: float = DEFA
             if bad or not np.isfinite(out16).all():
                 raise VitedgeError(
                     f"FP16 still overflows after keeping {len(block) + len(op_kept)} nodes in FP32 (first bad tensor: {sorted(bad)[0] if bad else 'output'})",
-                    "use FP32 or BF16 for this model (e.g. OpenVINO, whose CPU plugin runs BF16), or fix the activations' scale")
+                    "use FP32 or BF16 for this model (e.g. OpenVINO, whose CPU plugin runs BF16), or fix the activations' scale",
+                )
             finite16 = [m for t, m in s16.max_abs.items() if np.isfinite(m) and s16.types.get(t) == onnx.TensorProto.FLOAT16]
-            info.update(checked=True, images=s32.images, rounds=rounds, agreement_on_check_images=compare_outputs(ref, out16),
-                        largest_fp16_activation=max(finite16, default=0.0),  # over the tensors left in FP16
-                        headroom=FP16_MAX / max(max(finite16, default=1e-30), 1e-30))
+            info.update(
+                checked=True,
+                images=s32.images,
+                rounds=rounds,
+                agreement_on_check_images=compare_outputs(ref, out16),
+                largest_fp16_activation=max(finite16, default=0.0),  # over the tensors left in FP16
+                headroom=FP16_MAX / max(max(finite16, default=1e-30), 1e-30),
+            )
     save_onnx(half, out)
     info["kept_fp32_for_overflow"] = [{"node": k, "reason": v} for k, v in block.items() if k not in op_kept]
     kept = op_kept + [k for k in block if k not in op_kept]
@@ -400,9 +416,13 @@ def openvino_fp16(model: Path, out_xml: Path, data=None) -> dict:
         del proto
         limit = FP16_MAX / DEFAULT_MARGIN
         hot = {t: m for t, m in s32.max_abs.items() if m > limit and np.isfinite(m)}
-        info.update(threshold=limit, hot_tensors={t: hot[t] for t in sorted(hot, key=lambda k: -hot[k])[:50]}, hot_tensor_count=len(hot),
-                    largest_fp32_activation=max((m for m in s32.max_abs.values() if np.isfinite(m)), default=0.0),
-                    fp16_compute_safe=not hot)
+        info.update(
+            threshold=limit,
+            hot_tensors={t: hot[t] for t in sorted(hot, key=lambda k: -hot[k])[:50]},
+            hot_tensor_count=len(hot),
+            largest_fp32_activation=max((m for m in s32.max_abs.values() if np.isfinite(m)), default=0.0),
+            fp16_compute_safe=not hot,
+        )
         if hot:
             info["advice"] = "activations exceed FP16: on devices that compute in FP16 (GPU, some ARM CPUs) set INFERENCE_PRECISION_HINT to f32 (or bf16)"
     try:
@@ -426,6 +446,8 @@ def openvino_fp16(model: Path, out_xml: Path, data=None) -> dict:
     del compiled
     info.update(checked=True, cpu_inference_precision=prec, images=n, output_finite=finite, largest_output=largest)
     if not finite:
-        raise VitedgeError(f"the FP16 IR gives inf/NaN on the CPU (inference precision {prec}) on {n} check images",
-                           "compile with inference precision f32, or use --backend onnxruntime (overflow-guarded FP16)")
+        raise VitedgeError(
+            f"the FP16 IR gives inf/NaN on the CPU (inference precision {prec}) on {n} check images",
+            "compile with inference precision f32, or use --backend onnxruntime (overflow-guarded FP16)",
+        )
     return info

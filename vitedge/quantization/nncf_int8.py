@@ -90,8 +90,7 @@ def _advanced(cfg: Int8Config):
     return AdvancedQuantizationParameters(**kw)
 
 
-def quantize_nncf(model, calib: Iterable[np.ndarray], subset_size: int, cfg: Int8Config, ignored: list[str],
-                  compress_weights: bool = True):
+def quantize_nncf(model, calib: Iterable[np.ndarray], subset_size: int, cfg: Int8Config, ignored: list[str], compress_weights: bool = True):
     """Quantize an ``ov.Model`` or an ``onnx.ModelProto`` with NNCF; returns the same kind of model.
 
     ``compress_weights=False`` leaves the weights' fake-quantizers on the FP32 weights (NNCF's own accuracy
@@ -104,6 +103,13 @@ def quantize_nncf(model, calib: Iterable[np.ndarray], subset_size: int, cfg: Int
     adv = _advanced(cfg)
     if not compress_weights:
         adv.backend_params["compress_weights"] = False  # NNCF's BackendParameters.COMPRESS_WEIGHTS, both backends
-    return nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
-                         subset_size=subset_size, fast_bias_correction=cfg.bias_correction == "fast", ignored_scope=scope,
-                         advanced_parameters=adv)
+    return nncf.quantize(
+        model,
+        data,
+        model_type=nncf.ModelType.TRANSFORMER,
+        preset=nncf.QuantizationPreset.MIXED,
+        subset_size=subset_size,
+        fast_bias_correction=cfg.bias_correction == "fast",
+        ignored_scope=scope,
+        advanced_parameters=adv,
+    )

@@ -3,6 +3,7 @@ projection, fc1, fc2), head - found from weights and data flow, not names, so ON
 (timm, transformers, torch.onnx) work too.  The INT8 search reverts these groups to float
 (:func:`structural_groups`); NNCF and TensorRT's placement keep some of them float by rule.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -42,8 +42,16 @@ def rank_layers(prepared: Path, cache: Path, cfg: QDQConfig, method: str, nodes:
             tmp = scratch / "sens.onnx"
             quantize_qdq(prepared, tmp, cache, cfg, method, only=[name])
             m = _run(tmp, ev)
-            rows.append({"node": name, "noise_ratio": m["noise_ratio"], "snr_db": m["snr_db"],
-                         "cosine_min": m["cosine_min"], "top1_agreement": m.get("top1_agreement"), "drop_pp": m["drop_pp"]})
+            rows.append(
+                {
+                    "node": name,
+                    "noise_ratio": m["noise_ratio"],
+                    "snr_db": m["snr_db"],
+                    "cosine_min": m["cosine_min"],
+                    "top1_agreement": m.get("top1_agreement"),
+                    "drop_pp": m["drop_pp"],
+                }
+            )
             bar.advance(task)
     rows.sort(key=lambda r: (-r["noise_ratio"], r["node"]))
     for i, r in enumerate(rows, 1):
@@ -51,8 +59,9 @@ def rank_layers(prepared: Path, cache: Path, cfg: QDQConfig, method: str, nodes:
     return rows
 
 
-def search(prepared: Path, out: Path, cache: Path, cfg: QDQConfig, method: str, ranking: list[dict], ev: EvalSet,
-           max_drop: float, full: dict, scratch: Path) -> tuple[list[str], dict, list[dict], bool]:
+def search(
+    prepared: Path, out: Path, cache: Path, cfg: QDQConfig, method: str, ranking: list[dict], ev: EvalSet, max_drop: float, full: dict, scratch: Path
+) -> tuple[list[str], dict, list[dict], bool]:
     """Keep the k most sensitive layers float for k = 1, 2, ... until the drop fits.
 
     Returns (kept_float, metrics_of_the_chosen_model, steps, met).  ``out`` holds the chosen model.

@@ -100,8 +100,13 @@ class Quantizer:
 
 def _onnx_fp16(job: Job) -> Outcome:
     res = convert_onnx_fp16(job.src, job.out, job.ev)  # overflow guard: nodes whose tensors overflow FP16 stay FP32
-    info = {"tool": "onnxruntime.transformers.float16 (keep_io_types)", "io": "float32", "excluded_nodes": res.kept,
-            "kept_float_op_types": FP16_KEEP_FLOAT, "overflow_guard": dict(res.guard, checked_on=job.ev.source)}
+    info = {
+        "tool": "onnxruntime.transformers.float16 (keep_io_types)",
+        "io": "float32",
+        "excluded_nodes": res.kept,
+        "kept_float_op_types": FP16_KEEP_FLOAT,
+        "overflow_guard": dict(res.guard, checked_on=job.ev.source),
+    }
     _fp16_notes(job, info, f", {len(res.kept)} nodes kept in FP32")
     return Outcome(info, "fp16")
 
@@ -133,29 +138,60 @@ class NNCFQuantizer(Quantizer):
 
         if job.ev.random:
             raise VitedgeError("INT8 needs held-out images to measure against FP32", "pass --val DIR or more --calib images")
-        stream = StreamingBatches(job.plan.calib, job.parent.preprocessing_obj, 32, min_count=min(job.samples or 1, len(job.plan.calib)),
-                                  label="preparing calibration images")
+        stream = StreamingBatches(
+            job.plan.calib, job.parent.preprocessing_obj, 32, min_count=min(job.samples or 1, len(job.plan.calib)), label="preparing calibration images"
+        )
         work = job.scratch / "search"
         work.mkdir()
         base = self.base_config()
         if job.method != "minmax":
             base = base.but(estimator=job.method)
-        res = fid.search(job.src, self.format, stream, job.ev, work, target=job.target, budget_s=job.search_budget,
-                         fixed_batch=job.fixed_batch, base_config=base, variants=self.variants(job.fixed_batch),
-                         final_name=job.output.name, classifier=job.parent.task == "classification",
-                         float_candidate=job.precision == "auto", enforce=job.enforce)
+        res = fid.search(
+            job.src,
+            self.format,
+            stream,
+            job.ev,
+            work,
+            target=job.target,
+            budget_s=job.search_budget,
+            fixed_batch=job.fixed_batch,
+            base_config=base,
+            variants=self.variants(job.fixed_batch),
+            final_name=job.output.name,
+            classifier=job.parent.task == "classification",
+            float_candidate=job.precision == "auto",
+            enforce=job.enforce,
+        )
         fid.copy_chosen(res, job.out, self.format)
         tj, tm = f"{job.output.name}.fidelity.json", f"{job.output.name}.fidelity.md"
-        fid.write_table(res, job.scratch / tj, job.scratch / tm, model=job.src.name, backend=job.backend, eval_source=job.ev.source,
-                        images=len(job.ev))
+        fid.write_table(res, job.scratch / tj, job.scratch / tm, model=job.src.name, backend=job.backend, eval_source=job.ev.source, images=len(job.ev))
         c = res.chosen
-        info = {"tool": f"nncf {nncf.__version__} ({self.tool})", "model_type": "TRANSFORMER", "preset": "MIXED", "method": job.method,
-                "per_channel": True, "config": c.config.to_dict(), "configuration": c.describe(),
-                "range_estimator": ESTIMATORS[c.config.estimator], "kept_float_groups": list(c.kept), "float_mac_share": c.float_share,
-                "excluded_nodes": fid.kept_float(res), "float_precision": c.float_precision, "engine_batch": c.engine_batch,
-                "fidelity": {"target": job.target.describe(res.classifier), "met": res.met, "verdict": c.verdict,
-                             "agreement_interval": c.interval, "images": c.metrics.get("images"), "chosen_candidate": c.no,
-                             "candidates": len({r.no for r in res.rows}), "table": tm, "summary": res.summary()}}
+        info = {
+            "tool": f"nncf {nncf.__version__} ({self.tool})",
+            "model_type": "TRANSFORMER",
+            "preset": "MIXED",
+            "method": job.method,
+            "per_channel": True,
+            "config": c.config.to_dict(),
+            "configuration": c.describe(),
+            "range_estimator": ESTIMATORS[c.config.estimator],
+            "kept_float_groups": list(c.kept),
+            "float_mac_share": c.float_share,
+            "excluded_nodes": fid.kept_float(res),
+            "float_precision": c.float_precision,
+            "engine_batch": c.engine_batch,
+            "fidelity": {
+                "target": job.target.describe(res.classifier),
+                "met": res.met,
+                "verdict": c.verdict,
+                "agreement_interval": c.interval,
+                "images": c.metrics.get("images"),
+                "chosen_candidate": c.no,
+                "candidates": len({r.no for r in res.rows}),
+                "table": tm,
+                "summary": res.summary(),
+            },
+        }
         self.describe_int8(job, info)
         shutil.rmtree(work, ignore_errors=True)
         precision = self._auto(res, job, info) if job.precision == "auto" else "int8"
@@ -174,16 +210,20 @@ class NNCFQuantizer(Quantizer):
         """``--auto``: keep the INT8 file, or write the FP32 model (run at the CPU's float precision) when it meets
         the target and INT8 is no faster here.  Returns the precision written (``int8`` / ``fp32``)."""
         why = res.choice()
-        info["choice"] = {"asked": "auto", "chosen": (res.reference.float_precision or "fp32") if res.float_wins else "int8",
-                          "why": why, "cpu": isa_summary()}
+        info["choice"] = {"asked": "auto", "chosen": (res.reference.float_precision or "fp32") if res.float_wins else "int8", "why": why, "cpu": isa_summary()}
         log.info("--auto chose %s", why)
         if not res.float_wins:
             return "int8"
         for f in (job.out, job.out.with_suffix(".bin"), job.out.parent / f"{job.out.name}.data"):  # the INT8 files
             f.unlink(missing_ok=True)
         self.write_float(job.src, job.out)  # the file that was measured
-        info.update(float_precision=res.reference.float_precision, excluded_nodes=[], kept_float_groups=[], float_mac_share=1.0,
-                    tool=f"none: FP32 weights, run at {res.reference.float_precision or 'fp32'}")
+        info.update(
+            float_precision=res.reference.float_precision,
+            excluded_nodes=[],
+            kept_float_groups=[],
+            float_mac_share=1.0,
+            tool=f"none: FP32 weights, run at {res.reference.float_precision or 'fp32'}",
+        )
         return "fp32"
 
 
@@ -231,8 +271,12 @@ class OpenVINOQuantizer(NNCFQuantizer):
 
     def fp16(self, job: Job) -> Outcome:
         guard = openvino_fp16(job.src, job.out, job.ev)  # FP32 scan marks what FP16 cannot hold; compiled CPU output checked
-        info = {"tool": "openvino.save_model(compress_to_fp16=True)", "excluded_nodes": [], "overflow_guard": dict(guard, checked_on=job.ev.source),
-                "notes": ["weights stored as FP16; the CPU plugin decides the compute precision"]}
+        info = {
+            "tool": "openvino.save_model(compress_to_fp16=True)",
+            "excluded_nodes": [],
+            "overflow_guard": dict(guard, checked_on=job.ev.source),
+            "notes": ["weights stored as FP16; the CPU plugin decides the compute precision"],
+        }
         _fp16_notes(job, info, "")
         return Outcome(info, "fp16")
 
@@ -243,8 +287,10 @@ class TensorRTQuantizer(Quantizer):
     sensitive layers in float (:mod:`.sensitivity`).  TensorRT cannot run here: ONNX Runtime measures the file."""
 
     default_method = "entropy"  # NVIDIA's Model Optimizer calibrates INT8 with entropy
-    verification_note = ("TensorRT is not installed here: the QDQ file was executed by ONNX Runtime (same Q/DQ arithmetic); "
-                         "build the engine with `vitedge compile -t tensorrt` on the GPU machine")
+    verification_note = (
+        "TensorRT is not installed here: the QDQ file was executed by ONNX Runtime (same Q/DQ arithmetic); "
+        "build the engine with `vitedge compile -t tensorrt` on the GPU machine"
+    )
 
     def fp16(self, job: Job) -> Outcome:
         return _onnx_fp16(job)
@@ -254,28 +300,47 @@ class TensorRTQuantizer(Quantizer):
 
     def int8(self, job: Job) -> Outcome:
         fixed, ev, method, max_drop = job.fixed_batch, job.ev, job.method, job.target.max_drop
-        stream = StreamingBatches(job.plan.calib, job.parent.preprocessing_obj, fixed or 8, min_count=min(job.samples or 1, len(job.plan.calib)),
-                                  pad=fixed is not None)
+        stream = StreamingBatches(
+            job.plan.calib, job.parent.preprocessing_obj, fixed or 8, min_count=min(job.samples or 1, len(job.plan.calib)), pad=fixed is not None
+        )
         prepared = tensorrt_qdq.prepare(job.src, job.scratch / "prepared.onnx")
         cfg = tensorrt_qdq.tensorrt_config(prepared)  # NVIDIA's placement: attention core and GEMVs stay float
-        note(f"INT8 {cfg.label} for {job.backend} ({method} calibration): {cfg.reason} "
-             f"({len(cfg.float_roles.get('attention', []))} attention MatMuls, {len(cfg.float_roles.get('gemv', []))} GEMVs, "
-             f"{len(cfg.float_roles.get('small', []))} small MatMuls in float)")
+        note(
+            f"INT8 {cfg.label} for {job.backend} ({method} calibration): {cfg.reason} "
+            f"({len(cfg.float_roles.get('attention', []))} attention MatMuls, {len(cfg.float_roles.get('gemv', []))} GEMVs, "
+            f"{len(cfg.float_roles.get('small', []))} small MatMuls in float)"
+        )
         cache = tensorrt_qdq.calibrate(prepared, stream, job.parent.inputs[0].name, method, job.scratch, symmetric=cfg.activation_symmetric)
         tensorrt_qdq.quantize_qdq(prepared, job.out, cache, cfg, method)
-        info = {"method": method, "per_channel": True, "op_types": ["MatMul", "Gemm", "Conv"],
-                "tool": "onnxruntime.quantization.quantize_static (QDQ)", "config": cfg.to_dict(), "excluded_nodes": [],
-                "float_by_placement": cfg.float_roles,
-                "placement": "NVIDIA (modelopt INT8 rules): MHA core and GEMVs in float, one shared Q/DQ pair per tensor"}
+        info = {
+            "method": method,
+            "per_channel": True,
+            "op_types": ["MatMul", "Gemm", "Conv"],
+            "tool": "onnxruntime.quantization.quantize_static (QDQ)",
+            "config": cfg.to_dict(),
+            "excluded_nodes": [],
+            "float_by_placement": cfg.float_roles,
+            "placement": "NVIDIA (modelopt INT8 rules): MHA core and GEMVs in float, one shared Q/DQ pair per tensor",
+        }
         out = Outcome(info, "int8", stream=stream)
         if max_drop is None:
             return out
         output = job.output
         full = sensitivity._run(job.out, ev)
         nodes = tensorrt_qdq.quantizable_nodes(prepared, cfg)
-        report = {"model": job.src.name, "backend": job.backend, "method": method, "scheme": cfg.label, "eval_set": ev.source,
-                  "images": len(ev), "drop_kind": ev.drop_kind, "max_drop": max_drop, "full_int8_drop_pp": full["drop_pp"],
-                  "kept_float": [], "steps": []}
+        report = {
+            "model": job.src.name,
+            "backend": job.backend,
+            "method": method,
+            "scheme": cfg.label,
+            "eval_set": ev.source,
+            "images": len(ev),
+            "drop_kind": ev.drop_kind,
+            "max_drop": max_drop,
+            "full_int8_drop_pp": full["drop_pp"],
+            "kept_float": [],
+            "steps": [],
+        }
         rj, rm = f"{output.name}.sensitivity.json", f"{output.name}.sensitivity.md"
         note(f"all layers INT8: {ev.drop_kind} {full['drop_pp']:.2f} pp on {ev.source} (budget {max_drop} pp); ranking {len(nodes)} layers")
         ranking = sensitivity.rank_layers(prepared, cache, cfg, method, nodes, ev, job.scratch)
@@ -286,16 +351,27 @@ class TensorRTQuantizer(Quantizer):
         else:
             keep, best, steps, met = sensitivity.search(prepared, job.out, cache, cfg, method, ranking, ev, max_drop, full, job.scratch)
             report.update(kept_float=keep if met else [], steps=steps)
-            report["result"] = (f"budget met keeping {len(keep)} of {len(nodes)} layers in float" if met else
-                                f"budget NOT met: keeping {len(keep)} of {len(nodes)} layers in float still loses {best['drop_pp']:.2f} pp")
+            report["result"] = (
+                f"budget met keeping {len(keep)} of {len(nodes)} layers in float"
+                if met
+                else f"budget NOT met: keeping {len(keep)} of {len(nodes)} layers in float still loses {best['drop_pp']:.2f} pp"
+            )
         sensitivity.write_report(job.scratch / rj, job.scratch / rm, json_safe(report))
         if not met:  # the report is useful on its own: keep it, but write no model
             commit_files(job.scratch, {rj: output.parent / rj, rm: output.parent / rm})
-            raise GateFailed(f"--max-drop {max_drop} pp cannot be met: {report['result']} on {ev.source} (sensitivity table: {output.parent / rm})",
-                             "raise --max-drop, give more or better calibration images, or try --method percentile/entropy")
+            raise GateFailed(
+                f"--max-drop {max_drop} pp cannot be met: {report['result']} on {ev.source} (sensitivity table: {output.parent / rm})",
+                "raise --max-drop, give more or better calibration images, or try --method percentile/entropy",
+            )
         info["excluded_nodes"] = keep  # on top of the placement's float nodes (float_by_placement)
-        info["max_drop"] = {"budget_pp": max_drop, "full_int8_drop_pp": full["drop_pp"], "kept_float": keep, "report": rm,
-                            "measured_on": ev.source, "metric": ev.drop_kind}
+        info["max_drop"] = {
+            "budget_pp": max_drop,
+            "full_int8_drop_pp": full["drop_pp"],
+            "kept_float": keep,
+            "report": rm,
+            "measured_on": ev.source,
+            "metric": ev.drop_kind,
+        }
         note(f"kept {len(keep)} most sensitive layers in float: {', '.join(keep) or 'none'}")
         out.report_files += [rj, rm]
         return out

@@ -80,7 +80,8 @@ def tensorrt_config(model: Path | None = None) -> QDQConfig:
     are excluded (see :func:`tensorrt_float_nodes`)."""
     kept = tensorrt_float_nodes(model) if model is not None else {}
     return QDQConfig(
-        "QInt8", activation_symmetric=True,
+        "QInt8",
+        activation_symmetric=True,
         extra_options={
             "QuantizeBias": False,  # TensorRT keeps biases in float and fuses them itself
             "OpTypesToExcludeOutputQuantization": list(QUANT_OP_TYPES),  # Q/DQ on inputs only
@@ -89,7 +90,7 @@ def tensorrt_config(model: Path | None = None) -> QDQConfig:
         nodes_to_exclude=sorted({n for names in kept.values() for n in names}),
         float_roles=kept,
         reason="TensorRT explicit quantization (NVIDIA's placement): symmetric S8S8, per-channel weights, one shared Q/DQ "
-               "pair per tensor on MatMul/Conv/Gemm inputs; attention core and GEMVs (classifier head) in float",
+        "pair per tensor on MatMul/Conv/Gemm inputs; attention core and GEMVs (classifier head) in float",
     )
 
 
@@ -98,6 +99,7 @@ def tensorrt_float_nodes(model: Path) -> dict[str, list[str]]:
     and softmax·v), ``gemv`` (MatMul/Gemm whose activation input has one row per image) and ``small``
     (a weight with fewer than 16 rows or columns, e.g. a 10-class head)."""
     from .. import graph
+
     model = graph.load(model)
     roles = graph_roles(model)
     attention = set(roles.attention)
@@ -124,8 +126,7 @@ def tensorrt_float_nodes(model: Path) -> dict[str, list[str]]:
 def _method(name: str):
     from onnxruntime.quantization import CalibrationMethod
 
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[name]
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[name]
 
 
 def prepare(model: Path, out: Path) -> Path:
@@ -168,8 +169,9 @@ def calibrate(model: Path, stream: StreamingBatches, input_name: str, method: st
     quiet = contextlib.redirect_stdout(io.StringIO())  # the histogram calibrators print progress lines
     try:
         quiet.__enter__()
-        calibrator = create_calibrator(model, QUANT_OP_TYPES, augmented_model_path=str(scratch / "augmented.onnx"),
-                                       calibrate_method=_method(method), extra_options=calib_opts)
+        calibrator = create_calibrator(
+            model, QUANT_OP_TYPES, augmented_model_path=str(scratch / "augmented.onnx"), calibrate_method=_method(method), extra_options=calib_opts
+        )
         chunk: list = []
         got_any = False
         per_call = CHUNK_BATCHES if method == "minmax" else HIST_CHUNK_BATCHES
@@ -216,12 +218,21 @@ def quantize_qdq(model: Path, out: Path, cache: Path, cfg: QDQConfig, method: st
             was, root.disabled = root.disabled, True  # ORT logs warnings through the root logger
             try:
                 quantize_static(
-                    str(model), str(out), None, calibration_cache_path=str(cache), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(cfg.op_types), per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
-                    activation_type=getattr(QuantType, cfg.activation_type), weight_type=getattr(QuantType, cfg.weight_type),
+                    str(model),
+                    str(out),
+                    None,
+                    calibration_cache_path=str(cache),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(cfg.op_types),
+                    per_channel=cfg.per_channel,
+                    reduce_range=cfg.reduce_range,
+                    activation_type=getattr(QuantType, cfg.activation_type),
+                    weight_type=getattr(QuantType, cfg.weight_type),
                     nodes_to_exclude=sorted(set(exclude) | set(cfg.nodes_to_exclude)),
                     nodes_to_quantize=list(only) if only else None,
-                    calibrate_method=_method(method), extra_options=extra, use_external_data_format=big,
+                    calibrate_method=_method(method),
+                    extra_options=extra,
+                    use_external_data_format=big,
                 )
             finally:
                 root.disabled = was

@@ -63,8 +63,7 @@ def _serve(conn) -> None:
             conn.send(("ok", fn(**kwargs)))
         except BaseException as exc:
             text = first_line(exc, 300)
-            conn.send(("error", text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}",
-                       traceback.format_exc()[-4000:]))
+            conn.send(("error", text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}", traceback.format_exc()[-4000:]))
 
 
 def worker_command(address: str) -> list[str]:
@@ -85,8 +84,12 @@ class Worker:
         key = secrets.token_bytes(16)
         with Listener(authkey=key) as listener:  # a fresh local socket (a named pipe on Windows)
             with open(self.log, "ab") as log:
-                self._proc = subprocess.Popen(worker_command(str(listener.address)), stdout=log,
-                                              stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1", VITEDGE_WORKER_KEY=key.hex()))
+                self._proc = subprocess.Popen(
+                    worker_command(str(listener.address)),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=dict(os.environ, PYTHONUNBUFFERED="1", VITEDGE_WORKER_KEY=key.hex()),
+                )
             accepted: list = []
             waiter = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
             waiter.start()
