@@ -221,9 +221,8 @@ class ExportOptions(StepOptions):
     batch: int | str = option(
         "dynamic", "'dynamic' or a fixed batch size.", parse=parse_batch, schema=_one_of({"const": "dynamic"}, {"type": "integer", "minimum": 1})
     )
-    img_size: int | None = option(
-        None, "Input resolution (position embeddings are interpolated).", minimum=16, recipe=False
-    )  # a recipe's img_size is top-level: every step uses it
+    # a recipe's img_size is top-level: every step uses it
+    img_size: int | None = option(None, "Input resolution (position embeddings are interpolated).", minimum=16, recipe=False)
     images: Path | None = option(
         None, "Folder of real images used for the checks (default: the shipped calibration images).", path={"exists": True}, recipe=False
     )
