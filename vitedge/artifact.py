@@ -33,7 +33,7 @@ from .errors import FileProblem
 from .manifest import Manifest
 from .ui import note
 
-_OS_ADVICE = {
+_OS_ADVICE: dict[int | None, str] = {  # keyed by OSError.errno, which may be None
     errno.ENOSPC: "free some space or write elsewhere (-o)",
     errno.EDQUOT: "free some space or write elsewhere (-o)",
     errno.EACCES: "choose a folder you can write to (-o)",

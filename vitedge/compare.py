@@ -18,6 +18,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +106,7 @@ def per_output(
     res = {}
     for k, a in ref.items():
         m = output_metrics(a, outs[k])
-        row = {"shape": [int(d) for d in np.shape(a)[1:]]} if shape else {}
+        row: dict[str, Any] = {"shape": [int(d) for d in np.shape(a)[1:]]} if shape else {}
         row.update({key: m[key] for key in keys if key in m})
         if json_snr and "snr_db" in row:
             row["snr_db"] = finite_or_none(row["snr_db"])

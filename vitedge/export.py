@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,7 +78,6 @@ def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, ext
         warnings.simplefilter("ignore")
         if opset >= 17:
             # positional form: works whatever the forward argument is called
-            kw = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=4096)},)} if dynamic_batch else {}
             prog = torch.onnx.export(
                 model,
                 (dummy,),
@@ -87,11 +87,11 @@ def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, ext
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 verbose=False,
-                **kw,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None,
             )
+            assert prog is not None  # the dynamo exporter returns the program it built
             prog.save(str(path), external_data=external)
         else:  # opsets below 17 only exist in the TorchScript exporter (LayerNorm is decomposed)
-            kw = {"dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}} if dynamic_batch else {}
             torch.onnx.export(
                 model,
                 (dummy,),
@@ -101,7 +101,7 @@ def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, ext
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 do_constant_folding=True,
-                **kw,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
             )
             if external:  # one .data file beside the graph, as the dynamo path writes it
                 import onnx
@@ -117,10 +117,11 @@ def _reason(exc: BaseException) -> str:
     """A short, one-line reason from an exporter exception (whose first line is often boilerplate)."""
     import re
 
-    seen = []
-    while exc is not None and len(seen) < 5:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
+    seen: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(seen) < 5:
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
     for e in reversed(seen):  # the root cause says most
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
         lines = [ln for ln in lines if ln]
@@ -216,7 +217,7 @@ def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) 
 
 def _graph_info(spec, cls_only: bool, merge: int, search, split_qkv: bool) -> dict:
     """The manifest's ``model.graph``: how the exported graph differs from a plain forward pass."""
-    info = {"last_block": "cls_token_only" if _has_cls_only(spec.model, cls_only) else "all_tokens"}
+    info: dict[str, Any] = {"last_block": "cls_token_only" if _has_cls_only(spec.model, cls_only) else "all_tokens"}
     if _has_cls_only(spec.model, True):
         info["qkv"] = "split" if split_qkv else "fused"
     if merge or search is not None:

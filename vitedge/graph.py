@@ -118,6 +118,11 @@ def values(model: Any) -> dict[str, ir.Value]:
     return out
 
 
+def node_name(node: ir.Node) -> str:
+    """A node's name as ONNX writes it: ``""`` for an unnamed node (where onnx_ir may say None)."""
+    return node.name or ""
+
+
 def name_maps(model: Any) -> tuple[dict[str, ir.Node], dict[str, Sequence[ir.Node]]]:
     """``({value name: producing node}, {value name: reading nodes})``, for code that keys tensors by name
     (e.g. statistics collected per tensor by ONNX Runtime)."""
@@ -200,7 +205,7 @@ def set_static_batch(model: ir.Model, batch: int) -> bool:
     return True
 
 
-def rewire(value: ir.Value, replacement: ir.Value, readers: Iterable[ir.Node] | None = None) -> int:
+def rewire(value: ir.Value, replacement: ir.Value | None, readers: Iterable[ir.Node] | None = None) -> int:
     """Make ``readers`` (default: every reader of ``value``) read ``replacement`` instead; returns how many
     inputs changed.  Graph outputs are not touched.  What nobody reads any more stays until :func:`remove_dead`."""
     only = None if readers is None else set(readers)
@@ -221,6 +226,7 @@ def bypass(node: ir.Node, source: ir.Value | None = None) -> bool:
         return False
     rewire(out, node.inputs[0] if source is None else source)
     if not any(o.uses() or o.is_graph_output() for o in node.outputs):
+        assert node.graph is not None, "bypass edits nodes that are in a graph"
         node.graph.remove(node, safe=True)
     return True
 
@@ -235,20 +241,21 @@ def add_outputs(model: ir.Model, value_names: Iterable[str]) -> list[str]:
     missing = [n for n in value_names if n not in vals]
     if missing:
         raise VitedgeError(f"the model has no value named {missing[0]!r}", "pick a node output name from the ONNX graph")
-    new = [vals[n] for n in dict.fromkeys(value_names) if not vals[n].is_graph_output()]
-    if any(v.type is None for v in new):
+    added = [n for n in dict.fromkeys(value_names) if not vals[n].is_graph_output()]
+    new = {n: vals[n] for n in added}
+    if any(v.type is None for v in new.values()):
         _infer_types(model, new)
-    model.graph.outputs.extend(new)
-    return [v.name for v in new]
+    model.graph.outputs.extend(new.values())
+    return added
 
 
-def _infer_types(model: ir.Model, wanted: list[ir.Value]) -> None:
-    """Types and shapes from ONNX shape inference, set on ``wanted`` only (the rest of the model is untouched)."""
+def _infer_types(model: ir.Model, wanted: dict[str, ir.Value]) -> None:
+    """Types and shapes from ONNX shape inference, set on ``wanted`` (by name) only (the rest of the model is untouched)."""
     import onnx
 
     inferred = values(ir.from_proto(onnx.shape_inference.infer_shapes(to_proto(model))))
-    for v in wanted:
-        src = inferred.get(v.name)
+    for name, v in wanted.items():
+        src = inferred.get(name)
         if v.type is None and src is not None and src.type is not None:
             v.type, v.shape = src.type, src.shape
 
@@ -257,7 +264,7 @@ def _infer_types(model: ir.Model, wanted: list[ir.Value]) -> None:
 def float_ops(model: Any) -> list[str]:
     """Matrix ops that run in float in a QDQ ONNX model: their (first) input is not dequantized, directly or
     through layout ops (NNCF puts an activation's pair before a Reshape/Transpose)."""
-    return [n.name for n in as_model(model).graph if n.op_type in MATRIX_OPS and not _is_dequantized(_behind_layout(n.inputs[0])[0])]
+    return [node_name(n) for n in as_model(model).graph if n.op_type in MATRIX_OPS and not _is_dequantized(_behind_layout(n.inputs[0])[0])]
 
 
 def _behind_layout(value: ir.Value | None) -> tuple[ir.Value | None, list[ir.Node]]:
@@ -269,8 +276,14 @@ def _behind_layout(value: ir.Value | None) -> tuple[ir.Value | None, list[ir.Nod
     return value, layout
 
 
+def _dequantizer(value: ir.Value | None) -> ir.Node | None:
+    """The DequantizeLinear that produces ``value``, if one does."""
+    p = value.producer() if value is not None else None
+    return p if p is not None and p.op_type == "DequantizeLinear" else None
+
+
 def _is_dequantized(value: ir.Value | None) -> bool:
-    return value is not None and (p := value.producer()) is not None and p.op_type == "DequantizeLinear"
+    return _dequantizer(value) is not None
 
 
 def qdq_scheme(model: Any) -> str:
@@ -280,7 +293,7 @@ def qdq_scheme(model: Any) -> str:
         if n.op_type != "QuantizeLinear" or n.inputs[0] is None or n.inputs[0].is_initializer() or len(n.inputs) < 3:
             continue
         zp = n.inputs[2]
-        if zp is not None and zp.is_initializer():
+        if zp is not None and zp.is_initializer() and zp.const_value is not None:
             act.add("U8" if zp.const_value.dtype == ir.DataType.UINT8 else "S8")
     return f"{act.pop()}S8" if len(act) == 1 else ("mixed U8/S8 activations, S8 weights" if act else "S8 weights only")
 
@@ -323,11 +336,11 @@ def dedicate_qdq(model: ir.Model) -> int:
 def _own_initializer(g: ir.Graph, v: ir.Value | None, sfx: str, copies: dict) -> ir.Value | None:
     """A copy of initializer ``v`` named with ``sfx`` (one per ``copies``, so a Q and DQ that share a scale share its
     copy); any other input is returned as is."""
-    if v is None or not v.is_initializer():
+    if v is None or not v.is_initializer() or v.const_value is None:
         return v
     if v not in copies:
         t = v.const_value
-        copies[v] = ir.Value(name=v.name + sfx, type=v.type, shape=v.shape, const_value=ir.Tensor(t.numpy(), dtype=t.dtype))
+        copies[v] = ir.Value(name=f"{v.name}{sfx}", type=v.type, shape=v.shape, const_value=ir.Tensor(t.numpy(), dtype=t.dtype))
         g.register_initializer(copies[v])
     return copies[v]
 
@@ -337,10 +350,10 @@ def _copy_node(node: ir.Node, inputs: list, sfx: str | None = None) -> ir.Node:
     ``sfx`` appended, or new unique ones (given when it joins the graph) without ``sfx``."""
     attrs = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
     copy = ir.Node(
-        node.domain, node.op_type, inputs, attrs, name=node.name + sfx if sfx else None, version=node.version, doc_string=node.doc_string, num_outputs=1
+        node.domain, node.op_type, inputs, attrs, name=f"{node.name}{sfx}" if sfx else None, version=node.version, doc_string=node.doc_string, num_outputs=1
     )
     if sfx:
-        copy.outputs[0].name = node.outputs[0].name + sfx
+        copy.outputs[0].name = f"{node.outputs[0].name}{sfx}"
     return copy
 
 
@@ -375,7 +388,7 @@ def keep_float(model: ir.Model, op_names: Iterable[str]) -> list[str]:
             src = qdq_source(v)
             if src is not None:
                 edits.append((node, i, layout, src))
-            elif _is_dequantized(v) and constant_behind(v.producer().inputs[0], through=()) is not None:
+            elif (dq := _dequantizer(v)) is not None and constant_behind(dq.inputs[0], through=()) is not None:
                 raise VitedgeError(
                     f"{node.name}'s weight is stored as integers (a DequantizeLinear without a QuantizeLinear): its float values are not in the file",
                     "quantize with NNCF's backend_params={'compress_weights': False} to keep float weights behind Q/DQ pairs",
@@ -390,7 +403,7 @@ def keep_float(model: ir.Model, op_names: Iterable[str]) -> list[str]:
             g.insert_after(p, copy)
             src = copy.outputs[0]
         node.replace_input_with(i, src)
-    changed = list(dict.fromkeys(node.name for node, *_ in edits))
+    changed = list(dict.fromkeys(node_name(node) for node, *_ in edits))
     if changed:
         remove_dead(model)
     return changed

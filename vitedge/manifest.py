@@ -14,6 +14,7 @@ import copy
 import datetime as _dt
 import glob
 import json
+import os
 import platform
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -168,7 +169,7 @@ class Manifest:
             raise FileProblem(f"manifest {path} is not a valid vitedge manifest ({exc})", "re-create it with vitedge") from None
 
     @classmethod
-    def find(cls, path: str | Path) -> tuple[Path, Manifest | None]:
+    def find(cls, path: str | os.PathLike) -> tuple[Path, Manifest | None]:
         """Locate an artifact and its manifest from a file, a sidecar or a bundle folder.
 
         Returns ``(artifact_path, manifest_or_None)``.

@@ -60,8 +60,8 @@ class Preprocessing:
     resize: int | None = -1  # shorter side before the crop; None = straight to img_size; -1 = the default rule
     center_crop: bool = True
     interpolation: str = DEFAULT_INTERPOLATION
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     scale: float = 1.0 / 255.0
     channel_order: str = "RGB"
     assumed: list[str] = field(default_factory=list)  # fields vitedge had to guess (reported)
@@ -137,7 +137,7 @@ class Preprocessing:
 
     def __call__(self, image: ImageLike) -> np.ndarray:
         """One image -> float32 CHW array, ready for the model."""
-        arr = np.asarray(self.spatial(self.to_pil(image)), dtype=np.float32)
+        arr: np.ndarray = np.asarray(self.spatial(self.to_pil(image)), dtype=np.float32)
         if self.channel_order == "BGR":
             arr = arr[..., ::-1]
         arr = arr * self.scale

@@ -112,6 +112,7 @@ def plan_data(
             return DataPlan(None, calib_set, f"calibration images {calib_set.source}", notes=notes)
         return DataPlan(None, None, "random inputs (no images given)", notes=notes + ["no images given: FP16 verified on random inputs only; pass --val DIR"])
 
+    assert calib_set is not None  # INT8 without calibration images was refused above
     n = len(calib_set)
     if val_set is not None:
         pool, eval_set, eval_source = calib_set, val_set, f"--val {val_set.source}"
@@ -232,6 +233,7 @@ class EvalSet:
             for i in range(0, len(self._x), bs):
                 yield self._x[i : i + bs]
         else:
+            assert self.ims is not None  # without images, __init__ made random inputs (_x)
             for b in self.ims.batches(self.pre, bs):
                 yield b.x
 
@@ -254,15 +256,17 @@ class EvalSet:
         outs = compare.match_outputs(self.ref_outputs, outs, "the quantized model", check_shapes=False)
         names = list(self.ref_outputs)
         res = self.measure(outs[names[0]])
+        assert self.ref is not None  # measure() checked
         if len(names) > 1 or self.ref.ndim != 2:
             res["outputs"] = compare.per_output(self.ref_outputs, outs, compare.OUTPUT_KEYS + ("top1_agreement",))
         return res
 
     def measure(self, out: np.ndarray) -> dict:
         """Agreement of candidate logits with FP32 (+ accuracies when labelled)."""
+        assert self.ref is not None, "set_reference() first"
         res = compare.output_metrics(self.ref, out)
         res["images"] = int(len(out))
-        if self.labelled and self.ref.ndim == 2:
+        if self.labels is not None and self.ref.ndim == 2:
             res["top1_fp32"] = float(compare.correct(self.ref, self.labels)[0].mean())
             res["top1"] = float(compare.correct(np.asarray(out), self.labels)[0].mean())
         return res

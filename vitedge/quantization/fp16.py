@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 
@@ -124,7 +125,7 @@ def _instrument(proto) -> tuple[object, list[str], dict[str, int]]:
     model = graph.as_model(proto)  # a view: the statistics nodes are added to it, ``proto`` stays as it is
     g = model.graph
     vals = graph.values(model)
-    names = [v.name for v in g.inputs if not v.is_initializer()] + [v.name for n in g for v in n.outputs if v.name]
+    names = [v.name for v in g.inputs if v.name and not v.is_initializer()] + [v.name for n in g for v in n.outputs if v.name]
     watched = []
     seen = set()
 
@@ -259,14 +260,15 @@ def _skip_fp16_roundtrips(model) -> int:
 
     from .. import graph
 
-    def cast_to(node, dtype) -> bool:
+    def cast_to(node, dtype) -> TypeGuard[ir.Node]:
         return node is not None and node.op_type == "Cast" and node.attributes.get_int("to") == dtype
 
     skipped = 0
     for up in list(model.graph):
-        down = up.inputs[0].producer() if cast_to(up, ir.DataType.FLOAT) else None
-        if cast_to(down, ir.DataType.FLOAT16) and (down.inputs[0].dtype or ir.DataType.FLOAT) == ir.DataType.FLOAT:
-            skipped += graph.bypass(up, down.inputs[0])  # the FP16 Cast nobody reads any more goes in toposort()
+        fp16 = up.inputs[0] if cast_to(up, ir.DataType.FLOAT) else None
+        down = fp16.producer() if fp16 is not None else None
+        if cast_to(down, ir.DataType.FLOAT16) and (fp32 := down.inputs[0]) is not None and (fp32.dtype or ir.DataType.FLOAT) == ir.DataType.FLOAT:
+            skipped += graph.bypass(up, fp32)  # the FP16 Cast nobody reads any more goes in toposort()
     return skipped
 
 
@@ -332,9 +334,9 @@ def convert_onnx_fp16(model: Path, out: Path, data=None, *, margin: float = DEFA
                         hot[init.name] = float(np.abs(arr).max())
             for t, m in hot.items():
                 if t in producer:
-                    block.setdefault(producer[t].name, f"output {t} reaches |x|={m:.4g}")
+                    block.setdefault(graph.node_name(producer[t]), f"output {t} reaches |x|={m:.4g}")
                 for c in consumers.get(t, []):
-                    block.setdefault(c.name, f"reads {t} (|x|={m:.4g})")
+                    block.setdefault(graph.node_name(c), f"reads {t} (|x|={m:.4g})")
             info["hot_tensors"] = {t: hot[t] for t in sorted(hot, key=lambda k: -hot[k])[:50]}
             info["hot_tensor_count"] = len(hot)
             info["largest_fp32_activation"] = max((m for m in s32.max_abs.values() if np.isfinite(m)), default=0.0)
@@ -357,13 +359,13 @@ def convert_onnx_fp16(model: Path, out: Path, data=None, *, margin: float = DEFA
                 ]
                 new = 0
                 for nd in origins:
-                    for o in (v.name for v in nd.outputs):
-                        if nd.name not in block:
-                            block[nd.name] = f"inf/NaN in FP16 check (round {r + 1})"
+                    for o in (v.name or "" for v in nd.outputs):  # "" (unnamed): nobody reads it by name
+                        if graph.node_name(nd) not in block:
+                            block[graph.node_name(nd)] = f"inf/NaN in FP16 check (round {r + 1})"
                             new += 1
                         for c in consumers.get(o, []):
-                            if c.name not in block:
-                                block[c.name] = f"reads {o}, inf/NaN in FP16 check (round {r + 1})"
+                            if graph.node_name(c) not in block:
+                                block[graph.node_name(c)] = f"reads {o}, inf/NaN in FP16 check (round {r + 1})"
                                 new += 1
                 if not new:
                     break
