@@ -161,7 +161,7 @@ class FidelityResult:
         if r is None or not r.latency_ms:
             return False
         if not self.enforced:
-            return bool(self.int8_ms) and r.latency_ms < self.int8_ms / TIE
+            return bool(self.int8_ms and r.latency_ms < self.int8_ms / TIE)
         if not self.target.check(r.metrics, self.classifier, r.drop_pp):
             return False
         return not self.met or not self.int8_ms or r.latency_ms < self.int8_ms / TIE
@@ -175,13 +175,13 @@ class FidelityResult:
         if not self.enforced:  # a random-weight preset: speed alone
             if self.float_wins:
                 return f"{fp}: {fl} is faster than the best INT8 ({q:.2f} ms) on this CPU (random weights: speed alone decides)"
-            return f"INT8 ({q:.2f} ms): {r.latency_ms / q:.2f}x faster than {fl} on this CPU (random weights: speed alone decides)"
+            return f"INT8 ({q:.2f} ms): {self.speedup_vs_float:.2f}x faster than {fl} on this CPU (random weights: speed alone decides)"
         if self.float_wins:
             why = "INT8 missed the fidelity target" if not self.met else f"the best INT8 ({q:.2f} ms) is not faster on this CPU"
             return f"{fp}: {why}, and {fl} meets the target ({_numbers(r, self.classifier)})"
         if not self.target.check(r.metrics, self.classifier, r.drop_pp):
             return f"INT8 ({q:.2f} ms): {fl} misses the fidelity target"
-        return f"INT8 ({q:.2f} ms): {r.latency_ms / q:.2f}x faster than {fl} on this CPU"
+        return f"INT8 ({q:.2f} ms): {self.speedup_vs_float:.2f}x faster than {fl} on this CPU"
 
     @property
     def speedup_vs_float(self) -> float | None:
@@ -201,7 +201,7 @@ class FidelityResult:
         n = len({r.no for r in self.rows})
         done = f"{n} candidate{'s' if n != 1 else ''} in {self.seconds:.0f} s"
         speed = ""
-        if self.speedup_vs_float is not None:
+        if self.speedup_vs_float is not None and self.reference is not None:
             speed = f"; {self.speedup_vs_float:.2f}x the speed of the FP32 model at {self.reference.float_precision or 'fp32'}"
             if self.speedup_vs_float < FLOAT_WORTH:
                 speed += " - INT8 buys little here: consider --auto"
@@ -479,6 +479,7 @@ class _Search:
                 fixed_batch=self.fixed_batch,
             )
             self.rank_ref = _load_npz(path)
+        ref = self.rank_ref
         folder = self.scratch / "ranking"
 
         def score(ops: list[str], tag: str) -> float:
@@ -496,7 +497,7 @@ class _Search:
                 keep_float=ops,
                 keep=False,
             )
-            return divergence(self.rank_ref, _load_npz(res["variants"][0]["outputs"]), self.classifier)
+            return divergence(ref, _load_npz(res["variants"][0]["outputs"]), self.classifier)
 
         base_div = score([], "none")
         ranking = []
@@ -587,6 +588,7 @@ def search(
     alike at the CPU's fastest float precision and timed beside the chosen INT8.  ``enforce=False`` (random-weight
     presets, whose predictions mean nothing): the fastest sound variant of the default is chosen, no search."""
     t0 = time.perf_counter()
+    assert ev.ref is not None, "the evaluation set needs its FP32 reference (EvalSet.set_reference)"
     if classifier is None:  # class logits: one (N, classes) output
         classifier = ev.ref.ndim == 2 and ev.ref.shape[1] > 1 and len(ev.ref_outputs) == 1
     with Worker(scratch) as worker:
@@ -614,7 +616,7 @@ def search(
         chosen = best
         if not enforce:  # predictions that mean nothing (a random-weight preset): pick on speed, among sound variants
             ran = _sound([r for r in rows if r.status in ("met", "missed") and r.latency_ms and r.metrics])
-            chosen = min(ran, key=lambda r: r.latency_ms) if ran else best
+            chosen = min(ran, key=lambda r: r.latency_ms or 0.0) if ran else best  # all timed: filtered above
         elif met_rows:
             chosen = _fastest(s, met_rows)
         reference = None
@@ -779,11 +781,11 @@ def _fastest(s: _Search, met: list[Row]) -> Row:
                 r.latency_ms = ms
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
             note(f"timing the candidates side by side failed ({exc}); using each candidate's own timing")
-    timed = [r for r in met if r.latency_ms]
+    timed = [(r, ms) for r in met if (ms := r.latency_ms)]
     if not timed:
         return met[0]
-    fastest = min(r.latency_ms for r in timed)
-    return next(r for r in timed if r.latency_ms <= fastest * TIE)
+    fastest = min(ms for _, ms in timed)
+    return next(r for r, ms in timed if ms <= fastest * TIE)
 
 
 def _float_reference(s: _Search, chosen: Row, variant: dict) -> Row | None:
@@ -922,10 +924,10 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
             "| group | share of MACs | divergence with it in float | gain |",
             "|---|---:|---:|---:|",
         ]
-        for r in sorted(result.ranking, key=lambda r: -(r.get("gain") or -1e9)):
-            gain = "" if r.get("gain") is None else f"{r['gain']:.4g}"
-            d = "" if r.get("divergence") is None else f"{r['divergence']:.4g}"
-            lines.append(f"| {r['group']} | {100 * r['share']:.2f}% | {d or r.get('error', '')} | {gain} |")
+        for g in sorted(result.ranking, key=lambda g: -(g.get("gain") or -1e9)):
+            gain = "" if g.get("gain") is None else f"{g['gain']:.4g}"
+            d = "" if g.get("divergence") is None else f"{g['divergence']:.4g}"
+            lines.append(f"| {g['group']} | {100 * g['share']:.2f}% | {d or g.get('error', '')} | {gain} |")
     if result.settings:
         lines += [
             "",
