@@ -87,7 +87,7 @@ class ImageSet:
             data = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise FileProblem(f"{path} cannot be read as a numpy file ({exc})") from None
-        labels = None
+        labels: list[str | None] | None = None
         if isinstance(data, np.lib.npyio.NpzFile):
             with data:
                 keys = list(data.keys())
@@ -197,7 +197,7 @@ class ImageSet:
         return Batch(np.concatenate([b.x for b in parts]), sum((b.labels for b in parts), []), sum((b.names for b in parts), []))
 
 
-def _label_strings(values: np.ndarray) -> list[str]:
+def _label_strings(values: np.ndarray) -> list[str | None]:
     """npz labels as strings; integer-valued numbers become "3", not "3.0"."""
     if values.dtype.kind == "f" and np.all(np.mod(values, 1) == 0):
         values = values.astype(np.int64)

@@ -17,6 +17,8 @@ The subclasses say what kind of problem it is, so callers and tests can catch on
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class VitedgeError(Exception):
     """A problem with the user's input or environment, explained in one line."""
@@ -54,6 +56,7 @@ class GateFailed(VitedgeError):
     """A validation gate (max drop, min speed-up) was missed."""
 
     exit_code = 1
+    report: Any  # the validation Report, set by validate() before raising: the CLI still prints its table
 
 
 def first_line(exc: BaseException, limit: int = 240) -> str:

@@ -69,7 +69,7 @@ def _layer_norm(ops: set[str]) -> str:
 
 def is_foreign(manifest: Manifest | None) -> bool:
     """True for a manifest vitedge built from a file it did not export (or a child of one)."""
-    return bool(manifest) and (manifest.model or {}).get("family") == FOREIGN_FAMILY
+    return manifest is not None and (manifest.model or {}).get("family") == FOREIGN_FAMILY
 
 
 def manifest_for_onnx(path: Path) -> Manifest:

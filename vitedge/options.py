@@ -131,6 +131,7 @@ class StepOptions:
     """The behaviour every step's options dataclass shares."""
 
     STEP: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # every step's options are a dataclass
     RULES: ClassVar[dict] = {}  # JSON Schema constraints between fields (added to the step's schema)
 
     @classmethod

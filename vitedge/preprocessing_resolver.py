@@ -23,7 +23,9 @@ that way is listed in ``Preprocessing.assumed``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import VitedgeError
 from .preprocess import DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, Preprocessing, parse_floats, resize_for
@@ -191,7 +193,8 @@ def resolve_preprocessing(
     """
     fields: dict = {}
     assumed: list[str] = []
-    for reader, cfg in ((timm_fields, timm), (hf_fields, hf), (vitedge_fields, manifest)):
+    readers: list[tuple[Callable[[Any], tuple[dict, list[str]]], Any]] = [(timm_fields, timm), (hf_fields, hf), (vitedge_fields, manifest)]
+    for reader, cfg in readers:
         if cfg is not None:
             fields, assumed = reader(cfg)
             break

@@ -281,6 +281,8 @@ def _accuracy_text(vs: dict) -> str:
 class Report:
     """One validation or benchmark result; ``report.data`` is the ``report.json`` document."""
 
+    files: dict[str, Path]  # the files written, set by validate() when it was given an out_dir
+
     def __init__(self, data: dict):
         self.data = data
 
@@ -493,7 +495,7 @@ def _template(name: str):
 
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("vitedge", "templates"),
-        autoescape=lambda name: name.endswith(".html.j2"),
+        autoescape=lambda name: name is not None and name.endswith(".html.j2"),
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,

@@ -70,7 +70,9 @@ def _click_type(o: OptionField):
         return click.Path(path_type=Path, **s.path)
     if o.base_type in (int, float):
         if s.cli_range:
-            return (click.IntRange if o.base_type is int else click.FloatRange)(min=s.minimum, max=s.maximum)
+            if o.base_type is int:
+                return click.IntRange(min=None if s.minimum is None else int(s.minimum), max=None if s.maximum is None else int(s.maximum))
+            return click.FloatRange(min=s.minimum, max=s.maximum)
         return o.base_type
     return None  # text (a parser or the step reads it)
 

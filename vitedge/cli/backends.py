@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 from rich.table import Table
@@ -15,7 +16,7 @@ from ..ui import console
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def command(as_json: bool) -> None:
     """List the backends: files they run, what they compile and quantize, and availability here."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for b in registry.backends():
         why = b.unavailable()
         rows.append(

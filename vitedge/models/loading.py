@@ -23,6 +23,7 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ class ModelSpec:
         return self.config.num_classes if self.config else (len(self.labels) if self.labels else None)
 
     def model_info(self) -> dict:
-        info = {"family": "vit" if self.config else "module", "source": self.source}
+        info: dict[str, Any] = {"family": "vit" if self.config else "module", "source": self.source}
         if self.config:
             info["config"] = self.config.to_dict()
         return info
@@ -324,12 +325,12 @@ def _hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
                 shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
                 raise VitedgeError(f"{index} is not a valid weight index ({type(exc).__name__}: {exc})") from None
-            sd: dict[str, torch.Tensor] = {}
+            merged: dict[str, torch.Tensor] = {}
             for shard in shards:
                 if not (folder / shard).exists():
                     raise FileProblem(f"{index} names shard {shard}, which is missing from {folder}")
-                sd.update(_read_state_dict(folder / shard)[0])
-            return sd, index
+                merged.update(_read_state_dict(folder / shard)[0])
+            return merged, index
     raise VitedgeError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin", "save the model with save_pretrained() into this folder")
 
 
