@@ -455,7 +455,7 @@ def _findings(models: list[dict], machine: dict) -> list[str]:
                 f"{m['name']}: only {100 * pb.get('int8_mac_share', 0):.0f} % of multiply-accumulates ran in INT8 "
                 f"({', '.join(f'{k} {100 * v:.0f} %' for k, v in share.items())})."
             )
-        top = max(share, key=share.get)
+        top = max(share, key=lambda k: share[k])
         if m["precision"] == "fp32" and m["backend"] == "openvino" and top != "fp32":
             out.append(
                 f"{m['name']}: OpenVINO actually ran {100 * share[top]:.0f} % of multiply-accumulates in {top} "
@@ -721,7 +721,7 @@ def _compare(r: _Model, truth: _Truth, outs: dict[str, np.ndarray], ci_method: s
             f"{r.name}: output {k} {tuple(o['shape'])} vs FP32: cosine mean {o['cosine_mean']:.6f} (min {o['cosine_min']:.6f}), "
             f"max abs error {o['max_abs_error']:.3g}, SNR {'inf' if o['snr_db'] is None else format(o['snr_db'], '.1f')} dB"
         )
-    return {"accuracy": compare.accuracy(logits, truth.y) if truth.labelled else None, "vs_reference": vs, "precision_breakdown": precision_breakdown(r)}
+    return {"accuracy": compare.accuracy(logits, truth.y) if truth.y is not None else None, "vs_reference": vs, "precision_breakdown": precision_breakdown(r)}
 
 
 # -- time --------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.attn_drop = nn.Dropout(dropout)
         self.proj_drop = nn.Dropout(dropout)
-        self.split = None  # see split_qkv
+        self.split: nn.ModuleList | None = None  # see split_qkv
 
     @property
     def split_qkv(self) -> bool:
@@ -106,16 +106,18 @@ class Attention(nn.Module):
             self.split = None
             return
         d, bias = self.qkv.in_features, self.qkv.bias is not None
-        parts = nn.ModuleList(nn.Linear(d, d, bias=bias) for _ in range(3)).to(self.qkv.weight)
+        lins = [nn.Linear(d, d, bias=bias) for _ in range(3)]
+        parts = nn.ModuleList(lins).to(self.qkv.weight)  # moves the Linears themselves
         with torch.no_grad():
-            for i, lin in enumerate(parts):
+            for i, lin in enumerate(lins):
                 lin.weight.copy_(self.qkv.weight[i * d : (i + 1) * d])
-                if bias:
+                if self.qkv.bias is not None:
                     lin.bias.copy_(self.qkv.bias[i * d : (i + 1) * d])
         self.split = parts
 
     def _project(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Query (0), key (1) or value (2) of ``x`` as (B, H, N, hd), from the split projections."""
+        assert self.split is not None, "split_qkv is off"
         b, n, _ = x.shape
         return self.split[i](x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
@@ -304,16 +306,17 @@ def graph_options(model, *, cls_only: bool = False, merge: int = 0, split_qkv: b
     if not isinstance(model, VisionTransformer):
         yield
         return
-    saved = model.cls_only_last_block, model.merge_tokens, [blk.attn.split_qkv for blk in model.blocks]
+    attns = [blk.attn for blk in model.blocks if isinstance(blk, Block)]  # all are; ModuleList types its items as Module
+    saved = model.cls_only_last_block, model.merge_tokens, [a.split_qkv for a in attns]
     model.cls_only_last_block, model.merge_tokens = cls_only, merge
-    for blk in model.blocks:
-        blk.attn.split_qkv = split_qkv
+    for a in attns:
+        a.split_qkv = split_qkv
     try:
         yield
     finally:
         model.cls_only_last_block, model.merge_tokens = saved[:2]
-        for blk, split in zip(model.blocks, saved[2], strict=True):
-            blk.attn.split_qkv = split
+        for a, split in zip(attns, saved[2], strict=True):
+            a.split_qkv = split
 
 
 def create_model(name: str, **overrides) -> VisionTransformer:
