@@ -32,6 +32,7 @@ from . import compare
 from ._onnx import onnx_precision
 from .artifact import Artifact, writing
 from .backends import registry
+from .backends.base import Engine
 from .backends.onnxruntime import OnnxRuntimeEngine
 from .backends.openvino import OpenVINOEngine, default_precision_hint, openvino_config  # noqa: F401  (public here since 0.1)
 from .data import default_check_images
@@ -146,7 +147,8 @@ def _check_inputs(man: Manifest, batch: int | None) -> dict[str, np.ndarray]:
     return sets
 
 
-def _reference_outputs(src: Path, man: Manifest, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _reference_outputs(src: Path, man: Manifest, inputs: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    eng: Engine
     if src.suffix == ".onnx":
         eng = OnnxRuntimeEngine(src, man, providers=["CPUExecutionProvider"], opt_level="basic")
     else:
@@ -270,6 +272,7 @@ def compile_model(
             raise VitedgeError(f"output {output} would overwrite its input", "choose another -o")
         if src.suffix == ".onnx" and man.precision == "fp32" and man.format == "onnx" and not man.quantization:
             man.precision = onnx_precision(src)  # foreign/quantized files without a precise manifest
+        assert backend.compiler is not None  # registry.get(target, "compile") refuses a backend without one
         files, settings, precision = backend.compiler(
             src, man, scratch, output.name, batch=batch, threads=threads, hint=hint, precision_hint=precision_hint, device=device, img_size=img_size, **extra
         )

@@ -196,7 +196,7 @@ def measure(
     for v in variants:
         outs, run = prepare(Path(model), fmt, x, v.get("float_precision"), static=bool(v.get("static")), fixed=fixed_batch)
         key = variant_key(v)
-        np.savez(folder / f"outputs.{key}.npz", **outs)
+        np.savez(folder / f"outputs.{key}.npz", **outs)  # type: ignore[arg-type]  # numpy's stub: any **key could be allow_pickle
         res.append({**v, "key": key, "outputs": str(folder / f"outputs.{key}.npz")})
         runs.append(run)
     if time_s > 0:
@@ -303,8 +303,8 @@ def time_models(fmt: str, models: list[dict], sample: str, fixed_batch: int | No
 def reference_outputs(source: str, data: str, out: str, fixed_batch: int | None = None) -> str:
     """The FP32 model's outputs (ONNX Runtime, as the held-out reference is made) on the images in ``data``."""
     outs, _ = prepare(Path(source), "onnx", np.asarray(_array(data)), None, fixed=fixed_batch)
-    np.savez(out, **outs)
+    np.savez(out, **outs)  # type: ignore[arg-type]  # numpy's stub: any **key could be allow_pickle
     return out
 
 
-CALLS = {"quantize_base": quantize_base, "measure": measure, "time_models": time_models, "reference_outputs": reference_outputs}
+CALLS: dict[str, Callable[..., Any]] = {"quantize_base": quantize_base, "measure": measure, "time_models": time_models, "reference_outputs": reference_outputs}

@@ -42,7 +42,7 @@ def graph_roles(model) -> GraphRoles:
     (fc2); the fc2s close the encoder blocks, so everything between two fc2s is one block.  A Conv
     before the first block is the patch embedding; weight ops after the last fc2 are the head.
     """
-    from ..graph import MATRIX_OPS, as_model, constant_behind
+    from ..graph import MATRIX_OPS, as_model, constant_behind, node_name
 
     roles = GraphRoles()
     ops: list[tuple[str, str, int | None, int | None]] = []  # (name, op type, input width, output width)
@@ -54,15 +54,15 @@ def graph_roles(model) -> GraphRoles:
             if n.op_type == "MatMul" and constant_behind(n.inputs[0]) is None:
                 # token merging's similarity (read by the max/argmax of the matching), else the attention core
                 merging = any(r.op_type in ("ReduceMax", "ArgMax", "TopK") for r in n.outputs[0].consumers())
-                (roles.token_merging if merging else roles.attention).append(n.name)
+                (roles.token_merging if merging else roles.attention).append(node_name(n))
             continue
         dims = list(w.shape)
         if len(dims) != 2:
-            ops.append((n.name, n.op_type, None, None))
+            ops.append((node_name(n), n.op_type, None, None))
             continue
-        trans_b = n.op_type == "Gemm" and n.attributes.get_int("transB", 0)
+        trans_b = n.op_type == "Gemm" and bool(n.attributes.get_int("transB"))
         k, m = (dims[1], dims[0]) if trans_b else (dims[0], dims[1])
-        ops.append((n.name, n.op_type, k, m))
+        ops.append((node_name(n), n.op_type, k, m))
     widths = [m for *_, m in ops if m]
     d_model = max(set(widths), key=widths.count) if widths else None  # the residual width: most MatMuls write it
     current: list[str] = []
@@ -71,7 +71,7 @@ def graph_roles(model) -> GraphRoles:
             roles.patch_embed.append(name)
             continue
         current.append(name)
-        if k and m == d_model and k >= 2 * m:  # fc2: d_ff -> d_model closes a block
+        if k and m and m == d_model and k >= 2 * m:  # fc2: d_ff -> d_model closes a block
             roles.fc2.append(name)
             roles.blocks.append(current)
             current = []

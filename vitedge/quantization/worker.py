@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from multiprocessing.connection import Listener
+from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ class Worker:
         self.folder = Path(folder)
         self.log = self.folder / "worker.log"
         self._proc: subprocess.Popen | None = None
-        self._conn = None
+        self._conn: Connection | None = None
 
     def _start(self) -> None:
         key = secrets.token_bytes(16)
@@ -104,18 +104,20 @@ class Worker:
             self._conn = accepted[0]
 
     def _stop(self, kill: bool = False) -> None:
-        if self._proc is None:
+        proc, conn = self._proc, self._conn
+        if proc is None:
             return
-        if not kill:
+        if not kill and conn is not None:
             try:
-                self._conn.send(None)
-                self._proc.wait(timeout=10)
+                conn.send(None)
+                proc.wait(timeout=10)
             except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 pass
-        if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._conn.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if conn is not None:
+            conn.close()
         self._proc = self._conn = None
 
     def _last_log_line(self) -> str:
@@ -130,20 +132,22 @@ class Worker:
         if self._proc is None or self._proc.poll() is not None:
             self._stop(kill=True)
             self._start()
+        proc, conn = self._proc, self._conn
+        assert proc is not None and conn is not None  # _start() set both, or raised
         t0 = time.perf_counter()
-        self._conn.send((name, kwargs))
+        conn.send((name, kwargs))
         with err_console.status(what) as status:
             while True:
                 reply = None
-                if self._conn.poll(1.0):
+                if conn.poll(1.0):
                     try:
-                        reply = self._conn.recv()
+                        reply = conn.recv()
                     except EOFError:  # the child died before it could answer
                         pass
                     else:
                         break
-                if reply is None and self._proc.poll() is not None:
-                    code = self._proc.wait()
+                if reply is None and proc.poll() is not None:
+                    code = proc.wait()
                     tail = self._last_log_line()
                     self._stop(kill=True)
                     how = f"signal {-code}" if code < 0 else f"exit code {code}"
