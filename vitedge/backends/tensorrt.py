@@ -199,7 +199,8 @@ def cuda_check(result, what: str, cudart=None):
 
     cuda-python calls return ``(error, *values)``; anything but ``cudaSuccess`` (0) raises a
     VitedgeError naming the call and CUDA's error name and description."""
-    err, *values = result if isinstance(result, tuple) else (result,)
+    parts: tuple[Any, ...] = result if isinstance(result, tuple) else (result,)
+    err, *values = parts
     code = int(getattr(err, "value", err))
     if code != 0:
         name, desc = getattr(err, "name", f"error {code}"), ""

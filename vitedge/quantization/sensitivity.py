@@ -27,7 +27,9 @@ def _run(path: Path, ev: EvalSet) -> dict:
     with load(path, backend="onnxruntime") as eng:
         out = ev.logits(eng)
     m = ev.measure(out)
-    noise = float(((out.astype(np.float64) - ev.ref) ** 2).sum() / max((ev.ref.astype(np.float64) ** 2).sum(), 1e-30))
+    ref = ev.ref
+    assert ref is not None  # measure() needs it too
+    noise = float(((out.astype(np.float64) - ref) ** 2).sum() / max((ref.astype(np.float64) ** 2).sum(), 1e-30))
     m["noise_ratio"] = noise
     m["drop_pp"] = ev.drop_pp(m)
     return m

@@ -31,6 +31,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .._io import needs_external_data
 from ..errors import VitedgeError, first_line
@@ -100,26 +101,27 @@ def tensorrt_float_nodes(model: Path) -> dict[str, list[str]]:
     (a weight with fewer than 16 rows or columns, e.g. a 10-class head)."""
     from .. import graph
 
-    model = graph.load(model)
-    roles = graph_roles(model)
+    onnx_model = graph.load(model)
+    roles = graph_roles(onnx_model)
     attention = set(roles.attention)
     gemv, small = [], []
-    for n in model.graph:
-        if n.op_type not in ("MatMul", "Gemm") or n.name in attention:
+    for n in onnx_model.graph:
+        if n.op_type not in ("MatMul", "Gemm") or graph.node_name(n) in attention:
             continue
         act = next((v for v in n.inputs[:2] if v is not None and not v.is_initializer()), None)
         shape = [d if isinstance(d, int) else None for d in act.shape] if act is not None and act.shape is not None else None
         if shape:
-            trans_a = n.op_type == "Gemm" and n.attributes.get_int("transA", 0)
+            trans_a = n.op_type == "Gemm" and bool(n.attributes.get_int("transA"))
             if (len(shape) == 2 and not trans_a) or (len(shape) >= 3 and shape[-2] == 1):  # (N, K) or (N, 1, K): one row per image
-                gemv.append(n.name)
+                gemv.append(graph.node_name(n))
                 continue
         w = n.inputs[1].const_value if len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].is_initializer() else None
         if w is not None and len(w.shape) == 2:  # K or N under 16: too small for INT8 Tensor Core kernels (modelopt's rule)
-            trans_b = n.op_type == "Gemm" and n.attributes.get_int("transB", 0)
-            k, m = (w.shape[1], w.shape[0]) if trans_b else (w.shape[0], w.shape[1])
+            trans_b = n.op_type == "Gemm" and bool(n.attributes.get_int("transB"))
+            rows, cols = w.shape.numpy()  # a tensor's shape: every dim is known
+            k, m = (cols, rows) if trans_b else (rows, cols)
             if min(k, m) < MIN_MATMUL_DIM:
-                small.append(n.name)
+                small.append(graph.node_name(n))
     return {"attention": sorted(attention), "gemv": gemv, "small": small}
 
 
@@ -162,7 +164,7 @@ def calibrate(model: Path, stream: StreamingBatches, input_name: str, method: st
     """Collect activation ranges into a cache file (streamed); returns its path."""
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    calib_opts = {"symmetric": symmetric} if method == "minmax" else {}
+    calib_opts: dict[str, Any] = {"symmetric": symmetric} if method == "minmax" else {}
     if method == "percentile":
         calib_opts["percentile"] = 99.999
     cache = scratch / "ranges.json"
@@ -264,4 +266,4 @@ def quantizable_nodes(model: Path, cfg: QDQConfig | None = None) -> list[str]:
     from .. import graph
 
     skip = set(cfg.nodes_to_exclude) if cfg else set()
-    return [n.name for n in graph.load(model).graph if n.op_type in QUANT_OP_TYPES and n.name not in skip]
+    return [name for n in graph.load(model).graph if n.op_type in QUANT_OP_TYPES and (name := graph.node_name(n)) not in skip]
