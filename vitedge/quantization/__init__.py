@@ -165,9 +165,9 @@ def quantize(
             stream = done.stream
             qinfo["calibration"] = {
                 "source": plan.calib_source,
-                "fingerprint": plan.calib.fingerprint(),
-                "size": len(plan.calib) - stream.skipped,
-                "requested": len(plan.calib),
+                "fingerprint": job.calib.fingerprint(),
+                "size": len(job.calib) - stream.skipped,
+                "requested": len(job.calib),
                 "skipped_unreadable": stream.skipped,
                 "seed": seed,
             }

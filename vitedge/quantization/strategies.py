@@ -27,6 +27,7 @@ from pathlib import Path
 from .._io import commit_files, json_safe, save_onnx
 from ..backends.openvino import default_precision_hint
 from ..backends.tensorrt import drop_stale_value_info
+from ..data import ImageSet
 from ..errors import GateFailed, VitedgeError
 from ..manifest import Manifest
 from ..sysinfo import isa_summary
@@ -60,6 +61,12 @@ class Job:
     enforce: bool  # False: a random-weight preset (measured, not held to the target)
     samples: int | None
     fixed_batch: int | None  # a fixed-batch model is fed batches of exactly that size
+
+    @property
+    def calib(self) -> ImageSet:
+        """The calibration images: INT8 always has them (:func:`plan_data` refuses INT8 without)."""
+        assert self.plan.calib is not None
+        return self.plan.calib
 
 
 @dataclass
@@ -139,7 +146,7 @@ class NNCFQuantizer(Quantizer):
         if job.ev.random:
             raise VitedgeError("INT8 needs held-out images to measure against FP32", "pass --val DIR or more --calib images")
         stream = StreamingBatches(
-            job.plan.calib, job.parent.preprocessing_obj, 32, min_count=min(job.samples or 1, len(job.plan.calib)), label="preparing calibration images"
+            job.calib, job.parent.preprocessing_obj, 32, min_count=min(job.samples or 1, len(job.calib)), label="preparing calibration images"
         )
         work = job.scratch / "search"
         work.mkdir()
@@ -209,20 +216,20 @@ class NNCFQuantizer(Quantizer):
     def _auto(self, res: FidelityResult, job: Job, info: dict) -> str:
         """``--auto``: keep the INT8 file, or write the FP32 model (run at the CPU's float precision) when it meets
         the target and INT8 is no faster here.  Returns the precision written (``int8`` / ``fp32``)."""
-        why = res.choice()
-        info["choice"] = {"asked": "auto", "chosen": (res.reference.float_precision or "fp32") if res.float_wins else "int8", "why": why, "cpu": isa_summary()}
+        why, ref = res.choice(), res.reference
+        info["choice"] = {"asked": "auto", "chosen": (ref.float_precision or "fp32") if res.float_wins and ref else "int8", "why": why, "cpu": isa_summary()}
         log.info("--auto chose %s", why)
-        if not res.float_wins:
+        if not res.float_wins or ref is None:  # (float_wins needs a measured reference)
             return "int8"
         for f in (job.out, job.out.with_suffix(".bin"), job.out.parent / f"{job.out.name}.data"):  # the INT8 files
             f.unlink(missing_ok=True)
         self.write_float(job.src, job.out)  # the file that was measured
         info.update(
-            float_precision=res.reference.float_precision,
+            float_precision=ref.float_precision,
             excluded_nodes=[],
             kept_float_groups=[],
             float_mac_share=1.0,
-            tool=f"none: FP32 weights, run at {res.reference.float_precision or 'fp32'}",
+            tool=f"none: FP32 weights, run at {ref.float_precision or 'fp32'}",
         )
         return "fp32"
 
@@ -300,9 +307,7 @@ class TensorRTQuantizer(Quantizer):
 
     def int8(self, job: Job) -> Outcome:
         fixed, ev, method, max_drop = job.fixed_batch, job.ev, job.method, job.target.max_drop
-        stream = StreamingBatches(
-            job.plan.calib, job.parent.preprocessing_obj, fixed or 8, min_count=min(job.samples or 1, len(job.plan.calib)), pad=fixed is not None
-        )
+        stream = StreamingBatches(job.calib, job.parent.preprocessing_obj, fixed or 8, min_count=min(job.samples or 1, len(job.calib)), pad=fixed is not None)
         prepared = tensorrt_qdq.prepare(job.src, job.scratch / "prepared.onnx")
         cfg = tensorrt_qdq.tensorrt_config(prepared)  # NVIDIA's placement: attention core and GEMVs stay float
         note(
@@ -345,6 +350,7 @@ class TensorRTQuantizer(Quantizer):
         note(f"all layers INT8: {ev.drop_kind} {full['drop_pp']:.2f} pp on {ev.source} (budget {max_drop} pp); ranking {len(nodes)} layers")
         ranking = sensitivity.rank_layers(prepared, cache, cfg, method, nodes, ev, job.scratch)
         report["layers"] = ranking
+        keep: list[str]
         if full["drop_pp"] <= max_drop + 1e-9:
             report["result"] = "budget met with every layer in INT8"
             met, keep = True, []
