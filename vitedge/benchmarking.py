@@ -83,7 +83,9 @@ def _build(c: Candidate, fp32_onnx: Path, folder: Path, calib, calib_samples, se
             )
         except FidelityNotMet as exc:  # measured and ranked anyway: the report shows how far it is from the target
             note(f"{c.name}: {exc}")
+            assert exc.output is not None  # FidelityNotMet names the file it wrote
             src = exc.output
+    assert backend.engine_suffix is not None  # a benchmarked backend compiles, and the registry gives every compiler a suffix
     out = folder / (stem + backend.engine_suffix)
     # FP32 means FP32: OpenVINO would otherwise compute in bf16 on CPUs with AVX-512 BF16/AMX
     path, _ = compile_model(src, out, target=c.backend, precision_hint=backend.benchmark.get(c.precision))
@@ -216,6 +218,7 @@ def benchmark(
     art.mkdir(parents=True, exist_ok=True)
     machine = print_machine(machine_info())
 
+    reference: str | ModelSpec
     if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
         fp32 = Path(model)
         reference, load_s = str(fp32), None

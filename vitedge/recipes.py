@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import yaml
 
@@ -89,6 +89,10 @@ class Recipe:
     def description(self) -> str:
         return self.data.get("description", "")
 
+    @overload
+    def resolve(self, value: str) -> str: ...
+    @overload
+    def resolve(self, value: None) -> None: ...
     def resolve(self, value: str | None) -> str | None:
         """A path relative to the recipe file; preset names and 'reference' pass through."""
         if value is None:
@@ -387,7 +391,7 @@ def run_recipe(
 
         def do_validate():
             nonlocal report
-            data_arg = val
+            data_arg: str | ImageSet | None = val
             if val and data.get("labelled") is False:
                 images = ImageSet.from_path(val)
                 images.labels = [None] * len(images)  # class folders are not this model's labels
