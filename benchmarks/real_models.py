@@ -42,15 +42,23 @@ The linear head, honestly stated
 
 The hard model's head, honestly stated
     Goal: a low-margin classifier measured on labelled images it was not fitted on.  With one photo per
-    class there are no unseen photos of a seen class, so the held-out images are *unseen views*: the head is
-    fitted only on a family of views disjoint from the one it is evaluated on - HARD_VIEWS_DOC - and is
-    evaluated on the full center crop of each photo, which it never saw (the benchmark's own
-    preprocessing, i.e. exactly what ``vitedge quantize --val`` / ``validate --data`` feed the model).
-    What is held out is the view, not the object: every center crop contains pixels some training crop
-    covered, so this measures part-to-whole generalisation of the probe, not recognition of new photos.
-    The strength of the L2 penalty and the number of steps were then chosen *on the center crops* to put
-    the top-1 in the band (a target for the benchmark, not a claim of accuracy): HARD_TUNING_DOC
-    Result on the center crops: HARD_RESULT_DOC
+    class there are no unseen photos of a seen class, so the held-out images are *unseen views*.  The head
+    is fitted only on a family of views disjoint from the one it is evaluated on: 10 random-resized crops
+    per photo covering 5-35 % of its area (flipped at random), with colour jitter (brightness, contrast,
+    saturation +-40 %), never the center crop.  It is evaluated on the center crop of each whole photo,
+    which it never saw - the benchmark's own preprocessing, i.e. exactly what ``vitedge quantize --val``
+    and ``validate --data`` feed the model.  What is held out is the view, not the object: every center
+    crop contains pixels some training crop covered, so this measures part-to-whole generalisation of the
+    probe, not recognition of new photos.  The L2 penalty was chosen *on the center crops* to put the
+    top-1 in the band (a target for the benchmark, not a claim of accuracy): 5e-2 gives 89.0 %, 0.15
+    69.2 %, 0.2 64.2 % (chosen; 60 full-batch Adam steps, nearly converged: 150 give 64.6 %), 1.0 36.4 %.
+    Such a penalty leaves the logits almost flat (median top-1 softmax probability ~1/500); one scalar
+    temperature, fitted on the training crops, rescales them.  That changes no prediction and, as INT8
+    errors scale with the weights, no agreement: it only makes the softmax margins below mean something.
+    Result on the center crops (all 500 / the 200 held-out of the split): top-1 64.2 % / 65.0 %; top-1
+    minus top-2 logit, p10 / p25 / median / p75 / p90: 0.20 / 0.52 / 1.36 / 2.65 / 4.82 (all 500);
+    top-1 minus top-2 softmax probability below 0.1 for 32 % of them (median 0.23; median top-1
+    probability 0.37).
     (All numbers are in ``vit_s_focus_hard.build.json``.)  Rejected alternative: coarser classes from
     clustering the photos' features would give unseen *photos*, but labels defined by the very features
     the head reads make the task circular.
