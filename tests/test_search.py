@@ -11,7 +11,7 @@ import pytest
 from test_fidelity import _agreement, _run_ort
 
 from vitedge.quantization import FidelityNotMet, candidates, fidelity, quantize
-from vitedge.quantization.nncf_int8 import prepare
+from vitedge.quantization.candidates import prepare
 
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml"}
 TARGET = 0.98  # vitedge's default: top-1 agreement with FP32 on held-out images

@@ -71,6 +71,9 @@ SETTINGS: list[tuple[str, dict]] = [  # whole-model settings tried when revertin
     ("quantile ranges", {"estimator": "percentile"}),
     ("full bias correction", {"bias_correction": "full"}),
 ]
+# NNCF's ONNX backend fails on full bias correction for torch.onnx exports ("Duplicate definition-site for <input>"):
+# not tried there, rather than paid for as a failure every time
+ONNX_UNSUPPORTED = ("full bias correction",)
 
 
 # -- the table's rows -------------------------------------------------------------------------------------------------------
@@ -549,10 +552,13 @@ def _deployed_default(first: list[Row]) -> Row | None:
 def _revert_search(s: _Search, cfg: Int8Config, base: str, quantized: list[str], start: Row) -> list[dict]:
     """Rank the groups on ``base``, then revert the best 1, 2, 4, ... and bisect; returns the ranking."""
     variant = {"float_precision": start.float_precision, "static": start.engine_batch == 1}
+    # the ranking measures quantization's harm: float parts in f32 where the engine offers it, so bf16's own rounding
+    # (which moves with every change to the graph) cannot drown the signal
+    rank_variant = {**variant, "float_precision": "f32"} if variant["float_precision"] == "bf16" else variant
     q = {n.removesuffix("/WithoutBiases") for n in quantized}
     candidates = [g for g in s.groups if any(o in q for o in g.ops)
                   or (g.name.endswith("attention core") and any(av in q for _, av in s.attention_pairs if av in g.ops))]
-    ranking = s.rank(base, variant, candidates)
+    ranking = s.rank(base, rank_variant, candidates)
     order = _order(ranking)
     if not order:
         note("INT8 search: keeping no single group in float brings the model closer to FP32")
@@ -601,8 +607,10 @@ def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: li
         return
     subset = SUBSET_IMAGES if s.arrays.calib_count > SUBSET_IMAGES else None
     variant = {"float_precision": default.float_precision, "static": default.engine_batch == 1}
+    score_variant = {**variant, "float_precision": "f32"} if variant["float_precision"] == "bf16" else variant  # as the ranking
     configs = {"default": base_cfg}
-    configs.update({name: base_cfg.but(**change) for name, change in SETTINGS if base_cfg.but(**change) != base_cfg})
+    configs.update({name: base_cfg.but(**change) for name, change in SETTINGS
+                    if base_cfg.but(**change) != base_cfg and not (s.fmt == "onnx" and name in ONNX_UNSUPPORTED)})
     err_console.print(f"[bold]INT8 settings[/]: each on {subset or 'all'} calibration images, against the default on the same images")
     for k, (name, cfg) in enumerate(configs.items()):
         if s.left() <= 5:
@@ -612,7 +620,7 @@ def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: li
         try:
             base, _, _ = s.quantize(cfg, folder.name, count=subset, timeout=max(5.0, min(SETTING_TIMEOUT_S, s.left())))
             res = s._call("measure", max(30.0, s.left()), f"INT8 setting '{name}': measuring", fmt=s.fmt,
-                          model=str(folder / f"model{s.suffix}"), data=str(s.arrays.rank), out_dir=str(folder), variants=[variant],
+                          model=str(folder / f"model{s.suffix}"), data=str(s.arrays.rank), out_dir=str(folder), variants=[score_variant],
                           fixed_batch=s.fixed_batch, base=base, keep_float=[], keep=False)
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
             status = {WorkerCrashed: "crashed", WorkerTimeout: "timeout", WorkerFailed: "failed"}[type(exc)]
