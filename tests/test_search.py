@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from test_fidelity import _agreement, _run_ort
 
+from vitedge.backends import registry
 from vitedge.quantization import FidelityNotMet, candidates, fidelity, quantize
 from vitedge.quantization.candidates import prepare
 
@@ -64,11 +65,14 @@ def test_the_ranking_finds_the_planted_group(searched):
     from outlier_vit import PLANTED_GROUP
 
     _, _, _, table = searched
-    ranked = sorted((r for r in table["ranking"] if r["gain"] is not None), key=lambda r: r["gain"], reverse=True)
-    # every group was scored: 5 per block, the patch embedding, the head (ONNX Runtime's attention cores are float already)
-    assert len(ranked) == len(table["ranking"]) >= 14, table["ranking"]
-    assert ranked[0]["group"] == PLANTED_GROUP, ranked[:3]
-    assert ranked[0]["gain"] > 2 * ranked[1]["gain"], ranked[:3]
+    blocks = sorted((r for r in table["ranking"] if r["level"] == "block" and r["gain"] is not None), key=lambda r: r["gain"], reverse=True)
+    parts = sorted((r for r in table["ranking"] if r["level"] == "part" and r["gain"] is not None), key=lambda r: r["gain"], reverse=True)
+    # the blocks and the groups outside them are scored first, then the parts of the blocks that gained most
+    assert {r["group"] for r in blocks} >= {"block 0", "block 1", "block 2"}, table["ranking"]
+    assert blocks[0]["group"] == "block 1", blocks[:3]
+    assert {r["group"] for r in parts} >= {f"block 1 {p}" for p in ("q/k/v", "attention out", "fc1", "fc2")}, parts
+    assert parts[0]["group"] == PLANTED_GROUP, parts[:3]
+    assert parts[0]["gain"] > 2 * parts[1]["gain"], parts[:3]
 
 
 def test_the_search_meets_the_target_by_reverting_a_few_groups_where_the_default_misses(searched, token_case, tmp_path):
@@ -98,7 +102,7 @@ def _whole_model_settings(backend: str) -> list:
     """The old fixed ladder: vitedge's default config with each whole-model setting of the search, the attention
     core in float, the patch embedding and first block in float.  NNCF's ONNX backend fails in full bias
     correction ("Duplicate definition-site" of the input), so on ONNX Runtime that rung cannot meet anything."""
-    base = fidelity.default_config(backend)
+    base = registry.get(backend).quantization().base_config()
     configs = [base.but(**kw) for name, kw in fidelity.SETTINGS if backend == "openvino" or name != "full bias correction"]
     configs += [base.but(attention_float=True), base.but(float_groups=("patch_embed", "first_block"))]
     return [c for i, c in enumerate(configs) if c not in configs[:i] and c != base]  # ONNX Runtime's default is attention float
