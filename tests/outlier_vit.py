@@ -113,34 +113,18 @@ def outlier_vit(seed: int = 0, *, outliers: bool = True, massive: float = 100.0,
                 sink_logit: float = 2.0, gamma: float = 6.0) -> VisionTransformer:
     """The outlier ViT (``outliers=False``: the same recipe without outliers, a control that INT8 handles)."""
     g = torch.Generator().manual_seed(seed)
-    model = VisionTransformer(img_size=IMG, patch_size=PATCH, num_classes=CLASSES, d_model=DIM, num_heads=HEADS,
-                              num_layers=LAYERS, d_ff=FF, dropout=0.0).eval()
+    model = _trained_like(LAYERS, g)
     sd = model.state_dict()
     m, s, hd = MASSIVE_CHANNEL, SYSTEMATIC_CHANNEL, DIM // HEADS
-
-    def randn(*shape: int, std: float) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
-
-    # "trained-like" scales: unit-scale tokens and residual stream, small biases
-    sd["patch_embed.proj.weight"] = randn(DIM, 3, PATCH, PATCH, std=(3 * PATCH * PATCH) ** -0.5)
-    sd["patch_embed.proj.bias"], sd["pos_embed"] = randn(DIM, std=0.02), randn(*sd["pos_embed"].shape, std=0.02)
-    sd["cls_token"] = randn(*sd["cls_token"].shape, std=1.0)
-    for i in range(LAYERS):
-        b = f"blocks.{i}."
-        for name, fan_in, gain in (("attn.qkv", DIM, 1.0), ("attn.proj", DIM, 0.5), ("mlp.fc1", DIM, 1.0), ("mlp.fc2", FF, 0.5)):
-            sd[b + name + ".weight"] = randn(*sd[b + name + ".weight"].shape, std=gain * fan_in**-0.5)
-            sd[b + name + ".bias"] = randn(*sd[b + name + ".bias"].shape, std=0.005)
-        for ln in ("norm1", "norm2"):
-            sd[b + ln + ".weight"], sd[b + ln + ".bias"] = 1.0 + randn(DIM, std=0.1), randn(DIM, std=0.005)
-            if outliers:
+    if outliers:
+        for i in range(LAYERS):
+            b = f"blocks.{i}."
+            for ln in ("norm1", "norm2"):
                 sd[b + ln + ".weight"][[m, s]] = torch.tensor([1.0, gamma])
-        if outliers:
             for name in ("attn.qkv", "mlp.fc1"):  # the systematic channel carries little information
                 sd[b + name + ".weight"][:, s] *= 0.03
             for name in ("attn.proj", "mlp.fc2"):  # only the massive-activation writer touches channel m
                 sd[b + name + ".weight"][m], sd[b + name + ".bias"][m] = 0.0, 0.0
-    sd["norm.weight"], sd["norm.bias"] = 1.0 + randn(DIM, std=0.1), randn(DIM, std=0.005)
-    if outliers:
         sd["patch_embed.proj.weight"][m], sd["patch_embed.proj.bias"][[m, s]] = 0.0, torch.tensor([0.0, 4.0])
         sd["cls_token"][..., m], sd["pos_embed"][..., m] = 0.0, 0.0
         marker = 30.0  # position embedding marks the sink patch; block 0's fc1 neuron 0 detects it
@@ -164,11 +148,41 @@ def outlier_vit(seed: int = 0, *, outliers: bool = True, massive: float = 100.0,
             w[2 * DIM :, m] = 0.0  # the sink's value is ~0: a no-op
     model.load_state_dict(sd)
 
-    # "fine-tuned" head: nearest k-means centroid in the whitened top principal components of the
-    # CLS features of real crops, reading only the ordinary channels
+    _fine_tuned_head(model, g, seed, exclude=(m, s))
+    return model
+
+
+def _trained_like(layers: int, g: torch.Generator) -> VisionTransformer:
+    """A ViT of this module's shape with "trained-like" random weights: unit-scale tokens and residual stream,
+    small biases, LayerNorm weights near 1."""
+    model = VisionTransformer(img_size=IMG, patch_size=PATCH, num_classes=CLASSES, d_model=DIM, num_heads=HEADS,
+                              num_layers=layers, d_ff=FF, dropout=0.0).eval()
+    sd = model.state_dict()
+
+    def randn(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    sd["patch_embed.proj.weight"] = randn(DIM, 3, PATCH, PATCH, std=(3 * PATCH * PATCH) ** -0.5)
+    sd["patch_embed.proj.bias"], sd["pos_embed"] = randn(DIM, std=0.02), randn(*sd["pos_embed"].shape, std=0.02)
+    sd["cls_token"] = randn(*sd["cls_token"].shape, std=1.0)
+    for i in range(layers):
+        b = f"blocks.{i}."
+        for name, fan_in, gain in (("attn.qkv", DIM, 1.0), ("attn.proj", DIM, 0.5), ("mlp.fc1", DIM, 1.0), ("mlp.fc2", FF, 0.5)):
+            sd[b + name + ".weight"] = randn(*sd[b + name + ".weight"].shape, std=gain * fan_in**-0.5)
+            sd[b + name + ".bias"] = randn(*sd[b + name + ".bias"].shape, std=0.005)
+        for ln in ("norm1", "norm2"):
+            sd[b + ln + ".weight"], sd[b + ln + ".bias"] = 1.0 + randn(DIM, std=0.1), randn(DIM, std=0.005)
+    sd["norm.weight"], sd["norm.bias"] = 1.0 + randn(DIM, std=0.1), randn(DIM, std=0.005)
+    model.load_state_dict(sd)
+    return model
+
+
+def _fine_tuned_head(model: VisionTransformer, g: torch.Generator, seed: int, exclude: tuple[int, ...] = ()) -> None:
+    """The "fine-tuned" head: nearest k-means centroid in the whitened top principal components of the FP32 CLS
+    features of real crops, reading only the channels not in ``exclude``."""
     with torch.no_grad():
         f = model.forward_features(_batch(256, seed + 10_000))[0][:, 0]
-    keep = [c for c in range(DIM) if c not in (m, s)]
+    keep = [c for c in range(DIM) if c not in exclude]
     mu = f.mean(0)
     _, sv, vh = torch.linalg.svd(f[:, keep] - mu[keep], full_matrices=False)
     comps = vh[:6] / (sv[:6, None] / (len(f) - 1) ** 0.5)
@@ -182,4 +196,80 @@ def outlier_vit(seed: int = 0, *, outliers: bool = True, massive: float = 100.0,
     with torch.no_grad():
         model.head.weight.copy_(w)
         model.head.bias.copy_(-(cent * cent).sum(1) - w @ mu)
+
+
+TOKEN_LAYERS = 3  # blocks of the token-outlier ViT
+PLANTED_BLOCK = 1  # its block whose fc2 input carries the massive token
+PLANTED_GROUP = f"block {PLANTED_BLOCK} fc2"  # the fidelity search's name for the one harmful group
+MARKED_TOKEN = 6  # token index (CLS is 0) of the low-information patch that becomes the high-norm token
+MARKER_PAIRS = 16  # residual channels 0, 2, .. 30 (P) and their copies 1, 3, .. 31 (N) carry the marker P - N
+
+
+def token_outlier_vit(seed: int = 0, *, fire: float = 200.0, mark: float = 40.0) -> VisionTransformer:
+    """A 3-block ViT whose INT8 harm sits in ONE group, block 1's fc2, where no whole-model setting reaches it.
+
+    A token-wise outlier (Darcet et al. 2024, "Vision Transformers Need Registers": a few low-information patches
+    become high-norm tokens; Sun et al. 2024: they are written by an MLP whose hidden units fire at ~100x the
+    rest): on one patch, ``MARKED_TOKEN``, every hidden unit of block 1's MLP fires at ``fire`` (~200, vs <= 3
+    on every other token).  NNCF's per-tensor activation range at fc2's input is then ~70x the ordinary
+    tokens' and crushes them to a few levels.  Because the outlier is a token, not a channel, every channel's
+    maximum is the same: SmoothQuant (any alpha) has nothing to even out; the token is ~6 % of the values
+    (no quantile clips it); the error is per-token rounding noise, not a mean shift (bias correction cannot
+    undo it); the attention core, patch embedding and first block play no part.  Keeping block 1's fc2 in
+    float removes it.
+
+    How the firing is planted without harming fc1 too: ordinary tokens carry 16 residual channels twice
+    (every writer's rows ``N`` copy rows ``P``, and block 1's norm2 treats both alike), so their LayerNorm
+    outputs in ``P`` and ``N`` are equal - in INT8 too, since equal values quantize equally.  The marked
+    token's position embedding adds ``mark`` along ``P - N``; block 1's fc1 reads ``P - N`` (weights ``c``
+    on ``P``, ``-c`` on ``N``, spread over 32 channels so its per-row weight ranges stay modest): exactly 0
+    for ordinary tokens, ``fire`` for the marked one.  Head: :func:`_fine_tuned_head` (all channels; median
+    top-1 probability 0.95).
+
+    Measured (seed 0; calibration ``outlier_images(64, 1)``, held out ``outlier_images(100, 2)``; top-1
+    agreement with the FP32 ONNX model; OpenVINO CPU f32 hint unless said; quantize_nncf one image at a time
+    as the search does; a default quantization + evaluation ~5 s on 2 cores):
+
+        NNCF setting (ONNX Runtime keeps the attention core float)          ONNX Runtime   OpenVINO
+        default (SmoothQuant 0.95)                                           0.87           0.87 (bf16: 0.90)
+        SmoothQuant off / 0.5                                                0.91 / 0.86    0.90 / 0.87
+        quantile ranges (MEAN_QUANTILE)                                      0.87           0.87
+        full bias correction                                                 fails (1)      0.91
+        attention core float                                                 (default)      0.89
+        patch embedding + first block float                                  0.88           0.88
+        vitedge search (budget 120 s): ranking's top group                   block 1 fc2    block 1 fc2
+          gain (KL) of the top / second group                                0.140 / 0.019  0.106 / 0.038
+          reverts block 1 fc2 only: agreement, multiply-adds in float        1.00, 13.9 %   1.00, 9.0 %
+        control ``token_outlier_vit(fire=0)`` (no unit fires): NNCF default  0.99           0.99
+
+    (1) NNCF's ONNX backend fails in full bias correction ("Duplicate definition-site for (pixel_values)").
+    """
+    g = torch.Generator().manual_seed(seed)
+    model = _trained_like(TOKEN_LAYERS, g)
+    sd = model.state_dict()
+    pos, neg = list(range(0, 2 * MARKER_PAIRS, 2)), list(range(1, 2 * MARKER_PAIRS, 2))
+    for key in ("patch_embed.proj.weight", "patch_embed.proj.bias"):  # ordinary tokens: channels N copy P
+        sd[key][neg] = sd[key][pos]
+    sd["cls_token"][..., neg], sd["pos_embed"][..., neg] = sd["cls_token"][..., pos], sd["pos_embed"][..., pos]
+    for i in range(TOKEN_LAYERS):
+        for name in ("attn.proj.weight", "attn.proj.bias", "mlp.fc2.weight", "mlp.fc2.bias"):
+            sd[f"blocks.{i}.{name}"][neg] = sd[f"blocks.{i}.{name}"][pos]
+    sd["pos_embed"][0, MARKED_TOKEN, pos] += mark / (2 * MARKER_PAIRS) ** 0.5  # the marked token: along P - N
+    sd["pos_embed"][0, MARKED_TOKEN, neg] -= mark / (2 * MARKER_PAIRS) ** 0.5
+    b = f"blocks.{PLANTED_BLOCK}."
+    for name in ("norm2.weight", "norm2.bias"):
+        sd[b + name][neg] = sd[b + name][pos]
+    model.load_state_dict(sd)
+    with torch.no_grad():  # the marked token's norm2 output along P - N
+        x = _batch(8, seed + 20_000)
+        tok = torch.cat([model.cls_token.expand(len(x), -1, -1), model.patch_embed(x)], 1) + model.pos_embed
+        for blk in model.blocks[:PLANTED_BLOCK]:
+            tok = blk(tok)[0]
+        blk = model.blocks[PLANTED_BLOCK]
+        y = blk.norm2(tok + blk.attn(blk.norm1(tok))[0])[:, MARKED_TOKEN]
+        along = (y[:, pos] - y[:, neg]).sum(1).mean()
+    sd[b + "mlp.fc1.weight"][:, pos] = fire / along
+    sd[b + "mlp.fc1.weight"][:, neg] = -fire / along
+    model.load_state_dict(sd)
+    _fine_tuned_head(model, g, seed)
     return model

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import graph
-from .._io import save_onnx
+from .._io import needs_external_data, save_onnx
 from ..backends.base import pad_batch
 from ..backends.onnxruntime import session
 from ..backends.openvino import compiled_model, split_keepdims_reductions
@@ -140,21 +140,23 @@ def _base(path: str, fmt: str):
     return _cache[key]
 
 
-def build(base: str, fmt: str, keep_float: list[str], out: str, data_name: str | None = None) -> list[str]:
+def build(base: str, fmt: str, keep_float: list[str], out: str | None, data_name: str | None = None) -> tuple[list[str], Any]:
     """The deployable candidate: the revertible base with ``keep_float`` in float and the other weights
-    compressed to int8, written to ``out``.  Returns the matrix ops that run in float."""
+    compressed to int8, written to ``out`` (a big ONNX model's weights go to ``data_name`` beside it: the
+    artifact's final name, as the ONNX file records it).  Returns the matrix ops that run in float, and what to
+    run: ``out``, or with ``out=None`` the model in memory (an ``ov.Model``, or an ONNX model's bytes), which
+    spares the ranking pass a file per group."""
     if fmt == "openvino":
         import openvino as ov
-        from openvino._offline_transformations import (
-            compress_quantize_weights_transformation,
-        )
+        from openvino._offline_transformations import compress_quantize_weights_transformation
 
         model = _base(base, fmt).clone()
         _ov_keep_float(model, keep_float)
         compress_quantize_weights_transformation(model)
         split_keepdims_reductions(model)  # OpenVINO's fused Reduce + FakeQuantize bug (docs/openvino_static_batch.md)
-        ov.save_model(model, out, compress_to_fp16=False)
-        return float_ops_openvino(model)
+        if out is not None:
+            ov.save_model(model, out, compress_to_fp16=False)
+        return float_ops_openvino(model), out or model
     import onnx
     from nncf.onnx.graph.passes import compress_quantize_weights_transformation
 
@@ -163,8 +165,20 @@ def build(base: str, fmt: str, keep_float: list[str], out: str, data_name: str |
     graph.keep_float(model, keep_float)
     compress_quantize_weights_transformation(model)
     graph.dedicate_qdq(model)  # ONNX Runtime fuses a Q/DQ pair into an integer MatMul only when it has one reader
+    if out is None and not needs_external_data(model):
+        return graph.float_ops(model), model.SerializeToString()
+    out = out or str(Path(_cache_dir()) / "candidate.onnx")
     save_onnx(model, Path(out), data_name or f"{Path(out).name}.data")
-    return graph.float_ops(model)
+    return graph.float_ops(model), out
+
+
+def _cache_dir() -> str:
+    import tempfile
+
+    key = ("tmpdir",)
+    if key not in _cache:
+        _cache[key] = tempfile.mkdtemp(prefix="vitedge-candidates-")
+    return _cache[key]
 
 
 def measure(
@@ -182,19 +196,20 @@ def measure(
 ) -> dict:
     """Outputs of a candidate on the images in ``data`` for each engine variant (float precision, static batch 1),
     saved as ``out_dir/outputs.KEY.npz``, and with ``time_s`` > 0 each variant's batch-1 latency (its variants
-    timed interleaved).  With ``base``: the candidate is first built from it (:func:`build`) at ``model``; without,
-    ``model`` is run as it is (the FP32 reference).  ``keep=False`` deletes a built file after measuring (ranking
-    candidates are many)."""
+    timed interleaved).  With ``base``: the candidate is first built from it (:func:`build`), written at ``model``
+    when ``keep`` (else run from memory: ranking candidates are many); without, ``model`` is run as it is (the
+    FP32 reference)."""
     t0 = time.perf_counter()
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     float_ops: list[str] = []
+    runnable: Any = Path(model)
     if base is not None:
-        float_ops = build(base, fmt, list(keep_float or []), model, data_name)
+        float_ops, runnable = build(base, fmt, list(keep_float or []), model if keep else None, data_name)
     x = np.asarray(_array(data))
     res, runs = [], []
     for v in variants:
-        outs, run = prepare(Path(model), fmt, x, v.get("float_precision"), static=bool(v.get("static")), fixed=fixed_batch)
+        outs, run = prepare(runnable, fmt, x, v.get("float_precision"), static=bool(v.get("static")), fixed=fixed_batch)
         key = variant_key(v)
         np.savez(folder / f"outputs.{key}.npz", **outs)  # type: ignore[arg-type]  # numpy's stub: any **key could be allow_pickle
         res.append({**v, "key": key, "outputs": str(folder / f"outputs.{key}.npz")})
@@ -203,17 +218,15 @@ def measure(
         for v, ms in zip(res, timed_interleaved(runs, seconds=time_s), strict=True):
             v["latency_ms"] = ms
     del runs
-    if base is not None and not keep:
-        for f in (Path(model), Path(model).with_suffix(".bin"), Path(model).parent / (data_name or f"{Path(model).name}.data")):
-            f.unlink(missing_ok=True)
     return {"variants": res, "float_ops": float_ops, "seconds": time.perf_counter() - t0}
 
 
 # -- running a candidate ----------------------------------------------------------------------------------------------------
 def prepare(
-    path: Path, fmt: str, x: np.ndarray, float_precision: str | None, static: bool = False, batch: int = 16, fixed: int | None = None
+    path: Any, fmt: str, x: np.ndarray, float_precision: str | None, static: bool = False, batch: int = 16, fixed: int | None = None
 ) -> tuple[dict[str, np.ndarray], Callable[[], object]]:
-    """Outputs on the held-out images of a (quantized) file on the CPU, and a batch-1 run to time it with.
+    """Outputs on the held-out images of a (quantized) model on the CPU, and a batch-1 run to time it with.
+    ``path``: a file, or a model in memory (an ``ov.Model``, which is not changed; an ONNX model's bytes).
 
     OpenVINO ``static``: the model reshaped to batch 1, as ``vitedge compile`` makes latency engines, and
     run image by image.  It is measured, not assumed equal to the dynamic model: on an AMX CPU the static
@@ -228,6 +241,8 @@ def prepare(
         cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_PRECISION_HINT": float_precision} if float_precision else {})}
         if static:
             batch = 1
+        if not isinstance(path, (str, Path)):
+            path = path.clone()  # compiling reshapes and rewrites it: the caller's model stays as it was
         compiled = compiled_model(path, "CPU", cfg, shape=[1, *x.shape[1:]] if static else None)
         req = compiled.create_infer_request()
         names = [o.get_any_name() for o in compiled.outputs]

@@ -44,13 +44,14 @@ from ..options import Target
 from ..ui import err_console, note
 from .calibration import EvalSet
 from .nncf_int8 import Int8Config
-from .roles import Group, graph_roles, matrix_macs, structural_groups
+from .roles import Group, graph_roles, matrix_macs, merge, structural_groups
 from .worker import Worker, WorkerCrashed, WorkerFailed, WorkerTimeout
 
 QUANTIZE_TIMEOUT_S = 3600.0  # one NNCF quantization (the default one is never cut by the budget, only by this)
 SETTING_TIMEOUT_S = 900.0  # one whole-model setting's quantization: at most this, and never past the budget
 MAX_FLOAT_SHARE = 0.25  # reverting stops before more than this share of the multiply-adds runs in float
 RANK_IMAGES = 64  # calibration images the ranking pass scores each group on
+REFINE_BLOCKS = 3  # the ranking scores the parts of this many of the blocks that gain most
 SUBSET_IMAGES = 64  # calibration images a whole-model setting is first tried on
 SETTING_GAIN = 0.8  # a whole-model setting is quantized on the full set when its divergence is below this x the default's
 TIE = 1.03  # latencies within 3 % are a tie (timing noise): prefer the earlier, more-INT8 candidate
@@ -70,6 +71,9 @@ SETTINGS: list[tuple[str, dict]] = [  # whole-model settings tried when revertin
     ("quantile ranges", {"estimator": "percentile"}),
     ("full bias correction", {"bias_correction": "full"}),
 ]
+# NNCF's ONNX backend fails on full bias correction for torch.onnx exports ("Duplicate definition-site for <input>"):
+# not tried there, rather than paid for as a failure every time
+ONNX_UNSUPPORTED = ("full bias correction",)
 
 
 # -- the table's rows -------------------------------------------------------------------------------------------------------
@@ -466,7 +470,8 @@ class _Search:
             )
 
     def rank(self, base: str, variant: dict, candidates: list[Group]) -> list[dict]:
-        """Score every group by how much keeping it in float lowers the divergence from FP32 on calibration images."""
+        """Score groups by how much keeping each in float lowers the divergence from FP32 on calibration images: first
+        whole blocks (and the groups outside blocks), then the parts of the :data:`REFINE_BLOCKS` blocks that gain most."""
         if self.rank_ref is None:
             path = str(self.scratch / "rank_reference.npz")
             self._call(
@@ -500,24 +505,41 @@ class _Search:
             return divergence(ref, _load_npz(res["variants"][0]["outputs"]), self.classifier)
 
         base_div = score([], "none")
-        ranking = []
-        err_console.print(
-            f"[bold]INT8 ranking[/]: what keeping each of {len(candidates)} groups in float buys "
-            f"({RANK_IMAGES if self.arrays.calib_count >= RANK_IMAGES else self.arrays.calib_count} calibration images)"
-        )
-        for k, g in enumerate(candidates):
-            if self.left() <= 5:
-                note(f"INT8 search budget ({self.budget_s:.0f} s) used up while ranking ({k} of {len(candidates)} groups); pass --search-budget to allow more")
-                break
-            try:
-                d = score(list(g.ops), f"g{k}")
-            except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
-                ranking.append({"group": g.name, "ops": list(g.ops), "share": g.share, "gain": None, "error": str(exc)[:160]})
-                continue
-            ranking.append({"group": g.name, "ops": list(g.ops), "share": g.share, "gain": base_div - d, "divergence": d})
+        by_block: dict[int, list[Group]] = {}
+        for g in candidates:
+            if g.block is not None:
+                by_block.setdefault(g.block, []).append(g)
+        level1 = [merge(parts, f"block {b}") if len(parts) > 1 else parts[0] for b, parts in by_block.items()]
+        level1 += [g for g in candidates if g.block is None]
+        images = min(RANK_IMAGES, self.arrays.calib_count)
+        err_console.print(f"[bold]INT8 ranking[/]: what keeping each of {len(level1)} blocks and groups in float buys ({images} calibration images)")
+        ranking = self._score_all(level1, score, "block")
+        blocks = [r for r in ranking if r["block"] is not None and len(by_block[r["block"]]) > 1 and r["divergence"] is not None and r["divergence"] < base_div]
+        refine = [r["block"] for r in sorted(blocks, key=lambda r: r["divergence"])[:REFINE_BLOCKS]]
+        if refine:
+            err_console.print(f"[bold]INT8 ranking[/]: the parts of block{'s' if len(refine) > 1 else ''} {', '.join(map(str, refine))}")
+            ranking += self._score_all([g for b in refine for g in by_block[b]], score, "part")
+            for r in ranking:  # a refined block is reverted through its parts
+                r["refined"] = r["level"] == "block" and r["block"] in refine
         for r in ranking:
             r["base_divergence"] = base_div
+            if r.get("divergence") is not None:
+                r["gain"] = base_div - r["divergence"]
         return ranking
+
+    def _score_all(self, groups: list[Group], score, level: str) -> list[dict]:
+        out = []
+        for k, g in enumerate(groups):
+            if self.left() <= 5:
+                note(f"INT8 search budget ({self.budget_s:.0f} s) used up while ranking ({k} of {len(groups)}); pass --search-budget to allow more")
+                break
+            entry = {"group": g.name, "ops": list(g.ops), "share": g.share, "block": g.block, "level": level, "gain": None, "divergence": None}
+            try:
+                entry["divergence"] = score(list(g.ops), f"{level}{k}")
+            except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
+                entry["error"] = str(exc)[:160]
+            out.append(entry)
+        return out
 
 
 SHAPE_GAP = 3.0  # one file's static and dynamic engines this far apart (divergence) compute different things
@@ -546,13 +568,13 @@ def _onnx_structure(path: Path):
     return onnx.load(str(path), load_external_data=False)
 
 
-def _order(ranking: list[dict], groups: list[Group]) -> list[Group]:
+def _order(ranking: list[dict]) -> list[Group]:
     """Groups worth reverting, best first: positive gain, by gain per share of multiply-adds (a cheap group that buys
-    as much goes first), where a group's share counts at least half a percent."""
-    by_name = {g.name: g for g in groups}
-    useful = [r for r in ranking if r.get("gain") is not None and r["gain"] > 0]
+    as much goes first), where a group's share counts at least half a percent.  A block whose parts were scored is
+    reverted through its parts."""
+    useful = [r for r in ranking if r.get("gain") is not None and r["gain"] > 0 and not r.get("refined")]
     useful.sort(key=lambda r: r["gain"] / max(r["share"], 0.005), reverse=True)
-    return [by_name[r["group"]] for r in useful]
+    return [Group(r["group"], tuple(r["ops"]), r["share"]) for r in useful]
 
 
 def _within(order: list[Group], share_of, cap: float) -> list[Group]:
@@ -650,12 +672,15 @@ def _deployed_default(first: list[Row]) -> Row | None:
 def _revert_search(s: _Search, cfg: Int8Config, base: str, quantized: list[str], start: Row) -> list[dict]:
     """Rank the groups on ``base``, then revert the best 1, 2, 4, ... and bisect; returns the ranking."""
     variant = {"float_precision": start.float_precision, "static": start.engine_batch == 1}
+    # the ranking measures quantization's harm: float parts in f32 where the engine offers it, so bf16's own rounding
+    # (which moves with every change to the graph) cannot drown the signal
+    rank_variant = {**variant, "float_precision": "f32"} if variant["float_precision"] == "bf16" else variant
     q = {n.removesuffix("/WithoutBiases") for n in quantized}
     candidates = [
         g for g in s.groups if any(o in q for o in g.ops) or (g.name.endswith("attention core") and any(av in q for _, av in s.attention_pairs if av in g.ops))
     ]
-    ranking = s.rank(base, variant, candidates)
-    order = _order(ranking, s.groups)
+    ranking = s.rank(base, rank_variant, candidates)
+    order = _order(ranking)
     if not order:
         note("INT8 search: keeping no single group in float brings the model closer to FP32")
         return ranking
@@ -704,8 +729,11 @@ def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: li
         return
     subset = SUBSET_IMAGES if s.arrays.calib_count > SUBSET_IMAGES else None
     variant = {"float_precision": default.float_precision, "static": default.engine_batch == 1}
+    score_variant = {**variant, "float_precision": "f32"} if variant["float_precision"] == "bf16" else variant  # as the ranking
     configs = {"default": base_cfg}
-    configs.update({name: base_cfg.but(**change) for name, change in SETTINGS if base_cfg.but(**change) != base_cfg})
+    configs.update(
+        {name: base_cfg.but(**change) for name, change in SETTINGS if base_cfg.but(**change) != base_cfg and not (s.fmt == "onnx" and name in ONNX_UNSUPPORTED)}
+    )
     err_console.print(f"[bold]INT8 settings[/]: each on {subset or 'all'} calibration images, against the default on the same images")
     for k, (name, cfg) in enumerate(configs.items()):
         if s.left() <= 5:
@@ -722,7 +750,7 @@ def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: li
                 model=str(folder / f"model{s.suffix}"),
                 data=str(s.arrays.rank),
                 out_dir=str(folder),
-                variants=[variant],
+                variants=[score_variant],
                 fixed_batch=s.fixed_batch,
                 base=base,
                 keep_float=[],
@@ -753,7 +781,7 @@ def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: li
     rows = s.evaluate(name, cfg, base, quantized, [], [variant], seconds=q_s)
     if any(r.status == "met" for r in rows) or s.left() <= 5:
         return
-    order = _within(_order(ranking, s.groups), lambda gs: s.float_share(quantized, gs), MAX_FLOAT_SHARE)
+    order = _within(_order(ranking), lambda gs: s.float_share(quantized, gs), MAX_FLOAT_SHARE)
     for k in sorted({min(len(order), k) for k in (1, 2, 4, 8, 16, 32)}):
         if k == 0 or s.left() <= 5:
             break
@@ -920,6 +948,8 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
                 f"Divergence from FP32 on {RANK_IMAGES} calibration images (mean KL of class probabilities, or mean 1 - cosine); "
                 f"the default candidate's: {result.ranking[0].get('base_divergence', float('nan')):.4g}."
             ),
+            "",
+            "Whole blocks first; then the parts of the blocks that gained most (a block whose parts were scored is reverted through them).",
             "",
             "| group | share of MACs | divergence with it in float | gain |",
             "|---|---:|---:|---:|",

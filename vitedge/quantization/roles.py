@@ -86,6 +86,12 @@ class Group:
     name: str
     ops: tuple[str, ...]
     share: float
+    block: int | None = None  # the encoder block it belongs to
+
+
+def merge(groups: list[Group], name: str) -> Group:
+    """One group of all of ``groups``' ops (e.g. a whole block)."""
+    return Group(name, tuple(o for g in groups for o in g.ops), sum(g.share for g in groups), groups[0].block if groups else None)
 
 
 def structural_groups(roles: GraphRoles, macs: dict[str, int]) -> list[Group]:
@@ -93,9 +99,9 @@ def structural_groups(roles: GraphRoles, macs: dict[str, int]) -> list[Group]:
     order: the last three are proj, fc1, fc2); then the patch embedding and the head.  Shares are of all matrix ops."""
     total = float(sum(macs.values())) or 1.0
 
-    def group(name: str, ops: list[str]) -> Group | None:
+    def group(name: str, ops: list[str], block: int | None = None) -> Group | None:
         ops = [o for o in ops if o]
-        return Group(name, tuple(ops), sum(macs.get(o, 0) for o in ops) / total) if ops else None
+        return Group(name, tuple(ops), sum(macs.get(o, 0) for o in ops) / total, block) if ops else None
 
     attn = roles.attention
     per_block_attn = len(attn) == 2 * len(roles.blocks)
@@ -106,7 +112,7 @@ def structural_groups(roles: GraphRoles, macs: dict[str, int]) -> list[Group]:
             parts = [("q/k/v", ops[:-3]), ("attention core", core), ("attention out", [ops[-3]]), ("fc1", [ops[-2]]), ("fc2", [ops[-1]])]
         else:
             parts = [("attention core", core)] + [(f"op {i}", [o]) for i, o in enumerate(ops)]
-        out += [group(f"block {b} {what}", o) for what, o in parts]
+        out += [group(f"block {b} {what}", o, b) for what, o in parts]
     if attn and not per_block_attn:
         out.append(group("attention core", attn))
     out.append(group("head", roles.head))
