@@ -374,8 +374,7 @@ def test_recipe_schema_checks_the_merge_keys(tmp_path, export, problem):
 
 
 def test_recipe_passes_the_merge_keys_and_caches_on_them(tmp_path, monkeypatch):
-    import vitedge.export
-    import vitedge.models.loading
+    import vitedge.recipes
     from vitedge.recipes import load_recipe, run_recipe
 
     calls = []
@@ -391,8 +390,8 @@ def test_recipe_passes_the_merge_keys_and_caches_on_them(tmp_path, monkeypatch):
         Path(output).write_bytes(b"onnx")
         return Path(output), _Manifest(kw["merge_tokens"] if kw["merge_tokens"] != "auto" else 3)
 
-    monkeypatch.setattr(vitedge.export, "export_onnx", fake_export)
-    monkeypatch.setattr(vitedge.models.loading, "load_model", lambda model, img_size=None: model)
+    monkeypatch.setattr(vitedge.recipes, "export_onnx", fake_export)  # the name the recipe runner calls
+    monkeypatch.setattr(vitedge.recipes, "load_model", lambda model, img_size=None: model)
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "a.png").write_bytes(b"one")
     p = tmp_path / "r.yaml"
