@@ -261,7 +261,7 @@ def compile_model(
         if auto_batch and isinstance(fixed, int) and fixed > 0 and batch != fixed:
             batch = fixed  # the model was exported with a fixed batch: keep it
             note(f"{src.name} has a fixed batch of {fixed}: compiling at batch {fixed}")
-        elif auto_batch and target == "openvino" and man.searched("engine_batch") == "dynamic":
+        elif auto_batch and man.searched("engine_batch") == "dynamic":
             # the INT8 fidelity search measured both engine shapes and chose the dynamic one (its table says why)
             batch = None
             note(f"{src.name}: dynamic batch, the engine shape the INT8 fidelity search chose (see its .fidelity.md)")

@@ -56,7 +56,7 @@ def _describe(model, path, man, opts: QuantizeOptions) -> None:
     elif man.precision == "fp32":
         console.print(f"not quantized: FP32 weights, run at {rec.float_precision or 'fp32'} ({rec.choice['why']})")
     else:
-        detail = f"{len(rec.excluded_nodes)} LayerNorm/Softmax nodes kept in FP32" if backend != "openvino" else "FP16-compressed weights"
+        detail = "FP16-compressed weights" if man.format == "openvino" else f"{len(rec.excluded_nodes)} LayerNorm/Softmax nodes kept in FP32"
         console.print(f"FP16 for {backend}: {detail}")
     a = v["agreement"]
     if man.task == "classification":
