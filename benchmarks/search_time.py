@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -106,7 +107,7 @@ def run(name: str, m: dict, data: dict[str, Path], backend: str, work: Path, rou
     script = work / "by_hand.py"
     script.write_text(_BY_HAND)
     hand = [sys.executable, str(script), str(m["onnx"]), str(data["calib"]), str(m["preprocessing"]), backend, str(work / f"hand{sfx}")]
-    ours = [sys.executable, "-m", "vitedge.cli.main", "quantize", str(m["onnx"]), "--int8", "--backend", backend, "--calib", str(data["calib"]),
+    ours = [shutil.which("vitedge") or sys.exit("error: the vitedge command is not on PATH (pip install -e .)"), "quantize", str(m["onnx"]), "--int8", "--backend", backend, "--calib", str(data["calib"]),
             "--val", str(data["val"]), "--preprocessing", str(m["preprocessing"]), "-o", str(work / f"vitedge{sfx}"), *(extra or [])]
     runs: dict[str, list[dict]] = {"by_hand": [], "vitedge": []} if by_hand else {"vitedge": []}
     print(f"{name} / {backend}", file=sys.stderr)
@@ -114,6 +115,8 @@ def run(name: str, m: dict, data: dict[str, Path], backend: str, work: Path, rou
         order = [("by_hand", hand), ("vitedge", ours)] if by_hand else [("vitedge", ours)]
         for what, cmd in (order if k % 2 == 0 else order[::-1]):
             runs[what].append(_timed(cmd, work / f"{what}.{k}.log"))
+            if runs[what][-1]["exit"] not in (0, 1):  # 1: vitedge wrote the most faithful INT8 but missed the target
+                sys.exit(f"error: {what} failed (exit {runs[what][-1]['exit']}); see {runs[what][-1]['log']}")
     table = json.loads((work / f"vitedge{sfx}.fidelity.json").read_text())
     chosen = next(c for c in table["candidates"] if c["candidate"] == table["chosen_candidate"])
     med = {k: float(np.median([r["seconds"] for r in v])) for k, v in runs.items()}
