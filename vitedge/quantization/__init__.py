@@ -153,7 +153,8 @@ def quantize(
     ev = EvalSet(plan.eval, pre, plan.eval_source, parent.labels, parent.inputs[0].shape, seed)
     if parent.task != "classification":
         ev.labels = None  # folder names are not classes of a non-classifier
-    with load(src, backend="onnxruntime") as ref_engine:
+    ref_backend, ref_options = strategy.reference  # e.g. OpenVINO at f32: the same FP32 math, faster than ONNX Runtime on a CPU
+    with load(src, backend=ref_backend, **ref_options) as ref_engine:
         ev.set_reference(ref_engine)
 
     fmt = strategy.format
@@ -184,13 +185,14 @@ def quantize(
             onnx.save(proto, str(draft.path))
 
         man = parent.derive(output.name, fmt, precision=done.precision, backend=backend, quantization=json_safe(qinfo))
-        # (the manifest's numbers are the file at its dynamic batch; the fidelity table has every engine variant's)
-        with registry.open_engine(strategy.measured_by, draft.path, man, **strategy.engine_options(qinfo)) as eng:
-            metrics = ev.measure_outputs(ev.outputs(eng))
+        metrics, engine = done.measured, done.measured_as  # the search measured the file it wrote on these images
+        if metrics is None:
+            with registry.open_engine(strategy.measured_by, draft.path, man, **strategy.engine_options(qinfo)) as eng:
+                metrics, engine = ev.measure_outputs(ev.outputs(eng)), strategy.measured_by
         man.verification = json_safe(
             {
-                "reference": f"fp32 onnx ({src.name}, onnxruntime)",
-                "engine": strategy.measured_by,
+                "reference": f"fp32 onnx ({src.name}, {ref_backend}{' f32' if ref_options else ''})",
+                "engine": engine,
                 "eval_set": ev.source,
                 "images": len(ev),
                 "random_inputs": ev.random,

@@ -315,9 +315,10 @@ def time_models(fmt: str, models: list[dict], sample: str, fixed_batch: int | No
     return timed_interleaved(runs, seconds=seconds)
 
 
-def reference_outputs(source: str, data: str, out: str, fixed_batch: int | None = None) -> str:
-    """The FP32 model's outputs (ONNX Runtime, as the held-out reference is made) on the images in ``data``."""
-    outs, _ = prepare(Path(source), "onnx", np.asarray(_array(data)), None, fixed=fixed_batch)
+def reference_outputs(fmt: str, source: str, data: str, out: str, fixed_batch: int | None = None) -> str:
+    """The FP32 model's outputs on the images in ``data``, made as the held-out reference is: OpenVINO at f32 for an
+    OpenVINO search, ONNX Runtime otherwise."""
+    outs, _ = prepare(Path(source), fmt, np.asarray(_array(data)), "f32" if fmt == "openvino" else None, fixed=fixed_batch)
     np.savez(out, **outs)  # type: ignore[arg-type]  # numpy's stub: any **key could be allow_pickle
     return out
 

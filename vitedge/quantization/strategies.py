@@ -78,6 +78,8 @@ class Outcome:
     report_files: list[str] = field(default_factory=list)
     fidelity: FidelityResult | None = None
     stream: StreamingBatches | None = None  # the calibration stream (its skipped images are reported)
+    measured: dict | None = None  # the written file's agreement on the held-out images, when the strategy measured it
+    measured_as: str | None = None  # ... and the engine it measured it as
 
 
 class Quantizer:
@@ -87,6 +89,8 @@ class Quantizer:
     measured_by = "onnxruntime"  # the backend whose engine measures the written file on this machine
     default_method = "minmax"
     verification_note: str | None = None
+    #: the engine that runs the FP32 model for the reference outputs (backend name, ``vitedge.load`` options)
+    reference: tuple[str, dict] = ("onnxruntime", {})
 
     def int8(self, job: Job) -> Outcome:
         raise VitedgeError(f"backend {job.backend} has no int8 quantization")
@@ -202,7 +206,12 @@ class NNCFQuantizer(Quantizer):
         self.describe_int8(job, info)
         shutil.rmtree(work, ignore_errors=True)
         precision = self._auto(res, job, info) if job.precision == "auto" else "int8"
-        return Outcome(info, precision, [tj, tm], res, stream)
+        row = res.reference if precision == "fp32" and res.reference is not None else c  # what was written, as it was measured
+        batch = row.engine_batch
+        shape = None if batch is None else "dynamic batch" if batch == "dynamic" else f"static batch {batch}"
+        parts = [p for p in (row.float_precision and f"float parts {row.float_precision}", shape) if p]
+        engine = f"{self.measured_by} ({', '.join(parts)})" if parts else self.measured_by
+        return Outcome(info, precision, [tj, tm], res, stream, row.metrics, engine)
 
     def describe_int8(self, job: Job, info: dict) -> None:
         """Add what is particular to this runtime's INT8 file to the manifest's quantization section."""
@@ -261,6 +270,7 @@ class OpenVINOQuantizer(NNCFQuantizer):
     format = "openvino"
     measured_by = "openvino"
     tool = "OpenVINO IR"
+    reference = ("openvino", {"config": {"INFERENCE_PRECISION_HINT": "f32"}})  # FP32 math, several times ONNX Runtime's speed
 
     def variants(self, fixed_batch: int | None) -> list[dict]:
         fps = ["bf16", "f32"] if default_precision_hint("int8") == "bf16" else ["f32"]

@@ -81,27 +81,36 @@ class Worker:
         self._conn: Connection | None = None
 
     def _start(self) -> None:
+        """Spawn the child; it connects back while the caller goes on (:meth:`_connected` waits for it)."""
         key = secrets.token_bytes(16)
-        with Listener(authkey=key) as listener:  # a fresh local socket (a named pipe on Windows)
-            with open(self.log, "ab") as log:
-                self._proc = subprocess.Popen(
-                    worker_command(str(listener.address)),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=dict(os.environ, PYTHONUNBUFFERED="1", VITEDGE_WORKER_KEY=key.hex()),
-                )
-            accepted: list = []
-            waiter = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
-            waiter.start()
-            t0 = time.perf_counter()
-            while waiter.is_alive():
-                waiter.join(0.5)
-                if waiter.is_alive() and (self._proc.poll() is not None or time.perf_counter() - t0 > START_TIMEOUT_S):
+        self._listener = Listener(authkey=key)  # a fresh local socket (a named pipe on Windows)
+        with open(self.log, "ab") as log:
+            self._proc = subprocess.Popen(
+                worker_command(str(self._listener.address)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONUNBUFFERED="1", VITEDGE_WORKER_KEY=key.hex()),
+            )
+        self._accepted: list = []
+        self._waiter = threading.Thread(target=lambda: self._accepted.append(self._listener.accept()), daemon=True)
+        self._waiter.start()
+        self._started = time.perf_counter()
+
+    def _connected(self) -> Connection:
+        """The connection to the child, once it has connected (a child that dies or hangs first is an error)."""
+        if self._conn is None:
+            assert self._proc is not None
+            while self._waiter.is_alive():
+                self._waiter.join(0.5)
+                if self._waiter.is_alive() and (self._proc.poll() is not None or time.perf_counter() - self._started > START_TIMEOUT_S):
                     self._proc.kill()
                     code = self._proc.wait()
                     self._proc = None
+                    self._listener.close()
                     raise WorkerCrashed(f"the worker process did not start (exit code {code}){self._last_log_line()}")
-            self._conn = accepted[0]
+            self._listener.close()
+            self._conn = self._accepted[0]
+        return self._conn
 
     def _stop(self, kill: bool = False) -> None:
         proc, conn = self._proc, self._conn
@@ -118,6 +127,8 @@ class Worker:
             proc.wait()
         if conn is not None:
             conn.close()
+        else:  # it never connected: stop waiting for it
+            self._listener.close()
         self._proc = self._conn = None
 
     def _last_log_line(self) -> str:
@@ -127,13 +138,18 @@ class Worker:
             return ""
         return f": {lines[-1][:160]}" if lines else ""
 
-    def call(self, name: str, timeout: float, what: str, **kwargs: Any) -> Any:
-        """Run ``candidates.CALLS[name](**kwargs)`` in the child, showing ``what`` with the elapsed time."""
+    def start(self) -> None:
+        """Start the child now (else the first call does): it imports its libraries while the caller goes on."""
         if self._proc is None or self._proc.poll() is not None:
             self._stop(kill=True)
             self._start()
-        proc, conn = self._proc, self._conn
-        assert proc is not None and conn is not None  # _start() set both, or raised
+
+    def call(self, name: str, timeout: float, what: str, **kwargs: Any) -> Any:
+        """Run ``candidates.CALLS[name](**kwargs)`` in the child, showing ``what`` with the elapsed time."""
+        self.start()
+        conn = self._connected()
+        proc = self._proc
+        assert proc is not None  # _start() set it, or raised
         t0 = time.perf_counter()
         conn.send((name, kwargs))
         with err_console.status(what) as status:
