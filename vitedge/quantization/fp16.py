@@ -28,6 +28,8 @@ from typing import TypeGuard
 import numpy as np
 
 from .._io import save_onnx
+from ..backends.onnxruntime import session
+from ..backends.openvino import compiled_model
 from ..errors import VitedgeError, first_line
 from ..export import compare_outputs
 
@@ -174,17 +176,13 @@ class TensorStats:
 
 def scan_tensors(proto, data, workdir: Path) -> TensorStats:
     """Run ``proto`` with ONNX Runtime on ``data`` and keep per-tensor max |x| and inf/NaN flags."""
-    import onnxruntime as ort
 
     source = _as_source(data)
     inst, watched, types = _instrument(proto)
     path = Path(workdir) / f"scan_{id(inst)}.onnx"
     save_onnx(inst, path)
     del inst
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # scan the graph as written
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = session(path, opt_level="disable")  # scan the graph as written
     inp = sess.get_inputs()[0]
     fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) else None
     first = sess.get_outputs()[0].name
@@ -434,7 +432,7 @@ def openvino_fp16(model: Path, out_xml: Path, data=None) -> dict:
         raise VitedgeError(f"OpenVINO FP16 conversion failed: {first_line(exc, 200)}") from None
     if source is None:
         return info
-    compiled = ov.Core().compile_model(str(out_xml), "CPU")
+    compiled = compiled_model(out_xml, "CPU")
     prec = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     shape0 = compiled.inputs[0].get_partial_shape()[0]
     fixed = shape0.get_length() if shape0.is_static else None
