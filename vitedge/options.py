@@ -298,8 +298,8 @@ class QuantizeOptions(StepOptions):
     )
     search_budget: float = option(
         DEFAULT_BUDGET_S,
-        "When the default INT8 misses the target, time allowed for trying other configurations "
-        "(0: default only). Every try is written to <out>.fidelity.md/.json.",
+        "When the default INT8 misses the target, time allowed for the search (ranking, reverting groups, whole-model "
+        "settings; 0: default only). Every candidate is written to <out>.fidelity.md/.json.",
         minimum=0,
         metavar="SECONDS",
     )

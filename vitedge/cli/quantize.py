@@ -24,9 +24,11 @@ def command(model, output, **options):
     FILE, and whatever is assumed is printed and recorded in the new manifest.
 
     INT8 must keep the model's predictions (--target-agreement / --target-cosine, measured on held-out
-    images). If the default configuration misses the target, vitedge tries a bounded ladder of others
-    and writes the fastest that meets it. Exit code 1: no configuration met the target; the most
-    faithful one was written anyway, with the table of every try.
+    images, with a 95 % interval). If the default misses the target, vitedge ranks the model's blocks
+    and groups by what keeping each in float buys, reverts the most harmful ones by graph edits of the
+    one quantized model (at most 25 % of the multiply-adds in float), tries whole-model settings, and
+    writes the fastest candidate that meets it. Exit code 1: none met the target; the most faithful
+    was written anyway, with the table of every candidate.
     """
     opts = QuantizeOptions.take(options)  # what remains are the preprocessing flags
     if opts.precision is None:
