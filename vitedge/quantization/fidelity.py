@@ -431,7 +431,7 @@ class _Search:
             if again is not None:  # the file was built before: its float ops were recorded then
                 res["float_ops"] = json.loads((folder / "float_ops.json").read_text())
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
-            status = {WorkerCrashed: "crashed", WorkerTimeout: "timeout", WorkerFailed: "failed"}[type(exc)]
+            status = _status(exc)
             row = Row(no, step, cfg, None, status, seconds=time.perf_counter() - t0 + seconds, error=str(exc)[:200], kept=tuple(g.name for g in kept))
             self._print([row])
             self.rows.append(row)
@@ -574,6 +574,11 @@ def _warn_shape_gap(rows: list[Row]) -> None:
                 "FP32 than the other shape of the same file: a runtime issue (see docs/openvino_static_batch.md); "
                 "the search keeps the faithful one"
             )
+
+
+def _status(exc: WorkerCrashed | WorkerTimeout | WorkerFailed) -> str:
+    """A failed call's status in the table."""
+    return "crashed" if isinstance(exc, WorkerCrashed) else "timeout" if isinstance(exc, WorkerTimeout) else "failed"
 
 
 def _onnx_structure(path: Path):
@@ -776,7 +781,7 @@ def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: li
                 keep=False,
             )
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
-            status = {WorkerCrashed: "crashed", WorkerTimeout: "timeout", WorkerFailed: "failed"}[type(exc)]
+            status = _status(exc)
             s.settings[name] = {"config": cfg.to_dict(), "status": status, "error": str(exc)[:200], "divergence": None}
             err_console.print(f"  setting '{name}': {status} ({str(exc)[:120]})", soft_wrap=True)
             continue
