@@ -140,7 +140,7 @@ def _base(path: str, fmt: str):
     return _cache[key]
 
 
-def build(base: str, fmt: str, keep_float: list[str], out: str | None, data_name: str | None = None) -> tuple[list[str], Any]:
+def build(base: str, fmt: str, keep_float: list[str], out: str | None, data_name: str | None = None, spill: str | None = None) -> tuple[list[str], Any]:
     """The deployable candidate: the revertible base with ``keep_float`` in float and the other weights
     compressed to int8, written to ``out`` (a big ONNX model's weights go to ``data_name`` beside it: the
     artifact's final name, as the ONNX file records it).  Returns the matrix ops that run in float, and what to
@@ -167,18 +167,11 @@ def build(base: str, fmt: str, keep_float: list[str], out: str | None, data_name
     graph.dedicate_qdq(model)  # ONNX Runtime fuses a Q/DQ pair into an integer MatMul only when it has one reader
     if out is None and not needs_external_data(model):
         return graph.float_ops(model), model.SerializeToString()
-    out = out or str(Path(_cache_dir()) / "candidate.onnx")
+    out = out or spill  # too big for one protobuf in memory: written where the caller says, and removed by it
+    if out is None:
+        raise ValueError("a model this big needs a file: pass out= or spill=")
     save_onnx(model, Path(out), data_name or f"{Path(out).name}.data")
     return graph.float_ops(model), out
-
-
-def _cache_dir() -> str:
-    import tempfile
-
-    key = ("tmpdir",)
-    if key not in _cache:
-        _cache[key] = tempfile.mkdtemp(prefix="vitedge-candidates-")
-    return _cache[key]
 
 
 def measure(
@@ -205,7 +198,7 @@ def measure(
     float_ops: list[str] = []
     runnable: Any = Path(model)
     if base is not None:
-        float_ops, runnable = build(base, fmt, list(keep_float or []), model if keep else None, data_name)
+        float_ops, runnable = build(base, fmt, list(keep_float or []), model if keep else None, data_name, spill=model)
     x = np.asarray(_array(data))
     res, runs = [], []
     for v in variants:
@@ -218,6 +211,9 @@ def measure(
         for v, ms in zip(res, timed_interleaved(runs, seconds=time_s), strict=True):
             v["latency_ms"] = ms
     del runs
+    if base is not None and not keep and isinstance(runnable, (str, Path)):  # a big candidate spilled to disk
+        for f in (Path(runnable), Path(runnable).parent / (data_name or f"{Path(runnable).name}.data")):
+            f.unlink(missing_ok=True)
     return {"variants": res, "float_ops": float_ops, "seconds": time.perf_counter() - t0}
 
 
