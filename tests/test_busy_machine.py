@@ -52,7 +52,7 @@ def test_speedup_withheld_when_no_core_is_free_or_the_reference_threads_wait():
     assert speedup_withheld([quiet, half], threads=1) is None
     assert speedup_withheld([quiet, CpuReading(2, 2 - MIN_FREE_CORES)], threads=1) is None  # exactly the limit still fits
     busy = speedup_withheld([quiet, CpuReading(2, 1.9)], threads=2)
-    assert busy == "other processes kept 1.9 of 2 cores busy (less than 0.5 core free); re-run on a quiet machine"
+    assert busy == "other processes kept 1.9 of 2 cores busy (less than 0.5 core free)"
     # the numbers: PyTorch at 2 threads 317 ms, at 1 thread 1.5 ms
     waited = speedup_withheld([quiet, quiet], threads=2, calibration=(317.0, 1.5))
     assert waited is not None and waited.startswith("the FP32 reference ran 211.3x slower at 2 threads (317.00 ms) than at 1 thread (1.50 ms)")
@@ -73,7 +73,7 @@ def test_withheld_speedup_fails_min_speedup_with_exit_3_and_is_recorded(tmp_path
     res = _cli(["validate", str(ref_int8_onnxruntime), "-r", "reference", "-d", str(val_dir), "--samples", "40", "--runs", "6",
                 "--batch-sizes", "1", "--min-speedup", "0.001", "-o", str(out)])
     assert res.exit_code == 3, res.output
-    reason = "other processes kept 1.9 of 2 cores busy (less than 0.5 core free); re-run on a quiet machine"
+    reason = "other processes kept 1.9 of 2 cores busy (less than 0.5 core free)"
     # no number, the reason instead; it and the busy-machine warning are printed once each
     assert res.output.count(f"speed-up not measurable here: {reason}") == 1 and res.output.count("the machine was busy") == 1
     assert "not measurable" in res.output and "cannot be checked" in res.output

@@ -210,13 +210,13 @@ def speedup_withheld(readings: Sequence[CpuReading], threads: int, calibration: 
         if r.free < MIN_FREE_CORES:
             return (
                 f"other processes kept {r.others:.1f} of {r.cores} core{'s' if r.cores != 1 else ''} busy (less than "
-                f"{MIN_FREE_CORES:g} core free); re-run on a quiet machine"
+                f"{MIN_FREE_CORES:g} core free)"
             )
     if calibration is not None:
         many, one = calibration
         if many > MAX_THREAD_SLOWDOWN * one:
             return (
                 f"the FP32 reference ran {many / one:.1f}x slower at {threads} threads ({many:.2f} ms) than at 1 thread "
-                f"({one:.2f} ms): its threads waited for cores other processes held; re-run on a quiet machine"
+                f"({one:.2f} ms): its threads waited for cores other processes held"
             )
     return None

@@ -900,7 +900,7 @@ def _speedup_verdict(baseline: _Model, latency: dict, single_ms: float | None, r
     return {
         "measurable": reason is None,
         "reason": reason,
-        "warning": None if reason is None else f"speed-up not measurable here: {reason}",
+        "warning": None if reason is None else f"speed-up not measurable here: {reason}; re-run on a quiet machine",
         "cpu": {"at_start": readings[0].to_dict(), "before_timing": readings[-1].to_dict()},
         "reference_threads": threads,
         "reference_p50_ms": many_ms,
