@@ -90,6 +90,11 @@ def test_withheld_speedup_fails_min_speedup_with_exit_3_and_is_recorded(tmp_path
         assert f"speed-up not measurable here: {reason}" in (out / name).read_text()
 
 
+def test_help_documents_exit_3():
+    text = " ".join(_cli(["validate", "--help"]).output.split())
+    assert "--min-speedup fails closed with exit 3" in text and "exit 3 if the machine is too busy to measure it" in text
+
+
 def test_a_gate_really_missed_wins_over_an_unchecked_speedup(tmp_path, monkeypatch, ref_onnx, val_dir):
     _machine(monkeypatch, cores=2, others=2.0)
     with pytest.raises(SpeedupNotMeasurable) as unchecked:
