@@ -208,10 +208,7 @@ def speedup_withheld(readings: Sequence[CpuReading], threads: int, calibration: 
     """
     for r in readings:
         if r.free < MIN_FREE_CORES:
-            return (
-                f"other processes kept {r.others:.1f} of {r.cores} core{'s' if r.cores != 1 else ''} busy (less than "
-                f"{MIN_FREE_CORES:g} core free)"
-            )
+            return f"other processes kept {r.others:.1f} of {r.cores} core{'s' if r.cores != 1 else ''} busy (less than {MIN_FREE_CORES:g} core free)"
     if calibration is not None:
         many, one = calibration
         if many > MAX_THREAD_SLOWDOWN * one:
