@@ -49,6 +49,8 @@ def _fmt_ms(v: float) -> str:
 
 
 def results_table(name: str, rep, img: str) -> list[str]:
+    from vitedge.report import speedup_text
+
     ref = rep.reference
     lab = rep.labelled
     lines = [f"### {name} ({img}, batch 1)", "",
@@ -64,7 +66,7 @@ def results_table(name: str, rep, img: str) -> list[str]:
                else f"{100 * vs['top1_agreement']:.1f} %")
         label = f"**{n}**" if n == rec else n
         lines.append(f"| {label} | {_fmt_ms(e['latency']['p50_ms'])} | {_fmt_ms(e['latency']['p99_ms'])} | "
-                     f"{e['speedup']:.2f}x | {acc} | {vs['cosine_mean']:.5f} |")
+                     f"{speedup_text(e)} | {acc} | {vs['cosine_mean']:.5f} |")
     for s in rep.data.get("skipped", []):
         lines.append(f"| {s['name']} | – | – | – | not run: {s['reason'].split(';')[0][:90]} | – |")
     lines.append("")

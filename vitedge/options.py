@@ -410,11 +410,13 @@ class ValidateOptions(TimingOptions):
     STEP: ClassVar[str] = "validate"
 
     max_drop: float | None = option(None, "Gate: max top-1 drop in percentage points (exit 1 if exceeded).", minimum=0)
-    min_speedup: float | None = option(None, "Gate: min batch-1 speed-up over the FP32 reference (exit 1 if missed).", minimum=0)
+    min_speedup: float | None = option(
+        None, "Gate: min batch-1 speed-up over the FP32 reference (exit 1 if missed, exit 3 if the machine is too busy to measure it).", minimum=0
+    )
     reference_threads: int | None = option(
         None,
         "Threads of the FP32 reference (PyTorch intra-op, or ONNX Runtime for an .onnx reference). "
-        "Default: every usable core, as the ONNX Runtime and OpenVINO engines use.",
+        "Default: the cores other processes leave free (every usable core on a quiet machine), as the engines then use.",
         minimum=1,
         cli_range=True,
     )

@@ -24,10 +24,12 @@ Schema outline (``docs/validate.md`` explains every field)::
                latency: {batch, runs, p50_ms, p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms,
                          median_ci95_ms, samples_ms[]},
                throughput: [{batch, images_per_s, p50_ms, runs}],
-               speedup (median of per-round paired ratios),
-               speedup_spread: {method, rounds, ratio_iqr, ratio_min, ratio_max, ratios[], ratio_of_medians},
+               speedup (median of per-round paired ratios; null when withheld),
+               speedup_spread: {method, rounds, ratio_iqr, ratio_min, ratio_max, ratios[], ratio_of_medians} (absent when withheld),
                throughput_speedup{batch: x}, precision_breakdown | null, gate_failures[]} ]
-    gates: {max_drop_pp, min_speedup, strict, passed, failures[]}
+    gates: {max_drop_pp, min_speedup, strict, passed, failures[], unchecked[]}
+    speedup_verdict: {measurable, reason | null, warning | null, cpu{at_start, before_timing}, reference_threads,
+                      reference_p50_ms, reference_single_thread_p50_ms | null}
     findings: [str]
     ranking, pareto: [name], recommended: name | null, skipped: [{name, reason}]   (benchmark)
 """
@@ -149,7 +151,7 @@ _MODEL = {
                 "properties": {"batch": {"type": "integer"}, "images_per_s": _NUM, "p50_ms": _NUM, "runs": {"type": "integer"}},
             },
         },
-        "speedup": _NUM,
+        "speedup": _NUM_OR_NULL,  # null: withheld on a busy machine (the report's speedup_verdict says why)
         # how the speed-up was measured: per-round paired ratios (reference / engine), their spread
         "speedup_spread": {
             "type": "object",
@@ -206,7 +208,14 @@ SCHEMA: dict = {
                 "min_speedup": _NUM_OR_NULL,
                 "passed": {"type": "boolean"},
                 "failures": {"type": "array", "items": {"type": "string"}},
+                "unchecked": {"type": "array", "items": {"type": "string"}},
             },
+        },
+        # whether the speed-ups could be measured here, and why not (vitedge.resources.speedup_withheld)
+        "speedup_verdict": {
+            "type": "object",
+            "required": ["measurable", "reason"],
+            "properties": {"measurable": {"type": "boolean"}, "reason": _STR_OR_NULL, "warning": _STR_OR_NULL},
         },
         "findings": {"type": "array", "items": {"type": "string"}},
         "ranking": {"type": "array", "items": {"type": "string"}},
@@ -264,6 +273,11 @@ def _num(v: Any, fmt: str) -> str:
     if isinstance(v, float) and math.isinf(v):
         return "∞"
     return format(v, fmt)
+
+
+def speedup_text(m: dict) -> str:
+    """A model's speed-up for a table: ``2.42x``, or ``not measurable`` when it was withheld on a busy machine."""
+    return "not measurable" if m.get("speedup") is None else f"{m['speedup']:.2f}x"
 
 
 def _accuracy_text(vs: dict) -> str:
@@ -334,15 +348,22 @@ class Report:
     def labelled(self) -> bool:
         return bool(self.data["data"]["labelled"])
 
+    @property
+    def warnings(self) -> list[str]:
+        """What makes the timings doubtful, once each: the busy-machine warning and a withheld speed-up's reason."""
+        load = self.data["machine"].get("load") or {}
+        verdict = self.data.get("speedup_verdict") or {}
+        return [w for w in (load.get("warning"), verdict.get("warning")) if w]
+
     def summary(self) -> str:
-        """One line per engine: drop, cosine, speed-up."""
+        """One line per engine: drop, cosine, speed-up ("speed-up not measurable here: why" when withheld),
+        then the warnings (a recipe's table shows this, cached re-runs included)."""
         lines = []
         for e in self.engines:
             vs = e["vs_reference"]
-            lines.append(
-                f"{e['name']}: {_accuracy_text(vs)}, cosine {vs['cosine_mean']:.5f}, p50 {_ms(e['latency']['p50_ms'])} ms, speed-up {e['speedup']:.2f}x"
-            )
-        return "\n".join(lines)
+            speed = f"speed-up {e['speedup']:.2f}x" if e["speedup"] is not None else "speed-up not measurable"
+            lines.append(f"{e['name']}: {_accuracy_text(vs)}, cosine {vs['cosine_mean']:.5f}, p50 {_ms(e['latency']['p50_ms'])} ms, {speed}")
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
     # -- tables -----------------------------------------------------------------------------
     def _rows(self) -> tuple[list[str], list[list[str]]]:
@@ -367,7 +388,7 @@ class Report:
                 _ms(lat["p50_ms"]),
                 _ms(lat["p90_ms"]),
                 _ms(lat["p99_ms"]),
-                f"{m['speedup']:.2f}x",
+                speedup_text(m),
                 _num(best_tp, ".1f"),
                 _mb(m.get("size_bytes")),
                 _num(m.get("load_s"), ".2f"),
@@ -400,7 +421,7 @@ class Report:
                 "1" if ref else _num(vs.get("cosine_mean"), ".5f"),
                 _ms(m["latency"]["p50_ms"]),
                 _ms(m["latency"]["p99_ms"]),
-                f"{m['speedup']:.2f}x",
+                speedup_text(m),
                 _mb(m.get("size_bytes")),
             ]
             style = "bold green" if m["name"] == rec else ("green" if m["name"] in pareto else None)
