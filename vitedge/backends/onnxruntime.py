@@ -256,9 +256,8 @@ class OnnxRuntimeEngine(Engine):
             )
         graph.add_outputs(proto, names)
         try:
-            sess = session(
-                proto, session_options(self.threads, opt_level=self._opt_level), providers=self.providers, precision=self.manifest.precision if self.manifest else None
-            )
+            options = session_options(self.threads, opt_level=self._opt_level)
+            sess = session(proto, options, providers=self.providers, precision=self.manifest.precision if self.manifest else None)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise VitedgeError(f"ONNX Runtime cannot load {self.artifact.name} with its attention exposed: {first_line(exc)}") from None
         return sess, names

@@ -384,7 +384,9 @@ class OpenVINOEngine(Engine):
     def _attention_copy(self):
         ir = self.artifact if self.artifact.suffix != ".blob" else self.artifact.with_suffix(".xml")
         if not ir.exists():
-            raise VitedgeError(f"{self.artifact.name} is a compiled blob: its graph cannot be given extra outputs", "put the .xml/.bin it was compiled from beside it")
+            raise VitedgeError(
+                f"{self.artifact.name} is a compiled blob: its graph cannot be given extra outputs", "put the .xml/.bin it was compiled from beside it"
+            )
         model = core().read_model(str(ir))
         if not expose_attention(model):
             raise VitedgeError(
