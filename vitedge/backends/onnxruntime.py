@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -232,7 +233,7 @@ class OnnxRuntimeEngine(Engine):
         self._names = [o.name for o in self.session.get_outputs()]
         self._input = self.session.get_inputs()[0].name
         self._opt_level = opt_level
-        self._attention_session = None  # built by the first attention() call
+        self._attention_session: tuple[Any, list[str]] | None = None  # built by the first attention() call
 
     def _run_attention(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         # a second session on an in-memory copy of the graph with the attention Softmax outputs added as outputs

@@ -304,7 +304,7 @@ class OpenVINOEngine(Engine):
         cfg = {"PERFORMANCE_HINT": "LATENCY", **settings.get("openvino_config", {}), **(config or {})}
         self.device = device
         self._config = cfg
-        self._attention_model = None  # built by the first attention() call
+        self._attention_model: Any = None  # built by the first attention() call
         blob = artifact if artifact.suffix == ".blob" else (_blob_usable(artifact, manifest, device) if use_blob else None)
         if artifact.suffix == ".blob":
             info = settings.get("blob") or {}
