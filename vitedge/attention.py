@@ -16,10 +16,12 @@ register tokens (between CLS and the patches) are left out of the map.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from .errors import ModelNotSupported, ShapeMismatch, VitedgeError
 
@@ -27,6 +29,10 @@ KINDS = ("rollout", "cls")
 #: at most this many tokens before the patches (CLS + registers) when the patch size must be inferred
 MAX_PREFIX_TOKENS = 17
 TOP_FRACTION = 0.1  # the share of patches whose overlap attention.json reports (``top10_overlap``)
+#: viridis at 9 evenly spaced stops (perceptually uniform, readable in grey and by colour-blind readers)
+_VIRIDIS = np.array(
+    [[68, 1, 84], [71, 45, 123], [59, 82, 139], [44, 114, 142], [33, 145, 140], [40, 174, 128], [94, 201, 98], [173, 220, 48], [253, 231, 37]], np.float64
+)
 
 
 def check_kind(kind: str) -> str:
@@ -121,3 +127,69 @@ def top_overlap(a: np.ndarray, b: np.ndarray, fraction: float = TOP_FRACTION) ->
 def agreement(a: np.ndarray, b: np.ndarray) -> dict:
     """``{"correlation", "top10_overlap"}`` of an engine's map ``a`` and the reference's ``b``."""
     return {"correlation": correlation(a, b), "top10_overlap": top_overlap(a, b)}
+
+
+def summary(rows: Sequence[dict]) -> dict:
+    """The distribution of :func:`agreement` over images: ``{"images", "correlation": {mean, median, min, p10},
+    "top10_overlap": {mean, median, min}}``."""
+    out: dict = {"images": len(rows)}
+    for key in ("correlation", "top10_overlap"):
+        v = np.array([r[key] for r in rows], np.float64)
+        stats = {"mean": float(v.mean()), "median": float(np.median(v)), "min": float(v.min())} if len(v) else {}
+        if key == "correlation" and len(v):
+            stats["p10"] = float(np.percentile(v, 10))
+        out[key] = stats
+    return out
+
+
+# -- pictures -------------------------------------------------------------------------------------------------------------
+def colormap(values: np.ndarray) -> np.ndarray:
+    """``values`` in [0, 1] (clipped) as uint8 RGB (shape ``values.shape + (3,)``), on the viridis scale."""
+    v = np.clip(np.nan_to_num(np.asarray(values, np.float64)), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    lo = np.minimum(v.astype(int), len(_VIRIDIS) - 2)
+    t = (v - lo)[..., None]
+    return np.round(_VIRIDIS[lo] * (1 - t) + _VIRIDIS[lo + 1] * t).astype(np.uint8)
+
+
+def heatmap(grid: np.ndarray, size: tuple[int, int], lo: float, hi: float) -> Image.Image:
+    """A ``(grid_h, grid_w)`` map scaled from ``[lo, hi]`` to the colour scale, resized (bilinear) to ``size`` (w, h)."""
+    g = np.asarray(grid, np.float32)
+    g = (g - lo) / (hi - lo) if hi > lo else np.zeros_like(g)
+    smooth = Image.fromarray(g.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
+    return Image.fromarray(colormap(np.asarray(smooth)))
+
+
+def overlay(image: Image.Image, grid: np.ndarray, lo: float, hi: float, alpha: float = 0.55) -> Image.Image:
+    """``grid`` as a heat map over ``image`` (what the model saw), ``alpha`` of it heat."""
+    return Image.blend(image.convert("RGB"), heatmap(grid, image.size, lo, hi), alpha)
+
+
+def side_by_side(panels: Sequence[tuple[Image.Image, str]], min_side: int = 224) -> Image.Image:
+    """Panels in a row, each scaled so its shorter side is at least ``min_side`` pixels, with its caption below."""
+    scaled = []
+    for img, caption in panels:
+        f = max(1.0, min_side / min(img.size))
+        scaled.append((img.resize((round(img.width * f), round(img.height * f)), Image.Resampling.BICUBIC) if f > 1 else img, caption))
+    gap, text_h = 8, 16
+    width = sum(i.width for i, _ in scaled) + gap * (len(scaled) + 1)
+    height = max(i.height for i, _ in scaled) + text_h + 2 * gap
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = gap
+    for img, caption in scaled:
+        canvas.paste(img, (x, gap))
+        draw.text((x, gap + img.height + 3), caption, fill=(30, 30, 30))
+        x += img.width + gap
+    return canvas
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def display_map(m: np.ndarray) -> np.ndarray:
+    """The ``(grid_h, grid_w)`` map a picture shows: a ``cls`` map ``(heads, h, w)`` averaged over its heads."""
+    m = np.asarray(m)
+    return m.mean(axis=0) if m.ndim == 3 else m
