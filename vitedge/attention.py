@@ -44,8 +44,9 @@ def check_kind(kind: str) -> str:
 def patch_grid(tokens: int, height: int, width: int, patch: int | None = None) -> tuple[int, int, int]:
     """``(grid_h, grid_w, prefix)``: the patch grid of an ``height x width`` input whose blocks see ``tokens``
     tokens, and how many come before the patches (CLS and register tokens).  ``patch``: the patch size when
-    known (the manifest's model config); else the one that leaves 1 to :data:`MAX_PREFIX_TOKENS` prefix tokens."""
-    sizes = [patch] if patch else [p for p in range(min(height, width), 0, -1) if height % p == 0 and width % p == 0]
+    known (the manifest's model config); else the smallest that leaves 1 to :data:`MAX_PREFIX_TOKENS` prefix tokens
+    (the fewest prefix tokens)."""
+    sizes = [patch] if patch else [p for p in range(1, min(height, width) + 1) if height % p == 0 and width % p == 0]
     for p in sizes:
         gh, gw = height // p, width // p
         prefix = tokens - gh * gw
