@@ -91,7 +91,7 @@ def explain(
                 row, png = _one(i + j, path, eng, ours[j], ref, None if theirs is None else theirs[j])
                 rows.append(row)
                 pictures[row["png"]] = png
-        result = {
+        result: dict = {
             "engine": str(eng.artifact),
             "engine_precision": eng.manifest.precision,
             "backend": eng.backend,
