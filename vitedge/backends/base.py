@@ -67,6 +67,9 @@ def mac_summary(layers: list[dict], source: str) -> dict:
     }
 
 
+ATTENTION_CHUNK = 8  # images per run of an engine's attention-exposing copy (Engine.attention)
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     e = np.exp(x)
@@ -298,10 +301,14 @@ class Engine(ABC):
         if batch.ndim != 4:
             raise ShapeMismatch(f"input of shape {batch.shape} is not (N, C, H, W)")
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        with self._running():
-            probs = self._run_chunked(batch, self._run_attention)
         patch = ((self.manifest.model or {}).get("config") or {}).get("patch_size")
-        return attention_maps.maps(list(probs.values()), batch.shape[2], batch.shape[3], kind, patch)
+        out = []
+        with self._running():
+            # a few images at a time: the probabilities of every block are large (ViT-B: 22 MB per image), the maps small
+            for i in range(0, len(batch), ATTENTION_CHUNK):
+                probs = self._run_chunked(batch[i : i + ATTENTION_CHUNK], self._run_attention)
+                out.append(attention_maps.maps(list(probs.values()), batch.shape[2], batch.shape[3], kind, patch))
+        return np.concatenate(out)
 
     def close(self, timeout: float | None = None) -> None:
         """Close the engine; safe from any thread and more than once (see the class docstring).
