@@ -122,7 +122,11 @@ _VS_REF = {
     },
 }
 
-_AGREEMENT = {"type": "object", "required": ["image", "correlation", "top10_overlap"], "properties": {"image": {"type": "string"}, "correlation": _NUM, "top10_overlap": _NUM}}
+_AGREEMENT = {
+    "type": "object",
+    "required": ["image", "correlation", "top10_overlap"],
+    "properties": {"image": {"type": "string"}, "correlation": _NUM, "top10_overlap": _NUM},
+}
 
 # where the engine looks against the reference (vitedge.validation._AttentionMaps); null when not compared
 _ATTENTION = {
@@ -716,7 +720,9 @@ def correlation_svg(att: dict, width: int = 520, height: int = 150) -> str:
     left, right, top, bottom = 40, 15, 10, 36
     x = _Axis(lo, 1.0, left, width - right, False)
     y = _Axis(0, max(int(counts.max()), 1), height - bottom, top, False)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">']
+    parts = [
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">')
+    ]
     for c, a, b in zip(counts, edges[:-1], edges[1:], strict=True):
         parts.append(
             f'<rect x="{x(a) + 1:.1f}" y="{y(c):.1f}" width="{max(x(b) - x(a) - 2, 1):.1f}" height="{y(0) - y(c):.1f}" fill="#21918c">'
@@ -726,7 +732,8 @@ def correlation_svg(att: dict, width: int = 520, height: int = 150) -> str:
     for t in (lo, (lo + 1) / 2, 1.0):
         parts.append(f'<text x="{x(t):.1f}" y="{height - bottom + 14}" text-anchor="middle">{t:.4g}</text>')
     parts.append(f'<text x="{left - 6}" y="{y(counts.max()) + 4:.1f}" text-anchor="end">{int(counts.max())}</text>')
-    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 4}" text-anchor="middle">correlation with the FP32 map, per image ({len(v)} images)</text>')
+    caption = f"correlation with the FP32 map, per image ({len(v)} images)"
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 4}" text-anchor="middle">{caption}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
