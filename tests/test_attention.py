@@ -120,6 +120,21 @@ def test_token_merged_engine_has_no_map(tmp_path, tiny_vit, images):
         e.attention(np.zeros((1, 3, 32, 32), np.float32))
 
 
+def test_attention_probabilities_are_found_by_data_flow(ref_onnx, ref_int8_onnxruntime):
+    """Each block's Softmax, in order, in FP32 and in INT8 QDQ graphs; a Softmax over the logits is not one."""
+    import onnx
+    from onnx import helper
+
+    from vitedge import graph
+
+    fp32 = graph.attention_probabilities(ref_onnx)
+    assert len(fp32) == 4 and graph.attention_probabilities(ref_int8_onnxruntime) == fp32
+    proto = onnx.load(str(ref_onnx))
+    logits = proto.graph.output[0].name
+    proto.graph.node.append(helper.make_node("Softmax", [logits], ["probs"], axis=-1))
+    assert graph.attention_probabilities(proto) == fp32
+
+
 def test_graph_without_attention_softmax_is_refused(tmp_path):
     import onnx
     from onnx import TensorProto, helper
@@ -144,6 +159,10 @@ def test_explain_fp32_engine_against_its_reference(ov_fp32, ref_onnx, images, tm
             assert im.format == "PNG" and im.width > 3 * 224 and im.height > 224  # image, engine, reference
     assert json.loads((tmp_path / "out" / "attention.json").read_text()) == result
     assert result["summary"]["correlation"]["min"] >= 0.999
+    alone = explain(ref_onnx, images[:2], tmp_path / "alone", kind="cls")  # no reference: the engine's maps only
+    assert "summary" not in alone and "correlation" not in alone["images"][0] and alone["grid"] == [4, 4]
+    with Image.open(tmp_path / "alone" / alone["images"][0]["png"]) as im:
+        assert 2 * 224 < im.width < 3 * 224  # image, engine
 
 
 def test_explain_cli_int8_against_fp32(ref_int8_onnxruntime, ref_onnx, images, tmp_path):
