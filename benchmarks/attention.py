@@ -125,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         moved = [test[i] for i in np.argsort([r["correlation"] for r in per_image])[:4]]
         with vitedge.load(fp32, preprocessing=pre) as ref:
             explain(engine_path, moved, args.work / backend / "moved", reference=ref)
-        rows.append(
-            {"backend": backend, "engine": str(engine_path), "top1_agreement": float((top1 == ref_top1).mean()), **attention.summary(per_image), "per_image": per_image}
-        )
+        agreement = float((top1 == ref_top1).mean())
+        rows.append({"backend": backend, "engine": str(engine_path), "top1_agreement": agreement, **attention.summary(per_image), "per_image": per_image})
         print(f"{backend}: top-1 agreement {rows[-1]['top1_agreement']:.3f}, correlation {rows[-1]['correlation']}", file=sys.stderr)
     result = {"model": str(fp32), "photos": str(args.photos), "test_images": len(test), "calib_images": args.calib_samples, "rows": rows}
     result.update(machine=machine, load_average={"start": load_start, "end": os.getloadavg()}, versions=library_versions())
@@ -141,10 +140,12 @@ def render(r: dict) -> str:
     lines = [
         "# Attention of INT8 engines vs the FP32 model",
         "",
-        f"Measured {_dt.date.today()} by `benchmarks/attention.py` (`--model {Path(r['model']).name}`): {r['test_images']} test photos of "
-        f"`{r['photos']}` that quantization never saw ({r['calib_images']} others calibrated it). Attention rollout from each engine's own "
-        "attention probabilities (`engine.attention`), against the FP32 ONNX model's in ONNX Runtime; Pearson correlation of the two "
-        "maps and the share of the engine's top-10 % patches that are also FP32's, per image.",
+        (
+            f"Measured {_dt.date.today()} by `benchmarks/attention.py` (`--model {Path(r['model']).name}`): {r['test_images']} test photos of "
+            f"`{r['photos']}` that quantization never saw ({r['calib_images']} others calibrated it). Attention rollout from each engine's own "
+            "attention probabilities (`engine.attention`), against the FP32 ONNX model's in ONNX Runtime; Pearson correlation of the two "
+            "maps and the share of the engine's top-10 % patches that are also FP32's, per image."
+        ),
         "",
         "| engine | top-1 agreement | correlation mean | median | 10th pct | min | top-10 % overlap mean | min |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -24,8 +24,14 @@ pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium installed (
 #: what the page reports about itself once loaded (run in the page by Runtime.evaluate)
 _INSPECT = """JSON.stringify({
   images: [...document.images].map(i => ({alt: i.alt, complete: i.complete, width: i.naturalWidth, height: i.naturalHeight})),
-  charts: [...document.querySelectorAll("svg")].map(s => { const b = s.getBoundingClientRect(); return {width: b.width, height: b.height, shapes: s.querySelectorAll("rect,circle,line").length}; }),
-  attention: (() => { const h = document.getElementById("attention"); return h ? {shown: h.getBoundingClientRect().height > 0, text: h.textContent} : null; })(),
+  charts: [...document.querySelectorAll("svg")].map(s => {
+    const b = s.getBoundingClientRect();
+    return {width: b.width, height: b.height, shapes: s.querySelectorAll("rect,circle,line").length};
+  }),
+  attention: (() => {
+    const h = document.getElementById("attention");
+    return h ? {shown: h.getBoundingClientRect().height > 0, text: h.textContent} : null;
+  })(),
 })"""
 
 
