@@ -112,12 +112,25 @@ def test_int8_engine_maps_are_its_own(ref_int8_onnxruntime, ref_onnx, images):
     assert 0.9 < attention.correlation(ours, theirs) <= 1.0
 
 
-def test_token_merged_engine_has_no_map(tmp_path, tiny_vit, images):
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, tiny_vit):
     from vitedge.export import export_onnx
 
-    path, _ = export_onnx(tiny_vit, tmp_path / "merged.onnx", merge_tokens=1, images=[])
-    with vitedge.load(path) as e, pytest.raises(ModelNotSupported, match="merges tokens .* no attention map"):
+    path, _ = export_onnx(tiny_vit, tmp_path_factory.mktemp("merged") / "merged.onnx", merge_tokens=1, images=[])
+    return path
+
+
+def test_token_merged_engine_has_no_map(merged):
+    with vitedge.load(merged) as e, pytest.raises(ModelNotSupported, match="merges tokens .* no attention map"):
         e.attention(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_validate_says_why_an_engine_has_no_attention_section(merged, tiny_onnx, photo_dir):
+    from vitedge.validation import validate
+
+    rep = validate(merged, tiny_onnx, data=photo_dir, samples=6, batch_sizes=(1,), runs=2, rounds=1, warmup=1, min_runs=1)
+    assert rep.engines[0]["attention"] is None
+    assert any("attention maps not compared" in f and "merges tokens" in f for f in rep.data["findings"])
 
 
 def test_attention_probabilities_are_found_by_data_flow(ref_onnx, ref_int8_onnxruntime):

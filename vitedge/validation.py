@@ -714,17 +714,23 @@ class _AttentionMaps:
     def __init__(self, ref: _Model, inputs: _Inputs, names: list[str], notes: list[str]):
         self.ref, self.inputs, self.names, self.notes = ref, inputs, names, notes
         self._ref_maps: np.ndarray | None = None
+        self._ref_failed = False
 
     def _maps(self, r: _Model) -> np.ndarray:
         x, _, _ = self.inputs.get(r.preprocessing)
         return r.engine.attention(x[:ATTENTION_IMAGES], "rollout")
 
     def compare(self, r: _Model) -> dict | None:
-        if r.preprocessing is None or Path(str(r.engine.artifact)).resolve() == Path(str(self.ref.engine.artifact)).resolve():
-            return None  # no images to give it, or the reference itself
-        try:
-            if self._ref_maps is None:
+        if self._ref_failed or r.preprocessing is None or Path(str(r.engine.artifact)).resolve() == Path(str(self.ref.engine.artifact)).resolve():
+            return None  # no reference maps, no images to give it, or the reference itself
+        if self._ref_maps is None:
+            try:
                 self._ref_maps = self._maps(self.ref)
+            except VitedgeError as exc:
+                self._ref_failed = True
+                self.notes.append(f"attention maps not compared: the reference {self.ref.name} has none: {exc}")
+                return None
+        try:
             ours = self._maps(r)
         except VitedgeError as exc:
             self.notes.append(f"{r.name}: attention maps not compared with the reference's: {exc}")
