@@ -123,12 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         engine_path, _ = compile_model(q, target=backend)
         with vitedge.load(engine_path) as eng:
             top1, maps = run(eng, test)
-        per_image = [{"image": p.name, **attention.agreement(a, b)} for p, a, b in zip(test, maps, ref_maps, strict=True)]
-        moved = [test[i] for i in np.argsort([r["correlation"] for r in per_image])[:4]]
+        compared = attention.compare_maps(maps, ref_maps, [p.name for p in test], moved=4)
+        by_name = {p.name: p for p in test}
         with vitedge.load(fp32, preprocessing=pre) as ref:
-            explain(engine_path, moved, args.work / backend / "moved", reference=ref)
-        agreement = float((top1 == ref_top1).mean())
-        rows.append({"backend": backend, "engine": str(engine_path), "top1_agreement": agreement, **attention.summary(per_image), "per_image": per_image})
+            explain(engine_path, [by_name[m["image"]] for m in compared["moved"]], args.work / backend / "moved", reference=ref)
+        rows.append({"backend": backend, "engine": str(engine_path), "top1_agreement": float((top1 == ref_top1).mean()), **compared})
         print(f"{backend}: top-1 agreement {rows[-1]['top1_agreement']:.3f}, correlation {rows[-1]['correlation']}", file=sys.stderr)
     result = {"model": str(fp32), "photos": str(args.photos), "test_images": len(test), "calib_images": args.calib_samples, "rows": rows}
     result.update(machine=machine, load_average={"start": load_start, "end": os.getloadavg()}, versions=library_versions())

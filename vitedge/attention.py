@@ -143,6 +143,18 @@ def summary(rows: Sequence[dict]) -> dict:
     return out
 
 
+def compare_maps(ours: np.ndarray, theirs: np.ndarray, names: Sequence[str], moved: int = 3) -> dict:
+    """An engine's maps against the reference's, image by image (``names``, in order): :func:`summary`,
+    ``per_image`` agreement, and the ``moved`` images of lowest correlation with both maps (rounded lists)."""
+    rows = [{"image": names[i], **agreement(ours[i], theirs[i])} for i in range(len(ours))]
+    worst = sorted(range(len(rows)), key=lambda i: rows[i]["correlation"])[:moved]
+
+    def rounded(m: np.ndarray) -> list:
+        return np.round(np.asarray(m, np.float64), 5).tolist()
+
+    return {**summary(rows), "per_image": rows, "moved": [{**rows[i], "engine_map": rounded(ours[i]), "reference_map": rounded(theirs[i])} for i in worst]}
+
+
 # -- pictures -------------------------------------------------------------------------------------------------------------
 def colormap(values: np.ndarray) -> np.ndarray:
     """``values`` in [0, 1] (clipped) as uint8 RGB (shape ``values.shape + (3,)``), on the viridis scale."""

@@ -738,18 +738,7 @@ class _AttentionMaps:
         if ours.shape != self._ref_maps.shape:
             self.notes.append(f"{r.name}: attention maps not compared: its patch grid {ours.shape[1:]} is not the reference's {self._ref_maps.shape[1:]}")
             return None
-        rows = [{"image": self.names[i], **attention.agreement(ours[i], self._ref_maps[i])} for i in range(len(ours))]
-        moved = sorted(range(len(rows)), key=lambda i: rows[i]["correlation"])[:ATTENTION_MOVED]
-        return {
-            "kind": "rollout",
-            **attention.summary(rows),
-            "per_image": rows,
-            "moved": [{**rows[i], "engine_map": _rounded(ours[i]), "reference_map": _rounded(self._ref_maps[i])} for i in moved],
-        }
-
-
-def _rounded(m: np.ndarray) -> list:
-    return np.round(np.asarray(m, np.float64), 5).tolist()
+        return {"kind": "rollout", **attention.compare_maps(ours, self._ref_maps, self.names, ATTENTION_MOVED)}
 
 
 def _compare(r: _Model, truth: _Truth, outs: dict[str, np.ndarray], ci_method: str, worst: int, notes: list[str]) -> dict:
