@@ -206,6 +206,7 @@ def test_compile_and_validate_torchscript(tmp_path, ts_int8, ts_onnx, val_dir):
     for e in rep.engines:
         vs = e["vs_reference"]
         assert vs["cosine_mean"] > 0.99 and vs["top1_agreement"] >= 0.9 and "outputs" not in vs
+        assert e["attention"]["correlation"]["min"] > 0.99  # the attention found from the foreign graph's data flow
     assert any("no vitedge manifest" in f for f in rep.data["findings"])
 
 

@@ -139,6 +139,19 @@ def test_openvino_fp32_engine_and_precision_listing(labelled_report):
     assert {layer["type"] for layer in pb["layers"]} >= {"FullyConnected"}
 
 
+def test_attention_section_compares_each_engines_maps_with_the_references(labelled_report):
+    rep, out = labelled_report
+    for e in rep.engines:
+        att = e["attention"]
+        assert att["kind"] == "rollout" and att["images"] == len(att["per_image"]) == 32  # bounded: 32 of the 120 images
+        assert 0.99 < att["correlation"]["min"] <= att["correlation"]["median"] <= 1.0 and 0 <= att["top10_overlap"]["min"] <= 1
+        worst = min(r["correlation"] for r in att["per_image"])
+        assert [m["correlation"] for m in att["moved"]][0] == worst and len(att["moved"]) == 3
+        assert np.shape(att["moved"][0]["engine_map"]) == np.shape(att["moved"][0]["reference_map"]) == (4, 4)
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "## Attention vs FP32" in md and 'id="attention"' in html and html.count('src="data:image/png;base64,') == 2 * 3
+
+
 def test_report_files_match_schema(labelled_report):
     rep, out = labelled_report
     data = json.loads((out / "report.json").read_text())
@@ -154,7 +167,7 @@ def test_report_files_match_schema(labelled_report):
     md = (out / "report.md").read_text()
     assert "top-1 drop (95% CI)" in md and "onnxruntime int8" in md and "| pytorch fp32 (ref)" in md
     html = (out / "report.html").read_text()
-    assert html.count("<svg") == 2  # latency distribution + accuracy vs latency
+    assert html.count("<svg") == 2 + 2  # latency distribution + accuracy vs latency, and the attention correlation of each engine
     for m in rep.models:  # every model compared appears in both plots
         assert html.count(f"<title>{m['name']}") >= 2
     assert not re.search(r"""(src|href)=["']?(http|//)""", html)  # self-contained

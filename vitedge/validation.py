@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compare, resources
+from . import attention, compare, resources
 from ._io import sha256_file
 from ._version import __version__
 from .backends import pytorch, registry
@@ -74,6 +74,10 @@ from .ui import progress
 
 #: per-output numbers in a report's ``vs_reference.outputs``, in this order
 _OUTPUT_KEYS = ("cosine_mean", "cosine_min", "max_abs_error", "snr_db", "finite")
+#: validation images whose attention maps are compared with the reference's (bounded: each engine builds and runs
+#: a second, attention-exposing copy of itself), and how many of the most moved the report shows
+ATTENTION_IMAGES = 32
+ATTENTION_MOVED = 3
 
 
 # ------------------------------------------------------------------------------------------
@@ -602,6 +606,10 @@ def validate(
         _feed(acc_ref or baseline, models, images, notes)
         truth = _reference_pass(acc_ref or baseline, models[1:], inputs, images, kind, max_drop, notes)
         results = {r.name: _compare(r, truth, _run(r, inputs), ci_method, worst, notes) for r in models[1:]}
+        if kind == "validate":
+            maps = _AttentionMaps(acc_ref or baseline, inputs, truth.names, notes)
+            for r in models[1:]:
+                results[r.name]["attention"] = maps.compare(r)
         if acc_ref is not None:
             acc_ref.close()
             acc_ref = None
@@ -750,6 +758,40 @@ def _reference_pass(truth: _Model, engines: list[_Model], inputs: _Inputs, image
 
 
 # -- compare -----------------------------------------------------------------------------------
+class _AttentionMaps:
+    """Where each engine looks against where the reference looks (:meth:`~vitedge.backends.base.Engine.attention`,
+    rollout) on the first :data:`ATTENTION_IMAGES` validation images: the report's ``attention`` per engine."""
+
+    def __init__(self, ref: _Model, inputs: _Inputs, names: list[str], notes: list[str]):
+        self.ref, self.inputs, self.names, self.notes = ref, inputs, names, notes
+        self._ref_maps: np.ndarray | None = None
+        self._ref_failed = False
+
+    def _maps(self, r: _Model) -> np.ndarray:
+        x, _, _ = self.inputs.get(r.preprocessing)
+        return r.engine.attention(x[:ATTENTION_IMAGES], "rollout")
+
+    def compare(self, r: _Model) -> dict | None:
+        if self._ref_failed or r.preprocessing is None or Path(str(r.engine.artifact)).resolve() == Path(str(self.ref.engine.artifact)).resolve():
+            return None  # no reference maps, no images to give it, or the reference itself
+        if self._ref_maps is None:
+            try:
+                self._ref_maps = self._maps(self.ref)
+            except VitedgeError as exc:
+                self._ref_failed = True
+                self.notes.append(f"attention maps not compared: the reference {self.ref.name} has none: {exc}")
+                return None
+        try:
+            ours = self._maps(r)
+        except VitedgeError as exc:
+            self.notes.append(f"{r.name}: attention maps not compared with the reference's: {exc}")
+            return None
+        if ours.shape != self._ref_maps.shape:
+            self.notes.append(f"{r.name}: attention maps not compared: its patch grid {ours.shape[1:]} is not the reference's {self._ref_maps.shape[1:]}")
+            return None
+        return {"kind": "rollout", **attention.compare_maps(ours, self._ref_maps, self.names, ATTENTION_MOVED)}
+
+
 def _compare(r: _Model, truth: _Truth, outs: dict[str, np.ndarray], ci_method: str, worst: int, notes: list[str]) -> dict:
     """One engine's outputs against the reference's (:mod:`vitedge.compare`): its accuracy, ``vs_reference``
     and which precision its layers ran in."""
@@ -863,6 +905,7 @@ def _report(
                 if measured
                 else {},
                 "precision_breakdown": res["precision_breakdown"],
+                "attention": res.get("attention"),
                 "gate_failures": [],
             }
         )
