@@ -235,7 +235,7 @@ def test_export_refuses_bad_settings_before_writing(tmp_path):
     out = tmp_path / "bad.onnx"
     with pytest.raises(ModelNotSupported, match="opset 17"):
         export_onnx(model, out, opset=14, merge_tokens=2, images=[])
-    with pytest.raises(InputError, match="needs --val-images"):
+    with pytest.raises(InputError, match="needs --val:"):
         export_onnx(model, out, merge_tokens="auto", images=[])
     with pytest.raises(InputError, match="only apply to --merge-tokens auto"):
         export_onnx(model, out, merge_tokens=2, max_drop=1.0, images=[])
@@ -251,7 +251,7 @@ def test_export_refuses_bad_settings_before_writing(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--merge-tokens", "-1"], "must be >= 0"),
     (["--merge-tokens", "abc"], "number of tokens or 'auto'"),
-    (["--merge-tokens", "auto"], "needs --val-images"),
+    (["--merge-tokens", "auto"], "needs --val:"),
     (["--max-drop", "1"], "only apply to --merge-tokens auto"),
     (["--merge-tokens", "4", "--max-drop", "1"], "only apply to --merge-tokens auto"),
     (["--merge-tokens", "2", "--opset", "14"], "opset 17 or newer"),
@@ -328,7 +328,7 @@ def test_cli_auto_export_records_and_prints_the_trials(ref_spec, tmp_path, unlab
 
     out = tmp_path / "auto.onnx"
     res = CliRunner().invoke(main, ["export", "reference", "-o", str(out), "--merge-tokens", "auto",
-                                    "--val-images", str(unlabelled_dir), "--max-drop", "5"])
+                                    "--val", str(unlabelled_dir), "--max-drop", "5"])
     assert res.exit_code == 0, res.output
     tm = json.loads((tmp_path / "auto.onnx.vitedge.json").read_text())["model"]["graph"]["token_merging"]
     search = tm["search"]

@@ -207,7 +207,7 @@ def parse_img_size(text: str) -> int:
         return int(text)
     except ValueError:
         if "," in str(text):
-            raise ValueError(f"one integer; a TensorRT MIN,OPT,MAX range is --img-size-profile {text}") from None
+            raise ValueError(f"{text!r} is not one integer: a TensorRT MIN,OPT,MAX range is --img-size-profile {text}") from None
         raise ValueError(f"{text!r} is not an integer") from None
 
 
@@ -392,7 +392,6 @@ class CompileOptions(StepOptions):
         "Resolution of a model name/checkpoint (exported at that size), or the size of a dynamic-size ONNX.",
         minimum=16,
         parse=parse_img_size,
-        metavar="INTEGER",
         shown_default="the model's",
     )
     img_size_profile: str | None = option(

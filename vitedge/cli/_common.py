@@ -86,8 +86,6 @@ def _click_options(o: OptionField) -> list:
         return [click.option(*decls, is_flag=True, help=s.help)]
     default = s.cli_default if s.cli_default is not None else o.default
     kw: dict = {"default": default, "type": _click_type(o), "help": s.help, "metavar": s.metavar, "show_default": s.shown_default or True}
-    if s.parse:
-        kw["callback"] = _callback(s.parse)
     new = s.flag or "--" + o.name.replace("_", "-")
     return [click.option(*decls, **kw)] + ([renamed(*s.renamed_from, to=new)] if s.renamed_from else [])
 
@@ -95,7 +93,7 @@ def _click_options(o: OptionField) -> list:
 def _click_type(o: OptionField):
     s = o.spec
     if s.parse:
-        return None  # text: the parser converts it and words the error
+        return _Parsed(s.parse, "integer" if o.base_type is int else "text")
     if s.backends:
         return BackendChoice(s.backends)
     if s.choices:
@@ -111,14 +109,19 @@ def _click_type(o: OptionField):
     return None  # text (a parser or the step reads it)
 
 
-def _callback(parse):
-    def callback(ctx, param, value):
-        try:
-            return None if value is None else parse(value)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc)) from None
+class _Parsed(click.ParamType):
+    """A value that a :mod:`vitedge.options` parser reads from the CLI text (its ValueError's message is the error)."""
 
-    return callback
+    def __init__(self, parse, name: str):
+        self.parse, self.name = parse, name
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value  # a default that is already a value
+        try:
+            return self.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def list_images_arg(folder: Path | None) -> list[Path] | None:
