@@ -351,17 +351,17 @@ def test_shipped_tome_recipe_merges_8_tokens():
 
     r = load_recipe("vit_base_tome_openvino")
     assert r.data["steps"]["export"]["merge_tokens"] == 8
-    assert r.data["model"] == "vit_base" and r.data["steps"]["compile"]["target"] == "openvino"
+    assert r.data["model"] == "vit_base" and r.data["steps"]["compile"]["backend"] == "openvino"
 
 
 @pytest.mark.parametrize("export, problem", [
     ("{merge_tokens: -1}", "merge_tokens"),
     ("{merge_tokens: abc}", "merge_tokens"),
-    ("{merge_tokens: auto}", "val_images"),
+    ("{merge_tokens: auto}", "'val' is a required property"),
     ("{merge_tokens: 8, max_drop: 1}", "merge_tokens"),
     ("{max_drop: 1}", "merge_tokens"),
-    ("{val_images: v}", "merge_tokens"),
-    ("{merge_tokens: auto, val_images: v, max_drop: -1}", "max_drop"),
+    ("{val: v}", "merge_tokens"),
+    ("{merge_tokens: auto, val: v, max_drop: -1}", "max_drop"),
 ])
 def test_recipe_schema_checks_the_merge_keys(tmp_path, export, problem):
     from vitedge.recipes import load_recipe
@@ -395,7 +395,7 @@ def test_recipe_passes_the_merge_keys_and_caches_on_them(tmp_path, monkeypatch):
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "a.png").write_bytes(b"one")
     p = tmp_path / "r.yaml"
-    p.write_text("name: x\nmodel: vit_tiny\nimg_size: 32\nsteps:\n  export: {merge_tokens: auto, val_images: val, max_drop: 2.5}\n")
+    p.write_text("name: x\nmodel: vit_tiny\nimg_size: 32\nsteps:\n  export: {merge_tokens: auto, val: val, max_drop: 2.5}\n")
     recipe = load_recipe(p)
     out = tmp_path / "run"
 

@@ -38,7 +38,8 @@ def renamed(*old: str, to: str):
 
     The alias is eager, so it runs before ``to``; it hands its text over through the context's default map,
     which ``to`` reads only when it is not on the command line itself, and ``to`` then converts and checks the
-    value as its own (type, range, callback): the old spelling behaves exactly as the new one."""
+    value as its own (type, range, callback): the old spelling behaves exactly as the new one.  Given beside ``to``
+    itself, ``to`` wins (the alias still prints its line); two old spellings of one option are refused."""
 
     def alias(spelling: str):
         def callback(ctx: click.Context, param: click.Parameter, value):
@@ -106,7 +107,7 @@ def _click_type(o: OptionField):
                 return click.IntRange(min=None if s.minimum is None else int(s.minimum), max=None if s.maximum is None else int(s.maximum))
             return click.FloatRange(min=s.minimum, max=s.maximum)
         return o.base_type
-    return None  # text (a parser or the step reads it)
+    return None  # text (the step reads it)
 
 
 class _Parsed(click.ParamType):
@@ -140,7 +141,7 @@ def preprocessing_options(f=None, *, img_size: bool = True):
     already has its own ``--img-size``."""
     if f is None:
         return lambda g: preprocessing_options(g, img_size=img_size)
-    given = "the manifest's, else the model's input and common practice (printed)"  # what each flag defaults to
+    given = "the manifest's, else assumed and printed"  # what each flag defaults to
     opts = [
         click.option(
             "--preprocessing",
