@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default=None, help="comma-separated subset of onnxruntime,openvino,tensorrt")
     ap.add_argument("--precisions", default=None, help="comma-separated subset of fp32,fp16,bf16,int8")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds of timed runs per engine (default 8, quick 1.5)")
-    ap.add_argument("--samples", type=int, default=None, help="validation images per model (default: see MODELS)")
+    ap.add_argument("--val-samples", "--samples", dest="samples", type=int, default=None, help="validation images per model (default: see MODELS; --samples: its old name)")
     ap.add_argument("--calib-samples", type=int, default=None, help="calibration images for INT8 (default 64, quick 16)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md", help="markdown results file")
     ap.add_argument("--render-only", action="store_true",

@@ -28,8 +28,8 @@ def bench_run(tmp_path_factory, calib_dir, val_dir):
 
     out = tmp_path_factory.mktemp("bench")
     res = CliRunner().invoke(main, [
-        "benchmark", "reference", "--calib", str(calib_dir), "--data", str(val_dir), "-o", str(out),
-        "--backends", "onnxruntime,openvino,tensorrt", "--precisions", "fp32,int8", "--samples", "60",
+        "benchmark", "reference", "--calib", str(calib_dir), "--val", str(val_dir), "-o", str(out),
+        "--backends", "onnxruntime,openvino,tensorrt", "--precisions", "fp32,int8", "--val-samples", "60",
         "--calib-samples", "16", "--runs", "8", "--rounds", "2", "--batch-sizes", "1",
     ], catch_exceptions=False)
     return res, out

@@ -177,7 +177,7 @@ def test_report_files_match_schema(labelled_report):
 # -- gates through the CLI ----------------------------------------------------------------------
 def test_cli_missed_gate_exits_1_after_writing_report(tmp_path, ref_int8_onnxruntime, val_dir, quiet_cpu):
     out = tmp_path / "rep"
-    res = _cli(["validate", str(ref_int8_onnxruntime), "-r", "reference", "-d", str(val_dir), "--samples", "40", "--runs", "6",
+    res = _cli(["validate", str(ref_int8_onnxruntime), "-r", "reference", "--val", str(val_dir), "--val-samples", "40", "--runs", "6",
                 "--batch-sizes", "1", "--min-speedup", "1000", "--reference-threads", "1", "-o", str(out)])
     assert res.exit_code == 1, res.output
     assert "speed-up" in res.output and "--min-speedup 1000x" in res.output
@@ -191,7 +191,7 @@ def test_cli_met_gates_exit_0(tmp_path, ref_int8_onnxruntime, val_dir, quiet_cpu
 
     before = torch.get_num_threads()
     out = tmp_path / "rep"
-    res = _cli(["validate", str(ref_int8_onnxruntime), "-r", "reference", "-d", str(val_dir), "--samples", "40", "--runs", "6",
+    res = _cli(["validate", str(ref_int8_onnxruntime), "-r", "reference", "--val", str(val_dir), "--val-samples", "40", "--runs", "6",
                 "--batch-sizes", "1", "--min-speedup", "0.001", "--max-drop", "50", "--reference-threads", "1", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "all gates passed" in res.output and "onnxruntime int8" in res.output

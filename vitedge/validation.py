@@ -652,15 +652,15 @@ def _images(data, baseline: _Model, samples: int | None, seed: int, notes: list[
 def _default_data(model: _Model, notes: list[str]):
     val = SHIPPED_CALIBRATION / "digits" / "val"
     if not val.is_dir():
-        raise VitedgeError("no validation data given", "pass --data DIR (class/image folders for top-1/top-5, or plain images)")
+        raise VitedgeError("no validation data given", "pass --val DIR (class/image folders for top-1/top-5, or plain images)")
     images = ImageSet.from_path(val)
     src = str(getattr(model.engine, "source", "") or "")  # a PyTorch reference: its checkpoint
     is_ref_model = Path(src).resolve() == REFERENCE_CHECKPOINT.resolve() if src else False
     if not is_ref_model:
         images.labels = [None] * len(images)
-        notes.append(f"no --data: fidelity measured on the shipped digit images ({val}); accuracy needs --data")
+        notes.append(f"no --val: fidelity measured on the shipped digit images ({val}); accuracy needs --val")
     else:
-        notes.append(f"no --data: using the reference model's held-out set {val}")
+        notes.append(f"no --val: using the reference model's held-out set {val}")
     return images
 
 

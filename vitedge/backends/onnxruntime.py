@@ -1,6 +1,6 @@
 """ONNX Runtime backend: the embedded default that runs everywhere.
 
-A compiled ONNX Runtime engine (``vitedge compile --target onnxruntime``) is the graph already
+A compiled ONNX Runtime engine (``vitedge compile --backend onnxruntime``) is the graph already
 optimised at the portable "extended" level; loading it runs only the fast hardware-specific passes.
 The thread count recorded at compile time is used unless ``threads=`` is given.  CUDA / TensorRT
 execution providers are used when the installed onnxruntime has them (``providers=`` overrides).
@@ -115,7 +115,7 @@ def compile_onnxruntime(
     from ..graph import set_static_batch
 
     if src.suffix != ".onnx":
-        raise VitedgeError(f"{src.name} is an OpenVINO IR: ONNX Runtime runs ONNX files", "compile the ONNX file, or use --target openvino")
+        raise VitedgeError(f"{src.name} is an OpenVINO IR: ONNX Runtime runs ONNX files", "compile the ONNX file, or use --backend openvino")
     if precision_hint not in (None, "f32"):
         raise VitedgeError(f"ONNX Runtime on CPU has no {precision_hint} precision hint", "make an FP16/INT8 model with vitedge quantize, then compile it")
     if device not in (None, "CPU", "cpu"):

@@ -17,7 +17,8 @@ from ._common import BackendChoice
 @click.option(
     "--reference",
     default=None,
-    help="FP32 model to compare with: the FP32 ONNX file, a checkpoint / model folder, or any artifact. Without it only the engine's maps are drawn.",
+    show_default="none: the engine's maps only",
+    help="FP32 model to compare with: the FP32 ONNX file, a checkpoint / model folder, or any artifact.",
 )
 @click.option(
     "--kind",
@@ -26,7 +27,7 @@ from ._common import BackendChoice
     show_default=True,
     help="rollout: attention rollout over all blocks; cls: the last block's attention from the CLS token (heads averaged in the picture).",
 )
-@click.option("--backend", type=BackendChoice("run"), default=None, help="Run ENGINE with another backend than its own.")
+@click.option("--backend", type=BackendChoice("run"), default=None, show_default="the engine's own", help="Run ENGINE with another backend.")
 def command(engine, images, output, reference, kind, backend):
     """Draw where ENGINE looks on IMAGES (files or folders), from the engine's own attention, beside the reference's.
 

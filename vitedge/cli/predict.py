@@ -35,7 +35,13 @@ def _expand(images: tuple[str, ...]) -> list[Path]:
 @click.argument("images", nargs=-1, required=True)
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Labels shown per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document: [{image, top: [{label, index, prob}]}].")
-@click.option("--backend", type=BackendChoice("run"), default=None, help="Run with another backend than the engine's own (e.g. an ONNX file with OpenVINO).")
+@click.option(
+    "--backend",
+    type=BackendChoice("run"),
+    default=None,
+    show_default="the engine's own",
+    help="Run with another backend than the engine's own (e.g. an ONNX file with OpenVINO).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per inference call.")
 @preprocessing_options
 def command(engine, images, top_k, as_json, backend, batch_size, **pre_flags):

@@ -11,7 +11,7 @@ from ..options import ValidateOptions
 from ..sysinfo import print_machine
 from ..ui import console, err_console, note
 from ..validation import EngineSpec, validate
-from ._common import options_of, preprocessing_from_cli, preprocessing_options
+from ._common import options_of, preprocessing_from_cli, preprocessing_options, renamed
 
 
 def print_report(rep, out_dir: Path | None) -> None:
@@ -35,27 +35,29 @@ def print_report(rep, out_dir: Path | None) -> None:
     "-r",
     "--reference",
     default=None,
-    help="FP32 reference: checkpoint, preset, 'reference' or HF folder (timed as PyTorch eager), or an FP32 .onnx "
-    "(timed with ONNX Runtime). Default: the model source in the engine's manifest.",
+    help="FP32 reference: checkpoint, preset, 'reference' or HF folder (timed as PyTorch eager), or an FP32 .onnx (timed with ONNX Runtime).",
+    show_default="the model source in the engine's manifest",
 )
 @click.option(
-    "-d",
-    "--data",
+    "--val",
     type=click.Path(exists=True, path_type=Path),
     default=None,
+    show_default="the shipped digits' held-out images",
     help="Validation images: class/image folders give top-1/top-5; plain images give agreement with FP32; .npy/.npz.",
 )
+@renamed("--data", "-d", to="--val")
 @click.option(
     "-o",
-    "--out-dir",
+    "--output",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("validation-report"),
     show_default=True,
     help="Folder for report.json, report.md and report.html.",
 )
+@renamed("--out-dir", to="--output")
 @options_of(ValidateOptions)
 @preprocessing_options
-def command(engines, reference, data, out_dir, **options):
+def command(engines, reference, val, output, **options):
     """Validate ENGINES (one or more artifacts) against the FP32 reference: accuracy drop with a confidence
     interval, logit cosine/SNR, worst images, latency p50/p90/p99, throughput and the speed-up measured in the same run.
 
@@ -76,11 +78,11 @@ def command(engines, reference, data, out_dir, **options):
     print_machine()
     specs = [EngineSpec(e, opts.backend, dict(run_options)) for e in engines]
     try:
-        rep = validate(specs, reference, data=data, out_dir=out_dir, **opts.validate_kwargs(), preprocessing=preprocessing_from_cli(**options))
+        rep = validate(specs, reference, data=val, out_dir=output, **opts.validate_kwargs(), preprocessing=preprocessing_from_cli(**options))
     except GateFailed as exc:
         if getattr(exc, "report", None) is not None:
-            print_report(exc.report, out_dir)
+            print_report(exc.report, output)
         raise
-    print_report(rep, out_dir)
+    print_report(rep, output)
     if opts.max_drop is not None or opts.min_speedup is not None:
         console.print("[green]all gates passed[/]")
