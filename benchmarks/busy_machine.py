@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny budgets and few images (a smoke run)")
     ap.add_argument("--time-budget", type=float, default=None, help="timed seconds per model at batch 1 (default 3, quick 0.1)")
-    ap.add_argument("--samples", type=int, default=None, help="validation images (default 120, quick 20)")
+    ap.add_argument("--val-samples", "--samples", dest="samples", type=int, default=None, help="validation images (default 120, quick 20; --samples: its old name)")
     ap.add_argument("--out", type=Path, default=HERE / "busy_machine.md")
     ap.add_argument("--work", type=Path, default=HERE / "runs" / "busy_machine")
     args = ap.parse_args(argv)

@@ -70,7 +70,7 @@ def test_read_cpu_reads_this_process_cores():
 def test_withheld_speedup_fails_min_speedup_with_exit_3_and_is_recorded(tmp_path, monkeypatch, ref_int8_onnxruntime, val_dir):
     _machine(monkeypatch, cores=2, others=1.9, load=3.5)
     out = tmp_path / "rep"
-    res = _cli(["validate", str(ref_int8_onnxruntime), "-r", "reference", "-d", str(val_dir), "--samples", "40", "--runs", "6",
+    res = _cli(["validate", str(ref_int8_onnxruntime), "-r", "reference", "--val", str(val_dir), "--val-samples", "40", "--runs", "6",
                 "--batch-sizes", "1", "--min-speedup", "0.001", "-o", str(out)])
     assert res.exit_code == 3, res.output
     reason = "other processes kept 1.9 of 2 cores busy (less than 0.5 core free)"
