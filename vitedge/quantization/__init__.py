@@ -154,8 +154,8 @@ def quantize(
     if parent.task != "classification":
         ev.labels = None  # folder names are not classes of a non-classifier
     ref_backend, ref_options = strategy.reference  # e.g. OpenVINO at f32: the same FP32 math, faster than ONNX Runtime on a CPU
-    with load(src, backend=ref_backend, **ref_options) as ref_engine:
-        ev.set_reference(ref_engine)
+    # computed when first needed: the INT8 search runs it while its worker calibrates
+    ev.defer_reference(lambda: load(src, backend=ref_backend, **ref_options))
 
     fmt = strategy.format
     with writing(output) as draft:

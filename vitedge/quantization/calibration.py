@@ -11,9 +11,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -198,7 +199,9 @@ class EvalSet:
         self._x: np.ndarray | None = None
         self.labels: np.ndarray | None = None
         self.random = ims is None
-        self.ref: np.ndarray | None = None
+        self._ref: np.ndarray | None = None
+        self._ref_outputs: dict[str, np.ndarray] = {}
+        self._pending: Callable[[], Any] | None = None
         self.skipped = 0
         if ims is None:  # no images: random inputs in the model's shape (FP16 only)
             c, h, w = (d if isinstance(d, int) else 3 for d in input_shape[1:4]) if len(input_shape) == 4 else (3, 224, 224)
@@ -247,9 +250,34 @@ class EvalSet:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def set_reference(self, engine) -> None:
-        self.ref_outputs = self.outputs(engine)
+        """The FP32 reference: ``engine``'s outputs on the evaluation set."""
+        self._ref_outputs = self.outputs(engine)
         first = engine.output_names[0] if engine.output_names else None
-        self.ref = self.ref_outputs[first] if first in self.ref_outputs else next(iter(self.ref_outputs.values()))
+        self._ref = self._ref_outputs[first] if first in self._ref_outputs else next(iter(self._ref_outputs.values()))
+        self._pending = None
+
+    def defer_reference(self, open_engine: Callable[[], Any]) -> None:
+        """Compute the reference when it is first needed, from the engine that ``open_engine()`` opens (a context
+        manager), so that the INT8 search can run it while its worker calibrates (:meth:`resolve_reference`)."""
+        self._pending = open_engine
+
+    def resolve_reference(self) -> None:
+        """Compute a deferred reference now (nothing when it is there)."""
+        if self._pending is not None:
+            with self._pending() as engine:
+                self.set_reference(engine)
+
+    @property
+    def ref(self) -> np.ndarray | None:
+        """The reference's first output (class logits for a classifier)."""
+        self.resolve_reference()
+        return self._ref
+
+    @property
+    def ref_outputs(self) -> dict[str, np.ndarray]:
+        """Every output of the reference, by name."""
+        self.resolve_reference()
+        return self._ref_outputs
 
     def measure_outputs(self, outs: dict[str, np.ndarray]) -> dict:
         """:meth:`measure` on the first output; for models with several outputs or non-classifier outputs

@@ -32,8 +32,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -359,8 +361,11 @@ class _Search:
         return self.worker.call(name, timeout, what, **kw)
 
     # steps
-    def quantize(self, cfg: Int8Config, tag: str, count: int | None = None, timeout: float | None = None) -> tuple[str, list[str], float]:
-        """NNCF once for ``cfg`` (on the first ``count`` calibration images); the revertible base's path."""
+    def quantize(
+        self, cfg: Int8Config, tag: str, count: int | None = None, timeout: float | None = None, meanwhile: Callable[[], Any] | None = None
+    ) -> tuple[str, list[str], float]:
+        """NNCF once for ``cfg`` (on the first ``count`` calibration images); the revertible base's path.
+        ``meanwhile``: work for this process while the worker calibrates (the FP32 reference, the first time)."""
         out = self.scratch / tag / f"base{self.suffix}"
         out.parent.mkdir(parents=True, exist_ok=True)
         n = f"{count} of the {self.arrays.calib_count}" if count else f"{self.arrays.calib_count}"
@@ -375,6 +380,7 @@ class _Search:
             out=str(out),
             count=count,
             fixed_batch=self.fixed_batch,
+            meanwhile=meanwhile,
         )
         return str(out), res["quantized"], res["seconds"]
 
@@ -629,18 +635,21 @@ def search(
     alike at the CPU's fastest float precision and timed beside the chosen INT8.  ``enforce=False`` (random-weight
     presets, whose predictions mean nothing): the fastest sound variant of the default is chosen, no search."""
     t0 = time.perf_counter()
-    assert ev.ref is not None, "the evaluation set needs its FP32 reference (EvalSet.set_reference)"
-    if classifier is None:  # class logits: one (N, classes) output
-        classifier = ev.ref.ndim == 2 and ev.ref.shape[1] > 1 and len(ev.ref_outputs) == 1
     with Worker(scratch) as worker:
         worker.start()  # its imports (NNCF, OpenVINO, ONNX Runtime) overlap with preparing the images here
-        s = _Search(src, fmt, _Arrays(scratch, calib_stream, ev), ev, scratch, target, classifier, fixed_batch, final_name, worker, budget_s, t0, enforce)
+        s = _Search(src, fmt, _Arrays(scratch, calib_stream, ev), ev, scratch, target, bool(classifier), fixed_batch, final_name, worker, budget_s, t0, enforce)
         base_cfg = base_config
         err_console.print(f"[bold]INT8 default[/]: {base_cfg.describe()}")
         try:
-            base, quantized, q_s = s.quantize(base_cfg, "default", timeout=QUANTIZE_TIMEOUT_S)
+            # the FP32 reference on the held-out images runs here while the worker calibrates: NNCF leaves a core idle
+            # for much of its time (statistics bookkeeping, graph passes), which the reference's inference fills
+            base, quantized, q_s = s.quantize(base_cfg, "default", timeout=QUANTIZE_TIMEOUT_S, meanwhile=ev.resolve_reference)
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
             raise VitedgeError(f"INT8 quantization failed: {exc}", "check the model with `vitedge check parity`, or try --fp16") from None
+        assert ev.ref is not None, "the evaluation set needs its FP32 reference (EvalSet.set_reference / defer_reference)"
+        if classifier is None:  # class logits: one (N, classes) output
+            classifier = ev.ref.ndim == 2 and ev.ref.shape[1] > 1 and len(ev.ref_outputs) == 1
+        s.classifier = bool(classifier)
         # the engine `vitedge compile` builds by default first; the other variants (float parts, engine shape) only when
         # it misses, or for a random-weight preset, which picks its fastest sound variant
         first = s.evaluate("default", base_cfg, base, quantized, [], variants if not enforce else variants[:1], seconds=q_s)

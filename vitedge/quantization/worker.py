@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,9 @@ class Worker:
             self._stop(kill=True)
             self._start()
 
-    def call(self, name: str, timeout: float, what: str, **kwargs: Any) -> Any:
-        """Run ``candidates.CALLS[name](**kwargs)`` in the child, showing ``what`` with the elapsed time."""
+    def call(self, name: str, timeout: float, what: str, meanwhile: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        """Run ``candidates.CALLS[name](**kwargs)`` in the child, showing ``what`` with the elapsed time.
+        ``meanwhile``: work for this process while the child runs the call (its time counts towards ``timeout``)."""
         self.start()
         conn = self._connected()
         proc = self._proc
@@ -153,6 +155,8 @@ class Worker:
         t0 = time.perf_counter()
         conn.send((name, kwargs))
         with err_console.status(what) as status:
+            if meanwhile is not None:
+                meanwhile()
             while True:
                 reply = None
                 if conn.poll(1.0):
