@@ -64,6 +64,7 @@ class Spec:
     metavar: str | None = None
     path: Mapping[str, bool] | None = None  # a file or folder: click.Path's exists / dir_okay / file_okay
     shown_default: str | None = None  # the default shown in help when the step decides it at run time
+    flag_value: str | None = None  # the value of the bare flag, for an option whose value may be left out (--ray)
 
 
 def option(default: Any = None, help: str = "", **spec: Any) -> Any:
@@ -423,6 +424,14 @@ class ValidateOptions(TimingOptions):
     precision_hint: str | None = option(None, "OpenVINO inference precision for the engines (INFERENCE_PRECISION_HINT).", choices=PRECISION_HINTS, recipe=False)
     ci_method: str = option("agresti-min", "Paired confidence interval of the accuracy drop.", choices=CI_METHODS)
     worst: int = option(10, "How many worst images to list per engine.", minimum=0, cli_range=True)
+    ray: str | None = option(
+        None,
+        "Run the accuracy pass on a Ray cluster: 'auto' (this machine's cluster, else a new local one) or its address; "
+        'latency is still measured here. Needs pip install "vitedge[ray]" (docs/distributed.md).',
+        recipe=False,
+        flag_value="auto",
+        metavar="auto|ADDRESS",
+    )
 
     def validate_kwargs(self) -> dict:
         """Keyword arguments of :func:`vitedge.validation.validate` (the engines' backend and precision hint go

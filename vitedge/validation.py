@@ -26,6 +26,7 @@ This module is the orchestration (open -> run -> compare -> time -> report); how
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -37,13 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from . import compare
+from . import compare, distributed
 from ._io import sha256_file
 from ._version import __version__
 from .backends import pytorch
 from .compare import CI_LEVEL, paired_drop, wilson_interval  # noqa: F401 - public names of this module
 from .data import SHIPPED_CALIBRATION, ImageSet, label_indices
-from .errors import GateFailed, VitedgeError
+from .errors import FileProblem, GateFailed, VitedgeError
 from .foreign import describe, ensure_manifest
 from .manifest import Manifest
 from .models.loading import REFERENCE_CHECKPOINT, ModelSpec
@@ -52,7 +53,7 @@ from .preprocess import Preprocessing
 from .report import SCHEMA_ID, Report, now_iso
 from .resources import RssPeak, load_average, load_record, reference_thread_count, set_torch_threads, torch_threads, usable_cores
 from .runtime import load
-from .sysinfo import machine_info
+from .sysinfo import isa_summary, machine_info
 from .timing import Slot, flat_samples, interleaved, latency_stats, paired_speedup
 from .ui import err_console, progress
 
@@ -501,6 +502,7 @@ def validate(
     kind: str = "validate",
     post: Callable[[Report], None] | None = None,
     preprocessing=None,
+    ray: distributed.RayOptions | str | bool | None = None,
 ) -> Report:
     """Validate one or more engines against the FP32 reference; see the module docstring.
 
@@ -519,9 +521,13 @@ def validate(
     ``docs/foreign.md``); a manifest-less reference otherwise takes the first engine's preprocessing.
     Models that are not classifiers (dense maps, several outputs) are compared per output
     (``vs_reference.outputs``: cosine, max abs error, SNR).
+    ``ray``: the accuracy pass runs on a Ray cluster (``"auto"``/True, an address or
+    :class:`~vitedge.distributed.RayOptions`; see :func:`_accuracy_on_ray`), with the same numbers as a local run;
+    latency is still measured here, on this process's machine.
     Writes ``report.json/md/html`` to ``out_dir`` (if given), then raises ``GateFailed`` if a gate is missed.
     """
     specs = _as_specs(engine, backend)
+    ray_options = distributed.RayOptions.of(ray)
     _check_arguments(max_drop, min_speedup, batch_sizes)
     ref_threads = reference_thread_count(reference_threads)
     timing = timing or Timing(budget_s=time_budget, rounds=rounds, warmup_runs=warmup, min_runs=min_runs, runs=runs)
@@ -548,10 +554,18 @@ def validate(
         models += [_open_engine(s, preprocessing, notes) for s in specs]
         _dedupe_names(models)
         images = _images(data, baseline, samples, seed, notes)
-        inputs = _Inputs(images, eval_batch)
         _feed(acc_ref or baseline, models, images, notes)
-        truth = _reference_pass(acc_ref or baseline, models[1:], inputs, images, kind, max_drop, notes)
-        results = {r.name: _compare(r, truth, _run(r, inputs), ci_method, worst, notes) for r in models[1:]}
+        accuracy_models = [acc_ref or baseline, *models[1:]]
+        if ray_options is None:
+            inputs = _Inputs(images, eval_batch)
+            outs = _accuracy_outputs(accuracy_models, inputs)
+        else:
+            job = _ShardJob(reference, specs, preprocessing, ref_threads, eval_batch)
+            outs, settings["ray"] = _accuracy_on_ray(job, images, accuracy_models, ray_options, machine, notes)
+            images.skipped = outs.skipped
+            inputs = _Inputs(_timing_images(images, outs.skipped, max(int(b) for b in batch_sizes)), eval_batch)
+        truth = _reference_pass(accuracy_models[0], models[1:], outs, images, kind, max_drop, notes)
+        results = {r.name: _compare(r, truth, o, ci_method, worst, notes) for r, o in zip(models[1:], outs.outputs[1:], strict=True)}
         if acc_ref is not None:
             acc_ref.close()
             acc_ref = None
@@ -659,11 +673,121 @@ def _run(r: _Model, inputs: _Inputs, what: str = "accuracy") -> dict[str, np.nda
     return outs
 
 
-def _reference_pass(truth: _Model, engines: list[_Model], inputs: _Inputs, images, kind: str, max_drop: float | None, notes: list[str]) -> _Truth:
-    """Run the reference, then decide what its outputs are: class logits (labels read as class indices) or features."""
-    _, labels, names = inputs.get(truth.preprocessing)
-    outs = _run(truth, inputs, "FP32 reference")
-    first, logits = next(iter(outs.items()))
+@dataclass
+class _Outputs:
+    """What the accuracy part of a report is computed from: the accuracy models' outputs (the reference's first,
+    then each engine's) on a run of images (one shard, or every shard merged), with the images' names and labels."""
+
+    names: list[str]
+    labels: list[str | None]
+    outputs: list[dict[str, np.ndarray]]
+    skipped: list[tuple[str, str]]
+
+    @classmethod
+    def merged(cls, parts: Sequence[_Outputs]) -> _Outputs:
+        """The shards' outputs in shard order: the arrays a single run over every image gives."""
+        outputs = [{k: np.concatenate([p.outputs[m][k] for p in parts]) for k in parts[0].outputs[m]} for m in range(len(parts[0].outputs))]
+        return cls([n for p in parts for n in p.names], [lbl for p in parts for lbl in p.labels], outputs, [s for p in parts for s in p.skipped])
+
+
+def _accuracy_outputs(models: list[_Model], inputs: _Inputs) -> _Outputs:
+    """The accuracy pass over ``inputs``' images (all of them, or one shard on a Ray worker): the reference
+    (``models[0]``), then each engine."""
+    _, labels, names = inputs.get(models[0].preprocessing)
+    outputs = [_run(r, inputs, "FP32 reference" if i == 0 else "accuracy") for i, r in enumerate(models)]
+    return _Outputs(names, labels, outputs, list(inputs.images.skipped))
+
+
+@dataclass
+class _ShardJob:
+    """What a Ray task needs to open the models the driver opened (:func:`_shard_outputs`): the arguments of
+    :func:`validate` that say how."""
+
+    reference: Any
+    specs: list[EngineSpec]
+    preprocessing: Any
+    reference_threads: int
+    eval_batch: int
+
+
+def _shard_outputs(job: _ShardJob, shard: ImageSet) -> _Outputs:
+    """One shard of the accuracy pass, in a Ray task: open the models as the driver did (once per task), then
+    the same :func:`_accuracy_outputs` as a local run."""
+    unreachable = [p for p in shard.paths if not Path(p).is_file()]
+    if unreachable:
+        raise FileProblem(
+            f"{len(unreachable)} of the shard's {len(shard)} images are not on this Ray node, e.g. {unreachable[0]}",
+            "put --data on a filesystem that every node mounts at the same path (docs/distributed.md)",
+        )
+    notes: list[str] = []  # the driver opened the same models: it has the same notes
+    opened: list[_Model] = []
+    try:
+        baseline, acc_ref = _open_reference(job.reference, job.specs, notes, job.preprocessing, job.reference_threads)
+        opened = [baseline] + ([acc_ref] if acc_ref is not None else [])
+        engines = [_open_engine(s, job.preprocessing, notes) for s in job.specs]
+        opened += engines
+        _feed(acc_ref or baseline, [baseline, *engines], shard, notes)
+        return _accuracy_outputs([acc_ref or baseline, *engines], _Inputs(shard, job.eval_batch))
+    finally:
+        for m in opened:
+            m.close()
+
+
+def _cpu_dependent(m: _Model) -> bool:
+    """Whether a model's outputs follow the CPU's instruction sets beyond rounding: OpenVINO picks its inference
+    precision by the CPU (bf16 where AMX or AVX-512 BF16 is present), and INT8 kernels differ with and without VNNI."""
+    return m.backend == "openvino" or m.precision == "int8"
+
+
+def _subset(images: ImageSet, index: Sequence[int]) -> ImageSet:
+    """The images at ``index``, as the same kind of :class:`~vitedge.data.ImageSet` (a subclass keeps its own reading)."""
+    arrays = None if images.arrays is None else images.arrays[list(index)]
+    paths = [images.paths[i] for i in index] if images.arrays is None else []
+    return dataclasses.replace(images, paths=paths, labels=[images.labels[i] for i in index], arrays=arrays, skipped=[])
+
+
+def _timing_images(images: ImageSet, skipped: list[tuple[str, str]], count: int) -> ImageSet:
+    """The first ``count`` readable images: what a local run times (the driver preprocesses no more than these)."""
+    gone = {s for s, _ in skipped}
+    readable = [i for i in range(len(images)) if images.arrays is not None or str(images.paths[i]) not in gone]
+    return _subset(images, readable[:count])
+
+
+def _accuracy_on_ray(job: _ShardJob, images: ImageSet, models: list[_Model], options: distributed.RayOptions, machine: dict, notes: list[str]):
+    """The accuracy pass as Ray tasks, one per shard of whole evaluation batches (so every engine sees the
+    batches a local run gives it), merged in order: (the outputs, the report's ``settings.ray``).
+
+    Data paths: the tasks read ``--data`` at the driver's paths, so it must be on a filesystem every node
+    mounts there; preprocessed ``.npy``/``.npz`` data travels inside the shards, through Ray's object store.
+    Models whose outputs depend on the CPU (:func:`_cpu_dependent`) run only on nodes with this machine's
+    instruction sets."""
+    n = len(images)
+    with distributed.cluster(options):
+        size = options.shard_size or math.ceil(n / (2 * distributed.cluster_cpus()))
+        size = max(1, math.ceil(size / job.eval_batch)) * job.eval_batch
+        starts = list(range(0, n, size))
+        shards = [_subset(images, range(i, min(i + size, n))) for i in starts]
+        names = [f"shard {k + 1} of {len(shards)} (images {i + 1}-{min(i + size, n)} of {images.source})" for k, i in enumerate(starts)]
+        bound = [m.name for m in models if _cpu_dependent(m)]
+        run = distributed.run_shards(
+            _shard_outputs, job, shards, names, options, isa=machine["instruction_sets"] if bound else None, why_isa=f"{', '.join(bound)}'s outputs"
+        )
+    where = run.driver.describe() if run.driver is not None else f"this driver, outside the cluster ({machine['cpu']}; {isa_summary(machine)})"
+    used = [x for x in run.nodes if x.shards]
+    notes.append(
+        f"accuracy ran on Ray: {n} images in {len(shards)} shards of up to {size} on {len(used)} node{'s' if len(used) != 1 else ''}; "
+        f"latency and throughput were measured on one node, the driver's: {where}; peak memory covers loading and timing there, not the accuracy pass"
+    )
+    if run.restricted:
+        notes.append(f"{', '.join(bound)} ran only on nodes with this CPU's instruction sets; left out: {'; '.join(run.restricted)}")
+    summary = {"address": options.address or "auto", "shard_size": size, **run.summary(), "latency_node": where}
+    return _Outputs.merged(run.results), summary
+
+
+def _reference_pass(truth: _Model, engines: list[_Model], outs: _Outputs, images, kind: str, max_drop: float | None, notes: list[str]) -> _Truth:
+    """Decide what the reference's outputs are: class logits (labels read as class indices) or features."""
+    labels, names = outs.labels, outs.names
+    first, logits = next(iter(outs.outputs[0].items()))
     features = truth.engine.manifest.task != "classification" or logits.ndim != 2
     if features and kind == "benchmark":
         raise VitedgeError(
@@ -676,7 +800,7 @@ def _reference_pass(truth: _Model, engines: list[_Model], inputs: _Inputs, image
             "drop --max-drop: agreement per output (cosine, max abs error, SNR) is reported instead",
         )
     if features:
-        return _Truth(outs, names, True, [], None, None)
+        return _Truth(outs.outputs[0], names, True, [], None, None)
     n_classes = logits.shape[1]
     known = truth.labels or engines[0].labels
     class_names = list(known or [str(i) for i in range(n_classes)])
@@ -695,7 +819,7 @@ def _reference_pass(truth: _Model, engines: list[_Model], inputs: _Inputs, image
             )
     if y is not None and (y >= n_classes).any():
         raise VitedgeError(f"{images.source}: a class folder index exceeds the model's {n_classes} classes", "name class folders after the model's labels")
-    return _Truth(outs, names, False, class_names, y, compare.accuracy(logits, y) if y is not None else None)
+    return _Truth(outs.outputs[0], names, False, class_names, y, compare.accuracy(logits, y) if y is not None else None)
 
 
 # -- compare -----------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ def _click_options(o: OptionField) -> list:
     kw: dict = {"default": default, "type": _click_type(o), "help": s.help, "metavar": s.metavar}
     if s.shown_default or default is not None:
         kw["show_default"] = s.shown_default or True
+    if s.flag_value is not None:  # the value may be left out: the bare flag means flag_value
+        kw.update(is_flag=False, flag_value=s.flag_value)
     if s.parse:
         kw["callback"] = _callback(s.parse)
     return [click.option(*decls, **kw)]
