@@ -32,7 +32,7 @@ FLAGS = {
     "compile": {"-t", "--target", "--batch", "--img-size", "--threads", "--hint", "--precision-hint", "--device", "--streams",
                 "--blob", "--workspace-mb", "--profile", "--timing-cache"},
     "validate": {"--max-drop", "--min-speedup", "--reference-threads", "--strict", "--backend", "--precision-hint", "--ci-method",
-                 "--worst", "--ray", "--samples", "--rounds", "--runs", "--time-budget", "--batch-sizes"},
+                 "--worst", "--ray", "--latency-node", "--samples", "--rounds", "--runs", "--time-budget", "--batch-sizes"},
     "benchmark": {"--samples", "--rounds", "--runs", "--time-budget", "--batch-sizes"},
 }
 OPTIONS = {"export": ExportOptions, "quantize": QuantizeOptions, "compile": CompileOptions, "validate": ValidateOptions,

@@ -82,15 +82,24 @@ def _killing(images: ImageSet, marker: Path | None) -> _KillsItsWorker:
 
 # -- the same numbers ------------------------------------------------------------------------------------------------
 def test_ray_gives_the_local_numbers_to_the_last_digit(engines, images, local_report, tmp_path):
-    rep = validate(engines, "reference", data=images, ray=SHARDS, out_dir=tmp_path, **FAST)
+    """Measured on a named node (here the only one, through a task pinned to it): accuracy sharded, report written here."""
+    ip = ray.util.get_node_ip_address()
+    rep = validate(engines, "reference", data=images, ray=SHARDS, latency_node=ip, out_dir=tmp_path, **FAST)
     assert json.dumps(_accuracy_part(rep)) == json.dumps(_accuracy_part(local_report))
     assert rep.data["data"] == local_report.data["data"]
     ray_settings = rep.data["settings"]["ray"]
     assert ray_settings["shards"] == 3 and ray_settings["shard_size"] == 8 and sum(n["shards"] for n in ray_settings["nodes"]) == 3
-    # latency is measured on one node, the driver's, and the report says which, with its instruction sets
-    assert "avx2" in ray_settings["latency_node"].lower()
-    assert any("latency and throughput were measured on one node, the driver's" in f for f in rep.data["findings"])
+    # latency is measured on one node, and the report says which, with its instruction sets
+    assert ray_settings["latency_node"].startswith(ip) and "AVX2" in ray_settings["latency_node"]
+    assert any(f"latency and throughput were measured on one node: {ip}" in f for f in rep.data["findings"])
     assert (tmp_path / "report.json").is_file()
+
+
+def test_latency_node_must_be_a_node_of_the_cluster(engines, images):
+    with pytest.raises(VitedgeError, match=r"^--latency-node 203.0.113.9 is not a node of the Ray cluster — give one of "):
+        validate(engines, "reference", data=images, ray=SHARDS, latency_node="203.0.113.9", **FAST)
+    with pytest.raises(VitedgeError, match=r"^--latency-node names a node of a Ray cluster — add --ray$"):
+        validate(engines, "reference", data=images, latency_node="203.0.113.9", **FAST)
 
 
 def test_every_image_gets_the_same_outputs(engines, images):

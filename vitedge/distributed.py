@@ -34,10 +34,11 @@ DEFAULT_RETRIES = 3
 class RayOptions:
     """Where and how to run on Ray: ``address`` None or ``"auto"``: the cluster this machine belongs to (``RAY_ADDRESS``,
     else the one ``ray start`` started here), else a new local one; else a cluster address (``HOST:6379``,
-    ``ray://HOST:10001``).  ``shard_size``: images per task (default: two shards per CPU of the cluster, a
+    ``ray://HOST:10001``).  ``latency_node``: see :func:`on_node`.  ``shard_size``: images per task (default: two shards per CPU of the cluster, a
     multiple of the evaluation batch)."""
 
     address: str | None = None
+    latency_node: str | None = None  # the node (IP or ID) that measures latency; None: the driver's
     shard_size: int | None = None
     max_retries: int = DEFAULT_RETRIES
 
@@ -140,6 +141,28 @@ def this_node() -> Node:
 
     info = machine_info()
     return Node(ray.get_runtime_context().get_node_id() or "", ray.util.get_node_ip_address(), info["cpu"], instruction_sets())
+
+
+def on_node(node: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a task pinned to ``node`` (its IP or node ID): how latency is measured on a node that is not the
+    driver's.  The task takes no CPU: the shard tasks it starts need them, and it only times while they are done."""
+    import ray
+    from ray.exceptions import RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    found, _ = nodes()
+    match = next((n for n in found if node in (n.ip, n.node_id)), None)
+    if match is None:
+        raise VitedgeError(f"--latency-node {node} is not a node of the Ray cluster", f"give one of {', '.join(n.ip for n in found)} (or a node ID)")
+    strategy = NodeAffinitySchedulingStrategy(match.node_id, soft=False)
+    ref = ray.remote(fn).options(num_cpus=0, max_retries=0, scheduling_strategy=strategy).remote(*args)
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:  # the task's own error (a vitedge error's one line), as if raised here
+        raise (exc.cause if exc.cause is not None else exc) from None
+    except BaseException:
+        ray.cancel(ref, force=True)
+        raise
 
 
 def run_shards(

@@ -432,6 +432,9 @@ class ValidateOptions(TimingOptions):
         flag_value="auto",
         metavar="auto|ADDRESS",
     )
+    latency_node: str | None = option(
+        None, "With --ray: measure latency and throughput on this Ray node (its IP or node ID) instead of this machine.", recipe=False, metavar="NODE"
+    )
 
     def validate_kwargs(self) -> dict:
         """Keyword arguments of :func:`vitedge.validation.validate` (the engines' backend and precision hint go

@@ -503,6 +503,7 @@ def validate(
     post: Callable[[Report], None] | None = None,
     preprocessing=None,
     ray: distributed.RayOptions | str | bool | None = None,
+    latency_node: str | None = None,
 ) -> Report:
     """Validate one or more engines against the FP32 reference; see the module docstring.
 
@@ -523,13 +524,17 @@ def validate(
     (``vs_reference.outputs``: cosine, max abs error, SNR).
     ``ray``: the accuracy pass runs on a Ray cluster (``"auto"``/True, an address or
     :class:`~vitedge.distributed.RayOptions`; see :func:`_accuracy_on_ray`), with the same numbers as a local run;
-    latency is still measured here, on this process's machine.
+    latency is measured on one machine: this process's, or with ``latency_node`` (a node's IP or ID) that Ray node,
+    where the whole measurement then runs as a task (the report is written here).
     Writes ``report.json/md/html`` to ``out_dir`` (if given), then raises ``GateFailed`` if a gate is missed.
     """
     specs = _as_specs(engine, backend)
     ray_options = distributed.RayOptions.of(ray)
+    if latency_node is not None:
+        if ray_options is None:
+            raise VitedgeError("--latency-node names a node of a Ray cluster", "add --ray")
+        ray_options = dataclasses.replace(ray_options, latency_node=latency_node)
     _check_arguments(max_drop, min_speedup, batch_sizes)
-    ref_threads = reference_thread_count(reference_threads)
     timing = timing or Timing(budget_s=time_budget, rounds=rounds, warmup_runs=warmup, min_runs=min_runs, runs=runs)
     settings = {
         "samples": samples,
@@ -537,12 +542,37 @@ def validate(
         "batch_sizes": [int(b) for b in batch_sizes],
         "timing": timing.to_dict(),
         "rounds": timing.rounds,
-        "reference_threads": ref_threads,
+        "reference_threads": reference_threads,
         "ci_level": CI_LEVEL,
         "ci_method": ci_method,
         "eval_batch": eval_batch,
         "gates": {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict},
     }
+    args = (specs, reference, data, settings, timing, worst, kind, preprocessing, ray_options)
+    if ray_options is not None and ray_options.latency_node is not None:  # measured there, written here
+        with distributed.cluster(ray_options):
+            report = distributed.on_node(ray_options.latency_node, _measure, *args)
+    else:
+        report = _measure(*args)
+    return _finish(report, post, out_dir)
+
+
+def _measure(
+    specs: list[EngineSpec],
+    reference,
+    data,
+    settings: dict,
+    timing: Timing,
+    worst: int,
+    kind: str,
+    preprocessing,
+    ray_options: distributed.RayOptions | None,
+) -> Report:
+    """The report of :func:`validate` (open -> run -> compare -> time), measured on this machine: latency and
+    throughput always, the accuracy pass too unless ``ray_options`` sends it to a Ray cluster."""
+    samples, seed, batch_sizes, ci_method, eval_batch = (settings[k] for k in ("samples", "seed", "batch_sizes", "ci_method", "eval_batch"))
+    max_drop = settings["gates"]["max_drop_pp"]
+    settings["reference_threads"] = ref_threads = reference_thread_count(settings["reference_threads"])
     notes: list[str] = []
     machine = machine_info()
     models: list[_Model] = []
@@ -581,7 +611,7 @@ def validate(
             r.close()
         gc.collect()
         set_torch_threads(torch_threads_before)
-    return _finish(report, post, out_dir)
+    return report
 
 
 def _check_arguments(max_drop, min_speedup, batch_sizes) -> None:
@@ -772,11 +802,11 @@ def _accuracy_on_ray(job: _ShardJob, images: ImageSet, models: list[_Model], opt
         run = distributed.run_shards(
             _shard_outputs, job, shards, names, options, isa=machine["instruction_sets"] if bound else None, why_isa=f"{', '.join(bound)}'s outputs"
         )
-    where = run.driver.describe() if run.driver is not None else f"this driver, outside the cluster ({machine['cpu']}; {isa_summary(machine)})"
+    where = run.driver.describe() if run.driver is not None else f"the driver, outside the cluster ({machine['cpu']}; {isa_summary(machine)})"
     used = [x for x in run.nodes if x.shards]
     notes.append(
         f"accuracy ran on Ray: {n} images in {len(shards)} shards of up to {size} on {len(used)} node{'s' if len(used) != 1 else ''}; "
-        f"latency and throughput were measured on one node, the driver's: {where}; peak memory covers loading and timing there, not the accuracy pass"
+        f"latency and throughput were measured on one node: {where}; peak memory covers loading and timing there, not the accuracy pass"
     )
     if run.restricted:
         notes.append(f"{', '.join(bound)} ran only on nodes with this CPU's instruction sets; left out: {'; '.join(run.restricted)}")
