@@ -135,7 +135,7 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost(engines, images, local_r
 
 def test_a_shard_that_fails_for_good_is_named_and_no_report_is_written(engines, images, tmp_path):
     out = tmp_path / "report"
-    with pytest.raises(VitedgeError, match=r"^shard \d of 3 \(images \d+-\d+ of .*\) failed for good: its worker process died 1 times") as exc:
+    with pytest.raises(VitedgeError, match=r"^shard \d of 3 \(images \d+-\d+ of .*\) failed for good: its worker process died \(no retries: max_retries=0\)") as exc:
         validate(engines, "reference", data=_killing(images, None), ray=distributed.RayOptions(shard_size=8, max_retries=0), out_dir=out, **FAST)
     assert "\n" not in str(exc.value)
     assert not out.exists()
@@ -145,6 +145,19 @@ def test_a_shard_that_fails_for_good_is_named_and_no_report_is_written(engines, 
 def test_workers_report_their_instruction_sets():
     nodes, driver = distributed.nodes()
     assert driver is not None and driver in nodes and driver.isa == instruction_sets()
+
+
+def test_shards_go_only_to_nodes_with_the_target_isa():
+    found, driver = distributed.nodes()
+    assert driver is not None
+    other = distributed.Node("ab" * 28, "203.0.113.9", "another CPU", {k: not v for k, v in driver.isa.items()})
+    eligible, left_out = distributed.eligible_nodes([*found, other], driver.isa)
+    assert eligible == found and left_out == [other]
+    # the selector Ray schedules the shards by: a task runs on an eligible node, never on another
+    where = ray.remote(num_cpus=1)(lambda: ray.get_runtime_context().get_node_id())
+    assert ray.get(where.options(label_selector=distributed.node_selector(eligible)).remote(), timeout=60) == driver.node_id
+    with pytest.raises(ray.exceptions.TaskUnschedulableError):
+        ray.get(where.options(label_selector=distributed.node_selector([other])).remote(), timeout=60)
 
 
 def test_no_node_with_the_target_isa_is_refused_in_one_line():

@@ -182,21 +182,13 @@ def run_shards(
     Ctrl-C cancels the tasks and raises KeyboardInterrupt; a shard that fails for good raises a
     :class:`~vitedge.errors.VitedgeError` naming it, after cancelling the others."""
     import ray
-    from ray.exceptions import RayTaskError, TaskCancelledError, WorkerCrashedError
+    from ray.exceptions import RayError
 
     found, driver = nodes()
-    eligible, restricted = found, []
-    if isa is not None:
-        eligible = [n for n in found if n.isa == isa]
-        restricted = [n.describe() for n in found if n.isa != isa]
-        if not eligible:
-            raise VitedgeError(
-                f"no Ray node has the target CPU's instruction sets ({isa_summary({'instruction_sets': isa})}), which {why_isa} depend on",
-                "add a node of the same CPU type to the cluster, or validate without --ray",
-            )
+    eligible, restricted = eligible_nodes(found, isa, why_isa)
     task_options: dict[str, Any] = {"num_cpus": 1, "max_retries": options.max_retries, "retry_exceptions": False}
     if restricted:
-        task_options["label_selector"] = {"ray.io/node-id": f"in({','.join(n.node_id for n in eligible)})"}
+        task_options["label_selector"] = node_selector(eligible)
     remote = ray.remote(_on_node).options(**task_options)
     job_ref = ray.put(job)
     refs = [remote.remote(fn, job_ref, shard) for shard in shards]
@@ -210,7 +202,7 @@ def run_shards(
             i = index[ready[0]]
             try:
                 node_id, results[i] = ray.get(ready[0])
-            except (RayTaskError, WorkerCrashedError, TaskCancelledError) as exc:
+            except RayError as exc:
                 cause = _cause(exc, options.max_retries)
                 raise VitedgeError(f"{names[i]} failed for good: {cause}", "nothing was written; fix the cause and run again") from None
             if node_id in by_id:
@@ -219,7 +211,27 @@ def run_shards(
         for ref in refs:
             ray.cancel(ref, force=True)
         raise
-    return ShardRun(results, found, driver, restricted)
+    return ShardRun(results, found, driver, [n.describe() for n in restricted])
+
+
+def eligible_nodes(found: list[Node], isa: dict[str, bool | None] | None, why_isa: str = "") -> tuple[list[Node], list[Node]]:
+    """(the nodes a shard may run on, the nodes left out because their instruction sets are not ``isa``); ``isa``
+    None: every node.  No eligible node is a one-line error saying which results need the target's CPU."""
+    if isa is None:
+        return found, []
+    eligible = [n for n in found if n.isa == isa]
+    if not eligible:
+        raise VitedgeError(
+            f"no Ray node has the target CPU's instruction sets ({isa_summary({'instruction_sets': isa})}), which {why_isa} depend on",
+            "add a node of the same CPU type to the cluster, or validate without --ray",
+        )
+    return eligible, [n for n in found if n.isa != isa]
+
+
+def node_selector(eligible: list[Node]) -> dict[str, str]:
+    """A task's ``label_selector`` for these nodes: Ray labels every node with its ID (``ray.io/node-id``), so a retry
+    may still go to any of them."""
+    return {"ray.io/node-id": f"in({','.join(n.node_id for n in eligible)})"}
 
 
 def _on_node(fn: Callable[[Any, Any], Any], job: Any, shard: Any) -> tuple[str, Any]:
@@ -231,7 +243,7 @@ def _on_node(fn: Callable[[Any, Any], Any], job: Any, shard: Any) -> tuple[str, 
 
 def _cause(exc: BaseException, retries: int) -> str:
     """One line: the shard's own error (a vitedge error's message as is), or how its worker died."""
-    from ray.exceptions import RayTaskError, TaskCancelledError
+    from ray.exceptions import NodeDiedError, RayTaskError, TaskCancelledError, WorkerCrashedError
 
     if isinstance(exc, RayTaskError):
         cause = exc.cause if exc.cause is not None else exc
@@ -239,4 +251,7 @@ def _cause(exc: BaseException, retries: int) -> str:
         return " ".join(text.split("\n")[0].split())
     if isinstance(exc, TaskCancelledError):
         return "its task was cancelled"
-    return f"its worker process died {retries + 1} times (Ray retried it {retries} times)"
+    if isinstance(exc, (WorkerCrashedError, NodeDiedError)):
+        what = "its worker process died" if isinstance(exc, WorkerCrashedError) else "its node died"
+        return what + (f" {retries + 1} times (Ray ran it again {retries} times)" if retries else " (no retries: max_retries=0)")
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
