@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,19 +81,30 @@ def _killing(images: ImageSet, marker: Path | None) -> _KillsItsWorker:
     return _KillsItsWorker(images.source, list(images.paths), list(images.labels), marker=None if marker is None else str(marker), driver_pid=os.getpid())
 
 
-# -- the same numbers ------------------------------------------------------------------------------------------------
-def test_ray_gives_the_local_numbers_to_the_last_digit(engines, images, local_report, tmp_path):
-    """Measured on a named node (here the only one, through a task pinned to it): accuracy sharded, report written here."""
-    ip = ray.util.get_node_ip_address()
-    rep = validate(engines, "reference", data=images, ray=SHARDS, latency_node=ip, out_dir=tmp_path, **FAST)
+# -- the same numbers, faults ----------------------------------------------------------------------------------------
+def test_ray_gives_the_local_numbers_even_when_a_worker_is_killed(engines, images, local_report, tmp_path):
+    """A task SIGKILLs its own worker mid-shard; Ray runs it again and the merged report is the local one, to the last digit."""
+    marker = tmp_path / "killed-once"
+    rep = validate(engines, "reference", data=_killing(images, marker), ray=SHARDS, out_dir=tmp_path / "report", **FAST)
+    assert marker.exists()  # a worker did die mid-shard
     assert json.dumps(_accuracy_part(rep)) == json.dumps(_accuracy_part(local_report))
     assert rep.data["data"] == local_report.data["data"]
     ray_settings = rep.data["settings"]["ray"]
     assert ray_settings["shards"] == 3 and ray_settings["shard_size"] == 8 and sum(n["shards"] for n in ray_settings["nodes"]) == 3
-    # latency is measured on one node, and the report says which, with its instruction sets
+    # latency is measured on one node, the driver's, and the report says which, with its instruction sets
+    ip = ray.util.get_node_ip_address()
     assert ray_settings["latency_node"].startswith(ip) and "AVX2" in ray_settings["latency_node"]
     assert any(f"latency and throughput were measured on one node: {ip}" in f for f in rep.data["findings"])
-    assert (tmp_path / "report.json").is_file()
+    assert (tmp_path / "report" / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_latency_on_a_named_node(engines, images, local_report, tmp_path):
+    """--latency-node: the measurement runs as a task pinned to that node (here the only one); the report is written here."""
+    ip = ray.util.get_node_ip_address()
+    rep = validate(engines, "reference", data=images, ray=SHARDS, latency_node=ip, out_dir=tmp_path, **FAST)
+    assert json.dumps(_accuracy_part(rep)) == json.dumps(_accuracy_part(local_report))
+    assert rep.data["settings"]["ray"]["latency_node"].startswith(ip) and (tmp_path / "report.json").is_file()
 
 
 def test_latency_node_must_be_a_node_of_the_cluster(engines, images):
@@ -125,19 +137,55 @@ def _subset(images: ImageSet, start: int, stop: int) -> ImageSet:
     return ImageSet(images.source, images.paths[start:stop], images.labels[start:stop])
 
 
-# -- faults ------------------------------------------------------------------------------------------------------------
-def test_a_killed_worker_is_retried_and_nothing_is_lost(engines, images, local_report, tmp_path):
-    marker = tmp_path / "killed-once"
-    rep = validate(engines, "reference", data=_killing(images, marker), ray=SHARDS, **FAST)
-    assert marker.exists()  # a worker did die mid-shard
-    assert json.dumps(_accuracy_part(rep)) == json.dumps(_accuracy_part(local_report))
-
-
 def test_a_shard_that_fails_for_good_is_named_and_no_report_is_written(engines, images, tmp_path):
     out = tmp_path / "report"
     with pytest.raises(VitedgeError, match=r"^shard \d of 3 \(images \d+-\d+ of .*\) failed for good: its worker process died \(no retries: max_retries=0\)") as exc:
         validate(engines, "reference", data=_killing(images, None), ray=distributed.RayOptions(shard_size=8, max_retries=0), out_dir=out, **FAST)
     assert "\n" not in str(exc.value)
+    assert not out.exists()
+
+
+_INTERRUPTED = """
+import os, sys, time
+from dataclasses import dataclass
+from pathlib import Path
+import ray
+from vitedge.data import ImageSet
+from vitedge.validation import validate
+
+@dataclass
+class Stalls(ImageSet):
+    marker: str = ""
+    driver_pid: int = 0
+
+    def batches(self, pre, batch_size=8, min_count=1):
+        if os.getpid() != self.driver_pid:  # a shard task: say so, then hang until cancelled
+            Path(self.marker).touch()
+            time.sleep(300)
+        return super().batches(pre, batch_size, min_count)
+
+engine, data, marker, out = sys.argv[1:]
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+images = ImageSet.from_path(data).sample(16)
+stalls = Stalls(images.source, images.paths, images.labels, marker=marker, driver_pid=os.getpid())
+validate(engine, "reference", data=stalls, ray=True, out_dir=out, runs=2, rounds=1, batch_sizes=(1,))
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_no_report(ref_onnx, val_dir, tmp_path):
+    marker, out = tmp_path / "shard-started", tmp_path / "report"
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED, str(ref_onnx), str(val_dir), str(marker), str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), "no shard task started"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
     assert not out.exists()
 
 
