@@ -139,7 +139,8 @@ def _subset(images: ImageSet, start: int, stop: int) -> ImageSet:
 
 def test_a_shard_that_fails_for_good_is_named_and_no_report_is_written(engines, images, tmp_path):
     out = tmp_path / "report"
-    with pytest.raises(VitedgeError, match=r"^shard \d of 3 \(images \d+-\d+ of .*\) failed for good: its worker process died \(no retries: max_retries=0\)") as exc:
+    failed = r"^shard \d of 3 \(images \d+-\d+ of .*\) failed for good: its worker process died \(no retries: max_retries=0\)"
+    with pytest.raises(VitedgeError, match=failed) as exc:
         validate(engines, "reference", data=_killing(images, None), ray=distributed.RayOptions(shard_size=8, max_retries=0), out_dir=out, **FAST)
     assert "\n" not in str(exc.value)
     assert not out.exists()
