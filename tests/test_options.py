@@ -40,7 +40,7 @@ OPTIONS = {"export": ExportOptions, "quantize": QuantizeOptions, "compile": Comp
 # parameters that are the command's files, not step options (and the benchmark's own sweep settings)
 NOT_STEP_OPTIONS = {"model", "output", "engines", "reference", "data", "out_dir", "pre_json", "interpolation", "crop", "resize",
                     "std", "mean", "pre_img_size"}
-BENCHMARK_OWN = {"calib", "backends", "precisions", "max_drop", "strict", "img_size", "calib_samples"}
+BENCHMARK_OWN = {"calib", "backends", "precisions", "max_drop", "strict", "img_size", "calib_samples", "ray"}
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))

@@ -215,6 +215,19 @@ def test_no_node_with_the_target_isa_is_refused_in_one_line():
         distributed.run_shards(_shard_outputs, None, [None], ["shard 1 of 1"], distributed.RayOptions(), isa=other, why_isa="openvino int8's outputs")
 
 
+@pytest.mark.slow
+def test_benchmark_builds_and_accuracy_on_ray_give_the_local_numbers(tmp_path):
+    """`vitedge benchmark --ray`: each build is a Ray task, the accuracy pass is sharded; the ranking's numbers are the local run's."""
+    from vitedge.benchmarking import benchmark
+
+    kw = dict(backends=["onnxruntime", "openvino"], precisions=["fp32"], samples=32, runs=2, rounds=1, batch_sizes=(1,))
+    local = benchmark("reference", out_dir=tmp_path / "local", **kw)
+    on_ray = benchmark("reference", out_dir=tmp_path / "ray", ray=distributed.RayOptions(shard_size=16), **kw)
+    assert [m["name"] for m in on_ray.data["models"]] == [m["name"] for m in local.data["models"]] == ["pytorch fp32", "onnxruntime fp32", "openvino fp32"]
+    assert json.dumps(_accuracy_part(on_ray)) == json.dumps(_accuracy_part(local))
+    assert on_ray.data["settings"]["ray"]["shards"] == 2 and (tmp_path / "ray" / "report.json").is_file()
+
+
 # -- the command -------------------------------------------------------------------------------------------------------
 def test_cli_ray_flag(ref_onnx, val_dir, tmp_path):
     from click.testing import CliRunner

@@ -17,9 +17,8 @@ Ray is imported inside the functions: without ``--ray`` it is never loaded (``pi
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,16 +82,15 @@ class ShardRun:
         }
 
 
-@contextlib.contextmanager
-def cluster(options: RayOptions) -> Iterator[None]:
-    """Connected to Ray for the block: an existing connection (a notebook's, the tests') is used and kept;
-    one made here is closed at the end (a local cluster started here stops with it)."""
+def connect(options: RayOptions) -> None:
+    """Connect to Ray unless this process already is (a notebook's ``ray.init``, the tests'): that connection is used
+    as it is.  A connection made here lasts until the process ends (Ray closes it, and stops a local cluster it
+    started, at exit), so the steps of one command share it."""
     try:
         import ray
     except ImportError:
         raise BackendUnavailable("--ray needs Ray, which is not installed", 'pip install "vitedge[ray]"') from None
     if ray.is_initialized():
-        yield
         return
     try:
         # workers' output (progress bars, library logs) stays in Ray's logs; errors come back as exceptions
@@ -100,10 +98,6 @@ def cluster(options: RayOptions) -> Iterator[None]:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = options.address or "this machine's cluster"
         raise VitedgeError(f"cannot connect to Ray at {where}: {str(exc).splitlines()[0]}", "start it with `ray start --head` or give --ray ADDRESS") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def cluster_cpus() -> int:
@@ -181,6 +175,7 @@ def run_shards(
     instruction sets (``why_isa`` says which results depend on them, for the error when no node has them).
     Ctrl-C cancels the tasks and raises KeyboardInterrupt; a shard that fails for good raises a
     :class:`~vitedge.errors.VitedgeError` naming it, after cancelling the others."""
+    connect(options)
     import ray
     from ray.exceptions import RayError
 

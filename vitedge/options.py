@@ -386,6 +386,27 @@ class CompileOptions(StepOptions):
         return {**{f.name: getattr(self, f.name) for f in self.fields()}, "img_size": size}
 
 
+def _ray_field() -> Any:
+    """``--ray [auto|ADDRESS]`` (a field of each command that has it)."""
+    return option(
+        None,
+        "Run the accuracy pass (benchmark: the builds too) on a Ray cluster: 'auto' (this machine's cluster, else a new "
+        'local one) or its address; latency is still measured here. Needs pip install "vitedge[ray]" (docs/distributed.md).',
+        recipe=False,
+        flag_value="auto",
+        metavar="auto|ADDRESS",
+    )
+
+
+@dataclass(frozen=True)
+class RayOption(StepOptions):
+    """``--ray`` of ``vitedge benchmark`` (``vitedge validate`` has it among its :class:`ValidateOptions`)."""
+
+    STEP: ClassVar[str] = "ray"
+
+    ray: str | None = _ray_field()
+
+
 @dataclass(frozen=True)
 class TimingOptions(StepOptions):
     """How engines are timed (``vitedge validate`` and ``vitedge benchmark``)."""
@@ -424,14 +445,7 @@ class ValidateOptions(TimingOptions):
     precision_hint: str | None = option(None, "OpenVINO inference precision for the engines (INFERENCE_PRECISION_HINT).", choices=PRECISION_HINTS, recipe=False)
     ci_method: str = option("agresti-min", "Paired confidence interval of the accuracy drop.", choices=CI_METHODS)
     worst: int = option(10, "How many worst images to list per engine.", minimum=0, cli_range=True)
-    ray: str | None = option(
-        None,
-        "Run the accuracy pass on a Ray cluster: 'auto' (this machine's cluster, else a new local one) or its address; "
-        'latency is still measured here. Needs pip install "vitedge[ray]" (docs/distributed.md).',
-        recipe=False,
-        flag_value="auto",
-        metavar="auto|ADDRESS",
-    )
+    ray: str | None = _ray_field()
     latency_node: str | None = option(
         None, "With --ray: measure latency and throughput on this Ray node (its IP or node ID) instead of this machine.", recipe=False, metavar="NODE"
     )

@@ -550,8 +550,8 @@ def validate(
     }
     args = (specs, reference, data, settings, timing, worst, kind, preprocessing, ray_options)
     if ray_options is not None and ray_options.latency_node is not None:  # measured there, written here
-        with distributed.cluster(ray_options):
-            report = distributed.on_node(ray_options.latency_node, _measure, *args)
+        distributed.connect(ray_options)
+        report = distributed.on_node(ray_options.latency_node, _measure, *args)
     else:
         report = _measure(*args)
     return _finish(report, post, out_dir)
@@ -792,16 +792,16 @@ def _accuracy_on_ray(job: _ShardJob, images: ImageSet, models: list[_Model], opt
     Models whose outputs depend on the CPU (:func:`_cpu_dependent`) run only on nodes with this machine's
     instruction sets."""
     n = len(images)
-    with distributed.cluster(options):
-        size = options.shard_size or math.ceil(n / (2 * distributed.cluster_cpus()))
-        size = max(1, math.ceil(size / job.eval_batch)) * job.eval_batch
-        starts = list(range(0, n, size))
-        shards = [_subset(images, range(i, min(i + size, n))) for i in starts]
-        names = [f"shard {k + 1} of {len(shards)} (images {i + 1}-{min(i + size, n)} of {images.source})" for k, i in enumerate(starts)]
-        bound = [m.name for m in models if _cpu_dependent(m)]
-        run = distributed.run_shards(
-            _shard_outputs, job, shards, names, options, isa=machine["instruction_sets"] if bound else None, why_isa=f"{', '.join(bound)}'s outputs"
-        )
+    distributed.connect(options)
+    size = options.shard_size or math.ceil(n / (2 * distributed.cluster_cpus()))
+    size = max(1, math.ceil(size / job.eval_batch)) * job.eval_batch
+    starts = list(range(0, n, size))
+    shards = [_subset(images, range(i, min(i + size, n))) for i in starts]
+    names = [f"shard {k + 1} of {len(shards)} (images {i + 1}-{min(i + size, n)} of {images.source})" for k, i in enumerate(starts)]
+    bound = [m.name for m in models if _cpu_dependent(m)]
+    run = distributed.run_shards(
+        _shard_outputs, job, shards, names, options, isa=machine["instruction_sets"] if bound else None, why_isa=f"{', '.join(bound)}'s outputs"
+    )
     where = run.driver.describe() if run.driver is not None else f"the driver, outside the cluster ({machine['cpu']}; {isa_summary(machine)})"
     used = [x for x in run.nodes if x.shards]
     notes.append(
