@@ -25,7 +25,7 @@ from vitedge import distributed  # noqa: E402
 from vitedge.data import ImageSet  # noqa: E402
 from vitedge.errors import VitedgeError  # noqa: E402
 from vitedge.sysinfo import instruction_sets  # noqa: E402
-from vitedge.validation import EngineSpec, _accuracy_outputs, _Inputs, _open_engine, _open_reference, _shard_outputs, _ShardJob, validate  # noqa: E402
+from vitedge.validation import EngineSpec, _accuracy_outputs, _Inputs, _open_engine, _open_reference, _shard_outputs, _ShardJob, _task_reference, validate  # noqa: E402
 
 FAST = dict(time_budget=0.02, rounds=2, warmup=1, min_runs=2, batch_sizes=(1, 2), eval_batch=4, worst=5)
 SAMPLES = 24
@@ -131,6 +131,17 @@ def test_every_image_gets_the_same_outputs(engines, images):
         assert merged.names == local.names and merged.labels == local.labels
         for theirs, ours in zip(merged.outputs, local.outputs, strict=True):
             assert theirs.keys() == ours.keys() and all(np.array_equal(theirs[k], ours[k]) for k in ours)
+
+
+def test_a_random_preset_reference_goes_to_the_tasks_with_the_drivers_weights(tiny_onnx):
+    """Every task would otherwise draw random weights of its own: the shards' references would all differ."""
+    notes: list[str] = []
+    base, acc_ref = _open_reference("vit_tiny", [EngineSpec(tiny_onnx)], notes, None, 1)
+    try:
+        assert acc_ref is None and _task_reference("vit_tiny", base, acc_ref) is base.engine.spec
+        assert _task_reference("reference", base, base) == "reference"  # a separate accuracy reference: opened by its path
+    finally:
+        base.close()
 
 
 def _subset(images: ImageSet, start: int, stop: int) -> ImageSet:

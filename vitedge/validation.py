@@ -590,7 +590,7 @@ def _measure(
             inputs = _Inputs(images, eval_batch)
             outs = _accuracy_outputs(accuracy_models, inputs)
         else:
-            job = _ShardJob(reference, specs, preprocessing, ref_threads, eval_batch)
+            job = _ShardJob(_task_reference(reference, baseline, acc_ref), specs, preprocessing, ref_threads, eval_batch)
             outs, settings["ray"] = _accuracy_on_ray(job, images, accuracy_models, ray_options, machine, notes)
             images.skipped = outs.skipped
             inputs = _Inputs(_timing_images(images, outs.skipped, max(int(b) for b in batch_sizes)), eval_batch)
@@ -738,6 +738,14 @@ class _ShardJob:
     preprocessing: Any
     reference_threads: int
     eval_batch: int
+
+
+def _task_reference(reference, baseline: _Model, acc_ref: _Model | None):
+    """The reference as the Ray tasks open it: as given, except a preset that is itself the accuracy reference, whose
+    random weights the driver drew: its model goes to the tasks, else every task would draw weights of its own."""
+    if acc_ref is None and str(getattr(baseline.engine, "source", "")).startswith("preset:"):
+        return baseline.engine.spec
+    return reference
 
 
 def _shard_outputs(job: _ShardJob, shard: ImageSet) -> _Outputs:
