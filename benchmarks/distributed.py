@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             run = distributed.run_shards(_timed, job, shards, names, distributed.RayOptions())
             t_ray = time.perf_counter() - t0
             task_s = [r[0] for r in run.results]
-            assert _same(_Outputs.merged([r[1] for r in run.results]), local), "the Ray outputs differ from the local ones"
+            assert _same(_Outputs.merged([r[1] for r in run.results], images.source), local), "the Ray outputs differ from the local ones"
             cold, small, full = distributed.run_shards(_costs, job, [shards[0]], ["costs"], distributed.RayOptions()).results[0]
         finally:
             ray.shutdown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,7 +128,7 @@ def test_every_image_gets_the_same_outputs(engines, images):
     finally:
         for m in models:
             m.close()
-    for merged in (run.results[0], type(local).merged(sharded.results)):
+    for merged in (run.results[0], type(local).merged(sharded.results, images.source)):
         assert merged.names == local.names and merged.labels == local.labels
         for theirs, ours in zip(merged.outputs, local.outputs, strict=True):
             assert theirs.keys() == ours.keys() and all(np.array_equal(theirs[k], ours[k]) for k in ours)
@@ -146,6 +147,21 @@ def test_a_random_preset_reference_goes_to_the_tasks_with_the_drivers_weights(ti
 
 def _subset(images: ImageSet, start: int, stop: int) -> ImageSet:
     return ImageSet(images.source, images.paths[start:stop], images.labels[start:stop])
+
+
+def test_a_shard_of_unreadable_images_is_skipped_as_locally(ref_onnx, val_dir, tmp_path):
+    data = tmp_path / "data"
+    (data / "0").mkdir(parents=True)
+    for i in range(8):  # the first shard: files that are not images
+        (data / "0" / f"broken{i}.png").write_bytes(b"not a png")
+    (data / "1").mkdir()
+    for image in sorted((val_dir / "1").iterdir())[:8]:  # the second shard: real images
+        shutil.copy(image, data / "1" / image.name)
+    kw = {**FAST, "seed": 0}
+    local = validate([EngineSpec(ref_onnx, "onnxruntime")], "reference", data=data, **kw)
+    on_ray = validate([EngineSpec(ref_onnx, "onnxruntime")], "reference", data=data, ray=SHARDS, **kw)
+    assert len(on_ray.data["data"]["skipped"]) == 8 and on_ray.data["data"] == local.data["data"]
+    assert json.dumps(_accuracy_part(on_ray)) == json.dumps(_accuracy_part(local))
 
 
 def test_a_shard_that_fails_for_good_is_named_and_no_report_is_written(engines, images, tmp_path):

@@ -714,10 +714,14 @@ class _Outputs:
     skipped: list[tuple[str, str]]
 
     @classmethod
-    def merged(cls, parts: Sequence[_Outputs]) -> _Outputs:
-        """The shards' outputs in shard order: the arrays a single run over every image gives."""
-        outputs = [{k: np.concatenate([p.outputs[m][k] for p in parts]) for k in parts[0].outputs[m]} for m in range(len(parts[0].outputs))]
-        return cls([n for p in parts for n in p.names], [lbl for p in parts for lbl in p.labels], outputs, [s for p in parts for s in p.skipped])
+    def merged(cls, parts: Sequence[_Outputs], source: str) -> _Outputs:
+        """The shards' outputs in shard order: the arrays a single run over every image gives (a shard whose images
+        were all unreadable adds only its skipped images, as a local run skips them)."""
+        full = [p for p in parts if p.outputs]
+        if not full:
+            raise VitedgeError(f"no usable images in {source}")
+        outputs = [{k: np.concatenate([p.outputs[m][k] for p in full]) for k in full[0].outputs[m]} for m in range(len(full[0].outputs))]
+        return cls([n for p in full for n in p.names], [lbl for p in full for lbl in p.labels], outputs, [s for p in parts for s in p.skipped])
 
 
 def _accuracy_outputs(models: list[_Model], inputs: _Inputs) -> _Outputs:
@@ -765,7 +769,12 @@ def _shard_outputs(job: _ShardJob, shard: ImageSet) -> _Outputs:
         engines = [_open_engine(s, job.preprocessing, notes) for s in job.specs]
         opened += engines
         _feed(acc_ref or baseline, [baseline, *engines], shard, notes)
-        return _accuracy_outputs([acc_ref or baseline, *engines], _Inputs(shard, job.eval_batch))
+        try:
+            return _accuracy_outputs([acc_ref or baseline, *engines], _Inputs(shard, job.eval_batch))
+        except VitedgeError:
+            if shard.skipped and len(shard.skipped) == len(shard):  # every image unreadable: skipped, as a local run skips them
+                return _Outputs([], [], [], list(shard.skipped))
+            raise
     finally:
         for m in opened:
             m.close()
@@ -819,7 +828,7 @@ def _accuracy_on_ray(job: _ShardJob, images: ImageSet, models: list[_Model], opt
     if run.restricted:
         notes.append(f"{', '.join(bound)} ran only on nodes with this CPU's instruction sets; left out: {'; '.join(run.restricted)}")
     summary = {"address": options.address or "auto", "shard_size": size, **run.summary(), "latency_node": where}
-    return _Outputs.merged(run.results), summary
+    return _Outputs.merged(run.results, images.source), summary
 
 
 def _reference_pass(truth: _Model, engines: list[_Model], outs: _Outputs, images, kind: str, max_drop: float | None, notes: list[str]) -> _Truth:
