@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BackendUnavailable, VitedgeError
-from .sysinfo import instruction_sets, isa_summary, machine_info
+from .sysinfo import isa_summary, machine_info
 
 #: how often a shard whose worker died is run again before it counts as failed for good
 DEFAULT_RETRIES = 3
@@ -101,6 +101,7 @@ def connect(options: RayOptions) -> None:
 
 
 def cluster_cpus() -> int:
+    """The CPUs of the cluster (what the default shard size is cut for)."""
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -123,23 +124,16 @@ def nodes() -> tuple[list[Node], Node | None]:
 
 
 def _probe() -> tuple[str, str, dict]:
+    """On a node: its IP, CPU model and instruction sets."""
     import ray
 
     info = machine_info()
     return ray.util.get_node_ip_address(), info["cpu"], info["instruction_sets"]
 
 
-def this_node() -> Node:
-    """This process's machine as a :class:`Node` (the latency node when the driver is not in the cluster)."""
-    import ray
-
-    info = machine_info()
-    return Node(ray.get_runtime_context().get_node_id() or "", ray.util.get_node_ip_address(), info["cpu"], instruction_sets())
-
-
 def on_node(node: str, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` in a task pinned to ``node`` (its IP or node ID): how latency is measured on a node that is not the
-    driver's.  The task takes no CPU: the shard tasks it starts need them, and it only times while they are done."""
+    driver's.  The task takes no CPU: the shard tasks it starts need them, and it times only once they are done."""
     import ray
     from ray.exceptions import RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
