@@ -31,7 +31,7 @@ ALLOWED_IN_FUNCTION = [
 
 #: heavy third-party libraries that neither `import vitedge` nor `vitedge --help` may load (torch is not
 #: among them: the model classes need it at import)
-HEAVY = ("onnx", "onnxruntime", "openvino", "nncf", "onnx_ir", "transformers", "tensorrt", "scipy")
+HEAVY = ("onnx", "onnxruntime", "openvino", "nncf", "onnx_ir", "transformers", "tensorrt", "scipy", "ray")
 
 
 def _module_name(path: Path) -> str:

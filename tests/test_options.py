@@ -32,14 +32,14 @@ FLAGS = {
     "compile": {"--backend", "--batch", "--img-size", "--img-size-profile", "--threads", "--hint", "--precision-hint", "--device",
                 "--streams", "--blob", "--workspace-mb", "--profile", "--timing-cache"},
     "validate": {"--max-drop", "--min-speedup", "--reference-threads", "--strict", "--backend", "--precision-hint", "--ci-method",
-                 "--worst", "--val-samples", "--rounds", "--runs", "--time-budget", "--batch-sizes"},
+                 "--worst", "--ray", "--latency-node", "--val-samples", "--rounds", "--runs", "--time-budget", "--batch-sizes"},
     "benchmark": {"--val-samples", "--rounds", "--runs", "--time-budget", "--batch-sizes"},
 }
 OPTIONS = {"export": ExportOptions, "quantize": QuantizeOptions, "compile": CompileOptions, "validate": ValidateOptions,
            "benchmark": TimingOptions}
 # parameters that are the command's files, not step options (and the benchmark's own sweep settings)
 NOT_STEP_OPTIONS = {"model", "output", "engines", "reference", "pre_json", "interpolation", "crop", "resize", "std", "mean", "pre_img_size"}
-OWN = {"validate": {"val"}, "benchmark": {"calib", "val", "backends", "precisions", "max_drop", "strict", "img_size", "calib_samples"}}
+OWN = {"validate": {"val"}, "benchmark": {"calib", "val", "backends", "precisions", "max_drop", "strict", "img_size", "calib_samples", "ray"}}
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))

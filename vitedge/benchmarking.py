@@ -7,6 +7,12 @@ weights), so the speed-ups are ratios measured side by side.  Candidates that ca
 this machine are listed with the reason, never faked.  The result is ranked by batch-1 latency,
 the Pareto front (latency vs accuracy drop) is marked, and the fastest engine within the accuracy
 budget is recommended.
+
+With ``ray`` (``vitedge benchmark --ray``) each candidate's build is a Ray task, on nodes with this machine's
+instruction sets (the INT8 search and OpenVINO's compilation measure and decide on the CPU they run on), and the
+accuracy pass of every engine is sharded over the cluster (:func:`vitedge.validation.validate`'s ``ray``); latency
+is still timed here, engine after engine in interleaved rounds.  The engines are written to ``out_dir``, which
+every node must see at the same path (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from . import distributed
 from .backends import registry
 from .backends.openvino import (
     cpu_has_bf16,  # OpenVINO's own answer on BF16, not the CPU flags
@@ -90,6 +98,29 @@ def _build(c: Candidate, fp32_onnx: Path, folder: Path, calib, calib_samples, se
     # FP32 means FP32: OpenVINO would otherwise compute in bf16 on CPUs with AVX-512 BF16/AMX
     path, _ = compile_model(src, out, target=c.backend, precision_hint=backend.benchmark.get(c.precision))
     return EngineSpec(path, c.backend, name=c.name, precision=c.precision)
+
+
+@dataclass
+class _BuildJob:
+    """What every build needs besides its candidate (sent once to a Ray cluster)."""
+
+    fp32_onnx: Path
+    folder: Path
+    calib: Any
+    calib_samples: int | None
+    seed: int
+
+
+def _build_or_reason(job: _BuildJob, c: Candidate) -> tuple[EngineSpec | None, str, float]:
+    """(the engine, "", seconds) or (None, why it could not be built, seconds): a candidate that cannot be built is
+    listed in the report, it does not stop the benchmark (here or in a Ray task)."""
+    t0 = time.perf_counter()
+    try:
+        return _build(c, job.fp32_onnx, job.folder, job.calib, job.calib_samples, job.seed), "", time.perf_counter() - t0
+    except VitedgeError as exc:
+        return None, str(exc), time.perf_counter() - t0
+    except ImportError as exc:
+        return None, f"missing module: {exc}", time.perf_counter() - t0
 
 
 def _drop_value(m: dict, labelled: bool, strict: bool) -> float:
@@ -202,6 +233,7 @@ def benchmark(
     warmup: int = 5,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    ray: distributed.RayOptions | str | bool | None = None,
 ) -> Report:
     """Build and validate every backend x precision available here; returns the ranked report.
 
@@ -210,7 +242,9 @@ def benchmark(
     calibration images for INT8.  ``data``: validation images (``class/image`` folders give
     top-1/top-5).  ``max_drop``: the accuracy budget (pp) for the recommendation — engines over it
     are reported, not dropped.  Artifacts go to ``out_dir/artifacts``, reports to ``out_dir``.
+    ``ray``: builds and the accuracy pass on a Ray cluster (see the module docstring).
     """
+    ray_options = distributed.RayOptions.of(ray)
     say = log or (lambda msg: err_console.print(msg, highlight=False, soft_wrap=True))
     cands = candidates(backends, precisions)
     out_dir = Path(out_dir)
@@ -234,23 +268,33 @@ def benchmark(
         say(f"exported {fp32} ({time.perf_counter() - t0:.1f} s)")
         reference = spec
 
-    specs, skipped = [], []
+    specs, skipped, todo = [], [], []
     for c in cands:
         reason = _unavailable(c, machine)
         if reason:
             skipped.append({"name": c.name, "reason": reason})
             note(f"skipped {c.name}: {reason}")
-            continue
-        t0 = time.perf_counter()
-        try:
-            specs.append(_build(c, fp32, art, calib, calib_samples, seed))
-            say(f"built {c.name} ({time.perf_counter() - t0:.1f} s)")
-        except VitedgeError as exc:
-            skipped.append({"name": c.name, "reason": str(exc)})
-            note(f"skipped {c.name}: {exc}")
-        except ImportError as exc:
-            skipped.append({"name": c.name, "reason": f"missing module: {exc}"})
-            note(f"skipped {c.name}: missing module: {exc}")
+        else:
+            todo.append(c)
+
+    def record(c: Candidate, built: tuple[EngineSpec | None, str, float]) -> None:
+        spec, reason, seconds = built
+        if spec is not None:
+            specs.append(spec)
+            say(f"built {c.name} ({seconds:.1f} s{', a Ray task' if ray_options is not None else ''})")
+        else:
+            skipped.append({"name": c.name, "reason": reason})
+            note(f"skipped {c.name}: {reason}")
+
+    job = _BuildJob(fp32, art, calib, calib_samples, seed)
+    if ray_options is None:
+        for c in todo:
+            record(c, _build_or_reason(job, c))
+    elif todo:
+        names = [f"the build of {c.name}" for c in todo]
+        run = distributed.run_shards(_build_or_reason, job, todo, names, ray_options, isa=machine["instruction_sets"], why_isa="the builds")
+        for c, built in zip(todo, run.results, strict=True):
+            record(c, built)
     if not specs:
         raise VitedgeError("no engine could be built on this machine", "; ".join(f"{s['name']}: {s['reason']}" for s in skipped)[:300])
 
@@ -284,4 +328,5 @@ def benchmark(
         min_runs=min_runs,
         kind="benchmark",
         post=post,
+        ray=ray_options,
     )

@@ -67,6 +67,7 @@ class Spec:
     # earlier CLI spellings, kept for one release as hidden aliases that print a deprecation line; a long one
     # ("--samples") is also the recipe key it had ("samples"), accepted with the same warning
     renamed_from: tuple[str, ...] = ()
+    flag_value: str | None = None  # the value of the bare flag, for an option whose value may be left out (--ray)
 
 
 def option(default: Any = None, help: str = "", **spec: Any) -> Any:
@@ -434,6 +435,28 @@ class CompileOptions(StepOptions):
         return {**named, "target": self.backend, "img_size": self.img_size_profile or self.img_size}
 
 
+def _ray_field() -> Any:
+    """``--ray [auto|ADDRESS]`` (a field of each command that has it)."""
+    return option(
+        None,
+        "Run the accuracy pass (benchmark: the builds too) on a Ray cluster: 'auto' (this machine's cluster, else a new "
+        'local one) or its address; latency is still measured here. Needs pip install "vitedge[ray]" (docs/distributed.md).',
+        recipe=False,
+        flag_value="auto",
+        metavar="auto|ADDRESS",
+        shown_default="off: everything on this machine",
+    )
+
+
+@dataclass(frozen=True)
+class RayOption(StepOptions):
+    """``--ray`` of ``vitedge benchmark`` (``vitedge validate`` has it among its :class:`ValidateOptions`)."""
+
+    STEP: ClassVar[str] = "ray"
+
+    ray: str | None = _ray_field()
+
+
 @dataclass(frozen=True)
 class TimingOptions(StepOptions):
     """How engines are timed (``vitedge validate`` and ``vitedge benchmark``)."""
@@ -485,6 +508,14 @@ class ValidateOptions(TimingOptions):
     )
     ci_method: str = option("agresti-min", "Paired confidence interval of the accuracy drop.", choices=CI_METHODS)
     worst: int = option(10, "How many worst images to list per engine.", minimum=0, cli_range=True)
+    ray: str | None = _ray_field()
+    latency_node: str | None = option(
+        None,
+        "With --ray: measure latency and throughput on this Ray node (its IP or node ID).",
+        recipe=False,
+        metavar="NODE",
+        shown_default="this machine",
+    )
 
     def validate_kwargs(self) -> dict:
         """Keyword arguments of :func:`vitedge.validation.validate` (the engines' backend and precision hint go

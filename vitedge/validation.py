@@ -32,6 +32,7 @@ This module is the orchestration (open -> run -> compare -> time -> report); how
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -43,13 +44,13 @@ from typing import Any
 
 import numpy as np
 
-from . import attention, compare, resources
+from . import attention, compare, distributed, resources
 from ._io import sha256_file
 from ._version import __version__
 from .backends import pytorch, registry
 from .compare import CI_LEVEL, paired_drop, wilson_interval  # noqa: F401 - public names of this module
 from .data import SHIPPED_CALIBRATION, ImageSet, label_indices
-from .errors import GateFailed, SpeedupNotMeasurable, VitedgeError
+from .errors import FileProblem, GateFailed, SpeedupNotMeasurable, VitedgeError
 from .foreign import describe, ensure_manifest
 from .manifest import Manifest
 from .models.loading import REFERENCE_CHECKPOINT, ModelSpec
@@ -68,7 +69,7 @@ from .resources import (
     usable_cores,
 )
 from .runtime import load
-from .sysinfo import machine_info
+from .sysinfo import isa_summary, machine_info
 from .timing import Slot, flat_samples, interleaved, latency_stats, paired_speedup, run_for
 from .ui import progress
 
@@ -548,6 +549,8 @@ def validate(
     kind: str = "validate",
     post: Callable[[Report], None] | None = None,
     preprocessing=None,
+    ray: distributed.RayOptions | str | bool | None = None,
+    latency_node: str | None = None,
 ) -> Report:
     """Validate one or more engines against the FP32 reference; see the module docstring.
 
@@ -569,14 +572,19 @@ def validate(
     ``docs/foreign.md``); a manifest-less reference otherwise takes the first engine's preprocessing.
     Models that are not classifiers (dense maps, several outputs) are compared per output
     (``vs_reference.outputs``: cosine, max abs error, SNR).
+    ``ray``: the accuracy pass runs on a Ray cluster (``"auto"``/True, an address or
+    :class:`~vitedge.distributed.RayOptions`; see :func:`_accuracy_on_ray`), with the same numbers as a local run;
+    latency is measured on one machine: this process's, or with ``latency_node`` (a node's IP or ID) that Ray node,
+    where the whole measurement then runs as a task (the report is written here).
     Writes ``report.json/md/html`` to ``out_dir`` (if given), then raises ``GateFailed`` if a gate is missed.
     """
     specs = _as_specs(engine, backend)
+    ray_options = distributed.RayOptions.of(ray)
+    if latency_node is not None:
+        if ray_options is None:
+            raise VitedgeError("--latency-node names a node of a Ray cluster", "add --ray")
+        ray_options = dataclasses.replace(ray_options, latency_node=latency_node)
     _check_arguments(max_drop, min_speedup, batch_sizes)
-    at_start = resources.read_cpu()  # through the module: tests give a reading of their choosing
-    fitting = at_start.fitting_threads()
-    ref_threads = reference_thread_count(reference_threads, fitting)
-    specs = [_fitted(s, fitting if fitting < at_start.cores else None) for s in specs]  # a quiet machine: as the engines are
     timing = timing or Timing(budget_s=time_budget, rounds=rounds, warmup_runs=warmup, min_runs=min_runs, runs=runs)
     settings = {
         "samples": samples,
@@ -584,13 +592,42 @@ def validate(
         "batch_sizes": [int(b) for b in batch_sizes],
         "timing": timing.to_dict(),
         "rounds": timing.rounds,
-        "reference_threads": ref_threads,
-        "engine_threads": fitting if fitting < at_start.cores else None,
+        "reference_threads": reference_threads,
         "ci_level": CI_LEVEL,
         "ci_method": ci_method,
         "eval_batch": eval_batch,
         "gates": {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict},
     }
+    args = (specs, reference, data, settings, timing, worst, kind, preprocessing, ray_options)
+    if ray_options is not None and ray_options.latency_node is not None:  # measured there, written here
+        distributed.connect(ray_options)
+        report = distributed.on_node(ray_options.latency_node, _measure, *args)
+    else:
+        report = _measure(*args)
+    return _finish(report, post, out_dir)
+
+
+def _measure(
+    specs: list[EngineSpec],
+    reference,
+    data,
+    settings: dict,
+    timing: Timing,
+    worst: int,
+    kind: str,
+    preprocessing,
+    ray_options: distributed.RayOptions | None,
+) -> Report:
+    """The report of :func:`validate` (open -> run -> compare -> time), measured on this machine: latency and
+    throughput always, the accuracy pass too unless ``ray_options`` sends it to a Ray cluster."""
+    samples, seed, batch_sizes, ci_method, eval_batch = (settings[k] for k in ("samples", "seed", "batch_sizes", "ci_method", "eval_batch"))
+    max_drop = settings["gates"]["max_drop_pp"]
+    at_start = resources.read_cpu()  # through the module: tests give a reading of their choosing
+    fitting = at_start.fitting_threads()
+    busy = fitting < at_start.cores  # on a quiet machine the engines keep their own thread counts
+    settings["reference_threads"] = ref_threads = reference_thread_count(settings["reference_threads"], fitting)
+    settings["engine_threads"] = fitting if busy else None
+    specs = [_fitted(s, fitting if busy else None) for s in specs]
     notes: list[str] = []
     machine = machine_info()
     models: list[_Model] = []
@@ -602,12 +639,20 @@ def validate(
         models += [_open_engine(s, preprocessing, notes) for s in specs]
         _dedupe_names(models)
         images = _images(data, baseline, samples, seed, notes)
-        inputs = _Inputs(images, eval_batch)
         _feed(acc_ref or baseline, models, images, notes)
-        truth = _reference_pass(acc_ref or baseline, models[1:], inputs, images, kind, max_drop, notes)
-        results = {r.name: _compare(r, truth, _run(r, inputs), ci_method, worst, notes) for r in models[1:]}
+        accuracy_models = [acc_ref or baseline, *models[1:]]
+        if ray_options is None:
+            inputs = _Inputs(images, eval_batch)
+            outs = _accuracy_outputs(accuracy_models, inputs)
+        else:
+            job = _ShardJob(_task_reference(reference, baseline, acc_ref), specs, preprocessing, ref_threads, eval_batch)
+            outs, settings["ray"] = _accuracy_on_ray(job, images, accuracy_models, ray_options, machine, notes)
+            images.skipped = outs.skipped
+            inputs = _Inputs(_timing_images(images, outs.skipped, max(int(b) for b in batch_sizes)), eval_batch)
+        truth = _reference_pass(accuracy_models[0], models[1:], outs, images, kind, max_drop, notes)
+        results = {r.name: _compare(r, truth, o, ci_method, worst, notes) for r, o in zip(models[1:], outs.outputs[1:], strict=True)}
         if kind == "validate":
-            maps = _AttentionMaps(acc_ref or baseline, inputs, truth.names, notes)
+            maps = _AttentionMaps(accuracy_models[0], inputs, truth.names, notes)
             for r in models[1:]:
                 results[r.name]["attention"] = maps.compare(r)
         if acc_ref is not None:
@@ -626,7 +671,7 @@ def validate(
             r.close()
         gc.collect()
         set_torch_threads(torch_threads_before)
-    return _finish(report, post, out_dir)
+    return report
 
 
 def _check_arguments(max_drop, min_speedup, batch_sizes) -> None:
@@ -718,11 +763,138 @@ def _run(r: _Model, inputs: _Inputs, what: str = "accuracy") -> dict[str, np.nda
     return outs
 
 
-def _reference_pass(truth: _Model, engines: list[_Model], inputs: _Inputs, images, kind: str, max_drop: float | None, notes: list[str]) -> _Truth:
-    """Run the reference, then decide what its outputs are: class logits (labels read as class indices) or features."""
-    _, labels, names = inputs.get(truth.preprocessing)
-    outs = _run(truth, inputs, "FP32 reference")
-    first, logits = next(iter(outs.items()))
+@dataclass
+class _Outputs:
+    """What the accuracy part of a report is computed from: the accuracy models' outputs (the reference's first,
+    then each engine's) on a run of images (one shard, or every shard merged), with the images' names and labels."""
+
+    names: list[str]
+    labels: list[str | None]
+    outputs: list[dict[str, np.ndarray]]
+    skipped: list[tuple[str, str]]
+
+    @classmethod
+    def merged(cls, parts: Sequence[_Outputs], source: str) -> _Outputs:
+        """The shards' outputs in shard order: the arrays a single run over every image gives (a shard whose images
+        were all unreadable adds only its skipped images, as a local run skips them)."""
+        full = [p for p in parts if p.outputs]
+        if not full:
+            raise VitedgeError(f"no usable images in {source}")
+        outputs = [{k: np.concatenate([p.outputs[m][k] for p in full]) for k in full[0].outputs[m]} for m in range(len(full[0].outputs))]
+        return cls([n for p in full for n in p.names], [lbl for p in full for lbl in p.labels], outputs, [s for p in parts for s in p.skipped])
+
+
+def _accuracy_outputs(models: list[_Model], inputs: _Inputs) -> _Outputs:
+    """The accuracy pass over ``inputs``' images (all of them, or one shard on a Ray worker): the reference
+    (``models[0]``), then each engine."""
+    _, labels, names = inputs.get(models[0].preprocessing)
+    outputs = [_run(r, inputs, "FP32 reference" if i == 0 else "accuracy") for i, r in enumerate(models)]
+    return _Outputs(names, labels, outputs, list(inputs.images.skipped))
+
+
+@dataclass
+class _ShardJob:
+    """What a Ray task needs to open the models the driver opened (:func:`_shard_outputs`): the arguments of
+    :func:`validate` that say how."""
+
+    reference: Any
+    specs: list[EngineSpec]
+    preprocessing: Any
+    reference_threads: int
+    eval_batch: int
+
+
+def _task_reference(reference, baseline: _Model, acc_ref: _Model | None):
+    """The reference as the Ray tasks open it: as given, except a preset that is itself the accuracy reference, whose
+    random weights the driver drew: its model goes to the tasks, else every task would draw weights of its own."""
+    if acc_ref is None and str(getattr(baseline.engine, "source", "")).startswith("preset:"):
+        return baseline.engine.spec
+    return reference
+
+
+def _shard_outputs(job: _ShardJob, shard: ImageSet) -> _Outputs:
+    """One shard of the accuracy pass, in a Ray task: open the models as the driver did (once per task), then
+    the same :func:`_accuracy_outputs` as a local run."""
+    unreachable = [p for p in shard.paths if not Path(p).is_file()]
+    if unreachable:
+        raise FileProblem(
+            f"{len(unreachable)} of the shard's {len(shard)} images are not on this Ray node, e.g. {unreachable[0]}",
+            "put --data on a filesystem that every node mounts at the same path (docs/distributed.md)",
+        )
+    notes: list[str] = []  # the driver opened the same models: it has the same notes
+    opened: list[_Model] = []
+    try:
+        baseline, acc_ref = _open_reference(job.reference, job.specs, notes, job.preprocessing, job.reference_threads)
+        opened = [baseline] + ([acc_ref] if acc_ref is not None else [])
+        engines = [_open_engine(s, job.preprocessing, notes) for s in job.specs]
+        opened += engines
+        _feed(acc_ref or baseline, [baseline, *engines], shard, notes)
+        try:
+            return _accuracy_outputs([acc_ref or baseline, *engines], _Inputs(shard, job.eval_batch))
+        except VitedgeError:
+            if shard.skipped and len(shard.skipped) == len(shard):  # every image unreadable: skipped, as a local run skips them
+                return _Outputs([], [], [], list(shard.skipped))
+            raise
+    finally:
+        for m in opened:
+            m.close()
+
+
+def _cpu_dependent(m: _Model) -> bool:
+    """Whether a model's outputs follow the CPU's instruction sets beyond rounding: OpenVINO picks its inference
+    precision by the CPU (bf16 where AMX or AVX-512 BF16 is present), and INT8 kernels differ with and without VNNI."""
+    return m.backend == "openvino" or m.precision == "int8"
+
+
+def _subset(images: ImageSet, index: Sequence[int]) -> ImageSet:
+    """The images at ``index``, as the same kind of :class:`~vitedge.data.ImageSet` (a subclass keeps its own reading)."""
+    arrays = None if images.arrays is None else images.arrays[list(index)]
+    paths = [images.paths[i] for i in index] if images.arrays is None else []
+    return dataclasses.replace(images, paths=paths, labels=[images.labels[i] for i in index], arrays=arrays, skipped=[])
+
+
+def _timing_images(images: ImageSet, skipped: list[tuple[str, str]], count: int) -> ImageSet:
+    """The first ``count`` readable images: what a local run times (the driver preprocesses no more than these)."""
+    gone = {s for s, _ in skipped}
+    readable = [i for i in range(len(images)) if images.arrays is not None or str(images.paths[i]) not in gone]
+    return _subset(images, readable[:count])
+
+
+def _accuracy_on_ray(job: _ShardJob, images: ImageSet, models: list[_Model], options: distributed.RayOptions, machine: dict, notes: list[str]):
+    """The accuracy pass as Ray tasks, one per shard of whole evaluation batches (so every engine sees the
+    batches a local run gives it), merged in order: (the outputs, the report's ``settings.ray``).
+
+    Data paths: the tasks read ``--data`` at the driver's paths, so it must be on a filesystem every node
+    mounts there; preprocessed ``.npy``/``.npz`` data travels inside the shards, through Ray's object store.
+    Models whose outputs depend on the CPU (:func:`_cpu_dependent`) run only on nodes with this machine's
+    instruction sets."""
+    n = len(images)
+    distributed.connect(options)
+    size = options.shard_size or math.ceil(n / (2 * distributed.cluster_cpus()))
+    size = max(1, math.ceil(size / job.eval_batch)) * job.eval_batch
+    starts = list(range(0, n, size))
+    shards = [_subset(images, range(i, min(i + size, n))) for i in starts]
+    names = [f"shard {k + 1} of {len(shards)} (images {i + 1}-{min(i + size, n)} of {images.source})" for k, i in enumerate(starts)]
+    bound = [m.name for m in models if _cpu_dependent(m)]
+    run = distributed.run_shards(
+        _shard_outputs, job, shards, names, options, isa=machine["instruction_sets"] if bound else None, why_isa=f"{', '.join(bound)}'s outputs"
+    )
+    where = run.driver.describe() if run.driver is not None else f"the driver, outside the cluster ({machine['cpu']}; {isa_summary(machine)})"
+    used = [x for x in run.nodes if x.shards]
+    notes.append(
+        f"accuracy ran on Ray: {n} images in {len(shards)} shards of up to {size} on {len(used)} node{'s' if len(used) != 1 else ''}; "
+        f"latency and throughput were measured on one node: {where}; peak memory covers loading and timing there, not the accuracy pass"
+    )
+    if run.restricted:
+        notes.append(f"{', '.join(bound)} ran only on nodes with this CPU's instruction sets; left out: {'; '.join(run.restricted)}")
+    summary = {"address": options.address or "auto", "shard_size": size, **run.summary(), "latency_node": where}
+    return _Outputs.merged(run.results, images.source), summary
+
+
+def _reference_pass(truth: _Model, engines: list[_Model], outs: _Outputs, images, kind: str, max_drop: float | None, notes: list[str]) -> _Truth:
+    """Decide what the reference's outputs are: class logits (labels read as class indices) or features."""
+    labels, names = outs.labels, outs.names
+    first, logits = next(iter(outs.outputs[0].items()))
     features = truth.engine.manifest.task != "classification" or logits.ndim != 2
     if features and kind == "benchmark":
         raise VitedgeError(
@@ -735,7 +907,7 @@ def _reference_pass(truth: _Model, engines: list[_Model], inputs: _Inputs, image
             "drop --max-drop: agreement per output (cosine, max abs error, SNR) is reported instead",
         )
     if features:
-        return _Truth(outs, names, True, [], None, None)
+        return _Truth(outs.outputs[0], names, True, [], None, None)
     n_classes = logits.shape[1]
     known = truth.labels or engines[0].labels
     class_names = list(known or [str(i) for i in range(n_classes)])
@@ -754,7 +926,7 @@ def _reference_pass(truth: _Model, engines: list[_Model], inputs: _Inputs, image
             )
     if y is not None and (y >= n_classes).any():
         raise VitedgeError(f"{images.source}: a class folder index exceeds the model's {n_classes} classes", "name class folders after the model's labels")
-    return _Truth(outs, names, False, class_names, y, compare.accuracy(logits, y) if y is not None else None)
+    return _Truth(outs.outputs[0], names, False, class_names, y, compare.accuracy(logits, y) if y is not None else None)
 
 
 # -- compare -----------------------------------------------------------------------------------

@@ -87,6 +87,8 @@ def _click_options(o: OptionField) -> list:
         return [click.option(*decls, is_flag=True, help=s.help)]
     default = s.cli_default if s.cli_default is not None else o.default
     kw: dict = {"default": default, "type": _click_type(o), "help": s.help, "metavar": s.metavar, "show_default": s.shown_default or True}
+    if s.flag_value is not None:  # the value may be left out: the bare flag means flag_value
+        kw.update(is_flag=False, flag_value=s.flag_value)
     new = s.flag or "--" + o.name.replace("_", "-")
     return [click.option(*decls, **kw)] + ([renamed(*s.renamed_from, to=new)] if s.renamed_from else [])
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..benchmarking import benchmark
-from ..options import TimingOptions
+from ..options import RayOption, TimingOptions
 from ..ui import note
 from ._common import options_of, renamed
 from .validate import print_report
@@ -58,7 +58,10 @@ def _csv(ctx, param, value):
 @click.option("--img-size", type=int, default=None, show_default="the model's", help="Input resolution (presets and checkpoints).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=None, show_default="all, up to 300", help="Calibration images used for INT8.")
 @options_of(TimingOptions)
-def command(model, calib, val, output, backends, precisions, max_drop, strict, img_size, calib_samples, batch_sizes, time_budget, runs, rounds, val_samples):
+@options_of(RayOption)
+def command(
+    model, calib, val, output, backends, precisions, max_drop, strict, img_size, calib_samples, batch_sizes, time_budget, runs, rounds, val_samples, ray
+):
     """Sweep the backends x precisions this machine can run for MODEL (checkpoint, preset, 'reference' or FP32 .onnx):
     build each engine, validate all of them against PyTorch eager FP32 in one run, print a ranked table with the
     Pareto front and write report.json/md/html. Candidates that cannot run here are listed with the reason.
@@ -79,6 +82,7 @@ def command(model, calib, val, output, backends, precisions, max_drop, strict, i
         time_budget=time_budget,
         rounds=rounds,
         runs=runs,
+        ray=ray,
     )
     print_report(rep, output)
     for s in rep.data.get("skipped", []):
