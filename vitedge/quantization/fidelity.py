@@ -29,6 +29,7 @@ and the caller is told (:attr:`FidelityResult.met`).  Everything native runs in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -152,6 +153,7 @@ class FidelityResult:
     ranking: list[dict] = field(default_factory=list)  # every group's gain, best first
     default: Row | None = None  # the default INT8 engine as deployed (what the search started from)
     settings: dict = field(default_factory=dict)  # whole-model settings tried on a calibration subset
+    phases: dict = field(default_factory=dict)  # seconds per phase of the search (default, ranking, revert, settings)
 
     @property
     def int8_ms(self) -> float | None:
@@ -352,6 +354,16 @@ class _Search:
         self.attention_pairs = [tuple(roles.attention[i : i + 2]) for i in range(0, len(roles.attention) - 1, 2)]
         self.rank_ref: dict[str, np.ndarray] | None = None
         self.settings: dict[str, dict] = {}  # whole-model settings tried on a calibration subset
+        self.phases: dict[str, float] = {}  # seconds per phase, for the table
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Adds the block's seconds to phase ``name`` of the table."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t
 
     # time
     def left(self) -> float:
@@ -656,12 +668,14 @@ def search(
         if enforce and len(variants) > 1 and first[0].model and not any(r.status == "met" for r in first):
             first += s.evaluate("default", base_cfg, base, quantized, [], variants[1:], again=first[0])
         s.t0 = time.perf_counter()  # the budget counts from here: the default is never cut by it
+        s.phases["default"] = s.t0 - t0
         default = _best(first, classifier)
         ranking: list[dict] = []
         if enforce and budget_s > 0 and not any(r.status == "met" for r in first) and default is not None:
             ranking = _revert_search(s, base_cfg, base, quantized, default)
             if not any(r.status == "met" for r in s.rows) and s.left() > 5:
-                _settings_search(s, base_cfg, default, ranking)
+                with s.phase("settings"):
+                    _settings_search(s, base_cfg, default, ranking)
         rows = s.rows
         best = _best(rows, classifier)
         if best is None:
@@ -690,6 +704,7 @@ def search(
         ranking,
         _deployed_default(first),
         s.settings,
+        {k: round(v, 1) for k, v in s.phases.items()},
     )
 
 
@@ -712,15 +727,23 @@ def _revert_search(s: _Search, cfg: Int8Config, base: str, quantized: list[str],
     candidates = [
         g for g in s.groups if any(o in q for o in g.ops) or (g.name.endswith("attention core") and any(av in q for _, av in s.attention_pairs if av in g.ops))
     ]
-    ranking = s.rank(base, rank_variant, candidates)
+    with s.phase("ranking"):
+        ranking = s.rank(base, rank_variant, candidates)
+    with s.phase("revert"):
+        _revert(s, cfg, base, quantized, ranking, variant)
+    return ranking
+
+
+def _revert(s: _Search, cfg: Int8Config, base: str, quantized: list[str], ranking: list[dict], variant: dict) -> None:
+    """Revert the best 1, 2, 4, ... groups of ``ranking`` until the target is met, then bisect to the fewest."""
     order = _order(ranking)
     if not order:
         note("INT8 search: keeping no single group in float brings the model closer to FP32")
-        return ranking
+        return
     order = _within(order, lambda gs: s.float_share(quantized, gs), MAX_FLOAT_SHARE)
     if not order:
         note(f"INT8 search: every group that helps puts more than {100 * MAX_FLOAT_SHARE:.0f}% of the multiply-adds in float")
-        return ranking
+        return
     cap = len(order)
     err_console.print(
         f"[bold]INT8 revert[/]: groups in order of gain per multiply-add: {', '.join(g.name for g in order[:8])}" + (" ..." if len(order) > 8 else "")
@@ -751,7 +774,6 @@ def _revert_search(s: _Search, cfg: Int8Config, base: str, quantized: list[str],
             lo = mid
     if s.left() <= 5:
         note(f"INT8 search budget ({s.budget_s:.0f} s) used up while reverting groups; pass --search-budget to allow more")
-    return ranking
 
 
 def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: list[dict]) -> None:
@@ -935,6 +957,7 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
         "candidates": rows,
         "ranking": result.ranking,
         "settings": result.settings,
+        "phases_s": result.phases,
         "float_reference": result.reference.to_dict() if result.reference else None,
         "speedup_vs_float": result.speedup_vs_float,
         "max_float_mac_share": MAX_FLOAT_SHARE,
@@ -949,6 +972,7 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
             f"agreement intervals are {100 * CI_LEVEL:.0f} % Wilson intervals"
         ),
         f"- result: {result.summary()}",
+        *([f"- time: {', '.join(f'{k} {v:.0f} s' for k, v in result.phases.items())}"] if result.phases else []),
         "",
         (
             "| # | step | configuration | float MACs | float parts | engine batch | status | verdict | top-1 agreement | drop pp | min cosine "
