@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -140,3 +141,48 @@ def test_artifact_unpacks_and_loads(ref_onnx, tmp_path):
         np.testing.assert_allclose(a.infer(x), b.infer(x), atol=1e-4)
     with pytest.raises(FileProblem, match="has no vitedge manifest"):
         Artifact.open(shutil.copy(ref_onnx, tmp_path / "bare.onnx"))
+
+
+def _refused_in_seconds(args: list[str], cwd) -> list[str]:
+    """Run the real CLI (a fresh process); the output check must refuse before any work: exit 2, one line."""
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "vitedge", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    seconds = time.perf_counter() - t0
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("machine:")]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write"), res.stderr
+    assert seconds < 60, f"refused only after {seconds:.0f} s"  # start-up of a busy machine; the work takes minutes
+    return lines
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_unwritable_output_folder_refused_before_work(command, ref_onnx, tmp_path):
+    """`validate -o` and `run -o` under a file (unwritable for root too): one line, exit 2, nothing written."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "report"
+    args = ["validate", str(ref_onnx), "-o", str(out)] if command == "validate" else ["run", "quickstart", "-o", str(out)]
+    lines = _refused_in_seconds(args, tmp_path)
+    assert "afile is a file, not a folder" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_read_only_output_folder_refused_before_work(ref_onnx, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with _read_only(ro):
+        lines = _refused_in_seconds(["validate", str(ref_onnx), "-o", str(ro / "report")], tmp_path)
+    assert "Permission denied" in lines[0] or "Operation not permitted" in lines[0]
+    assert list(ro.iterdir()) == []
+
+
+def test_output_that_is_a_file_refused(tmp_path):
+    from vitedge.artifact import check_output
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileProblem, match="it is a file, not a folder"):
+        check_output(tmp_path / "afile", folder=True)
+    with pytest.raises(FileProblem, match="it is a folder"):
+        check_output(tmp_path, folder=False)
+    assert check_output(tmp_path / "new" / "deeper", folder=True) == tmp_path / "new" / "deeper"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe created nothing

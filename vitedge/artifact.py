@@ -23,6 +23,7 @@ import contextlib
 import errno
 import glob
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,31 @@ def _os_problem(exc: OSError, output: Path) -> FileProblem:
     what = exc.strerror or type(exc).__name__
     where = exc.filename or output
     return FileProblem(f"cannot write {output}: {what} ({where})", _OS_ADVICE.get(exc.errno, "check the output path (-o)"))
+
+
+def check_output(output: str | os.PathLike, *, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: a command that runs for minutes must not fail
+    at its last step.  ``output`` is a file (``folder=False``) or a folder the command fills.
+
+    The nearest existing folder on the way must be a folder (not a file) and accept a file: one is created and
+    removed there (permissions alone say nothing for root or on a read-only mount).  Nothing is created.
+    Returns ``output`` as a Path; raises a one-line :class:`~vitedge.errors.FileProblem`."""
+    output = Path(output)
+    if folder and output.exists() and not output.is_dir():
+        raise FileProblem(f"cannot write into {output}: it is a file, not a folder", "choose a folder for -o")
+    if not folder and output.is_dir():
+        raise FileProblem(f"cannot write {output}: it is a folder", "give a file name for -o")
+    target = output if folder else output.parent
+    existing = next(p for p in (target, *target.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise FileProblem(f"cannot write {output}: {existing} is a file, not a folder", _OS_ADVICE[errno.ENOTDIR])
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vitedge-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _os_problem(exc, output) from None
+    return output
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import compare
 from ._onnx import onnx_precision
-from .artifact import Artifact, writing
+from .artifact import Artifact, check_output, writing
 from .backends import registry
 from .backends.base import Engine
 from .backends.onnxruntime import OnnxRuntimeEngine
@@ -253,6 +253,8 @@ def compile_model(
     auto_batch = isinstance(batch, str) and batch.lower() == "auto"
     batch = resolve_batch(batch, hint)
     t0 = time.perf_counter()
+    if output is not None:
+        check_output(output)
     parent = Path(output).parent if output is not None else Path(model).parent if isinstance(model, (str, Path)) and Path(model).suffix else Path.cwd()
     with writing(output if output is not None else parent / "engine") as draft:
         scratch = draft.scratch

@@ -22,7 +22,7 @@ import yaml
 from ._io import sha256_file, write_json_atomic
 from ._shipped import folder as shipped_folder
 from ._version import __version__
-from .artifact import companions
+from .artifact import check_output, companions
 from .backends import registry
 from .compilation import compile_model
 from .data import ImageSet
@@ -311,7 +311,7 @@ def run_recipe(
     """Run every step of ``recipe`` into ``out_dir`` (default ``runs/<name>``)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    out = Path(out_dir) if out_dir else Path("runs") / recipe.name
+    out = check_output(Path(out_dir) if out_dir else Path("runs") / recipe.name, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     d, steps = recipe.data, recipe.data["steps"]
     data = d.get("data", {})

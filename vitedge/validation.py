@@ -40,6 +40,7 @@ import numpy as np
 from . import compare
 from ._io import sha256_file
 from ._version import __version__
+from .artifact import check_output
 from .backends import pytorch
 from .compare import CI_LEVEL, paired_drop, wilson_interval  # noqa: F401 - public names of this module
 from .data import SHIPPED_CALIBRATION, ImageSet, label_indices
@@ -523,6 +524,8 @@ def validate(
     """
     specs = _as_specs(engine, backend)
     _check_arguments(max_drop, min_speedup, batch_sizes)
+    if out_dir is not None:
+        check_output(out_dir, folder=True)
     ref_threads = reference_thread_count(reference_threads)
     timing = timing or Timing(budget_s=time_budget, rounds=rounds, warmup_runs=warmup, min_runs=min_runs, runs=runs)
     settings = {

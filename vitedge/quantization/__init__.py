@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .._io import json_safe
 from .._onnx import onnx_precision, quantized_ops
-from ..artifact import Artifact, writing
+from ..artifact import Artifact, check_output, writing
 from ..backends import registry
 from ..errors import FileProblem, GateFailed, VitedgeError
 from ..export import embed_metadata
@@ -80,6 +80,7 @@ def _check_args(precision, backend, method, max_drop, samples, output: Path, mod
         )
     if output.resolve() == model.resolve():
         raise VitedgeError("output would overwrite the input model", "choose another -o path")
+    check_output(output)
 
 
 def quantize(
