@@ -186,3 +186,63 @@ def test_output_that_is_a_file_refused(tmp_path):
         check_output(tmp_path, folder=False)
     assert check_output(tmp_path / "new" / "deeper", folder=True) == tmp_path / "new" / "deeper"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe created nothing
+
+
+# -- damaged files are named before (size) or after (hash) a runtime's parser fails ----------------------------
+@pytest.fixture(scope="module")
+def ov_engine(tmp_path_factory, ref_onnx):
+    return compile_model(ref_onnx, tmp_path_factory.mktemp("ov") / "engine.xml", target="openvino").path
+
+
+def _copy_artifact(src, dest_dir):
+    man = Manifest.load(Manifest.sidecar_path(src))
+    for name in [*man.files, Manifest.sidecar_path(src).name]:
+        shutil.copy(src.parent / name, dest_dir / name)
+    return dest_dir / src.name
+
+
+def _one_line_error(args) -> str:
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["engine.bin", "engine.xml"])
+def test_truncated_openvino_file_is_named(ov_engine, tmp_path, digit_images, name):
+    engine = _copy_artifact(ov_engine, tmp_path)
+    full = (tmp_path / name).stat().st_size
+    os.truncate(tmp_path / name, 1000)
+    with pytest.raises(FileProblem, match=rf"^{name} is truncated: 1,000 of {full:,} bytes — copy it again, or re-run `vitedge compile`"):
+        vitedge.load(engine)
+    line = _one_line_error(["predict", str(engine), str(digit_images[0])])
+    assert f"{name} is truncated: 1,000 of {full:,} bytes" in line
+
+
+def test_changed_openvino_file_is_named_when_the_parser_fails(ov_engine, tmp_path):
+    engine = _copy_artifact(ov_engine, tmp_path)
+    text = engine.read_bytes()
+    engine.write_bytes(text[:200] + b"#" * 64 + text[264:])  # same size, broken XML
+    with pytest.raises(FileProblem, match=r"^engine.xml has changed since vitedge wrote it \(its SHA-256 is not the manifest's\)"):
+        vitedge.load(engine)
+
+
+def test_truncated_onnx_compile_is_named(ref_onnx, tmp_path):
+    model = _copy_artifact(ref_onnx, tmp_path)
+    full = model.stat().st_size
+    os.truncate(model, full // 2)
+    line = _one_line_error(["compile", str(model), "--target", "openvino", "-o", str(tmp_path / "e.xml")])
+    assert f"{model.name} is truncated: {full // 2:,} of {full:,} bytes — copy it again, or re-run `vitedge export`" in line
+    line = _one_line_error(["quantize", str(model), "--fp16", "-o", str(tmp_path / "q.onnx")])
+    assert f"{model.name} is truncated" in line
+    # a manifest from before sizes were recorded: the hash names the file once the parser fails
+    side = Manifest.sidecar_path(model)
+    side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "sizes"}))
+    line = _one_line_error(["compile", str(model), "--target", "openvino", "-o", str(tmp_path / "e.xml")])
+    assert f"{model.name} has changed since vitedge wrote it" in line and "re-run `vitedge export`" in line
+    # no manifest at all: the parser's failure comes with a hint
+    side.unlink()
+    line = _one_line_error(["compile", str(model), "--target", "openvino", "-o", str(tmp_path / "e.xml")])
+    assert "is not a readable ONNX file" in line and "check the file is complete" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model.name]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .._io import json_safe
 from .._onnx import onnx_precision, quantized_ops
-from ..artifact import Artifact, check_output, writing
+from ..artifact import Artifact, changed_file, check_files, check_output, writing
 from ..backends import registry
 from ..errors import FileProblem, GateFailed, VitedgeError
 from ..export import embed_metadata
@@ -38,10 +38,14 @@ def _open_model(model, preprocessing=None, labels=None) -> tuple[Path, Manifest]
         raise FileProblem(f"model {path} does not exist", "give the .onnx file written by `vitedge export`")
     if path.is_dir() or path.suffix.lower() != ".onnx":
         raise FileProblem(f"{path} is not an ONNX file", "quantize takes a .onnx file from `vitedge export`")
+    _, recorded = Manifest.find(path)
+    if recorded is not None:
+        check_files(path, recorded)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and friends
-        raise FileProblem(f"{path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with `vitedge export`") from None
+        problem = changed_file(path, recorded, exc) if recorded is not None else None
+        raise problem or FileProblem(f"{path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with `vitedge export`") from None
     if not proto.graph.node:
         raise FileProblem(f"{path} is not a readable ONNX file (empty graph)", "re-export it with `vitedge export`")
     # a file vitedge did not export gets a manifest built from the file (what was assumed is printed)
