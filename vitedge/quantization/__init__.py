@@ -150,7 +150,7 @@ def quantize(
     plan = plan_data(parent, pre, precision=precision, calib=calib, val=val, samples=samples, seed=seed, min_calib=min_calib)
     enforce = True
     if precision in ("int8", "auto") and str((parent.model or {}).get("source", "")).startswith("preset:"):
-        note("random-weight preset: its predictions mean nothing, so the INT8 fidelity target is measured and reported but not enforced, and no search is run")
+        note("random-weight preset: its predictions mean nothing, so no INT8 search is run (the fidelity target is still measured)")
         search_budget, enforce = 0.0, False
     for n in plan.notes:
         note(n)
@@ -210,20 +210,26 @@ def quantize(
             man.verification["note"] = strategy.verification_note
         artifact = draft.commit(man, extra=done.report_files)
     fidelity = done.fidelity
-    if fidelity is not None and not fidelity.met and enforce and not (precision == "auto" and fidelity.float_wins):
+    if fidelity is not None and not fidelity.met and not (precision == "auto" and fidelity.float_wins):
+        # the README's rule holds for random-weight presets too: a missed target exits 1, whatever the reason
         raise FidelityNotMet(
-            f"{fidelity.summary()}; wrote it anyway to {output} (table: {output.parent / qinfo['fidelity']['table']})",
+            ("" if enforce else "random-weight preset (no search run): ")
+            + f"{fidelity.summary()}; wrote it anyway to {output} (table: {output.parent / qinfo['fidelity']['table']})",
             "give more or more typical calibration images, raise --search-budget, lower the target "
-            "(--target-agreement/--target-cosine), try --auto, or use --fp16",
+            "(--target-agreement/--target-cosine), try --auto, or use --fp16"
+            if enforce
+            else "random weights make near-tied predictions that INT8 flips: quantize a trained checkpoint to judge INT8",
             output=output,
             manifest=man,
+            random_weights=not enforce,
         )
     return artifact
 
 
 class FidelityNotMet(GateFailed):
-    """INT8 missed the fidelity target; the most faithful try was written anyway (``output``, ``manifest``)."""
+    """INT8 missed the fidelity target; the most faithful try was written anyway (``output``, ``manifest``).
+    ``random_weights``: the model is a random-weight preset (a trial: no search was run)."""
 
-    def __init__(self, message: str, hint: str | None = None, *, output: Path | None = None, manifest: Manifest | None = None):
+    def __init__(self, message: str, hint: str | None = None, *, output: Path | None = None, manifest: Manifest | None = None, random_weights: bool = False):
         super().__init__(message, hint)
-        self.output, self.manifest = output, manifest
+        self.output, self.manifest, self.random_weights = output, manifest, random_weights
