@@ -100,6 +100,7 @@ class Artifact:
                 if found is None:
                     raise FileProblem(f"cannot tell which backend runs {self.path}", f"pass backend= one of {', '.join(registry.names())}")
                 backend = found.name
+        registry.get(backend)  # an unknown name is its own error, before the files are looked at
         check_files(self.path, self.manifest)
         try:
             return registry.open_engine(backend, self.path, self.manifest, **options)

@@ -17,6 +17,8 @@ The subclasses say what kind of problem it is, so callers and tests can catch on
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -57,6 +59,12 @@ class GateFailed(VitedgeError):
 
     exit_code = 1
     report: Any  # the validation Report, set by validate() before raising: the CLI still prints its table
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str | None:
+    """``"did you mean 'vit_small'?"`` for the closest of ``choices`` to a mistyped ``name``, or None when none is close."""
+    close = difflib.get_close_matches(str(name).lower(), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
 
 
 def first_line(exc: BaseException, limit: int = 240) -> str:
