@@ -35,9 +35,9 @@ class BackendChoice(click.Choice):
             return super().convert(value, param, ctx)
         except click.BadParameter as exc:
             close = did_you_mean(value, self.choices)
-            if close:
-                exc.message = f"{exc.message} {close[0].upper()}{close[1:]}"
-            raise
+            if close is None:
+                raise
+            self.fail(f"{exc.message} {close[0].upper()}{close[1:]}", param, ctx)
 
 
 def options_of(cls: type[StepOptions]):
