@@ -120,7 +120,7 @@ def _on_disk(artifact: Path, manifest: Manifest, name: str) -> Path:
     """Where a file the manifest lists is: beside ``artifact``, under the name it was written with - but a renamed
     copy (file and manifest copied together, see :meth:`Manifest.find`) renames its main file and an IR's ``.bin``."""
     main = next(iter(manifest.files or manifest.sizes), None)
-    if main is not None and main != artifact.name and manifest.artifact == artifact.name:
+    if main is not None and main != artifact.name and manifest.artifact == artifact.name and Path(main).suffix == artifact.suffix:
         if name == main:
             return artifact
         if name == Path(main).with_suffix(".bin").name and artifact.suffix == ".xml":
