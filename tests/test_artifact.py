@@ -156,12 +156,19 @@ def _refused_in_seconds(args: list[str], cwd) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("command", ["validate", "run"])
-def test_unwritable_output_folder_refused_before_work(command, ref_onnx, tmp_path):
-    """`validate -o` and `run -o` under a file (unwritable for root too): one line, exit 2, nothing written."""
+@pytest.mark.parametrize("command", ["validate", "run", "benchmark", "quantize", "export"])
+def test_unwritable_output_refused_before_work(command, ref_onnx, tmp_path):
+    """`validate -o`, `run -o` and the other writers under a file (unwritable for root too): one line, exit 2,
+    nothing written, before the work (minutes of it for validate, run and benchmark)."""
     (tmp_path / "afile").write_text("x")
     out = tmp_path / "afile" / "report"
-    args = ["validate", str(ref_onnx), "-o", str(out)] if command == "validate" else ["run", "quickstart", "-o", str(out)]
+    args = {
+        "validate": ["validate", str(ref_onnx), "-o", str(out)],
+        "run": ["run", "quickstart", "-o", str(out)],
+        "benchmark": ["benchmark", "reference", "-o", str(out)],
+        "quantize": ["quantize", str(ref_onnx), "--fp16", "-o", str(out / "m.fp16.onnx")],
+        "export": ["export", "reference", "-o", str(out / "m.onnx")],
+    }[command]
     lines = _refused_in_seconds(args, tmp_path)
     assert "afile is a file, not a folder" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
