@@ -36,3 +36,9 @@ def command(engine, reference, **pre_flags):
     for f, (old, new) in changed.items():
         console.print(f"{f}: {old} -> {new}")
     console.print(f"[green]wrote[/] {sidecar}")
+
+
+# the shared preprocessing flags describe models without a manifest; here they set a manifest's fields
+for _param in command.params:
+    if isinstance(_param, click.Option) and _param.help:
+        _param.help = _param.help.replace("models without a manifest; ", "").replace(" (models without a manifest)", "")
