@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -140,3 +141,115 @@ def test_artifact_unpacks_and_loads(ref_onnx, tmp_path):
         np.testing.assert_allclose(a.infer(x), b.infer(x), atol=1e-4)
     with pytest.raises(FileProblem, match="has no vitedge manifest"):
         Artifact.open(shutil.copy(ref_onnx, tmp_path / "bare.onnx"))
+
+
+def _refused_in_seconds(args: list[str], cwd) -> list[str]:
+    """Run the real CLI (a fresh process); the output check must refuse before any work: exit 2, one line."""
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "vitedge", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    seconds = time.perf_counter() - t0
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("machine:")]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write"), res.stderr
+    assert seconds < 60, f"refused only after {seconds:.0f} s"  # start-up of a busy machine; the work takes minutes
+    return lines
+
+
+@pytest.mark.parametrize("command", ["validate", "run", "benchmark", "quantize", "export"])
+def test_unwritable_output_refused_before_work(command, ref_onnx, tmp_path):
+    """`validate -o`, `run -o` and the other writers under a file (unwritable for root too): one line, exit 2,
+    nothing written, before the work (minutes of it for validate, run and benchmark)."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "report"
+    args = {
+        "validate": ["validate", str(ref_onnx), "-o", str(out)],
+        "run": ["run", "quickstart", "-o", str(out)],
+        "benchmark": ["benchmark", "reference", "-o", str(out)],
+        "quantize": ["quantize", str(ref_onnx), "--fp16", "-o", str(out / "m.fp16.onnx")],
+        "export": ["export", "reference", "-o", str(out / "m.onnx")],
+    }[command]
+    lines = _refused_in_seconds(args, tmp_path)
+    assert "afile is a file, not a folder" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_read_only_output_folder_refused_before_work(ref_onnx, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with _read_only(ro):
+        lines = _refused_in_seconds(["validate", str(ref_onnx), "-o", str(ro / "report")], tmp_path)
+    assert "Permission denied" in lines[0] or "Operation not permitted" in lines[0]
+    assert list(ro.iterdir()) == []
+
+
+def test_output_that_is_a_file_refused(tmp_path):
+    from vitedge.artifact import check_output
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileProblem, match="it is a file, not a folder"):
+        check_output(tmp_path / "afile", folder=True)
+    with pytest.raises(FileProblem, match="it is a folder"):
+        check_output(tmp_path, folder=False)
+    assert check_output(tmp_path / "new" / "deeper", folder=True) == tmp_path / "new" / "deeper"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe created nothing
+
+
+# -- damaged files are named before (size) or after (hash) a runtime's parser fails ----------------------------
+@pytest.fixture(scope="module")
+def ov_engine(tmp_path_factory, ref_onnx):
+    return compile_model(ref_onnx, tmp_path_factory.mktemp("ov") / "engine.xml", target="openvino").path
+
+
+def _copy_artifact(src, dest_dir):
+    man = Manifest.load(Manifest.sidecar_path(src))
+    for name in [*man.files, Manifest.sidecar_path(src).name]:
+        shutil.copy(src.parent / name, dest_dir / name)
+    return dest_dir / src.name
+
+
+def _one_line_error(args) -> str:
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["engine.bin", "engine.xml"])
+def test_truncated_openvino_file_is_named(ov_engine, tmp_path, digit_images, name):
+    engine = _copy_artifact(ov_engine, tmp_path)
+    full = (tmp_path / name).stat().st_size
+    os.truncate(tmp_path / name, 1000)
+    with pytest.raises(FileProblem, match=rf"^{name} is truncated: 1,000 of {full:,} bytes — copy it again, or re-run `vitedge compile`"):
+        vitedge.load(engine)
+    line = _one_line_error(["predict", str(engine), str(digit_images[0])])
+    assert f"{name} is truncated: 1,000 of {full:,} bytes" in line
+
+
+def test_changed_openvino_file_is_named_when_the_parser_fails(ov_engine, tmp_path):
+    engine = _copy_artifact(ov_engine, tmp_path)
+    text = engine.read_bytes()
+    engine.write_bytes(text[:200] + b"#" * 64 + text[264:])  # same size, broken XML
+    with pytest.raises(FileProblem, match=r"^engine.xml has changed since vitedge wrote it \(its SHA-256 is not the manifest's\)"):
+        vitedge.load(engine)
+
+
+def test_truncated_onnx_compile_is_named(ref_onnx, tmp_path):
+    model = _copy_artifact(ref_onnx, tmp_path)
+    full = model.stat().st_size
+    os.truncate(model, full // 2)
+    line = _one_line_error(["compile", str(model), "--backend", "openvino", "-o", str(tmp_path / "e.xml")])
+    assert f"{model.name} is truncated: {full // 2:,} of {full:,} bytes — copy it again, or re-run `vitedge export`" in line
+    line = _one_line_error(["quantize", str(model), "--fp16", "-o", str(tmp_path / "q.onnx")])
+    assert f"{model.name} is truncated" in line
+    # a manifest from before sizes were recorded: the hash names the file once the parser fails
+    side = Manifest.sidecar_path(model)
+    side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "sizes"}))
+    line = _one_line_error(["compile", str(model), "--backend", "openvino", "-o", str(tmp_path / "e.xml")])
+    assert f"{model.name} has changed since vitedge wrote it" in line and "re-run `vitedge export`" in line
+    # no manifest at all: the parser's failure comes with a hint
+    side.unlink()
+    line = _one_line_error(["compile", str(model), "--backend", "openvino", "-o", str(tmp_path / "e.xml")])
+    assert "is not a readable ONNX file" in line and "check the file is complete" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model.name]

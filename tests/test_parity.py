@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -79,3 +83,52 @@ def test_reference_configs_are_read(tmp_path):
                               "resample": 2, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
     pre, where = reference_preprocessing(tmp_path)
     assert pre.img_size == (224, 224) and pre.resize is None and pre.interpolation == "bilinear" and "Hugging Face" in where
+
+
+def _run_fix(command: str):
+    """Run the exact command `check parity` printed, as a user would paste it (a fresh process)."""
+    args = shlex.split(command)
+    assert args[:2] == ["vitedge", "set-preprocessing"], command
+    return subprocess.run([sys.executable, "-m", "vitedge", *args[1:]], capture_output=True, text=True, timeout=300)
+
+
+def test_parity_names_the_command_that_fixes_it(ref_onnx, val_dir, tmp_path):
+    engine = _tamper(ref_onnx, tmp_path, mean=[0.3, 0.3, 0.3], std=[0.3, 0.3, 0.3])
+    check = ["check", "parity", str(engine), "--reference", "reference", "--val", str(val_dir), "--val-samples", "8"]
+    bad = CliRunner().invoke(main, check)
+    assert bad.exit_code == 1, bad.output
+    found = re.search(r"fix it with: (vitedge set-preprocessing .*)$", bad.stderr.strip())
+    assert found, bad.stderr
+    assert "--mean" in found.group(1) and "--std" in found.group(1) and "re-export" not in bad.stderr
+    files_before = Manifest.load(Manifest.sidecar_path(engine)).files
+    side_before = Manifest.sidecar_path(engine).read_bytes()
+    fixed = _run_fix(found.group(1))
+    assert fixed.returncode == 0, fixed.stderr
+    assert "mean: [0.3, 0.3, 0.3] -> " in fixed.stdout
+    ok = CliRunner().invoke(main, check)
+    assert ok.exit_code == 0, ok.output
+    man = Manifest.load(Manifest.sidecar_path(engine))
+    assert man.files == files_before and Manifest.sidecar_path(engine).read_bytes() != side_before  # a new manifest, same files
+    assert any(a.startswith("preprocessing set with vitedge set-preprocessing: mean") for a in man.assumptions)
+    again = _run_fix(found.group(1))  # nothing left to change: nothing written
+    assert again.returncode == 0 and "nothing written" in again.stdout
+
+
+def test_parity_fix_for_what_no_flag_says_takes_the_reference(colour_engine, photo_dir, tmp_path):
+    engine = _tamper(colour_engine, tmp_path, channel_order="BGR")
+    ref = _ref_json(tmp_path)
+    rep = check_parity(engine, ref, photo_dir, samples=8)
+    assert rep.fix == shlex.join(["vitedge", "set-preprocessing", str(engine), "--reference", str(ref)])
+    res = CliRunner().invoke(main, shlex.split(rep.fix)[1:])
+    assert res.exit_code == 0 and "channel_order: BGR -> RGB" in res.stdout, res.output
+    assert check_parity(engine, ref, photo_dir, samples=8).ok
+
+
+def test_set_preprocessing_refuses_what_cannot_be(ref_onnx, tmp_path):
+    engine = _tamper(ref_onnx, tmp_path)
+    before = Manifest.sidecar_path(engine).read_text()
+    res = CliRunner().invoke(main, ["set-preprocessing", str(engine)])
+    assert res.exit_code == 2 and "nothing to set" in res.stderr
+    res = CliRunner().invoke(main, ["set-preprocessing", str(engine), "--img-size", "48"])  # the ONNX input is fixed
+    assert res.exit_code == 2 and f"makes 48x48 images but {engine.name} takes 64x64" in res.stderr, res.stderr
+    assert Manifest.sidecar_path(engine).read_text() == before  # nothing written

@@ -270,3 +270,19 @@ def test_cli(ref_onnx, val_dir, tmp_path):
     assert r.exit_code == 2 and "--int8, --fp16 or --auto" in r.output
     r = CliRunner().invoke(main, ["quantize", str(tmp_path / "c.onnx"), "--fp16", "-o", str(tmp_path / "e.onnx")])
     assert r.exit_code == 2 and "already int8" in r.output and not (tmp_path / "e.onnx").exists()
+
+
+def test_random_weight_preset_missing_the_target_exits_1(tmp_path, calib_dir):
+    """README: `--int8` exits 1 when no INT8 candidate meets the target - a random-weight preset too (it exited 0)."""
+    from vitedge import export_onnx, load_model
+    from vitedge.cli.main import main as cli
+
+    fp32 = tmp_path / "vt.onnx"
+    export_onnx(load_model("vit_tiny", img_size=32), fp32, images=[])
+    out = tmp_path / "vt.int8.onnx"
+    res = CliRunner().invoke(cli, ["quantize", str(fp32), "--int8", "--calib", str(calib_dir), "--target-agreement", "1.0", "-o", str(out)])
+    fidelity = Manifest.load(Manifest.sidecar_path(out)).quantization_record.fidelity
+    assert fidelity is not None and fidelity["met"] is False, fidelity  # what this test is about: a missed target
+    assert res.exit_code == 1, res.output
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: random-weight preset (no search run): INT8 fidelity target") and "quantize a trained checkpoint" in last

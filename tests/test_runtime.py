@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,7 +159,10 @@ def test_corrupt_engine_file(tmp_path, compiled, suffix):
     with pytest.raises(VitedgeError) as ei:
         vitedge.load(bad)
     msg = str(ei.value)
-    assert "\n" not in msg and "cannot load" in msg and bad.name in msg
+    if suffix == ".blob":  # the IR's manifest: it records no size for a blob of this name
+        assert "\n" not in msg and "cannot load" in msg and bad.name in msg
+    else:  # named before the runtime's parser sees it
+        assert "\n" not in msg and f"{bad.name} is truncated: 800 of {src.stat().st_size:,} bytes" in msg
 
 
 def test_load_errors(tmp_path):
@@ -177,3 +181,31 @@ def test_predict_cli_errors(compiled, tmp_path):
     assert r.exit_code == 2 and "cannot be read" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = CliRunner().invoke(cli, ["predict", str(tmp_path / "nope.onnx"), str(tmp_path / "broken.png")])
     assert r.exit_code == 2 and "does not exist" in r.stderr
+
+
+def test_predict_skips_an_unreadable_image(compiled, images, tmp_path):
+    """One unreadable image in a folder: a warning, the good images' results, exit 0 (as calibration skips it)."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in images[:3]:
+        shutil.copy(p, folder / p.name)
+    (folder / "broken.png").write_bytes(b"not a png")
+    r = CliRunner().invoke(cli, ["predict", str(compiled["ort"]), str(folder), "--json", "-k", "1"])
+    assert r.exit_code == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert sorted(Path(g["image"]).name for g in got) == sorted(p.name for p in images[:3])
+    assert "1 of 4 images could not be read and were skipped" in r.stderr
+    with vitedge.load(compiled["ort"]) as eng:  # the same predictions as the images alone
+        want = eng.predict(sorted(folder.glob("digit*")), top_k=1)
+    assert [g["top"][0]["index"] for g in got] == [w.indices[0] for w in want]
+    # --strict keeps the old behaviour: the first unreadable image is an error, nothing printed
+    r = CliRunner().invoke(cli, ["predict", str(compiled["ort"]), str(folder), "--strict"])
+    assert r.exit_code == 2 and r.stdout == "" and "broken.png cannot be read" in r.stderr
+
+
+def test_predict_skips_but_fails_when_none_readable(compiled, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    r = CliRunner().invoke(cli, ["predict", str(compiled["ort"]), str(tmp_path)])
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1].startswith("error: none of the 2 images could be read; the first: image")

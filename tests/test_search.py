@@ -98,11 +98,11 @@ def test_the_search_meets_the_target_by_reverting_a_few_groups_where_the_default
     assert chosen and not chosen[0]["config"]["float_groups"] and chosen[0]["config"]["smooth_quant"] is None  # no setting needed
 
 
-def _whole_model_settings(backend: str) -> list:
+def _whole_model_settings(backend: str, model) -> list:
     """The old fixed ladder: vitedge's default config with each whole-model setting of the search, the attention
     core in float, the patch embedding and first block in float.  NNCF's ONNX backend fails in full bias
     correction ("Duplicate definition-site" of the input), so on ONNX Runtime that rung cannot meet anything."""
-    base = registry.get(backend).quantization().base_config()
+    base = registry.get(backend).quantization().base_config(model)
     configs = [base.but(**kw) for name, kw in fidelity.SETTINGS if backend == "openvino" or name != "full bias correction"]
     configs += [base.but(attention_float=True), base.but(float_groups=("patch_embed", "first_block"))]
     return [c for i, c in enumerate(configs) if c not in configs[:i] and c != base]  # ONNX Runtime's default is attention float
@@ -114,7 +114,7 @@ def test_whole_model_settings_alone_miss_the_target(token_case, backend, tmp_pat
     held-out images (OpenVINO at f32), flips more than 2 % of the predictions: only reverting the group helps."""
     path, d, xv, ref = token_case
     missed = {}
-    for k, cfg in enumerate(_whole_model_settings(backend)):
+    for k, cfg in enumerate(_whole_model_settings(backend, path)):
         base, built = tmp_path / f"base{k}{SUFFIX[backend]}", tmp_path / f"built{k}{SUFFIX[backend]}"
         candidates.quantize_base(str(path), backend, cfg.to_dict(), str(d / "calib.npy"), str(base))
         candidates.build(str(base), backend, [], str(built))
@@ -129,7 +129,7 @@ def test_batched_calibration_gives_the_model_of_one_image_at_a_time(token_case, 
     INT8 model as one image at a time: the same ranges, so the same outputs on the held-out images."""
     path, d, xv, _ = token_case
     assert candidates.batch_first(str(path))
-    cfg = registry.get(backend).quantization().base_config().to_dict()
+    cfg = registry.get(backend).quantization().base_config(path).to_dict()
     outs = []
     for bs in (1, candidates.CALIB_BATCH):
         base, built = tmp_path / f"base{bs}{SUFFIX[backend]}", tmp_path / f"built{bs}{SUFFIX[backend]}"

@@ -23,13 +23,14 @@ import contextlib
 import errno
 import glob
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._io import atomic_dir, commit_files
+from ._io import atomic_dir, commit_files, sha256_file
 from .backends import registry
-from .errors import FileProblem
+from .errors import FileProblem, first_line
 from .manifest import Manifest
 from .ui import note
 
@@ -99,7 +100,61 @@ class Artifact:
                 if found is None:
                     raise FileProblem(f"cannot tell which backend runs {self.path}", f"pass backend= one of {', '.join(registry.names())}")
                 backend = found.name
-        return registry.open_engine(backend, self.path, self.manifest, **options)
+        registry.get(backend)  # an unknown name is its own error, before the files are looked at
+        check_files(self.path, self.manifest)
+        try:
+            return registry.open_engine(backend, self.path, self.manifest, **options)
+        except Exception as exc:
+            problem = changed_file(self.path, self.manifest, exc)
+            if problem is None:
+                raise
+            raise problem from None
+
+
+def _remake(manifest: Manifest) -> str:
+    """The vitedge command that writes this kind of artifact again."""
+    return "vitedge compile" if manifest.compile else "vitedge quantize" if manifest.quantization else "vitedge export"
+
+
+def _on_disk(artifact: Path, manifest: Manifest, name: str) -> Path:
+    """Where a file the manifest lists is: beside ``artifact``, under the name it was written with - but a renamed
+    copy (file and manifest copied together, see :meth:`Manifest.find`) renames its main file and an IR's ``.bin``."""
+    main = next(iter(manifest.files or manifest.sizes), None)
+    if main is not None and main != artifact.name and manifest.artifact == artifact.name and Path(main).suffix == artifact.suffix:
+        if name == main:
+            return artifact
+        if name == Path(main).with_suffix(".bin").name and artifact.suffix == ".xml":
+            return artifact.with_suffix(".bin")
+    return artifact.parent / name
+
+
+def check_files(artifact: Path, manifest: Manifest) -> None:
+    """Name a damaged file before a runtime's parser sees it: every file the manifest lists must have the size it
+    recorded (a truncated copy otherwise fails deep in OpenVINO or ONNX Runtime with a message about neither).
+    Files the manifest does not size (manifests before vitedge recorded sizes) are left to :func:`changed_file`."""
+    fix = f"copy it again, or re-run `{_remake(manifest)}`"
+    for name, want in manifest.sizes.items():
+        path = _on_disk(artifact, manifest, name)
+        if not path.exists():
+            continue  # a missing file: the runtime names it
+        have = path.stat().st_size
+        if have < want:
+            raise FileProblem(f"{path.name} is truncated: {have:,} of {want:,} bytes", fix)
+        if have > want:
+            raise FileProblem(f"{path.name} is {have - want:,} bytes longer than vitedge wrote it ({want:,} bytes)", fix)
+
+
+def changed_file(artifact: Path, manifest: Manifest, exc: BaseException) -> FileProblem | None:
+    """After a runtime failed to read ``artifact``: the error naming a file whose SHA-256 is no longer the one the
+    manifest records (hashed only now, on failure), or None when every file is as vitedge wrote it."""
+    for name, want in manifest.files.items():
+        path = _on_disk(artifact, manifest, name)
+        if path.exists() and sha256_file(path) != want:
+            return FileProblem(
+                f"{path.name} has changed since vitedge wrote it (its SHA-256 is not the manifest's) and cannot be read: {first_line(exc, 120)}",
+                f"copy it again, or re-run `{_remake(manifest)}`",
+            )
+    return None
 
 
 class Draft:
@@ -159,6 +214,31 @@ def _os_problem(exc: OSError, output: Path) -> FileProblem:
     what = exc.strerror or type(exc).__name__
     where = exc.filename or output
     return FileProblem(f"cannot write {output}: {what} ({where})", _OS_ADVICE.get(exc.errno, "check the output path (-o)"))
+
+
+def check_output(output: str | os.PathLike, *, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: a command that runs for minutes must not fail
+    at its last step.  ``output`` is a file (``folder=False``) or a folder the command fills.
+
+    The nearest existing folder on the way must be a folder (not a file) and accept a file: one is created and
+    removed there (permissions alone say nothing for root or on a read-only mount).  Nothing is created.
+    Returns ``output`` as a Path; raises a one-line :class:`~vitedge.errors.FileProblem`."""
+    output = Path(output)
+    if folder and output.exists() and not output.is_dir():
+        raise FileProblem(f"cannot write into {output}: it is a file, not a folder", "choose a folder for -o")
+    if not folder and output.is_dir():
+        raise FileProblem(f"cannot write {output}: it is a folder", "give a file name for -o")
+    target = output if folder else output.parent
+    existing = next(p for p in (target, *target.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise FileProblem(f"cannot write {output}: {existing} is a file, not a folder", _OS_ADVICE[errno.ENOTDIR])
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vitedge-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _os_problem(exc, output) from None
+    return output
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed
+from .artifact import check_output
 from .backends import registry
 from .backends.openvino import (
     cpu_has_bf16,  # OpenVINO's own answer on BF16, not the CPU flags
@@ -247,7 +248,7 @@ def benchmark(
     ray_options = distributed.RayOptions.of(ray)
     say = log or (lambda msg: err_console.print(msg, highlight=False, soft_wrap=True))
     cands = candidates(backends, precisions)
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, folder=True)
     art = out_dir / "artifacts"
     art.mkdir(parents=True, exist_ok=True)
     machine = print_machine(machine_info())

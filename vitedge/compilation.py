@@ -30,7 +30,7 @@ import numpy as np
 
 from . import compare
 from ._onnx import onnx_precision
-from .artifact import Artifact, writing
+from .artifact import Artifact, changed_file, check_files, check_output, writing
 from .backends import registry
 from .backends.base import Engine
 from .backends.onnxruntime import OnnxRuntimeEngine
@@ -253,6 +253,8 @@ def compile_model(
     auto_batch = isinstance(batch, str) and batch.lower() == "auto"
     batch = resolve_batch(batch, hint)
     t0 = time.perf_counter()
+    if output is not None:
+        check_output(output)
     parent = Path(output).parent if output is not None else Path(model).parent if isinstance(model, (str, Path)) and Path(model).suffix else Path.cwd()
     with writing(output if output is not None else parent / "engine") as draft:
         scratch = draft.scratch
@@ -270,12 +272,18 @@ def compile_model(
             raise VitedgeError(f"output {output} must end in {backend.engine_suffix} for target {target}")
         if output.resolve() == src.resolve():
             raise VitedgeError(f"output {output} would overwrite its input", "choose another -o")
-        if src.suffix == ".onnx" and man.precision == "fp32" and man.format == "onnx" and not man.quantization:
-            man.precision = onnx_precision(src)  # foreign/quantized files without a precise manifest
+        check_files(src, man)
         assert backend.compiler is not None  # registry.get(target, "compile") refuses a backend without one
-        files, settings, precision = backend.compiler(
-            src, man, scratch, output.name, batch=batch, threads=threads, hint=hint, precision_hint=precision_hint, device=device, img_size=img_size, **extra
-        )
+        try:
+            if src.suffix == ".onnx" and man.precision == "fp32" and man.format == "onnx" and not man.quantization:
+                man.precision = onnx_precision(src)  # foreign/quantized files without a precise manifest
+            options = {"batch": batch, "threads": threads, "hint": hint, "precision_hint": precision_hint, "device": device, "img_size": img_size}
+            files, settings, precision = backend.compiler(src, man, scratch, output.name, **options, **extra)
+        except Exception as exc:
+            problem = changed_file(src, man, exc)
+            if problem is None:
+                raise
+            raise problem from None
         settings = {
             "target": target,
             "batch": batch if batch is not None else "dynamic",

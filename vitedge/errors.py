@@ -19,6 +19,8 @@ The subclasses say what kind of problem it is, so callers and tests can catch on
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -67,6 +69,12 @@ class SpeedupNotMeasurable(GateFailed):
     "too slow" (1) from "could not tell on this machine" (3)."""
 
     exit_code = 3
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str | None:
+    """``"did you mean 'vit_small'?"`` for the closest of ``choices`` to a mistyped ``name``, or None when none is close."""
+    close = difflib.get_close_matches(str(name).lower(), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
 
 
 def first_line(exc: BaseException, limit: int = 240) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from . import token_merging
 from ._io import EXPORT_EXTERNAL_WEIGHT_BYTES
-from .artifact import Artifact, writing
+from .artifact import Artifact, check_output, writing
 from .backends.onnxruntime import session
 from .compare import output_metrics
 from .data import ImageSet, default_check_images
@@ -270,8 +270,7 @@ def export_onnx(
     output = Path(output)
     if output.suffix != ".onnx":
         raise VitedgeError(f"output {output} must end in .onnx")
-    if output.is_dir():
-        raise VitedgeError(f"output {output} is a folder", "give a file name ending in .onnx")
+    check_output(output)
     spec = load_model(model, img_size=img_size)  # a ModelSpec passes through (img_size still applies)
     if images is None:
         images = default_check_images()  # a few shipped real images, when available

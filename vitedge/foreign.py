@@ -180,7 +180,8 @@ def resolve_options(given, input_shape: list | None) -> Preprocessing | None:
     return pre
 
 
-def _check_size(man: Manifest, pre: Preprocessing, artifact: Path) -> None:
+def check_input_size(man: Manifest, pre: Preprocessing, artifact: Path) -> None:
+    """A one-line error when ``pre`` makes images of another size than the artifact's fixed input."""
     hw = man.inputs[0].shape[2:4] if man.inputs else []
     if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) and tuple(hw) != tuple(pre.img_size):
         raise ShapeMismatch(
@@ -248,7 +249,7 @@ def ensure_manifest(
                 f"{artifact.name} has a vitedge manifest with its own preprocessing", "drop the preprocessing flags: they are for ONNX files without a manifest"
             )
         if preprocessing is not None and not man.preprocessing:
-            _check_size(man, preprocessing, artifact)
+            check_input_size(man, preprocessing, artifact)
             man.preprocessing = preprocessing.to_dict()
             man.assumptions.extend(f"preprocessing {a}" for a in preprocessing.assumed)
         if labels is not None:
@@ -277,7 +278,7 @@ def ensure_manifest(
                     ) from None
                 preprocessing = None
         if preprocessing is not None:
-            _check_size(man, preprocessing, artifact)
+            check_input_size(man, preprocessing, artifact)
             man.preprocessing = preprocessing.to_dict()
             man.assumptions.extend(f"preprocessing {a}" for a in preprocessing.assumed)
     if labels is not None:
@@ -295,4 +296,4 @@ def ensure_manifest(
     return artifact, man
 
 
-__all__ = ["manifest_for_onnx", "preprocessing_from_options", "resolve_options", "ensure_manifest", "is_foreign", "describe"]
+__all__ = ["manifest_for_onnx", "preprocessing_from_options", "resolve_options", "ensure_manifest", "is_foreign", "describe", "check_input_size"]

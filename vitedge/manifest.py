@@ -118,6 +118,7 @@ class Manifest:
     outputs: list[TensorSpec] = field(default_factory=list)
     opset: int | None = None
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    sizes: dict[str, int] = field(default_factory=dict)  # file name -> bytes: a damaged file is named before a parser reads it
     verification: dict = field(default_factory=dict)
     quantization: dict = field(default_factory=dict)
     compile: dict = field(default_factory=dict)
@@ -230,7 +231,7 @@ class Manifest:
         child = copy.deepcopy(self)
         child.lineage = list(self.lineage) + [{"artifact": self.artifact, "format": self.format, "precision": self.precision, "files": dict(self.files)}]
         child.artifact, child.format = artifact, fmt
-        child.files, child.verification, child.created = {}, {}, _now()
+        child.files, child.sizes, child.verification, child.created = {}, {}, {}, _now()
         child.versions = library_versions()
         for k, v in changes.items():
             setattr(child, k, v)
@@ -238,6 +239,7 @@ class Manifest:
 
     def hash_files(self, folder: Path, names: list[str]) -> None:
         self.files = {n: sha256_file(folder / n) for n in names}
+        self.sizes = {n: (folder / n).stat().st_size for n in names}
 
     @property
     def quantization_record(self) -> QuantizationRecord:

@@ -8,18 +8,23 @@ manifest) and through the engine's bundled preprocessing, then reports
 * every field that differs (size, resize, crop, interpolation, channel order, scale, mean/std),
 * the largest pixel difference between the two input tensors,
 * the top-1 agreement each difference costs on its own, and all of them together (the engine's
-  predictions on reference-preprocessed images are the baseline).
+  predictions on reference-preprocessed images are the baseline),
+* the command that fixes it (:attr:`ParityReport.fix`): ``vitedge set-preprocessing``, which rewrites the
+  preprocessing recorded in the engine's manifest (:func:`set_preprocessing`).  The engine file is not touched:
+  preprocessing runs before it, and every vitedge reader takes it from the manifest.
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .data import ImageSet
-from .errors import VitedgeError
+from .errors import FileProblem, InputError, VitedgeError
+from .foreign import check_input_size
 from .manifest import MANIFEST_SUFFIX, Manifest
 from .models.loading import load_model
 from .preprocess import Preprocessing, load_image
@@ -80,6 +85,7 @@ class ParityReport:
     max_abs_input_diff: float | None = None
     top1_agreement: float | None = None  # engine(engine preprocessing) vs engine(reference preprocessing)
     notes: list[str] = field(default_factory=list)
+    fix: str | None = None  # the command that gives the engine the reference's preprocessing (None: none can)
 
     @property
     def ok(self) -> bool:
@@ -138,4 +144,68 @@ def check_parity(engine_path: str | Path, reference: str | Path, data: str | Pat
             report.differences.append(FieldDiff(f, _value(ref_pre, f), _value(eng_pre, f), agree))
         if base is not None:
             report.top1_agreement = float((engine.infer(x_eng).argmax(-1) == base).mean())
+        if report.differences and (not fixed or tuple(ref_pre.img_size) == tuple(engine.input_shape[2:])):
+            report.fix = fix_command(engine_path, reference, ref_pre, [d.field for d in report.differences])
+        elif report.differences:
+            report.notes.append(f"the engine's input is fixed at {engine.input_shape[2:]}: re-export and compile it at the reference's size")
     return report
+
+
+#: the preprocessing fields ``vitedge set-preprocessing`` sets by a flag, and the flag
+_FLAGS = {"img_size": "--img-size", "resize": "--resize", "interpolation": "--interpolation", "mean": "--mean", "std": "--std"}
+
+
+def fix_command(engine_path: str | Path, reference: str | Path, ref_pre: Preprocessing, fields: list[str]) -> str:
+    """``vitedge set-preprocessing ENGINE ...``: the flags that set ``fields`` to the reference's values, or
+    ``--reference REF`` (every field) when a flag cannot say one (scale, channel order, no resize, a non-square size)."""
+    args = ["vitedge", "set-preprocessing", str(engine_path)]
+    for f in fields:
+        value = getattr(ref_pre, f)
+        if f == "center_crop":
+            args.append("--crop" if value else "--no-crop")
+        elif f not in _FLAGS or value is None or (f == "img_size" and value[0] != value[1]):
+            return shlex.join(["vitedge", "set-preprocessing", str(engine_path), "--reference", str(reference)])
+        else:
+            text = value[0] if f == "img_size" else ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
+            args += [_FLAGS[f], str(text)]
+    return shlex.join(args)
+
+
+def set_preprocessing(path: str | Path, reference: str | Path | None = None, *, json_path: str | Path | None = None, **flags) -> tuple[Path, dict[str, tuple]]:
+    """Correct the preprocessing recorded in an artifact's manifest; returns the manifest's path and
+    ``{field: (old, new)}`` for what changed (nothing changed: nothing is written).
+
+    The new preprocessing is the manifest's own, or the ``reference``'s (anything :func:`reference_preprocessing`
+    reads), or a ``json_path`` (a small vitedge JSON, a Hugging Face or timm config), with ``flags`` on top
+    (``img_size, resize, crop, interpolation, mean, std``).  It must fit a fixed input size.  The manifest is
+    rewritten atomically (its content, and so its hash, changes; the artifact's files and their hashes do not),
+    with a line in its assumptions saying what was set by hand."""
+    artifact, man = Manifest.find(path)
+    sidecar = Manifest.sidecar_path(artifact)
+    if man is None or not sidecar.exists():
+        raise FileProblem(
+            f"{artifact.name} has no manifest of its own ({sidecar.name})",
+            "ONNX files without a manifest take the preprocessing flags directly (predict, validate, quantize, compile)",
+        )
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if reference is None and json_path is None and not flags:
+        raise InputError("nothing to set", "pass --reference, --preprocessing FILE or --img-size/--resize/--crop/--interpolation/--mean/--std")
+    if json_path is not None:
+        sources = sources_from_json(json_path)[0]
+    else:
+        base = reference_preprocessing(reference)[0] if reference is not None else man.preprocessing_obj
+        sources = {"manifest": base if base is not None else {}}
+    hw = man.inputs[0].shape[2:4] if man.inputs else []
+    fixed_hw = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else None
+    new = resolve_preprocessing(fixed_hw, **sources, flags=flags)
+    check_input_size(man, new, artifact)
+    old = Preprocessing.from_dict(man.preprocessing) if man.preprocessing else None
+    changed = {f: (None if old is None else _value(old, f), _value(new, f)) for f in FIELDS if old is None or not _same(_value(old, f), _value(new, f))}
+    if not changed:
+        return sidecar, {}
+    man.preprocessing = new.to_dict()
+    said = ", ".join(f"{f} {v}" for f, (_, v) in changed.items())
+    man.assumptions = [a for a in man.assumptions if not a.startswith("preprocessing ")]
+    man.assumptions += [f"preprocessing {a}" for a in new.assumed] + [f"preprocessing set with vitedge set-preprocessing: {said}"]
+    man.save(artifact)
+    return sidecar, changed

@@ -22,7 +22,7 @@ import yaml
 from ._io import sha256_file, write_json_atomic
 from ._shipped import folder as shipped_folder
 from ._version import __version__
-from .artifact import companions
+from .artifact import check_output, companions
 from .backends import registry
 from .compilation import compile_model
 from .data import ImageSet
@@ -31,7 +31,7 @@ from .export import export_onnx
 from .manifest import BUNDLE_FILE, Manifest
 from .models.loading import REFERENCE_CHECKPOINT, load_model
 from .options import STEPS, CompileOptions, ExportOptions, QuantizeOptions, ValidateOptions
-from .quantization import quantize
+from .quantization import FidelityNotMet, quantize
 from .ui import deprecated
 from .validation import validate
 
@@ -263,6 +263,7 @@ class RunResult:
     steps: list[StepResult]
     engine: Path | None
     report: dict | None = None
+    missed: str | None = None  # a random-weight preset's INT8 missed its fidelity target: the run went on, and exits 1
 
 
 def _key(step: str, options: dict, inputs: list[Path]) -> str:
@@ -337,7 +338,7 @@ def run_recipe(
     """Run every step of ``recipe`` into ``out_dir`` (default ``runs/<name>``)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    out = Path(out_dir) if out_dir else Path("runs") / recipe.name
+    out = check_output(Path(out_dir) if out_dir else Path("runs") / recipe.name, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     d, steps = recipe.data, recipe.data["steps"]
     data = d.get("data", {})
@@ -345,6 +346,7 @@ def run_recipe(
     calib = recipe.resolve(data.get("calibration"))
     val = recipe.resolve(data.get("validation"))
     run = _Runner(recipe, out, force, log)
+    missed = None
 
     # export (or take a given ONNX file as it is)
     exp = dict(steps.get("export") or {})
@@ -384,7 +386,12 @@ def run_recipe(
         quant = QuantizeOptions.from_mapping({**qopts, "calib": calib, "val": None if calib else val})
 
         def do_quantize():
-            _, man = quantize(current, q_path, **quant.quantize_kwargs())
+            try:
+                _, man = quantize(current, q_path, **quant.quantize_kwargs())
+            except FidelityNotMet as exc:
+                if not exc.random_weights or exc.manifest is None:
+                    raise
+                man = exc.manifest  # a preset recipe is a trial of random weights: the step's summary says the target was missed
             agree = man.verification.get("agreement", {})
             parts = [f"{k} {agree[k]:.4f}" for k in ("top1_agreement", "cosine_mean") if isinstance(agree.get(k), float)]
             rec = man.quantization_record
@@ -394,6 +401,10 @@ def run_recipe(
 
         run.step("quantize", qopts, _artifact_inputs(current) + ([Path(calib)] if calib else []), [q_path], do_quantize)
         current = q_path
+        q_man = Manifest.load(Manifest.sidecar_path(q_path))  # (a cached step too)
+        fidelity = q_man.quantization_record.fidelity
+        if q_man.precision == "int8" and fidelity and not fidelity.get("met", True):
+            missed = f"INT8 missed its fidelity target: {fidelity.get('summary')}"
 
     # compile
     c = steps.get("compile")
@@ -435,4 +446,4 @@ def run_recipe(
     # the bundle: vitedge.load(out) opens the engine (with no compile step, the last artifact)
     if Manifest.sidecar_path(engine).exists():
         write_json_atomic(out / BUNDLE_FILE, {"engine": str(engine.relative_to(out)) if engine.is_relative_to(out) else str(engine.resolve())})
-    return RunResult(recipe.name, out, run.results, engine, report)
+    return RunResult(recipe.name, out, run.results, engine, report, missed)

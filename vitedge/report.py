@@ -577,12 +577,7 @@ def _nice_ticks(lo: float, hi: float, log: bool) -> list[float]:
                     ticks.append(v)
             e += 1
         return ticks or [lo, hi]
-    span = hi - lo or 1.0
-    step = 10 ** math.floor(math.log10(span / 5))
-    for m in (1, 2, 5, 10):
-        if span / (m * step) <= 6:
-            step *= m
-            break
+    step = _tick_step(lo, hi)
     start = math.ceil(lo / step) * step
     out = []
     v = start
@@ -590,6 +585,32 @@ def _nice_ticks(lo: float, hi: float, log: bool) -> list[float]:
         out.append(round(v, 10))
         v += step
     return out
+
+
+def _tick_step(lo: float, hi: float) -> float:
+    """A linear axis's tick spacing: 1, 2 or 5 times a power of ten, for at most 6 ticks."""
+    span = hi - lo or 1.0
+    step = 10 ** math.floor(math.log10(span / 5))
+    for m in (1, 2, 5, 10):
+        if span / (m * step) <= 6:
+            return step * m
+    return step
+
+
+def _nice_bounds(lo: float, hi: float, log: bool) -> tuple[float, float]:
+    """``lo``..``hi`` widened to ticks of :func:`_nice_ticks`, so a labelled tick lies at or beyond every point
+    (an axis whose last label stops short of the slowest model's points reads as if it ended before them)."""
+    if log:
+        lo, hi = max(lo, 1e-6), max(hi, lo * 1.01)
+        e = math.floor(math.log10(lo))
+        below = max(m * 10.0**k for k in (e - 1, e) for m in (1, 2, 5) if m * 10.0**k <= lo)
+        e = math.floor(math.log10(hi))
+        above = min(m * 10.0**k for k in (e, e + 1) for m in (1, 2, 5) if m * 10.0**k >= hi)
+        return below, above
+    if hi <= lo:
+        lo, hi = lo - 1, hi + 1
+    step = _tick_step(lo, hi)
+    return math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
 
 
 def _fmt_tick(v: float) -> str:
@@ -621,9 +642,8 @@ def latency_svg(models: list[dict], width: int = 760) -> str:
     all_s = [s for m in models for s in (m["latency"]["samples_ms"] or [m["latency"]["p50_ms"]])]
     lo, hi = min(all_s), max(all_s)
     log = hi / max(lo, 1e-9) > 8
-    x = _Axis(
-        lo * (0.9 if log else 1) - (0 if log else 0.05 * (hi - lo)), hi * (1.1 if log else 1) + (0 if log else 0.05 * (hi - lo)), left, width - right, log
-    )
+    pad = 0 if log else 0.05 * (hi - lo)
+    x = _Axis(*_nice_bounds(lo * (0.9 if log else 1) - pad, hi * (1.1 if log else 1) + pad, log), left, width - right, log)
     parts = [
         (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">')
     ]
@@ -672,13 +692,8 @@ def accuracy_latency_svg(models: list[dict], labelled: bool, pareto: list[str], 
         return "<p>(no accuracy figures)</p>"
     xs, ys = [p[1] for p in pts], [p[2] for p in pts]
     log = max(xs) / max(min(xs), 1e-9) > 8
-    xa = _Axis(
-        min(xs) * 0.8 if log else min(xs) - 0.1 * (max(xs) - min(xs) or 1),
-        max(xs) * 1.25 if log else max(xs) + 0.1 * (max(xs) - min(xs) or 1),
-        left,
-        width - right,
-        log,
-    )
+    pad = 0 if log else 0.1 * (max(xs) - min(xs) or 1)
+    xa = _Axis(*_nice_bounds(min(xs) * (0.8 if log else 1) - pad, max(xs) * (1.25 if log else 1) + pad, log), left, width - right, log)
     ylo, yhi = min(ys), max(ys)
     pad = max(0.5, 0.15 * (yhi - ylo))
     ya = _Axis(max(0.0, ylo - pad), min(100.0, yhi + pad) if yhi + pad > ylo - pad else yhi + 1, height - bottom, top, False)

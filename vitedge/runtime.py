@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from .artifact import Artifact
 from .backends import pytorch, registry
-from .backends.base import Engine
+from .backends.base import Engine, Prediction
+from .data import ImageSet
 from .errors import FileProblem
 from .foreign import ensure_manifest
 from .manifest import Manifest
@@ -49,3 +51,26 @@ def opens_as_pytorch(path, backend: str | None = None) -> bool:
         return False
     found = registry.for_file(p)
     return (found is not None and found.name == "pytorch") or (p.is_dir() and (p / "config.json").exists() and not any(p.glob("*.vitedge.json")))
+
+
+def predict_files(
+    engine: Engine, paths: Sequence[Path], *, top_k: int = 5, batch_size: int = 16, strict: bool = False
+) -> tuple[list[tuple[Path, Prediction]], list[tuple[str, str]]]:
+    """Classify image files in batches: ``([(path, prediction)], [(unreadable path, why)])``.
+
+    An unreadable file is skipped with a warning, as calibration and validate skip one
+    (:meth:`vitedge.data.ImageSet.batches`), so one bad file in a folder costs its own result only; a
+    :class:`~vitedge.errors.FileProblem` is raised when none could be read.  ``strict``: the first unreadable
+    file raises its FileProblem and nothing is returned."""
+    results: list[tuple[Path, Prediction]] = []
+    if strict:
+        for i in range(0, len(paths), batch_size):
+            chunk = list(paths[i : i + batch_size])
+            results += zip(chunk, engine.predict(chunk, top_k=top_k), strict=True)
+        return results, []
+    images = ImageSet("the images given", list(paths), [None] * len(paths))
+    for b in images.batches(engine.preprocessing, batch_size, min_count=0):
+        results += zip(map(Path, b.names), engine.predict_batch(b.x, top_k), strict=True)
+    if not results:
+        raise FileProblem(f"none of the {len(paths)} images could be read; the first: {images.skipped[0][1]}")
+    return results, images.skipped

@@ -47,6 +47,7 @@ import numpy as np
 from . import attention, compare, distributed, resources
 from ._io import sha256_file
 from ._version import __version__
+from .artifact import check_output
 from .backends import pytorch, registry
 from .compare import CI_LEVEL, paired_drop, wilson_interval  # noqa: F401 - public names of this module
 from .data import SHIPPED_CALIBRATION, ImageSet, label_indices
@@ -585,6 +586,8 @@ def validate(
             raise VitedgeError("--latency-node names a node of a Ray cluster", "add --ray")
         ray_options = dataclasses.replace(ray_options, latency_node=latency_node)
     _check_arguments(max_drop, min_speedup, batch_sizes)
+    if out_dir is not None:
+        check_output(out_dir, folder=True)
     timing = timing or Timing(budget_s=time_budget, rounds=rounds, warmup_runs=warmup, min_runs=min_runs, runs=runs)
     settings = {
         "samples": samples,

@@ -257,12 +257,16 @@ class Engine(ABC):
 
     def predict(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 5) -> list[Prediction]:
         """Top-k labels and probabilities for image files, PIL images or uint8 arrays."""
-        self._check_open()
-        if self.manifest.task != "classification":
-            raise VitedgeError(f"{self.artifact} is not a classifier (task {self.manifest.task!r})", "use infer() for its raw outputs")
         if isinstance(images, (str, Path)) or not isinstance(images, Sequence) or (isinstance(images, np.ndarray) and images.ndim == 3):
             images = [images]
-        probs = softmax(self.infer(self.preprocessing.batch(images)).astype(np.float64))
+        self._check_classifier()  # before reading the images
+        return self.predict_batch(self.preprocessing.batch(images), top_k)
+
+    def predict_batch(self, x: np.ndarray, top_k: int = 5) -> list[Prediction]:
+        """Top-k labels and probabilities for a batch already preprocessed (``self.preprocessing``), e.g. one of
+        :meth:`vitedge.data.ImageSet.batches`, which skips unreadable images."""
+        self._check_classifier()
+        probs = softmax(self.infer(x).astype(np.float64))
         k = min(top_k, probs.shape[1])
         labels = self.manifest.labels or [str(i) for i in range(probs.shape[1])]
         out = []
@@ -309,6 +313,12 @@ class Engine(ABC):
                 probs = self._run_chunked(batch[i : i + ATTENTION_CHUNK], self._run_attention)
                 out.append(attention_maps.maps(list(probs.values()), batch.shape[2], batch.shape[3], kind, patch))
         return np.concatenate(out)
+
+    def _check_classifier(self) -> None:
+        """The one-line error for an engine that is closed or not a classifier (top-k needs class logits)."""
+        self._check_open()
+        if self.manifest.task != "classification":
+            raise VitedgeError(f"{self.artifact} is not a classifier (task {self.manifest.task!r})", "use infer() for its raw outputs")
 
     def close(self, timeout: float | None = None) -> None:
         """Close the engine; safe from any thread and more than once (see the class docstring).

@@ -211,7 +211,9 @@ def compile_openvino(
     try:
         model = ov.convert_model(str(src)) if src.suffix == ".onnx" else core().read_model(str(src))
     except Exception as exc:  # openvino raises RuntimeError/OpConversionFailure with long traces
-        raise VitedgeError(f"OpenVINO cannot read {src.name}: {first_line(exc)}") from None
+        raise VitedgeError(
+            f"OpenVINO cannot read {src.name}: {first_line(exc)}", "is the file complete? re-create it with the vitedge command that wrote it"
+        ) from None
     if batch is not None:
         shape = list(model.inputs[0].get_partial_shape())
         if shape[0].is_static and shape[0].get_length() != batch:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BackendUnavailable, VitedgeError
+from ..errors import BackendUnavailable, VitedgeError, did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..manifest import Manifest
@@ -139,7 +139,8 @@ def get(name: str, capability: str | None = None) -> Backend:
     _load_builtin()
     b = _REGISTRY.get(str(name).lower())
     if b is None:
-        raise VitedgeError(f"unknown backend {name!r}", f"choose from {', '.join(names(capability))}")
+        close = did_you_mean(name, names(capability))
+        raise VitedgeError(f"unknown backend {name!r}", (f"{close} " if close else "") + f"choose from {', '.join(names(capability))}")
     if capability and not b.can(capability):
         raise VitedgeError(f"backend {b.name} cannot {capability}", f"backends that can: {', '.join(names(capability))}")
     return b

@@ -9,7 +9,7 @@ import click
 
 from ..backends import registry
 from ..data import default_check_images, list_images
-from ..errors import FileProblem
+from ..errors import FileProblem, did_you_mean
 from ..ui import deprecated
 
 if TYPE_CHECKING:
@@ -30,6 +30,15 @@ class BackendChoice(click.Choice):
     @choices.setter
     def choices(self, value):  # click.Choice.__init__ assigns; the registry is the source
         pass
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as exc:
+            close = did_you_mean(value, self.choices)
+            if close is None:
+                raise
+            self.fail(f"{exc.message} {close[0].upper()}{close[1:]}", param, ctx)
 
 
 def renamed(*old: str, to: str):

@@ -55,8 +55,5 @@ def parity(engine, reference, val, val_samples, as_json):
             console.print(f"note: {n}")
     if not rep.ok:
         fields = ", ".join(d.field for d in rep.differences) or "pixel values"
-        raise GateFailed(
-            f"preprocessing differs from the reference in: {fields}",
-            "fix the engine manifest's preprocessing (re-export with the right --mean/--std/--img-size ...)",
-        )
+        raise GateFailed(f"preprocessing differs from the reference in: {fields}", f"fix it with: {rep.fix}" if rep.fix else None)
     console.print("[green]preprocessing matches the reference[/]")

@@ -12,7 +12,7 @@ from ..errors import VitedgeError
 from ..ui import err_console
 
 # sub-command modules; each defines a click command called ``command``
-_COMMANDS = ["export", "quantize", "compile", "predict", "explain", "validate", "benchmark", "run", "recipes", "check", "backends"]
+_COMMANDS = ["export", "quantize", "compile", "predict", "explain", "validate", "benchmark", "run", "recipes", "check", "set_preprocessing", "backends"]
 
 
 class _Group(click.Group):

@@ -9,7 +9,7 @@ from ..data import list_images
 from ..errors import FileProblem
 from ..foreign import ensure_manifest
 from ..manifest import Manifest
-from ..runtime import load, opens_as_pytorch
+from ..runtime import load, opens_as_pytorch, predict_files
 from ..ui import console, note
 from ._common import BackendChoice, preprocessing_from_cli, preprocessing_options
 
@@ -43,15 +43,17 @@ def _expand(images: tuple[str, ...]) -> list[Path]:
     help="Run with another backend than the engine's own (e.g. an ONNX file with OpenVINO).",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per inference call.")
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image (exit 2, nothing printed) instead of skipping it with a warning.")
 @preprocessing_options
-def command(engine, images, top_k, as_json, backend, batch_size, **pre_flags):
+def command(engine, images, top_k, as_json, backend, batch_size, strict, **pre_flags):
     """Classify IMAGE files (or folders of images) with ENGINE (any artifact, its manifest or a bundle folder).
 
     An ONNX classifier exported elsewhere (no vitedge manifest) works too: its preprocessing comes from
     --img-size/--mean/--std/... or --preprocessing FILE, and what is assumed is printed.
+
+    An unreadable image is skipped with a warning; the exit code is 2 only when none could be read.
     """
     paths = _expand(images)
-    results = []
     pre = preprocessing_from_cli(**pre_flags)
     artifact, man = (engine, Manifest(engine.name, "pytorch")) if opens_as_pytorch(engine, backend) else Manifest.find(engine)
     if man is None:
@@ -60,10 +62,9 @@ def command(engine, images, top_k, as_json, backend, batch_size, **pre_flags):
         note(f"{artifact.name} has a vitedge manifest: its own preprocessing is used, not the flags")
         pre = None
     with load(engine, backend=backend, preprocessing=pre) as eng:
-        for i in range(0, len(paths), batch_size):
-            chunk = paths[i : i + batch_size]
-            for p, pred in zip(chunk, eng.predict(chunk, top_k=top_k), strict=True):
-                results.append((p, pred))
+        results, skipped = predict_files(eng, paths, top_k=top_k, batch_size=batch_size, strict=strict)
+    if skipped:
+        note(f"{len(skipped)} of {len(paths)} images could not be read and were skipped (--strict stops at the first)")
     if as_json:
         click.echo(json.dumps([{"image": str(p), **pred.to_dict()} for p, pred in results], indent=2))
         return

@@ -5,9 +5,11 @@ from pathlib import Path
 import click
 
 from ..errors import VitedgeError
+from ..manifest import Manifest
 from ..options import QuantizeOptions
 from ..quantization import FidelityNotMet, quantize
-from ..ui import console
+from ..ui import console, size_change
+from ..validation import artifact_size
 from ._common import options_of, preprocessing_from_cli, preprocessing_options
 
 
@@ -78,9 +80,8 @@ def _describe(model, path, man, opts: QuantizeOptions) -> None:
         )
     if v.get("note"):
         console.print(v["note"])
-    size_in = Path(model).stat().st_size
-    size_out = path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
-    console.print(f"[green]wrote[/] {path} ({size_out / 1e6:.2f} MB, {size_in / max(size_out, 1):.1f}x smaller than FP32) and {man.sidecar_path(path)}")
+    size_in, size_out = artifact_size(model, Manifest.find(model)[1]), artifact_size(path, man)  # with external data / .bin
+    console.print(f"[green]wrote[/] {path} ({size_out / 1e6:.2f} MB, {size_change(size_out, size_in, 'FP32')}) and {man.sidecar_path(path)}")
     if (rec.max_drop or {}).get("report"):
         console.print(f"sensitivity table: {path.parent / rec.max_drop['report']}")
     if rec.fidelity:

@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from ..errors import GateFailed
 from ..recipes import load_recipe, run_recipe
 from ..ui import console, err_console
 
@@ -27,6 +28,9 @@ def command(recipe, out_dir, force):
     Steps whose inputs and options are unchanged since the last run are skipped, so re-runs are
     cheap and an interrupted run resumes. The output folder is a deployable bundle:
     vitedge.load(OUTDIR) opens its engine.
+
+    Exits 1 when a gate is missed: validate's, or the INT8 fidelity target of a random-weight preset (whose
+    run goes on to the end, as a trial).
     """
     rec = load_recipe(recipe)
     res = run_recipe(rec, out_dir, force=force, log=lambda m: err_console.print(f"[dim]{rec.name}[/] {m}"))
@@ -38,3 +42,5 @@ def command(recipe, out_dir, force):
     console.print(table)
     if res.engine is not None:
         console.print(f"engine: {res.engine}  (load with vitedge.load({str(res.out_dir)!r}))")
+    if res.missed:
+        raise GateFailed(f"recipe {rec.name}: {res.missed}")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_output
-from ..errors import FileProblem, ModelNotSupported, VitedgeError
+from ..errors import FileProblem, ModelNotSupported, VitedgeError, did_you_mean
 from ..preprocess import Preprocessing
 from ..preprocessing_resolver import is_timm_config, resolve_preprocessing, sources_near
 from .vit import PRESETS, VisionTransformer, ViTConfig, preset_config
@@ -482,7 +482,8 @@ def _from_module(module: nn.Module, img_size: int | None) -> ModelSpec:
 def _from_path(path: Path, num_heads: int | None) -> ModelSpec:
     if not path.exists():
         hint = f"give a checkpoint file, a Hugging Face folder, or a preset: {', '.join(PRESETS)}"
-        raise FileProblem(f"model {path} does not exist", hint)
+        close = did_you_mean(str(path), [*PRESETS, "reference"]) if len(path.parts) == 1 else None
+        raise FileProblem(f"model {path} does not exist", f"{close} {hint}" if close else hint)
     if path.is_dir():
         if (path / "config.json").exists():
             if is_timm_config(_read_config(path / "config.json")):

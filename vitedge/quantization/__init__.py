@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .._io import json_safe
 from .._onnx import onnx_precision, quantized_ops
-from ..artifact import Artifact, writing
+from ..artifact import Artifact, changed_file, check_files, check_output, writing
 from ..backends import registry
 from ..errors import FileProblem, GateFailed, VitedgeError
 from ..export import embed_metadata
@@ -38,10 +38,14 @@ def _open_model(model, preprocessing=None, labels=None) -> tuple[Path, Manifest]
         raise FileProblem(f"model {path} does not exist", "give the .onnx file written by `vitedge export`")
     if path.is_dir() or path.suffix.lower() != ".onnx":
         raise FileProblem(f"{path} is not an ONNX file", "quantize takes a .onnx file from `vitedge export`")
+    _, recorded = Manifest.find(path)
+    if recorded is not None:
+        check_files(path, recorded)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and friends
-        raise FileProblem(f"{path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with `vitedge export`") from None
+        problem = changed_file(path, recorded, exc) if recorded is not None else None
+        raise problem or FileProblem(f"{path} is not a readable ONNX file ({type(exc).__name__})", "re-export it with `vitedge export`") from None
     if not proto.graph.node:
         raise FileProblem(f"{path} is not a readable ONNX file (empty graph)", "re-export it with `vitedge export`")
     # a file vitedge did not export gets a manifest built from the file (what was assumed is printed)
@@ -80,6 +84,7 @@ def _check_args(precision, backend, method, max_drop, samples, output: Path, mod
         )
     if output.resolve() == model.resolve():
         raise VitedgeError("output would overwrite the input model", "choose another -o path")
+    check_output(output)
 
 
 def quantize(
@@ -145,7 +150,7 @@ def quantize(
     plan = plan_data(parent, pre, precision=precision, calib=calib, val=val, samples=samples, seed=seed, min_calib=min_calib)
     enforce = True
     if precision in ("int8", "auto") and str((parent.model or {}).get("source", "")).startswith("preset:"):
-        note("random-weight preset: its predictions mean nothing, so the INT8 fidelity target is measured and reported but not enforced, and no search is run")
+        note("random-weight preset: its predictions mean nothing, so no INT8 search is run (the fidelity target is still measured)")
         search_budget, enforce = 0.0, False
     for n in plan.notes:
         note(n)
@@ -205,20 +210,26 @@ def quantize(
             man.verification["note"] = strategy.verification_note
         artifact = draft.commit(man, extra=done.report_files)
     fidelity = done.fidelity
-    if fidelity is not None and not fidelity.met and enforce and not (precision == "auto" and fidelity.float_wins):
+    if fidelity is not None and not fidelity.met and not (precision == "auto" and fidelity.float_wins):
+        # the README's rule holds for random-weight presets too: a missed target exits 1, whatever the reason
         raise FidelityNotMet(
-            f"{fidelity.summary()}; wrote it anyway to {output} (table: {output.parent / qinfo['fidelity']['table']})",
+            ("" if enforce else "random-weight preset (no search run): ")
+            + f"{fidelity.summary()}; wrote it anyway to {output} (table: {output.parent / qinfo['fidelity']['table']})",
             "give more or more typical calibration images, raise --search-budget, lower the target "
-            "(--target-agreement/--target-cosine), try --auto, or use --fp16",
+            "(--target-agreement/--target-cosine), try --auto, or use --fp16"
+            if enforce
+            else "random weights make near-tied predictions that INT8 flips: quantize a trained checkpoint to judge INT8",
             output=output,
             manifest=man,
+            random_weights=not enforce,
         )
     return artifact
 
 
 class FidelityNotMet(GateFailed):
-    """INT8 missed the fidelity target; the most faithful try was written anyway (``output``, ``manifest``)."""
+    """INT8 missed the fidelity target; the most faithful try was written anyway (``output``, ``manifest``).
+    ``random_weights``: the model is a random-weight preset (a trial: no search was run)."""
 
-    def __init__(self, message: str, hint: str | None = None, *, output: Path | None = None, manifest: Manifest | None = None):
+    def __init__(self, message: str, hint: str | None = None, *, output: Path | None = None, manifest: Manifest | None = None, random_weights: bool = False):
         super().__init__(message, hint)
-        self.output, self.manifest = output, manifest
+        self.output, self.manifest, self.random_weights = output, manifest, random_weights

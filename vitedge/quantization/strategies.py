@@ -38,6 +38,7 @@ from .calibration import DataPlan, EvalSet, StreamingBatches
 from .fidelity import FidelityResult, Target
 from .fp16 import FP16_KEEP_FLOAT, convert_onnx_fp16, openvino_fp16
 from .nncf_int8 import ESTIMATORS, Int8Config
+from .roles import graph_roles
 
 log = logging.getLogger("vitedge")
 
@@ -136,8 +137,8 @@ class NNCFQuantizer(Quantizer):
 
     tool = "NNCF"
 
-    def base_config(self):
-        """vitedge's default NNCF configuration for this runtime."""
+    def base_config(self, src: Path) -> Int8Config:
+        """vitedge's default NNCF configuration for this runtime and the model at ``src``."""
         return Int8Config()
 
     def variants(self, fixed_batch: int | None) -> list[dict]:
@@ -154,7 +155,7 @@ class NNCFQuantizer(Quantizer):
         )
         work = job.scratch / "search"
         work.mkdir()
-        base = self.base_config()
+        base = self.base_config(job.src)
         if job.method != "minmax":
             base = base.but(estimator=job.method)
         res = fid.search(
@@ -249,8 +250,9 @@ class OnnxRuntimeQuantizer(NNCFQuantizer):
 
     tool = "QDQ ONNX for ONNX Runtime"
 
-    def base_config(self):
-        return super().base_config().but(attention_float=True)
+    def base_config(self, src: Path) -> Int8Config:
+        """The attention core in float, when the model has one (a conv net has none: nothing to say or keep)."""
+        return super().base_config(src).but(attention_float=bool(graph_roles(src).attention))
 
     def describe_int8(self, job: Job, info: dict) -> None:
         import onnx
