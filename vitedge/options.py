@@ -239,6 +239,13 @@ class ExportOptions(StepOptions):
         None, "Held-out images for --merge-tokens auto (class sub-folders give labels; without labels, top-1 changes are counted).", path={"exists": True}
     )
     max_drop: float | None = option(None, "Top-1 points --merge-tokens auto may lose on --val-images.", minimum=0, shown_default="1.0")
+    dynamic_size: bool = option(
+        False,
+        "One graph for many input sizes: any height and width that is a multiple of the patch, within --min-size/--max-size "
+        "(position table interpolated in the graph; images keep their aspect ratio).",
+    )
+    min_size: int | None = option(None, "Smallest height/width of a --dynamic-size export.", minimum=16, shown_default="half the model's size")
+    max_size: int | None = option(None, "Largest height/width of a --dynamic-size export.", minimum=16, shown_default="twice the model's size")
 
     def export_kwargs(self) -> dict:
         """Keyword arguments of :func:`vitedge.export.export_onnx` (``images`` is the caller's: it lists the folder)."""
@@ -249,6 +256,9 @@ class ExportOptions(StepOptions):
             "merge_tokens": self.merge_tokens,
             "val_images": self.val_images,
             "max_drop": self.max_drop,
+            "dynamic_size": self.dynamic_size,
+            "min_size": self.min_size,
+            "max_size": self.max_size,
         }
 
 
