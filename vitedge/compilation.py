@@ -140,7 +140,11 @@ def _check_inputs(man: Manifest, batch: int | None) -> dict[str, np.ndarray]:
     if not (c and h and w):
         return {}
     n = batch or 3  # an odd count exercises the runtime's chunking on fixed-batch engines too
-    sets = {"random": np.random.default_rng(0).standard_normal((n, c, h, w)).astype(np.float32)}
+    rng = np.random.default_rng(0)
+    sets = {"random": rng.standard_normal((n, c, h, w)).astype(np.float32)}
+    sizes = man.dynamic_size  # a dynamic-size engine is checked at the sizes its export was verified at
+    for sh, sw in sizes.check_sizes(h)[1:] if sizes else []:
+        sets[f"random {sh}x{sw}"] = rng.standard_normal((n, c, sh, sw)).astype(np.float32)
     images = default_check_images()
     if images and pre is not None:
         sets["images"] = pre.batch(images)
