@@ -210,10 +210,10 @@ def name_input_dims(model: ir.Model, names: dict[int, str]) -> bool:
     """Name the first input's dynamic dimensions at ``names``' axes (e.g. ``{2: "height"}``; an exporter writes
     names such as ``16*grid_h``), so the file and its manifest say what they are.  Fixed dimensions are kept."""
     v = model.graph.inputs[0]
-    dims = list(v.shape or [])
+    dims: list[int | ir.SymbolicDim] = list(v.shape or [])
     for axis, name in names.items():
         if axis < len(dims) and not isinstance(dims[axis], int):
-            dims[axis] = name
+            dims[axis] = ir.SymbolicDim(name)
     v.shape = ir.Shape(dims)
     return True
 

@@ -193,6 +193,22 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def parse_size(text: str) -> tuple[int, int] | None:
+    """``"HxW"`` (or one number for a square) -> ``(height, width)``; empty -> None (``--size``)."""
+    if text is None or str(text) == "":
+        return None
+    parts = str(text).lower().replace(" ", "").split("x")
+    try:
+        sides = tuple(int(v) for v in parts)
+    except ValueError:
+        sides = ()
+    if len(sides) == 1:
+        sides = sides * 2
+    if len(sides) != 2 or min(sides) < 1:
+        raise ValueError("use HEIGHTxWIDTH in pixels, e.g. 240x320 (or one number for a square)")
+    return sides[0], sides[1]
+
+
 def _one_of(*alternatives: dict) -> dict:
     return {"oneOf": list(alternatives)}
 

@@ -9,9 +9,10 @@ from ..data import list_images
 from ..errors import FileProblem
 from ..foreign import ensure_manifest
 from ..manifest import Manifest
+from ..options import parse_size
 from ..runtime import load, opens_as_pytorch
 from ..ui import console, note
-from ._common import BackendChoice, preprocessing_from_cli, preprocessing_options
+from ._common import BackendChoice, _callback, preprocessing_from_cli, preprocessing_options
 
 
 def _expand(images: tuple[str, ...]) -> list[Path]:
@@ -37,8 +38,14 @@ def _expand(images: tuple[str, ...]) -> list[Path]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document: [{image, top: [{label, index, prob}]}].")
 @click.option("--backend", type=BackendChoice("run"), default=None, help="Run with another backend than the engine's own (e.g. an ONNX file with OpenVINO).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per inference call.")
+@click.option(
+    "--size",
+    callback=_callback(parse_size),
+    metavar="HxW",
+    help="Feed every image at HEIGHTxWIDTH (a dynamic-size engine takes any size in its bounds; by default it sees each image at its own aspect ratio).",
+)
 @preprocessing_options
-def command(engine, images, top_k, as_json, backend, batch_size, **pre_flags):
+def command(engine, images, top_k, as_json, backend, batch_size, size, **pre_flags):
     """Classify IMAGE files (or folders of images) with ENGINE (any artifact, its manifest or a bundle folder).
 
     An ONNX classifier exported elsewhere (no vitedge manifest) works too: its preprocessing comes from
@@ -56,7 +63,7 @@ def command(engine, images, top_k, as_json, backend, batch_size, **pre_flags):
     with load(engine, backend=backend, preprocessing=pre) as eng:
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
-            for p, pred in zip(chunk, eng.predict(chunk, top_k=top_k), strict=True):
+            for p, pred in zip(chunk, eng.predict(chunk, top_k=top_k, size=size), strict=True):
                 results.append((p, pred))
     if as_json:
         click.echo(json.dumps([{"image": str(p), **pred.to_dict()} for p, pred in results], indent=2))
