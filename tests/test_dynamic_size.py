@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from test_tensorrt import _keep_scratch_onnx, fake_gpu  # noqa: F401  (fixture)
 
 import vitedge
 from vitedge import export_onnx, load_model
@@ -184,3 +185,19 @@ def test_tensorrt_profile_covers_the_bounds(dyn_onnx):
     assert size_profile(man, "48,64,96") == (48, 64, 96)
     with pytest.raises(ShapeMismatch):
         size_profile(man, "32,64,256")  # beyond the export's bounds: the graph was not verified there
+
+
+def test_tensorrt_compile_against_the_fake_builds_one_profile_over_the_bounds(dyn_onnx, fake_gpu, monkeypatch, tmp_path):
+    """compile -t tensorrt against the fake TensorRT/CUDA of test_tensorrt.py (its "GPU" is ONNX Runtime running
+    the ONNX the parser was given): the profile spans the export's bounds, and compile's verification runs the
+    engine at the square, non-square and bound sizes."""
+    trt, seen = fake_gpu(version="10.7.0")
+    _keep_scratch_onnx(monkeypatch, seen, tmp_path)
+    path, man = compile_model(dyn_onnx, tmp_path / "e.engine", target="tensorrt", batch="dynamic", profile="1,2,4")
+    assert seen["profile"][1:] == ((1, 3, 32, 32), (2, 3, 64, 64), (4, 3, 128, 128))
+    assert man.compile["profile"] == {"min": [1, 3, 32, 32], "opt": [2, 3, 64, 64], "max": [4, 3, 128, 128]}
+    checks = man.verification["checks"]
+    assert {"random 48x80", "random 96x64", "random 32x32", "random 128x128"} <= set(checks)
+    assert all(r["cosine_min"] > 0.99 for r in checks.values())
+    with pytest.raises(ShapeMismatch, match="outside this dynamic-size"):
+        compile_model(dyn_onnx, tmp_path / "f.engine", target="tensorrt", img_size="32,64,256")

@@ -26,7 +26,8 @@ from vitedge.recipes import load_recipe, run_recipe, schema
 
 # every option flag of the commands, as shipped (another issue renames them; until then they must not change)
 FLAGS = {
-    "export": {"--opset", "--batch", "--img-size", "--images", "--merge-tokens", "--val-images", "--max-drop"},
+    "export": {"--opset", "--batch", "--img-size", "--images", "--merge-tokens", "--val-images", "--max-drop", "--dynamic-size", "--min-size",
+               "--max-size"},
     "quantize": {"--int8", "--fp16", "--auto", "--backend", "--calib", "--samples", "--method", "--target-agreement",
                  "--target-cosine", "--search-budget", "--max-drop", "--min-calib", "--val", "--seed"},
     "compile": {"-t", "--target", "--batch", "--img-size", "--threads", "--hint", "--precision-hint", "--device", "--streams",

@@ -25,7 +25,6 @@ from .backends.onnxruntime import session
 from .compare import output_metrics
 from .data import ImageSet, default_check_images
 from .errors import InputError, ModelNotSupported, VitedgeError, first_line
-from .graph import name_input_dims
 from .manifest import Manifest, TensorSpec
 from .models.loading import ModelSpec, load_model
 from .models.vit import VisionTransformer, graph_options
@@ -104,6 +103,8 @@ def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, ext
             )
             assert prog is not None  # the dynamo exporter returns the program it built
             if sizes is not None:
+                from .graph import name_input_dims  # onnx_ir: kept out of `import vitedge`
+
                 name_input_dims(prog.model, {2: "height", 3: "width"})
             prog.save(str(path), external_data=external)
         else:  # opsets below 17 only exist in the TorchScript exporter (LayerNorm is decomposed)
