@@ -187,7 +187,7 @@ def test_tensorrt_profile_covers_the_bounds(dyn_onnx):
         size_profile(man, "32,64,256")  # beyond the export's bounds: the graph was not verified there
 
 
-def test_tensorrt_compile_against_the_fake_builds_one_profile_over_the_bounds(dyn_onnx, fake_gpu, monkeypatch, tmp_path):
+def test_tensorrt_compile_against_the_fake_builds_one_profile_over_the_bounds(dyn_onnx, fake_gpu, monkeypatch, tmp_path):  # noqa: F811 (fixture)
     """compile -t tensorrt against the fake TensorRT/CUDA of test_tensorrt.py (its "GPU" is ONNX Runtime running
     the ONNX the parser was given): the profile spans the export's bounds, and compile's verification runs the
     engine at the square, non-square and bound sizes."""
