@@ -26,6 +26,7 @@ from vitedge.manifest import Manifest
 from vitedge.models.loading import save_checkpoint
 from vitedge.preprocess import DynamicSize, Preprocessing
 from vitedge.quantization import quantize
+from vitedge.validation import EngineSpec, validate
 
 SIZES = [(64, 64), (48, 80), (96, 64)]  # the export's size, portrait-ish and landscape-ish
 
@@ -201,3 +202,39 @@ def test_tensorrt_compile_against_the_fake_builds_one_profile_over_the_bounds(dy
     assert all(r["cosine_min"] > 0.99 for r in checks.values())
     with pytest.raises(ShapeMismatch, match="outside this dynamic-size"):
         compile_model(dyn_onnx, tmp_path / "f.engine", target="tensorrt", img_size="32,64,256")
+
+
+@pytest.fixture(scope="module")
+def mixed_photos(tmp_path_factory):
+    """Unlabelled images of three aspect ratios."""
+    folder = tmp_path_factory.mktemp("mixed")
+    for i, (w, h) in enumerate([(400, 300), (300, 600), (64, 64), (500, 320), (240, 320), (90, 60)]):
+        Image.fromarray(np.random.default_rng(10 + i).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("size", [None, "48x80"])
+def test_validate_feeds_one_size_and_the_pytorch_reference_follows(dyn_onnx, mixed_photos, spec, tmp_path, size):
+    ckpt = dyn_onnx.parent / "tiny.safetensors"
+    rep = validate(
+        EngineSpec(dyn_onnx, "openvino", {"config": {"INFERENCE_PRECISION_HINT": "f32"}}),
+        ckpt,
+        data=mixed_photos,
+        batch_sizes=(1,),
+        size=size,
+        time_budget=0.05,
+        rounds=1,
+        warmup=1,
+        min_runs=2,
+        out_dir=tmp_path / "rep",
+    )
+    vs = rep.engines[0]["vs_reference"]
+    assert vs["top1_agreement"] == 1.0 and vs["cosine_min"] > 0.9999  # the reference (PyTorch) saw the same pixels
+    findings = rep.data["findings"]
+    if size is None:
+        assert any("fed at its size 64x64" in f for f in findings)
+    else:
+        assert rep.data["settings"]["size"] == [48, 80] and any("at 48x80 (--size)" in f for f in findings)
+    for bad, says in (("512x80", "outside this dynamic-size"), ("50x80", "not a multiple of the patch size 16")):
+        res = CliRunner().invoke(cli, ["validate", str(dyn_onnx), "--reference", str(ckpt), "--data", str(mixed_photos), "--size", bad])
+        assert res.exit_code != 0 and says in res.output, res.output

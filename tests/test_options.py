@@ -33,7 +33,7 @@ FLAGS = {
     "compile": {"-t", "--target", "--batch", "--img-size", "--threads", "--hint", "--precision-hint", "--device", "--streams",
                 "--blob", "--workspace-mb", "--profile", "--timing-cache"},
     "validate": {"--max-drop", "--min-speedup", "--reference-threads", "--strict", "--backend", "--precision-hint", "--ci-method",
-                 "--worst", "--samples", "--rounds", "--runs", "--time-budget", "--batch-sizes"},
+                 "--worst", "--samples", "--rounds", "--runs", "--time-budget", "--batch-sizes", "--size"},
     "benchmark": {"--samples", "--rounds", "--runs", "--time-budget", "--batch-sizes"},
 }
 OPTIONS = {"export": ExportOptions, "quantize": QuantizeOptions, "compile": CompileOptions, "validate": ValidateOptions,

@@ -209,6 +209,12 @@ def parse_size(text: str) -> tuple[int, int] | None:
     return sides[0], sides[1]
 
 
+def size_text(text: str) -> str:
+    """``--size`` checked (:func:`parse_size`) and kept as text, ``"HxW"``: the step parses it."""
+    size = parse_size(text)
+    return "" if size is None else f"{size[0]}x{size[1]}"
+
+
 def _one_of(*alternatives: dict) -> dict:
     return {"oneOf": list(alternatives)}
 
@@ -449,6 +455,13 @@ class ValidateOptions(TimingOptions):
     precision_hint: str | None = option(None, "OpenVINO inference precision for the engines (INFERENCE_PRECISION_HINT).", choices=PRECISION_HINTS, recipe=False)
     ci_method: str = option("agresti-min", "Paired confidence interval of the accuracy drop.", choices=CI_METHODS)
     worst: int = option(10, "How many worst images to list per engine.", minimum=0, cli_range=True)
+    size: str | None = option(
+        None,
+        "Feed every model the images at HEIGHTxWIDTH (dynamic-size engines; a PyTorch reference runs any size). Default: the models' own size.",
+        parse=size_text,
+        metavar="HxW",
+        recipe=False,
+    )
 
     def validate_kwargs(self) -> dict:
         """Keyword arguments of :func:`vitedge.validation.validate` (the engines' backend and precision hint go

@@ -43,11 +43,12 @@ from ._version import __version__
 from .backends import pytorch
 from .compare import CI_LEVEL, paired_drop, wilson_interval  # noqa: F401 - public names of this module
 from .data import SHIPPED_CALIBRATION, ImageSet, label_indices
-from .errors import GateFailed, VitedgeError
+from .errors import GateFailed, InputError, ShapeMismatch, VitedgeError
 from .foreign import describe, ensure_manifest
 from .manifest import Manifest
 from .models.loading import REFERENCE_CHECKPOINT, ModelSpec
 from .models.vit import PRESETS
+from .options import parse_size
 from .preprocess import Preprocessing
 from .report import SCHEMA_ID, Report, now_iso
 from .resources import RssPeak, load_average, load_record, reference_thread_count, set_torch_threads, torch_threads, usable_cores
@@ -239,10 +240,12 @@ def _reference_source(reference, specs: list[EngineSpec], notes: list[str]):
     raise VitedgeError(f"no FP32 reference for {specs[0].path}", "pass --reference with the checkpoint, preset name or FP32 ONNX file the engine was made from")
 
 
-def _open_reference(reference, specs: list[EngineSpec], notes: list[str], preprocessing=None, threads: int | None = None) -> tuple[_Model, _Model | None]:
+def _open_reference(
+    reference, specs: list[EngineSpec], notes: list[str], preprocessing=None, threads: int | None = None, size: tuple[int, int] | None = None
+) -> tuple[_Model, _Model | None]:
     """(timing baseline, separate accuracy reference or None).  An FP32 ``.onnx`` file runs in ONNX Runtime;
     anything else (checkpoint, preset, ``ModelSpec``) in PyTorch eager (:class:`~vitedge.backends.pytorch.PyTorchEngine`),
-    either with ``threads`` threads (None: the backend's default)."""
+    either with ``threads`` threads (None: the backend's default); a PyTorch reference takes inputs of ``size``."""
     reference = _reference_source(reference, specs, notes)
     if isinstance(reference, (str, Path)) and str(reference).endswith(".onnx"):
         path, eng_man = Path(reference), _engine_manifest(specs[0])
@@ -256,11 +259,14 @@ def _open_reference(reference, specs: list[EngineSpec], notes: list[str], prepro
         ), None
 
     is_preset = isinstance(reference, str) and reference.replace("-", "_").lower() in PRESETS and not Path(reference).exists()
-    size = None
+    img_size = None
     if is_preset:  # same input size as the engine (a preset's default is 224)
         man = _engine_manifest(specs[0])
-        size = ((man.model or {}).get("config") or {}).get("img_size") if man else None
-    eng, measured = _opened(lambda: pytorch.open(reference, img_size=int(size) if size else None, threads=threads), loaded=not isinstance(reference, ModelSpec))
+        img_size = ((man.model or {}).get("config") or {}).get("img_size") if man else None
+    eng, measured = _opened(
+        lambda: pytorch.open(reference, img_size=int(img_size) if img_size else None, threads=threads, input_size=size),
+        loaded=not isinstance(reference, ModelSpec),
+    )
     base = _Model(eng, "pytorch fp32", role="reference", options=eng.options, size_bytes=eng.size_bytes(), **measured)
     if not is_preset:
         return base, None
@@ -501,6 +507,7 @@ def validate(
     kind: str = "validate",
     post: Callable[[Report], None] | None = None,
     preprocessing=None,
+    size: tuple[int, int] | str | None = None,
 ) -> Report:
     """Validate one or more engines against the FP32 reference; see the module docstring.
 
@@ -519,9 +526,13 @@ def validate(
     ``docs/foreign.md``); a manifest-less reference otherwise takes the first engine's preprocessing.
     Models that are not classifiers (dense maps, several outputs) are compared per output
     (``vs_reference.outputs``: cosine, max abs error, SNR).
+    ``size``: (height, width) or ``"HxW"``: every model is fed the images at that size (a dynamic-size engine
+    takes any size in its bounds, a PyTorch reference any size); by default a dynamic-size engine is fed at
+    its own size (``img_size``), the images resized and cropped as the reference's are.
     Writes ``report.json/md/html`` to ``out_dir`` (if given), then raises ``GateFailed`` if a gate is missed.
     """
     specs = _as_specs(engine, backend)
+    size = _size_arg(size)
     _check_arguments(max_drop, min_speedup, batch_sizes)
     ref_threads = reference_thread_count(reference_threads)
     timing = timing or Timing(budget_s=time_budget, rounds=rounds, warmup_runs=warmup, min_runs=min_runs, runs=runs)
@@ -537,19 +548,22 @@ def validate(
         "eval_batch": eval_batch,
         "gates": {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict},
     }
+    if size is not None:
+        settings["size"] = list(size)
     notes: list[str] = []
     machine = machine_info()
     models: list[_Model] = []
     acc_ref: _Model | None = None
     torch_threads_before = torch_threads()  # process-wide: a PyTorch reference sets it, restored when done
     try:
-        baseline, acc_ref = _open_reference(reference, specs, notes, preprocessing, ref_threads)
+        baseline, acc_ref = _open_reference(reference, specs, notes, preprocessing, ref_threads, size)
         models.append(baseline)
         models += [_open_engine(s, preprocessing, notes) for s in specs]
         _dedupe_names(models)
         images = _images(data, baseline, samples, seed, notes)
         inputs = _Inputs(images, eval_batch)
         _feed(acc_ref or baseline, models, images, notes)
+        _fix_size(models + ([acc_ref] if acc_ref is not None else []), size, notes)
         truth = _reference_pass(acc_ref or baseline, models[1:], inputs, images, kind, max_drop, notes)
         results = {r.name: _compare(r, truth, _run(r, inputs), ci_method, worst, notes) for r in models[1:]}
         if acc_ref is not None:
@@ -568,6 +582,47 @@ def validate(
         gc.collect()
         set_torch_threads(torch_threads_before)
     return _finish(report, post, out_dir)
+
+
+def _size_arg(size) -> tuple[int, int] | None:
+    """``size`` as (height, width): a tuple as given, text through :func:`vitedge.options.parse_size`."""
+    if size is None or isinstance(size, tuple):
+        return size
+    try:
+        return parse_size(str(size))
+    except ValueError as exc:
+        raise InputError(f"size {size!r}: {exc}") from None
+
+
+def _fix_size(models: list[_Model], size: tuple[int, int] | None, notes: list[str]) -> None:
+    """The one size each model is fed at: ``size`` when given; else a dynamic-size engine's own size, since a
+    validation batch needs one size and the reference sees the images resized and cropped the same way (each
+    image at its own aspect ratio is what ``predict`` does)."""
+    for r in models:
+        pre = r.preprocessing
+        if pre is None:
+            continue
+        if size is not None:
+            _check_takes(r, size)
+            r.preprocessing = pre.at(*size)
+        elif pre.dynamic_size is not None:
+            r.preprocessing = pre.at(*pre.img_size)
+            notes.append(f"{r.name}: a dynamic-size engine, fed at its size {pre.img_size[0]}x{pre.img_size[1]} (--size HxW for another)")
+    if size is not None:
+        notes.append(f"every model fed the images at {size[0]}x{size[1]} (--size)")
+
+
+def _check_takes(r: _Model, size: tuple[int, int]) -> None:
+    """Refuse, before anything runs, a ``--size`` that a model does not take (one line)."""
+    sizes = r.engine.manifest.dynamic_size
+    if sizes is not None:
+        sizes.check(*size)
+        return
+    hw = tuple(r.engine.input_shape[2:4])
+    if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) and hw != size:
+        raise ShapeMismatch(
+            f"{r.name} takes {hw[0]}x{hw[1]} inputs only, not --size {size[0]}x{size[1]}", "--size is for dynamic-size engines (vitedge export --dynamic-size)"
+        )
 
 
 def _check_arguments(max_drop, min_speedup, batch_sizes) -> None:
