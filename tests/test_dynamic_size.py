@@ -131,6 +131,7 @@ def test_preprocessing_keeps_aspect_ratio():
     assert Preprocessing.from_dict(pre.to_dict()) == pre  # the bounds survive the manifest
     assert "dynamic_size" not in Preprocessing(img_size=(64, 64)).to_dict()  # fixed-size manifests are unchanged
     assert pre.at(48, 80).batch(images[:1]).shape == (1, 3, 48, 80)
+    assert pre.fixed().batch(images).shape == (3, 3, 64, 64) and pre.fixed().dynamic_size is None  # one size for any images
 
 
 def test_predict_per_image_size_and_given_size(dyn_onnx, spec, tmp_path):

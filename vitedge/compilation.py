@@ -147,7 +147,7 @@ def _check_inputs(man: Manifest, batch: int | None) -> dict[str, np.ndarray]:
         sets[f"random {sh}x{sw}"] = rng.standard_normal((n, c, sh, sw)).astype(np.float32)
     images = default_check_images()
     if images and pre is not None:
-        sets["images"] = pre.batch(images)
+        sets["images"] = pre.fixed().batch(images)  # one batch: a dynamic-size model's images at its own size
     return sets
 
 

@@ -160,6 +160,11 @@ class Preprocessing:
         resize = None if self.resize is None else resize_for(min(height, width), min(1.0, min(self.img_size) / self.resize))
         return replace(self, img_size=(height, width), resize=resize, assumed=list(self.assumed), dynamic_size=None)
 
+    def fixed(self) -> Preprocessing:
+        """Itself, or for a dynamic-size model the same at its own size (resize, crop): one size for any images,
+        the pixels a fixed-size export of the model sees."""
+        return self if self.dynamic_size is None else replace(self, dynamic_size=None, assumed=list(self.assumed))
+
     def input_size(self, img: Image.Image) -> tuple[int, int]:
         """(height, width) this image is given to the model at: ``img_size``, or for a dynamic-size model its own
         aspect ratio fitted to the bounds (:meth:`DynamicSize.fit`)."""

@@ -606,7 +606,7 @@ def _fix_size(models: list[_Model], size: tuple[int, int] | None, notes: list[st
             _check_takes(r, size)
             r.preprocessing = pre.at(*size)
         elif pre.dynamic_size is not None:
-            r.preprocessing = pre.at(*pre.img_size)
+            r.preprocessing = pre.fixed()
             notes.append(f"{r.name}: a dynamic-size engine, fed at its size {pre.img_size[0]}x{pre.img_size[1]} (--size HxW for another)")
     if size is not None:
         notes.append(f"every model fed the images at {size[0]}x{size[1]} (--size)")

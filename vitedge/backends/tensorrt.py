@@ -532,12 +532,13 @@ def engine_layers(engine, trt=None) -> list[dict]:
 
 
 def _check_images(man: Manifest) -> list | None:
-    """The shipped check images through the model's preprocessing (the FP16 overflow guard's data), or None."""
+    """The shipped check images through the model's preprocessing (the FP16 overflow guard's data), or None; one
+    batch per input size (a dynamic-size model sees each image at its own aspect ratio)."""
     pre = man.preprocessing_obj
     images = default_check_images()
     if pre is None or not images:
         return None
-    return [pre.batch(images)]
+    return [x for _, x in pre.batches(images)]
 
 
 def drop_stale_value_info(proto) -> int:
