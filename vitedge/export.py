@@ -63,7 +63,7 @@ def _verification_inputs(spec: ModelSpec, images: list[Path] | None, batch: int 
     for sh, sw in sizes.check_sizes(h)[1:] if sizes else []:  # the first is the target, checked above
         sets[f"random {sh}x{sw}"] = rng.standard_normal((n, c, sh, sw)).astype(np.float32)
     if images and c == 3:  # real images are RGB; other channel counts are checked on random inputs only
-        arr = spec.preprocessing.batch(images[: max(n, 4)])
+        arr = spec.preprocessing.fixed().batch(images[: max(n, 4)])
         if batch:  # fixed batch: use exactly that many
             idx = np.arange(batch) % len(arr)
             arr = arr[idx]
