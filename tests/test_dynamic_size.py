@@ -49,6 +49,7 @@ def dyn_onnx(tmp_path_factory, spec):
     res = CliRunner().invoke(cli, ["export", str(ckpt), "-o", str(out), "--dynamic-size", "--min-size", "32", "--max-size", "128"])
     assert res.exit_code == 0, res.output
     assert "verified on random 48x80 inputs" in res.output
+    assert "dynamic size: any height and width from 32 to 128, multiples of 16" in res.output
     return out
 
 

@@ -314,6 +314,9 @@ def engine_summary(path: Path, man: Manifest) -> list[str]:
     c = man.compile
     size = sum((path.parent / f).stat().st_size for f in man.files if (path.parent / f).exists()) / 1e6
     lines = [f"{c.get('target')} engine, {man.precision}, batch {c.get('batch')}, hint {c.get('hint')}, {size:.1f} MB"]
+    sizes = man.dynamic_size
+    if sizes is not None:
+        lines.append(f"dynamic size: height and width from {sizes.min} to {sizes.max}, multiples of {sizes.multiple}")
     if c.get("openvino_config"):
         lines.append(
             "OpenVINO config: "
