@@ -242,3 +242,18 @@ def test_validate_feeds_one_size_and_the_pytorch_reference_follows(dyn_onnx, mix
     for bad, says in (("512x80", "outside this dynamic-size"), ("50x80", "not a multiple of the patch size 16")):
         res = CliRunner().invoke(cli, ["validate", str(dyn_onnx), "--reference", str(ckpt), "--data", str(mixed_photos), "--size", bad])
         assert res.exit_code != 0 and says in res.output, res.output
+
+
+def test_validate_several_sizes_writes_a_report_per_size_and_a_summary(dyn_onnx, mixed_photos, tmp_path):
+    ckpt = dyn_onnx.parent / "tiny.safetensors"
+    out = tmp_path / "rep"
+    args = ["validate", str(dyn_onnx), "--reference", str(ckpt), "--data", str(mixed_photos), "--size", "48x80,64x64", "-o", str(out)]
+    res = CliRunner().invoke(cli, args + ["--batch-sizes", "1", "--rounds", "1", "--runs", "2"])
+    assert res.exit_code == 0, res.output
+    for key in ("48x80", "64x64"):
+        rep = json.loads((out / key / "report.json").read_text())
+        assert rep["settings"]["size"] == [int(v) for v in key.split("x")]
+        assert rep["models"][1]["vs_reference"]["top1_agreement"] == 1.0
+    summary = (out / "sizes.md").read_text()
+    assert "## 48x80" in summary and "## 64x64" in summary and "speed-up" in summary
+    assert set(json.loads((out / "sizes.json").read_text())) == {"48x80", "64x64"}

@@ -209,10 +209,14 @@ def parse_size(text: str) -> tuple[int, int] | None:
     return sides[0], sides[1]
 
 
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"224x224,240x320"`` -> ``[(224, 224), (240, 320)]`` (:func:`parse_size` each)."""
+    return [s for s in (parse_size(part) for part in str(text).split(",")) if s is not None]
+
+
 def size_text(text: str) -> str:
-    """``--size`` checked (:func:`parse_size`) and kept as text, ``"HxW"``: the step parses it."""
-    size = parse_size(text)
-    return "" if size is None else f"{size[0]}x{size[1]}"
+    """``--size`` checked (:func:`parse_sizes`) and kept as text, ``"HxW[,HxW...]"``: the step parses it."""
+    return ",".join(f"{h}x{w}" for h, w in parse_sizes(text))
 
 
 def _one_of(*alternatives: dict) -> dict:
@@ -457,9 +461,10 @@ class ValidateOptions(TimingOptions):
     worst: int = option(10, "How many worst images to list per engine.", minimum=0, cli_range=True)
     size: str | None = option(
         None,
-        "Feed every model the images at HEIGHTxWIDTH (dynamic-size engines; a PyTorch reference runs any size). Default: the models' own size.",
+        "Feed every model the images at HEIGHTxWIDTH (dynamic-size engines; a PyTorch reference runs any size); several "
+        "sizes, comma-separated, give one report per size and a summary. Default: the models' own size.",
         parse=size_text,
-        metavar="HxW",
+        metavar="HxW[,HxW...]",
         recipe=False,
     )
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import compare
-from ._io import sha256_file
+from ._io import sha256_file, write_json_atomic
 from ._version import __version__
 from .backends import pytorch
 from .compare import CI_LEVEL, paired_drop, wilson_interval  # noqa: F401 - public names of this module
@@ -582,6 +582,35 @@ def validate(
         gc.collect()
         set_torch_threads(torch_threads_before)
     return _finish(report, post, out_dir)
+
+
+def validate_sizes(engine, reference=None, *, sizes: Sequence[tuple[int, int]] | str, out_dir: str | Path | None = None, **kwargs) -> dict[str, Report]:
+    """:func:`validate` once per size (``sizes``: (height, width) pairs or ``"HxW,HxW"``), each report in
+    ``out_dir/HxW/``, and ``out_dir/sizes.md`` / ``sizes.json`` with every engine's accuracy, cosine, latency
+    and speed-up per size (:meth:`Report.summary`).  Every size runs; a missed gate at any raises
+    :class:`GateFailed` at the end (``.report``: the first size's that missed)."""
+    pairs = [_size_arg(s) for s in sizes] if not isinstance(sizes, str) else [_size_arg(s) for s in sizes.split(",")]
+    reports: dict[str, Report] = {}
+    failed: list[tuple[str, GateFailed]] = []
+    for h, w in (p for p in pairs if p is not None):
+        key = f"{h}x{w}"
+        try:
+            reports[key] = validate(engine, reference, size=(h, w), out_dir=Path(out_dir) / key if out_dir is not None else None, **kwargs)
+        except GateFailed as exc:
+            reports[key] = exc.report
+            failed.append((key, exc))
+    if out_dir is not None:
+        lines = ["# Validation per input size", ""]
+        for key, rep in reports.items():
+            lines += [f"## {key} ([report]({key}/report.md))", "", *(f"- {line}" for line in rep.summary().splitlines()), ""]
+        Path(out_dir, "sizes.md").write_text("\n".join(lines))
+        write_json_atomic(Path(out_dir) / "sizes.json", {key: {"summary": rep.summary(), "report": f"{key}/report.json"} for key, rep in reports.items()})
+    if failed:
+        key, first = failed[0]
+        err = GateFailed(f"gates missed at {len(failed)} size(s), first at {key}: {first}")
+        err.report = first.report
+        raise err
+    return reports
 
 
 def _size_arg(size) -> tuple[int, int] | None:

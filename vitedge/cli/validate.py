@@ -10,7 +10,7 @@ from ..errors import GateFailed, VitedgeError
 from ..options import ValidateOptions
 from ..sysinfo import print_machine
 from ..ui import console, err_console, note
-from ..validation import EngineSpec, validate
+from ..validation import EngineSpec, validate, validate_sizes
 from ._common import options_of, preprocessing_from_cli, preprocessing_options
 
 
@@ -73,8 +73,12 @@ def command(engines, reference, data, out_dir, **options):
         run_options["config"] = {"INFERENCE_PRECISION_HINT": opts.precision_hint}
     print_machine()
     specs = [EngineSpec(e, opts.backend, dict(run_options)) for e in engines]
+    kwargs = {**opts.validate_kwargs(), "preprocessing": preprocessing_from_cli(**options)}
+    if opts.size and "," in opts.size:  # several sizes: one report each, and a summary
+        _validate_sizes(specs, reference, data, out_dir, kwargs)
+        return
     try:
-        rep = validate(specs, reference, data=data, out_dir=out_dir, **opts.validate_kwargs(), preprocessing=preprocessing_from_cli(**options))
+        rep = validate(specs, reference, data=data, out_dir=out_dir, **kwargs)
     except GateFailed as exc:
         if getattr(exc, "report", None) is not None:
             print_report(exc.report, out_dir)
@@ -82,3 +86,17 @@ def command(engines, reference, data, out_dir, **options):
     print_report(rep, out_dir)
     if opts.max_drop is not None or opts.min_speedup is not None:
         console.print("[green]all gates passed[/]")
+
+
+def _validate_sizes(specs, reference, data, out_dir: Path, kwargs: dict) -> None:
+    sizes = kwargs.pop("size")
+    try:
+        reports = validate_sizes(specs, reference, sizes=sizes, data=data, out_dir=out_dir, **kwargs)
+    except GateFailed as exc:
+        if getattr(exc, "report", None) is not None:
+            print_report(exc.report, None)
+        raise
+    for key, rep in reports.items():
+        console.print(f"[bold]{key}[/]")
+        print_report(rep, None)
+    console.print(f"[green]wrote[/] {out_dir / 'sizes.md'}, sizes.json and a report per size ({', '.join(f'{k}/' for k in reports)})")
