@@ -407,9 +407,9 @@ def run_model(name: str, work: Path, args) -> dict:
                        note="nncf.quantize(model_type=TRANSFORMER), compile_model(ir, 'CPU')"))
     # vitedge defaults
     R.append(vitedge_runner("vitedge OpenVINO INT8 (default engine)", ov_eng,
-                            note="vitedge quantize --backend openvino + vitedge compile --target openvino"))
+                            note="vitedge quantize --backend openvino + vitedge compile --backend openvino"))
     R.append(vitedge_runner("vitedge ONNX Runtime INT8 (default engine)", ort_eng,
-                            note="vitedge quantize + vitedge compile --target onnxruntime"))
+                            note="vitedge quantize + vitedge compile --backend onnxruntime"))
     # ablation: one option changed from the default OpenVINO INT8 engine (vitedge's IR, static batch 1)
     A = "ablation"
     base_cfg = dict(Manifest.find(ov_eng)[1].compile.get("openvino_config", {}))

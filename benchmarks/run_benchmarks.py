@@ -49,6 +49,8 @@ def _fmt_ms(v: float) -> str:
 
 
 def results_table(name: str, rep, img: str) -> list[str]:
+    from vitedge.report import speedup_text
+
     ref = rep.reference
     lab = rep.labelled
     lines = [f"### {name} ({img}, batch 1)", "",
@@ -64,7 +66,7 @@ def results_table(name: str, rep, img: str) -> list[str]:
                else f"{100 * vs['top1_agreement']:.1f} %")
         label = f"**{n}**" if n == rec else n
         lines.append(f"| {label} | {_fmt_ms(e['latency']['p50_ms'])} | {_fmt_ms(e['latency']['p99_ms'])} | "
-                     f"{e['speedup']:.2f}x | {acc} | {vs['cosine_mean']:.5f} |")
+                     f"{speedup_text(e)} | {acc} | {vs['cosine_mean']:.5f} |")
     for s in rep.data.get("skipped", []):
         lines.append(f"| {s['name']} | – | – | – | not run: {s['reason'].split(';')[0][:90]} | – |")
     lines.append("")
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default=None, help="comma-separated subset of onnxruntime,openvino,tensorrt")
     ap.add_argument("--precisions", default=None, help="comma-separated subset of fp32,fp16,bf16,int8")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds of timed runs per engine (default 8, quick 1.5)")
-    ap.add_argument("--samples", type=int, default=None, help="validation images per model (default: see MODELS)")
+    ap.add_argument("--val-samples", "--samples", dest="samples", type=int, default=None, help="validation images per model (default: see MODELS; --samples: its old name)")
     ap.add_argument("--calib-samples", type=int, default=None, help="calibration images for INT8 (default 64, quick 16)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.md", help="markdown results file")
     ap.add_argument("--render-only", action="store_true",

@@ -11,7 +11,7 @@ What is compared (batch 1, one process, interleaved rounds, order reversed every
   same calibration images, ``compile_model(ir, "CPU")`` with the LATENCY hint.
 - **vitedge default engine**: ``vitedge export`` (CLS-only last block) + ``vitedge quantize --auto
   --backend openvino`` (INT8 where it is faster on this CPU, else the FP32 model at the CPU's float
-  precision; the choice and why are printed) + ``vitedge compile --target openvino``.
+  precision; the choice and why are printed) + ``vitedge compile --backend openvino``.
 - **vitedge INT8 engine**: the same with ``--int8``.
 - optional **vitedge + token merging r=N** (``--merge``): lossy, opt-in; its accuracy is in
   ``benchmarks/token_merging.md``, measured on a real pretrained ViT.
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="vit_base,vit_small")
     ap.add_argument("--calib", type=Path, default=PHOTOS if PHOTOS.is_dir() else CALIB, help="calibration images")
-    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--calib-samples", "--samples", dest="samples", type=int, default=64, help="calibration images (--samples: its old name)")
     ap.add_argument("--merge", type=int, default=0, help="also time vitedge with token merging r (0: off)")
     ap.add_argument("--rounds", type=int, default=24)
     ap.add_argument("--seconds", type=float, default=12.0, help="timed seconds per engine over all rounds")

@@ -12,7 +12,7 @@ agreement with the unmerged model - which the head's training does not flatter.
 
 For every r, ``vitedge export --merge-tokens r`` writes a graph verified against PyTorch with the same
 merging; ONNX Runtime FP32 gives top-1 (label = the photo's class) and agreement with r = 0 on all photos;
-``vitedge compile --target openvino`` (device default precision: bf16 on BF16/AMX CPUs) is timed at batch 1,
+``vitedge compile --backend openvino`` (device default precision: bf16 on BF16/AMX CPUs) is timed at batch 1,
 all engines interleaved in one process.  ``--merge-tokens auto`` is then run as a user would: r is chosen on
 the even-numbered photos (within --max-drop top-1 changes, as they carry no class folders) and checked on
 the odd-numbered ones it never saw.  Writes ``benchmarks/token_merging.md``.
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
              f"- load average before / after timing: {[round(v, 2) for v in load0]} / {[round(v, 2) for v in load1]}"
              + ("  **(busy: above 1 per core)**" if max(load0[0], load1[0]) > (os.cpu_count() or 1) else ""),
              "- accuracy: ONNX Runtime FP32 on every photo; top-1 drop = paired drop vs r = 0 with its 95 % interval (Agresti-Min)",
-             f"- speed: `vitedge compile --target openvino` engines (device default precision; where compile's check refused bf16 "
+             f"- speed: `vitedge compile --backend openvino` engines (device default precision; where compile's check refused bf16 "
              f"because it moved which tokens merge, f32), batch 1, {args.rounds} interleaved rounds; speed-up = median of the per-round ratios to r = 0 "
              "(10th-90th percentile in brackets)", "",
              "| r (tokens merged per block) | tokens in last block | engine precision | p50 ms | speed-up vs r=0 | top-1 | top-1 drop, points (95 % CI) | agreement with r=0 (95 % CI) |",

@@ -115,3 +115,13 @@ def digit_batch(ref_onnx, digit_images):
 
     with vitedge.load(ref_onnx) as e:
         return e.preprocessing.batch(digit_images)
+
+
+@pytest.fixture
+def quiet_cpu(monkeypatch):
+    """The machine read as quiet: no other process on this process's cores (``vitedge.resources.read_cpu``), so
+    that a test of a gate gets a speed-up whatever the other jobs on this machine do (tests/test_busy_machine.py
+    tests the busy readings)."""
+    from vitedge import resources
+
+    monkeypatch.setattr(resources, "read_cpu", lambda sample_s=0.25: resources.CpuReading(resources.usable_cores(), 0.0, resources.load_average()))

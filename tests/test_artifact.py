@@ -46,7 +46,7 @@ def test_same_stem_artifacts_do_not_clobber(ref_onnx, tmp_path):
 def test_replacing_an_output_says_so(ref_onnx, tmp_path):
     out = tmp_path / "m.onnx"
     first = compile_model(ref_onnx, out, target="onnxruntime")
-    res = CliRunner().invoke(cli, ["compile", str(ref_onnx), "-t", "onnxruntime", "--batch", "dynamic", "-o", str(out)])
+    res = CliRunner().invoke(cli, ["compile", str(ref_onnx), "--backend", "onnxruntime", "--batch", "dynamic", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "replaced the existing m.onnx, m.onnx.vitedge.json" in " ".join(res.stderr.split())
     second = Artifact.open(out)

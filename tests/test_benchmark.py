@@ -28,8 +28,8 @@ def bench_run(tmp_path_factory, calib_dir, val_dir):
 
     out = tmp_path_factory.mktemp("bench")
     res = CliRunner().invoke(main, [
-        "benchmark", "reference", "--calib", str(calib_dir), "--data", str(val_dir), "-o", str(out),
-        "--backends", "onnxruntime,openvino,tensorrt", "--precisions", "fp32,int8", "--samples", "60",
+        "benchmark", "reference", "--calib", str(calib_dir), "--val", str(val_dir), "-o", str(out),
+        "--backends", "onnxruntime,openvino,tensorrt", "--precisions", "fp32,int8", "--val-samples", "60",
         "--calib-samples", "16", "--runs", "8", "--rounds", "2", "--batch-sizes", "1",
     ], catch_exceptions=False)
     return res, out
@@ -59,7 +59,9 @@ def test_benchmark_prints_ranked_table_and_writes_reports(bench_run):
     # on the front, or a float engine within 5 % of the fastest (more faithful at about the same speed)
     fastest = min(by[n]["latency"]["p50_ms"] for n in data["pareto"])
     assert rec in data["pareto"] or (by[rec]["precision"] != "int8" and by[rec]["latency"]["p50_ms"] <= 1.05 * fastest)
-    assert by["pytorch fp32"]["role"] == "reference" and all(by[n]["speedup"] > 0 for n in built)
+    # a speed-up per engine, or none at all when the machine was too busy to measure one (speedup_verdict says why)
+    measurable = data["speedup_verdict"]["measurable"]
+    assert by["pytorch fp32"]["role"] == "reference" and all(by[n]["speedup"] > 0 if measurable else by[n]["speedup"] is None for n in built)
     # OpenVINO FP32 really computes in FP32 (the benchmark sets the f32 hint), its INT8 engine in INT8
     assert by["openvino fp32"]["precision_breakdown"]["mac_share"].get("fp32", 0) == pytest.approx(1.0)
     assert by["openvino int8"]["precision_breakdown"]["int8_mac_share"] > 0.5

@@ -219,7 +219,7 @@ def test_default_output_names(tmp_path, ref_onnx):
 
 def test_cli_compile(tmp_path, ref_onnx):
     out = tmp_path / "cli.xml"
-    res = CliRunner().invoke(cli, ["compile", str(ref_onnx), "-t", "openvino", "-o", str(out), "--blob", "--threads", "2"])
+    res = CliRunner().invoke(cli, ["compile", str(ref_onnx), "--backend", "openvino", "-o", str(out), "--blob", "--threads", "2"])
     assert res.exit_code == 0, res.output
     assert "wrote" in res.stdout and "checked on images inputs" in res.stdout and "compiled blob" in res.stdout
     assert out.exists() and out.with_suffix(".bin").exists() and out.with_suffix(".blob").exists()
@@ -228,14 +228,14 @@ def test_cli_compile(tmp_path, ref_onnx):
 
 @pytest.mark.parametrize("args,message", [
     (["missing.onnx"], "does not exist"),
-    (["{ref}", "-t", "onnxruntime", "--blob"], "--blob is an option of openvino"),
-    (["{ref}", "-t", "onnxruntime", "-o", "{tmp}/x.xml"], "must end in .onnx"),
-    (["{ref}", "-t", "openvino", "-o", "{tmp}/x.xml", "--device", "NPU7"], "not present on this machine"),
+    (["{ref}", "--backend", "onnxruntime", "--blob"], "--blob is an option of openvino"),
+    (["{ref}", "--backend", "onnxruntime", "-o", "{tmp}/x.xml"], "must end in .onnx"),
+    (["{ref}", "--backend", "openvino", "-o", "{tmp}/x.xml", "--device", "NPU7"], "not present on this machine"),
     (["{ref}", "--batch", "0"], "must be >= 1"),
     (["{ref}", "-o", "{tmp}/x.onnx", "--img-size", "96"], "cannot change the resolution"),
     (["{ref}", "-o", "{tmp}/x.onnx", "--precision-hint", "bf16"], "no bf16 precision hint"),
     (["{ref}", "-o", "{ref}"], "would overwrite its input"),
-    (["{ir}", "-t", "onnxruntime", "-o", "{tmp}/x.onnx"], "ONNX Runtime runs ONNX files"),
+    (["{ir}", "--backend", "onnxruntime", "-o", "{tmp}/x.onnx"], "ONNX Runtime runs ONNX files"),
     (["{tmp}/junk.onnx", "-o", "{tmp}/x.onnx"], "not a readable ONNX file"),
 ])
 def test_cli_compile_errors_are_one_line(tmp_path, ref_onnx, engines, args, message):

@@ -322,7 +322,7 @@ def test_cli_export_reference(tmp_path):
         (["export", "reference", "-o", "{tmp}/x.onnx", "--img-size", "50"], "img_size 50 is not divisible by the patch size 16"),
         (["export", "vit_tiny", "-o", "{tmp}/x.onnx", "--img-size", "50"], "img_size 50 is not divisible"),
         (["export", "reference", "-o", "{tmp}/x.txt"], "must end in .onnx"),
-        (["export", "reference", "-o", "{tmp}/x.onnx", "--images", "{tmp}/empty"], "no images (jpg/png/bmp/webp) found"),
+        (["export", "reference", "-o", "{tmp}/x.onnx", "--calib", "{tmp}/empty"], "no images (jpg/png/bmp/webp) found"),
     ],
 )
 def test_cli_bad_input(tmp_path, args, message):

@@ -24,7 +24,7 @@ from vitedge.errors import ShapeMismatch, VitedgeError
 from vitedge.manifest import Manifest
 
 FAST = dict(time_budget=0.05, rounds=1, warmup=1, min_runs=3, batch_sizes=(1,))
-FAST_CLI = ["--time-budget", "0.05", "--rounds", "1", "--batch-sizes", "1", "--samples", "24"]
+FAST_CLI = ["--time-budget", "0.05", "--rounds", "1", "--batch-sizes", "1", "--val-samples", "24"]
 
 
 def _cli(args: list[str]):
@@ -206,6 +206,7 @@ def test_compile_and_validate_torchscript(tmp_path, ts_int8, ts_onnx, val_dir):
     for e in rep.engines:
         vs = e["vs_reference"]
         assert vs["cosine_mean"] > 0.99 and vs["top1_agreement"] >= 0.9 and "outputs" not in vs
+        assert e["attention"]["correlation"]["min"] > 0.99  # the attention found from the foreign graph's data flow
     assert any("no vitedge manifest" in f for f in rep.data["findings"])
 
 
@@ -213,7 +214,7 @@ def test_compile_and_validate_torchscript(tmp_path, ts_int8, ts_onnx, val_dir):
 @pytest.mark.e2e  # quantize, compile, validate (and predict) in a row
 def test_transformers_vit_cli_quantize_compile_validate_predict(tmp_path, hf_onnx, calib_dir, val_dir):
     q = tmp_path / "hf.int8.xml"
-    r = _cli(["quantize", hf_onnx, "--int8", "--backend", "openvino", "--calib", calib_dir, "--samples", "16",
+    r = _cli(["quantize", hf_onnx, "--int8", "--backend", "openvino", "--calib", calib_dir, "--calib-samples", "16",
               "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--no-crop", "-o", q])
     assert r.exit_code == 0, r.output
     assert "has no vitedge manifest" in r.output and "'pixel_values'" in r.output and "'logits'" in r.output
@@ -222,11 +223,11 @@ def test_transformers_vit_cli_quantize_compile_validate_predict(tmp_path, hf_onn
     assert man.preprocessing["mean"] == [0.5, 0.5, 0.5] and man.preprocessing["resize"] is None and not man.preprocessing["center_crop"]
     assert man.verification["agreement"]["cosine_min"] > 0.99
 
-    r = _cli(["compile", q, "-t", "openvino", "-o", tmp_path / "hf.ov.xml"])
+    r = _cli(["compile", q, "--backend", "openvino", "-o", tmp_path / "hf.ov.xml"])
     assert r.exit_code == 0, r.output
     assert Manifest.find(tmp_path / "hf.ov.xml")[1].preprocessing["mean"] == [0.5, 0.5, 0.5]
 
-    r = _cli(["validate", tmp_path / "hf.ov.xml", "-d", val_dir, "-o", tmp_path / "rep"] + FAST_CLI)
+    r = _cli(["validate", tmp_path / "hf.ov.xml", "--val", val_dir, "-o", tmp_path / "rep"] + FAST_CLI)
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     eng = data["models"][1]

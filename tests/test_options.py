@@ -24,30 +24,28 @@ from vitedge.options import (
 )
 from vitedge.recipes import load_recipe, run_recipe, schema
 
-# every option flag of the commands, as shipped (another issue renames them; until then they must not change)
+# every visible option flag of the step options, as shipped (the old spellings are hidden aliases: tests/test_cli_language.py)
 FLAGS = {
-    "export": {"--opset", "--batch", "--img-size", "--images", "--merge-tokens", "--val-images", "--max-drop", "--dynamic-size", "--min-size",
-               "--max-size"},
-    "quantize": {"--int8", "--fp16", "--auto", "--backend", "--calib", "--samples", "--method", "--target-agreement",
+    "export": {"--opset", "--batch", "--img-size", "--calib", "--merge-tokens", "--val", "--max-drop", "--dynamic-size", "--min-size", "--max-size"},
+    "quantize": {"--int8", "--fp16", "--auto", "--backend", "--calib", "--calib-samples", "--method", "--target-agreement",
                  "--target-cosine", "--search-budget", "--max-drop", "--min-calib", "--val", "--seed"},
-    "compile": {"-t", "--target", "--batch", "--img-size", "--threads", "--hint", "--precision-hint", "--device", "--streams",
-                "--blob", "--workspace-mb", "--profile", "--timing-cache"},
+    "compile": {"--backend", "--batch", "--img-size", "--img-size-profile", "--threads", "--hint", "--precision-hint", "--device",
+                "--streams", "--blob", "--workspace-mb", "--profile", "--timing-cache"},
     "validate": {"--max-drop", "--min-speedup", "--reference-threads", "--strict", "--backend", "--precision-hint", "--ci-method",
-                 "--worst", "--samples", "--rounds", "--runs", "--time-budget", "--batch-sizes", "--size"},
-    "benchmark": {"--samples", "--rounds", "--runs", "--time-budget", "--batch-sizes"},
+                 "--worst", "--val-samples", "--rounds", "--runs", "--time-budget", "--batch-sizes", "--size"},
+    "benchmark": {"--val-samples", "--rounds", "--runs", "--time-budget", "--batch-sizes"},
 }
 OPTIONS = {"export": ExportOptions, "quantize": QuantizeOptions, "compile": CompileOptions, "validate": ValidateOptions,
            "benchmark": TimingOptions}
 # parameters that are the command's files, not step options (and the benchmark's own sweep settings)
-NOT_STEP_OPTIONS = {"model", "output", "engines", "reference", "data", "out_dir", "pre_json", "interpolation", "crop", "resize",
-                    "std", "mean", "pre_img_size"}
-BENCHMARK_OWN = {"calib", "backends", "precisions", "max_drop", "strict", "img_size", "calib_samples"}
+NOT_STEP_OPTIONS = {"model", "output", "engines", "reference", "pre_json", "interpolation", "crop", "resize", "std", "mean", "pre_img_size"}
+OWN = {"validate": {"val"}, "benchmark": {"calib", "val", "backends", "precisions", "max_drop", "strict", "img_size", "calib_samples"}}
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_cli_options_are_the_dataclass_fields(name):
     cls, cmd = OPTIONS[name], main.commands[name]
-    params = [p for p in cmd.params if p.name not in NOT_STEP_OPTIONS | (BENCHMARK_OWN if name == "benchmark" else set())]
+    params = [p for p in cmd.params if p.expose_value and p.name not in NOT_STEP_OPTIONS | OWN.get(name, set())]
     assert {p.name for p in params} == {f.name for f in cls.fields()}
     assert {o for p in params for o in p.opts} == FLAGS[name]
     fields = {f.name: f for f in cls.fields()}
@@ -56,7 +54,8 @@ def test_cli_options_are_the_dataclass_fields(name):
         assert p.help and (p.help == f.spec.help or p.help in [h for _, _, h in f.spec.switches]), p.name
         if not f.spec.switches and f.base_type is not bool:
             assert p.default == (f.spec.cli_default if f.spec.cli_default is not None else f.default), p.name
-            assert bool(p.show_default) == (f.default is not None or f.spec.shown_default is not None), p.name
+            assert p.show_default == (f.spec.shown_default or True), p.name
+            assert f.default is not None or f.spec.shown_default, f"{p.name}: a default of None needs a Spec(shown_default=...)"
 
 
 def _schema_from_cli() -> dict:
@@ -80,7 +79,7 @@ def test_recipes_schema_is_valid_json_schema():
     jsonschema.validators.validator_for(printed).check_schema(printed)
     steps = printed["properties"]["steps"]["properties"]
     assert steps["quantize"]["properties"]["backend"]["enum"] == registry.names("quantize")
-    assert steps["compile"]["properties"]["target"]["enum"] == registry.names("compile")
+    assert steps["compile"]["properties"]["backend"]["enum"] == registry.names("compile")
     assert steps["quantize"]["properties"]["precision"]["enum"] == ["int8", "fp16", "auto"]
     assert not [e for e in _enums(printed) if not isinstance(e, list) or not e]  # no placeholder left (was "<backends that quantize>")
     assert printed == json.loads(json.dumps(schema()))
@@ -115,19 +114,19 @@ def test_recipe_precision_auto_reaches_quantize(tmp_path, ref_onnx):
 
 
 def test_recipe_tensorrt_options_reach_compile(tmp_path, ref_onnx):
-    trt = {"workspace_mb": 2048, "profile": "1,8,32", "timing_cache": "trt.cache", "img_size": "28,28,28"}
-    recipe = _recipe(tmp_path, ref_onnx, {"compile": {"target": "tensorrt", **trt}})
+    trt = {"workspace_mb": 2048, "profile": "1,8,32", "timing_cache": "trt.cache", "img_size_profile": "28,28,28"}
+    recipe = _recipe(tmp_path, ref_onnx, {"compile": {"backend": "tensorrt", **trt}})
     kw = CompileOptions.from_mapping(recipe.data["steps"]["compile"], recipe.resolve).compile_kwargs()
     assert kw["workspace_mb"] == 2048 and kw["profile"] == "1,8,32" and kw["img_size"] == "28,28,28"
     assert kw["timing_cache"] == tmp_path / "trt.cache"  # relative to the recipe
     # given to another target, compile refuses the TensorRT option: the recipe's value got there
-    other = _recipe(tmp_path, ref_onnx, {"compile": {"target": "onnxruntime", "workspace_mb": 2048}})
+    other = _recipe(tmp_path, ref_onnx, {"compile": {"backend": "onnxruntime", "workspace_mb": 2048}})
     with pytest.raises(VitedgeError, match="step 'compile' failed: --workspace-mb is an option of tensorrt, not onnxruntime"):
         run_recipe(other, tmp_path / "out")
 
 
-@pytest.mark.parametrize("step, value", [("quantize", {"precision": "int4"}), ("compile", {"target": "onnxruntime", "profile": "big"}),
-                                         ("compile", {"target": "onnxruntime", "streams": "many"}),
+@pytest.mark.parametrize("step, value", [("quantize", {"precision": "int4"}), ("compile", {"backend": "onnxruntime", "profile": "big"}),
+                                         ("compile", {"backend": "onnxruntime", "streams": "many"}),
                                          ("validate", {"batch_sizes": [0]})])
 def test_recipe_refuses_bad_step_options_naming_the_key(tmp_path, step, value):
     with pytest.raises(VitedgeError, match=rf"r\.yaml:\d+: steps\.{step}\.\w+"):
@@ -192,9 +191,11 @@ def test_manifest_sections_typed(tmp_path, ref_onnx):
     rec = man.compile_record
     assert (rec.target, rec.batch, rec.hint, rec.threads, rec.source) == ("onnxruntime", 1, "latency", 1, ref_onnx.name)
     assert rec.compile_seconds is not None and rec.compile_seconds > 0
-    # the compile options a manifest records are named as the options are
+    # the compile options a manifest records are named as the options are (but --backend, recorded as the
+    # manifest's `target`: the manifest format predates the option's rename and is unchanged)
     echoed = {"target", "batch", "hint", "precision_hint", "threads", "device"}
-    assert echoed <= {f.name for f in CompileOptions.fields()} and echoed <= set(CompileRecord.__dataclass_fields__)
+    option_names = {"backend" if f == "target" else f for f in echoed}
+    assert option_names <= {f.name for f in CompileOptions.fields()} and echoed <= set(CompileRecord.__dataclass_fields__)
     assert echoed & set(man.compile) == echoed - {"device"}  # ONNX Runtime has no device
     assert Manifest.load(Manifest.sidecar_path(tmp_path / "m.ort.onnx")).compile_record == rec
     q = QuantizationRecord.of({"method": "entropy", "fidelity": {"met": True}, "unknown": 1, "choice": None})

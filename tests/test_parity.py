@@ -62,10 +62,10 @@ def test_wrong_mean_std_is_caught_with_its_cost(ref_onnx, val_dir, tmp_path):
 
 
 def test_cli_exits_1_on_mismatch_and_0_on_match(ref_onnx, val_dir, tmp_path):
-    ok = CliRunner().invoke(main, ["check", "parity", str(ref_onnx), "--reference", "reference", "--data", str(val_dir), "--samples", "8"])
+    ok = CliRunner().invoke(main, ["check", "parity", str(ref_onnx), "--reference", "reference", "--val", str(val_dir), "--val-samples", "8"])
     assert ok.exit_code == 0, ok.output
     engine = _tamper(ref_onnx, tmp_path, mean=[0.4, 0.5, 0.6])
-    bad = CliRunner().invoke(main, ["check", "parity", str(engine), "--reference", "reference", "--data", str(val_dir), "--samples", "8"])
+    bad = CliRunner().invoke(main, ["check", "parity", str(engine), "--reference", "reference", "--val", str(val_dir), "--val-samples", "8"])
     assert bad.exit_code == 1 and "mean" in bad.output
 
 

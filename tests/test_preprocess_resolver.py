@@ -146,7 +146,7 @@ def test_timm_folder_passes_parity(timm_folder, photo_dir, tmp_path):
     for reference in (timm_folder, timm_folder / "config.json", timm_folder / "model.safetensors"):
         rep = check_parity(engine, reference, photo_dir, samples=4)
         assert rep.ok and rep.differences == [], (reference, rep.differences)
-    r = CliRunner().invoke(main, ["check", "parity", str(engine), "--reference", str(timm_folder), "--data", str(photo_dir), "--samples", "4"])
+    r = CliRunner().invoke(main, ["check", "parity", str(engine), "--reference", str(timm_folder), "--val", str(photo_dir), "--val-samples", "4"])
     assert r.exit_code == 0, r.output
     # the same weights without their config get the default rule: parity with the timm config catches it
     bare = tmp_path / "bare"

@@ -260,7 +260,7 @@ def test_bad_inputs(ref_onnx, calib_dir, tmp_path, ort_int8):
 def test_cli(ref_onnx, val_dir, tmp_path):
     from vitedge.cli.main import main
 
-    r = CliRunner().invoke(main, ["quantize", str(ref_onnx), "--int8", "--samples", "40", "--val", str(val_dir),
+    r = CliRunner().invoke(main, ["quantize", str(ref_onnx), "--int8", "--calib-samples", "40", "--val", str(val_dir),
                                   "-o", str(tmp_path / "c.onnx")])
     assert r.exit_code == 0, r.output
     assert "S8" in r.output and "agreement with FP32 on 360 images" in r.output

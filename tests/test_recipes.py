@@ -117,14 +117,14 @@ def test_quickstart_end_to_end_then_cached(tmp_path):
     again = run_recipe(recipe, tmp_path / "qs")
     assert [s.status for s in again.steps] == ["cached"] * 4
     # changing one option redoes that step and the ones after it, not the export
-    changed = run_recipe(recipe.with_changes(**{"steps.quantize.samples": 50}), tmp_path / "qs")
+    changed = run_recipe(recipe.with_changes(**{"steps.quantize.calib_samples": 50}), tmp_path / "qs")
     assert [s.status for s in changed.steps] == ["cached", "done", "done", "done"]
     # --force redoes everything
-    forced = run_recipe(recipe.with_changes(**{"steps.quantize.samples": 50}), tmp_path / "qs", force=True)
+    forced = run_recipe(recipe.with_changes(**{"steps.quantize.calib_samples": 50}), tmp_path / "qs", force=True)
     assert [s.status for s in forced.steps] == ["done"] * 4
     # a file a step wrote that is gone (here the export's manifest) redoes that step
     (tmp_path / "qs" / "model.onnx.vitedge.json").unlink()
-    redone = run_recipe(recipe.with_changes(**{"steps.quantize.samples": 50}), tmp_path / "qs")
+    redone = run_recipe(recipe.with_changes(**{"steps.quantize.calib_samples": 50}), tmp_path / "qs")
     assert redone.steps[0].status == "done"
 
 
@@ -134,11 +134,11 @@ def test_quickstart_end_to_end_then_cached(tmp_path):
 def test_cpu_recipes_run(tmp_path, name):
     import vitedge
 
-    recipe = _fast(load_recipe(name), img_size=32, **({"steps.quantize.samples": 16} if "int8" in name else {}), **{"steps.validate.samples": 16})
+    recipe = _fast(load_recipe(name), img_size=32, **({"steps.quantize.calib_samples": 16} if "int8" in name else {}), **{"steps.validate.val_samples": 16})
     res = run_recipe(recipe, tmp_path / name)
     assert all(s.status == "done" for s in res.steps)
     with vitedge.load(tmp_path / name) as engine:
-        assert engine.backend == recipe.data["steps"]["compile"]["target"]
+        assert engine.backend == recipe.data["steps"]["compile"]["backend"]
         assert engine.manifest.precision == recipe.data["steps"]["quantize"]["precision"]
     assert (tmp_path / name / "report" / "report.json").exists()
 

@@ -49,7 +49,7 @@ def test_toy_backend_appears_everywhere(toy, ref_onnx, tmp_path, val_dir):
     rows = {r["name"]: r for r in json.loads(res.output)}
     assert rows["toy"]["available"] and rows["toy"]["runs"] == [".toy"] and rows["toy"]["quantize"] == ["fp16"]
     # compile: the CLI choice, the default name, the backend's own option, verification through vitedge.load
-    res = runner.invoke(cli, ["compile", str(ref_onnx), "-t", "toy", "-o", str(tmp_path / "m.toy")])
+    res = runner.invoke(cli, ["compile", str(ref_onnx), "--backend", "toy", "-o", str(tmp_path / "m.toy")])
     assert res.exit_code == 0, res.output
     path = tmp_path / "m.toy"
     out, man = compile_model(ref_onnx, tmp_path / "n.toy", target="toy", shout="hi")
@@ -71,8 +71,8 @@ def test_toy_backend_appears_everywhere(toy, ref_onnx, tmp_path, val_dir):
     assert [c.name for c in candidates(["toy"])] == ["toy fp32"]
     assert "toy fp32" in [c.name for c in candidates()]
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "r", "model": "preset:vit_tiny", "steps": {"export": {}, "compile": {"target": "toy"}}}))
-    assert load_recipe(recipe).data["steps"]["compile"]["target"] == "toy"
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": "preset:vit_tiny", "steps": {"export": {}, "compile": {"backend": "toy"}}}))
+    assert load_recipe(recipe).data["steps"]["compile"]["backend"] == "toy"
     # quantize goes through the toy's own strategy (FP16 only), measured against FP32 like every backend's file
     res = runner.invoke(cli, ["quantize", str(ref_onnx), "--fp16", "--backend", "toy", "-o", str(tmp_path / "q.onnx")])
     assert res.exit_code == 0, res.output
@@ -94,7 +94,7 @@ def test_toy_backend_appears_everywhere(toy, ref_onnx, tmp_path, val_dir):
 def test_unregistered_backend_is_gone(toy, tmp_path):
     registry.unregister("toy")
     assert "toy" not in registry.names()
-    res = CliRunner().invoke(cli, ["compile", "x.onnx", "-t", "toy"])
+    res = CliRunner().invoke(cli, ["compile", "x.onnx", "--backend", "toy"])
     assert res.exit_code == 2 and "'toy' is not one of" in res.output
 
 

@@ -121,3 +121,45 @@ def test_whole_model_settings_alone_miss_the_target(token_case, backend, tmp_pat
         outs, _ = prepare(built, backend, xv, "f32" if backend == "openvino" else None)
         missed[cfg.describe()] = _agreement(ref, next(iter(outs.values())))
     assert len(missed) >= 4 and max(missed.values()) < TARGET, missed
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_batched_calibration_gives_the_model_of_one_image_at_a_time(token_case, backend, tmp_path):
+    """NNCF fed :data:`~candidates.CALIB_BATCH` images per item, with per-image (batchwise) statistics, writes the same
+    INT8 model as one image at a time: the same ranges, so the same outputs on the held-out images."""
+    path, d, xv, _ = token_case
+    assert candidates.batch_first(str(path))
+    cfg = registry.get(backend).quantization().base_config().to_dict()
+    outs = []
+    for bs in (1, candidates.CALIB_BATCH):
+        base, built = tmp_path / f"base{bs}{SUFFIX[backend]}", tmp_path / f"built{bs}{SUFFIX[backend]}"
+        candidates.quantize_base(str(path), backend, cfg, str(d / "calib.npy"), str(base), batch=bs)
+        candidates.build(str(base), backend, [], str(built))
+        outs.append(next(iter(prepare(built, backend, xv, "f32" if backend == "openvino" else None)[0].values())))
+    one, batched = outs
+    assert np.array_equal(one.argmax(1), batched.argmax(1))
+    diff, scale = np.abs(one - batched), np.abs(one).max()
+    # float rounding may move a value across an INT8 step here and there; different ranges would move them all
+    assert np.median(diff) <= 1e-5 * scale and np.quantile(diff, 0.99) <= 5e-3 * scale and diff.max() <= 0.02 * scale, diff
+
+
+def test_models_that_move_the_batch_are_calibrated_one_image_at_a_time(tmp_path):
+    """A tokens-first encoder (``(T, B, C)``, as CLIP's exports are) is no batch-first model: per-item statistics
+    would reduce over the wrong axis, so it is calibrated one image at a time."""
+    import torch
+
+    class TokensFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = torch.nn.Conv2d(3, 16, 16, 16)
+            self.mlp = torch.nn.Linear(16, 16)
+            self.head = torch.nn.Linear(16, 5)
+
+        def forward(self, x):
+            t = self.patch(x).flatten(2).permute(2, 0, 1)  # (tokens, batch, channels)
+            return self.head(self.mlp(t).mean(0))
+
+    path = tmp_path / "tokens_first.onnx"
+    torch.onnx.export(TokensFirst().eval(), (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    assert not candidates.batch_first(str(path))

@@ -208,7 +208,7 @@ def test_int8_qdq_224px_vit_meets_the_fidelity_target_in_onnxruntime(vit224):
     assert q["config"]["extra_options"]["DedicatedQDQPair"] is False
     # 12 blocks x 2; the head, and the last block's query, projection and MLP (exported for the CLS token only)
     assert len(q["float_by_placement"]["attention"]) == 24 and len(q["float_by_placement"]["gemv"]) == 5
-    assert "compile -t tensorrt" in v["note"]
+    assert "compile --backend tensorrt" in v["note"]
 
 
 def test_int8_qdq_structure_nvidia_placement(vit224):
@@ -331,7 +331,7 @@ def test_fp16_file_for_tensorrt_has_fp16_weights_and_guarded_nodes_in_fp32(hot_o
 
 
 def test_compile_time_fp16_conversion_is_guarded_too(hot_onnx, tmp_path):
-    """compile -t tensorrt of an FP32 file (default f16): the same guard, on the shipped check images."""
+    """compile --backend tensorrt of an FP32 file (default f16): the same guard, on the shipped check images."""
     man = Manifest.find(hot_onnx)[1]
     rec = convert_for_tensorrt(hot_onnx, tmp_path / "hot.fp16.onnx", man, qdq=False)
     assert rec["overflow_guard"]["checked"] and rec["overflow_guard"]["kept_fp32_for_overflow"]
@@ -600,7 +600,7 @@ def _keep_scratch_onnx(monkeypatch, seen, folder: Path):
 
 @pytest.mark.parametrize("which", ["fp32", "int8"])
 def test_compile_builds_strongly_typed_and_verifies_like_every_backend(fake_gpu, monkeypatch, ref_onnx, qdq_onnx, tmp_path, which):
-    """compile -t tensorrt end to end against fake TensorRT/CUDA: a strongly typed network parsed from an ONNX
+    """compile --backend tensorrt end to end against fake TensorRT/CUDA: a strongly typed network parsed from an ONNX
     with FP16 types (FP32 file: converted with the guard; INT8: Q/DQ with FP16 float parts), no builder flags,
     DETAILED profiling, the engine inspector's precisions in the manifest, and compile's verification of the
     engine against the ONNX on random and real inputs (TensorRTEngine: buffers, stream, profile padding)."""
@@ -735,7 +735,7 @@ def test_compile_says_what_is_missing_and_what_to_install(ref_onnx, tmp_path):
 
 @without_trt
 def test_cli_compile_tensorrt_unavailable(ref_onnx, tmp_path):
-    res = CliRunner().invoke(cli, ["compile", str(ref_onnx), "-t", "tensorrt", "-o", str(tmp_path / "e.engine")])
+    res = CliRunner().invoke(cli, ["compile", str(ref_onnx), "--backend", "tensorrt", "-o", str(tmp_path / "e.engine")])
     assert res.exit_code == 2
     assert res.stderr.startswith("error:") and "TensorRT is not installed" in res.stderr and "NVIDIA GPU" in res.stderr
     assert list(tmp_path.iterdir()) == []

@@ -235,7 +235,7 @@ def test_export_refuses_bad_settings_before_writing(tmp_path):
     out = tmp_path / "bad.onnx"
     with pytest.raises(ModelNotSupported, match="opset 17"):
         export_onnx(model, out, opset=14, merge_tokens=2, images=[])
-    with pytest.raises(InputError, match="needs --val-images"):
+    with pytest.raises(InputError, match="needs --val:"):
         export_onnx(model, out, merge_tokens="auto", images=[])
     with pytest.raises(InputError, match="only apply to --merge-tokens auto"):
         export_onnx(model, out, merge_tokens=2, max_drop=1.0, images=[])
@@ -251,7 +251,7 @@ def test_export_refuses_bad_settings_before_writing(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--merge-tokens", "-1"], "must be >= 0"),
     (["--merge-tokens", "abc"], "number of tokens or 'auto'"),
-    (["--merge-tokens", "auto"], "needs --val-images"),
+    (["--merge-tokens", "auto"], "needs --val:"),
     (["--max-drop", "1"], "only apply to --merge-tokens auto"),
     (["--merge-tokens", "4", "--max-drop", "1"], "only apply to --merge-tokens auto"),
     (["--merge-tokens", "2", "--opset", "14"], "opset 17 or newer"),
@@ -328,7 +328,7 @@ def test_cli_auto_export_records_and_prints_the_trials(ref_spec, tmp_path, unlab
 
     out = tmp_path / "auto.onnx"
     res = CliRunner().invoke(main, ["export", "reference", "-o", str(out), "--merge-tokens", "auto",
-                                    "--val-images", str(unlabelled_dir), "--max-drop", "5"])
+                                    "--val", str(unlabelled_dir), "--max-drop", "5"])
     assert res.exit_code == 0, res.output
     tm = json.loads((tmp_path / "auto.onnx.vitedge.json").read_text())["model"]["graph"]["token_merging"]
     search = tm["search"]
@@ -351,17 +351,17 @@ def test_shipped_tome_recipe_merges_8_tokens():
 
     r = load_recipe("vit_base_tome_openvino")
     assert r.data["steps"]["export"]["merge_tokens"] == 8
-    assert r.data["model"] == "vit_base" and r.data["steps"]["compile"]["target"] == "openvino"
+    assert r.data["model"] == "vit_base" and r.data["steps"]["compile"]["backend"] == "openvino"
 
 
 @pytest.mark.parametrize("export, problem", [
     ("{merge_tokens: -1}", "merge_tokens"),
     ("{merge_tokens: abc}", "merge_tokens"),
-    ("{merge_tokens: auto}", "val_images"),
+    ("{merge_tokens: auto}", "'val' is a required property"),
     ("{merge_tokens: 8, max_drop: 1}", "merge_tokens"),
     ("{max_drop: 1}", "merge_tokens"),
-    ("{val_images: v}", "merge_tokens"),
-    ("{merge_tokens: auto, val_images: v, max_drop: -1}", "max_drop"),
+    ("{val: v}", "merge_tokens"),
+    ("{merge_tokens: auto, val: v, max_drop: -1}", "max_drop"),
 ])
 def test_recipe_schema_checks_the_merge_keys(tmp_path, export, problem):
     from vitedge.recipes import load_recipe
@@ -395,7 +395,7 @@ def test_recipe_passes_the_merge_keys_and_caches_on_them(tmp_path, monkeypatch):
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "a.png").write_bytes(b"one")
     p = tmp_path / "r.yaml"
-    p.write_text("name: x\nmodel: vit_tiny\nimg_size: 32\nsteps:\n  export: {merge_tokens: auto, val_images: val, max_drop: 2.5}\n")
+    p.write_text("name: x\nmodel: vit_tiny\nimg_size: 32\nsteps:\n  export: {merge_tokens: auto, val: val, max_drop: 2.5}\n")
     recipe = load_recipe(p)
     out = tmp_path / "run"
 

@@ -6,7 +6,7 @@ from ._version import __version__
 from .backends.base import Engine, Prediction
 from .benchmarking import benchmark
 from .compilation import compile_model
-from .errors import BackendUnavailable, FileProblem, GateFailed, InputError, ModelNotSupported, ShapeMismatch, VitedgeError
+from .errors import BackendUnavailable, FileProblem, GateFailed, InputError, ModelNotSupported, ShapeMismatch, SpeedupNotMeasurable, VitedgeError
 from .export import export_onnx
 from .manifest import Manifest
 from .models.loading import ModelSpec, load_model, save_checkpoint
@@ -24,6 +24,7 @@ __all__ = [
     "InputError",
     "ModelNotSupported",
     "ShapeMismatch",
+    "SpeedupNotMeasurable",
     "Manifest",
     "ModelSpec",
     "PRESETS",

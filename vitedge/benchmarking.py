@@ -173,9 +173,9 @@ def rank(report: Report, max_drop: float | None, strict: bool = False, fidelity:
     )
     if rec:
         r = next(m for m in engines if m["name"] == rec)
+        speed = f"{r['speedup']:.2f}x over {report.reference['name']}" if r["speedup"] is not None else "speed-up not measurable"
         report.data["findings"].append(
-            f"recommended: {rec} — {why or 'fastest ' + budget}: p50 {r['latency']['p50_ms']:.3f} ms, {r['speedup']:.2f}x over "
-            f"{report.reference['name']}, cosine {r['vs_reference']['cosine_mean']:.5f}."
+            f"recommended: {rec} — {why or 'fastest ' + budget}: p50 {r['latency']['p50_ms']:.3f} ms, {speed}, cosine {r['vs_reference']['cosine_mean']:.5f}."
         )
     else:
         report.data["findings"].append(f"no engine is {budget}; loosen --max-drop or check the INT8 calibration.")

@@ -208,7 +208,7 @@ def _backend_options(backend: registry.Backend, given: dict) -> dict:
             flag = "--" + key.replace("_", "-").replace("export-blob", "blob")
             raise VitedgeError(
                 f"{flag} is an option of {' and '.join(owners) or 'no backend'}, not {backend.name}",
-                f"use --target {owners[0]}, or drop {flag}" if owners else f"drop {flag}",
+                f"use --backend {owners[0]}, or drop {flag}" if owners else f"drop {flag}",
             )
         out[key] = value
     return out

@@ -186,7 +186,7 @@ class ImageSet:
         if good < min_count:
             raise VitedgeError(
                 f"only {good} usable images in {self.source} ({len(self.skipped)} unreadable), {min_count} needed",
-                "add images or lower --samples",
+                "add images or lower --calib-samples",
             )
 
     def load_all(self, pre: Preprocessing | None, min_count: int = 1) -> Batch:

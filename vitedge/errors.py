@@ -2,7 +2,8 @@
 
 Every problem a user can cause (bad file, wrong shape, unsupported model, missing backend) raises a
 :class:`VitedgeError` whose message is one line: what is wrong, then how to fix it.  The CLI prints
-it as ``error: ...`` and exits with code 2; a failed gate (validation) exits with code 1.
+it as ``error: ...`` and exits with code 2; a failed gate (validation) exits with code 1, a speed-up gate that
+could not be checked because the machine was too busy to measure a speed-up with code 3.
 
 The subclasses say what kind of problem it is, so callers and tests can catch one kind::
 
@@ -13,6 +14,7 @@ The subclasses say what kind of problem it is, so callers and tests can catch on
     │   └── ShapeMismatch     input shape does not fit the model/engine
     ├── BackendUnavailable    backend or device not installed/present
     └── GateFailed (exit 1)   a validation gate was missed
+        └── SpeedupNotMeasurable (exit 3)  --min-speedup set, but the speed-up was withheld (busy machine)
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ class GateFailed(VitedgeError):
 
     exit_code = 1
     report: Any  # the validation Report, set by validate() before raising: the CLI still prints its table
+
+
+class SpeedupNotMeasurable(GateFailed):
+    """``--min-speedup`` was set but the speed-up was withheld: other processes held the cores, so no ratio
+    measured here could be trusted.  It fails closed, with its own exit code, so that a script can tell
+    "too slow" (1) from "could not tell on this machine" (3)."""
+
+    exit_code = 3
 
 
 def first_line(exc: BaseException, limit: int = 240) -> str:

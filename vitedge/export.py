@@ -234,7 +234,7 @@ def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) 
         if r < 0:
             raise InputError(f"--merge-tokens {r} must be >= 0")
         if max_drop is not None or val_images is not None:
-            raise InputError("--max-drop / --val-images only apply to --merge-tokens auto", "use --merge-tokens auto, or drop them")
+            raise InputError("--max-drop / --val only apply to --merge-tokens auto", "use --merge-tokens auto, or drop them")
         if r == 0:
             return 0, None
     token_merging.check_mergeable(spec.model)
@@ -247,7 +247,7 @@ def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) 
         return r, None
     if val_images is None:
         raise InputError(
-            "--merge-tokens auto needs --val-images: a folder of held-out images to measure the top-1 drop on",
+            "--merge-tokens auto needs --val: a folder of held-out images to measure the top-1 drop on",
             "give one (class sub-folders for labels), or a fixed --merge-tokens N",
         )
 

@@ -159,6 +159,25 @@ def qdq_source(value: ir.Value | None) -> ir.Value | None:
     return q.inputs[0] if q is not None and q.op_type == "QuantizeLinear" else None
 
 
+def attention_probabilities(model: Any) -> list[str]:
+    """The attention probabilities of a transformer graph, in graph order (block by block): every Softmax
+    output that a MatMul of two activations (probabilities · V) reads as its first input, directly or
+    through Q/DQ pairs, casts and layout ops.  Found from data flow, not names, so graphs exported elsewhere
+    work too; a classifier's final Softmax (read by no MatMul) is not one."""
+    through = ("QuantizeLinear", "Dropout", *WEIGHT_PASS_THROUGH, *LAYOUT_OPS)
+
+    def reaches_probs_times_v(value: ir.Value, depth: int = 4) -> bool:
+        for use in value.uses():
+            node, index = use.node, use.idx
+            if node.op_type in ("MatMul", "FusedMatMul") and index == 0 and len(node.inputs) > 1 and constant_behind(node.inputs[1]) is None:
+                return True
+            if depth > 1 and node.op_type in through and index == 0 and reaches_probs_times_v(node.outputs[0], depth - 1):
+                return True
+        return False
+
+    return [n.outputs[0].name for n in as_model(model).graph if n.op_type == "Softmax" and n.outputs[0].name and reaches_probs_times_v(n.outputs[0])]
+
+
 # -- generic edits ----------------------------------------------------------------------------------------------------------
 @editor
 def remove_dead(model: ir.Model) -> int:

@@ -64,6 +64,9 @@ class Spec:
     metavar: str | None = None
     path: Mapping[str, bool] | None = None  # a file or folder: click.Path's exists / dir_okay / file_okay
     shown_default: str | None = None  # the default shown in help when the step decides it at run time
+    # earlier CLI spellings, kept for one release as hidden aliases that print a deprecation line; a long one
+    # ("--samples") is also the recipe key it had ("samples"), accepted with the same warning
+    renamed_from: tuple[str, ...] = ()
 
 
 def option(default: Any = None, help: str = "", **spec: Any) -> Any:
@@ -154,6 +157,11 @@ class StepOptions:
         return {**out, **cls.RULES}
 
     @classmethod
+    def renamed_keys(cls) -> dict[str, str]:
+        """Old recipe key -> its new name (from each field's ``renamed_from``), kept for one release."""
+        return {old[2:].replace("-", "_"): f.name for f in cls.recipe_fields() for old in f.spec.renamed_from if old.startswith("--")}
+
+    @classmethod
     def from_mapping(cls, values: Mapping[str, Any], resolve: Callable[[str], str] | None = None):
         """The options a recipe step gives (already schema-checked); path options go through ``resolve``
         (the recipe makes them relative to its file)."""
@@ -191,6 +199,16 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     if not sizes or any(s < 1 for s in sizes):
         raise ValueError("use comma-separated positive integers, e.g. 1,4,8")
     return sizes
+
+
+def parse_img_size(text: str) -> int:
+    """One resolution (an integer); a ``MIN,OPT,MAX`` range is ``--img-size-profile`` now."""
+    try:
+        return int(text)
+    except ValueError:
+        if "," in str(text):
+            raise ValueError(f"{text!r} is not one integer: a TensorRT MIN,OPT,MAX range is --img-size-profile {text}") from None
+        raise ValueError(f"{text!r} is not an integer") from None
 
 
 def parse_size(text: str) -> tuple[int, int] | None:
@@ -232,11 +250,11 @@ class ExportOptions(StepOptions):
     """``vitedge export`` / a recipe's ``steps.export``."""
 
     STEP: ClassVar[str] = "export"
-    # val_images / max_drop only mean something to the merge_tokens auto search, which needs the images
+    # val / max_drop only mean something to the merge_tokens auto search, which needs the images
     RULES: ClassVar[dict] = {
-        "dependentSchemas": {"val_images": _AUTO_MERGE, "max_drop": _AUTO_MERGE},
+        "dependentSchemas": {"val": _AUTO_MERGE, "max_drop": _AUTO_MERGE},
         "if": _AUTO_MERGE,
-        "then": {"required": ["val_images"]},
+        "then": {"required": ["val"]},
     }
 
     opset: int = option(
@@ -249,22 +267,31 @@ class ExportOptions(StepOptions):
         "dynamic", "'dynamic' or a fixed batch size.", parse=parse_batch, schema=_one_of({"const": "dynamic"}, {"type": "integer", "minimum": 1})
     )
     # a recipe's img_size is top-level: every step uses it
-    img_size: int | None = option(None, "Input resolution (position embeddings are interpolated).", minimum=16, recipe=False)
-    images: Path | None = option(
-        None, "Folder of real images used for the checks (default: the shipped calibration images).", path={"exists": True}, recipe=False
+    img_size: int | None = option(None, "Input resolution (position embeddings are interpolated).", minimum=16, recipe=False, shown_default="the model's")
+    calib: Path | None = option(
+        None,
+        "Representative images: the ONNX file is checked against PyTorch on a few of them.",
+        path={"exists": True},
+        recipe=False,
+        shown_default="a few shipped calibration images",
+        renamed_from=("--images",),
     )
     merge_tokens: int | str = option(
         0,
         "Token merging (ToMe; lossy, opt-in): merge R tokens in every block but the last, so later blocks run "
-        "on fewer tokens (0: off).  'auto' picks the largest R whose top-1 drop on --val-images stays within --max-drop.",
+        "on fewer tokens (0: off).  'auto' picks the largest R whose top-1 drop on --val stays within --max-drop.",
         metavar="R|auto",
         cli_default="0",
         schema=_one_of({"type": "integer", "minimum": 0}, {"const": "auto"}),
     )
-    val_images: Path | None = option(
-        None, "Held-out images for --merge-tokens auto (class sub-folders give labels; without labels, top-1 changes are counted).", path={"exists": True}
+    val: Path | None = option(
+        None,
+        "Held-out images for --merge-tokens auto (class sub-folders give labels; without labels, top-1 changes are counted).",
+        path={"exists": True},
+        shown_default="none; required by --merge-tokens auto",
+        renamed_from=("--val-images",),
     )
-    max_drop: float | None = option(None, "Top-1 points --merge-tokens auto may lose on --val-images.", minimum=0, shown_default="1.0")
+    max_drop: float | None = option(None, "Top-1 points --merge-tokens auto may lose on --val.", minimum=0, shown_default="1.0")
     dynamic_size: bool = option(
         False,
         "One graph for many input sizes: any height and width that is a multiple of the patch, within --min-size/--max-size "
@@ -274,13 +301,13 @@ class ExportOptions(StepOptions):
     max_size: int | None = option(None, "Largest height/width of a --dynamic-size export.", minimum=16, shown_default="twice the model's size")
 
     def export_kwargs(self) -> dict:
-        """Keyword arguments of :func:`vitedge.export.export_onnx` (``images`` is the caller's: it lists the folder)."""
+        """Keyword arguments of :func:`vitedge.export.export_onnx` (``images``, from ``calib``, is the caller's: it lists the folder)."""
         return {
             "opset": self.opset,
             "batch": None if self.batch == "dynamic" else self.batch,
             "img_size": self.img_size,
             "merge_tokens": self.merge_tokens,
-            "val_images": self.val_images,
+            "val_images": self.val,
             "max_drop": self.max_drop,
             "dynamic_size": self.dynamic_size,
             "min_size": self.min_size,
@@ -315,7 +342,7 @@ class QuantizeOptions(StepOptions):
     )
     backend: str = option(
         "onnxruntime",
-        "Target runtime: onnxruntime/tensorrt write .onnx (QDQ), openvino writes IR .xml+.bin (in a recipe, the default is the compile step's target).",
+        "Target runtime: onnxruntime/tensorrt write .onnx (QDQ), openvino writes IR .xml+.bin (in a recipe, the default is the compile step's backend).",
         backends="quantize",
     )
     calib: Path | None = option(
@@ -323,9 +350,14 @@ class QuantizeOptions(StepOptions):
         "Calibration images: folder (recursive, class sub-folders allowed) or preprocessed .npy/.npz. Required for INT8 except for the reference model.",
         path={},
         recipe=False,
+        shown_default="the shipped images, reference model only",
     )
-    samples: int | None = option(None, "Calibration images to use (default: all, up to 300; sampled with --seed).", minimum=1)
-    method: str | None = option(None, "Activation range calibration (default: minmax; entropy for --backend tensorrt, as NVIDIA's tools do).", choices=METHODS)
+    calib_samples: int | None = option(
+        None, "Calibration images to use (sampled with --seed).", minimum=1, shown_default="all, up to 300", renamed_from=("--samples",)
+    )
+    method: str | None = option(
+        None, "Activation range calibration (entropy for --backend tensorrt, as NVIDIA's tools do).", choices=METHODS, shown_default="minmax; tensorrt: entropy"
+    )
     target_agreement: float = option(
         DEFAULT_AGREEMENT, "INT8 fidelity target for classifiers: top-1 agreement with FP32 on held-out images.", minimum=0, maximum=1
     )
@@ -344,9 +376,12 @@ class QuantizeOptions(StepOptions):
         "Also bound the top-1 points INT8 may lose (on --val labels, else vs FP32 predictions). "
         "TensorRT: the most sensitive layers are kept in float until it fits (<out>.sensitivity.md/.json).",
         minimum=0,
+        shown_default="no bound",
     )
     min_calib: int = option(MIN_CALIB, "Fewest calibration images accepted; lower it only if you know the ranges will still be representative.", minimum=1)
-    val: Path | None = option(None, "Held-out images for the agreement numbers and --max-drop (default: a held-out part of --calib).", path={}, recipe=False)
+    val: Path | None = option(
+        None, "Held-out images for the agreement numbers and --max-drop.", path={}, recipe=False, shown_default="a held-out part of --calib"
+    )
     seed: int = option(0, "Seed for sampling and the held-out split.")
 
     def target(self):
@@ -359,7 +394,7 @@ class QuantizeOptions(StepOptions):
             "precision": self.precision,
             "backend": self.backend,
             "calib": self.calib,
-            "samples": self.samples,
+            "samples": self.calib_samples,
             "method": self.method,
             "val": self.val,
             "seed": self.seed,
@@ -376,49 +411,63 @@ class CompileOptions(StepOptions):
 
     STEP: ClassVar[str] = "compile"
 
-    target: str = option(
+    backend: str = option(
         "onnxruntime",
         "Backend that builds the engine; `vitedge backends` lists them and what this machine can run.",
         backends="compile",
-        short="-t",
         required=True,
+        renamed_from=("--target", "-t"),
     )
     batch: int | str = option(
         "auto",
         "'auto' (static 1 for --hint latency, dynamic for throughput), 'dynamic' or a fixed size.",
         schema=_one_of({"enum": ["auto", "dynamic"]}, {"type": "integer", "minimum": 1}),
     )
-    img_size: int | str | None = option(
+    img_size: int | None = option(
         None,
-        "Resolution; for a model name/checkpoint (exported at that size), or TensorRT MIN,OPT,MAX for dynamic-size ONNX.",
-        schema=_one_of({"type": "integer", "minimum": 16}, {"type": "string", "pattern": r"^\d+,\d+,\d+$"}),
+        "Resolution of a model name/checkpoint (exported at that size), or the size of a dynamic-size ONNX.",
+        minimum=16,
+        parse=parse_img_size,
+        shown_default="the model's",
     )
-    threads: int | None = option(None, "Inference threads (default: all cores).", minimum=1, cli_range=True)
+    img_size_profile: str | None = option(
+        None,
+        "TensorRT, dynamic-size ONNX: MIN,OPT,MAX resolutions of the optimisation profile (instead of one --img-size).",
+        schema={"type": "string", "pattern": r"^\d+,\d+,\d+$"},
+        metavar="MIN,OPT,MAX",
+        shown_default="--img-size only",
+    )
+    threads: int | None = option(None, "Inference threads.", minimum=1, cli_range=True, shown_default="all cores")
     hint: str = option("latency", "Optimise for one request at a time (latency) or many in parallel (throughput).", choices=HINTS)
     precision_hint: str | None = option(
         None,
-        "Precision of the ops computed in float. OpenVINO default: device default (bf16 on AVX-512 BF16 CPUs), f32 for INT8 models. TensorRT default: f16.",
+        "Precision of the ops computed in float (OpenVINO's device default is bf16 on AVX-512 BF16 CPUs).",
         choices=PRECISION_HINTS,
+        shown_default="OpenVINO: device default, f32 for INT8 models; TensorRT: f16",
     )
-    device: str | None = option(None, "OpenVINO device (CPU, GPU, NPU, AUTO, ...; default CPU).")
+    device: str | None = option(None, "OpenVINO device (CPU, GPU, NPU, AUTO, ...).", shown_default="CPU")
     streams: int | str | None = option(
-        None, "OpenVINO streams (a number or AUTO; default from the hint).", schema=_one_of({"type": "integer", "minimum": 1}, {"const": "AUTO"})
+        None, "OpenVINO streams (a number or AUTO).", schema=_one_of({"type": "integer", "minimum": 1}, {"const": "AUTO"}), shown_default="from --hint"
     )
     export_blob: bool = option(False, "OpenVINO: also write the compiled blob (.blob) for a fast cold start.", flag="--blob")
-    workspace_mb: int | None = option(None, "TensorRT: builder workspace memory limit (default 1024).", minimum=1)
+    workspace_mb: int | None = option(None, "TensorRT: builder workspace memory limit.", minimum=1, shown_default="1024")
     profile: str | None = option(
         None,
-        "TensorRT: MIN,OPT,MAX batch sizes of the optimisation profile (default 1,1,32 latency / 1,8,32 throughput).",
+        "TensorRT: MIN,OPT,MAX batch sizes of the optimisation profile.",
         schema={"type": "string", "pattern": r"^\d+,\d+,\d+$"},
+        shown_default="1,1,32 latency / 1,8,32 throughput",
     )
-    timing_cache: Path | None = option(None, "TensorRT: timing cache file, read if it exists and updated (faster rebuilds).", path={"dir_okay": False})
+    timing_cache: Path | None = option(
+        None, "TensorRT: timing cache file, read if it exists and updated (faster rebuilds).", path={"dir_okay": False}, shown_default="none"
+    )
 
     def compile_kwargs(self) -> dict:
-        """Keyword arguments of :func:`vitedge.compilation.compile_model` (all but the files and ``preprocessing``)."""
-        size = self.img_size
-        if isinstance(size, str) and size.isdigit():
-            size = int(size)
-        return {**{f.name: getattr(self, f.name) for f in self.fields()}, "img_size": size}
+        """Keyword arguments of :func:`vitedge.compilation.compile_model` (all but the files and ``preprocessing``):
+        ``backend`` is its ``target``, and ``img_size`` is one size or the TensorRT ``MIN,OPT,MAX`` profile."""
+        if self.img_size is not None and self.img_size_profile is not None:
+            raise VitedgeError("--img-size and --img-size-profile both give the resolution", "give one of them")
+        named = {f.name: getattr(self, f.name) for f in self.fields() if f.name not in ("backend", "img_size", "img_size_profile")}
+        return {**named, "target": self.backend, "img_size": self.img_size_profile or self.img_size}
 
 
 @dataclass(frozen=True)
@@ -427,14 +476,18 @@ class TimingOptions(StepOptions):
 
     STEP: ClassVar[str] = "timing"
 
-    samples: int | None = option(None, "Use a seeded sample of N validation images (default: all).", minimum=1, cli_range=True)
+    val_samples: int | None = option(
+        None, "Use a seeded sample of N validation images.", minimum=1, cli_range=True, shown_default="all", renamed_from=("--samples",)
+    )
     rounds: int = option(
         10,
         "Interleaved timing rounds (reference, engine 1, ..., reference, ...); the speed-up is the median of the per-round ratios reference/engine.",
         minimum=1,
         cli_range=True,
     )
-    runs: int | None = option(None, "Exact number of timed runs at batch 1 (instead of the time budget).", minimum=1, cli_range=True)
+    runs: int | None = option(
+        None, "Exact number of timed runs at batch 1 (instead of the time budget).", minimum=1, cli_range=True, shown_default="--time-budget decides"
+    )
     time_budget: float = option(5.0, "Seconds of timed runs per model at batch 1 (extended up to 2x until the median is stable).", minimum=0.01, cli_range=True)
     batch_sizes: tuple[int, ...] = option((1, 4, 8), "Batch sizes of the throughput sweep.", minimum=1, cli_default="1,4,8", parse=parse_batch_sizes)
 
@@ -445,18 +498,27 @@ class ValidateOptions(TimingOptions):
 
     STEP: ClassVar[str] = "validate"
 
-    max_drop: float | None = option(None, "Gate: max top-1 drop in percentage points (exit 1 if exceeded).", minimum=0)
-    min_speedup: float | None = option(None, "Gate: min batch-1 speed-up over the FP32 reference (exit 1 if missed).", minimum=0)
+    max_drop: float | None = option(None, "Gate: max top-1 drop in percentage points (exit 1 if exceeded).", minimum=0, shown_default="no gate")
+    min_speedup: float | None = option(
+        None,
+        "Gate: min batch-1 speed-up over the FP32 reference (exit 1 if missed, exit 3 if the machine is too busy to measure it).",
+        minimum=0,
+        shown_default="no gate",
+    )
     reference_threads: int | None = option(
         None,
-        "Threads of the FP32 reference (PyTorch intra-op, or ONNX Runtime for an .onnx reference). "
-        "Default: every usable core, as the ONNX Runtime and OpenVINO engines use.",
+        "Threads of the FP32 reference (PyTorch intra-op, or ONNX Runtime for an .onnx reference); the engines use as many.",
         minimum=1,
         cli_range=True,
+        shown_default="the cores other processes leave free (every usable core on a quiet machine)",
     )
     strict: bool = option(False, "Gate on the upper end of the drop's 95% confidence interval, not the estimate.")
-    backend: str | None = option(None, "Run the engines with this backend (e.g. an ONNX file with OpenVINO).", backends="run", recipe=False)
-    precision_hint: str | None = option(None, "OpenVINO inference precision for the engines (INFERENCE_PRECISION_HINT).", choices=PRECISION_HINTS, recipe=False)
+    backend: str | None = option(
+        None, "Run the engines with this backend (e.g. an ONNX file with OpenVINO).", backends="run", recipe=False, shown_default="each engine's own"
+    )
+    precision_hint: str | None = option(
+        None, "OpenVINO inference precision for the engines (INFERENCE_PRECISION_HINT).", choices=PRECISION_HINTS, recipe=False, shown_default="device default"
+    )
     ci_method: str = option("agresti-min", "Paired confidence interval of the accuracy drop.", choices=CI_METHODS)
     worst: int = option(10, "How many worst images to list per engine.", minimum=0, cli_range=True)
     size: str | None = option(
@@ -471,7 +533,8 @@ class ValidateOptions(TimingOptions):
     def validate_kwargs(self) -> dict:
         """Keyword arguments of :func:`vitedge.validation.validate` (the engines' backend and precision hint go
         into their :class:`~vitedge.validation.EngineSpec`)."""
-        return {f.name: getattr(self, f.name) for f in self.fields() if f.name not in ("backend", "precision_hint")}
+        kw = {f.name: getattr(self, f.name) for f in self.fields() if f.name not in ("backend", "precision_hint", "val_samples")}
+        return {**kw, "samples": self.val_samples}
 
 
 STEPS: dict[str, type[StepOptions]] = {o.STEP: o for o in (ExportOptions, QuantizeOptions, CompileOptions, ValidateOptions)}

@@ -32,6 +32,7 @@ from .manifest import BUNDLE_FILE, Manifest
 from .models.loading import REFERENCE_CHECKPOINT, load_model
 from .options import STEPS, CompileOptions, ExportOptions, QuantizeOptions, ValidateOptions
 from .quantization import quantize
+from .ui import deprecated
 from .validation import validate
 
 # the shipped recipes/ folder, from the installed package (wheel or editable install)
@@ -106,7 +107,7 @@ class Recipe:
         return value  # a preset name or "reference"
 
     def with_changes(self, **changes) -> Recipe:
-        """A copy with top-level or dotted keys changed (e.g. ``{"steps.quantize.samples": 8}``)."""
+        """A copy with top-level or dotted keys changed (e.g. ``{"steps.quantize.calib_samples": 8}``)."""
         data = copy.deepcopy(self.data)
         for dotted, value in changes.items():
             node = data
@@ -114,6 +115,7 @@ class Recipe:
             for k in parents:
                 node = node.setdefault(k, {})
             node[last] = value
+        _upgrade(data, self.path or Path("<recipe>"))
         _validate(data, self.path or Path("<recipe>"), None)
         return Recipe(data["name"], self.path, data, self.base_dir)
 
@@ -137,6 +139,29 @@ def _line_index(text: str) -> dict[tuple, int]:
     if root is not None:
         walk(root, ())
     return lines
+
+
+def _upgrade(data: Any, path: Path) -> None:
+    """Rename, in place, the step keys renamed in this release (``renamed_from`` in :mod:`vitedge.options`:
+    ``quantize.samples`` -> ``calib_samples``, ``validate.samples`` -> ``val_samples``, ``compile.target`` ->
+    ``backend``, ``export.val_images`` -> ``val``; a ``MIN,OPT,MAX`` ``compile.img_size`` -> ``img_size_profile``),
+    with one deprecation line each: old recipes keep working for one release."""
+    steps = data.get("steps") if isinstance(data, dict) else None
+    if not isinstance(steps, dict):
+        return  # the schema says what is wrong
+    moves = {name: opts.renamed_keys() for name, opts in STEPS.items()}
+    moves["compile"] = {**moves["compile"], "img_size": "img_size_profile"}
+    for name, renames in moves.items():
+        step = steps.get(name)
+        if not isinstance(step, dict):
+            continue
+        for old, new in renames.items():
+            if old not in step or (old == "img_size" and not isinstance(step[old], str)):
+                continue
+            if new in step:
+                raise VitedgeError(f"{path}: steps.{name} gives both {old} and {new}", f"keep {new} only ({old} is its old name)")
+            deprecated(f"steps.{name}.{old}", f"steps.{name}.{new}", where=str(path))
+            step[new] = step.pop(old)
 
 
 def _validate(data: Any, path: Path, text: str | None) -> None:
@@ -184,6 +209,7 @@ def load_recipe(path: str | Path) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise VitedgeError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    _upgrade(data, path)
     _validate(data, path, text)
     return Recipe(data["name"], path, data, path.parent.resolve())
 
@@ -327,7 +353,7 @@ def run_recipe(
     else:
         onnx_path = out / "model.onnx"
         eopts = ExportOptions.from_mapping(exp, recipe.resolve)  # the recipe's img_size sizes the model before export
-        merge_val = eopts.val_images  # token merging's auto search measures on these
+        merge_val = eopts.val  # token merging's auto search measures on these
 
         def do_export():
             spec = load_model(model, img_size=d.get("img_size"))
@@ -337,7 +363,7 @@ def run_recipe(
             extra = f"; token merging r={merging['r']} (lossy)" if merging else ""
             return f"verified vs PyTorch, max abs error {err:.1e}{extra}"
 
-        # the options (merge_tokens, val_images, max_drop included) and the content of the files read are the cache key
+        # the options (merge_tokens, val, max_drop included) and the content of the files read are the cache key
         run.step(
             "export",
             {**exp, "img_size": d.get("img_size")},
@@ -350,7 +376,7 @@ def run_recipe(
     # quantize
     q = steps.get("quantize")
     if q:
-        backend = q.get("backend") or (steps.get("compile") or {}).get("target", "onnxruntime")
+        backend = q.get("backend") or (steps.get("compile") or {}).get("backend", "onnxruntime")
         q_path = out / f"model.{q['precision']}{registry.get(backend, 'quantize').quantized_suffix}"
         qopts = {**q, "backend": backend}
         # the fidelity search measures on a held-out part of the calibration images, so that the validate
@@ -373,12 +399,12 @@ def run_recipe(
     c = steps.get("compile")
     engine = current
     if c:
-        engine = out / f"engine{registry.get(c['target'], 'compile').engine_suffix}"
+        engine = out / f"engine{registry.get(c['backend'], 'compile').engine_suffix}"
         copts = CompileOptions.from_mapping(c, recipe.resolve)  # a timing_cache path is relative to the recipe
 
         def do_compile():
             compile_model(current, engine, **copts.compile_kwargs())
-            return f"{copts.target} engine"
+            return f"{copts.backend} engine"
 
         run.step("compile", c, _artifact_inputs(current), [engine], do_compile)
 

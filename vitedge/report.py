@@ -3,9 +3,9 @@
 A :class:`Report` wraps one JSON document.  The document is checked against :data:`SCHEMA`
 (JSON Schema 2020-12) before anything is written, and the three files are written atomically.
 ``report.md`` and ``report.html`` are rendered from the Jinja2 templates in ``vitedge/templates``
-(HTML autoescaped).  ``report.html`` is self-contained: inline CSS and two inline SVG plots (latency
-distribution at batch 1, and accuracy vs latency for every model compared, drawn here), no scripts,
-no external files.
+(HTML autoescaped).  ``report.html`` is self-contained: inline CSS, inline SVG plots (latency distribution at batch 1,
+accuracy vs latency for every model compared, the attention maps' correlation, drawn here) and the
+attention maps of the most moved images as PNG data URIs; no scripts, no external files.
 
 Schema outline (``docs/validate.md`` explains every field)::
 
@@ -24,10 +24,14 @@ Schema outline (``docs/validate.md`` explains every field)::
                latency: {batch, runs, p50_ms, p90_ms, p99_ms, mean_ms, std_ms, min_ms, max_ms,
                          median_ci95_ms, samples_ms[]},
                throughput: [{batch, images_per_s, p50_ms, runs}],
-               speedup (median of per-round paired ratios),
-               speedup_spread: {method, rounds, ratio_iqr, ratio_min, ratio_max, ratios[], ratio_of_medians},
-               throughput_speedup{batch: x}, precision_breakdown | null, gate_failures[]} ]
-    gates: {max_drop_pp, min_speedup, strict, passed, failures[]}
+               speedup (median of per-round paired ratios; null when withheld),
+               speedup_spread: {method, rounds, ratio_iqr, ratio_min, ratio_max, ratios[], ratio_of_medians} (absent when withheld),
+               throughput_speedup{batch: x}, precision_breakdown | null, gate_failures[],
+               attention: {kind, images, correlation{mean, median, min, p10}, top10_overlap{mean, median, min},
+                           per_image[{image, correlation, top10_overlap}], moved[{..., engine_map, reference_map}]} | null} ]
+    gates: {max_drop_pp, min_speedup, strict, passed, failures[], unchecked[]}
+    speedup_verdict: {measurable, reason | null, warning | null, cpu{at_start, before_timing}, reference_threads,
+                      reference_p50_ms, reference_single_thread_p50_ms | null}
     findings: [str]
     ranking, pareto: [name], recommended: name | null, skipped: [{name, reason}]   (benchmark)
 """
@@ -42,6 +46,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from . import attention
 from ._io import atomic_dir, commit_files
 from .errors import FileProblem, VitedgeError
 
@@ -119,6 +124,29 @@ _VS_REF = {
     },
 }
 
+_AGREEMENT = {
+    "type": "object",
+    "required": ["image", "correlation", "top10_overlap"],
+    "properties": {"image": {"type": "string"}, "correlation": _NUM, "top10_overlap": _NUM},
+}
+
+# where the engine looks against the reference (vitedge.validation._AttentionMaps); null when not compared
+_ATTENTION = {
+    "type": ["object", "null"],
+    "required": ["kind", "images", "correlation", "top10_overlap", "per_image", "moved"],
+    "properties": {
+        "kind": {"enum": list(attention.KINDS)},
+        "images": {"type": "integer", "minimum": 1},
+        "correlation": {"type": "object", "required": ["mean", "median", "min"], "additionalProperties": _NUM},
+        "top10_overlap": {"type": "object", "required": ["mean", "median", "min"], "additionalProperties": _NUM},
+        "per_image": {"type": "array", "items": _AGREEMENT},
+        "moved": {
+            "type": "array",
+            "items": {**_AGREEMENT, "required": [*_AGREEMENT["required"], "engine_map", "reference_map"]},
+        },
+    },
+}
+
 _MODEL = {
     "type": "object",
     "required": ["name", "role", "backend", "precision", "size_bytes", "load_s", "latency", "throughput", "speedup", "accuracy", "vs_reference"],
@@ -149,7 +177,7 @@ _MODEL = {
                 "properties": {"batch": {"type": "integer"}, "images_per_s": _NUM, "p50_ms": _NUM, "runs": {"type": "integer"}},
             },
         },
-        "speedup": _NUM,
+        "speedup": _NUM_OR_NULL,  # null: withheld on a busy machine (the report's speedup_verdict says why)
         # how the speed-up was measured: per-round paired ratios (reference / engine), their spread
         "speedup_spread": {
             "type": "object",
@@ -166,6 +194,7 @@ _MODEL = {
         },
         "throughput_speedup": {"type": "object", "additionalProperties": _NUM},
         "precision_breakdown": {"type": ["object", "null"]},
+        "attention": _ATTENTION,
         "gate_failures": {"type": "array", "items": {"type": "string"}},
     },
 }
@@ -206,7 +235,14 @@ SCHEMA: dict = {
                 "min_speedup": _NUM_OR_NULL,
                 "passed": {"type": "boolean"},
                 "failures": {"type": "array", "items": {"type": "string"}},
+                "unchecked": {"type": "array", "items": {"type": "string"}},
             },
+        },
+        # whether the speed-ups could be measured here, and why not (vitedge.resources.speedup_withheld)
+        "speedup_verdict": {
+            "type": "object",
+            "required": ["measurable", "reason"],
+            "properties": {"measurable": {"type": "boolean"}, "reason": _STR_OR_NULL, "warning": _STR_OR_NULL},
         },
         "findings": {"type": "array", "items": {"type": "string"}},
         "ranking": {"type": "array", "items": {"type": "string"}},
@@ -264,6 +300,11 @@ def _num(v: Any, fmt: str) -> str:
     if isinstance(v, float) and math.isinf(v):
         return "∞"
     return format(v, fmt)
+
+
+def speedup_text(m: dict) -> str:
+    """A model's speed-up for a table: ``2.42x``, or ``not measurable`` when it was withheld on a busy machine."""
+    return "not measurable" if m.get("speedup") is None else f"{m['speedup']:.2f}x"
 
 
 def _accuracy_text(vs: dict) -> str:
@@ -334,15 +375,22 @@ class Report:
     def labelled(self) -> bool:
         return bool(self.data["data"]["labelled"])
 
+    @property
+    def warnings(self) -> list[str]:
+        """What makes the timings doubtful, once each: the busy-machine warning and a withheld speed-up's reason."""
+        load = self.data["machine"].get("load") or {}
+        verdict = self.data.get("speedup_verdict") or {}
+        return [w for w in (load.get("warning"), verdict.get("warning")) if w]
+
     def summary(self) -> str:
-        """One line per engine: drop, cosine, speed-up."""
+        """One line per engine: drop, cosine, speed-up ("speed-up not measurable here: why" when withheld),
+        then the warnings (a recipe's table shows this, cached re-runs included)."""
         lines = []
         for e in self.engines:
             vs = e["vs_reference"]
-            lines.append(
-                f"{e['name']}: {_accuracy_text(vs)}, cosine {vs['cosine_mean']:.5f}, p50 {_ms(e['latency']['p50_ms'])} ms, speed-up {e['speedup']:.2f}x"
-            )
-        return "\n".join(lines)
+            speed = f"speed-up {e['speedup']:.2f}x" if e["speedup"] is not None else "speed-up not measurable"
+            lines.append(f"{e['name']}: {_accuracy_text(vs)}, cosine {vs['cosine_mean']:.5f}, p50 {_ms(e['latency']['p50_ms'])} ms, {speed}")
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
     # -- tables -----------------------------------------------------------------------------
     def _rows(self) -> tuple[list[str], list[list[str]]]:
@@ -367,7 +415,7 @@ class Report:
                 _ms(lat["p50_ms"]),
                 _ms(lat["p90_ms"]),
                 _ms(lat["p99_ms"]),
-                f"{m['speedup']:.2f}x",
+                speedup_text(m),
                 _num(best_tp, ".1f"),
                 _mb(m.get("size_bytes")),
                 _num(m.get("load_s"), ".2f"),
@@ -400,7 +448,7 @@ class Report:
                 "1" if ref else _num(vs.get("cosine_mean"), ".5f"),
                 _ms(m["latency"]["p50_ms"]),
                 _ms(m["latency"]["p99_ms"]),
-                f"{m['speedup']:.2f}x",
+                speedup_text(m),
                 _mb(m.get("size_bytes")),
             ]
             style = "bold green" if m["name"] == rec else ("green" if m["name"] in pareto else None)
@@ -444,6 +492,8 @@ class Report:
             self._context(),
             latency_svg=Markup(latency_svg(self.models)),
             accuracy_svg=Markup(accuracy_latency_svg(self.models, self.labelled, d.get("pareto") or [])),
+            correlation_svg={m["name"]: Markup(correlation_svg(m["attention"])) for m in self.engines if m.get("attention")},
+            moved_png={m["name"]: [moved_png_uri(x) for x in m["attention"]["moved"]] for m in self.engines if m.get("attention")},
             settings_json=json.dumps({k: v for k, v in d.items() if k != "models"}, indent=1)[:20000],
         )
 
@@ -679,3 +729,45 @@ def accuracy_latency_svg(models: list[dict], labelled: bool, pareto: list[str], 
         parts.append(f'<g>{shape}<title>{name}: {lx:.3f} ms, {ly:.2f} %</title></g>{lead}<text x="{x0:.1f}" y="{ty:.1f}" fill="{c}">{name}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def correlation_svg(att: dict, width: int = 520, height: int = 150) -> str:
+    """A histogram of the per-image correlation of an engine's attention maps with the reference's."""
+    import numpy as np
+
+    v = np.array([r["correlation"] for r in att["per_image"]], float)
+    lo = min(float(v.min()), 0.99)
+    counts, edges = np.histogram(v, bins=10, range=(lo, 1.0))
+    left, right, top, bottom = 40, 15, 10, 36
+    x = _Axis(lo, 1.0, left, width - right, False)
+    y = _Axis(0, max(int(counts.max()), 1), height - bottom, top, False)
+    parts = [
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">')
+    ]
+    for c, a, b in zip(counts, edges[:-1], edges[1:], strict=True):
+        parts.append(
+            f'<rect x="{x(a) + 1:.1f}" y="{y(c):.1f}" width="{max(x(b) - x(a) - 2, 1):.1f}" height="{y(0) - y(c):.1f}" fill="#21918c">'
+            f"<title>{int(c)} images with correlation {a:.4f}–{b:.4f}</title></rect>"
+        )
+    parts.append(f'<line x1="{left}" y1="{y(0):.1f}" x2="{width - right}" y2="{y(0):.1f}" stroke="#888"/>')
+    for t in (lo, (lo + 1) / 2, 1.0):
+        parts.append(f'<text x="{x(t):.1f}" y="{height - bottom + 14}" text-anchor="middle">{t:.4g}</text>')
+    parts.append(f'<text x="{left - 6}" y="{y(counts.max()) + 4:.1f}" text-anchor="end">{int(counts.max())}</text>')
+    caption = f"correlation with the FP32 map, per image ({len(v)} images)"
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 4}" text-anchor="middle">{caption}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def moved_png_uri(moved: dict) -> str:
+    """The engine's and the reference's map of one image side by side (one colour scale), as a PNG data URI."""
+    import base64
+
+    import numpy as np
+
+    ours, theirs = (attention.display_map(np.asarray(moved[k], float)) for k in ("engine_map", "reference_map"))
+    lo, hi = float(min(ours.min(), theirs.min())), float(max(ours.max(), theirs.max()))
+    side = 160
+    size = (side, round(side * ours.shape[0] / ours.shape[1]))
+    panels = [(attention.heatmap(ours, size, lo, hi), "engine"), (attention.heatmap(theirs, size, lo, hi), "FP32 reference")]
+    return "data:image/png;base64," + base64.b64encode(attention.png_bytes(attention.side_by_side(panels, min_side=side))).decode()

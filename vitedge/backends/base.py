@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ShapeMismatch, VitedgeError
+from .. import attention as attention_maps
+from ..errors import ModelNotSupported, ShapeMismatch, VitedgeError
 from ..manifest import Manifest
 from ..preprocess import ImageLike, Preprocessing
 
@@ -64,6 +65,9 @@ def mac_summary(layers: list[dict], source: str) -> dict:
         "layer_count": count_by,
         "layers": layers[:400],
     }
+
+
+ATTENTION_CHUNK = 8  # images per run of an engine's attention-exposing copy (Engine.attention)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -120,6 +124,15 @@ class Engine(ABC):
         """Which precision the engine's matrix layers really run in (:func:`mac_summary`), as its runtime
         reports them; None when the backend cannot tell (validation shows it beside the accuracy)."""
         return None
+
+    def _run_attention(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Run a preprocessed batch; return the attention probabilities of every block, in block order, each
+        ``(N, heads, queries, keys)`` (the last block may attend from the CLS token only).  A backend that can
+        expose them builds the variant of its engine that does on the first call (:meth:`attention`)."""
+        raise VitedgeError(
+            f"the {self.backend} backend cannot show attention maps",
+            "open the ONNX file or the OpenVINO IR the engine was built from with the onnxruntime or openvino backend",
+        )
 
     # -- running and closing under concurrent callers ---------------------------------------
     def _closed_error(self, waiting: bool = False) -> VitedgeError:
@@ -226,17 +239,19 @@ class Engine(ABC):
         with self._running():
             return self._run_chunked(batch)
 
-    def _run_chunked(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def _run_chunked(self, batch: np.ndarray, run=None) -> dict[str, np.ndarray]:
+        """``run`` (default :meth:`_run`) on ``batch``, in chunks of a fixed-batch engine's batch."""
+        run = run or self._run
         fixed = self.fixed_batch
         if fixed is None or batch.shape[0] == fixed:
-            return self._run(batch)
+            return run(batch)
         # a fixed-batch engine: run in chunks of its batch, padding the last one
         parts: list[dict[str, np.ndarray]] = []
         for i in range(0, len(batch), fixed):
             if self._closed:  # closed between two chunks: the rest of this call will not run
                 raise self._closed_error(waiting=True)
             chunk = batch[i : i + fixed]
-            parts.append({k: v[: len(chunk)] for k, v in self._run(pad_batch(chunk, fixed)).items()})
+            parts.append({k: v[: len(chunk)] for k, v in run(pad_batch(chunk, fixed)).items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -266,6 +281,45 @@ class Engine(ABC):
             idx = np.argsort(-row)[:k]
             out.append(Prediction([labels[i] for i in idx], [int(i) for i in idx], [float(row[i]) for i in idx]))
         return out
+
+    def attention(self, images: Sequence[ImageLike] | ImageLike | np.ndarray, kind: str = "rollout") -> np.ndarray:
+        """Where the engine looks: attention maps on each image's patch grid, from this engine's own attention
+        probabilities (not a float copy of the model: an INT8 engine's maps are INT8's).
+
+        ``images``: image files, PIL images or uint8 arrays (preprocessed as for :meth:`predict`), or an
+        already preprocessed float ``(N, C, H, W)`` batch.  ``kind``: ``"rollout"`` (attention rollout, shape
+        ``(N, H/patch, W/patch)``) or ``"cls"`` (the last block's attention from the CLS token, per head:
+        ``(N, heads, H/patch, W/patch)``); see :mod:`vitedge.attention`.
+
+        The first call builds a second engine from the same file with the attention probabilities exposed
+        (ONNX: an in-memory copy with the Softmax outputs added as graph outputs; OpenVINO: the IR with outputs
+        added), so the engine that serves :meth:`predict` keeps its fused attention.  Token-merged engines
+        have no map (their blocks no longer hold one token per patch)."""
+        self._check_open()
+        attention_maps.check_kind(kind)
+        merging = ((self.manifest.model or {}).get("graph") or {}).get("token_merging")
+        if merging and merging.get("r"):
+            raise ModelNotSupported(
+                f"{self.artifact.name} merges tokens (r={merging['r']}): its blocks no longer hold one token per patch, so it has no attention map",
+                "use an engine exported without --merge-tokens",
+            )
+        if isinstance(images, np.ndarray) and images.dtype.kind == "f":
+            batch = images[None] if images.ndim == 3 else images
+        else:
+            if isinstance(images, (str, Path)) or not isinstance(images, Sequence) or (isinstance(images, np.ndarray) and images.ndim == 3):
+                images = [images]
+            batch = self.preprocessing.batch(images)
+        if batch.ndim != 4:
+            raise ShapeMismatch(f"input of shape {batch.shape} is not (N, C, H, W)")
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        patch = ((self.manifest.model or {}).get("config") or {}).get("patch_size")
+        out = []
+        with self._running():
+            # a few images at a time: the probabilities of every block are large (ViT-B: 22 MB per image), the maps small
+            for i in range(0, len(batch), ATTENTION_CHUNK):
+                probs = self._run_chunked(batch[i : i + ATTENTION_CHUNK], self._run_attention)
+                out.append(attention_maps.maps(list(probs.values()), batch.shape[2], batch.shape[3], kind, patch))
+        return np.concatenate(out)
 
     def close(self, timeout: float | None = None) -> None:
         """Close the engine; safe from any thread and more than once (see the class docstring).

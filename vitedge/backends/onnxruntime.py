@@ -1,6 +1,6 @@
 """ONNX Runtime backend: the embedded default that runs everywhere.
 
-A compiled ONNX Runtime engine (``vitedge compile --target onnxruntime``) is the graph already
+A compiled ONNX Runtime engine (``vitedge compile --backend onnxruntime``) is the graph already
 optimised at the portable "extended" level; loading it runs only the fast hardware-specific passes.
 The thread count recorded at compile time is used unless ``threads=`` is given.  CUDA / TensorRT
 execution providers are used when the installed onnxruntime has them (``providers=`` overrides).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,7 +115,7 @@ def compile_onnxruntime(
     from ..graph import set_static_batch
 
     if src.suffix != ".onnx":
-        raise VitedgeError(f"{src.name} is an OpenVINO IR: ONNX Runtime runs ONNX files", "compile the ONNX file, or use --target openvino")
+        raise VitedgeError(f"{src.name} is an OpenVINO IR: ONNX Runtime runs ONNX files", "compile the ONNX file, or use --backend openvino")
     if precision_hint not in (None, "f32"):
         raise VitedgeError(f"ONNX Runtime on CPU has no {precision_hint} precision hint", "make an FP16/INT8 model with vitedge quantize, then compile it")
     if device not in (None, "CPU", "cpu"):
@@ -231,6 +232,36 @@ class OnnxRuntimeEngine(Engine):
         self.providers = self.session.get_providers()
         self._names = [o.name for o in self.session.get_outputs()]
         self._input = self.session.get_inputs()[0].name
+        self._opt_level = opt_level
+        self._attention_session: tuple[Any, list[str]] | None = None  # built by the first attention() call
+
+    def _run_attention(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        # a second session on an in-memory copy of the graph with the attention Softmax outputs added as outputs
+        with self._lock:
+            if self._attention_session is None:
+                self._attention_session = self._attention_copy()
+        sess, names = self._attention_session
+        return dict(zip(names, sess.run(names, {self._input: batch}), strict=True))
+
+    def _attention_copy(self):
+        import onnx
+
+        from .. import graph
+
+        proto = onnx.load(str(self.artifact), load_external_data=True)
+        names = graph.attention_probabilities(proto)
+        if not names:
+            raise VitedgeError(
+                f"{self.artifact.name} has no attention Softmax that vitedge can find (a Softmax read by the probabilities-times-values MatMul)",
+                "attention maps need the attention written out as MatMul/Softmax/MatMul, as vitedge export writes it",
+            )
+        graph.add_outputs(proto, names)
+        try:
+            options = session_options(self.threads, opt_level=self._opt_level)
+            sess = session(proto, options, providers=self.providers, precision=self.manifest.precision if self.manifest else None)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise VitedgeError(f"ONNX Runtime cannot load {self.artifact.name} with its attention exposed: {first_line(exc)}") from None
+        return sess, names
 
     def precision_breakdown(self) -> dict | None:
         return onnx_precision_breakdown(self.artifact) if self.artifact.suffix == ".onnx" else None
@@ -242,6 +273,7 @@ class OnnxRuntimeEngine(Engine):
     def _release(self) -> None:
         # Engine.close() calls this once no run is in flight
         del self.session
+        self._attention_session = None
 
 
 BACKEND = register(

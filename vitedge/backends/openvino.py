@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ShapeMismatch, VitedgeError, first_line
+from ..errors import ModelNotSupported, ShapeMismatch, VitedgeError, first_line
 from ..manifest import Manifest
 from .base import Engine, mac_summary
 from .registry import Backend, register
@@ -61,6 +61,60 @@ def split_keepdims_reductions(model) -> int:
             target.replace_source_output(squeezed.output(0))
         n += 1
     return n
+
+
+def expose_attention(model) -> int:
+    """Add the attention probabilities of every block to ``model``'s outputs (in place, after the existing ones, in
+    block order); returns how many.
+
+    A Softmax read by a MatMul (probabilities · V) is added as it is.  When OpenVINO converts an ONNX file it fuses
+    each block's MatMul-Softmax-MatMul into one ``ScaledDotProductAttention`` op (seen with 2026.4), so the IR itself
+    hides the probabilities: each such op gets a side branch computing ``softmax(q·kᵀ·scale + mask)`` from the op's
+    own inputs (its q, k, scale and mask, so an INT8 IR's quantized q and k), while the op still computes the
+    block's output, so the engine's outputs are unchanged."""
+    import numpy as np
+    from openvino import opset13 as ops
+
+    probs = []
+    for node in model.get_ordered_ops():
+        kind = node.get_type_name()
+        if kind == "Softmax" and _read_by_matmul(node.output(0)):
+            probs.append(node.output(0))
+        elif kind == "ScaledDotProductAttention":
+            if node.get_attributes().get("causal"):
+                raise ModelNotSupported(f"attention {node.get_friendly_name()} is causal: not a ViT encoder's", "attention maps are for ViT classifiers")
+            q, k = node.input_value(0), node.input_value(1)
+            logits = ops.matmul(q, k, False, True)
+            if node.get_input_size() > 4:
+                logits = ops.multiply(logits, node.input_value(4))
+            else:
+                depth = q.get_partial_shape()[-1]
+                if depth.is_dynamic:
+                    raise ModelNotSupported(f"attention {node.get_friendly_name()} has no scale and a dynamic head size")
+                logits = ops.multiply(logits, ops.convert_like(ops.constant(np.float32(depth.get_length() ** -0.5)), logits))
+            if node.get_input_size() > 3:
+                mask = node.input_value(3)
+                if mask.get_element_type().get_type_name() == "boolean":  # False: not attended
+                    mask = ops.select(mask, ops.convert_like(ops.constant(np.float32(0)), logits), ops.convert_like(ops.constant(np.float32(-np.inf)), logits))
+                logits = ops.add(logits, mask)
+            soft = ops.softmax(logits, -1)
+            soft.set_friendly_name(node.get_friendly_name() + "/attention_probabilities")
+            probs.append(soft.output(0))
+    if probs:
+        model.add_outputs(probs)
+    return len(probs)
+
+
+def _read_by_matmul(output, depth: int = 4) -> bool:
+    """Whether ``output`` is the first input of a MatMul, directly or through quantizers, converts and layout ops."""
+    through = ("FakeQuantize", "Convert", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+    for target in output.get_target_inputs():
+        node = target.get_node()
+        if node.get_type_name() == "MatMul" and target.get_index() == 0:
+            return True
+        if depth > 1 and node.get_type_name() in through and target.get_index() == 0 and _read_by_matmul(node.output(0), depth - 1):
+            return True
+    return False
 
 
 def compiled_model(model, device: str = "CPU", config: dict | None = None, shape=None):
@@ -249,6 +303,8 @@ class OpenVINOEngine(Engine):
         device = device or settings.get("device") or "CPU"
         cfg = {"PERFORMANCE_HINT": "LATENCY", **settings.get("openvino_config", {}), **(config or {})}
         self.device = device
+        self._config = cfg
+        self._attention_model: Any = None  # built by the first attention() call
         blob = artifact if artifact.suffix == ".blob" else (_blob_usable(artifact, manifest, device) if use_blob else None)
         if artifact.suffix == ".blob":
             info = settings.get("blob") or {}
@@ -312,10 +368,41 @@ class OpenVINOEngine(Engine):
         finally:
             self._give(self._pool, req)
 
+    def _run_attention(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        # a second compiled model: the IR with its attention probabilities added as outputs (expose_attention)
+        with self._lock:
+            if self._attention_model is None:
+                self._attention_model = self._attention_copy()
+        compiled = self._attention_model
+        added = list(compiled.outputs)[len(self._outputs) :]
+        try:
+            res = compiled.create_infer_request().infer({0: batch})  # a request of its own per call: thread-safe
+        except RuntimeError as exc:
+            raise VitedgeError(f"OpenVINO could not run a batch of shape {tuple(batch.shape)}: {first_line(exc, 200)}") from None
+        return {f"attention_{i}": np.array(res[o]) for i, o in enumerate(added)}
+
+    def _attention_copy(self):
+        ir = self.artifact if self.artifact.suffix != ".blob" else self.artifact.with_suffix(".xml")
+        if not ir.exists():
+            raise VitedgeError(
+                f"{self.artifact.name} is a compiled blob: its graph cannot be given extra outputs", "put the .xml/.bin it was compiled from beside it"
+            )
+        model = core().read_model(str(ir))
+        if not expose_attention(model):
+            raise VitedgeError(
+                f"{ir.name} has no attention Softmax or ScaledDotProductAttention that vitedge can find",
+                "attention maps need a ViT's attention as MatMul/Softmax/MatMul or OpenVINO's fused attention op",
+            )
+        try:
+            return compiled_model(model, self.device, self._config)
+        except Exception as exc:  # openvino raises RuntimeError with long traces
+            raise VitedgeError(f"OpenVINO cannot compile {ir.name} with its attention exposed: {first_line(exc)}") from None
+
     def _release(self) -> None:
         # called by Engine.close() once no call is in flight: every request is back in the pool
         self._pool.clear()
         del self.compiled
+        self._attention_model = None
 
 
 BACKEND = register(

@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import ShapeMismatch, VitedgeError
 from ..manifest import Manifest, TensorSpec
 from ..models.loading import ModelSpec, load_model
+from ..models.vit import VisionTransformer
 from .base import Engine
 from .registry import Backend, register
 
@@ -113,6 +114,21 @@ class PyTorchEngine(Engine):
         with torch.inference_mode():
             out = self.model(torch.from_numpy(batch))
         return self._named(out)
+
+    def _run_attention(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        # vitedge's ViT returns every block's attention probabilities itself
+        import torch
+
+        if not isinstance(self.model, VisionTransformer):
+            raise VitedgeError(
+                f"{type(self.model).__name__} is not vitedge's VisionTransformer: its attention cannot be read",
+                "export it to ONNX and open the file for attention maps",
+            )
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            _, probs = self.model(torch.from_numpy(batch), return_attention=True)
+        return {f"attention_{i}": p.float().numpy() for i, p in enumerate(probs)}
 
     def _named(self, out) -> dict[str, np.ndarray]:
         """A tensor is the first declared output; tuples get ``output_<i>`` after it; mappings keep their keys."""

@@ -37,7 +37,7 @@ CAPABILITIES = ("run", "compile", "quantize", "benchmark")
 class Backend:
     """What one backend can do.
 
-    name:           what users type (``--backend``, ``-t/--target``, recipes, ``vitedge.load(backend=)``).
+    name:           what users type (``--backend``, recipes, ``vitedge.load(backend=)``).
     engine:         the :class:`~vitedge.backends.base.Engine` subclass that runs its artifacts.
     runs:           file suffixes of the artifacts it runs, in order of preference (``.onnx``, ``.xml``).
     compiler:       ``compile(src, manifest, scratch, out_name, **options) -> (files, settings, precision)``,

@@ -1,6 +1,6 @@
 """TensorRT backend: serialized engines for NVIDIA GPUs, built strongly typed (TensorRT 10 and 11).
 
-Building (``vitedge compile -t tensorrt``) uses the ``tensorrt`` Python API: the ONNX is parsed with
+Building (``vitedge compile --backend tensorrt``) uses the ``tensorrt`` Python API: the ONNX is parsed with
 ``OnnxParser`` into a **strongly typed** network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``;
 TensorRT 11 makes every network strongly typed and removed ``BuilderFlag.FP16``/``INT8``, which on
 TensorRT 10 are deprecated and weakly typed, free to ignore the FP32 nodes an FP16 overflow guard
@@ -603,17 +603,17 @@ def check_compat(built: dict, current: dict) -> None:
     """
     bv, cv = built.get("version"), current.get("version")
     if not bv:
-        raise VitedgeError("the engine's manifest does not say which TensorRT version built it", "rebuild it with vitedge compile --target tensorrt")
+        raise VitedgeError("the engine's manifest does not say which TensorRT version built it", "rebuild it with vitedge compile --backend tensorrt")
     if bv != cv and not (built.get("version_compatible") and _major_minor(bv)[:1] == _major_minor(cv or "0")[:1]):
         raise VitedgeError(
             f"this engine was built with TensorRT {bv} but TensorRT {cv} is installed",
-            f"rebuild it here with vitedge compile --target tensorrt, or install tensorrt=={bv}",
+            f"rebuild it here with vitedge compile --backend tensorrt, or install tensorrt=={bv}",
         )
     bcc, ccc = built.get("compute_capability"), current.get("compute_capability")
     if bcc != ccc and built.get("hardware_compatibility", "none") in (None, "none"):
         raise VitedgeError(
             f"this engine was built for {built.get('gpu')} (compute capability {bcc}) but this GPU is {current.get('gpu')} (compute capability {ccc})",
-            "TensorRT engines only run on the GPU architecture they were built for: rebuild it on this machine with vitedge compile --target tensorrt",
+            "TensorRT engines only run on the GPU architecture they were built for: rebuild it on this machine with vitedge compile --backend tensorrt",
         )
     if built.get("gpu") != current.get("gpu"):
         log.warning("engine built on %s, running on %s (same compute capability %s)", built.get("gpu"), current.get("gpu"), ccc)
@@ -820,7 +820,7 @@ class TensorRTEngine(Engine):
             raise VitedgeError(f"TensorRT engines take no options ({', '.join(options)})")
         built = (manifest.compile or {}).get("tensorrt")
         if not built:
-            raise VitedgeError(f"{artifact.name} has no TensorRT build record in its manifest", "rebuild it with vitedge compile --target tensorrt")
+            raise VitedgeError(f"{artifact.name} has no TensorRT build record in its manifest", "rebuild it with vitedge compile --backend tensorrt")
         require_tensorrt()
         check_compat(built, current_platform())
         import tensorrt as trt

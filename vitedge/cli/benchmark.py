@@ -9,7 +9,7 @@ import click
 from ..benchmarking import benchmark
 from ..options import TimingOptions
 from ..ui import note
-from ._common import options_of
+from ._common import options_of, renamed
 from .validate import print_report
 
 
@@ -25,19 +25,28 @@ def _csv(ctx, param, value):
     "--calib",
     type=click.Path(exists=True, path_type=Path),
     default=None,
-    help="Calibration images for INT8 (optional for the reference model: its images ship with vitedge).",
+    show_default="the shipped images, reference model only",
+    help="Calibration images for INT8.",
 )
-@click.option("--data", type=click.Path(exists=True, path_type=Path), default=None, help="Validation images (class/image folders give top-1/top-5).")
+@click.option(
+    "--val",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    show_default="the shipped digits' held-out images",
+    help="Validation images (class/image folders give top-1/top-5).",
+)
+@renamed("--data", to="--val")
 @click.option(
     "-o",
-    "--out-dir",
+    "--output",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("vitedge-benchmark"),
     show_default=True,
     help="Folder for the engines (artifacts/) and report.json/md/html.",
 )
-@click.option("--backends", callback=_csv, default=None, help="Comma-separated subset of onnxruntime,openvino,tensorrt (default: all).")
-@click.option("--precisions", callback=_csv, default=None, help="Comma-separated subset of fp32,fp16,bf16,int8 (default: all).")
+@renamed("--out-dir", to="--output")
+@click.option("--backends", callback=_csv, default=None, show_default="all", help="Comma-separated subset of onnxruntime,openvino,tensorrt.")
+@click.option("--precisions", callback=_csv, default=None, show_default="all", help="Comma-separated subset of fp32,fp16,bf16,int8.")
 @click.option(
     "--max-drop",
     type=float,
@@ -46,10 +55,10 @@ def _csv(ctx, param, value):
     help="Accuracy budget in top-1 percentage points for the recommendation (engines over it are still listed).",
 )
 @click.option("--strict", is_flag=True, help="Judge the budget on the upper end of the drop's 95% confidence interval.")
-@click.option("--img-size", type=int, default=None, help="Input resolution (presets and checkpoints).")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Calibration images used for INT8.")
+@click.option("--img-size", type=int, default=None, show_default="the model's", help="Input resolution (presets and checkpoints).")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=None, show_default="all, up to 300", help="Calibration images used for INT8.")
 @options_of(TimingOptions)
-def command(model, calib, data, out_dir, backends, precisions, max_drop, strict, img_size, calib_samples, batch_sizes, time_budget, runs, rounds, samples):
+def command(model, calib, val, output, backends, precisions, max_drop, strict, img_size, calib_samples, batch_sizes, time_budget, runs, rounds, val_samples):
     """Sweep the backends x precisions this machine can run for MODEL (checkpoint, preset, 'reference' or FP32 .onnx):
     build each engine, validate all of them against PyTorch eager FP32 in one run, print a ranked table with the
     Pareto front and write report.json/md/html. Candidates that cannot run here are listed with the reason.
@@ -57,20 +66,20 @@ def command(model, calib, data, out_dir, backends, precisions, max_drop, strict,
     rep = benchmark(
         model,
         calib=calib,
-        data=data,
-        out_dir=out_dir,
+        data=val,
+        out_dir=output,
         backends=backends,
         precisions=precisions,
         max_drop=max_drop,
         strict=strict,
         img_size=img_size,
-        samples=samples,
+        samples=val_samples,
         calib_samples=calib_samples,
         batch_sizes=batch_sizes,
         time_budget=time_budget,
         rounds=rounds,
         runs=runs,
     )
-    print_report(rep, out_dir)
+    print_report(rep, output)
     for s in rep.data.get("skipped", []):
         note(f"not benchmarked: {s['name']}: {s['reason']}")

@@ -9,6 +9,7 @@ from rich.table import Table
 from ..errors import GateFailed
 from ..parity import check_parity
 from ..ui import console
+from ._common import renamed
 
 
 @click.group("check")
@@ -24,15 +25,17 @@ def command():
     help="Reference preprocessing: timm data config JSON, Hugging Face preprocessor_config.json (or its folder), "
     "vitedge checkpoint/manifest, preset or 'reference'.",
 )
-@click.option("--data", type=click.Path(exists=True, path_type=Path), required=True, help="Folder of raw images.")
-@click.option("--samples", type=int, default=64, show_default=True, help="Images used.")
+@click.option("--val", type=click.Path(exists=True, path_type=Path), required=True, help="Folder of raw images.")
+@renamed("--data", to="--val")
+@click.option("--val-samples", type=click.IntRange(min=1), default=64, show_default=True, help="Images used.")
+@renamed("--samples", to="--val-samples")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def parity(engine, reference, data, samples, as_json):
+def parity(engine, reference, val, val_samples, as_json):
     """Compare ENGINE's bundled preprocessing with the reference's on real images.
 
     Exits 1 when they differ, listing each mismatch and the top-1 agreement it costs.
     """
-    rep = check_parity(engine, reference, data, samples=samples)
+    rep = check_parity(engine, reference, val, samples=val_samples)
     if as_json:
         console.print_json(json.dumps(rep.to_dict()))
     else:

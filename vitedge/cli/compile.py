@@ -18,11 +18,12 @@ from ._common import options_of, preprocessing_from_cli, preprocessing_options
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Engine file (.onnx / .xml / .engine). Default: beside MODEL, e.g. model.ort.onnx, model.ov.xml, model.engine.",
+    show_default="beside MODEL: model.ort.onnx, model.ov.xml, model.engine",
+    help="Engine file (.onnx / .xml / .engine).",
 )
 @preprocessing_options(img_size=False)
 def command(model, output, **options):
-    """Compile MODEL (ONNX from export/quantize, OpenVINO IR, or a model name) into an engine for TARGET.
+    """Compile MODEL (ONNX from export/quantize, OpenVINO IR, or a model name) into an engine for --backend.
 
     The engine is checked against MODEL on random and real inputs before it is written; its
     manifest records every setting, and `vitedge.load` / `vitedge predict` open it directly.
@@ -30,7 +31,7 @@ def command(model, output, **options):
     --mean, --std, ... or --preprocessing FILE; whatever is assumed is printed and kept in the manifest.
     """
     opts = CompileOptions.take(options)  # what remains are the preprocessing flags
-    with err_console.status(f"compiling for {opts.target}..."):
+    with err_console.status(f"compiling for {opts.backend}..."):
         path, man = compile_model(model, output, **opts.compile_kwargs(), preprocessing=preprocessing_from_cli(**options))
     for line in engine_summary(path, man):
         console.print(line)

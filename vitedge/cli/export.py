@@ -28,7 +28,7 @@ def command(model, output, **options):
     """
     opts = ExportOptions(**options)
     with err_console.status("exporting", spinner="dots") as status:
-        path, man = export_onnx(model, output, **opts.export_kwargs(), images=list_images_arg(opts.images), on_stage=lambda text: status.update(f"{text} ..."))
+        path, man = export_onnx(model, output, **opts.export_kwargs(), images=list_images_arg(opts.calib), on_stage=lambda text: status.update(f"{text} ..."))
     for a in man.assumptions:
         note(a)
     for key, r in man.verification["checks"].items():

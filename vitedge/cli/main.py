@@ -12,7 +12,7 @@ from ..errors import VitedgeError
 from ..ui import err_console
 
 # sub-command modules; each defines a click command called ``command``
-_COMMANDS = ["export", "quantize", "compile", "predict", "validate", "benchmark", "run", "recipes", "check", "backends"]
+_COMMANDS = ["export", "quantize", "compile", "predict", "explain", "validate", "benchmark", "run", "recipes", "check", "backends"]
 
 
 class _Group(click.Group):
@@ -29,7 +29,7 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True})
 @click.version_option(package_name="vitedge")
 @click.option("-v", "--verbose", is_flag=True, help="Show debug logging.")
 def main(verbose: bool) -> None:

@@ -12,7 +12,7 @@ from ..manifest import Manifest
 from ..options import parse_size
 from ..runtime import load, opens_as_pytorch
 from ..ui import console, note
-from ._common import BackendChoice, _callback, preprocessing_from_cli, preprocessing_options
+from ._common import BackendChoice, _Parsed, preprocessing_from_cli, preprocessing_options
 
 
 def _expand(images: tuple[str, ...]) -> list[Path]:
@@ -36,11 +36,17 @@ def _expand(images: tuple[str, ...]) -> list[Path]:
 @click.argument("images", nargs=-1, required=True)
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Labels shown per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document: [{image, top: [{label, index, prob}]}].")
-@click.option("--backend", type=BackendChoice("run"), default=None, help="Run with another backend than the engine's own (e.g. an ONNX file with OpenVINO).")
+@click.option(
+    "--backend",
+    type=BackendChoice("run"),
+    default=None,
+    show_default="the engine's own",
+    help="Run with another backend than the engine's own (e.g. an ONNX file with OpenVINO).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per inference call.")
 @click.option(
     "--size",
-    callback=_callback(parse_size),
+    type=_Parsed(parse_size, "size"),
     metavar="HxW",
     help="Feed every image at HEIGHTxWIDTH (a dynamic-size engine takes any size in its bounds; by default it sees each image at its own aspect ratio).",
 )

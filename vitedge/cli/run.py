@@ -11,7 +11,15 @@ from ..ui import console, err_console
 
 @click.command("run")
 @click.argument("recipe")
-@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output folder (default: runs/<recipe name>).")
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    show_default="runs/<recipe name>",
+    help="Output folder.",
+)
 @click.option("--force", is_flag=True, help="Redo every step, even those whose inputs are unchanged.")
 def command(recipe, out_dir, force):
     """Run RECIPE (a YAML file, or the name of a shipped recipe): export, quantize, compile, validate.

@@ -71,7 +71,7 @@ def _check_args(precision, backend, method, max_drop, samples, output: Path, mod
         if not (max_drop >= 0):
             raise VitedgeError(f"--max-drop {max_drop} must be >= 0 (top-1 percentage points)")
     if samples is not None and samples < 1:
-        raise VitedgeError(f"--samples {samples} must be >= 1")
+        raise VitedgeError(f"--calib-samples {samples} must be >= 1")
     want = spec.quantized_suffix
     if output.suffix.lower() != want:
         raise VitedgeError(

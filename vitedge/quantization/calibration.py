@@ -1,6 +1,6 @@
 """Calibration and evaluation data for quantization.
 
-* :func:`plan_data` turns ``--calib``/``--val``/``--samples``/``--seed`` into a deterministic
+* :func:`plan_data` turns ``--calib``/``--val``/``--calib-samples``/``--seed`` into a deterministic
   calibration subset and a held-out evaluation set (``--val`` if given, else a seeded part of the
   calibration folder that calibration never sees).
 * :class:`StreamingBatches` feeds a calibrator batch by batch (with a progress bar), so neither the
@@ -29,7 +29,7 @@ from ..ui import progress
 
 log = logging.getLogger("vitedge")
 
-DEFAULT_SAMPLES = 300  # calibration images used when --samples is not given (NNCF's default too)
+DEFAULT_SAMPLES = 300  # calibration images used when --calib-samples is not given (NNCF's default too)
 HOLDOUT_FRACTION = 0.2  # part of the calibration folder kept for evaluation when --val is absent, at least ...
 CALIB_KEEP = 150  # ... and more where the folder has more than this many images for calibration, up to MAX_HOLDOUT
 MIN_FOR_HOLDOUT = 10
@@ -128,10 +128,10 @@ def plan_data(
         notes.append(f"only {n} calibration images: agreement is measured on them; pass --val DIR for an honest number")
     want = samples if samples is not None else min(DEFAULT_SAMPLES, len(pool))
     if samples is not None and samples < 1:
-        raise VitedgeError(f"--samples {samples} must be >= 1")
+        raise VitedgeError(f"--calib-samples {samples} must be >= 1")
     if min(want, len(pool)) < min_calib:
         held = "" if pool is calib_set else f" ({len(calib_set) - len(pool)} more are held out to measure agreement)"
-        have = f"--samples {samples}" if samples is not None and samples < len(pool) else f"{calib_set.source} gives {len(pool)}{held}"
+        have = f"--calib-samples {samples}" if samples is not None and samples < len(pool) else f"{calib_set.source} gives {len(pool)}{held}"
         raise VitedgeError(
             f"INT8 calibration needs at least {min_calib} images, but {have}",
             "give ~100-500 images like your deployment data (and --val DIR for measuring), or pass --min-calib N to go lower",
@@ -139,7 +139,8 @@ def plan_data(
     if want > len(pool):
         held = "" if pool is calib_set else f" ({len(calib_set) - len(pool)} held out for evaluation; pass --val DIR to use all)"
         raise VitedgeError(
-            f"asked for {want} calibration samples but {calib_set.source} has only {len(pool)} usable for calibration{held}", "lower --samples or add images"
+            f"asked for {want} calibration samples but {calib_set.source} has only {len(pool)} usable for calibration{held}",
+            "lower --calib-samples or add images",
         )
     chosen = pool.sample(want, seed)
     return DataPlan(chosen, eval_set, eval_source, calib_source=calib_set.source, notes=notes)

@@ -1009,7 +1009,7 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
             "side by side before one was chosen. Compare rows, not machines."
         ),
         "Agreement with FP32 is measured on held-out images the calibration never saw; the search stopped on them too, so",
-        "confirm on fresh images with `vitedge validate --data DIR`.",
+        "confirm on fresh images with `vitedge validate --val DIR`.",
     ]
     path_md.write_text("\n".join(lines) + "\n")
 

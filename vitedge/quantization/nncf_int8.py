@@ -90,12 +90,29 @@ def _advanced(cfg: Int8Config):
     return AdvancedQuantizationParameters(**kw)
 
 
-def quantize_nncf(model, calib: Iterable[np.ndarray], subset_size: int, cfg: Int8Config, ignored: list[str], compress_weights: bool = True):
+class _KnownBatchwise(logging.Filter):
+    """Drops NNCF's warning that batchwise statistics may be inaccurate for a transformer: vitedge asks for them only
+    for a model whose every activation keeps the batch on axis 0 (``candidates.batch_first``), where they are exact."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "batchwise statistics" not in record.getMessage()
+
+
+def quantize_nncf(
+    model,
+    calib: Iterable[np.ndarray],
+    subset_size: int,
+    cfg: Int8Config,
+    ignored: list[str],
+    compress_weights: bool = True,
+    batchwise: bool = False,
+):
     """Quantize an ``ov.Model`` or an ``onnx.ModelProto`` with NNCF; returns the same kind of model.
 
     ``compress_weights=False`` leaves the weights' fake-quantizers on the FP32 weights (NNCF's own accuracy
     control works on that form): ops can then be returned to float exactly, by a graph edit
-    (:mod:`vitedge.quantization.candidates`)."""
+    (:mod:`vitedge.quantization.candidates`).  ``batchwise``: ``calib`` yields batches of several images, whose
+    statistics NNCF reduces image by image (``subset_size`` then counts batches)."""
     import nncf
 
     data = nncf.Dataset(calib)
@@ -103,13 +120,21 @@ def quantize_nncf(model, calib: Iterable[np.ndarray], subset_size: int, cfg: Int
     adv = _advanced(cfg)
     if not compress_weights:
         adv.backend_params["compress_weights"] = False  # NNCF's BackendParameters.COMPRESS_WEIGHTS, both backends
-    return nncf.quantize(
-        model,
-        data,
-        model_type=nncf.ModelType.TRANSFORMER,
-        preset=nncf.QuantizationPreset.MIXED,
-        subset_size=subset_size,
-        fast_bias_correction=cfg.bias_correction == "fast",
-        ignored_scope=scope,
-        advanced_parameters=adv,
-    )
+    adv.batchwise_statistics = batchwise
+    quiet = _KnownBatchwise()
+    nncf_log = logging.getLogger("nncf")
+    if batchwise:
+        nncf_log.addFilter(quiet)
+    try:
+        return nncf.quantize(
+            model,
+            data,
+            model_type=nncf.ModelType.TRANSFORMER,
+            preset=nncf.QuantizationPreset.MIXED,
+            subset_size=subset_size,
+            fast_bias_correction=cfg.bias_correction == "fast",
+            ignored_scope=scope,
+            advanced_parameters=adv,
+        )
+    finally:
+        nncf_log.removeFilter(quiet)

@@ -306,7 +306,7 @@ class TensorRTQuantizer(Quantizer):
     default_method = "entropy"  # NVIDIA's Model Optimizer calibrates INT8 with entropy
     verification_note = (
         "TensorRT is not installed here: the QDQ file was executed by ONNX Runtime (same Q/DQ arithmetic); "
-        "build the engine with `vitedge compile -t tensorrt` on the GPU machine"
+        "build the engine with `vitedge compile --backend tensorrt` on the GPU machine"
     )
 
     def fp16(self, job: Job) -> Outcome:
