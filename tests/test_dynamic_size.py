@@ -240,14 +240,14 @@ def test_validate_feeds_one_size_and_the_pytorch_reference_follows(dyn_onnx, mix
     else:
         assert rep.data["settings"]["size"] == [48, 80] and any("at 48x80 (--size)" in f for f in findings)
     for bad, says in (("512x80", "outside this dynamic-size"), ("50x80", "not a multiple of the patch size 16")):
-        res = CliRunner().invoke(cli, ["validate", str(dyn_onnx), "--reference", str(ckpt), "--data", str(mixed_photos), "--size", bad])
+        res = CliRunner().invoke(cli, ["validate", str(dyn_onnx), "--reference", str(ckpt), "--val", str(mixed_photos), "--size", bad])
         assert res.exit_code != 0 and says in res.output, res.output
 
 
 def test_validate_several_sizes_writes_a_report_per_size_and_a_summary(dyn_onnx, mixed_photos, tmp_path):
     ckpt = dyn_onnx.parent / "tiny.safetensors"
     out = tmp_path / "rep"
-    args = ["validate", str(dyn_onnx), "--reference", str(ckpt), "--data", str(mixed_photos), "--size", "48x80,64x64", "-o", str(out)]
+    args = ["validate", str(dyn_onnx), "--reference", str(ckpt), "--val", str(mixed_photos), "--size", "48x80,64x64", "-o", str(out)]
     res = CliRunner().invoke(cli, args + ["--batch-sizes", "1", "--rounds", "1", "--runs", "2"])
     assert res.exit_code == 0, res.output
     for key in ("48x80", "64x64"):

@@ -524,9 +524,10 @@ class ValidateOptions(TimingOptions):
     size: str | None = option(
         None,
         "Feed every model the images at HEIGHTxWIDTH (dynamic-size engines; a PyTorch reference runs any size); several "
-        "sizes, comma-separated, give one report per size and a summary. Default: the models' own size.",
+        "sizes, comma-separated, give one report per size and a summary.",
         parse=size_text,
         metavar="HxW[,HxW...]",
+        shown_default="each model's own size",
         recipe=False,
     )
 

@@ -46,8 +46,9 @@ def _expand(images: tuple[str, ...]) -> list[Path]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per inference call.")
 @click.option(
     "--size",
-    type=_Parsed(parse_size, "size"),
+    type=_Parsed(parse_size, "text"),
     metavar="HxW",
+    show_default="each image at its own aspect ratio on a dynamic-size engine, else the engine's size",
     help="Feed every image at HEIGHTxWIDTH (a dynamic-size engine takes any size in its bounds; by default it sees each image at its own aspect ratio).",
 )
 @preprocessing_options
