@@ -257,3 +257,11 @@ def test_validate_several_sizes_writes_a_report_per_size_and_a_summary(dyn_onnx,
     summary = (out / "sizes.md").read_text()
     assert "## 48x80" in summary and "## 64x64" in summary and "speed-up" in summary
     assert set(json.loads((out / "sizes.json").read_text())) == {"48x80", "64x64"}
+
+
+def test_attention_maps_follow_the_input_size(dyn_onnx):
+    """engine.attention on a dynamic-size engine: the maps have the patch grid of the size the image was fed at."""
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    with vitedge.load(dyn_onnx) as eng:
+        assert eng.attention([image], kind="rollout").shape == (1, 4, 5)  # 300x400 -> 64x80 -> 4x5 patches
+        assert eng.attention(eng.preprocessing.at(96, 64).batch([image]), kind="cls").shape[-2:] == (6, 4)

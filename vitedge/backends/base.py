@@ -101,7 +101,6 @@ class Engine(ABC):
     def __init__(self, artifact: Path, manifest: Manifest):
         self.artifact = Path(artifact)
         self.manifest = manifest
-        self._sizes = manifest.dynamic_size if manifest is not None else None  # a dynamic-size engine's bounds, checked per call
         self._closed = False
         self._lock = threading.Lock()  # for a backend's own state; runs and close() use _state below
         # _state guards _closed, _inflight, _released and the backend's pools (_take/_give);
@@ -233,8 +232,9 @@ class Engine(ABC):
                 raise ShapeMismatch(
                     f"input shape {tuple(batch.shape)} does not match the engine's {tuple(want)} (axis {axis})", "preprocess to the engine's input size"
                 )
-        if self._sizes is not None:
-            self._sizes.check(batch.shape[2], batch.shape[3])
+        sizes = self.manifest.dynamic_size  # a dynamic-size engine: its bounds (a few microseconds to read)
+        if sizes is not None:
+            sizes.check(batch.shape[2], batch.shape[3])
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         with self._running():
             return self._run_chunked(batch)
