@@ -26,13 +26,13 @@ from vitedge.recipes import load_recipe, run_recipe, schema
 
 # every visible option flag of the step options, as shipped (the old spellings are hidden aliases: tests/test_cli_language.py)
 FLAGS = {
-    "export": {"--opset", "--batch", "--img-size", "--calib", "--merge-tokens", "--val", "--max-drop"},
+    "export": {"--opset", "--batch", "--img-size", "--calib", "--merge-tokens", "--val", "--max-drop", "--dynamic-size", "--min-size", "--max-size"},
     "quantize": {"--int8", "--fp16", "--auto", "--backend", "--calib", "--calib-samples", "--method", "--target-agreement",
                  "--target-cosine", "--search-budget", "--max-drop", "--min-calib", "--val", "--seed"},
     "compile": {"--backend", "--batch", "--img-size", "--img-size-profile", "--threads", "--hint", "--precision-hint", "--device",
                 "--streams", "--blob", "--workspace-mb", "--profile", "--timing-cache"},
     "validate": {"--max-drop", "--min-speedup", "--reference-threads", "--strict", "--backend", "--precision-hint", "--ci-method",
-                 "--worst", "--ray", "--latency-node", "--val-samples", "--rounds", "--runs", "--time-budget", "--batch-sizes"},
+                 "--worst", "--ray", "--latency-node", "--val-samples", "--rounds", "--runs", "--time-budget", "--batch-sizes", "--size"},
     "benchmark": {"--val-samples", "--rounds", "--runs", "--time-budget", "--batch-sizes"},
 }
 OPTIONS = {"export": ExportOptions, "quantize": QuantizeOptions, "compile": CompileOptions, "validate": ValidateOptions,

@@ -140,10 +140,14 @@ def _check_inputs(man: Manifest, batch: int | None) -> dict[str, np.ndarray]:
     if not (c and h and w):
         return {}
     n = batch or 3  # an odd count exercises the runtime's chunking on fixed-batch engines too
-    sets = {"random": np.random.default_rng(0).standard_normal((n, c, h, w)).astype(np.float32)}
+    rng = np.random.default_rng(0)
+    sets = {"random": rng.standard_normal((n, c, h, w)).astype(np.float32)}
+    sizes = man.dynamic_size  # a dynamic-size engine is checked at the sizes its export was verified at
+    for sh, sw in sizes.check_sizes(h)[1:] if sizes else []:
+        sets[f"random {sh}x{sw}"] = rng.standard_normal((n, c, sh, sw)).astype(np.float32)
     images = default_check_images()
     if images and pre is not None:
-        sets["images"] = pre.batch(images)
+        sets["images"] = pre.fixed().batch(images)  # one batch: a dynamic-size model's images at its own size
     return sets
 
 
@@ -318,6 +322,9 @@ def engine_summary(path: Path, man: Manifest) -> list[str]:
     c = man.compile
     size = sum((path.parent / f).stat().st_size for f in man.files if (path.parent / f).exists()) / 1e6
     lines = [f"{c.get('target')} engine, {man.precision}, batch {c.get('batch')}, hint {c.get('hint')}, {size:.1f} MB"]
+    sizes = man.dynamic_size
+    if sizes is not None:
+        lines.append(f"dynamic size: height and width from {sizes.min} to {sizes.max}, multiples of {sizes.multiple}")
     if c.get("openvino_config"):
         lines.append(
             "OpenVINO config: "

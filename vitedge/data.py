@@ -27,6 +27,29 @@ from .preprocess import IMAGE_SUFFIXES, Preprocessing, load_image
 
 log = logging.getLogger("vitedge")
 
+
+def _skip(skipped: list[tuple[str, str]], path, exc: Exception) -> None:
+    """Record an unreadable image and warn: one bad file costs its own result, never the run."""
+    skipped.append((str(path), str(exc)))
+    log.warning("skipped %s", exc)
+
+
+def open_readable(paths: Sequence[Path]) -> tuple[list[Path], list, list[tuple[str, str]]]:
+    """The images of ``paths`` that open, as ``(paths, PIL images, [(unreadable path, why)])``, skipping the others
+    with a warning as :meth:`ImageSet.batches` does."""
+    good: list[Path] = []
+    images: list = []
+    skipped: list[tuple[str, str]] = []
+    for p in paths:
+        try:
+            images.append(load_image(p))
+        except VitedgeError as exc:
+            _skip(skipped, p, exc)
+            continue
+        good.append(Path(p))
+    return good, images, skipped
+
+
 # the shipped calibration_data/ folder, from the installed package (wheel or editable install)
 SHIPPED_CALIBRATION = shipped_folder("calibration_data")
 
@@ -172,8 +195,7 @@ class ImageSet:
             try:
                 xs.append(pre(load_image(p)))
             except VitedgeError as exc:
-                self.skipped.append((str(p), str(exc)))
-                log.warning("skipped %s", exc)
+                _skip(self.skipped, p, exc)
                 continue
             lbls.append(lbl)
             names.append(str(p))

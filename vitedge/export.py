@@ -11,7 +11,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from .manifest import Manifest, TensorSpec
 from .models.loading import ModelSpec, load_model
 from .models.vit import VisionTransformer, graph_options
 from .options import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET  # declared with the export options
+from .preprocess import DynamicSize
 from .token_merging import describe, token_counts
 
 log = logging.getLogger("vitedge")
@@ -51,14 +52,18 @@ def compare_outputs(ref: np.ndarray, out: np.ndarray) -> dict:
     return output_metrics(ref, out)
 
 
-def _verification_inputs(spec: ModelSpec, images: list[Path] | None, batch: int | None) -> dict[str, np.ndarray]:
+def _verification_inputs(spec: ModelSpec, images: list[Path] | None, batch: int | None, sizes: DynamicSize | None = None) -> dict[str, np.ndarray]:
+    """Random inputs (and real images) at the model's size; for a dynamic-size export, random inputs at every
+    size of :meth:`DynamicSize.check_sizes` too (keys ``random HxW``)."""
     h, w = spec.preprocessing.img_size
     c = spec.config.in_channels if spec.config else 3
     n = batch or 2
     rng = np.random.default_rng(0)
     sets = {"random": rng.standard_normal((n, c, h, w)).astype(np.float32)}
+    for sh, sw in sizes.check_sizes(h)[1:] if sizes else []:  # the first is the target, checked above
+        sets[f"random {sh}x{sw}"] = rng.standard_normal((n, c, sh, sw)).astype(np.float32)
     if images and c == 3:  # real images are RGB; other channel counts are checked on random inputs only
-        arr = spec.preprocessing.batch(images[: max(n, 4)])
+        arr = spec.preprocessing.fixed().batch(images[: max(n, 4)])
         if batch:  # fixed batch: use exactly that many
             idx = np.arange(batch) % len(arr)
             arr = arr[idx]
@@ -73,7 +78,14 @@ def _task(spec: ModelSpec, ref: np.ndarray) -> str:
     return "classification" if ref.ndim == 2 and (spec.labels or ref.shape[1] > 1) else "features"
 
 
-def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, external: bool) -> None:
+def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, external: bool, sizes: DynamicSize | None = None) -> None:
+    """``sizes``: height and width are dynamic too, multiples of the patch within the bounds (the dynamo exporter
+    is told so with derived dimensions, ``patch * grid``, so the model's divisibility check holds symbolically)."""
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)} if dynamic_batch else {}
+    if sizes is not None:
+        p = sizes.multiple
+        dims[2] = p * torch.export.Dim("grid_h", min=sizes.min // p, max=sizes.max // p)
+        dims[3] = p * torch.export.Dim("grid_w", min=sizes.min // p, max=sizes.max // p)
     with warnings.catch_warnings(), _quiet_torch_onnx():
         warnings.simplefilter("ignore")
         if opset >= 17:
@@ -87,9 +99,13 @@ def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, ext
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 verbose=False,
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None,
+                dynamic_shapes=(dims,) if dims else None,
             )
             assert prog is not None  # the dynamo exporter returns the program it built
+            if sizes is not None:
+                from .graph import name_input_dims  # onnx_ir: kept out of `import vitedge`
+
+                name_input_dims(prog.model, {2: "height", 3: "width"})
             prog.save(str(path), external_data=external)
         else:  # opsets below 17 only exist in the TorchScript exporter (LayerNorm is decomposed)
             torch.onnx.export(
@@ -111,6 +127,30 @@ def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, ext
                     if f != path:
                         f.unlink()
                 onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024)
+
+
+def _size_range(spec: ModelSpec, dynamic_size: bool, min_size: int | None, max_size: int | None, opset: int, merge: int) -> DynamicSize | None:
+    """``--dynamic-size`` and its bounds checked: default half to twice the model's size, at least 2 patches."""
+    if not dynamic_size:
+        if min_size is not None or max_size is not None:
+            raise InputError("--min-size / --max-size bound a dynamic-size export", "add --dynamic-size, or use --img-size for one fixed size")
+        return None
+    if not isinstance(spec.model, VisionTransformer):
+        raise ModelNotSupported(f"--dynamic-size needs a vitedge ViT (position table interpolated in the graph), not {type(spec.model).__name__}")
+    if opset < 17:
+        raise ModelNotSupported(f"--dynamic-size needs opset 17 or newer (got {opset}): the TorchScript exporter fixes the size", "use the default --opset 18")
+    if merge:
+        raise ModelNotSupported("--dynamic-size and --merge-tokens do not go together: token merging fixes the token count", "drop one of them")
+    assert spec.config is not None  # a VisionTransformer always has its config
+    p, target = spec.config.patch_size, min(spec.preprocessing.img_size)
+    lo = min_size if min_size is not None else max(2 * p, target // 2 // p * p)
+    hi = max_size if max_size is not None else 2 * target
+    for flag, v in (("--min-size", lo), ("--max-size", hi)):
+        if v % p:
+            raise InputError(f"{flag} {v} is not a multiple of the patch size {p}", f"e.g. {flag} {max(2 * p, v // p * p)}")
+    if not lo <= target <= hi:
+        raise InputError(f"the model's size {target} is outside --min-size {lo} / --max-size {hi}", "the bounds must include it (or change --img-size)")
+    return DynamicSize(lo, hi, p)
 
 
 def _reason(exc: BaseException) -> str:
@@ -215,9 +255,11 @@ def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) 
     return search.r, search
 
 
-def _graph_info(spec, cls_only: bool, merge: int, search, split_qkv: bool) -> dict:
+def _graph_info(spec, cls_only: bool, merge: int, search, split_qkv: bool, sizes: DynamicSize | None = None) -> dict:
     """The manifest's ``model.graph``: how the exported graph differs from a plain forward pass."""
     info: dict[str, Any] = {"last_block": "cls_token_only" if _has_cls_only(spec.model, cls_only) else "all_tokens"}
+    if sizes is not None:  # the bounds themselves are preprocessing's (dynamic_size): what every reader needs
+        info["input_size"] = "dynamic (position table interpolated in the graph, bicubic)"
     if _has_cls_only(spec.model, True):
         info["qkv"] = "split" if split_qkv else "fused"
     if merge or search is not None:
@@ -240,6 +282,9 @@ def export_onnx(
     merge_tokens: int | str = 0,
     val_images: str | Path | None = None,
     max_drop: float | None = None,
+    dynamic_size: bool = False,
+    min_size: int | None = None,
+    max_size: int | None = None,
 ) -> Artifact:
     """Export to ONNX and verify it.  ``batch=None`` means dynamic batch.
 
@@ -258,6 +303,12 @@ def export_onnx(
     PyTorch model with the same merging.  ``"auto"`` picks the largest ``r`` whose top-1 loss on
     ``val_images`` (a folder; class sub-folders give labels) is within ``max_drop`` points (default 1.0);
     see :mod:`vitedge.token_merging`.
+
+    ``dynamic_size``: the graph takes any height and width that is a multiple of the patch size, from
+    ``min_size`` to ``max_size`` (default half to twice the model's size); the position table is interpolated
+    in the graph (bicubic, CLS row kept), and the file is verified against PyTorch at several sizes, square and
+    not (:meth:`~vitedge.preprocess.DynamicSize.check_sizes`).  The bounds go into the manifest's
+    ``preprocessing.dynamic_size``; images then keep their aspect ratio (docs/resolution.md).
 
     Returns the :class:`~vitedge.artifact.Artifact` (it unpacks as ``path, manifest``); the manifest is
     written as ``<file name>.vitedge.json``.
@@ -282,6 +333,8 @@ def export_onnx(
             f"the model weights contain NaN/inf ({len(bad)} tensors, e.g. {bad[0]})", "the checkpoint is damaged or training diverged; nothing was exported"
         )
     merge, search = _merge_setting(spec, merge_tokens, val_images, max_drop, opset, stage)
+    sizes = _size_range(spec, dynamic_size, min_size, max_size, opset, merge)
+    preprocessing = replace(spec.preprocessing, dynamic_size=sizes)  # the spec may be the caller's: not edited
     h, w = spec.preprocessing.img_size
     c = spec.config.in_channels if spec.config else 3
     dummy = torch.zeros(batch or 2, c, h, w)
@@ -289,7 +342,7 @@ def export_onnx(
     external = n_bytes > EXPORT_EXTERNAL_WEIGHT_BYTES
 
     stage("running PyTorch on the check inputs")
-    inputs = _verification_inputs(spec, images, batch)
+    inputs = _verification_inputs(spec, images, batch, sizes)
     with torch.inference_mode(), graph_options(torch_model, merge=merge):  # the reference merges tokens like the graph
         refs = {k: torch_model(torch.from_numpy(v)).numpy() for k, v in inputs.items()}
     if not all(np.isfinite(r).all() for r in refs.values()):
@@ -302,7 +355,7 @@ def export_onnx(
         stage(f"exporting with torch.onnx (opset {opset}" + (", external data)" if external else ")"))
         try:
             with torch.no_grad(), graph_options(torch_model, cls_only=cls_only_last_block, merge=merge, split_qkv=split_qkv):
-                _torch_export(torch_model, dummy, tmp, opset, batch is None, external)
+                _torch_export(torch_model, dummy, tmp, opset, batch is None, external, sizes)
         except Exception as exc:
             raise VitedgeError(f"torch.onnx.export failed: {_reason(exc)}", "try another --opset (below 17 uses the TorchScript exporter)") from None
         stage("onnx.checker")
@@ -321,6 +374,8 @@ def export_onnx(
             res["tolerance"] = tolerance.limit(refs[key])
             res["passed"] = bool(res["finite"] and res["max_abs_error"] <= res["tolerance"])
             res["batch"] = int(x.shape[0])
+            if sizes is not None:
+                res["size"] = [int(x.shape[2]), int(x.shape[3])]
             checks[key] = res
         del sess
         failed = [k for k, r in checks.items() if not r["passed"]]
@@ -340,8 +395,8 @@ def export_onnx(
             precision="fp32",
             backend=None,
             task=_task(spec, refs["random"]),
-            model={**spec.model_info(), "graph": _graph_info(spec, cls_only_last_block, merge, search, split_qkv)},
-            preprocessing=spec.preprocessing.to_dict(),
+            model={**spec.model_info(), "graph": _graph_info(spec, cls_only_last_block, merge, search, split_qkv, sizes)},
+            preprocessing=preprocessing.to_dict(),
             labels=spec.labels,
             inputs=ins,
             outputs=outs,

@@ -224,6 +224,19 @@ def set_static_batch(model: ir.Model, batch: int) -> bool:
     return True
 
 
+@editor
+def name_input_dims(model: ir.Model, names: dict[int, str]) -> bool:
+    """Name the first input's dynamic dimensions at ``names``' axes (e.g. ``{2: "height"}``; an exporter writes
+    names such as ``16*grid_h``), so the file and its manifest say what they are.  Fixed dimensions are kept."""
+    v = model.graph.inputs[0]
+    dims: list[int | ir.SymbolicDim] = list(v.shape or [])
+    for axis, name in names.items():
+        if axis < len(dims) and not isinstance(dims[axis], int):
+            dims[axis] = ir.SymbolicDim(name)
+    v.shape = ir.Shape(dims)
+    return True
+
+
 def rewire(value: ir.Value, replacement: ir.Value | None, readers: Iterable[ir.Node] | None = None) -> int:
     """Make ``readers`` (default: every reader of ``value``) read ``replacement`` instead; returns how many
     inputs changed.  Graph outputs are not touched.  What nobody reads any more stays until :func:`remove_dead`."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ._io import sha256_file, write_json_atomic
 from .errors import FileProblem, VitedgeError
-from .preprocess import Preprocessing
+from .preprocess import DynamicSize, Preprocessing
 
 MANIFEST_SUFFIX = ".vitedge.json"
 BUNDLE_FILE = "vitedge-bundle.json"  # in a recipe's output folder: {"engine": "<file>"}, what vitedge.load(folder) opens
@@ -260,3 +260,9 @@ class Manifest:
     @property
     def preprocessing_obj(self):
         return Preprocessing.from_dict(self.preprocessing) if self.preprocessing else None
+
+    @property
+    def dynamic_size(self) -> DynamicSize | None:
+        """The input sizes of a dynamic-size artifact (``vitedge export --dynamic-size``); None for a fixed size."""
+        d = (self.preprocessing or {}).get("dynamic_size")
+        return DynamicSize(**d) if d else None

@@ -212,6 +212,32 @@ def parse_img_size(text: str) -> int:
         raise ValueError(f"{text!r} is not an integer") from None
 
 
+def parse_size(text: str) -> tuple[int, int] | None:
+    """``"HxW"`` (or one number for a square) -> ``(height, width)``; empty -> None (``--size``)."""
+    if text is None or str(text) == "":
+        return None
+    parts = str(text).lower().replace(" ", "").split("x")
+    try:
+        sides = tuple(int(v) for v in parts)
+    except ValueError:
+        sides = ()
+    if len(sides) == 1:
+        sides = sides * 2
+    if len(sides) != 2 or min(sides) < 1:
+        raise ValueError("use HEIGHTxWIDTH in pixels, e.g. 240x320 (or one number for a square)")
+    return sides[0], sides[1]
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"224x224,240x320"`` -> ``[(224, 224), (240, 320)]`` (:func:`parse_size` each)."""
+    return [s for s in (parse_size(part) for part in str(text).split(",")) if s is not None]
+
+
+def size_text(text: str) -> str:
+    """``--size`` checked (:func:`parse_sizes`) and kept as text, ``"HxW[,HxW...]"``: the step parses it."""
+    return ",".join(f"{h}x{w}" for h, w in parse_sizes(text))
+
+
 def _one_of(*alternatives: dict) -> dict:
     return {"oneOf": list(alternatives)}
 
@@ -267,6 +293,13 @@ class ExportOptions(StepOptions):
         renamed_from=("--val-images",),
     )
     max_drop: float | None = option(None, "Top-1 points --merge-tokens auto may lose on --val.", minimum=0, shown_default="1.0")
+    dynamic_size: bool = option(
+        False,
+        "One graph for many input sizes: any height and width that is a multiple of the patch, within --min-size/--max-size "
+        "(position table interpolated in the graph; images keep their aspect ratio).",
+    )
+    min_size: int | None = option(None, "Smallest height/width of a --dynamic-size export.", minimum=16, shown_default="half the model's size")
+    max_size: int | None = option(None, "Largest height/width of a --dynamic-size export.", minimum=16, shown_default="twice the model's size")
 
     def export_kwargs(self) -> dict:
         """Keyword arguments of :func:`vitedge.export.export_onnx` (``images``, from ``calib``, is the caller's: it lists the folder)."""
@@ -277,6 +310,9 @@ class ExportOptions(StepOptions):
             "merge_tokens": self.merge_tokens,
             "val_images": self.val,
             "max_drop": self.max_drop,
+            "dynamic_size": self.dynamic_size,
+            "min_size": self.min_size,
+            "max_size": self.max_size,
         }
 
 
@@ -515,6 +551,15 @@ class ValidateOptions(TimingOptions):
         recipe=False,
         metavar="NODE",
         shown_default="this machine",
+    )
+    size: str | None = option(
+        None,
+        "Feed every model the images at HEIGHTxWIDTH (dynamic-size engines; a PyTorch reference runs any size); several "
+        "sizes, comma-separated, give one report per size and a summary.",
+        parse=size_text,
+        metavar="HxW[,HxW...]",
+        shown_default="each model's own size",
+        recipe=False,
     )
 
     def validate_kwargs(self) -> dict:

@@ -117,7 +117,7 @@ def check_parity(engine_path: str | Path, reference: str | Path, data: str | Pat
     if images.arrays is not None:
         raise VitedgeError("parity needs raw images (a folder), not preprocessed arrays")
     with load(engine_path) as engine:
-        eng_pre = engine.preprocessing
+        eng_pre = engine.preprocessing.fixed()  # a dynamic-size engine: compared at its own size, like a fixed export
         report = ParityReport(where, len(images))
         diffs = [f for f in FIELDS if not _same(_value(ref_pre, f), _value(eng_pre, f))]
         if eng_pre.resize is None and ref_pre.resize is None and "center_crop" in diffs:

@@ -9,6 +9,11 @@ covered:
 
 Pixels are scaled by ``scale`` (1/255 by default), then normalised by ``mean``/``std`` per channel,
 in ``channel_order`` (RGB unless the model was trained on BGR).
+
+A dynamic-size model (``vitedge export --dynamic-size``) carries a :class:`DynamicSize`: each image keeps
+its aspect ratio instead (its shorter side resized to the target, each side rounded to the patch
+multiple and clamped to the engine's bounds, no crop), so images of different shapes give different
+input sizes; :meth:`Preprocessing.batches` groups them.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +59,53 @@ _INTERP = {
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
+@dataclass(frozen=True)
+class DynamicSize:
+    """The input sizes a dynamic-size engine accepts: every height and width from ``min`` to ``max`` that is a
+    multiple of ``multiple`` (the patch size).  Recorded in the manifest's preprocessing as ``dynamic_size``."""
+
+    min: int
+    max: int
+    multiple: int
+
+    def __post_init__(self):
+        if self.multiple < 1 or self.min % self.multiple or self.max % self.multiple:
+            raise VitedgeError(f"size bounds {self.min}..{self.max} are not multiples of the patch size {self.multiple}", "round them to the patch")
+        if not 2 * self.multiple <= self.min <= self.max:
+            raise VitedgeError(
+                f"size bounds {self.min}..{self.max} need {2 * self.multiple} <= min <= max (at least 2 patches a side)",
+                "e.g. --min-size 112 --max-size 448",
+            )
+
+    def snap(self, side: float) -> int:
+        """``side`` rounded to the nearest multiple, clamped to the bounds."""
+        return int(min(self.max, max(self.min, self.multiple * round(side / self.multiple))))
+
+    def fit(self, width: int, height: int, target: int) -> tuple[int, int]:
+        """(height, width) for an image of ``width`` x ``height``: the shorter side scaled to ``target`` (less when the
+        longer side would pass ``max``), each side then snapped (:meth:`snap`).  The aspect ratio is kept up to
+        the rounding, except for images too elongated for the bounds, which are clamped."""
+        scale = min(target / min(width, height), self.max / max(width, height))
+        return self.snap(height * scale), self.snap(width * scale)
+
+    def check(self, height: int, width: int) -> None:
+        """Raise a one-line :class:`ShapeMismatch` unless the engine accepts ``height`` x ``width``."""
+        for name, side in (("height", height), ("width", width)):
+            if not self.min <= side <= self.max or side % self.multiple:
+                raise ShapeMismatch(
+                    f"input {height}x{width}: {name} {side} is outside this dynamic-size engine's sizes "
+                    f"({self.min} to {self.max}, multiples of {self.multiple})",
+                    "resize the input into those bounds, or re-export with other --min-size/--max-size",
+                )
+
+    def check_sizes(self, target: int) -> list[tuple[int, int]]:
+        """(height, width) sizes an export or compile is verified at: the square target, two non-square sizes
+        (portrait and landscape, about 0.75 x 1.25 and 1.4 x 1.1 of it) and both bounds."""
+        sizes = [(target, target), (self.snap(0.75 * target), self.snap(1.25 * target)), (self.snap(1.4 * target), self.snap(1.1 * target))]
+        sizes += [(self.min, self.min), (self.max, self.max)]
+        return list(dict.fromkeys(sizes))
+
+
 @dataclass
 class Preprocessing:
     img_size: tuple[int, int] = (224, 224)
@@ -65,8 +117,11 @@ class Preprocessing:
     scale: float = 1.0 / 255.0
     channel_order: str = "RGB"
     assumed: list[str] = field(default_factory=list)  # fields vitedge had to guess (reported)
+    dynamic_size: DynamicSize | None = None  # a dynamic-size engine: img_size is the target, images keep their aspect
 
     def __post_init__(self):
+        if isinstance(self.dynamic_size, dict):
+            self.dynamic_size = DynamicSize(**self.dynamic_size)
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
         self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
@@ -83,6 +138,8 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if self.dynamic_size is None:
+            del d["dynamic_size"]  # fixed-size manifests stay as they were
         d["img_size"] = list(self.img_size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
@@ -96,6 +153,24 @@ class Preprocessing:
     def for_size(cls, img_size: int, **kw) -> Preprocessing:
         """The default rule at ``img_size``: resize to floor(size / 0.875), center crop, bicubic, ImageNet mean/std."""
         return cls(img_size=(img_size, img_size), **kw)
+
+    def at(self, height: int, width: int) -> Preprocessing:
+        """The same preprocessing at a fixed ``height`` x ``width`` (``--size``): the resize before the crop scaled
+        with it (the same crop fraction).  A dynamic-size engine checks the size against its bounds when it runs."""
+        resize = None if self.resize is None else resize_for(min(height, width), min(1.0, min(self.img_size) / self.resize))
+        return replace(self, img_size=(height, width), resize=resize, assumed=list(self.assumed), dynamic_size=None)
+
+    def fixed(self) -> Preprocessing:
+        """Itself, or for a dynamic-size model the same at its own size (resize, crop): one size for any images,
+        the pixels a fixed-size export of the model sees."""
+        return self if self.dynamic_size is None else replace(self, dynamic_size=None, assumed=list(self.assumed))
+
+    def input_size(self, img: Image.Image) -> tuple[int, int]:
+        """(height, width) this image is given to the model at: ``img_size``, or for a dynamic-size model its own
+        aspect ratio fitted to the bounds (:meth:`DynamicSize.fit`)."""
+        if self.dynamic_size is None:
+            return self.img_size
+        return self.dynamic_size.fit(img.size[0], img.size[1], min(self.img_size))
 
     # -- transforms -------------------------------------------------------------------------
     def to_pil(self, image: ImageLike) -> Image.Image:
@@ -113,9 +188,12 @@ class Preprocessing:
         return load_image(image)
 
     def spatial(self, img: Image.Image) -> Image.Image:
-        """Resize and crop (the geometric part)."""
+        """Resize and crop (the geometric part); a dynamic-size model's images are resized, never cropped."""
         h, w = self.img_size
         interp = _INTERP[self.interpolation]
+        if self.dynamic_size is not None:
+            h, w = self.input_size(img)
+            return img.resize((w, h), interp)
         if self.resize is None:
             return img.resize((w, h), interp)
         iw, ih = img.size
@@ -148,7 +226,25 @@ class Preprocessing:
         arrays = [self(im) for im in images]
         if not arrays:
             raise VitedgeError("no images given")
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise ShapeMismatch(
+                f"images of a dynamic-size model have {len(shapes)} input sizes here, which cannot make one batch", "use batches() to group them by size"
+            )
         return np.stack(arrays)
+
+    def batches(self, images: Iterable[ImageLike]) -> list[tuple[list[int], np.ndarray]]:
+        """The images preprocessed and grouped by input size: ``(indices, batch)`` per size, in order of first
+        appearance (one group for a fixed-size model)."""
+        groups: dict[tuple, tuple[list[int], list[np.ndarray]]] = {}
+        for i, im in enumerate(images):
+            arr = self(im)
+            idx, arrs = groups.setdefault(arr.shape, ([], []))
+            idx.append(i)
+            arrs.append(arr)
+        if not groups:
+            raise VitedgeError("no images given")
+        return [(idx, np.stack(arrs)) for idx, arrs in groups.values()]
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

@@ -8,7 +8,7 @@ from pathlib import Path
 from .artifact import Artifact
 from .backends import pytorch, registry
 from .backends.base import Engine, Prediction
-from .data import ImageSet
+from .data import open_readable
 from .errors import FileProblem
 from .foreign import ensure_manifest
 from .manifest import Manifest
@@ -54,23 +54,25 @@ def opens_as_pytorch(path, backend: str | None = None) -> bool:
 
 
 def predict_files(
-    engine: Engine, paths: Sequence[Path], *, top_k: int = 5, batch_size: int = 16, strict: bool = False
+    engine: Engine, paths: Sequence[Path], *, top_k: int = 5, batch_size: int = 16, strict: bool = False, size: tuple[int, int] | None = None
 ) -> tuple[list[tuple[Path, Prediction]], list[tuple[str, str]]]:
     """Classify image files in batches: ``([(path, prediction)], [(unreadable path, why)])``.
 
     An unreadable file is skipped with a warning, as calibration and validate skip one
     (:meth:`vitedge.data.ImageSet.batches`), so one bad file in a folder costs its own result only; a
     :class:`~vitedge.errors.FileProblem` is raised when none could be read.  ``strict``: the first unreadable
-    file raises its FileProblem and nothing is returned."""
+    file raises its FileProblem and nothing is returned.  ``size``: as :meth:`Engine.predict` (a dynamic-size
+    engine otherwise sees each image at its own aspect ratio)."""
     results: list[tuple[Path, Prediction]] = []
-    if strict:
-        for i in range(0, len(paths), batch_size):
-            chunk = list(paths[i : i + batch_size])
-            results += zip(chunk, engine.predict(chunk, top_k=top_k), strict=True)
-        return results, []
-    images = ImageSet("the images given", list(paths), [None] * len(paths))
-    for b in images.batches(engine.preprocessing, batch_size, min_count=0):
-        results += zip(map(Path, b.names), engine.predict_batch(b.x, top_k), strict=True)
+    skipped: list[tuple[str, str]] = []
+    for i in range(0, len(paths), batch_size):
+        chunk: list = [Path(p) for p in paths[i : i + batch_size]]
+        names = chunk
+        if not strict:
+            names, chunk, bad = open_readable(chunk)
+            skipped += bad
+        if chunk:
+            results += zip(names, engine.predict(chunk, top_k=top_k, size=size), strict=True)
     if not results:
-        raise FileProblem(f"none of the {len(paths)} images could be read; the first: {images.skipped[0][1]}")
-    return results, images.skipped
+        raise FileProblem(f"none of the {len(paths)} images could be read; the first: {skipped[0][1]}")
+    return results, skipped

@@ -45,17 +45,18 @@ from typing import Any
 import numpy as np
 
 from . import attention, compare, distributed, resources
-from ._io import sha256_file
+from ._io import sha256_file, write_json_atomic
 from ._version import __version__
 from .artifact import check_output
 from .backends import pytorch, registry
 from .compare import CI_LEVEL, paired_drop, wilson_interval  # noqa: F401 - public names of this module
 from .data import SHIPPED_CALIBRATION, ImageSet, label_indices
-from .errors import FileProblem, GateFailed, SpeedupNotMeasurable, VitedgeError
+from .errors import FileProblem, GateFailed, InputError, ShapeMismatch, SpeedupNotMeasurable, VitedgeError
 from .foreign import describe, ensure_manifest
 from .manifest import Manifest
 from .models.loading import REFERENCE_CHECKPOINT, ModelSpec
 from .models.vit import PRESETS
+from .options import parse_size
 from .preprocess import Preprocessing
 from .report import SCHEMA_ID, Report, now_iso
 from .resources import (
@@ -288,10 +289,12 @@ def _reference_source(reference, specs: list[EngineSpec], notes: list[str]):
     raise VitedgeError(f"no FP32 reference for {specs[0].path}", "pass --reference with the checkpoint, preset name or FP32 ONNX file the engine was made from")
 
 
-def _open_reference(reference, specs: list[EngineSpec], notes: list[str], preprocessing=None, threads: int | None = None) -> tuple[_Model, _Model | None]:
+def _open_reference(
+    reference, specs: list[EngineSpec], notes: list[str], preprocessing=None, threads: int | None = None, size: tuple[int, int] | None = None
+) -> tuple[_Model, _Model | None]:
     """(timing baseline, separate accuracy reference or None).  An FP32 ``.onnx`` file runs in ONNX Runtime;
     anything else (checkpoint, preset, ``ModelSpec``) in PyTorch eager (:class:`~vitedge.backends.pytorch.PyTorchEngine`),
-    either with ``threads`` threads (None: the backend's default)."""
+    either with ``threads`` threads (None: the backend's default); a PyTorch reference takes inputs of ``size``."""
     reference = _reference_source(reference, specs, notes)
     if isinstance(reference, (str, Path)) and str(reference).endswith(".onnx"):
         path, eng_man = Path(reference), _engine_manifest(specs[0])
@@ -305,11 +308,14 @@ def _open_reference(reference, specs: list[EngineSpec], notes: list[str], prepro
         ), None
 
     is_preset = isinstance(reference, str) and reference.replace("-", "_").lower() in PRESETS and not Path(reference).exists()
-    size = None
+    img_size = None
     if is_preset:  # same input size as the engine (a preset's default is 224)
         man = _engine_manifest(specs[0])
-        size = ((man.model or {}).get("config") or {}).get("img_size") if man else None
-    eng, measured = _opened(lambda: pytorch.open(reference, img_size=int(size) if size else None, threads=threads), loaded=not isinstance(reference, ModelSpec))
+        img_size = ((man.model or {}).get("config") or {}).get("img_size") if man else None
+    eng, measured = _opened(
+        lambda: pytorch.open(reference, img_size=int(img_size) if img_size else None, threads=threads, input_size=size),
+        loaded=not isinstance(reference, ModelSpec),
+    )
     base = _Model(eng, "pytorch fp32", role="reference", options=eng.options, size_bytes=eng.size_bytes(), **measured)
     if not is_preset:
         return base, None
@@ -552,6 +558,7 @@ def validate(
     preprocessing=None,
     ray: distributed.RayOptions | str | bool | None = None,
     latency_node: str | None = None,
+    size: tuple[int, int] | str | None = None,
 ) -> Report:
     """Validate one or more engines against the FP32 reference; see the module docstring.
 
@@ -573,6 +580,9 @@ def validate(
     ``docs/foreign.md``); a manifest-less reference otherwise takes the first engine's preprocessing.
     Models that are not classifiers (dense maps, several outputs) are compared per output
     (``vs_reference.outputs``: cosine, max abs error, SNR).
+    ``size``: (height, width) or ``"HxW"``: every model is fed the images at that size (a dynamic-size engine
+    takes any size in its bounds, a PyTorch reference any size); by default a dynamic-size engine is fed at
+    its own size (``img_size``), the images resized and cropped as the reference's are.
     ``ray``: the accuracy pass runs on a Ray cluster (``"auto"``/True, an address or
     :class:`~vitedge.distributed.RayOptions`; see :func:`_accuracy_on_ray`), with the same numbers as a local run;
     latency is measured on one machine: this process's, or with ``latency_node`` (a node's IP or ID) that Ray node,
@@ -580,11 +590,14 @@ def validate(
     Writes ``report.json/md/html`` to ``out_dir`` (if given), then raises ``GateFailed`` if a gate is missed.
     """
     specs = _as_specs(engine, backend)
+    size = _size_arg(size)
     ray_options = distributed.RayOptions.of(ray)
     if latency_node is not None:
         if ray_options is None:
             raise VitedgeError("--latency-node names a node of a Ray cluster", "add --ray")
         ray_options = dataclasses.replace(ray_options, latency_node=latency_node)
+    if size is not None and ray_options is not None:
+        raise VitedgeError("--size and --ray cannot be combined yet (Ray's shard tasks feed each model at its own size)", "drop one of them")
     _check_arguments(max_drop, min_speedup, batch_sizes)
     if out_dir is not None:
         check_output(out_dir, folder=True)
@@ -601,6 +614,8 @@ def validate(
         "eval_batch": eval_batch,
         "gates": {"max_drop_pp": max_drop, "min_speedup": min_speedup, "strict": strict},
     }
+    if size is not None:
+        settings["size"] = list(size)
     args = (specs, reference, data, settings, timing, worst, kind, preprocessing, ray_options)
     if ray_options is not None and ray_options.latency_node is not None:  # measured there, written here
         distributed.connect(ray_options)
@@ -625,6 +640,7 @@ def _measure(
     throughput always, the accuracy pass too unless ``ray_options`` sends it to a Ray cluster."""
     samples, seed, batch_sizes, ci_method, eval_batch = (settings[k] for k in ("samples", "seed", "batch_sizes", "ci_method", "eval_batch"))
     max_drop = settings["gates"]["max_drop_pp"]
+    size = tuple(settings["size"]) if settings.get("size") else None
     at_start = resources.read_cpu()  # through the module: tests give a reading of their choosing
     fitting = at_start.fitting_threads()
     busy = fitting < at_start.cores  # on a quiet machine the engines keep their own thread counts
@@ -637,12 +653,13 @@ def _measure(
     acc_ref: _Model | None = None
     torch_threads_before = torch_threads()  # process-wide: a PyTorch reference sets it, restored when done
     try:
-        baseline, acc_ref = _open_reference(reference, specs, notes, preprocessing, ref_threads)
+        baseline, acc_ref = _open_reference(reference, specs, notes, preprocessing, ref_threads, size)
         models.append(baseline)
         models += [_open_engine(s, preprocessing, notes) for s in specs]
         _dedupe_names(models)
         images = _images(data, baseline, samples, seed, notes)
         _feed(acc_ref or baseline, models, images, notes)
+        _fix_size(models + ([acc_ref] if acc_ref is not None else []), size, notes)
         accuracy_models = [acc_ref or baseline, *models[1:]]
         if ray_options is None:
             inputs = _Inputs(images, eval_batch)
@@ -675,6 +692,76 @@ def _measure(
         gc.collect()
         set_torch_threads(torch_threads_before)
     return report
+
+
+def validate_sizes(engine, reference=None, *, sizes: Sequence[tuple[int, int]] | str, out_dir: str | Path | None = None, **kwargs) -> dict[str, Report]:
+    """:func:`validate` once per size (``sizes``: (height, width) pairs or ``"HxW,HxW"``), each report in
+    ``out_dir/HxW/``, and ``out_dir/sizes.md`` / ``sizes.json`` with every engine's accuracy, cosine, latency
+    and speed-up per size (:meth:`Report.summary`).  Every size runs; a missed gate at any raises
+    :class:`GateFailed` at the end (``.report``: the first size's that missed)."""
+    pairs = [_size_arg(s) for s in sizes] if not isinstance(sizes, str) else [_size_arg(s) for s in sizes.split(",")]
+    reports: dict[str, Report] = {}
+    failed: list[tuple[str, GateFailed]] = []
+    for h, w in (p for p in pairs if p is not None):
+        key = f"{h}x{w}"
+        try:
+            reports[key] = validate(engine, reference, size=(h, w), out_dir=Path(out_dir) / key if out_dir is not None else None, **kwargs)
+        except GateFailed as exc:
+            reports[key] = exc.report
+            failed.append((key, exc))
+    if out_dir is not None:
+        lines = ["# Validation per input size", ""]
+        for key, rep in reports.items():
+            lines += [f"## {key} ([report]({key}/report.md))", "", *(f"- {line}" for line in rep.summary().splitlines()), ""]
+        Path(out_dir, "sizes.md").write_text("\n".join(lines))
+        write_json_atomic(Path(out_dir) / "sizes.json", {key: {"summary": rep.summary(), "report": f"{key}/report.json"} for key, rep in reports.items()})
+    if failed:
+        key, first = failed[0]
+        err = GateFailed(f"gates missed at {len(failed)} size(s), first at {key}: {first}")
+        err.report = first.report
+        raise err
+    return reports
+
+
+def _size_arg(size) -> tuple[int, int] | None:
+    """``size`` as (height, width): a tuple as given, text through :func:`vitedge.options.parse_size`."""
+    if size is None or isinstance(size, tuple):
+        return size
+    try:
+        return parse_size(str(size))
+    except ValueError as exc:
+        raise InputError(f"size {size!r}: {exc}") from None
+
+
+def _fix_size(models: list[_Model], size: tuple[int, int] | None, notes: list[str]) -> None:
+    """The one size each model is fed at: ``size`` when given; else a dynamic-size engine's own size, since a
+    validation batch needs one size and the reference sees the images resized and cropped the same way (each
+    image at its own aspect ratio is what ``predict`` does)."""
+    for r in models:
+        pre = r.preprocessing
+        if pre is None:
+            continue
+        if size is not None:
+            _check_takes(r, size)
+            r.preprocessing = pre.at(*size)
+        elif pre.dynamic_size is not None:
+            r.preprocessing = pre.fixed()
+            notes.append(f"{r.name}: a dynamic-size engine, fed at its size {pre.img_size[0]}x{pre.img_size[1]} (--size HxW for another)")
+    if size is not None:
+        notes.append(f"every model fed the images at {size[0]}x{size[1]} (--size)")
+
+
+def _check_takes(r: _Model, size: tuple[int, int]) -> None:
+    """Refuse, before anything runs, a ``--size`` that a model does not take (one line)."""
+    sizes = r.engine.manifest.dynamic_size
+    if sizes is not None:
+        sizes.check(*size)
+        return
+    hw = tuple(r.engine.input_shape[2:4])
+    if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) and hw != size:
+        raise ShapeMismatch(
+            f"{r.name} takes {hw[0]}x{hw[1]} inputs only, not --size {size[0]}x{size[1]}", "--size is for dynamic-size engines (vitedge export --dynamic-size)"
+        )
 
 
 def _check_arguments(max_drop, min_speedup, batch_sizes) -> None:

@@ -232,6 +232,9 @@ class Engine(ABC):
                 raise ShapeMismatch(
                     f"input shape {tuple(batch.shape)} does not match the engine's {tuple(want)} (axis {axis})", "preprocess to the engine's input size"
                 )
+        sizes = self.manifest.dynamic_size  # a dynamic-size engine: its bounds (a few microseconds to read)
+        if sizes is not None:
+            sizes.check(batch.shape[2], batch.shape[3])
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         with self._running():
             return self._run_chunked(batch)
@@ -255,18 +258,29 @@ class Engine(ABC):
         """Logits (the first output) for a preprocessed float batch."""
         return self.infer_all(batch)[self.output_names[0]] if self.output_names else next(iter(self.infer_all(batch).values()))
 
-    def predict(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 5) -> list[Prediction]:
-        """Top-k labels and probabilities for image files, PIL images or uint8 arrays."""
+    def predict(self, images: Sequence[ImageLike] | ImageLike, top_k: int = 5, size: tuple[int, int] | None = None) -> list[Prediction]:
+        """Top-k labels and probabilities for image files, PIL images or uint8 arrays.
+
+        ``size`` (height, width): feed every image at that size (a dynamic-size engine takes any size in its
+        bounds); by default a dynamic-size engine sees each image at its own aspect ratio (images of one
+        input size run as one batch)."""
         if isinstance(images, (str, Path)) or not isinstance(images, Sequence) or (isinstance(images, np.ndarray) and images.ndim == 3):
             images = [images]
         self._check_classifier()  # before reading the images
-        return self.predict_batch(self.preprocessing.batch(images), top_k)
+        pre = self.preprocessing if size is None else self.preprocessing.at(*size)
+        groups = pre.batches(images)
+        logits = [self.infer(x) for _, x in groups]
+        order = np.argsort(np.concatenate([idx for idx, _ in groups]), kind="stable")
+        return self._top_k(np.concatenate(logits)[order], top_k)
 
     def predict_batch(self, x: np.ndarray, top_k: int = 5) -> list[Prediction]:
         """Top-k labels and probabilities for a batch already preprocessed (``self.preprocessing``), e.g. one of
         :meth:`vitedge.data.ImageSet.batches`, which skips unreadable images."""
         self._check_classifier()
-        probs = softmax(self.infer(x).astype(np.float64))
+        return self._top_k(self.infer(x), top_k)
+
+    def _top_k(self, logits: np.ndarray, top_k: int) -> list[Prediction]:
+        probs = softmax(logits.astype(np.float64))
         k = min(top_k, probs.shape[1])
         labels = self.manifest.labels or [str(i) for i in range(probs.shape[1])]
         out = []

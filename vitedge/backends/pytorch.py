@@ -13,11 +13,12 @@ opened (``torch.set_num_threads``); the engine records the count it runs with (`
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import VitedgeError
+from ..errors import ShapeMismatch, VitedgeError
 from ..manifest import Manifest, TensorSpec
 from ..models.loading import ModelSpec, load_model
 from ..models.vit import VisionTransformer
@@ -151,13 +152,31 @@ class PyTorchEngine(Engine):
         self.spec = None
 
 
-def open(source, *, threads: int | None = None, img_size: int | None = None, preprocessing=None, labels: list[str] | None = None) -> PyTorchEngine:
+def open(
+    source,
+    *,
+    threads: int | None = None,
+    img_size: int | None = None,
+    preprocessing=None,
+    labels: list[str] | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> PyTorchEngine:
     """Open a PyTorch engine from a checkpoint file, Hugging Face folder, preset name, ``"reference"``, an
-    ``nn.Module`` (with ``img_size``) or a :class:`~vitedge.models.loading.ModelSpec` (used as is)."""
+    ``nn.Module`` (with ``img_size``) or a :class:`~vitedge.models.loading.ModelSpec` (used as is).
+
+    ``input_size`` (height, width): a vitedge ViT fed at that size, square or not (its position table is
+    interpolated as a dynamic-size export does); the reference of ``vitedge validate --size``."""
     if isinstance(source, ModelSpec) and img_size is None and preprocessing is None and labels is None:
         spec = source
     else:
         spec = load_model(source, img_size=img_size, preprocessing=preprocessing, labels=labels)
+    if input_size is not None and spec.config is not None:
+        p = spec.config.patch_size
+        if input_size[0] % p or input_size[1] % p:
+            raise ShapeMismatch(
+                f"input size {input_size[0]}x{input_size[1]} is not a multiple of the patch size {p}", "give a size whose sides are multiples of it"
+            )
+        spec = replace(spec, preprocessing=spec.preprocessing.at(*input_size))  # a copy: the caller's spec is not edited
     return PyTorchEngine.from_spec(spec, threads=threads)
 
 

@@ -350,6 +350,22 @@ def compute_profile(
     return {k: (b[i], c, spatial[0][i], spatial[1][i]) for i, k in enumerate(("min", "opt", "max"))}
 
 
+def size_profile(man: Manifest, img_size=None):
+    """The height/width range of the optimisation profile: ``img_size`` as given (one size or ``min,opt,max``),
+    and for a dynamic-size artifact (``vitedge export --dynamic-size``) by default its bounds around its size,
+    ``(min, size, max)``; sizes outside the artifact's bounds are refused here, before any build."""
+    sizes = man.dynamic_size
+    if sizes is None:
+        return img_size
+    if img_size is None:
+        target = min(man.preprocessing_obj.img_size)
+        return (sizes.min, target, sizes.max)
+    triple = _parse_triple(img_size, "img_size")
+    for side in triple:
+        sizes.check(side, side)
+    return triple
+
+
 def typing_plan(info: OnnxInfo, precision_hint: str | None) -> tuple[str | None, str, str]:
     """How a strongly typed build gets its precision: ``(conversion, precision, float_precision)``.
 
@@ -516,12 +532,13 @@ def engine_layers(engine, trt=None) -> list[dict]:
 
 
 def _check_images(man: Manifest) -> list | None:
-    """The shipped check images through the model's preprocessing (the FP16 overflow guard's data), or None."""
+    """The shipped check images through the model's preprocessing (the FP16 overflow guard's data), or None; one
+    batch per input size (a dynamic-size model sees each image at its own aspect ratio)."""
     pre = man.preprocessing_obj
     images = default_check_images()
     if pre is None or not images:
         return None
-    return [pre.batch(images)]
+    return [x for _, x in pre.batches(images)]
 
 
 def drop_stale_value_info(proto) -> int:
@@ -630,7 +647,7 @@ def build_engine(
         raise VitedgeError(f"workspace {workspace_mb} MB is too small", "give --workspace-mb 16 or more (default 1024)")
     info = inspect_onnx(src)
     check_onnx_for_tensorrt(info)
-    shapes = compute_profile(info.shape, batch=batch, profile=profile, hint=hint, img_size=img_size)
+    shapes = compute_profile(info.shape, batch=batch, profile=profile, hint=hint, img_size=size_profile(man, img_size))
     conversion, precision, float_precision = typing_plan(info, precision_hint)
     trt = require_tensorrt()
 

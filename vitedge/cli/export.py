@@ -36,6 +36,9 @@ def command(model, output, **options):
             f"verified on {key} inputs (batch {r['batch']}): max abs error {r['max_abs_error']:.2e} "
             f"(tolerance {r['tolerance']:.1e}), max rel error {r['max_rel_error']:.2e}, cosine {r['cosine_min']:.6f}"
         )
+    sizes = man.dynamic_size
+    if sizes is not None:
+        console.print(f"dynamic size: any height and width from {sizes.min} to {sizes.max}, multiples of {sizes.multiple} (images keep their aspect ratio)")
     merging = man.model.get("graph", {}).get("token_merging")
     if merging:
         _report_merging(merging)

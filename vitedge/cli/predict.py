@@ -9,9 +9,10 @@ from ..data import list_images
 from ..errors import FileProblem
 from ..foreign import ensure_manifest
 from ..manifest import Manifest
+from ..options import parse_size
 from ..runtime import load, opens_as_pytorch, predict_files
 from ..ui import console, note
-from ._common import BackendChoice, preprocessing_from_cli, preprocessing_options
+from ._common import BackendChoice, _Parsed, preprocessing_from_cli, preprocessing_options
 
 
 def _expand(images: tuple[str, ...]) -> list[Path]:
@@ -44,8 +45,15 @@ def _expand(images: tuple[str, ...]) -> list[Path]:
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per inference call.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image (exit 2, nothing printed) instead of skipping it with a warning.")
+@click.option(
+    "--size",
+    type=_Parsed(parse_size, "text"),
+    metavar="HxW",
+    show_default="each image at its own aspect ratio on a dynamic-size engine, else the engine's size",
+    help="Feed every image at HEIGHTxWIDTH (a dynamic-size engine takes any size in its bounds; by default it sees each image at its own aspect ratio).",
+)
 @preprocessing_options
-def command(engine, images, top_k, as_json, backend, batch_size, strict, **pre_flags):
+def command(engine, images, top_k, as_json, backend, batch_size, strict, size, **pre_flags):
     """Classify IMAGE files (or folders of images) with ENGINE (any artifact, its manifest or a bundle folder).
 
     An ONNX classifier exported elsewhere (no vitedge manifest) works too: its preprocessing comes from
@@ -62,7 +70,7 @@ def command(engine, images, top_k, as_json, backend, batch_size, strict, **pre_f
         note(f"{artifact.name} has a vitedge manifest: its own preprocessing is used, not the flags")
         pre = None
     with load(engine, backend=backend, preprocessing=pre) as eng:
-        results, skipped = predict_files(eng, paths, top_k=top_k, batch_size=batch_size, strict=strict)
+        results, skipped = predict_files(eng, paths, top_k=top_k, batch_size=batch_size, strict=strict, size=size)
     if skipped:
         note(f"{len(skipped)} of {len(paths)} images could not be read and were skipped (--strict stops at the first)")
     if as_json:

@@ -10,7 +10,7 @@ from ..errors import GateFailed, VitedgeError
 from ..options import ValidateOptions
 from ..sysinfo import print_machine
 from ..ui import console, err_console, note
-from ..validation import EngineSpec, validate
+from ..validation import EngineSpec, validate, validate_sizes
 from ._common import options_of, preprocessing_from_cli, preprocessing_options, renamed
 
 
@@ -77,8 +77,12 @@ def command(engines, reference, val, output, **options):
         run_options["config"] = {"INFERENCE_PRECISION_HINT": opts.precision_hint}
     print_machine()
     specs = [EngineSpec(e, opts.backend, dict(run_options)) for e in engines]
+    kwargs = {**opts.validate_kwargs(), "preprocessing": preprocessing_from_cli(**options)}
+    if opts.size and "," in opts.size:  # several sizes: one report each, and a summary
+        _validate_sizes(specs, reference, val, output, kwargs)
+        return
     try:
-        rep = validate(specs, reference, data=val, out_dir=output, **opts.validate_kwargs(), preprocessing=preprocessing_from_cli(**options))
+        rep = validate(specs, reference, data=val, out_dir=output, **kwargs)
     except GateFailed as exc:
         if getattr(exc, "report", None) is not None:
             print_report(exc.report, output)
@@ -86,3 +90,17 @@ def command(engines, reference, val, output, **options):
     print_report(rep, output)
     if opts.max_drop is not None or opts.min_speedup is not None:
         console.print("[green]all gates passed[/]")
+
+
+def _validate_sizes(specs, reference, val, output: Path, kwargs: dict) -> None:
+    sizes = kwargs.pop("size")
+    try:
+        reports = validate_sizes(specs, reference, sizes=sizes, data=val, out_dir=output, **kwargs)
+    except GateFailed as exc:
+        if getattr(exc, "report", None) is not None:
+            print_report(exc.report, None)
+        raise
+    for key, rep in reports.items():
+        console.print(f"[bold]{key}[/]")
+        print_report(rep, None)
+    console.print(f"[green]wrote[/] {output / 'sizes.md'}, sizes.json and a report per size ({', '.join(f'{k}/' for k in reports)})")

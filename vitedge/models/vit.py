@@ -256,13 +256,18 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def interpolate_pos_embed(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """Position embeddings for a ``grid_h x grid_w`` patch grid (bicubic, CLS kept)."""
+        """Position embeddings for a ``grid_h x grid_w`` patch grid (bicubic, CLS kept).
+
+        Traced with symbolic sizes (a dynamic-size export), the interpolation is always in the graph: one graph
+        serves every size, and at the trained size bicubic interpolation gives the table back.  Comparing the
+        sizes there would make the exporter specialise the graph to the traced size."""
         pos = self.pos_embed
         n_trained = pos.shape[1] - 1
         side = int(math.isqrt(n_trained))
         if side * side != n_trained:
             raise ValueError(f"trained position embedding of {n_trained} patches is not a square grid")
-        if (grid_h, grid_w) == (side, side):
+        symbolic = isinstance(grid_h, torch.SymInt) or isinstance(grid_w, torch.SymInt)
+        if not symbolic and (grid_h, grid_w) == (side, side):
             return pos
         cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
         d = pos.shape[-1]

@@ -15,7 +15,7 @@ from .._io import json_safe
 from .._onnx import onnx_precision, quantized_ops
 from ..artifact import Artifact, changed_file, check_files, check_output, writing
 from ..backends import registry
-from ..errors import FileProblem, GateFailed, VitedgeError
+from ..errors import FileProblem, GateFailed, ModelNotSupported, VitedgeError
 from ..export import embed_metadata
 from ..foreign import ensure_manifest
 from ..manifest import Manifest
@@ -140,6 +140,11 @@ def quantize(
         target = replace(target, max_drop=max_drop)
     _check_args(precision, backend, method, target.max_drop, samples, output, src_path)
     src, parent = _open_model(src_path, preprocessing, labels)
+    if parent.dynamic_size is not None:  # calibrating and holding the target at a mix of sizes is not built yet
+        raise ModelNotSupported(
+            f"{src.name} is a dynamic-size export: vitedge quantize does not calibrate or check a mix of input sizes yet",
+            "quantize a fixed-size export (vitedge export --img-size N), or compile this FP32 one as it is",
+        )
     if target.max_drop is not None and parent.task != "classification":
         raise VitedgeError(
             f"--max-drop needs class logits, but {src.name} is a {parent.task} model", "drop --max-drop: agreement per output (cosine, SNR) is reported instead"
