@@ -143,6 +143,19 @@ def test_batched_calibration_gives_the_model_of_one_image_at_a_time(token_case, 
     assert np.median(diff) <= 1e-5 * scale and np.quantile(diff, 0.99) <= 5e-3 * scale and diff.max() <= 0.02 * scale, diff
 
 
+def test_the_calibration_batch_is_bounded_by_memory(token_case, monkeypatch):
+    """NNCF gets every matrix op's input back from each calibration inference: the batch shrinks so that they fit
+    in :data:`~candidates.CALIB_MEMORY`, down to one image."""
+    path = str(token_case[0])
+    assert candidates.calibration_batch(path) == candidates.CALIB_BATCH
+    per_image = candidates._matrix_input_bytes(path)
+    assert per_image and per_image > 0
+    monkeypatch.setattr(candidates, "CALIB_MEMORY", 3 * per_image)
+    assert candidates.calibration_batch(path) == 3
+    monkeypatch.setattr(candidates, "CALIB_MEMORY", per_image // 2)
+    assert candidates.calibration_batch(path) == 1
+
+
 def test_models_that_move_the_batch_are_calibrated_one_image_at_a_time(tmp_path):
     """A tokens-first encoder (``(T, B, C)``, as CLIP's exports are) is no batch-first model: per-item statistics
     would reduce over the wrong axis, so it is calibrated one image at a time."""
@@ -162,4 +175,4 @@ def test_models_that_move_the_batch_are_calibrated_one_image_at_a_time(tmp_path)
     path = tmp_path / "tokens_first.onnx"
     torch.onnx.export(TokensFirst().eval(), (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
-    assert not candidates.batch_first(str(path))
+    assert not candidates.batch_first(str(path)) and candidates.calibration_batch(str(path)) == 1

@@ -47,6 +47,7 @@ def _array(path: str) -> np.ndarray:
 #: NNCF then reduces each image's statistics on its own (``batchwise_statistics``), so the ranges are those of one
 #: image at a time (checked on a real ViT-S: identical ranges, biases within 1e-4), in fewer, larger inferences
 CALIB_BATCH = 8
+CALIB_MEMORY = 1 << 30  # bytes of matrix-op inputs NNCF may get back from one calibration inference
 
 
 class _Calibration:
@@ -67,27 +68,46 @@ class _Calibration:
         return -(-len(self.x) // self.bs)
 
 
-def batch_first(source: str, probe: int = 7) -> bool:
+def batch_first(source) -> bool:
     """Whether every activation of the model carries the batch on axis 0 and nowhere else, so that NNCF's per-item
     (batchwise) statistics of a batch equal those of its images one at a time.  False for graphs that move the batch
     (tokens-first attention as in CLIP's exports, ``(batch*heads, T, d)`` reshapes, flattened ``(batch*T, C)``
-    Gemms): those are calibrated one image at a time.  Read from OpenVINO's shape propagation at batch ``probe``."""
+    Gemms): those are calibrated one image at a time."""
+    return _matrix_input_bytes(source) is not None
+
+
+def calibration_batch(source) -> int:
+    """Images per NNCF calibration item: :data:`CALIB_BATCH` for a batch-first model, fewer where the matrix ops'
+    inputs of that many images would pass :data:`CALIB_MEMORY` (NNCF gets them all back from every inference), and
+    1 for a model that moves the batch."""
+    per_image = _matrix_input_bytes(source)
+    if per_image is None:
+        return 1
+    return int(max(1, min(CALIB_BATCH, CALIB_MEMORY // max(per_image, 1))))
+
+
+def _matrix_input_bytes(source, probe: int = 7) -> int | None:
+    """Bytes of the matrix ops' activation inputs per image, or None when the batch leaves axis 0 anywhere (read
+    from OpenVINO's shape propagation at batch ``probe``).  ``source``: a model file, or an ``ov.Model`` (a copy is
+    reshaped)."""
     import openvino as ov
 
     try:
-        model = ov.Core().read_model(source)
+        model = ov.Core().read_model(source) if isinstance(source, (str, Path)) else source.clone()
         inp = model.inputs[0]
         shape = inp.get_partial_shape()
         if len(model.inputs) != 1 or shape.rank.is_dynamic or len(shape) < 2:
-            return False
+            return None
         dims = [ov.Dimension(probe)] + [shape[i] for i in range(1, len(shape))]
         model.reshape({inp.get_any_name(): ov.PartialShape(dims)})
     except Exception:  # a model that cannot take another batch: one image at a time, as before
-        return False
+        return None
     fed = {inp.get_node().get_friendly_name()}  # ops whose values the image reaches (not through shapes or weights)
+    total = 0
     for op in model.get_ordered_ops():
-        values = (op.input_value(i) for i in range(op.get_input_size()))
-        if not any(v.get_element_type().is_real() and v.get_node().get_friendly_name() in fed for v in values):
+        values = [op.input_value(i) for i in range(op.get_input_size())]
+        ins = [v for v in values if v.get_element_type().is_real() and v.get_node().get_friendly_name() in fed]
+        if not ins:
             continue
         fed.add(op.get_friendly_name())
         if op.get_type_name() == "Result":
@@ -96,8 +116,10 @@ def batch_first(source: str, probe: int = 7) -> bool:
             ps = out.get_partial_shape()
             if out.get_element_type().is_real() and ps.rank.is_static and len(ps) >= 2:
                 if ps[0].is_dynamic or ps[0].get_length() != probe:
-                    return False
-    return True
+                    return None
+        if op.get_type_name() in ("MatMul", "Convolution"):
+            total += sum(4 * int(np.prod(list(ps.get_shape()))) // probe for ps in (v.get_partial_shape() for v in ins) if ps.is_static)
+    return total
 
 
 def quantize_base(
@@ -115,12 +137,12 @@ def quantize_base(
     x = x[:count] if count else x
     proto = onnx.load(source)
     ignored = float_names(cfg, graph_roles(proto))
-    if batch is None:
-        batch = CALIB_BATCH if fixed_batch is None and batch_first(source) else 1
     if fmt == "openvino":
         import openvino as ov
 
         model = ov.convert_model(source)
+        if batch is None:
+            batch = calibration_batch(model) if fixed_batch is None else 1
         if cfg.attention_float:
             ignored = sorted(set(ignored) | set(ov_attention_matmuls(model)))
         data = _Calibration(x, fixed_batch, batch=batch)
@@ -128,6 +150,8 @@ def quantize_base(
         ov.save_model(q, out, compress_to_fp16=False)
         quantized = [op.get_friendly_name() for op in q.get_ordered_ops() if _ov_quantized(op)]
     else:
+        if batch is None:
+            batch = calibration_batch(source) if fixed_batch is None else 1
         data = _Calibration(x, fixed_batch, proto.graph.input[0].name, batch=batch)
         q = quantize_nncf(proto, data, len(data), cfg, ignored, compress_weights=False, batchwise=data.bs > 1 and not fixed_batch)
         save_onnx(q, Path(out), f"{Path(out).name}.data")

@@ -348,10 +348,7 @@ class _Search:
         self.rows: list[Row] = []
         self.count = 0
         self.suffix = ".xml" if fmt == "openvino" else ".onnx"
-        roles = graph_roles(_onnx_structure(src))
-        self.macs = matrix_macs(src)
-        self.groups = structural_groups(roles, self.macs)
-        self.attention_pairs = [tuple(roles.attention[i : i + 2]) for i in range(0, len(roles.attention) - 1, 2)]
+        self._structure: tuple | None = None
         self.rank_ref: dict[str, np.ndarray] | None = None
         self.settings: dict[str, dict] = {}  # whole-model settings tried on a calibration subset
         self.phases: dict[str, float] = {}  # seconds per phase, for the table
@@ -364,6 +361,34 @@ class _Search:
             yield
         finally:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t
+
+    def structure(self) -> tuple[dict[str, float], list[Group], list[tuple]]:
+        """The model's matrix multiply-adds, structural groups and attention pairs, read from the graph once (the
+        first time while the worker calibrates)."""
+        if self._structure is None:
+            roles = graph_roles(_onnx_structure(self.src))
+            macs = matrix_macs(self.src)
+            pairs = [tuple(roles.attention[i : i + 2]) for i in range(0, len(roles.attention) - 1, 2)]
+            self._structure = (macs, structural_groups(roles, macs), pairs)
+        return self._structure
+
+    @property
+    def macs(self) -> dict[str, float]:
+        return self.structure()[0]
+
+    @property
+    def groups(self) -> list[Group]:
+        return self.structure()[1]
+
+    @property
+    def attention_pairs(self) -> list[tuple]:
+        return self.structure()[2]
+
+    def while_calibrating(self) -> None:
+        """What this process does while the worker runs NNCF the first time: the FP32 reference on the held-out
+        images (NNCF leaves a core idle in its bookkeeping and graph passes) and the model's structure."""
+        self.ev.resolve_reference()
+        self.structure()
 
     # time
     def left(self) -> float:
@@ -653,9 +678,7 @@ def search(
         base_cfg = base_config
         err_console.print(f"[bold]INT8 default[/]: {base_cfg.describe()}")
         try:
-            # the FP32 reference on the held-out images runs here while the worker calibrates: NNCF leaves a core idle
-            # for much of its time (statistics bookkeeping, graph passes), which the reference's inference fills
-            base, quantized, q_s = s.quantize(base_cfg, "default", timeout=QUANTIZE_TIMEOUT_S, meanwhile=ev.resolve_reference)
+            base, quantized, q_s = s.quantize(base_cfg, "default", timeout=QUANTIZE_TIMEOUT_S, meanwhile=s.while_calibrating)
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
             raise VitedgeError(f"INT8 quantization failed: {exc}", "check the model with `vitedge check parity`, or try --fp16") from None
         assert ev.ref is not None, "the evaluation set needs its FP32 reference (EvalSet.set_reference / defer_reference)"
