@@ -59,6 +59,26 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."))
 
 
+def image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Image files and folders (searched recursively) as a list of files, in the order given."""
+    items = [images] if isinstance(images, (str, Path)) else list(images)
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise FileProblem(f"no images (jpg/png/bmp/webp) found in {p}")
+            out.extend(found)
+        elif not p.exists():
+            raise FileProblem(f"image {p} does not exist")
+        else:
+            out.append(p)
+    if not out:
+        raise FileProblem("no images given", "pass image files or folders")
+    return out
+
+
 def default_check_images(limit: int = 8) -> list[Path] | None:
     """A few real images from the shipped calibration set (None when it is missing)."""
     if not SHIPPED_CALIBRATION.is_dir():

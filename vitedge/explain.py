@@ -20,31 +20,11 @@ import numpy as np
 from . import attention
 from ._io import atomic_dir, commit_files
 from .backends.base import Engine
-from .data import list_images
-from .errors import FileProblem, ShapeMismatch
+from .data import image_paths
+from .errors import ShapeMismatch
 from .runtime import load, opens_as_pytorch
 
 BATCH = 16  # images per attention call
-
-
-def image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Image files and folders (searched recursively) as a list of files, in the order given."""
-    items = [images] if isinstance(images, (str, Path)) else list(images)
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                raise FileProblem(f"no images (jpg/png/bmp/webp) found in {p}")
-            out.extend(found)
-        elif not p.exists():
-            raise FileProblem(f"image {p} does not exist")
-        else:
-            out.append(p)
-    if not out:
-        raise FileProblem("no images given", "pass image files or folders")
-    return out
 
 
 def open_reference(reference) -> Engine:

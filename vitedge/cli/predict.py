@@ -5,30 +5,13 @@ from pathlib import Path
 
 import click
 
-from ..data import list_images
-from ..errors import FileProblem
+from ..data import image_paths
 from ..foreign import ensure_manifest
 from ..manifest import Manifest
 from ..options import parse_size
 from ..runtime import load, opens_as_pytorch, predict_files
 from ..ui import console, note
 from ._common import BackendChoice, _Parsed, preprocessing_from_cli, preprocessing_options
-
-
-def _expand(images: tuple[str, ...]) -> list[Path]:
-    out: list[Path] = []
-    for item in images:
-        p = Path(item)
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                raise FileProblem(f"no images (jpg/png/bmp/webp) found in {p}")
-            out.extend(found)
-        elif not p.exists():
-            raise FileProblem(f"image {p} does not exist")
-        else:
-            out.append(p)
-    return out
 
 
 @click.command("predict")
@@ -61,7 +44,7 @@ def command(engine, images, top_k, as_json, backend, batch_size, strict, size, *
 
     An unreadable image is skipped with a warning; the exit code is 2 only when none could be read.
     """
-    paths = _expand(images)
+    paths = image_paths(images)
     pre = preprocessing_from_cli(**pre_flags)
     artifact, man = (engine, Manifest(engine.name, "pytorch")) if opens_as_pytorch(engine, backend) else Manifest.find(engine)
     if man is None:
