@@ -440,12 +440,15 @@ class _Search:
         quantized: list[str],
         kept: list[Group],
         variants: list[dict],
-        time_s: float = 2.0,
+        time_s: float | None = None,
         seconds: float = 0.0,
         again: Row | None = None,
     ) -> list[Row]:
-        """A candidate (the base with ``kept`` in float) measured on the held-out images, one row per engine variant.
+        """A candidate (the base with ``kept`` in float) measured on the held-out images, one row per engine variant,
+        timed for ``time_s`` seconds in all (default: 1 s for one variant, half a second per variant for more; the
+        candidates that meet the target are timed again side by side before one is chosen).
         ``again``: a candidate already built, measured as more engine variants (its file is run as it is)."""
+        time_s = max(1.0, 0.5 * len(variants)) if time_s is None else time_s
         if again is None:
             self.count += 1
         no = again.no if again is not None else self.count
