@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 from .._io import commit_files, json_safe, save_onnx
@@ -146,8 +147,6 @@ class NNCFQuantizer(Quantizer):
         return [{"float_precision": None, "static": False}]
 
     def int8(self, job: Job) -> Outcome:
-        import nncf
-
         if job.ev.random:
             raise VitedgeError("INT8 needs held-out images to measure against FP32", "pass --val DIR or more --calib images")
         stream = StreamingBatches(
@@ -179,7 +178,7 @@ class NNCFQuantizer(Quantizer):
         fid.write_table(res, job.scratch / tj, job.scratch / tm, model=job.src.name, backend=job.backend, eval_source=job.ev.source, images=len(job.ev))
         c = res.chosen
         info = {
-            "tool": f"nncf {nncf.__version__} ({self.tool})",
+            "tool": f"nncf {version('nncf')} ({self.tool})",  # NNCF itself is imported by the worker only
             "model_type": "TRANSFORMER",
             "preset": "MIXED",
             "method": job.method,
