@@ -159,12 +159,24 @@ def test_same_inputs_same_bytes(ref_onnx, tmp_path):
     assert man.verification["images"] == 20 and "held-out" in man.verification["eval_set"]
 
 
+def _written(quantize_fn, *args, **kwargs):
+    """The artifact a quantize call wrote: a random-weight preset's INT8 may miss the fidelity target (exit 1), and
+    is written all the same; these tests are about its size."""
+    from vitedge.quantization import FidelityNotMet
+
+    try:
+        return quantize_fn(*args, **kwargs)
+    except FidelityNotMet as exc:
+        assert exc.output is not None and exc.manifest is not None
+        return exc.output, exc.manifest
+
+
 @pytest.mark.e2e
 def test_preset_int8_is_about_4x_smaller(tmp_path, calib_dir):
     from vitedge import export_onnx
 
     src, _ = export_onnx("vit_tiny", tmp_path / "tiny.onnx", img_size=64)
-    out, man = quantize(src, tmp_path / "tiny.int8.onnx", calib=calib_dir, samples=16)
+    out, man = _written(quantize, src, tmp_path / "tiny.int8.onnx", calib=calib_dir, samples=16)
     ratio = src.stat().st_size / out.stat().st_size
     assert 3.3 < ratio < 4.2, ratio
     assert man.verification["agreement"]["cosine_mean"] > 0.98
@@ -176,7 +188,7 @@ def test_vit_base_int8_is_about_4x_smaller(tmp_path, calib_dir, backend, suffix)
     from vitedge import export_onnx
 
     src, _ = export_onnx("vit_base", tmp_path / "base.onnx")
-    out, _ = quantize(src, tmp_path / f"base.int8{suffix}", backend=backend, calib=calib_dir, samples=16)
+    out, _ = _written(quantize, src, tmp_path / f"base.int8{suffix}", backend=backend, calib=calib_dir, samples=16)
     size = out.stat().st_size + (out.with_suffix(".bin").stat().st_size if suffix == ".xml" else 0)
     assert 3.5 < src.stat().st_size / size < 4.2
 
