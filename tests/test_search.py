@@ -128,7 +128,7 @@ def test_batched_calibration_gives_the_model_of_one_image_at_a_time(token_case, 
     """NNCF fed :data:`~candidates.CALIB_BATCH` images per item, with per-image (batchwise) statistics, writes the same
     INT8 model as one image at a time: the same ranges, so the same outputs on the held-out images."""
     path, d, xv, _ = token_case
-    assert candidates.batch_first(str(path))
+    assert candidates.calibration_batch(str(path)) == candidates.CALIB_BATCH
     cfg = registry.get(backend).quantization().base_config(path).to_dict()
     outs = []
     for bs in (1, candidates.CALIB_BATCH):
@@ -175,4 +175,4 @@ def test_models_that_move_the_batch_are_calibrated_one_image_at_a_time(tmp_path)
     path = tmp_path / "tokens_first.onnx"
     torch.onnx.export(TokensFirst().eval(), (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
-    assert not candidates.batch_first(str(path)) and candidates.calibration_batch(str(path)) == 1
+    assert candidates._matrix_input_bytes(str(path)) is None and candidates.calibration_batch(str(path)) == 1

@@ -43,7 +43,7 @@ def _array(path: str) -> np.ndarray:
     return _cache[key]
 
 
-#: images per NNCF calibration item when the model keeps the batch on axis 0 of every activation (:func:`batch_first`):
+#: images per NNCF calibration item when the model keeps the batch on axis 0 of every activation (:func:`calibration_batch`):
 #: NNCF then reduces each image's statistics on its own (``batchwise_statistics``), so the ranges are those of one
 #: image at a time (checked on a real ViT-S: identical ranges, biases within 1e-4), in fewer, larger inferences
 CALIB_BATCH = 8
@@ -68,18 +68,12 @@ class _Calibration:
         return -(-len(self.x) // self.bs)
 
 
-def batch_first(source) -> bool:
-    """Whether every activation of the model carries the batch on axis 0 and nowhere else, so that NNCF's per-item
-    (batchwise) statistics of a batch equal those of its images one at a time.  False for graphs that move the batch
-    (tokens-first attention as in CLIP's exports, ``(batch*heads, T, d)`` reshapes, flattened ``(batch*T, C)``
-    Gemms): those are calibrated one image at a time."""
-    return _matrix_input_bytes(source) is not None
-
-
 def calibration_batch(source) -> int:
-    """Images per NNCF calibration item: :data:`CALIB_BATCH` for a batch-first model, fewer where the matrix ops'
-    inputs of that many images would pass :data:`CALIB_MEMORY` (NNCF gets them all back from every inference), and
-    1 for a model that moves the batch."""
+    """Images per NNCF calibration item: :data:`CALIB_BATCH` for a model whose every activation carries the batch on
+    axis 0 and nowhere else (so that NNCF's per-item statistics of a batch equal those of its images one at a time),
+    fewer where the matrix ops' inputs of that many images would pass :data:`CALIB_MEMORY` (NNCF gets them all back
+    from every inference), and 1 for a graph that moves the batch (tokens-first attention as in CLIP's exports,
+    ``(batch*heads, T, d)`` reshapes, flattened ``(batch*T, C)`` Gemms)."""
     per_image = _matrix_input_bytes(source)
     if per_image is None:
         return 1
@@ -126,7 +120,7 @@ def quantize_base(
     source: str, fmt: str, config: dict, calib: str, out: str, count: int | None = None, fixed_batch: int | None = None, batch: int | None = None
 ) -> dict:
     """NNCF INT8 of ``source`` with ``config`` on the first ``count`` calibration images, saved revertible at ``out``.
-    ``batch``: images per calibration item (default: :data:`CALIB_BATCH` where :func:`batch_first` allows, else 1).
+    ``batch``: images per calibration item (default: :func:`calibration_batch`).
 
     Returns the names of the matrix ops it quantized and the seconds it took."""
     import onnx

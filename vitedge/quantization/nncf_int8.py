@@ -92,7 +92,7 @@ def _advanced(cfg: Int8Config):
 
 class _KnownBatchwise(logging.Filter):
     """Drops NNCF's warning that batchwise statistics may be inaccurate for a transformer: vitedge asks for them only
-    for a model whose every activation keeps the batch on axis 0 (``candidates.batch_first``), where they are exact."""
+    for a model whose every activation keeps the batch on axis 0 (``candidates.calibration_batch``), where they are exact."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "batchwise statistics" not in record.getMessage()
