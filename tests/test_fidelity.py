@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from vitedge.errors import VitedgeError
 from vitedge.quantization import FidelityNotMet, Target, quantize
-from vitedge.quantization import fidelity
+from vitedge.quantization import candidates, fidelity
 from vitedge.quantization.nncf_int8 import Int8Config
 from vitedge.quantization.roles import graph_roles
 
@@ -161,6 +161,50 @@ def test_a_crashing_or_hanging_call_is_recorded_and_the_search_goes_on(features_
     assert tried["SmoothQuant 0.5"]["status"] == "timeout"
     assert tried["quantile ranges"]["status"] == "ok"  # the search went on after the crash and the hang
     assert (tmp_path / "q.onnx").exists()  # the most faithful candidate
+
+
+def test_the_early_worker_is_stopped_when_quantize_fails_before_its_search(ref_onnx, tmp_path, monkeypatch):
+    """The front door starts the search's worker before it reads the images; an error after that (here: too few
+    calibration images) stops the child process and removes its temporary log folder."""
+    from vitedge.quantization import worker
+
+    started = []
+    real_early = worker.Worker.early.__func__
+
+    def early(cls):
+        started.append(real_early(cls))
+        return started[-1]
+
+    monkeypatch.setattr(worker.Worker, "early", classmethod(early))
+    with pytest.raises(VitedgeError, match="at least 16 images"):
+        quantize(ref_onnx, tmp_path / "q.onnx", samples=8)
+    (w,) = started
+    assert w._proc is None and not w.folder.exists()
+
+
+def test_a_static_engine_run_image_by_image_is_timed_by_those_runs(ref_onnx, tmp_path, monkeypatch):
+    """A single static batch-1 variant takes its latency from the held-out images it was just run on (one run per
+    image), not from a second timing pass; several variants are still timed side by side."""
+    from vitedge.data import default_check_images
+    from vitedge.manifest import Manifest
+
+    x = Manifest.find(ref_onnx)[1].preprocessing_obj.batch(default_check_images())
+    x = np.concatenate([x] * (-(-40 // len(x))))[:40]
+    np.save(tmp_path / "x.npy", x)
+
+    def no_second_pass(*a, **k):
+        raise AssertionError("timed a second time")
+
+    monkeypatch.setattr(candidates, "timed_interleaved", no_second_pass)
+    res = candidates.measure("openvino", str(ref_onnx), str(tmp_path / "x.npy"), str(tmp_path / "one"), [{"float_precision": "f32", "static": True}], time_s=1.0)
+    (v,) = res["variants"]
+    assert 0 < v["latency_ms"] < 1000
+    times: list[float] = []
+    candidates.prepare(ref_onnx, "openvino", x, "f32", static=True, times=times)
+    assert len(times) == len(x) and min(times) > 0
+    with pytest.raises(AssertionError, match="timed a second time"):  # two variants: timed interleaved, as before
+        candidates.measure("openvino", str(ref_onnx), str(tmp_path / "x.npy"), str(tmp_path / "two"),
+                           [{"float_precision": "f32", "static": True}, {"float_precision": "f32", "static": False}], time_s=1.0)
 
 
 def test_calibration_minimum(ref_onnx, tmp_path):

@@ -24,6 +24,7 @@ from ..runtime import load
 from ..ui import note
 from .calibration import MIN_CALIB, EvalSet, plan_data
 from .strategies import Job
+from .worker import Worker
 
 log = logging.getLogger("vitedge")
 
@@ -139,81 +140,90 @@ def quantize(
             raise VitedgeError(f"max_drop={max_drop} contradicts the target's max_drop={target.max_drop}", "give it once")
         target = replace(target, max_drop=max_drop)
     _check_args(precision, backend, method, target.max_drop, samples, output, src_path)
-    src, parent = _open_model(src_path, preprocessing, labels)
-    if parent.dynamic_size is not None:  # calibrating and holding the target at a mix of sizes is not built yet
-        raise ModelNotSupported(
-            f"{src.name} is a dynamic-size export: vitedge quantize does not calibrate or check a mix of input sizes yet",
-            "quantize a fixed-size export (vitedge export --img-size N), or compile this FP32 one as it is",
-        )
-    if target.max_drop is not None and parent.task != "classification":
-        raise VitedgeError(
-            f"--max-drop needs class logits, but {src.name} is a {parent.task} model", "drop --max-drop: agreement per output (cosine, SNR) is reported instead"
-        )
-    pre = parent.preprocessing_obj
-    fixed = parent.inputs[0].shape[0] if parent.inputs[0].shape else None
-    fixed = fixed if isinstance(fixed, int) and fixed > 0 else None  # a fixed-batch model is fed batches of exactly that size
-    plan = plan_data(parent, pre, precision=precision, calib=calib, val=val, samples=samples, seed=seed, min_calib=min_calib)
-    enforce = True
-    if precision in ("int8", "auto") and str((parent.model or {}).get("source", "")).startswith("preset:"):
-        note("random-weight preset: its predictions mean nothing, so no INT8 search is run (the fidelity target is still measured)")
-        search_budget, enforce = 0.0, False
-    for n in plan.notes:
-        note(n)
+    # the INT8 search's worker process imports NNCF and the runtimes while this one opens the model and reads the images
+    worker = Worker.early() if precision in ("int8", "auto") and strategy.uses_worker else None
+    try:
+        src, parent = _open_model(src_path, preprocessing, labels)
+        if parent.dynamic_size is not None:  # calibrating and holding the target at a mix of sizes is not built yet
+            raise ModelNotSupported(
+                f"{src.name} is a dynamic-size export: vitedge quantize does not calibrate or check a mix of input sizes yet",
+                "quantize a fixed-size export (vitedge export --img-size N), or compile this FP32 one as it is",
+            )
+        if target.max_drop is not None and parent.task != "classification":
+            raise VitedgeError(
+                f"--max-drop needs class logits, but {src.name} is a {parent.task} model",
+                "drop --max-drop: agreement per output (cosine, SNR) is reported instead",
+            )
+        pre = parent.preprocessing_obj
+        fixed = parent.inputs[0].shape[0] if parent.inputs[0].shape else None
+        fixed = fixed if isinstance(fixed, int) and fixed > 0 else None  # a fixed-batch model is fed batches of exactly that size
+        plan = plan_data(parent, pre, precision=precision, calib=calib, val=val, samples=samples, seed=seed, min_calib=min_calib)
+        enforce = True
+        if precision in ("int8", "auto") and str((parent.model or {}).get("source", "")).startswith("preset:"):
+            note("random-weight preset: its predictions mean nothing, so no INT8 search is run (the fidelity target is still measured)")
+            search_budget, enforce = 0.0, False
+        for n in plan.notes:
+            note(n)
 
-    ev = EvalSet(plan.eval, pre, plan.eval_source, parent.labels, parent.inputs[0].shape, seed)
-    if parent.task != "classification":
-        ev.labels = None  # folder names are not classes of a non-classifier
-    ref_backend, ref_options = strategy.reference  # e.g. OpenVINO at f32: the same FP32 math, faster than ONNX Runtime on a CPU
-    # computed when first needed: the INT8 search runs it while its worker calibrates
-    ev.defer_reference(lambda: load(src, backend=ref_backend, **ref_options))
+        ev = EvalSet(plan.eval, pre, plan.eval_source, parent.labels, parent.inputs[0].shape, seed)
+        if parent.task != "classification":
+            ev.labels = None  # folder names are not classes of a non-classifier
+        ref_backend, ref_options = strategy.reference  # e.g. OpenVINO at f32: the same FP32 math, faster than ONNX Runtime on a CPU
+        # computed when first needed: the INT8 search runs it while its worker calibrates
+        ev.defer_reference(lambda: load(src, backend=ref_backend, **ref_options))
 
-    fmt = strategy.format
-    with writing(output) as draft:
-        job = Job(src, parent, draft.path, output, draft.scratch, backend, precision, method, plan, ev, target, search_budget, enforce, samples, fixed)
-        done = strategy.quantize(job)
-        qinfo = {"precision": precision, "backend": backend, **done.info}
-        if done.stream is not None:
-            stream = done.stream
-            qinfo["calibration"] = {
-                "source": plan.calib_source,
-                "fingerprint": job.calib.fingerprint(),
-                "size": len(job.calib) - stream.skipped,
-                "requested": len(job.calib),
-                "skipped_unreadable": stream.skipped,
-                "seed": seed,
-            }
-            if stream.skipped:
-                note(f"{stream.skipped} unreadable calibration images skipped")
+        fmt = strategy.format
+        with writing(output) as draft:
+            job = Job(
+                src, parent, draft.path, output, draft.scratch, backend, precision, method, plan, ev, target, search_budget, enforce, samples, fixed, worker
+            )
+            done = strategy.quantize(job)
+            qinfo = {"precision": precision, "backend": backend, **done.info}
+            if done.stream is not None:
+                stream = done.stream
+                qinfo["calibration"] = {
+                    "source": plan.calib_source,
+                    "fingerprint": job.calib.fingerprint(),
+                    "size": len(job.calib) - stream.skipped,
+                    "requested": len(job.calib),
+                    "skipped_unreadable": stream.skipped,
+                    "seed": seed,
+                }
+                if stream.skipped:
+                    note(f"{stream.skipped} unreadable calibration images skipped")
 
-        # embed the essentials in ONNX outputs, as export does (so the file is self-describing)
-        if fmt == "onnx":
-            import onnx
+            # embed the essentials in ONNX outputs, as export does (so the file is self-describing)
+            if fmt == "onnx":
+                import onnx
 
-            proto = onnx.load(str(draft.path), load_external_data=False)
-            embed_metadata(proto, parent.derive(output.name, fmt, precision=done.precision, backend=backend))
-            strategy.finish_onnx(proto)
-            onnx.save(proto, str(draft.path))
+                proto = onnx.load(str(draft.path), load_external_data=False)
+                embed_metadata(proto, parent.derive(output.name, fmt, precision=done.precision, backend=backend))
+                strategy.finish_onnx(proto)
+                onnx.save(proto, str(draft.path))
 
-        man = parent.derive(output.name, fmt, precision=done.precision, backend=backend, quantization=json_safe(qinfo))
-        metrics, engine = done.measured, done.measured_as  # the search measured the file it wrote on these images
-        if metrics is None:
-            with registry.open_engine(strategy.measured_by, draft.path, man, **strategy.engine_options(qinfo)) as eng:
-                metrics, engine = ev.measure_outputs(ev.outputs(eng)), strategy.measured_by
-        man.verification = json_safe(
-            {
-                "reference": f"fp32 onnx ({src.name}, {ref_backend}{' f32' if ref_options else ''})",
-                "engine": engine,
-                "eval_set": ev.source,
-                "images": len(ev),
-                "random_inputs": ev.random,
-                "agreement": metrics,
-                "drop_pp": ev.drop_pp(metrics) if not ev.random else None,
-                "drop_kind": ev.drop_kind,
-            }
-        )
-        if strategy.verification_note:
-            man.verification["note"] = strategy.verification_note
-        artifact = draft.commit(man, extra=done.report_files)
+            man = parent.derive(output.name, fmt, precision=done.precision, backend=backend, quantization=json_safe(qinfo))
+            metrics, engine = done.measured, done.measured_as  # the search measured the file it wrote on these images
+            if metrics is None:
+                with registry.open_engine(strategy.measured_by, draft.path, man, **strategy.engine_options(qinfo)) as eng:
+                    metrics, engine = ev.measure_outputs(ev.outputs(eng)), strategy.measured_by
+            man.verification = json_safe(
+                {
+                    "reference": f"fp32 onnx ({src.name}, {ref_backend}{' f32' if ref_options else ''})",
+                    "engine": engine,
+                    "eval_set": ev.source,
+                    "images": len(ev),
+                    "random_inputs": ev.random,
+                    "agreement": metrics,
+                    "drop_pp": ev.drop_pp(metrics) if not ev.random else None,
+                    "drop_kind": ev.drop_kind,
+                }
+            )
+            if strategy.verification_note:
+                man.verification["note"] = strategy.verification_note
+            artifact = draft.commit(man, extra=done.report_files)
+    finally:
+        if worker is not None:
+            worker.close()  # (the search closes it when it ran; this is for the errors before it)
     fidelity = done.fidelity
     if fidelity is not None and not fidelity.met and not (precision == "auto" and fidelity.float_wins):
         # the README's rule holds for random-weight presets too: a missed target exits 1, whatever the reason

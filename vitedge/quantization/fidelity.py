@@ -668,14 +668,16 @@ def search(
     classifier: bool | None = None,
     float_candidate: bool = False,
     enforce: bool = True,
+    worker: Worker | None = None,
 ) -> FidelityResult:
     """Quantize once with ``base_config``, measure every engine variant of ``variants``; when the target is missed,
     rank the groups and revert the harmful ones, then try whole-model settings, within ``budget_s`` seconds.
     ``fmt``: NNCF's output, ``openvino`` (an IR) or ``onnx`` (QDQ ONNX for ONNX Runtime).  ``float_candidate`` (``--auto``): the FP32 model is measured
     alike at the CPU's fastest float precision and timed beside the chosen INT8.  ``enforce=False`` (random-weight
-    presets, whose predictions mean nothing): the fastest sound variant of the default is chosen, no search."""
+    presets, whose predictions mean nothing): the fastest sound variant of the default is chosen, no search.
+    ``worker``: one started earlier (:meth:`Worker.early`), closed here like the one made otherwise."""
     t0 = time.perf_counter()
-    with Worker(scratch) as worker:
+    with worker or Worker(scratch) as worker:
         worker.start()  # its imports (NNCF, OpenVINO, ONNX Runtime) overlap with preparing the images here
         s = _Search(src, fmt, _Arrays(scratch, calib_stream, ev), ev, scratch, target, bool(classifier), fixed_batch, final_name, worker, budget_s, t0, enforce)
         base_cfg = base_config

@@ -40,6 +40,7 @@ from .fidelity import FidelityResult, Target
 from .fp16 import FP16_KEEP_FLOAT, convert_onnx_fp16, openvino_fp16
 from .nncf_int8 import ESTIMATORS, Int8Config
 from .roles import graph_roles
+from .worker import Worker
 
 log = logging.getLogger("vitedge")
 
@@ -63,6 +64,7 @@ class Job:
     enforce: bool  # False: a random-weight preset (measured, not held to the target)
     samples: int | None
     fixed_batch: int | None  # a fixed-batch model is fed batches of exactly that size
+    worker: Worker | None = None  # the search's worker process, started early by the front door (``uses_worker``)
 
     @property
     def calib(self) -> ImageSet:
@@ -93,6 +95,8 @@ class Quantizer:
     verification_note: str | None = None
     #: the engine that runs the FP32 model for the reference outputs (backend name, ``vitedge.load`` options)
     reference: tuple[str, dict] = ("onnxruntime", {})
+    #: INT8 runs in a worker process (:mod:`.worker`): the front door starts it before it reads the images
+    uses_worker = False
 
     def int8(self, job: Job) -> Outcome:
         raise VitedgeError(f"backend {job.backend} has no int8 quantization")
@@ -137,6 +141,7 @@ class NNCFQuantizer(Quantizer):
     ``auto`` adds the FP32 model, run at the CPU's fastest float precision, as a candidate."""
 
     tool = "NNCF"
+    uses_worker = True
 
     def base_config(self, src: Path) -> Int8Config:
         """vitedge's default NNCF configuration for this runtime and the model at ``src``."""
@@ -172,6 +177,7 @@ class NNCFQuantizer(Quantizer):
             classifier=job.parent.task == "classification",
             float_candidate=job.precision == "auto",
             enforce=job.enforce,
+            worker=job.worker,
         )
         fid.copy_chosen(res, job.out, self.format)
         tj, tm = f"{job.output.name}.fidelity.json", f"{job.output.name}.fidelity.md"

@@ -12,15 +12,18 @@ A call whose child dies raises :class:`WorkerCrashed`; one that runs past its ti
 The child is ``python -m vitedge.quantization.worker`` connected back over a local socket
 (:mod:`multiprocessing.connection`, with an auth key), not a ``multiprocessing.Process``: spawning one
 re-imports the caller's main module, which breaks scripts without a ``__main__`` guard, notebooks and stdin.
-Its output goes to ``worker.log`` in the search's scratch folder; a crash's last line is quoted from there.
+Its output goes to ``worker.log`` in the search's scratch folder (or, for a worker started before that folder
+exists, in a temporary folder of its own); a crash's last line is quoted from there.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -75,11 +78,21 @@ def worker_command(address: str) -> list[str]:
 class Worker:
     """One child process at a time; :meth:`call` runs a function of :mod:`candidates` in it."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: Path | None = None) -> None:
+        """``folder``: where ``worker.log`` goes; ``None``: a temporary folder, removed by :meth:`close`."""
+        self._own = folder is None
+        self.folder = Path(tempfile.mkdtemp(prefix="vitedge-worker-")) if folder is None else Path(folder)
         self.log = self.folder / "worker.log"
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
+
+    @classmethod
+    def early(cls) -> Worker:
+        """A worker started now, before the caller has a scratch folder: its imports (about 2 s of NNCF, OpenVINO
+        and ONNX Runtime) overlap with the caller opening the model and decoding the images."""
+        worker = cls()
+        worker.start()
+        return worker
 
     def _start(self) -> None:
         """Spawn the child; it connects back while the caller goes on (:meth:`_connected` waits for it)."""
@@ -183,6 +196,8 @@ class Worker:
 
     def close(self) -> None:
         self._stop()
+        if self._own:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> Worker:
         return self
@@ -203,6 +218,11 @@ def main() -> None:
         _serve(conn)
     finally:
         conn.close()
+    # asked to stop: nothing is left to write, so skip the interpreter's teardown of the native libraries (about a
+    # second that the caller would wait for)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
