@@ -26,7 +26,7 @@ from vitedge.recipes import load_recipe, run_recipe, schema
 
 # every visible option flag of the step options, as shipped (the old spellings are hidden aliases: tests/test_cli_language.py)
 FLAGS = {
-    "export": {"--opset", "--batch", "--img-size", "--calib", "--merge-tokens", "--val", "--max-drop", "--dynamic-size", "--min-size", "--max-size"},
+    "export": {"--opset", "--batch", "--img-size", "--calib", "--merge-tokens", "--merge-every", "--val", "--max-drop", "--backend", "--dynamic-size", "--min-size", "--max-size"},
     "quantize": {"--int8", "--fp16", "--auto", "--backend", "--calib", "--calib-samples", "--method", "--target-agreement",
                  "--target-cosine", "--search-budget", "--max-drop", "--min-calib", "--val", "--seed"},
     "compile": {"--backend", "--batch", "--img-size", "--img-size-profile", "--threads", "--hint", "--precision-hint", "--device",

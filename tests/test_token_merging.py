@@ -284,8 +284,8 @@ def test_auto_with_a_generous_budget_takes_the_largest_r(ref_spec, val_dir):
     from vitedge.token_merging import choose_merge
 
     hi = max_merge(17, ref_spec.config.num_layers)
-    search = choose_merge(ref_spec, ImageSet.from_path(val_dir).sample(60), max_drop=100)
-    assert search.labelled and search.r == hi == 7 and search.images == 60
+    search = choose_merge(ref_spec, ImageSet.from_path(val_dir).sample(60), max_drop=100, backend=None)  # on accuracy alone
+    assert search.labelled and search.r == hi == 7 and search.images == 60 and search.every == 1 and not search.timings
     assert search.to_dict()["measure"] == "paired top-1 drop"
     assert all(t.within_budget for t in search.trials) and search.trials[-1].r == hi
     assert ref_spec.model.merge_tokens == 0
@@ -295,7 +295,7 @@ def test_auto_with_no_budget_keeps_only_rs_that_change_nothing(ref_spec, unlabel
     from vitedge.data import ImageSet
     from vitedge.token_merging import choose_merge
 
-    search = choose_merge(ref_spec, ImageSet.from_path(unlabelled_dir), max_drop=0)
+    search = choose_merge(ref_spec, ImageSet.from_path(unlabelled_dir), max_drop=0, backend=None)
     assert not search.labelled and search.images == 30
     rs = [t.r for t in search.trials]
     assert rs == sorted(rs) and len(rs) == len(set(rs)) >= 2
@@ -307,6 +307,47 @@ def test_auto_with_no_budget_keeps_only_rs_that_change_nothing(ref_spec, unlabel
     if search.r < max_merge(17, ref_spec.config.num_layers):
         over = {t.r: t for t in search.trials}[search.r + 1]
         assert not over.within_budget and over.top1_loss_pp > 0
+
+
+def test_auto_times_every_schedule_and_never_picks_a_slower_engine(ref_spec, val_dir):
+    """With a backend, each schedule's best r is exported, compiled and timed beside the unmerged engine; the pick is
+    the fastest of those faster than unmerged, or no merging at all."""
+    from vitedge.data import ImageSet
+    from vitedge.token_merging import SCHEDULES, choose_merge
+
+    search = choose_merge(ref_spec, ImageSet.from_path(val_dir).sample(40), max_drop=100, backend="onnxruntime")
+    assert {t.every for t in search.trials} == set(SCHEDULES)
+    for every in SCHEDULES:  # the largest useful r of each schedule is within a 100-point budget
+        assert max(t.r for t in search.trials if t.every == every) == max_merge(17, ref_spec.config.num_layers, every)
+    timed = {(t.r, t.every): t for t in search.timings}
+    assert (0, 1) in timed and len(timed) == 1 + len(SCHEDULES) and all(t.status == "timed" and t.ms > 0 for t in timed.values())
+    assert timed[(0, 1)].speedup == pytest.approx(1.0)
+    faster = [t for t in search.timings if t.r and t.speedup > 1]
+    if faster:
+        win = timed[(search.r, search.every)]
+        assert win.speedup == max(t.speedup for t in faster) and "fastest onnxruntime engine" in search.reason
+    else:
+        assert search.r == 0 and "faster than the unmerged one" in search.reason
+    d = search.to_dict()
+    assert d["speed"]["backend"] == "onnxruntime" and d["chosen"] == {"r": search.r, "every": search.every, "why": search.reason}
+
+
+def test_merge_every_schedule_counts_and_export(tmp_path):
+    """--merge-every K merges in blocks 0, K, 2K, ... (never the last); the graph runs those token counts and
+    matches PyTorch with the same schedule."""
+    from vitedge import export_onnx
+    from vitedge.models.tome import linear_share_removed, merges_at
+
+    assert merges_at(4, 2) == [True, False, True, False] and merges_at(4, 1) == [True, True, True, False]
+    assert tokens_per_block(17, 4, 4, every=2) == [17, 13, 13, 9]
+    assert linear_share_removed([17, 13, 13, 9]) == pytest.approx(1 - 52 / 68)
+    with pytest.raises(ValueError):
+        merges_at(4, 0)
+    path, man = export_onnx(_tiny(), tmp_path / "e2.onnx", merge_tokens=R, merge_every=2)
+    tm = man.model["graph"]["token_merging"]
+    assert tm["every"] == 2 and tm["tokens_per_block"] == [17, 13, 13, 9] and tm["linear_share_removed"] == pytest.approx(1 - 52 / 68, abs=1e-4)
+    with pytest.raises(InputError, match="--merge-every"):
+        export_onnx(_tiny(), tmp_path / "bad.onnx", merge_tokens="auto", merge_every=2, val_images=tmp_path)
 
 
 def test_auto_needs_enough_images(ref_spec, tmp_path, unlabelled_dir):
@@ -334,13 +375,15 @@ def test_cli_auto_export_records_and_prints_the_trials(ref_spec, tmp_path, unlab
     search = tm["search"]
     assert search["max_drop_pp"] == 5 and search["images"] == 30
     assert search["measure"] == "top-1 changes vs the unmerged FP32 model"
-    expected = choose_merge(ref_spec, ImageSet.from_path(unlabelled_dir), max_drop=5)  # PyTorch on CPU: deterministic
-    assert tm["r"] == expected.r and [t["r"] for t in search["trials"]] == [t.r for t in expected.trials]
+    expected = choose_merge(ref_spec, ImageSet.from_path(unlabelled_dir), max_drop=5)  # accuracy: PyTorch on CPU, deterministic
+    assert [(t["r"], t["every"]) for t in search["trials"]] == [(t.r, t.every) for t in expected.trials]
     assert [t["top1_loss_pp"] for t in search["trials"]] == [t.top1_loss_pp for t in expected.trials]
-    assert tm["tokens_per_block"] == tokens_per_block(17, 4, tm["r"])
+    timed = {(t["r"], t["every"]) for t in search["speed"]["engines"]}  # speed: measured, so the pick is one of them
+    assert (tm["r"], tm["every"]) in timed or tm["r"] == 0
+    assert tm["tokens_per_block"] == tokens_per_block(17, 4, tm["r"], tm["every"])
     for t in search["trials"]:
         assert f"merge r={t['r']}" in res.output
-    assert f"r={tm['r']} chosen" in res.output
+    assert f"r={tm['r']}" in res.output and "chosen" in res.output
 
 
 # ------------------------------------------------------------------------------------------
@@ -433,4 +476,4 @@ def test_a_merged_fp32_reference_is_called_out_in_validate_notes():
 def test_zero_spelled_any_way_means_no_merging(zero):
     from vitedge.export import _merge_setting
 
-    assert _merge_setting(None, zero, None, None, 14, print) == (0, None)  # no model or opset check when off
+    assert _merge_setting(None, zero, None, None, 14, print) == (0, 1, None)  # no model or opset check when off

@@ -223,9 +223,11 @@ def _has_cls_only(model, wanted: bool) -> bool:
     return wanted and isinstance(model, VisionTransformer)
 
 
-def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) -> tuple[int, object | None]:
-    """``--merge-tokens`` resolved to ``r`` (``auto`` measures it), with the search when one ran."""
+def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage, every: int = 1, backend: str | None = None) -> tuple[int, int, object | None]:
+    """``--merge-tokens`` / ``--merge-every`` resolved to ``(r, every)`` (``auto`` measures both), with the search when one ran."""
     auto = str(merge_tokens).strip().lower() == "auto"
+    if every < 1:
+        raise InputError(f"--merge-every {every} must be >= 1 (1: merge in every block)")
     if not auto:
         try:
             r = int(merge_tokens or 0)
@@ -233,29 +235,36 @@ def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage) 
             raise InputError(f"--merge-tokens must be a number of tokens or 'auto', got {merge_tokens!r}") from None
         if r < 0:
             raise InputError(f"--merge-tokens {r} must be >= 0")
-        if max_drop is not None or val_images is not None:
-            raise InputError("--max-drop / --val only apply to --merge-tokens auto", "use --merge-tokens auto, or drop them")
+        if max_drop is not None or val_images is not None or backend is not None:
+            raise InputError("--max-drop / --val / --backend only apply to --merge-tokens auto", "use --merge-tokens auto, or drop them")
         if r == 0:
-            return 0, None
+            return 0, 1, None
+    elif every != 1:
+        raise InputError("--merge-every is chosen by --merge-tokens auto", "drop --merge-every, or give a fixed --merge-tokens N")
     token_merging.check_mergeable(spec.model)
     if opset < 17:
         raise ModelNotSupported(f"token merging needs opset 17 or newer (got {opset})", "use the default --opset 18")
     if not auto:
-        counts = token_merging.token_counts(spec.model, spec.preprocessing.img_size, r)
+        counts = token_merging.token_counts(spec.model, spec.preprocessing.img_size, r, every)
         if counts[-1] < 4:
             log.warning("--merge-tokens %d leaves %d token(s) for the last block: expect a large accuracy loss", r, counts[-1])
-        return r, None
+        return r, every, None
     if val_images is None:
         raise InputError(
             "--merge-tokens auto needs --val: a folder of held-out images to measure the top-1 drop on",
             "give one (class sub-folders for labels), or a fixed --merge-tokens N",
         )
+    search = token_merging.choose_merge(
+        spec,
+        ImageSet.from_path(val_images),
+        token_merging.DEFAULT_MAX_DROP if max_drop is None else max_drop,
+        stage,
+        backend=backend or "onnxruntime",
+    )
+    return search.r, search.every, search
 
-    search = token_merging.choose_merge(spec, ImageSet.from_path(val_images), token_merging.DEFAULT_MAX_DROP if max_drop is None else max_drop, stage)
-    return search.r, search
 
-
-def _graph_info(spec, cls_only: bool, merge: int, search, split_qkv: bool, sizes: DynamicSize | None = None) -> dict:
+def _graph_info(spec, cls_only: bool, merge: int, search, split_qkv: bool, sizes: DynamicSize | None = None, every: int = 1) -> dict:
     """The manifest's ``model.graph``: how the exported graph differs from a plain forward pass."""
     info: dict[str, Any] = {"last_block": "cls_token_only" if _has_cls_only(spec.model, cls_only) else "all_tokens"}
     if sizes is not None:  # the bounds themselves are preprocessing's (dynamic_size): what every reader needs
@@ -263,7 +272,7 @@ def _graph_info(spec, cls_only: bool, merge: int, search, split_qkv: bool, sizes
     if _has_cls_only(spec.model, True):
         info["qkv"] = "split" if split_qkv else "fused"
     if merge or search is not None:
-        info["token_merging"] = describe(merge, token_counts(spec.model, spec.preprocessing.img_size, merge), search)
+        info["token_merging"] = describe(merge, token_counts(spec.model, spec.preprocessing.img_size, merge, every), search, every)
     return info
 
 
@@ -280,8 +289,10 @@ def export_onnx(
     cls_only_last_block: bool = True,
     split_qkv: bool = True,
     merge_tokens: int | str = 0,
+    merge_every: int = 1,
     val_images: str | Path | None = None,
     max_drop: float | None = None,
+    backend: str | None = None,
     dynamic_size: bool = False,
     min_size: int | None = None,
     max_size: int | None = None,
@@ -298,11 +309,13 @@ def export_onnx(
     for random inputs only).  ``on_stage`` is called with a short description of each step
     (the CLI shows it as a status line).
 
-    ``merge_tokens``: token merging (ToMe, lossy and opt-in): ``r`` tokens merged in every block but the
-    last, so later blocks run on fewer tokens; the graph keeps static shapes and is verified against the
-    PyTorch model with the same merging.  ``"auto"`` picks the largest ``r`` whose top-1 loss on
-    ``val_images`` (a folder; class sub-folders give labels) is within ``max_drop`` points (default 1.0);
-    see :mod:`vitedge.token_merging`.
+    ``merge_tokens``: token merging (ToMe, lossy and opt-in): ``r`` tokens merged in every ``merge_every``-th
+    block but the last, so later blocks run on fewer tokens; the graph keeps static shapes and is verified
+    against the PyTorch model with the same merging.  ``"auto"``: per schedule (every block, every other, every
+    third) the largest ``r`` whose top-1 loss on ``val_images`` (a folder; class sub-folders give labels) is
+    within ``max_drop`` points (default 1.0), then the one whose ``backend`` engine (default ``onnxruntime``)
+    runs fastest, timed beside the unmerged engine - or no merging when none is faster; see
+    :mod:`vitedge.token_merging`.
 
     ``dynamic_size``: the graph takes any height and width that is a multiple of the patch size, from
     ``min_size`` to ``max_size`` (default half to twice the model's size); the position table is interpolated
@@ -332,7 +345,7 @@ def export_onnx(
         raise VitedgeError(
             f"the model weights contain NaN/inf ({len(bad)} tensors, e.g. {bad[0]})", "the checkpoint is damaged or training diverged; nothing was exported"
         )
-    merge, search = _merge_setting(spec, merge_tokens, val_images, max_drop, opset, stage)
+    merge, every, search = _merge_setting(spec, merge_tokens, val_images, max_drop, opset, stage, merge_every, backend)
     sizes = _size_range(spec, dynamic_size, min_size, max_size, opset, merge)
     preprocessing = replace(spec.preprocessing, dynamic_size=sizes)  # the spec may be the caller's: not edited
     h, w = spec.preprocessing.img_size
@@ -343,7 +356,7 @@ def export_onnx(
 
     stage("running PyTorch on the check inputs")
     inputs = _verification_inputs(spec, images, batch, sizes)
-    with torch.inference_mode(), graph_options(torch_model, merge=merge):  # the reference merges tokens like the graph
+    with torch.inference_mode(), graph_options(torch_model, merge=merge, merge_every=every):  # the reference merges tokens like the graph
         refs = {k: torch_model(torch.from_numpy(v)).numpy() for k, v in inputs.items()}
     if not all(np.isfinite(r).all() for r in refs.values()):
         raise VitedgeError("the PyTorch model itself produces NaN/inf on the verification inputs", "check the weights; nothing was exported")
@@ -354,7 +367,7 @@ def export_onnx(
         scratch, tmp = draft.scratch, draft.path
         stage(f"exporting with torch.onnx (opset {opset}" + (", external data)" if external else ")"))
         try:
-            with torch.no_grad(), graph_options(torch_model, cls_only=cls_only_last_block, merge=merge, split_qkv=split_qkv):
+            with torch.no_grad(), graph_options(torch_model, cls_only=cls_only_last_block, merge=merge, merge_every=every, split_qkv=split_qkv):
                 _torch_export(torch_model, dummy, tmp, opset, batch is None, external, sizes)
         except Exception as exc:
             raise VitedgeError(f"torch.onnx.export failed: {_reason(exc)}", "try another --opset (below 17 uses the TorchScript exporter)") from None
@@ -395,7 +408,7 @@ def export_onnx(
             precision="fp32",
             backend=None,
             task=_task(spec, refs["random"]),
-            model={**spec.model_info(), "graph": _graph_info(spec, cls_only_last_block, merge, search, split_qkv, sizes)},
+            model={**spec.model_info(), "graph": _graph_info(spec, cls_only_last_block, merge, search, split_qkv, sizes, every)},
             preprocessing=preprocessing.to_dict(),
             labels=spec.labels,
             inputs=ins,

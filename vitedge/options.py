@@ -251,9 +251,9 @@ class ExportOptions(StepOptions):
     """``vitedge export`` / a recipe's ``steps.export``."""
 
     STEP: ClassVar[str] = "export"
-    # val / max_drop only mean something to the merge_tokens auto search, which needs the images
+    # val / max_drop / backend only mean something to the merge_tokens auto search, which needs the images
     RULES: ClassVar[dict] = {
-        "dependentSchemas": {"val": _AUTO_MERGE, "max_drop": _AUTO_MERGE},
+        "dependentSchemas": {"val": _AUTO_MERGE, "max_drop": _AUTO_MERGE, "backend": _AUTO_MERGE},
         "if": _AUTO_MERGE,
         "then": {"required": ["val"]},
     }
@@ -285,6 +285,12 @@ class ExportOptions(StepOptions):
         cli_default="0",
         schema=_one_of({"type": "integer", "minimum": 0}, {"const": "auto"}),
     )
+    merge_every: int = option(
+        1,
+        "Merge in every N-th block only (1: every block but the last).  Fewer merges cost fewer small ops; --merge-tokens auto chooses it.",
+        minimum=1,
+        metavar="N",
+    )
     val: Path | None = option(
         None,
         "Held-out images for --merge-tokens auto (class sub-folders give labels; without labels, top-1 changes are counted).",
@@ -293,6 +299,12 @@ class ExportOptions(StepOptions):
         renamed_from=("--val-images",),
     )
     max_drop: float | None = option(None, "Top-1 points --merge-tokens auto may lose on --val.", minimum=0, shown_default="1.0")
+    backend: str | None = option(
+        None,
+        "Backend --merge-tokens auto times its candidates on: the engine `vitedge compile --backend` builds by default, precision included.",
+        backends="compile",
+        shown_default="onnxruntime",
+    )
     dynamic_size: bool = option(
         False,
         "One graph for many input sizes: any height and width that is a multiple of the patch, within --min-size/--max-size "
@@ -308,8 +320,10 @@ class ExportOptions(StepOptions):
             "batch": None if self.batch == "dynamic" else self.batch,
             "img_size": self.img_size,
             "merge_tokens": self.merge_tokens,
+            "merge_every": self.merge_every,
             "val_images": self.val,
             "max_drop": self.max_drop,
+            "backend": self.backend,
             "dynamic_size": self.dynamic_size,
             "min_size": self.min_size,
             "max_size": self.max_size,

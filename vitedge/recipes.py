@@ -354,6 +354,8 @@ def run_recipe(
         onnx_path = Path(model)
     else:
         onnx_path = out / "model.onnx"
+        if str(exp.get("merge_tokens", "")).lower() == "auto" and "backend" not in exp and steps.get("compile"):
+            exp["backend"] = steps["compile"].get("backend", "onnxruntime")  # auto times the engines the compile step builds
         eopts = ExportOptions.from_mapping(exp, recipe.resolve)  # the recipe's img_size sizes the model before export
         merge_val = eopts.val  # token merging's auto search measures on these
 
@@ -362,7 +364,8 @@ def run_recipe(
             _, man = export_onnx(spec, onnx_path, **eopts.export_kwargs())
             err = max(c["max_abs_error"] for c in man.verification["checks"].values())
             merging = man.model.get("graph", {}).get("token_merging")
-            extra = f"; token merging r={merging['r']} (lossy)" if merging else ""
+            every = (merging or {}).get("every", 1)
+            extra = f"; token merging r={merging['r']}{f' every {every} blocks' if every > 1 else ''} (lossy)" if merging else ""
             return f"verified vs PyTorch, max abs error {err:.1e}{extra}"
 
         # the options (merge_tokens, val, max_drop included) and the content of the files read are the cache key

@@ -49,16 +49,28 @@ def command(model, output, **options):
 
 def _report_merging(merging: dict) -> None:
     search = merging.get("search")
+    every = merging.get("every", 1)
     if search:
         for t in search["trials"]:
             console.print(
-                f"  merge r={t['r']:<3d} tokens in last block {t['tokens_last_block']:<4d} top-1 loss {t['top1_loss_pp']:5.2f} points "
-                f"(95% CI {t['top1_loss_ci95_pp'][0]:.1f} to {t['top1_loss_ci95_pp'][1]:.1f})"
+                f"  merge r={t['r']:<3d} every {t.get('every', 1)} block(s)  tokens in last block {t['tokens_last_block']:<4d} "
+                f"top-1 loss {t['top1_loss_pp']:5.2f} points (95% CI {t['top1_loss_ci95_pp'][0]:.1f} to {t['top1_loss_ci95_pp'][1]:.1f})"
                 f"{'' if t['within_budget'] else '  over budget'}"
             )
+        speed = search.get("speed") or {}
+        for t in speed.get("engines", []):
+            what = f"{t['ms']:.2f} ms, {t['speedup']:.2f}x the unmerged engine" if t["status"] == "timed" else t["status"]
+            console.print(f"  {speed['backend']} engine r={t['r']:<3d} every {t['every']} block(s): {what}")
+        why = (search.get("chosen") or {}).get("why") or f"the largest within {search['max_drop_pp']:g} points"
         console.print(
-            f"token merging: r={merging['r']} chosen, the largest within {search['max_drop_pp']:g} points ({search['measure']}, {search['images']} images)"
+            f"token merging: r={merging['r']}"
+            + (f" every {every} blocks" if every > 1 else "")
+            + f" chosen: {why} ({search['measure']}, {search['images']} images)"
         )
     counts = merging["tokens_per_block"]
     if merging["r"]:
-        console.print(f"token merging r={merging['r']}: tokens per block {counts[0]} -> {counts[-1]} (lossy: validate against an unmerged export)")
+        console.print(
+            f"token merging r={merging['r']}"
+            + (f" every {every} blocks" if every > 1 else "")
+            + f": tokens per block {counts[0]} -> {counts[-1]} (lossy: validate against an unmerged export)"
+        )

@@ -26,15 +26,25 @@ from __future__ import annotations
 import torch
 
 
-def tokens_per_block(n_tokens: int, num_layers: int, r: int) -> list[int]:
-    """Tokens entering each block when every block but the last merges ``r`` tokens (CLS included in
+def merges_at(num_layers: int, every: int = 1) -> list[bool]:
+    """Which blocks merge: every ``every``-th block from the first, never the last (CLS is never merged, so
+    merging there could not change the output).  ``every`` > 1 merges in fewer places, each merge costing the
+    same dozen small ops (similarity, ranking, gathers) whatever ``r`` is: on a CPU those ops, not the tokens,
+    can eat the saving (``benchmarks/token_merging.md``)."""
+    if every < 1:
+        raise ValueError(f"merge every must be >= 1, got {every}")
+    return [i < num_layers - 1 and i % every == 0 for i in range(num_layers)]
+
+
+def tokens_per_block(n_tokens: int, num_layers: int, r: int, every: int = 1) -> list[int]:
+    """Tokens entering each block when the blocks of :func:`merges_at` merge ``r`` tokens each (CLS included in
     the count).  ``r`` is clipped where set ``A`` (even positions after CLS) runs out of tokens."""
     if r < 0:
         raise ValueError(f"merge r must be >= 0, got {r}")
     counts, n = [], n_tokens
-    for i in range(num_layers):
+    for merges in merges_at(num_layers, every):
         counts.append(n)
-        if i < num_layers - 1:
+        if merges:
             n -= merged_count(n, r)
     return counts
 
@@ -44,15 +54,21 @@ def merged_count(n_tokens: int, r: int) -> int:
     return max(0, min(r, (n_tokens - 1) // 2))
 
 
-def max_merge(n_tokens: int, num_layers: int) -> int:
+def max_merge(n_tokens: int, num_layers: int, every: int = 1) -> int:
     """The largest useful ``r``: beyond it, later blocks would clip it anyway and nothing changes.
     Bounded so that at least 4 tokens (CLS + 3) reach the last block."""
     best = 0
     for r in range(1, n_tokens):
-        if tokens_per_block(n_tokens, num_layers, r)[-1] < 4:
+        if tokens_per_block(n_tokens, num_layers, r, every)[-1] < 4:
             break
         best = r
     return best
+
+
+def linear_share_removed(counts: list[int]) -> float:
+    """The share of the blocks' linear-layer multiply-adds (QKV, projection, MLP: per token) that merging
+    removes, from the tokens entering each block."""
+    return 1.0 - sum(counts) / (counts[0] * len(counts)) if counts else 0.0
 
 
 def bipartite_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,4 +115,4 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Te
     return x, size
 
 
-__all__ = ["bipartite_merge", "max_merge", "merged_count", "tokens_per_block"]
+__all__ = ["bipartite_merge", "linear_share_removed", "max_merge", "merged_count", "merges_at", "tokens_per_block"]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tome import bipartite_merge
+from .tome import bipartite_merge, merges_at
 
 
 @dataclass(frozen=True)
@@ -237,6 +237,7 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(d_model, num_classes) if num_classes > 0 else nn.Identity()
         self.cls_only_last_block = False  # see forward_features; export turns it on
         self.merge_tokens = 0  # token merging: tokens merged per block (lossy, opt-in; see tome.py)
+        self.merge_every = 1  # ... in every this-many-th block (tome.merges_at)
         self._init_weights()
 
     @classmethod
@@ -287,12 +288,13 @@ class VisionTransformer(nn.Module):
         x = self.pos_drop(x)
         maps, size = [], None
         last = len(self.blocks) - 1
+        merges = merges_at(len(self.blocks), self.merge_every)
         for i, blk in enumerate(self.blocks):
             # the classifier reads the CLS token only: the last block needs to run its attention output,
             # MLP and norm for that one token (an exact saving, used by export).  The last block never
             # merges: CLS is never merged, so merging there cannot change the output.
             cls_only = self.cls_only_last_block and i == last and not return_attention
-            x, attn, size = blk(x, return_attention, cls_only=cls_only, merge=self.merge_tokens if i < last else 0, size=size)
+            x, attn, size = blk(x, return_attention, cls_only=cls_only, merge=self.merge_tokens if merges[i] else 0, size=size)
             if return_attention:
                 maps.append(attn)
         return self.norm(x), maps
@@ -304,23 +306,23 @@ class VisionTransformer(nn.Module):
 
 
 @contextlib.contextmanager
-def graph_options(model, *, cls_only: bool = False, merge: int = 0, split_qkv: bool = False):
+def graph_options(model, *, cls_only: bool = False, merge: int = 0, merge_every: int = 1, split_qkv: bool = False):
     """Set a :class:`VisionTransformer`'s graph options for the duration (restored afterwards): the last block
-    computed for the CLS token only, ``merge`` tokens merged per block, Q/K/V as three projections.  Export
+    computed for the CLS token only, ``merge`` tokens merged in every ``merge_every``-th block, Q/K/V as three projections.  Export
     turns them on; any other module passes through unchanged."""
     if not isinstance(model, VisionTransformer):
         yield
         return
     attns = [blk.attn for blk in model.blocks if isinstance(blk, Block)]  # all are; ModuleList types its items as Module
-    saved = model.cls_only_last_block, model.merge_tokens, [a.split_qkv for a in attns]
-    model.cls_only_last_block, model.merge_tokens = cls_only, merge
+    saved = model.cls_only_last_block, model.merge_tokens, model.merge_every, [a.split_qkv for a in attns]
+    model.cls_only_last_block, model.merge_tokens, model.merge_every = cls_only, merge, merge_every
     for a in attns:
         a.split_qkv = split_qkv
     try:
         yield
     finally:
-        model.cls_only_last_block, model.merge_tokens = saved[:2]
-        for a, split in zip(attns, saved[2], strict=True):
+        model.cls_only_last_block, model.merge_tokens, model.merge_every = saved[:3]
+        for a, split in zip(attns, saved[3], strict=True):
             a.split_qkv = split
 
 
