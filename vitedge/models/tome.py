@@ -19,6 +19,13 @@ How one merge works (bipartite soft matching):
 
 Every shape depends only on the input size and ``r``, never on the data, so the exported graph has
 static token counts per layer (TopK for the ranking, Gather/ScatterND with flat row indices for the merge).
+
+What a merge costs on a CPU (``benchmarks/token_merging.md``): not its arithmetic, which is tiny, but its
+two dozen small ops, each a kernel launch and a thread sync.  So the graph keeps them few: the weighted sum
+and the size travel as one tensor (one gather and one scatter instead of two of each), and the best match is
+looked up for the ``r`` merged tokens only, after the ranking (a max over every row, then an argmax over
+``r`` rows), instead of an argmax over every ``A`` row.  Where the ops still eat the saving, merging in
+fewer blocks (:func:`merges_at`, ``--merge-every``) pays for fewer of them.
 """
 
 from __future__ import annotations
@@ -77,42 +84,39 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Te
     ``size`` is (B, N, 1) patches per token (``None`` = all ones); ``metric`` is (B, N, C), the keys
     averaged over heads.  Token 0 (CLS) is kept first and never merged.
     """
-    b, n, _ = x.shape
+    b, n, c = x.shape
     r = merged_count(n, r)
     if size is None:
         size = torch.ones(b, n, 1, dtype=x.dtype, device=x.device)
     if r == 0:
         return x, size
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    cls_x, a_x, b_x = x[:, :1], x[:, 2::2], x[:, 1::2]
-    cls_s, a_s, b_s = size[:, :1], size[:, 2::2], size[:, 1::2]
     scores = metric[:, 2::2] @ metric[:, 1::2].transpose(-1, -2)  # (B, |A|, |B|)
-    best, match = scores.max(dim=-1)  # each A token's most similar B token
-    order = best.argsort(dim=-1, descending=True)
+    order = scores.amax(dim=-1).argsort(dim=-1, descending=True)  # A tokens by their best match
     src, keep = order[:, :r], order[:, r:].sort(dim=-1).values  # merged A tokens / kept A tokens, in order
-    dst = match.gather(1, src)  # where each merged token goes in B
-    # Rows are picked and added through flat indices into (B * tokens, C): the export then has Gather and
+    n_a0, n_b0 = scores.shape[1], scores.shape[2]
+    src_scores = scores.reshape(-1, n_b0).index_select(0, (src + torch.arange(b, device=x.device)[:, None] * n_a0).reshape(-1))
+    dst = src_scores.reshape(b, -1, n_b0).argmax(dim=-1)  # where each merged token goes in B (its best match)
+    # A merged token is the size-weighted mean of its parts.  The weighted sum (x * size) and the size travel as
+    # one (B, N, C + 1) tensor, so each step below is one op, not one per tensor (on a CPU runtime every op of a
+    # merge costs about the same, whatever its size: benchmarks/token_merging.md); divided once at the end.
+    xs = torch.cat([x * size, size], dim=-1)
+    cls_xs, a_xs, b_xs = xs[:, :1], xs[:, 2::2], xs[:, 1::2]
+    # Rows are picked and added through flat indices into (B * tokens, C + 1): the export then has Gather and
     # ScatterND (reduction add) on whole rows, instead of GatherElements/ScatterElements whose indices are
     # first broadcast to every channel (in an OpenVINO profile of ViT-B at r = 8 that broadcast and the
     # element-wise gathers took ~3.4 ms per inference; the flat form ~0.8 ms).
-    n_a, n_b = a_x.shape[1], b_x.shape[1]
+    n_a, n_b = a_xs.shape[1], b_xs.shape[1]
     rows = torch.arange(b, device=x.device)[:, None]
-    flat_dst = (dst + rows * n_b).reshape(-1)
+    flat_a = a_xs.reshape(-1, c + 1)
 
-    def pick(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # values: (B, |A|, C)
-        c = values.shape[-1]
-        return values.reshape(-1, c).index_select(0, (idx + rows * n_a).reshape(-1)).reshape(b, -1, c)
+    def pick(idx: torch.Tensor) -> torch.Tensor:  # rows of A, per image
+        return flat_a.index_select(0, (idx + rows * n_a).reshape(-1)).reshape(b, -1, c + 1)
 
-    def add_into_b(b_values: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
-        c = b_values.shape[-1]
-        return b_values.reshape(-1, c).index_add(0, flat_dst, moved.reshape(-1, c)).reshape(b, n_b, c)
-
-    # a merged token is the size-weighted mean of its parts: sum (x * size) and size, divide once
-    sum_s = add_into_b(b_s, pick(a_s, src))
-    sum_x = add_into_b(b_x * b_s, pick(a_x * a_s, src))
-    x = torch.cat([cls_x, pick(a_x, keep), sum_x / sum_s], dim=1)
-    size = torch.cat([cls_s, pick(a_s, keep), sum_s], dim=1)
-    return x, size
+    merged = b_xs.reshape(-1, c + 1).index_add(0, (dst + rows * n_b).reshape(-1), pick(src).reshape(-1, c + 1)).reshape(b, n_b, c + 1)
+    xs = torch.cat([cls_xs, pick(keep), merged], dim=1)
+    size = xs[..., c:]
+    return xs[..., :c] / size, size
 
 
 __all__ = ["bipartite_merge", "linear_share_removed", "max_merge", "merged_count", "merges_at", "tokens_per_block"]
