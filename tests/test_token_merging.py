@@ -227,6 +227,50 @@ def test_openvino_runs_the_merged_graph(merged_export):
         np.testing.assert_allclose(out, _logits(model, torch.from_numpy(x), R), atol=1e-4, rtol=0)
 
 
+def test_forced_picks_are_imposed_and_recorded():
+    """tome.Matching records each merge's picks, and imposes given ones: the same picks give the same output, other
+    picks another (what lets a check hold the choice equal between two implementations)."""
+    from vitedge.models.tome import Matching, matching
+
+    model, x = _tiny(seed=4), torch.from_numpy(_check_input(2))
+    with torch.inference_mode(), matching(Matching()) as m:
+        model.merge_tokens = R
+        try:
+            ref = model(x)
+            with matching(Matching(forced=m.picked)) as again:
+                same = model(x)
+            with matching(Matching(forced=[torch.cat([p[:, :R], p[:, :R] * 0, p[:, 2 * R :]], 1) for p in m.picked])):  # all into B's first
+                moved = model(x)
+        finally:
+            model.merge_tokens = 0
+    assert len(m.picked) == 3 and all(p.shape == (2, R + (tokens_per_block(17, 4, R)[i] - 1) // 2) for i, p in enumerate(m.picked))
+    assert torch.equal(ref, same) and [p.shape for p in again.picked] == [p.shape for p in m.picked]
+    assert not torch.allclose(ref, moved)
+
+
+def test_export_and_compile_check_a_merged_graph_with_its_own_picks(merged_export, tmp_path):
+    """The export check runs PyTorch with the ONNX graph's picks (recorded per check); compile runs the source with the
+    engine's picks, read from its twin; imposing other picks on the source changes its output (the picks are live)."""
+    from vitedge import compile_model
+    from vitedge.compilation import _check_inputs, _forced_reference, _picks
+
+    _, path, man = merged_export
+    assert all("picks_as_pytorch" in c and c["passed"] for c in man.verification["checks"].values())
+    names = _picks(man)
+    assert names == [f"token_merging_picks_{i}" for i in range(3)] and [o.name for o in man.outputs] == ["logits"]
+    for target, suffix in (("onnxruntime", ".ort.onnx"), ("openvino", ".xml")):
+        _, eng = compile_model(path, tmp_path / f"e{suffix}", target=target, precision_hint="bf16" if target == "openvino" else None)
+        assert eng.verification["token_merging"] == "reference run with the engine's own picks"
+    inputs = {"x": _check_input(2)}
+    from vitedge.compilation import _engine_picks
+
+    picks = _engine_picks(path, man.derive("t.onnx", "onnx", backend="onnxruntime"), names, inputs, tmp_path)
+    same = _forced_reference(path, names, inputs, picks)["x"]["logits"]
+    swapped = {"x": [np.concatenate([p[:, R : 2 * R] * 0, p[:, R : 2 * R], p[:, 2 * R :]], 1) for p in picks["x"]]}
+    moved = _forced_reference(path, names, inputs, swapped)["x"]["logits"]
+    assert np.allclose(same, _logits(merged_export[0], torch.from_numpy(inputs["x"]), R), atol=1e-4) and not np.allclose(same, moved, atol=1e-3)
+
+
 def test_export_refuses_bad_settings_before_writing(tmp_path):
     from vitedge.errors import ModelNotSupported
     from vitedge.export import export_onnx

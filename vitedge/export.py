@@ -27,6 +27,7 @@ from .data import ImageSet, default_check_images
 from .errors import InputError, ModelNotSupported, VitedgeError, first_line
 from .manifest import Manifest, TensorSpec
 from .models.loading import ModelSpec, load_model
+from .models.tome import Matching, matching
 from .models.vit import VisionTransformer, graph_options
 from .options import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET  # declared with the export options
 from .preprocess import DynamicSize
@@ -78,9 +79,30 @@ def _task(spec: ModelSpec, ref: np.ndarray) -> str:
     return "classification" if ref.ndim == 2 and (spec.labels or ref.shape[1] > 1) else "features"
 
 
-def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, external: bool, sizes: DynamicSize | None = None) -> None:
+MATCH_PREFIX = "token_merging_picks_"  # the tensors of a merged graph that hold each merge's picks (tome.Matching)
+
+
+class _WithPicks(torch.nn.Module):
+    """A token-merging model that also returns every merge's picks, so that the exported graph names them: the
+    check then runs PyTorch with the graph's own picks, and near-ties that two implementations break differently
+    cannot fail it.  The outputs are removed from the file afterwards (the tensors stay, by name)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        with matching(Matching()) as m:
+            y = self.model(x)
+        return (y, *m.picked)
+
+
+def _torch_export(
+    model, dummy, path: Path, opset: int, dynamic_batch: bool, external: bool, sizes: DynamicSize | None = None, extra_outputs: list[str] | None = None
+) -> None:
     """``sizes``: height and width are dynamic too, multiples of the patch within the bounds (the dynamo exporter
-    is told so with derived dimensions, ``patch * grid``, so the model's divisibility check holds symbolically)."""
+    is told so with derived dimensions, ``patch * grid``, so the model's divisibility check holds symbolically).
+    ``extra_outputs``: names of the model's outputs after the first (opset 17 and newer)."""
     dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)} if dynamic_batch else {}
     if sizes is not None:
         p = sizes.multiple
@@ -97,7 +119,7 @@ def _torch_export(model, dummy, path: Path, opset: int, dynamic_batch: bool, ext
                 dynamo=True,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=[OUTPUT_NAME, *(extra_outputs or [])],
                 verbose=False,
                 dynamic_shapes=(dims,) if dims else None,
             )
@@ -273,6 +295,10 @@ def _graph_info(spec, cls_only: bool, merge: int, search, split_qkv: bool, sizes
         info["qkv"] = "split" if split_qkv else "fused"
     if merge or search is not None:
         info["token_merging"] = describe(merge, token_counts(spec.model, spec.preprocessing.img_size, merge, every), search, every)
+        if merge:
+            counts = info["token_merging"]["tokens_per_block"]
+            n = sum(1 for c0, c1 in zip(counts, counts[1:], strict=False) if c1 < c0)
+            info["token_merging"]["picks"] = [f"{MATCH_PREFIX}{i}" for i in range(n)]  # tensors of the graph: tome.Matching per merge
     return info
 
 
@@ -356,8 +382,13 @@ def export_onnx(
 
     stage("running PyTorch on the check inputs")
     inputs = _verification_inputs(spec, images, batch, sizes)
+    refs, own_picks = {}, {}
     with torch.inference_mode(), graph_options(torch_model, merge=merge, merge_every=every):  # the reference merges tokens like the graph
-        refs = {k: torch_model(torch.from_numpy(v)).numpy() for k, v in inputs.items()}
+        for k, v in inputs.items():
+            with matching(Matching()) as m:
+                refs[k] = torch_model(torch.from_numpy(v)).numpy()
+            own_picks[k] = [p.numpy() for p in m.picked]
+    pick_names = [f"{MATCH_PREFIX}{i}" for i in range(len(next(iter(own_picks.values()), [])))]
     if not all(np.isfinite(r).all() for r in refs.values()):
         raise VitedgeError("the PyTorch model itself produces NaN/inf on the verification inputs", "check the weights; nothing was exported")
 
@@ -368,7 +399,8 @@ def export_onnx(
         stage(f"exporting with torch.onnx (opset {opset}" + (", external data)" if external else ")"))
         try:
             with torch.no_grad(), graph_options(torch_model, cls_only=cls_only_last_block, merge=merge, merge_every=every, split_qkv=split_qkv):
-                _torch_export(torch_model, dummy, tmp, opset, batch is None, external, sizes)
+                traced = _WithPicks(torch_model) if pick_names else torch_model
+                _torch_export(traced, dummy, tmp, opset, batch is None, external, sizes, pick_names)
         except Exception as exc:
             raise VitedgeError(f"torch.onnx.export failed: {_reason(exc)}", "try another --opset (below 17 uses the TorchScript exporter)") from None
         stage("onnx.checker")
@@ -382,9 +414,17 @@ def export_onnx(
         in_name = sess.get_inputs()[0].name
         checks = {}
         for key, x in inputs.items():
-            out = sess.run(None, {in_name: x})[0]
-            res = compare_outputs(refs[key], out)
-            res["tolerance"] = tolerance.limit(refs[key])
+            out, *picks = sess.run(None, {in_name: x})
+            ref = refs[key]
+            if pick_names:  # token merging: PyTorch with the graph's own picks (a near-tie may be broken either way)
+                with torch.inference_mode(), graph_options(torch_model, merge=merge, merge_every=every):
+                    with matching(Matching(forced=[torch.from_numpy(np.asarray(p)) for p in picks])):
+                        ref = torch_model(torch.from_numpy(x)).numpy()
+            res = compare_outputs(ref, out)
+            res["tolerance"] = tolerance.limit(ref)
+            if pick_names:
+                same = np.all([np.all(np.asarray(p) == q, axis=1) for p, q in zip(picks, own_picks[key], strict=True)], axis=0)
+                res["picks_as_pytorch"] = round(float(np.mean(same)), 4)  # images whose every merge picked the same tokens
             res["passed"] = bool(res["finite"] and res["max_abs_error"] <= res["tolerance"])
             res["batch"] = int(x.shape[0])
             if sizes is not None:
@@ -401,6 +441,8 @@ def export_onnx(
 
         stage("writing the manifest")
         proto = onnx.load(str(tmp), load_external_data=False)
+        for o in [o for o in proto.graph.output if o.name in pick_names]:  # the picks were for the check: tensors, not outputs
+            proto.graph.output.remove(o)
         ins, outs = _tensor_specs(proto)
         manifest = Manifest(
             artifact=output.name,

@@ -298,7 +298,7 @@ class ExportOptions(StepOptions):
         shown_default="none; required by --merge-tokens auto",
         renamed_from=("--val-images",),
     )
-    max_drop: float | None = option(None, "Top-1 points --merge-tokens auto may lose on --val.", minimum=0, shown_default="1.0")
+    max_drop: float | None = option(None, "Top-1 points --merge-tokens auto may lose on --val.", minimum=0, shown_default="0.5")
     backend: str | None = option(
         None,
         "Backend --merge-tokens auto times its candidates on: the engine `vitedge compile --backend` builds by default, precision included.",

@@ -34,7 +34,7 @@ from .models.vit import VisionTransformer, graph_options
 
 log = logging.getLogger("vitedge")
 
-DEFAULT_MAX_DROP = 1.0  # top-1 points the merged model may lose on the validation images
+DEFAULT_MAX_DROP = 0.5  # top-1 points the merged model may lose on the validation images
 MIN_IMAGES = 20  # fewer images cannot resolve a 1-point drop at all
 BATCH = 16
 

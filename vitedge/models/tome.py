@@ -30,7 +30,37 @@ fewer blocks (:func:`merges_at`, ``--merge-every``) pays for fewer of them.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+
+
+class Matching:
+    """Which tokens each merge picked, one ``(B, 2r + kept)`` int64 tensor per merge: the merged ``A`` tokens
+    (``src``), the ``B`` tokens they go into (``dst``) and the kept ``A`` tokens, in that order.
+
+    ``forced``: make the merges pick these instead of choosing.  Which tokens merge depends on which pairs score
+    highest, so two correct implementations can pick differently on a near-tie (float rounding, bf16); forcing
+    one's picks onto the other compares the arithmetic with the choice held equal (export's check)."""
+
+    def __init__(self, forced: list[torch.Tensor] | None = None) -> None:
+        self.picked: list[torch.Tensor] = []
+        self.forced = list(forced) if forced is not None else None
+
+
+_active: Matching | None = None
+
+
+@contextlib.contextmanager
+def matching(m: Matching) -> Iterator[Matching]:
+    """Record (and with ``m.forced``, impose) the picks of every merge run inside the block."""
+    global _active
+    saved, _active = _active, m
+    try:
+        yield m
+    finally:
+        _active = saved
 
 
 def merges_at(num_layers: int, every: int = 1) -> list[bool]:
@@ -97,6 +127,12 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Te
     n_a0, n_b0 = scores.shape[1], scores.shape[2]
     src_scores = scores.reshape(-1, n_b0).index_select(0, (src + torch.arange(b, device=x.device)[:, None] * n_a0).reshape(-1))
     dst = src_scores.reshape(b, -1, n_b0).argmax(dim=-1)  # where each merged token goes in B (its best match)
+    if _active is not None:
+        # the merge reads its picks back from the one tensor that is recorded, so that in an exported graph that
+        # tensor is what the gathers consume: a check can then impose other picks on the graph (vitedge compile)
+        picks = _active.forced.pop(0).to(src.device) if _active.forced is not None else torch.cat([src, dst, keep], dim=1)
+        _active.picked.append(picks)
+        src, dst, keep = picks[:, :r], picks[:, r : 2 * r], picks[:, 2 * r :]
     # A merged token is the size-weighted mean of its parts.  The weighted sum (x * size) and the size travel as
     # one (B, N, C + 1) tensor, so each step below is one op, not one per tensor (on a CPU runtime every op of a
     # merge costs about the same, whatever its size: benchmarks/token_merging.md); divided once at the end.
@@ -119,4 +155,4 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor | None, metric: torch.Te
     return xs[..., :c] / size, size
 
 
-__all__ = ["bipartite_merge", "linear_share_removed", "max_merge", "merged_count", "merges_at", "tokens_per_block"]
+__all__ = ["Matching", "bipartite_merge", "matching", "linear_share_removed", "max_merge", "merged_count", "merges_at", "tokens_per_block"]
