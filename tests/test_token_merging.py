@@ -271,6 +271,27 @@ def test_export_and_compile_check_a_merged_graph_with_its_own_picks(merged_expor
     assert np.allclose(same, _logits(merged_export[0], torch.from_numpy(inputs["x"]), R), atol=1e-4) and not np.allclose(same, moved, atol=1e-3)
 
 
+def test_int8_of_a_merged_export_is_held_to_the_unmerged_reference(ref_spec, ref_onnx, calib_dir, tmp_path):
+    """quantize --reference: calibration runs on the merged graph, the target and agreement are measured against the
+    unmerged FP32 export (both losses); a reference with other outputs is refused before any work."""
+    from vitedge import export_onnx
+    from vitedge.quantization import FidelityNotMet, quantize
+
+    merged, _ = export_onnx(ref_spec, tmp_path / "m.onnx", merge_tokens=2)
+    try:
+        _, man = quantize(merged, tmp_path / "q.onnx", calib=calib_dir, reference=ref_onnx, search_budget=0)
+    except FidelityNotMet as exc:  # the stacked losses may miss the target: the file is written all the same
+        man = exc.manifest
+    assert man.verification["reference"].startswith(f"fp32 onnx ({ref_onnx.name}")
+    _, own = quantize(merged, tmp_path / "q2.onnx", calib=calib_dir, search_budget=0)
+    assert own.verification["reference"].startswith("fp32 onnx (m.onnx")
+    assert man.verification["agreement"]["cosine_mean"] < own.verification["agreement"]["cosine_mean"]  # merging's loss is in it
+    other, _ = export_onnx(_tiny(), tmp_path / "other.onnx")
+    with pytest.raises(VitedgeError, match="--reference other.onnx (does not take the same input|preprocesses images differently)"):
+        quantize(merged, tmp_path / "q3.onnx", calib=calib_dir, reference=other)
+    assert not (tmp_path / "q3.onnx").exists()
+
+
 def test_export_refuses_bad_settings_before_writing(tmp_path):
     from vitedge.errors import ModelNotSupported
     from vitedge.export import export_onnx

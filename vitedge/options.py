@@ -398,6 +398,14 @@ class QuantizeOptions(StepOptions):
         None, "Held-out images for the agreement numbers and --max-drop.", path={}, recipe=False, shown_default="a held-out part of --calib"
     )
     seed: int = option(0, "Seed for sampling and the held-out split.")
+    reference: Path | None = option(
+        None,
+        "FP32 ONNX model the fidelity target and agreement are measured against, e.g. an unmerged export when the input "
+        "merges tokens, so that the target covers both losses.",
+        path={"exists": True},
+        recipe=False,
+        shown_default="the input model",
+    )
 
     def target(self):
         """The INT8 fidelity target (:class:`Target`), ``max_drop`` included."""
@@ -416,6 +424,7 @@ class QuantizeOptions(StepOptions):
             "target": self.target(),
             "search_budget": self.search_budget,
             "min_calib": self.min_calib,
+            "reference": self.reference,
         }
 
 

@@ -31,6 +31,23 @@ log = logging.getLogger("vitedge")
 __all__ = ["quantize", "Target", "FidelityNotMet", "PRECISIONS", "METHODS"]
 
 
+def _reference_model(reference, parent: Manifest, src: Path) -> Path:
+    """``--reference``: an FP32 ONNX file that takes the same input and gives the same outputs as the model."""
+    path, man = _open_model(reference)
+    if path.resolve() == src.resolve():
+        return src
+    same_in = [list(i.shape[1:]) for i in man.inputs] == [list(i.shape[1:]) for i in parent.inputs]
+    same_out = [(o.name, list(o.shape[1:])) for o in man.outputs] == [(o.name, list(o.shape[1:])) for o in parent.outputs]
+    if not (same_in and same_out):
+        raise VitedgeError(
+            f"--reference {path.name} does not take the same input and give the same outputs as {src.name}",
+            "give the FP32 export of the same model (e.g. without --merge-tokens)",
+        )
+    if man.preprocessing != parent.preprocessing:
+        raise VitedgeError(f"--reference {path.name} preprocesses images differently from {src.name}", "export both from the same model")
+    return path
+
+
 def _open_model(model, preprocessing=None, labels=None) -> tuple[Path, Manifest]:
     import onnx
 
@@ -105,6 +122,7 @@ def quantize(
     target: Target | None = None,
     search_budget: float = DEFAULT_BUDGET_S,
     min_calib: int = MIN_CALIB,
+    reference=None,
 ) -> Artifact:
     """Quantize an FP32 ONNX export to INT8 or FP16 for a backend, measure it against FP32, write it with its manifest.
 
@@ -113,7 +131,9 @@ def quantize(
     ``.npz`` (INT8; optional for the reference model, whose digits images ship with vitedge).
     ``val``: held-out images for the agreement numbers and the fidelity search (default: a seeded
     held-out part of ``calib``, never used for calibration).  ``min_calib``: fewest calibration images
-    accepted (default 16).
+    accepted (default 16).  ``reference``: another FP32 ONNX model (same input, same outputs) that the target and
+    the agreement are measured against instead of ``model``, e.g. the unmerged export of a token-merged ``model``,
+    so that the target covers merging's loss as well as quantization's.
 
     INT8 for onnxruntime/openvino is made by NNCF and must meet ``target`` (a :class:`Target`; default:
     top-1 agreement with FP32 >= 98 % for classifiers, minimum output cosine >= 0.995 otherwise;
@@ -169,8 +189,11 @@ def quantize(
         if parent.task != "classification":
             ev.labels = None  # folder names are not classes of a non-classifier
         ref_backend, ref_options = strategy.reference  # e.g. OpenVINO at f32: the same FP32 math, faster than ONNX Runtime on a CPU
+        ref_path = _reference_model(reference, parent, src) if reference is not None else src
+        if ref_path == src and ((parent.model or {}).get("graph", {}).get("token_merging") or {}).get("r"):
+            note(f"{src.name} merges tokens: the target covers quantization only; pass --reference UNMERGED.onnx to cover merging too")
         # computed when first needed: the INT8 search runs it while its worker calibrates
-        ev.defer_reference(lambda: load(src, backend=ref_backend, **ref_options))
+        ev.defer_reference(lambda: load(ref_path, backend=ref_backend, **ref_options))
 
         fmt = strategy.format
         with writing(output) as draft:
@@ -208,7 +231,7 @@ def quantize(
                     metrics, engine = ev.measure_outputs(ev.outputs(eng)), strategy.measured_by
             man.verification = json_safe(
                 {
-                    "reference": f"fp32 onnx ({src.name}, {ref_backend}{' f32' if ref_options else ''})",
+                    "reference": f"fp32 onnx ({ref_path.name}, {ref_backend}{' f32' if ref_options else ''})",
                     "engine": engine,
                     "eval_set": ev.source,
                     "images": len(ev),
