@@ -38,8 +38,8 @@ FLAGS = {
 OPTIONS = {"export": ExportOptions, "quantize": QuantizeOptions, "compile": CompileOptions, "validate": ValidateOptions,
            "benchmark": TimingOptions}
 # parameters that are the command's files, not step options (and the benchmark's own sweep settings)
-NOT_STEP_OPTIONS = {"model", "output", "engines", "reference", "pre_json", "interpolation", "crop", "resize", "std", "mean", "pre_img_size"}
-OWN = {"validate": {"val"}, "benchmark": {"calib", "val", "backends", "precisions", "max_drop", "strict", "img_size", "calib_samples", "ray"}}
+NOT_STEP_OPTIONS = {"model", "output", "engines", "pre_json", "interpolation", "crop", "resize", "std", "mean", "pre_img_size"}
+OWN = {"validate": {"val", "reference"}, "benchmark": {"calib", "val", "backends", "precisions", "max_drop", "strict", "img_size", "calib_samples", "ray"}}
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))

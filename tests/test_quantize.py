@@ -289,7 +289,10 @@ def test_random_weight_preset_missing_the_target_exits_1(tmp_path, calib_dir):
     from vitedge import export_onnx, load_model
     from vitedge.cli.main import main as cli
 
+    import torch
+
     fp32 = tmp_path / "vt.onnx"
+    torch.manual_seed(0)  # the preset's random weights: the same model whatever ran before in this process
     export_onnx(load_model("vit_tiny", img_size=32), fp32, images=[])
     out = tmp_path / "vt.int8.onnx"
     res = CliRunner().invoke(cli, ["quantize", str(fp32), "--int8", "--calib", str(calib_dir), "--target-agreement", "1.0", "-o", str(out)])

@@ -398,11 +398,10 @@ class QuantizeOptions(StepOptions):
         None, "Held-out images for the agreement numbers and --max-drop.", path={}, recipe=False, shown_default="a held-out part of --calib"
     )
     seed: int = option(0, "Seed for sampling and the held-out split.")
-    reference: Path | None = option(
+    reference: str | None = option(
         None,
         "FP32 ONNX model the fidelity target and agreement are measured against, e.g. an unmerged export when the input "
         "merges tokens, so that the target covers both losses.",
-        path={"exists": True},
         recipe=False,
         shown_default="the input model",
     )
