@@ -22,26 +22,29 @@ dynamic batch.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import compare
+from . import compare, token_merging
 from ._onnx import onnx_precision
 from .artifact import Artifact, changed_file, check_files, check_output, writing
 from .backends import registry
 from .backends.base import Engine
-from .backends.onnxruntime import OnnxRuntimeEngine
-from .backends.openvino import OpenVINOEngine, default_precision_hint, openvino_config  # noqa: F401  (public here since 0.1)
+from .backends.onnxruntime import OnnxRuntimeEngine, session
+from .backends.openvino import OpenVINOEngine, compiled_model, default_precision_hint, openvino_config  # noqa: F401  (public here since 0.1)
 from .data import default_check_images
-from .errors import FileProblem, VitedgeError
+from .errors import FileProblem, VitedgeError, first_line
 from .export import export_onnx
 from .foreign import ensure_manifest
 from .manifest import Manifest, TensorSpec
 from .models.loading import ModelSpec
 from .options import HINTS, PRECISION_HINTS  # declared with the compile options
+from .timing import Slot, interleaved, paired_speedup
 from .ui import note
 
 log = logging.getLogger("vitedge")
@@ -185,8 +188,6 @@ def _engine_picks(src: Path, child: Manifest, names: list[str], inputs: dict[str
         b = fixed if isinstance(fixed, int) and fixed > 0 else None
         got: dict[str, list[np.ndarray]] = {}
         if child.backend == "openvino":
-            from .backends.openvino import compiled_model
-
             settings = child.compile or {}
             cfg = {"PERFORMANCE_HINT": "LATENCY", **settings.get("openvino_config", {})}
             first = next(iter(inputs.values()))
@@ -199,8 +200,6 @@ def _engine_picks(src: Path, child: Manifest, names: list[str], inputs: dict[str
                 parts = [req.infer({0: x[i : i + step]}) for i in range(0, len(x), step)]
                 got[key] = [np.concatenate([np.array(p[o]) for p in parts]) for o in outs]
         else:
-            from .backends.onnxruntime import session
-
             sess = session(twin, opt_level=(child.compile or {}).get("runtime_opt_level"))
             name = sess.get_inputs()[0].name
             for key, x in inputs.items():
@@ -217,8 +216,6 @@ def _engine_picks(src: Path, child: Manifest, names: list[str], inputs: dict[str
 def _forced_reference(src: Path, names: list[str], inputs: dict[str, np.ndarray], picks: dict[str, list[np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
     """The source graph run by ONNX Runtime with the merges' picks imposed: each pick tensor becomes an input."""
     import onnx
-
-    from .backends.onnxruntime import session
 
     proto = onnx.load(str(src))
     for node in proto.graph.node:
@@ -418,3 +415,49 @@ def engine_summary(path: Path, man: Manifest) -> list[str]:
                 f"SNR {'inf' if o['snr_db'] == float('inf') else format(o['snr_db'], '.1f')} dB"
             )
     return lines
+
+
+# -- token merging's auto: the speed of the engines this module builds ------------------------------
+def time_merge_settings(spec, settings: list[tuple[int, int]], backend: str, stage: Callable[[str], None]) -> list[token_merging.MergeTiming]:
+    """Export and compile every ``(r, every)`` (and the unmerged model) for ``backend`` as ``vitedge compile`` does by
+    default, then time the engines at batch 1 in interleaved rounds; the speed-up is paired per round."""
+    out: list[token_merging.MergeTiming] = []
+    engines: list[tuple[tuple[int, int], object]] = []
+    with tempfile.TemporaryDirectory(prefix="vitedge-merge-") as tmp:
+        for r, every in [(0, 1), *settings]:
+            stage(f"building the {backend} engine for token merging r={r} every {every} block(s)")
+            onnx_path = Path(tmp) / f"r{r}_every{every}.onnx"
+            try:
+                export_onnx(spec, onnx_path, merge_tokens=r, merge_every=every)
+                eng_path, man = compile_model(onnx_path, Path(tmp) / f"r{r}_every{every}.engine{'.xml' if backend == 'openvino' else '.onnx'}", target=backend)
+            except VitedgeError as exc:
+                if r == 0:
+                    raise
+                out.append(token_merging.MergeTiming(r, every, f"no engine: {first_line(exc, 160)}"))
+                continue
+            engines.append(((r, every), registry.open_engine(backend, eng_path, man)))
+            out.append(token_merging.MergeTiming(r, every, "timed", precision=man.precision))
+        try:
+            h, w = spec.preprocessing.img_size
+            x = np.random.default_rng(0).standard_normal((1, spec.model.config.in_channels, h, w)).astype(np.float32)
+            fns = [(lambda e=e: e.infer(x)) for _, e in engines]
+            slot = Slot(token_merging.TIMING_SECONDS / token_merging.TIMING_ROUNDS / len(fns), 3, 200)
+            stage(f"timing {len(fns)} {backend} engines (batch 1, {token_merging.TIMING_ROUNDS} interleaved rounds)")
+            rounds = interleaved(fns, token_merging.TIMING_ROUNDS, slot, warmup=Slot(0.0, 3, 3), alternate=True, wake=True, pause_s=0.1)
+        finally:
+            for _, e in engines:
+                e.close()  # type: ignore[attr-defined]
+    timed = {key: rounds[i] for i, (key, _) in enumerate(engines)}
+    for i, t in enumerate(out):
+        if t.status != "timed":
+            continue
+        samples = timed[(t.r, t.every)]
+        ms = float(np.median([v for rnd in samples for v in rnd]))
+        pair = paired_speedup(timed[(0, 1)], samples)
+        out[i] = token_merging.MergeTiming(
+            t.r, t.every, "timed", round(ms, 3), round(pair["speedup"], 3), [round(v, 3) for v in pair["ratio_iqr"]], t.precision
+        )
+    return out
+
+
+token_merging.register_timer(time_merge_settings)

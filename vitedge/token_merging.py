@@ -21,14 +21,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .compare import classification, top1_loss
 from .data import ImageSet, label_indices
-from .errors import InputError, ModelNotSupported, first_line
+from .errors import InputError, ModelNotSupported
 from .models.tome import linear_share_removed, max_merge, tokens_per_block
 from .models.vit import VisionTransformer, graph_options
 
@@ -195,7 +194,9 @@ def choose_merge(
         search.r, search.every = best.get(1, 0), 1
         search.reason = f"the largest r within {max_drop:g} points ({what}; speed not measured)"
     else:
-        search.timings = time_settings(spec, [(r, k) for k, r in best.items()], backend, stage)
+        if _timer is None:
+            raise InputError("timing merge settings needs vitedge.compilation (import vitedge)", "import vitedge before calling choose_merge")
+        search.timings = _timer(spec, [(r, k) for k, r in best.items()], backend, stage)
         faster = [t for t in search.timings if t.status == "timed" and t.r and (t.speedup or 0) > 1.0]
         if faster:
             win = max(faster, key=lambda t: t.speedup or 0)
@@ -207,52 +208,14 @@ def choose_merge(
     return search
 
 
-def time_settings(spec, settings: list[tuple[int, int]], backend: str, stage: Callable[[str], None]) -> list[MergeTiming]:
-    """Export and compile every ``(r, every)`` (and the unmerged model) for ``backend`` as ``vitedge compile`` does by
-    default, then time the engines at batch 1 in interleaved rounds; the speed-up is paired per round."""
-    import tempfile
+#: measures the speed of merge settings (``time_settings(spec, [(r, every), ...], backend, stage)``): export and
+#: compile sit above this module, so :mod:`vitedge.compilation` registers it (:func:`register_timer`) on import
+_timer: Callable[..., list[MergeTiming]] | None = None
 
-    from .compilation import compile_model
-    from .errors import VitedgeError
-    from .export import export_onnx
-    from .runtime import load
-    from .timing import Slot, interleaved, paired_speedup
 
-    out: list[MergeTiming] = []
-    engines: list[tuple[tuple[int, int], object]] = []
-    with tempfile.TemporaryDirectory(prefix="vitedge-merge-") as tmp:
-        for r, every in [(0, 1), *settings]:
-            stage(f"building the {backend} engine for token merging r={r} every {every} block(s)")
-            onnx_path = Path(tmp) / f"r{r}_every{every}.onnx"
-            try:
-                export_onnx(spec, onnx_path, merge_tokens=r, merge_every=every)
-                eng_path, man = compile_model(onnx_path, Path(tmp) / f"r{r}_every{every}.engine{'.xml' if backend == 'openvino' else '.onnx'}", target=backend)
-            except VitedgeError as exc:
-                if r == 0:
-                    raise
-                out.append(MergeTiming(r, every, f"no engine: {first_line(exc, 160)}"))
-                continue
-            engines.append(((r, every), load(eng_path)))
-            out.append(MergeTiming(r, every, "timed", precision=man.precision))
-        try:
-            h, w = spec.preprocessing.img_size
-            x = np.random.default_rng(0).standard_normal((1, spec.model.config.in_channels, h, w)).astype(np.float32)
-            fns = [(lambda e=e: e.infer(x)) for _, e in engines]
-            slot = Slot(TIMING_SECONDS / TIMING_ROUNDS / len(fns), 3, 200)
-            stage(f"timing {len(fns)} {backend} engines (batch 1, {TIMING_ROUNDS} interleaved rounds)")
-            rounds = interleaved(fns, TIMING_ROUNDS, slot, warmup=Slot(0.0, 3, 3), alternate=True, wake=True, pause_s=0.1)
-        finally:
-            for _, e in engines:
-                e.close()  # type: ignore[attr-defined]
-    timed = {key: rounds[i] for i, (key, _) in enumerate(engines)}
-    for i, t in enumerate(out):
-        if t.status != "timed":
-            continue
-        samples = timed[(t.r, t.every)]
-        ms = float(np.median([v for rnd in samples for v in rnd]))
-        pair = paired_speedup(timed[(0, 1)], samples)
-        out[i] = MergeTiming(t.r, t.every, "timed", round(ms, 3), round(pair["speedup"], 3), [round(v, 3) for v in pair["ratio_iqr"]], t.precision)
-    return out
+def register_timer(fn: Callable[..., list[MergeTiming]]) -> None:
+    global _timer
+    _timer = fn
 
 
 def describe(r: int, counts: list[int], search: MergeSearch | None = None, every: int = 1) -> dict:
@@ -276,7 +239,7 @@ __all__ = [
     "MergeSearch",
     "MergeTiming",
     "MergeTrial",
-    "time_settings",
+    "register_timer",
     "check_mergeable",
     "choose_merge",
     "describe",
