@@ -271,6 +271,7 @@ def test_export_and_compile_check_a_merged_graph_with_its_own_picks(merged_expor
     assert np.allclose(same, _logits(merged_export[0], torch.from_numpy(inputs["x"]), R), atol=1e-4) and not np.allclose(same, moved, atol=1e-3)
 
 
+@pytest.mark.e2e  # exports, compiles and times several engines (or quantizes twice): tens of seconds
 def test_int8_of_a_merged_export_is_held_to_the_unmerged_reference(ref_spec, ref_onnx, calib_dir, tmp_path):
     """quantize --reference: calibration runs on the merged graph, the target and agreement are measured against the
     unmerged FP32 export (both losses); a reference with other outputs is refused before any work."""
@@ -374,6 +375,7 @@ def test_auto_with_no_budget_keeps_only_rs_that_change_nothing(ref_spec, unlabel
         assert not over.within_budget and over.top1_loss_pp > 0
 
 
+@pytest.mark.e2e  # exports, compiles and times several engines (or quantizes twice): tens of seconds
 def test_auto_times_every_schedule_and_never_picks_a_slower_engine(ref_spec, val_dir):
     """With a backend, each schedule's best r is exported, compiled and timed beside the unmerged engine; the pick is
     the fastest of those faster than unmerged, or no merging at all."""
