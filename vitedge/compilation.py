@@ -422,7 +422,7 @@ def time_merge_settings(spec, settings: list[tuple[int, int]], backend: str, sta
     """Export and compile every ``(r, every)`` (and the unmerged model) for ``backend`` as ``vitedge compile`` does by
     default, then time the engines at batch 1 in interleaved rounds; the speed-up is paired per round."""
     out: list[token_merging.MergeTiming] = []
-    engines: list[tuple[tuple[int, int], object]] = []
+    engines: list[tuple[tuple[int, int], Engine]] = []
     with tempfile.TemporaryDirectory(prefix="vitedge-merge-") as tmp:
         for r, every in [(0, 1), *settings]:
             stage(f"building the {backend} engine for token merging r={r} every {every} block(s)")
@@ -446,7 +446,7 @@ def time_merge_settings(spec, settings: list[tuple[int, int]], backend: str, sta
             rounds = interleaved(fns, token_merging.TIMING_ROUNDS, slot, warmup=Slot(0.0, 3, 3), alternate=True, wake=True, pause_s=0.1)
         finally:
             for _, e in engines:
-                e.close()  # type: ignore[attr-defined]
+                e.close()
     timed = {key: rounds[i] for i, (key, _) in enumerate(engines)}
     for i, t in enumerate(out):
         if t.status != "timed":

@@ -286,7 +286,9 @@ def _merge_setting(spec, merge_tokens, val_images, max_drop, opset: int, stage, 
     return search.r, search.every, search
 
 
-def _graph_info(spec, cls_only: bool, merge: int, search, split_qkv: bool, sizes: DynamicSize | None = None, every: int = 1) -> dict:
+def _graph_info(
+    spec, cls_only: bool, merge: int, search, split_qkv: bool, sizes: DynamicSize | None = None, every: int = 1, picks: list[str] | None = None
+) -> dict:
     """The manifest's ``model.graph``: how the exported graph differs from a plain forward pass."""
     info: dict[str, Any] = {"last_block": "cls_token_only" if _has_cls_only(spec.model, cls_only) else "all_tokens"}
     if sizes is not None:  # the bounds themselves are preprocessing's (dynamic_size): what every reader needs
@@ -295,10 +297,8 @@ def _graph_info(spec, cls_only: bool, merge: int, search, split_qkv: bool, sizes
         info["qkv"] = "split" if split_qkv else "fused"
     if merge or search is not None:
         info["token_merging"] = describe(merge, token_counts(spec.model, spec.preprocessing.img_size, merge, every), search, every)
-        if merge:
-            counts = info["token_merging"]["tokens_per_block"]
-            n = sum(1 for c0, c1 in zip(counts, counts[1:], strict=False) if c1 < c0)
-            info["token_merging"]["picks"] = [f"{MATCH_PREFIX}{i}" for i in range(n)]  # tensors of the graph: tome.Matching per merge
+        if picks:
+            info["token_merging"]["picks"] = picks  # tensors of the graph: tome.Matching per merge
     return info
 
 
@@ -339,7 +339,7 @@ def export_onnx(
     block but the last, so later blocks run on fewer tokens; the graph keeps static shapes and is verified
     against the PyTorch model with the same merging.  ``"auto"``: per schedule (every block, every other, every
     third) the largest ``r`` whose top-1 loss on ``val_images`` (a folder; class sub-folders give labels) is
-    within ``max_drop`` points (default 1.0), then the one whose ``backend`` engine (default ``onnxruntime``)
+    within ``max_drop`` points (default 0.5), then the one whose ``backend`` engine (default ``onnxruntime``)
     runs fastest, timed beside the unmerged engine - or no merging when none is faster; see
     :mod:`vitedge.token_merging`.
 
@@ -450,7 +450,7 @@ def export_onnx(
             precision="fp32",
             backend=None,
             task=_task(spec, refs["random"]),
-            model={**spec.model_info(), "graph": _graph_info(spec, cls_only_last_block, merge, search, split_qkv, sizes, every)},
+            model={**spec.model_info(), "graph": _graph_info(spec, cls_only_last_block, merge, search, split_qkv, sizes, every, pick_names)},
             preprocessing=preprocessing.to_dict(),
             labels=spec.labels,
             inputs=ins,
