@@ -145,7 +145,7 @@ man = Manifest.find(model)[1]
 # what vitedge quantize does: the parent streams the images into a .npy, the try maps it in
 from pathlib import Path
 _to_npy(Path(out + ".npy"), StreamingBatches(ImageSet.from_path(calib).sample(n, 0), man.preprocessing_obj, 8, min_count=1))
-data = _Calibration(np.load(out + ".npy", mmap_mode="r"), None)
+data = _Calibration([np.load(out + ".npy", mmap_mode="r")], None)
 ov.save_model(quantize_nncf(ov.convert_model(model), data, len(data), Int8Config(), []), out)
 def kb(key):
     for line in open("/proc/self/status"):

@@ -21,11 +21,14 @@ from vitedge import export_onnx, load_model
 from vitedge.backends.tensorrt import compute_profile, size_profile
 from vitedge.cli.main import main as cli
 from vitedge.compilation import compile_model
+from vitedge.data import ImageSet
 from vitedge.errors import InputError, ModelNotSupported, ShapeMismatch, VitedgeError
 from vitedge.manifest import Manifest
 from vitedge.models.loading import save_checkpoint
 from vitedge.preprocess import DynamicSize, Preprocessing
-from vitedge.quantization import quantize
+from vitedge.quantization import Target, quantize
+from vitedge.quantization.calibration import EvalSet, StreamingBatches, size_key, size_mix
+from vitedge.quantization.fidelity import _to_npy
 from vitedge.validation import EngineSpec, validate
 
 SIZES = [(64, 64), (48, 80), (96, 64)]  # the export's size, portrait-ish and landscape-ish
@@ -175,9 +178,64 @@ def test_bad_options_are_refused(spec, tmp_path):
     assert not out.exists()
 
 
-def test_quantize_refuses_dynamic_size_in_one_line(dyn_onnx, tmp_path, calib_dir):
+MIX = ["64x64", "48x80", "96x64", "32x32", "128x128"]  # the sizes export verified at: its own, portrait, landscape, bounds
+
+
+@pytest.mark.parametrize("backend,suffix", [("onnxruntime", ".onnx"), ("openvino", ".xml")])
+def test_int8_is_calibrated_on_the_size_mix_and_held_to_the_target_at_each_size(dyn_onnx, tmp_path, calib_dir, backend, suffix):
+    out = tmp_path / f"q{suffix}"
+    path, man = quantize(dyn_onnx, out, precision="int8", backend=backend, calib=calib_dir, target=Target(agreement=0.5), search_budget=0)
+    assert man.quantization["calibration"]["sizes"] == MIX
+    agreement = man.verification["agreement"]
+    assert list(agreement["per_size"]) == MIX
+    assert {m["images"] for m in agreement["per_size"].values()} == {man.verification["images"]}  # every image at every size
+    worst = min(agreement["per_size"].values(), key=lambda m: (m["top1_agreement"], m["cosine_min"]))
+    assert agreement["size"] in MIX and agreement["top1_agreement"] == worst["top1_agreement"]
+    table = (tmp_path / f"q{suffix}.fidelity.md").read_text()
+    assert "## The chosen candidate at each input size" in table and "| 128x128 |" in table
+    assert man.dynamic_size == DynamicSize(32, 128, 16)
+    rng = np.random.default_rng(3)
+    with vitedge.load(path, backend=backend) as q, vitedge.load(dyn_onnx) as ref:
+        for h, w in SIZES + [(32, 128)]:
+            x = rng.standard_normal((2, 3, h, w)).astype(np.float32)
+            a, b = q.infer(x), ref.infer(x)
+            cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+            assert a.shape == (2, 7) and cos.min() > 0.99, (h, w, cos)
+
+
+def test_the_worst_size_decides_the_target(calib_dir):
+    """Pooled over sizes, one flipped image out of 100 is 99 % agreement; at its size it is 95 %: the target misses."""
+    pre = Preprocessing(img_size=(64, 64), dynamic_size=DynamicSize(32, 128, 16))
+    sizes = size_mix(pre)
+    assert list(map(size_key, sizes)) == MIX
+    ev = EvalSet(ImageSet.from_path(calib_dir).sample(20), pre, "test", None, ["batch", 3, "height", "width"], sizes=sizes)
+    assert [tuple(x.shape[2:]) for x in ev.parts_arrays()] == sizes and len(ev) == 20
+    ref = np.eye(7, dtype=np.float32)[np.arange(100) % 7] * 5
+    ev._ref_outputs, ev._ref = {"logits": ref}, ref
+    out = ref.copy()
+    out[3 * 20 + 4] = np.roll(out[3 * 20 + 4], 1)  # one image flips at the 4th size (32x32)
+    m = ev.measure(out)
+    assert m["size"] == "32x32" and m["top1_agreement"] == pytest.approx(0.95) and m["images"] == 20
+    assert m["per_size"]["64x64"]["top1_agreement"] == 1.0
+    assert not Target(agreement=0.98).check(m, True, None)
+
+
+def test_calibration_takes_the_sizes_in_turn_and_is_stored_per_size(calib_dir, tmp_path):
+    pre = Preprocessing(img_size=(64, 64), dynamic_size=DynamicSize(32, 128, 16))
+    ims = ImageSet.from_path(calib_dir).sample(23)
+    stream = StreamingBatches(ims, pre, 4, min_count=1, sizes=size_mix(pre))
+    shapes = [tuple(b.shape[2:]) for b in stream]
+    assert len(shapes) == len(stream) and sorted(set(shapes)) == sorted(size_mix(pre))
+    files = _to_npy(tmp_path / "calib.npy", stream)
+    assert [f.split(".")[-2] for f in files] == MIX
+    assert [len(np.load(f)) for f in files] == [5, 5, 5, 4, 4]  # image i at size i mod 5
+
+
+def test_int8_refuses_arrays_of_one_size_for_a_dynamic_size_export(dyn_onnx, tmp_path):
+    arrays = tmp_path / "calib.npy"
+    np.save(arrays, np.random.default_rng(0).standard_normal((40, 3, 64, 64)).astype(np.float32))
     with pytest.raises(ModelNotSupported) as err:
-        quantize(dyn_onnx, tmp_path / "q.onnx", precision="int8", calib=calib_dir)
+        quantize(dyn_onnx, tmp_path / "q.onnx", precision="int8", calib=arrays)
     assert "dynamic-size" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "q.onnx").exists()
 
@@ -265,3 +323,11 @@ def test_attention_maps_follow_the_input_size(dyn_onnx):
     with vitedge.load(dyn_onnx) as eng:
         assert eng.attention([image], kind="rollout").shape == (1, 4, 5)  # 300x400 -> 64x80 -> 4x5 patches
         assert eng.attention(eng.preprocessing.at(96, 64).batch([image]), kind="cls").shape[-2:] == (6, 4)
+
+
+def test_calibration_memory_is_estimated_at_the_largest_size(dyn_onnx):
+    """NNCF gets every matrix op's input back per calibration item: a dynamic-size model is sized at its largest size."""
+    from vitedge.quantization import candidates
+
+    small, large = (candidates._matrix_input_bytes(str(dyn_onnx), hw=hw) for hw in ((32, 32), (128, 128)))
+    assert small and large and large > 10 * small  # 65 tokens vs 5, and attention grows with their square

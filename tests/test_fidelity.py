@@ -373,11 +373,11 @@ def test_a_candidate_built_by_graph_edits_equals_quantizing_with_those_ops_ignor
     if backend == "openvino":
         import openvino as ov
 
-        q = quantize_nncf(ov.convert_model(str(path)), candidates._Calibration(xc, None), len(xc), Int8Config(), names)
+        q = quantize_nncf(ov.convert_model(str(path)), candidates._Calibration([xc], None), len(xc), Int8Config(), names)
         ov.save_model(q, str(tmp_path / f"ignored{suffix}"))
     else:
         proto = onnx.load(str(path))
-        q = quantize_nncf(proto, candidates._Calibration(xc, None, proto.graph.input[0].name), len(xc), Int8Config(), names)
+        q = quantize_nncf(proto, candidates._Calibration([xc], None, proto.graph.input[0].name), len(xc), Int8Config(), names)
         dedicate_qdq(q)  # as every ONNX Runtime INT8 file is deployed: the same integer kernels on both sides
         onnx.save(q, str(tmp_path / f"ignored{suffix}"))
     fp = "f32" if backend == "openvino" else None

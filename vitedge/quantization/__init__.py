@@ -22,7 +22,7 @@ from ..manifest import Manifest
 from ..options import DEFAULT_BUDGET_S, METHODS, PRECISIONS, Target
 from ..runtime import load
 from ..ui import note
-from .calibration import MIN_CALIB, EvalSet, plan_data
+from .calibration import MIN_CALIB, EvalSet, plan_data, size_key, size_mix
 from .strategies import Job
 from .worker import Worker
 
@@ -164,11 +164,6 @@ def quantize(
     worker = Worker.early() if precision in ("int8", "auto") and strategy.uses_worker else None
     try:
         src, parent = _open_model(src_path, preprocessing, labels)
-        if parent.dynamic_size is not None:  # calibrating and holding the target at a mix of sizes is not built yet
-            raise ModelNotSupported(
-                f"{src.name} is a dynamic-size export: vitedge quantize does not calibrate or check a mix of input sizes yet",
-                "quantize a fixed-size export (vitedge export --img-size N), or compile this FP32 one as it is",
-            )
         if target.max_drop is not None and parent.task != "classification":
             raise VitedgeError(
                 f"--max-drop needs class logits, but {src.name} is a {parent.task} model",
@@ -185,7 +180,17 @@ def quantize(
         for n in plan.notes:
             note(n)
 
-        ev = EvalSet(plan.eval, pre, plan.eval_source, parent.labels, parent.inputs[0].shape, seed)
+        sizes = size_mix(pre)  # a dynamic-size model: calibrated and held to the target at each of these sizes
+        if sizes and len(sizes) > 1:
+            arrays = [s for s in (plan.calib, plan.eval) if s is not None and s.arrays is not None]
+            if arrays:
+                raise ModelNotSupported(
+                    f"{src.name} is a dynamic-size export, but {arrays[0].source} holds preprocessed arrays of one size",
+                    "give folders of images: vitedge preprocesses them at each size the engine serves",
+                )
+            calibrated = "calibrated on a mix of" if precision != "fp16" else "checked at"
+            note(f"dynamic size: {calibrated} {', '.join(map(size_key, sizes))} and held to the target at each size")
+        ev = EvalSet(plan.eval, pre, plan.eval_source, parent.labels, parent.inputs[0].shape, seed, sizes=sizes)
         if parent.task != "classification":
             ev.labels = None  # folder names are not classes of a non-classifier
         ref_backend, ref_options = strategy.reference  # e.g. OpenVINO at f32: the same FP32 math, faster than ONNX Runtime on a CPU
@@ -211,6 +216,7 @@ def quantize(
                     "requested": len(job.calib),
                     "skipped_unreadable": stream.skipped,
                     "seed": seed,
+                    **({"sizes": [size_key(hw) for hw in stream.sizes]} if stream.sizes else {}),
                 }
                 if stream.skipped:
                     note(f"{stream.skipped} unreadable calibration images skipped")

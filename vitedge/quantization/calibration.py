@@ -6,6 +6,11 @@
 * :class:`StreamingBatches` feeds a calibrator batch by batch (with a progress bar), so neither the
   images nor the activations of the whole set are held in memory at once.
 * :class:`EvalSet` holds the (small) evaluation set and computes agreement with FP32.
+
+A dynamic-size model (``vitedge export --dynamic-size``) is quantized on a mix of the sizes it will serve
+(:func:`size_mix`): the calibration images take the sizes in turn, every held-out image is measured at every
+size, and the fidelity target must hold at each size (:meth:`EvalSet.measure` reports the worst size at the top
+level and every size under ``per_size``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,19 @@ MIN_FOR_HOLDOUT = 10
 MAX_HOLDOUT = 200  # one flip moves agreement by 0.5 points at 200 images (5 points at 20)
 EVAL_CACHE_BYTES = 512 * 1024 * 1024  # evaluation arrays kept in memory up to this size
 SHIPPED_DIGITS = SHIPPED_CALIBRATION / "digits" / "calib"
+
+
+def size_mix(pre: Preprocessing | None) -> list[tuple[int, int]] | None:
+    """The (height, width) sizes a dynamic-size model is calibrated and held to its target at: the sizes its export
+    was verified at (:meth:`~vitedge.preprocess.DynamicSize.check_sizes`: its own square size, a portrait and a
+    landscape size, and both bounds).  None for a fixed-size model."""
+    if pre is None or pre.dynamic_size is None:
+        return None
+    return pre.dynamic_size.check_sizes(min(pre.img_size))
+
+
+def size_key(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
 
 
 def is_reference_model(manifest: Manifest) -> bool:
@@ -155,31 +173,53 @@ class StreamingBatches:
     :attr:`error`, so the caller can re-raise it instead of the library's wrapper.
     """
 
-    def __init__(self, ims: ImageSet, pre: Preprocessing | None, batch_size: int, min_count: int, label: str = "calibrating", pad: bool = False):
+    def __init__(
+        self,
+        ims: ImageSet,
+        pre: Preprocessing | None,
+        batch_size: int,
+        min_count: int,
+        label: str = "calibrating",
+        pad: bool = False,
+        sizes: list[tuple[int, int]] | None = None,
+    ):
         self.ims, self.pre, self.batch_size, self.min_count, self.label = ims, pre, batch_size, min_count, label
         self.pad = pad  # fixed-batch models: the last, short batch is filled up by repeating its last image
         self.error: VitedgeError | None = None
         self.seen = 0
+        # a dynamic-size model: image i is given at sizes[i % len(sizes)], size by size (a batch holds one size)
+        self.sizes = sizes
+        n = len(sizes) if sizes else 1
+        self._parts = [(subset(ims, range(k, len(ims), n)) if sizes else ims, pre.at(*sizes[k]) if sizes and pre else pre) for k in range(n)]
+        self._parts = [(part, p) for part, p in self._parts if len(part)]
 
     def __len__(self) -> int:
-        return -(-len(self.ims) // self.batch_size)
+        return sum(-(-len(part) // self.batch_size) for part, _ in self._parts)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         self.seen = 0
+        good = 0
         try:
             with progress() as bar:
                 task = bar.add_task(self.label, total=len(self.ims))
-                for b in self.ims.batches(self.pre, self.batch_size, self.min_count):
-                    self.seen += len(b.x)
-                    bar.update(task, completed=self.seen)
-                    yield pad_batch(b.x, self.batch_size) if self.pad else b.x
+                for part, pre in self._parts:
+                    for b in part.batches(pre, self.batch_size):
+                        self.seen += len(b.x)
+                        good += len(b.x)
+                        bar.update(task, completed=self.seen)
+                        yield pad_batch(b.x, self.batch_size) if self.pad else b.x
+            if good < self.min_count:
+                raise VitedgeError(
+                    f"only {good} usable images in {self.ims.source} ({self.skipped} unreadable), {self.min_count} needed",
+                    "add images or lower --calib-samples",
+                )
         except VitedgeError as exc:
             self.error = exc
             raise
 
     @property
     def skipped(self) -> int:
-        return len(self.ims.skipped)
+        return sum(len(part.skipped) for part, _ in self._parts)
 
     def raise_if_failed(self, exc: BaseException) -> None:
         """Turn a library failure caused by our data into our own one-line error."""
@@ -189,14 +229,27 @@ class StreamingBatches:
             raise exc
 
 
-class EvalSet:
-    """Held-out images with FP32 reference logits; measures a candidate against them."""
+def _chunks(x: np.ndarray, bs: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(x), bs):
+        yield x[i : i + bs]
 
-    def __init__(self, ims: ImageSet | None, pre: Preprocessing | None, source: str, class_names, input_shape, seed: int = 0):
+
+class EvalSet:
+    """Held-out images with FP32 reference logits; measures a candidate against them.
+
+    ``sizes`` (a dynamic-size model, :func:`size_mix`): every image is measured at each (height, width); the outputs
+    run size by size (all images at the first size, then at the second...), and :meth:`measure` holds the worst size
+    up to the target."""
+
+    def __init__(
+        self, ims: ImageSet | None, pre: Preprocessing | None, source: str, class_names, input_shape, seed: int = 0, sizes: list[tuple[int, int]] | None = None
+    ):
         self.source = source
         self.ims = ims
+        self.sizes = sizes if ims is not None and ims.arrays is None and pre is not None else None
+        self.pres = [pre.at(*hw) for hw in self.sizes] if self.sizes and pre is not None else [pre]
         self.pre = pre
-        self._x: np.ndarray | None = None
+        self._xs: list[np.ndarray] | None = None
         self.labels: np.ndarray | None = None
         self.random = ims is None
         self._ref: np.ndarray | None = None
@@ -205,16 +258,17 @@ class EvalSet:
         self.skipped = 0
         if ims is None:  # no images: random inputs in the model's shape (FP16 only)
             c, h, w = (d if isinstance(d, int) else 3 for d in input_shape[1:4]) if len(input_shape) == 4 else (3, 224, 224)
-            self._x = np.random.default_rng(seed).standard_normal((8, c, h, w)).astype(np.float32)
-            self.count = len(self._x)
+            self._xs = [np.random.default_rng(seed).standard_normal((8, c, h, w)).astype(np.float32)]
+            self.count = 8
             return
-        item = 4 * int(np.prod([d for d in input_shape[1:] if isinstance(d, int)] or [3 * 224 * 224]))
+        fixed = [d for d in input_shape[1:] if isinstance(d, int)]
+        item = 4 * (sum(3 * h * w for h, w in self.sizes) if self.sizes else int(np.prod(fixed or [3 * 224 * 224])))
         if item * len(ims) <= EVAL_CACHE_BYTES:
-            b = ims.load_all(pre)
-            self._x = b.x
-            lbls = b.labels
+            loaded = [ims.load_all(p) for p in self.pres]
+            self._xs = [b.x for b in loaded]
+            lbls = loaded[0].labels
         else:
-            lbls = [lbl for b in ims.batches(pre, 32) for lbl in b.labels]
+            lbls = [lbl for b in ims.batches(self.pres[0], 32) for lbl in b.labels]
         if lbls and all(lbl is not None for lbl in lbls):
             try:
                 self.labels = label_indices(lbls, class_names, ims.source)
@@ -226,20 +280,29 @@ class EvalSet:
         self.skipped = len(ims.skipped)
 
     def __len__(self) -> int:
-        return len(self._x) if self._x is not None else self.count
+        """Images (each is measured once per size of a dynamic-size model)."""
+        return self.count
 
     @property
     def labelled(self) -> bool:
         return self.labels is not None
 
     def batches(self, bs: int = 64) -> Iterator[np.ndarray]:
-        if self._x is not None:
-            for i in range(0, len(self._x), bs):
-                yield self._x[i : i + bs]
-        else:
-            assert self.ims is not None  # without images, __init__ made random inputs (_x)
-            for b in self.ims.batches(self.pre, bs):
-                yield b.x
+        """The images in batches of one size: all of them at each size in turn (one size for a fixed-size model)."""
+        for part in self.parts(bs):
+            yield from part
+
+    def parts_arrays(self) -> list[np.ndarray]:
+        """Per size, all the images as one array (loads them when they were too many to keep)."""
+        return [np.concatenate(list(part)) for part in self.parts()]
+
+    def parts(self, bs: int = 64) -> list[Iterator[np.ndarray]]:
+        """Per size, the images in batches (one part for a fixed-size model)."""
+        if self._xs is not None:
+            return [_chunks(x, bs) for x in self._xs]
+        assert self.ims is not None  # without images, __init__ made random inputs
+        ims = self.ims
+        return [(b.x for b in ims.batches(p, bs)) for p in self.pres]
 
     def logits(self, engine) -> np.ndarray:
         return np.concatenate([engine.infer(x) for x in self.batches()])
@@ -291,13 +354,22 @@ class EvalSet:
         return res
 
     def measure(self, out: np.ndarray) -> dict:
-        """Agreement of candidate logits with FP32 (+ accuracies when labelled)."""
+        """Agreement of candidate logits with FP32 (+ accuracies when labelled).  At several sizes: the numbers of the
+        worst size (lowest top-1 agreement, else lowest minimum cosine), its ``size``, and every size's under ``per_size``."""
         assert self.ref is not None, "set_reference() first"
-        res = compare.output_metrics(self.ref, out)
+        if not self.sizes or len(self.sizes) == 1:
+            return self._measure(self.ref, np.asarray(out))
+        n = len(self.ref) // len(self.sizes)
+        per = {size_key(hw): self._measure(self.ref[k * n : (k + 1) * n], np.asarray(out)[k * n : (k + 1) * n]) for k, hw in enumerate(self.sizes)}
+        worst = min(per, key=lambda k: (per[k].get("finite", True), per[k].get("top1_agreement", 1.0), per[k]["cosine_min"]))
+        return {**per[worst], "size": worst, "per_size": per}
+
+    def _measure(self, ref: np.ndarray, out: np.ndarray) -> dict:
+        res = compare.output_metrics(ref, out)
         res["images"] = int(len(out))
-        if self.labels is not None and self.ref.ndim == 2:
-            res["top1_fp32"] = float(compare.correct(self.ref, self.labels)[0].mean())
-            res["top1"] = float(compare.correct(np.asarray(out), self.labels)[0].mean())
+        if self.labels is not None and ref.ndim == 2:
+            res["top1_fp32"] = float(compare.correct(ref, self.labels)[0].mean())
+            res["top1"] = float(compare.correct(out, self.labels)[0].mean())
         return res
 
     def drop_pp(self, metrics: dict) -> float:

@@ -43,6 +43,19 @@ def _array(path: str) -> np.ndarray:
     return _cache[key]
 
 
+#: a set of preprocessed images on disk: one ``.npy``, or for a dynamic-size model one ``.npy`` per input size
+Data = str | list[str]
+
+
+def _parts(data: Data, count: int | None = None) -> list[np.ndarray]:
+    """The arrays of ``data``, one per input size; ``count``: the first ``count`` images, taken evenly from the sizes."""
+    parts = [_array(p) for p in ([data] if isinstance(data, str) else data)]
+    if count:
+        per = -(-count // len(parts))
+        parts = [x[:per] for x in parts]
+    return parts
+
+
 #: images per NNCF calibration item when the model keeps the batch on axis 0 of every activation (:func:`calibration_batch`):
 #: NNCF then reduces each image's statistics on its own (``batchwise_statistics``), so the ranges are those of one
 #: image at a time (checked on a real ViT-S: identical ranges, biases within 1e-4), in fewer, larger inferences
@@ -54,36 +67,38 @@ class _Calibration:
     """NNCF's calibration items: ``batch`` images at a time (1, or :data:`CALIB_BATCH` for a batch-first model), or
     the model's fixed batch; ``{input name: array}`` for NNCF's ONNX backend, the bare array for its OpenVINO backend."""
 
-    def __init__(self, x: np.ndarray, fixed: int | None, input_name: str | None = None, batch: int = 1):
-        self.x, self.fixed, self.input_name = x, fixed, input_name
+    def __init__(self, parts: list[np.ndarray], fixed: int | None, input_name: str | None = None, batch: int = 1):
+        self.parts, self.fixed, self.input_name = parts, fixed, input_name  # one array per input size
         self.bs = fixed or batch
 
     def __iter__(self):
-        for i in range(0, len(self.x), self.bs):
-            b = self.x[i : i + self.bs]
-            b = np.ascontiguousarray(pad_batch(b, self.bs) if self.fixed else b)
-            yield {self.input_name: b} if self.input_name else b
+        for x in self.parts:
+            for i in range(0, len(x), self.bs):
+                b = x[i : i + self.bs]
+                b = np.ascontiguousarray(pad_batch(b, self.bs) if self.fixed else b)
+                yield {self.input_name: b} if self.input_name else b
 
     def __len__(self) -> int:
-        return -(-len(self.x) // self.bs)
+        return sum(-(-len(x) // self.bs) for x in self.parts)
 
 
-def calibration_batch(source) -> int:
+def calibration_batch(source, hw: tuple[int, ...] | None = None) -> int:
     """Images per NNCF calibration item: :data:`CALIB_BATCH` for a model whose every activation carries the batch on
     axis 0 and nowhere else (so that NNCF's per-item statistics of a batch equal those of its images one at a time),
     fewer where the matrix ops' inputs of that many images would pass :data:`CALIB_MEMORY` (NNCF gets them all back
     from every inference), and 1 for a graph that moves the batch (tokens-first attention as in CLIP's exports,
-    ``(batch*heads, T, d)`` reshapes, flattened ``(batch*T, C)`` Gemms)."""
-    per_image = _matrix_input_bytes(source)
+    ``(batch*heads, T, d)`` reshapes, flattened ``(batch*T, C)`` Gemms).  ``hw``: the largest (height, width) a
+    dynamic-size model is calibrated at."""
+    per_image = _matrix_input_bytes(source, hw=hw)
     if per_image is None:
         return 1
     return int(max(1, min(CALIB_BATCH, CALIB_MEMORY // max(per_image, 1))))
 
 
-def _matrix_input_bytes(source, probe: int = 7) -> int | None:
+def _matrix_input_bytes(source, probe: int = 7, hw: tuple[int, ...] | None = None) -> int | None:
     """Bytes of the matrix ops' activation inputs per image, or None when the batch leaves axis 0 anywhere (read
-    from OpenVINO's shape propagation at batch ``probe``).  ``source``: a model file, or an ``ov.Model`` (a copy is
-    reshaped)."""
+    from OpenVINO's shape propagation at batch ``probe``, and for a dynamic-size model at ``hw``).  ``source``: a
+    model file, or an ``ov.Model`` (a copy is reshaped)."""
     import openvino as ov
 
     try:
@@ -93,6 +108,8 @@ def _matrix_input_bytes(source, probe: int = 7) -> int | None:
         if len(model.inputs) != 1 or shape.rank.is_dynamic or len(shape) < 2:
             return None
         dims = [ov.Dimension(probe)] + [shape[i] for i in range(1, len(shape))]
+        if hw is not None and len(dims) == 2 + len(hw):
+            dims[2:] = [d if d.is_static else ov.Dimension(int(v)) for d, v in zip(dims[2:], hw, strict=True)]
         model.reshape({inp.get_any_name(): ov.PartialShape(dims)})
     except Exception:  # a model that cannot take another batch: one image at a time, as before
         return None
@@ -117,7 +134,7 @@ def _matrix_input_bytes(source, probe: int = 7) -> int | None:
 
 
 def quantize_base(
-    source: str, fmt: str, config: dict, calib: str, out: str, count: int | None = None, fixed_batch: int | None = None, batch: int | None = None
+    source: str, fmt: str, config: dict, calib: Data, out: str, count: int | None = None, fixed_batch: int | None = None, batch: int | None = None
 ) -> dict:
     """NNCF INT8 of ``source`` with ``config`` on the first ``count`` calibration images, saved revertible at ``out``.
     ``batch``: images per calibration item (default: :func:`calibration_batch`).
@@ -127,8 +144,8 @@ def quantize_base(
 
     t0 = time.perf_counter()
     cfg = Int8Config.from_dict(config)
-    x = _array(calib)
-    x = x[:count] if count else x
+    parts = _parts(calib, count)
+    hw = max((x.shape[2:] for x in parts), key=lambda s: int(np.prod(s)))  # the largest size sets the memory per image
     proto = onnx.load(source)
     ignored = float_names(cfg, graph_roles(proto))
     if fmt == "openvino":
@@ -136,17 +153,17 @@ def quantize_base(
 
         model = ov.convert_model(source)
         if batch is None:
-            batch = calibration_batch(model) if fixed_batch is None else 1
+            batch = calibration_batch(model, hw) if fixed_batch is None else 1
         if cfg.attention_float:
             ignored = sorted(set(ignored) | set(ov_attention_matmuls(model)))
-        data = _Calibration(x, fixed_batch, batch=batch)
+        data = _Calibration(parts, fixed_batch, batch=batch)
         q = quantize_nncf(model, data, len(data), cfg, ignored, compress_weights=False, batchwise=data.bs > 1 and not fixed_batch)
         ov.save_model(q, out, compress_to_fp16=False)
         quantized = [op.get_friendly_name() for op in q.get_ordered_ops() if _ov_quantized(op)]
     else:
         if batch is None:
-            batch = calibration_batch(source) if fixed_batch is None else 1
-        data = _Calibration(x, fixed_batch, proto.graph.input[0].name, batch=batch)
+            batch = calibration_batch(source, hw) if fixed_batch is None else 1
+        data = _Calibration(parts, fixed_batch, proto.graph.input[0].name, batch=batch)
         q = quantize_nncf(proto, data, len(data), cfg, ignored, compress_weights=False, batchwise=data.bs > 1 and not fixed_batch)
         save_onnx(q, Path(out), f"{Path(out).name}.data")
         dq = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
@@ -240,7 +257,7 @@ def build(base: str, fmt: str, keep_float: list[str], out: str | None, data_name
 def measure(
     fmt: str,
     model: str,
-    data: str,
+    data: Data,
     out_dir: str,
     variants: list[dict],
     fixed_batch: int | None = None,
@@ -262,7 +279,7 @@ def measure(
     runnable: Any = Path(model)
     if base is not None:
         float_ops, runnable = build(base, fmt, list(keep_float or []), model if keep else None, data_name, spill=model)
-    x = np.asarray(_array(data))
+    x = [np.asarray(p) for p in _parts(data)]
     res, runs = [], []
     times: list[float] = []  # one variant run image by image (a static batch-1 engine): its per-image times
     for v in variants:
@@ -295,7 +312,7 @@ TIMED_WARMUP = 3  # the first runs of a fresh engine (allocations, caches) are n
 def prepare(
     path: Any,
     fmt: str,
-    x: np.ndarray,
+    x: np.ndarray | list[np.ndarray],
     float_precision: str | None,
     static: bool = False,
     batch: int = 16,
@@ -304,42 +321,53 @@ def prepare(
 ) -> tuple[dict[str, np.ndarray], Callable[[], object]]:
     """Outputs on the held-out images of a (quantized) model on the CPU, and a batch-1 run to time it with.
     ``path``: a file, or a model in memory (an ``ov.Model``, which is not changed; an ONNX model's bytes).
+    ``x``: the images, or for a dynamic-size model a list of arrays, one per input size (outputs follow that order;
+    the batch-1 run and ``times`` are of the first size).
     ``times``: where a model run image by image (OpenVINO ``static``) appends each image's wall time (ms).
 
     OpenVINO ``static``: the model reshaped to batch 1, as ``vitedge compile`` makes latency engines, and
     run image by image.  It is measured, not assumed equal to the dynamic model: on an AMX CPU the static
     batch-1 INT8 engine of a real ViT-S agreed visibly less with FP32 (mean cosine 0.985 vs 0.999).
     """
-    n = len(x)
+    parts = list(x) if isinstance(x, list) else [x]
+    sizes = len(parts)
+    ns = [len(p) for p in parts]
     if fixed:  # a fixed-batch model takes exactly that many images: pad the last batch, time one batch
         batch, static = fixed, False
-        x = pad_batch(x, -(-len(x) // fixed) * fixed)
-    one = np.ascontiguousarray(x[: fixed or 1])
+        parts = [pad_batch(p, -(-len(p) // fixed) * fixed) for p in parts]
+    one = np.ascontiguousarray(parts[0][: fixed or 1])
+    outs: list[list[np.ndarray]] = []  # per batch, the outputs in order
     if fmt == "openvino":
         cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_PRECISION_HINT": float_precision} if float_precision else {})}
         if static:
             batch = 1
         if not isinstance(path, (str, Path)):
             path = path.clone()  # compiling reshapes and rewrites it: the caller's model stays as it was
-        compiled = compiled_model(path, "CPU", cfg, shape=[1, *x.shape[1:]] if static else None)
+        # static batch 1 as compile builds it: a dynamic-size model keeps its height and width dynamic
+        shape = ([1, parts[0].shape[1], -1, -1] if sizes > 1 else [1, *parts[0].shape[1:]]) if static else None
+        compiled = compiled_model(path, "CPU", cfg, shape=shape)
         req = compiled.create_infer_request()
         names = [o.get_any_name() for o in compiled.outputs]
-        parts = []
-        for i in range(0, len(x), batch):
-            t0 = time.perf_counter()
-            got = req.infer({0: x[i : i + batch]})
-            if times is not None and batch == 1:
-                times.append((time.perf_counter() - t0) * 1e3)
-            parts.append([np.array(got[o]) for o in compiled.outputs])  # copies: the request's tensors are reused by the next call
+        for k, xs in enumerate(parts):
+            for i in range(0, len(xs), batch):
+                t0 = time.perf_counter()
+                got = req.infer({0: xs[i : i + batch]})
+                if times is not None and batch == 1 and k == 0:
+                    times.append((time.perf_counter() - t0) * 1e3)
+                outs.append([np.array(got[o]) for o in compiled.outputs])  # copies: the request's tensors are reused by the next call
         run = lambda: req.infer({0: one})  # noqa: E731 - keeps compiled/req alive with the closure
     else:
         sess = session(path, precision="int8")
         name = sess.get_inputs()[0].name
         names = [o.name for o in sess.get_outputs()]
-        parts = [sess.run(None, {name: x[i : i + batch]}) for i in range(0, len(x), batch)]
+        outs = [sess.run(None, {name: xs[i : i + batch]}) for xs in parts for i in range(0, len(xs), batch)]
         run = lambda: sess.run(None, {name: one})  # noqa: E731
-    outs = {name: np.concatenate([p[k] for p in parts])[:n] for k, name in enumerate(names)}
-    return outs, run
+    # each size's padding (a fixed batch) is cut off before the sizes are joined
+    bounds = np.cumsum([0] + [-(-len(p) // batch) for p in parts])
+    joined = {
+        name: np.concatenate([np.concatenate([o[k] for o in outs[bounds[j] : bounds[j + 1]]])[: ns[j]] for j in range(sizes)]) for k, name in enumerate(names)
+    }
+    return joined, run
 
 
 def timed_interleaved(runs: list[Callable[[], object]], rounds: int = 8, seconds: float = 6.0, min_runs: int = 3, max_runs: int = 6) -> list[float]:
@@ -390,18 +418,18 @@ def variant_key(v: dict) -> str:
     return f"{v.get('float_precision') or 'default'}.{'static' if v.get('static') else 'dynamic'}"
 
 
-def time_models(fmt: str, models: list[dict], sample: str, fixed_batch: int | None = None, seconds: float = 6.0) -> list[float]:
+def time_models(fmt: str, models: list[dict], sample: Data, fixed_batch: int | None = None, seconds: float = 6.0) -> list[float]:
     """Batch-1 latency (ms, median) of each ``{"path", "float_precision", "static"}``, timed in interleaved rounds
-    in this one process so that a machine whose speed drifts slows every model alike."""
-    x = np.asarray(_array(sample)[: fixed_batch or 1])
+    in this one process so that a machine whose speed drifts slows every model alike (at the first size of ``sample``)."""
+    x = [np.asarray(p[: fixed_batch or 1]) for p in _parts(sample)]
     runs = [prepare(Path(m["path"]), fmt, x, m.get("float_precision"), static=bool(m.get("static")), fixed=fixed_batch)[1] for m in models]
     return timed_interleaved(runs, seconds=seconds)
 
 
-def reference_outputs(fmt: str, source: str, data: str, out: str, fixed_batch: int | None = None) -> str:
+def reference_outputs(fmt: str, source: str, data: Data, out: str, fixed_batch: int | None = None) -> str:
     """The FP32 model's outputs on the images in ``data``, made as the held-out reference is: OpenVINO at f32 for an
     OpenVINO search, ONNX Runtime otherwise."""
-    outs, _ = prepare(Path(source), fmt, np.asarray(_array(data)), "f32" if fmt == "openvino" else None, fixed=fixed_batch)
+    outs, _ = prepare(Path(source), fmt, [np.asarray(p) for p in _parts(data)], "f32" if fmt == "openvino" else None, fixed=fixed_batch)
     np.savez(out, **outs)  # type: ignore[arg-type]  # numpy's stub: any **key could be allow_pickle
     return out
 

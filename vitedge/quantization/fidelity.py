@@ -242,6 +242,8 @@ def _numbers(r: Row, classifier: bool) -> str:
         s = f"agreement {100 * r.metrics['top1_agreement']:.1f}%"
         if r.interval is not None:
             s += f" [{100 * r.interval[0]:.1f}, {100 * r.interval[1]:.1f}] on {r.metrics.get('images')} images"
+        if r.metrics.get("size"):
+            s += f" at {r.metrics['size']} (the worst of {len(r.metrics['per_size'])} sizes)"
         parts.append(s)
     if r.drop_pp is not None and classifier:
         parts.append(f"drop {r.drop_pp:+.2f} pp")
@@ -284,37 +286,53 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 # -- data on disk -----------------------------------------------------------------------------------------------------------
 class _Arrays:
-    """The calibration and held-out images, preprocessed once, as .npy files the worker maps in."""
+    """The calibration and held-out images, preprocessed once, as .npy files the worker maps in: one file each, or for
+    a dynamic-size model one per input size (:data:`~.candidates.Data`)."""
 
     def __init__(self, scratch: Path, calib_stream, ev: EvalSet):
         self.dir = scratch
-        self.calib = scratch / "calib.npy"
-        self.eval = scratch / "eval.npy"
-        self.rank = scratch / "rank.npy"
-        _to_npy(self.calib, calib_stream)
-        _to_npy(self.eval, ev.batches(32))
-        calib = np.load(self.calib, mmap_mode="r")
-        np.save(self.rank, np.asarray(calib[:RANK_IMAGES]))
-        self.calib_count = len(calib)
+        self.calib = _to_npy(scratch / "calib.npy", calib_stream)
+        self.eval = _to_npy(scratch / "eval.npy", ev.batches(32))
+        calib = [np.load(p, mmap_mode="r") for p in _paths(self.calib)]
+        self.calib_count = sum(len(x) for x in calib)
+        per = -(-RANK_IMAGES // len(calib))  # the ranking's images: as many of each size
+        ranks = [scratch / f"rank{Path(p).name.removeprefix('calib')}" for p in _paths(self.calib)]
+        for x, path in zip(calib, ranks, strict=True):
+            np.save(path, np.asarray(x[:per]))
+        self.rank: str | list[str] = str(ranks[0]) if isinstance(self.calib, str) else [str(r) for r in ranks]
 
 
-def _to_npy(path: Path, batches) -> None:
-    """Stream batches into one .npy (two passes would re-decode images; this grows a raw file, then adds the header)."""
-    raw = path.with_suffix(".raw")
-    n, shape, dtype = 0, None, np.float32
-    with open(raw, "wb") as f:
-        for b in batches:
-            b = np.ascontiguousarray(b, dtype=np.float32)
-            shape = b.shape[1:]
-            n += len(b)
+def _paths(data: str | list[str]) -> list[str]:
+    return [data] if isinstance(data, str) else list(data)
+
+
+def _to_npy(path: Path, batches) -> str | list[str]:
+    """Stream batches into .npy files: one at ``path``, or when the batches come in several input sizes one per
+    size (``calib.224x224.npy``...), in the order the sizes first come (two passes would re-decode images; this
+    grows a raw file per size, then adds the header)."""
+    raws: dict[tuple, tuple[Path, list[int]]] = {}
+    dtype = np.float32
+    for b in batches:
+        b = np.ascontiguousarray(b, dtype=np.float32)
+        shape = tuple(b.shape[1:])
+        if shape not in raws:
+            raws[shape] = (path.with_suffix(f".{len(raws)}.raw"), [0])
+        raw, n = raws[shape]
+        with open(raw, "ab") as f:
             f.write(b.tobytes())
-    if shape is None:
+        n[0] += len(b)
+    if not raws:
         raise VitedgeError("no usable images for the INT8 search")
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *shape))
-    arr[:] = np.memmap(raw, dtype=dtype, mode="r", shape=(n, *shape))
-    arr.flush()
-    del arr
-    raw.unlink()
+    out = []
+    for shape, (raw, n) in raws.items():
+        dest = path if len(raws) == 1 else path.with_suffix(f".{shape[-2]}x{shape[-1]}.npy")
+        arr = np.lib.format.open_memmap(dest, mode="w+", dtype=dtype, shape=(n[0], *shape))
+        arr[:] = np.memmap(raw, dtype=dtype, mode="r", shape=(n[0], *shape))
+        arr.flush()
+        del arr
+        raw.unlink()
+        out.append(str(dest))
+    return out[0] if len(out) == 1 else out
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
@@ -413,7 +431,7 @@ class _Search:
             source=str(self.src),
             fmt=self.fmt,
             config=cfg.to_dict(),
-            calib=str(self.arrays.calib),
+            calib=self.arrays.calib,
             out=str(out),
             count=count,
             fixed_batch=self.fixed_batch,
@@ -464,7 +482,7 @@ class _Search:
                 f"{label}: measuring on {len(self.ev)} held-out images",
                 fmt=self.fmt,
                 model=str(model),
-                data=str(self.arrays.eval),
+                data=self.arrays.eval,
                 out_dir=str(folder),
                 variants=variants,
                 fixed_batch=self.fixed_batch,
@@ -539,7 +557,7 @@ class _Search:
                 "INT8: FP32 outputs for the ranking pass",
                 fmt=self.fmt,
                 source=str(self.src),
-                data=str(self.arrays.rank),
+                data=self.arrays.rank,
                 out=path,
                 fixed_batch=self.fixed_batch,
             )
@@ -554,7 +572,7 @@ class _Search:
                 f"INT8 ranking: {tag}",
                 fmt=self.fmt,
                 model=str(folder / tag / f"model{self.suffix}"),
-                data=str(self.arrays.rank),
+                data=self.arrays.rank,
                 out_dir=str(folder / tag),
                 variants=[variant],
                 fixed_batch=self.fixed_batch,
@@ -831,7 +849,7 @@ def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: li
                 f"INT8 setting '{name}': measuring",
                 fmt=s.fmt,
                 model=str(folder / f"model{s.suffix}"),
-                data=str(s.arrays.rank),
+                data=s.arrays.rank,
                 out_dir=str(folder),
                 variants=[score_variant],
                 fixed_batch=s.fixed_batch,
@@ -885,7 +903,7 @@ def _fastest(s: _Search, met: list[Row]) -> Row:
                 f"INT8: timing {len(met)} candidates side by side",
                 fmt=s.fmt,
                 models=[{"path": r.model, "float_precision": r.float_precision, "static": r.engine_batch == 1} for r in met],
-                sample=str(s.arrays.eval),
+                sample=s.arrays.eval,
                 fixed_batch=s.fixed_batch,
             )
             for r, ms in zip(met, lat, strict=True):
@@ -909,7 +927,7 @@ def _float_reference(s: _Search, chosen: Row, variant: dict) -> Row | None:
             "FP32 model: measuring for comparison",
             fmt=s.fmt,
             model=str(s.src),
-            data=str(s.arrays.eval),
+            data=s.arrays.eval,
             out_dir=str(folder),
             variants=[variant],
             fixed_batch=s.fixed_batch,
@@ -922,7 +940,7 @@ def _float_reference(s: _Search, chosen: Row, variant: dict) -> Row | None:
                 "FP32 model and the chosen INT8: timing side by side",
                 fmt=s.fmt,
                 models=[{"path": str(s.src), **variant}, {"path": chosen.model, "float_precision": chosen.float_precision, "static": chosen.engine_batch == 1}],
-                sample=str(s.arrays.eval),
+                sample=s.arrays.eval,
                 fixed_batch=s.fixed_batch,
             )
     except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
@@ -961,6 +979,27 @@ def _sound(rows: list[Row]) -> list[Row]:
     best_err = min(1.0 - min_cosine(r.metrics) for r in rows)
     limit = max(BROKEN_ERROR_RATIO * best_err, best_err + BROKEN_MIN_GAP)
     return [r for r in rows if 1.0 - min_cosine(r.metrics) <= limit]
+
+
+def _per_size_lines(result: FidelityResult) -> list[str]:
+    """A dynamic-size model: the chosen candidate at each input size (the target holds at every one)."""
+    per = result.chosen.metrics.get("per_size")
+    if not per:
+        return []
+    lines = [
+        "",
+        "## The chosen candidate at each input size",
+        "",
+        "Every held-out image is measured at each size; the target must hold at every size (the table above shows the worst).",
+        "",
+        "| size (HxW) | top-1 agreement | top-1 FP32 | top-1 INT8 | min cosine |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, m in per.items():
+        agree = "" if m.get("top1_agreement") is None else f"{100 * m['top1_agreement']:.1f}%"
+        acc = [f"{100 * m[k]:.1f}%" if k in m else "" for k in ("top1_fp32", "top1")]
+        lines.append(f"| {key} | {agree} | {acc[0]} | {acc[1]} | {m['cosine_min']:.5f} |")
+    return lines
 
 
 def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model: str, backend: str, eval_source: str, images: int) -> None:
@@ -1024,6 +1063,7 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
             f"| {r.no if r.status != 'reference' else '-'}{chosen} | {r.step} | {r.describe()} | {share} | {r.float_precision or ''} | "
             f"{shape} | {status} | {r.verdict or ''} | {agree} | {drop} | {cos} | {div} | {lat} | {r.seconds:.0f} |"
         )
+    lines += _per_size_lines(result)
     if result.ranking:
         lines += [
             "",

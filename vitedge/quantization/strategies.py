@@ -155,7 +155,12 @@ class NNCFQuantizer(Quantizer):
         if job.ev.random:
             raise VitedgeError("INT8 needs held-out images to measure against FP32", "pass --val DIR or more --calib images")
         stream = StreamingBatches(
-            job.calib, job.parent.preprocessing_obj, 32, min_count=min(job.samples or 1, len(job.calib)), label="preparing calibration images"
+            job.calib,
+            job.parent.preprocessing_obj,
+            32,
+            min_count=min(job.samples or 1, len(job.calib)),
+            label="preparing calibration images",
+            sizes=job.ev.sizes,
         )
         work = job.scratch / "search"
         work.mkdir()
@@ -324,7 +329,9 @@ class TensorRTQuantizer(Quantizer):
 
     def int8(self, job: Job) -> Outcome:
         fixed, ev, method, max_drop = job.fixed_batch, job.ev, job.method, job.target.max_drop
-        stream = StreamingBatches(job.calib, job.parent.preprocessing_obj, fixed or 8, min_count=min(job.samples or 1, len(job.calib)), pad=fixed is not None)
+        stream = StreamingBatches(
+            job.calib, job.parent.preprocessing_obj, fixed or 8, min_count=min(job.samples or 1, len(job.calib)), pad=fixed is not None, sizes=job.ev.sizes
+        )
         prepared = tensorrt_qdq.prepare(job.src, job.scratch / "prepared.onnx")
         cfg = tensorrt_qdq.tensorrt_config(prepared)  # NVIDIA's placement: attention core and GEMVs stay float
         note(
