@@ -193,6 +193,13 @@ def test_int8_is_calibrated_on_the_size_mix_and_held_to_the_target_at_each_size(
     assert agreement["size"] in MIX and agreement["top1_agreement"] == worst["top1_agreement"]
     table = (tmp_path / f"q{suffix}.fidelity.md").read_text()
     assert "## The chosen candidate at each input size" in table and "| 128x128 |" in table
+    # where the written file looks against the FP32 model, in the manifest and the search's table
+    maps = man.verification["attention"]
+    assert maps["kind"] == "rollout" and maps["size"] == "64x64" and maps["images"] == len(maps["per_image"]) == man.verification["images"]
+    assert 0.9 < maps["correlation"]["min"] <= maps["correlation"]["median"] <= 1.0
+    assert man.quantization["fidelity"]["attention"]["correlation"] == maps["correlation"]
+    assert "## Where the chosen candidate looks" in table
+    assert json.loads((tmp_path / f"q{suffix}.fidelity.json").read_text())["attention"]["images"] == maps["images"]
     assert man.dynamic_size == DynamicSize(32, 128, 16)
     rng = np.random.default_rng(3)
     with vitedge.load(path, backend=backend) as q, vitedge.load(dyn_onnx) as ref:

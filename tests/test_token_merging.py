@@ -287,6 +287,8 @@ def test_int8_of_a_merged_export_is_held_to_the_unmerged_reference(ref_spec, ref
     _, own = quantize(merged, tmp_path / "q2.onnx", calib=calib_dir, search_budget=0)
     assert own.verification["reference"].startswith("fp32 onnx (m.onnx")
     assert man.verification["agreement"]["cosine_mean"] < own.verification["agreement"]["cosine_mean"]  # merging's loss is in it
+    maps = own.verification["attention"]  # a merged graph has no map: said, not faked
+    assert maps["available"] is False and "merges tokens" in maps["reason"]
     other, _ = export_onnx(_tiny(), tmp_path / "other.onnx")
     with pytest.raises(VitedgeError, match="--reference other.onnx (does not take the same input|preprocesses images differently)"):
         quantize(merged, tmp_path / "q3.onnx", calib=calib_dir, reference=other)

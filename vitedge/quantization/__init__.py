@@ -15,13 +15,15 @@ from .._io import json_safe
 from .._onnx import onnx_precision, quantized_ops
 from ..artifact import Artifact, changed_file, check_files, check_output, writing
 from ..backends import registry
-from ..errors import FileProblem, GateFailed, ModelNotSupported, VitedgeError
+from .. import attention
+from ..errors import FileProblem, GateFailed, ModelNotSupported, VitedgeError, first_line
 from ..export import embed_metadata
 from ..foreign import ensure_manifest
 from ..manifest import Manifest
 from ..options import DEFAULT_BUDGET_S, METHODS, PRECISIONS, Target
 from ..runtime import load
 from ..ui import note
+from . import fidelity as fid
 from .calibration import MIN_CALIB, EvalSet, plan_data, size_key, size_mix
 from .strategies import Job
 from .worker import Worker
@@ -249,6 +251,16 @@ def quantize(
             )
             if strategy.verification_note:
                 man.verification["note"] = strategy.verification_note
+            maps = _attention_agreement(
+                lambda: registry.open_engine(strategy.measured_by, draft.path, man, **strategy.engine_options(qinfo)),
+                lambda: load(ref_path, backend=ref_backend, **ref_options),
+                ev,
+            )
+            man.verification["attention"] = maps
+            if "fidelity" in (man.quantization or {}):  # the search's chosen try: its table records where it looks
+                man.quantization["fidelity"]["attention"] = {k: v for k, v in maps.items() if k != "per_image"}
+                table = draft.scratch / man.quantization["fidelity"]["table"]
+                fid.add_attention(table.with_suffix(".json"), table, maps)
             artifact = draft.commit(man, extra=done.report_files)
     finally:
         if worker is not None:
@@ -268,6 +280,31 @@ def quantize(
             random_weights=not enforce,
         )
     return artifact
+
+
+ATTENTION_IMAGES = 32  # held-out images whose attention maps are compared with the FP32 model's
+
+
+def _attention_agreement(open_engine, open_reference, ev: EvalSet) -> dict:
+    """Where the written file looks against where the FP32 reference looks (attention rollout) on the first
+    :data:`ATTENTION_IMAGES` held-out images (at the model's own size): :func:`vitedge.attention.compare_maps`'s
+    summary and per-image numbers, or ``{"available": False, "reason": ...}`` for a model without maps (a
+    token-merged graph, an ONNX file whose attention vitedge cannot find) or without images."""
+    if ev.random:
+        return {"available": False, "reason": "no images: maps of random inputs say nothing"}
+    x = next(iter(ev.parts(ATTENTION_IMAGES)[0]))
+    try:
+        with open_engine() as eng, open_reference() as ref:
+            ours, theirs = eng.attention(x, "rollout"), ref.attention(x, "rollout")
+    except VitedgeError as exc:
+        return {"available": False, "reason": first_line(exc)}
+    res = attention.compare_maps(ours, theirs, [f"held-out image {i}" for i in range(len(x))], moved=0)
+    del res["moved"]
+    note(
+        f"attention maps (rollout) on {len(x)} held-out images: correlation with FP32 median {res['correlation']['median']:.4f}, "
+        f"min {res['correlation']['min']:.4f}; top-10 % patches shared, median {100 * res['top10_overlap']['median']:.0f} %"
+    )
+    return {"kind": "rollout", "size": size_key(x.shape[2:]), **res}
 
 
 class FidelityNotMet(GateFailed):

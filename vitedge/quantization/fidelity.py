@@ -981,6 +981,29 @@ def _sound(rows: list[Row]) -> list[Row]:
     return [r for r in rows if 1.0 - min_cosine(r.metrics) <= limit]
 
 
+def add_attention(path_json: Path, path_md: Path, maps: dict) -> None:
+    """Add where the written (chosen) candidate looks against the FP32 model to the table (``maps``: the quantize front
+    door's attention comparison)."""
+    info = json.loads(path_json.read_text())
+    info["attention"] = maps
+    path_json.write_text(json.dumps(json_safe(info), indent=2) + "\n")
+    lines = ["", "## Where the chosen candidate looks", ""]
+    if not maps.get("available", True):
+        lines.append(f"Attention maps not compared: {maps['reason']}.")
+    else:
+        c, t = maps["correlation"], maps["top10_overlap"]
+        lines += [
+            f"Attention rollout of the written file against the FP32 model on {maps['images']} held-out images at {maps['size']}:",
+            "",
+            "| | median | mean | min |",
+            "|---|---:|---:|---:|",
+            f"| Pearson correlation of the maps | {c['median']:.4f} | {c['mean']:.4f} | {c['min']:.4f} |",
+            f"| top-10 % patches shared | {100 * t['median']:.0f} % | {100 * t['mean']:.0f} % | {100 * t['min']:.0f} % |",
+        ]
+    with open(path_md, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def _per_size_lines(result: FidelityResult) -> list[str]:
     """A dynamic-size model: the chosen candidate at each input size (the target holds at every one)."""
     per = result.chosen.metrics.get("per_size")
