@@ -338,3 +338,57 @@ def test_calibration_memory_is_estimated_at_the_largest_size(dyn_onnx):
 
     small, large = (candidates._matrix_input_bytes(str(dyn_onnx), hw=hw) for hw in ((32, 32), (128, 128)))
     assert small and large and large > 10 * small  # 65 tokens vs 5, and attention grows with their square
+
+
+@pytest.mark.parametrize("side", [14, 37])
+def test_bicubic_weights_resample_as_torch_interpolate(side):
+    """The position table is resampled by two weight products (a graph Resize costs ONNX Runtime milliseconds per
+    inference); they give F.interpolate's bicubic, up and down, square or not."""
+    import torch.nn.functional as F
+
+    from vitedge.models.vit import bicubic_weights
+
+    table = torch.randn(1, 32, side, side, generator=torch.Generator().manual_seed(side))
+    for gh, gw in [(side, side), (18, 18), (7, 7), (12, 20), (40, 31)]:
+        want = F.interpolate(table, size=(gh, gw), mode="bicubic", align_corners=False)[0]
+        got = torch.einsum("hi,dij,wj->dhw", bicubic_weights(side, gh), table[0], bicubic_weights(side, gw))
+        assert torch.allclose(got, want, atol=5e-5), (gh, gw, float((got - want).abs().max()))
+
+
+def test_position_resampling_is_no_block_and_stays_float(dyn_onnx):
+    """The two products that resample the position table never see the image's values: graph_roles sets them apart
+    (not an attention core, not part of block 0), and INT8 keeps them float."""
+    import onnx
+
+    from vitedge.quantization.nncf_int8 import Int8Config, float_names
+    from vitedge.quantization.roles import graph_roles
+    from vitedge.quantization.tensorrt_qdq import tensorrt_float_nodes
+
+    roles = graph_roles(onnx.load(str(dyn_onnx)))
+    assert len(roles.position) == 2 and len(roles.attention) == 4 and len(roles.blocks) == 2 and roles.patch_embed
+    assert not set(roles.position) & {op for block in roles.blocks for op in block}
+    assert set(roles.position) <= set(float_names(Int8Config(), roles))
+    assert tensorrt_float_nodes(dyn_onnx)["position"] == roles.position
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_linear_layers_become_gemms_for_onnx_runtime(dyn_onnx, batch):
+    """On a symbolic token count the exporter writes MatMul + Add, whose bias ONNX Runtime adds separately; the
+    compile-time rewrite gives 2-D Gemms with the bias inside, the same numbers at any size (and batch)."""
+    import onnx
+    import onnxruntime as ort
+
+    from vitedge.graph import gemm_linears
+
+    proto = onnx.load(str(dyn_onnx))
+    before = sum(n.op_type == "Gemm" for n in proto.graph.node)
+    assert gemm_linears(proto, batch) == 12  # q, k, v, projection, fc1, fc2 of 2 blocks
+    onnx.checker.check_model(proto)
+    assert sum(n.op_type == "Gemm" for n in proto.graph.node) == before + 12
+    plain = ort.InferenceSession(str(dyn_onnx), providers=["CPUExecutionProvider"])
+    gemm = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    for h, w in SIZES + [(128, 32)]:
+        x = {"pixel_values": rng.standard_normal((batch or 3, 3, h, w)).astype(np.float32)}
+        np.testing.assert_allclose(gemm.run(None, x)[0], plain.run(None, x)[0], atol=1e-5)
+    assert gemm_linears(proto, batch) == 0  # nothing left to rewrite

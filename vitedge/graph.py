@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import onnx_ir as ir
 
 from ._io import EXTERNAL_DATA_BYTES
@@ -222,6 +223,68 @@ def set_static_batch(model: ir.Model, batch: int) -> bool:
             if not v.is_graph_output():
                 v.shape, v.type = None, None
     return True
+
+
+@editor
+def gemm_linears(model: ir.Model, batch: int | None = None) -> int:
+    """Rewrite each linear layer on tokens, ``MatMul(X, W) -> Add(bias)`` with ``X`` of rank 3 and a float32 weight and
+    bias, as ``Reshape(X, [-1, K]) -> Gemm(W, bias) -> Reshape(back)`` (in place); returns how many.
+
+    An exporter writes this form when the token count is symbolic (a dynamic-size export); ONNX Runtime fuses
+    the bias into the matrix product only for a 2-D Gemm, and runs the rest as a separate broadcast Add: measured
+    on a ViT-S at 288 px, 134 Adds took 12.6 ms against 1.2 ms for the 36 of the same graph exported at a fixed
+    size (where the exporter writes Gemm).  The output shape is read from ``X`` at run time (``Shape``, ``Slice``,
+    ``Concat``: one set per distinct ``X``), so any batch and token count still runs; with a fixed ``batch`` it is
+    the constant ``[batch, -1, N]``."""
+    g = model.graph
+    minus_one = {}
+    lead_of: dict[ir.Value, ir.Value] = {}
+    count = 0
+
+    def const(name: str, values) -> ir.Value:
+        v = ir.Value(name=name, const_value=ir.tensor(np.asarray(values, np.int64), name=name))
+        g.register_initializer(v)
+        return v
+
+    for mm in list(g):
+        if mm.op_type != "MatMul" or len(mm.inputs) != 2 or mm.outputs[0].is_graph_output():
+            continue
+        x, w = mm.inputs
+        readers = mm.outputs[0].consumers()
+        if x is None or w is None or x.shape is None or len(x.shape) != 3 or len(readers) != 1 or readers[0].op_type != "Add":
+            continue
+        add = readers[0]
+        b = next((v for v in add.inputs if v is not mm.outputs[0]), None)
+        wt, bt = (v.const_value if v is not None and v.is_initializer() else None for v in (w, b))
+        if wt is None or bt is None or wt.dtype != ir.DataType.FLOAT or bt.dtype != ir.DataType.FLOAT:
+            continue
+        k, n = wt.shape.numpy() if len(wt.shape) == 2 else (None, None)
+        if k is None or tuple(bt.shape.numpy()) != (n,):
+            continue
+        if k not in minus_one:
+            minus_one[k] = const(f"gemm_linears_flat_{k}", [-1, k])
+        flat = ir.node("Reshape", [x, minus_one[k]])
+        gemm = ir.node("Gemm", [flat.outputs[0], w, b], name=mm.name)
+        if batch is not None:
+            back = ir.node("Reshape", [gemm.outputs[0], const(f"{mm.name}_shape", [batch, -1, n])])
+            g.insert_before(mm, [flat, gemm, back])
+        else:
+            if x not in lead_of:  # the leading (batch, tokens) dims of x, read at run time (before its first reader here)
+                shape = ir.node("Shape", [x])
+                lead = ir.node("Slice", [shape.outputs[0], const(f"{x.name}_lead_start", [0]), const(f"{x.name}_lead_end", [-1])])
+                g.insert_before(mm, [shape, lead])
+                lead_of[x] = lead.outputs[0]
+            out_shape = ir.node("Concat", [lead_of[x], const(f"{mm.name}_width", [n])], attributes={"axis": 0})
+            back = ir.node("Reshape", [gemm.outputs[0], out_shape.outputs[0]])
+            g.insert_before(mm, [flat, gemm, out_shape, back])
+        was = add.outputs[0]
+        if was.is_graph_output():
+            back.outputs[0].name = was.name  # (rare: a bias add as the graph's output keeps its name)
+            g.outputs[g.outputs.index(was)] = back.outputs[0]
+        rewire(was, back.outputs[0])
+        g.remove([add, mm], safe=True)
+        count += 1
+    return count
 
 
 @editor

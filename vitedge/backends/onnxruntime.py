@@ -112,7 +112,7 @@ def compile_onnxruntime(
     import onnx
     import onnxruntime as ort
 
-    from ..graph import set_static_batch
+    from ..graph import gemm_linears, set_static_batch
 
     if src.suffix != ".onnx":
         raise VitedgeError(f"{src.name} is an OpenVINO IR: ONNX Runtime runs ONNX files", "compile the ONNX file, or use --backend openvino")
@@ -122,11 +122,16 @@ def compile_onnxruntime(
         raise VitedgeError(f"--device {device} applies to OpenVINO", "ONNX Runtime picks CUDA/TensorRT providers itself when installed")
     work = src
     big = needs_external_data(src)
+    proto = onnx.load(str(src), load_external_data=True)
+    # linear layers on a symbolic token count (a dynamic-size export, some foreign exports) as 2-D Gemms: ONNX Runtime
+    # fuses their bias only there (float models; a quantized graph's MatMuls are its integer kernels' business)
+    linears = gemm_linears(proto, batch) if man.precision in (None, "fp32") else 0
     if batch is not None:
-        proto = onnx.load(str(src), load_external_data=True)
         set_static_batch(proto, batch)
+    if batch is not None or linears:
         work = scratch / "static.onnx"
         onnx.save(proto, str(work), save_as_external_data=big, location="static.onnx.data" if big else None)
+    del proto
     so = session_options(threads, optimized_model_path=str(scratch / out_name), opt_level=opt_level)
     if big:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", out_name + ".data")
@@ -139,6 +144,7 @@ def compile_onnxruntime(
     files = [out_name] + ([out_name + ".data"] if (scratch / (out_name + ".data")).exists() else [])
     settings = {
         "opt_level": opt_level,
+        "gemm_linears": linears,
         "runtime_opt_level": "all",  # hardware-specific layout passes run at load, in milliseconds
         "threads": threads,
         "providers": available_providers(),

@@ -11,11 +11,11 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from .. import attention
 from .._io import json_safe
 from .._onnx import onnx_precision, quantized_ops
 from ..artifact import Artifact, changed_file, check_files, check_output, writing
 from ..backends import registry
-from .. import attention
 from ..errors import FileProblem, GateFailed, ModelNotSupported, VitedgeError, first_line
 from ..export import embed_metadata
 from ..foreign import ensure_manifest

@@ -69,7 +69,7 @@ class Int8Config:
 
 def float_names(cfg: Int8Config, roles: GraphRoles) -> list[str]:
     """Names of the ops this config keeps in float by structure (OpenVINO may suffix a Conv's name)."""
-    names: list[str] = list(roles.token_merging)  # INT8 there would change which tokens merge, for no speed
+    names: list[str] = list(roles.token_merging) + list(roles.position)  # INT8 there would change which tokens merge, for no speed
     for grp in cfg.float_groups:
         names += roles.group(grp)
     if cfg.attention_float:

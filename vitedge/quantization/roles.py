@@ -22,6 +22,9 @@ class GraphRoles:
     attention: list[str] = field(default_factory=list)  # MatMuls of two activations (Q·Kᵀ, softmax·V)
     head: list[str] = field(default_factory=list)
     token_merging: list[str] = field(default_factory=list)  # ToMe similarity MatMuls: always float (they pick tokens)
+    # matrix ops that never see the image's values, only its size: a dynamic-size graph resampling its position table
+    # (vitedge's two bicubic weight products); always float, and no part of a block
+    position: list[str] = field(default_factory=list)
 
     def group(self, name: str) -> list[str]:
         if name == "patch_embed":
@@ -46,8 +49,15 @@ def graph_roles(model) -> GraphRoles:
 
     roles = GraphRoles()
     ops: list[tuple[str, str, int | None, int | None]] = []  # (name, op type, input width, output width)
-    for n in as_model(model).graph:
+    graph = as_model(model).graph
+    seen = {id(v) for v in graph.inputs}  # values the image's pixels reach (not through its shape)
+    for n in graph:
+        if n.op_type not in ("Shape", "Size") and any(v is not None and id(v) in seen for v in n.inputs):
+            seen.update(id(v) for v in n.outputs)
         if n.op_type not in MATRIX_OPS:
+            continue
+        if not any(v is not None and id(v) in seen for v in n.inputs):
+            roles.position.append(node_name(n))
             continue
         w = constant_behind(n.inputs[1]) if len(n.inputs) > 1 else None
         if w is None:

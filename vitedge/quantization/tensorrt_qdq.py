@@ -97,8 +97,9 @@ def tensorrt_config(model: Path | None = None) -> QDQConfig:
 
 def tensorrt_float_nodes(model: Path) -> dict[str, list[str]]:
     """Matrix nodes NVIDIA's placement leaves in float: ``attention`` (MatMuls of two activations: q·kᵀ
-    and softmax·v), ``gemv`` (MatMul/Gemm whose activation input has one row per image) and ``small``
-    (a weight with fewer than 16 rows or columns, e.g. a 10-class head)."""
+    and softmax·v), ``gemv`` (MatMul/Gemm whose activation input has one row per image), ``small``
+    (a weight with fewer than 16 rows or columns, e.g. a 10-class head) and, in a dynamic-size graph, ``position``
+    (the position table's resampling, which never sees the image)."""
     from .. import graph
 
     onnx_model = graph.load(model)
@@ -107,6 +108,8 @@ def tensorrt_float_nodes(model: Path) -> dict[str, list[str]]:
     gemv, small = [], []
     for n in onnx_model.graph:
         if n.op_type not in ("MatMul", "Gemm") or graph.node_name(n) in attention:
+            continue
+        if graph.node_name(n) in roles.position:  # the position table's resampling (listed below): float, like the table
             continue
         act = next((v for v in n.inputs[:2] if v is not None and not v.is_initializer()), None)
         shape = [d if isinstance(d, int) else None for d in act.shape] if act is not None and act.shape is not None else None
@@ -122,7 +125,8 @@ def tensorrt_float_nodes(model: Path) -> dict[str, list[str]]:
             k, m = (cols, rows) if trans_b else (rows, cols)
             if min(k, m) < MIN_MATMUL_DIM:
                 small.append(graph.node_name(n))
-    return {"attention": sorted(attention), "gemv": gemv, "small": small}
+    kept = {"attention": sorted(attention), "gemv": gemv, "small": small}
+    return {**kept, "position": roles.position} if roles.position else kept
 
 
 def _method(name: str):
