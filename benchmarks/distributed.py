@@ -15,8 +15,10 @@ Both sides run the same function, ``vitedge.validation._shard_outputs`` (open th
   worker (the ``--ray`` default), through ``vitedge.distributed.run_shards``; the merged outputs are checked to be
   the local ones, bit for bit.
 
-Then one more task, alone, measures what a task costs before its first image (opening the models: ``o``; the
-first batch twice, cold and warm) and the per-image cost inside a task (``c``: the whole shard minus one batch).
+Then ``W`` more tasks, one per worker and all at once (as the timed run ran them), measure what a task costs before
+its first image (opening the models: ``o``; the first batch twice, cold and warm) and the per-image cost inside a
+task (``c``: the whole shard minus one batch) while ``W`` tasks share the node, so ``c`` is what a node with ``W``
+workers really gives each of them (on this 2-core machine the workers compete for the cores).
 The driver's overhead ``D`` (starting workers, imports, the nodes' probes, scheduling, merging) is the Ray wall
 time minus the tasks' share of it.  Projection for N nodes of this machine's kind, ``W`` workers each, ``n``
 images in two shards per worker: ``T(N) = D + 2 * (o + c * n / (2 * N * W))``.  This machine has 2 cores, so 2
@@ -98,7 +100,9 @@ def main(argv=None) -> int:
             t_ray = time.perf_counter() - t0
             task_s = [r[0] for r in run.results]
             assert _same(_Outputs.merged([r[1] for r in run.results], images.source), local), "the Ray outputs differ from the local ones"
-            cold, small, full = distributed.run_shards(_costs, job, [shards[0]], ["costs"], distributed.RayOptions()).results[0]
+            # the costs with W tasks at once, one per worker, as the shards ran: c is a worker's speed on a busy node
+            costs = distributed.run_shards(_costs, job, shards[: args.workers], [f"costs {k}" for k in range(args.workers)], distributed.RayOptions()).results
+            cold, small, full = (float(np.mean(v)) for v in zip(*costs, strict=True))
         finally:
             ray.shutdown()
     print(f"ray: {len(shards)} shards of {size} on {args.workers} workers in {t_ray:.1f} s (outputs identical)", flush=True)
@@ -125,10 +129,14 @@ def main(argv=None) -> int:
         "",
         (
             f"Per task before its first image (opening the models) o = {o:.2f} s ({o_cold:.2f} s in a fresh worker, imports included); "
-            f"per image inside a task c = {1000 * c:.1f} ms; driver overhead (workers, probes, scheduling, merging) D = {drv:.2f} s."
+            f"per image inside a task c = {1000 * c:.1f} ms, measured with {args.workers} tasks running at once on this node "
+            f"(the local run: {1000 * t_local / args.images:.1f} ms per image); "
+            f"driver overhead (workers, probes, scheduling, merging) D = {drv:.2f} s."
         ),
         "",
-        f"Projection, N nodes like this one with {args.workers} workers each, two shards per worker: T(N) = D + 2 (o + c n / (2 N W)).",
+        f"Projection, N nodes like this one with {args.workers} workers each, two shards per worker: T(N) = D + 2 (o + c n / (2 N W)), "
+        f"with c as measured with W tasks sharing a node. Check: for N = 1 and the {args.images:,} images it gives "
+        f"{drv + 2 * (o + c * args.images / (2 * args.workers)):.1f} s; the Ray run above took {t_ray:.1f} s.",
         "",
         "| nodes | " + " | ".join(f"{n:,} images (s)" for n in (args.images, args.project)) + " |",
         "|---:|---:|---:|",

@@ -19,6 +19,7 @@ publish numbers only from a quiet machine.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from dataclasses import replace
@@ -100,12 +101,13 @@ def measure(spec, sizes: list[tuple[int, int]], backends: list[str], rounds: int
     return rows
 
 
-def markdown(rows: list[dict], model: str, rounds: int, seconds: float) -> str:
+def markdown(rows: list[dict], model: str, rounds: int, seconds: float, load: tuple) -> str:
     lines = [
         "# One dynamic-size engine vs fixed-size engines: latency by input size",
         "",
         f"Made by `python benchmarks/resolution.py` (model {model}, batch 1, {rounds} interleaved rounds of {seconds:g} s per engine).",
         f"Machine: {machine_summary()}.",
+        f"Load average (1 min) before and after: {load[0]:.2f} and {load[1]:.2f}; nothing else ran.",
         "",
         HEADER,
         "|---|---|---|---|---|---|---|",
@@ -128,8 +130,12 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks" / "resolution.md")
     args = ap.parse_args(argv)
     spec = load_model(args.model)
+    print(f"{machine_summary()}\nload average before: {os.getloadavg()[0]:.2f}")
+    before = os.getloadavg()[0]
     rows = measure(spec, _sizes(args.sizes), [b for b in args.backends.split(",") if b], args.rounds, args.seconds)
-    args.output.write_text(markdown(rows, args.model, args.rounds, args.seconds))
+    after = os.getloadavg()[0]
+    print(f"load average after: {after:.2f}")
+    args.output.write_text(markdown(rows, args.model, args.rounds, args.seconds, (before, after)))
     print(f"wrote {args.output}")
     return 0
 

@@ -278,3 +278,75 @@ def test_without_ray_flag_ray_is_never_imported(ref_onnx, val_dir, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip().splitlines()
     assert out[-1] == "False" and (tmp_path / "report.json").is_file()
+
+
+# -- the INT8 search's independent evaluations -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def token_model(tmp_path_factory):
+    """The token-outlier ViT (its default INT8 misses the target, so the search ranks its groups) and its photo crops."""
+    from outlier_vit import token_outlier_vit, write_outlier_images
+
+    from vitedge import export_onnx
+
+    d = tmp_path_factory.mktemp("token")
+    path, _ = export_onnx(token_outlier_vit(0), d / "token.onnx")
+    write_outlier_images(d / "calib", 64, 1)
+    write_outlier_images(d / "val", 100, 2)
+    return path, d
+
+
+@pytest.mark.e2e  # two searches of tens of seconds each
+def test_the_search_ranks_on_ray_as_it_does_here(token_model, tmp_path):
+    """quantize --ray: the ranking's groups run as Ray tasks (one core each) and score as they do in the local worker;
+    the search then reverts the same groups and writes the same choice."""
+    from vitedge.quantization import quantize
+
+    path, d = token_model
+    kw = dict(backend="onnxruntime", calib=d / "calib", val=d / "val", search_budget=180)
+    _, here = quantize(path, tmp_path / "here.onnx", **kw)
+    _, there = quantize(path, tmp_path / "there.onnx", ray=distributed.RayOptions(), **kw)
+    local, remote = (json.loads((tmp_path / f"{k}.onnx.fidelity.json").read_text()) for k in ("here", "there"))
+    assert not local["ray"] and remote["ray"] and remote["ray"][0]["items"] >= 3
+    scores = {k: {r["group"]: r["divergence"] for r in t["ranking"]} for k, t in (("here", local), ("there", remote))}
+    assert scores["here"].keys() == scores["there"].keys() and all(v is not None for v in scores["there"].values())
+    for group, d_here in scores["here"].items():
+        assert scores["there"][group] == pytest.approx(d_here, rel=1e-4, abs=1e-7), group
+    assert there.quantization["kept_float_groups"] == here.quantization["kept_float_groups"]
+    assert "- on Ray: " in (tmp_path / "there.onnx.fidelity.md").read_text()
+
+
+def test_a_search_item_that_fails_costs_that_item_and_a_missing_file_is_named(tmp_path):
+    from vitedge.errors import FileProblem
+    from vitedge.quantization.candidates import ray_calls
+
+    assert "error" in ray_calls({}, [("time_models", {"fmt": "onnx", "models": [{"path": str(tmp_path)}], "sample": []})])
+    with pytest.raises(FileProblem, match="not on this Ray node"):
+        ray_calls({}, [("measure", {"fmt": "onnx", "model": "m.onnx", "data": str(tmp_path / "gone.npy"), "out_dir": str(tmp_path), "variants": []})])
+
+
+def test_ray_is_refused_where_there_is_no_search(ref_onnx, tmp_path):
+    from vitedge.quantization import quantize
+
+    with pytest.raises(VitedgeError, match="--ray runs the INT8 search") as err:
+        quantize(ref_onnx, tmp_path / "h.onnx", precision="fp16", ray="auto")
+    assert "\n" not in str(err.value) and not (tmp_path / "h.onnx").exists()
+
+
+@pytest.mark.parametrize("size", [None, (48, 80)])
+def test_a_dynamic_size_engine_on_ray_gives_the_local_numbers(tmp_path_factory, val_dir, size):
+    """--size reaches the shard tasks: each model is fed at that size there as here (without it, a dynamic-size engine
+    at its own size, as here)."""
+    import torch
+
+    import vitedge
+    from vitedge import export_onnx, load_model
+
+    torch.manual_seed(0)
+    tiny = vitedge.VisionTransformer(img_size=64, patch_size=16, num_classes=10, d_model=64, num_heads=2, num_layers=2, d_ff=128, dropout=0.0)
+    onnx, _ = export_onnx(load_model(tiny.eval()), tmp_path_factory.mktemp("dyn") / "dyn.onnx", dynamic_size=True, min_size=32, max_size=128, images=[])
+    engine = EngineSpec(onnx, "openvino", {"config": {"INFERENCE_PRECISION_HINT": "f32"}})
+    images = ImageSet.from_path(val_dir).sample(16, seed=1)
+    here = validate([engine], onnx, data=images, size=size, **FAST)
+    there = validate([engine], onnx, data=images, size=size, ray=distributed.RayOptions(shard_size=8), **FAST)
+    assert json.dumps(_accuracy_part(there)) == json.dumps(_accuracy_part(here))
+    assert there.data["settings"]["ray"]["shards"] == 2 and there.data["settings"].get("size") == (list(size) if size else None)

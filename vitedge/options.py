@@ -330,6 +330,19 @@ class ExportOptions(StepOptions):
         }
 
 
+def _ray_field(what: str = "the accuracy pass (benchmark: the builds too)", where: str = "latency is still measured here") -> Any:
+    """``--ray [auto|ADDRESS]`` (a field of each command that has it)."""
+    return option(
+        None,
+        f"Run {what} on a Ray cluster: 'auto' (this machine's cluster, else a new "
+        f'local one) or its address; {where}. Needs pip install "vitedge[ray]" (docs/distributed.md).',
+        recipe=False,
+        flag_value="auto",
+        metavar="auto|ADDRESS",
+        shown_default="off: everything on this machine",
+    )
+
+
 @dataclass(frozen=True)
 class QuantizeOptions(StepOptions):
     """``vitedge quantize`` / a recipe's ``steps.quantize``.  ``max_drop`` is given once, here: :meth:`target`
@@ -405,6 +418,10 @@ class QuantizeOptions(StepOptions):
         recipe=False,
         shown_default="the input model",
     )
+    ray: str | None = _ray_field(
+        "the INT8 search's independent evaluations (the ranking of the groups, the whole-model settings)",
+        "the candidates that build on each other run here; -o must be on a filesystem every node mounts",
+    )
 
     def target(self):
         """The INT8 fidelity target (:class:`Target`), ``max_drop`` included."""
@@ -424,6 +441,7 @@ class QuantizeOptions(StepOptions):
             "search_budget": self.search_budget,
             "min_calib": self.min_calib,
             "reference": self.reference,
+            "ray": self.ray,
         }
 
 
@@ -491,19 +509,6 @@ class CompileOptions(StepOptions):
             raise VitedgeError("--img-size and --img-size-profile both give the resolution", "give one of them")
         named = {f.name: getattr(self, f.name) for f in self.fields() if f.name not in ("backend", "img_size", "img_size_profile")}
         return {**named, "target": self.backend, "img_size": self.img_size_profile or self.img_size}
-
-
-def _ray_field() -> Any:
-    """``--ray [auto|ADDRESS]`` (a field of each command that has it)."""
-    return option(
-        None,
-        "Run the accuracy pass (benchmark: the builds too) on a Ray cluster: 'auto' (this machine's cluster, else a new "
-        'local one) or its address; latency is still measured here. Needs pip install "vitedge[ray]" (docs/distributed.md).',
-        recipe=False,
-        flag_value="auto",
-        metavar="auto|ADDRESS",
-        shown_default="off: everything on this machine",
-    )
 
 
 @dataclass(frozen=True)

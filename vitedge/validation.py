@@ -596,8 +596,6 @@ def validate(
         if ray_options is None:
             raise VitedgeError("--latency-node names a node of a Ray cluster", "add --ray")
         ray_options = dataclasses.replace(ray_options, latency_node=latency_node)
-    if size is not None and ray_options is not None:
-        raise VitedgeError("--size and --ray cannot be combined yet (Ray's shard tasks feed each model at its own size)", "drop one of them")
     _check_arguments(max_drop, min_speedup, batch_sizes)
     if out_dir is not None:
         check_output(out_dir, folder=True)
@@ -665,7 +663,7 @@ def _measure(
             inputs = _Inputs(images, eval_batch)
             outs = _accuracy_outputs(accuracy_models, inputs)
         else:
-            job = _ShardJob(_task_reference(reference, baseline, acc_ref), specs, preprocessing, ref_threads, eval_batch)
+            job = _ShardJob(_task_reference(reference, baseline, acc_ref), specs, preprocessing, ref_threads, eval_batch, size)
             outs, settings["ray"] = _accuracy_on_ray(job, images, accuracy_models, ray_options, machine, notes)
             images.skipped = outs.skipped
             inputs = _Inputs(_timing_images(images, outs.skipped, max(int(b) for b in batch_sizes)), eval_batch)
@@ -892,6 +890,7 @@ class _ShardJob:
     preprocessing: Any
     reference_threads: int
     eval_batch: int
+    size: tuple[int, int] | None = None  # --size: every model fed at it (else a dynamic-size engine at its own size)
 
 
 def _task_reference(reference, baseline: _Model, acc_ref: _Model | None):
@@ -914,11 +913,12 @@ def _shard_outputs(job: _ShardJob, shard: ImageSet) -> _Outputs:
     notes: list[str] = []  # the driver opened the same models: it has the same notes
     opened: list[_Model] = []
     try:
-        baseline, acc_ref = _open_reference(job.reference, job.specs, notes, job.preprocessing, job.reference_threads)
+        baseline, acc_ref = _open_reference(job.reference, job.specs, notes, job.preprocessing, job.reference_threads, job.size)
         opened = [baseline] + ([acc_ref] if acc_ref is not None else [])
         engines = [_open_engine(s, job.preprocessing, notes) for s in job.specs]
         opened += engines
         _feed(acc_ref or baseline, [baseline, *engines], shard, notes)
+        _fix_size(opened, job.size, notes)  # as the driver did: one size per model
         try:
             return _accuracy_outputs([acc_ref or baseline, *engines], _Inputs(shard, job.eval_batch))
         except VitedgeError:

@@ -11,7 +11,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .. import attention
+from .. import attention, distributed
 from .._io import json_safe
 from .._onnx import onnx_precision, quantized_ops
 from ..artifact import Artifact, changed_file, check_files, check_output, writing
@@ -125,6 +125,7 @@ def quantize(
     search_budget: float = DEFAULT_BUDGET_S,
     min_calib: int = MIN_CALIB,
     reference=None,
+    ray=None,
 ) -> Artifact:
     """Quantize an FP32 ONNX export to INT8 or FP16 for a backend, measure it against FP32, write it with its manifest.
 
@@ -135,7 +136,9 @@ def quantize(
     held-out part of ``calib``, never used for calibration).  ``min_calib``: fewest calibration images
     accepted (default 16).  ``reference``: another FP32 ONNX model (same input, same outputs) that the target and
     the agreement are measured against instead of ``model``, e.g. the unmerged export of a token-merged ``model``,
-    so that the target covers merging's loss as well as quantization's.
+    so that the target covers merging's loss as well as quantization's.  ``ray``: ``"auto"``, a cluster address or a
+    :class:`~vitedge.distributed.RayOptions`: the INT8 search's independent evaluations (its ranking of the groups,
+    the whole-model settings) run as Ray tasks (``pip install "vitedge[ray]"``; see ``docs/distributed.md``).
 
     INT8 for onnxruntime/openvino is made by NNCF and must meet ``target`` (a :class:`Target`; default:
     top-1 agreement with FP32 >= 98 % for classifiers, minimum output cosine >= 0.995 otherwise;
@@ -162,6 +165,9 @@ def quantize(
             raise VitedgeError(f"max_drop={max_drop} contradicts the target's max_drop={target.max_drop}", "give it once")
         target = replace(target, max_drop=max_drop)
     _check_args(precision, backend, method, target.max_drop, samples, output, src_path)
+    ray_options = distributed.RayOptions.of(ray)
+    if ray_options is not None and not (precision in ("int8", "auto") and strategy.uses_worker):
+        raise VitedgeError(f"--ray runs the INT8 search's evaluations on Ray; {precision} for {backend} has no search", "drop --ray")
     # the INT8 search's worker process imports NNCF and the runtimes while this one opens the model and reads the images
     worker = Worker.early() if precision in ("int8", "auto") and strategy.uses_worker else None
     try:
@@ -205,7 +211,23 @@ def quantize(
         fmt = strategy.format
         with writing(output) as draft:
             job = Job(
-                src, parent, draft.path, output, draft.scratch, backend, precision, method, plan, ev, target, search_budget, enforce, samples, fixed, worker
+                src,
+                parent,
+                draft.path,
+                output,
+                draft.scratch,
+                backend,
+                precision,
+                method,
+                plan,
+                ev,
+                target,
+                search_budget,
+                enforce,
+                samples,
+                fixed,
+                worker,
+                ray_options,
             )
             done = strategy.quantize(job)
             qinfo = {"precision": precision, "backend": backend, **done.info}

@@ -29,6 +29,7 @@ from .._io import needs_external_data, save_onnx
 from ..backends.base import pad_batch
 from ..backends.onnxruntime import session
 from ..backends.openvino import compiled_model, split_keepdims_reductions
+from ..errors import FileProblem, first_line
 from ..timing import Slot, flat_samples, interleaved
 from .nncf_int8 import Int8Config, float_names, quantize_nncf
 from .roles import graph_roles
@@ -266,6 +267,7 @@ def measure(
     keep: bool = False,
     time_s: float = 0.0,
     data_name: str | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Outputs of a candidate on the images in ``data`` for each engine variant (float precision, static batch 1),
     saved as ``out_dir/outputs.KEY.npz``, and with ``time_s`` > 0 each variant's batch-1 latency (its variants
@@ -284,7 +286,14 @@ def measure(
     times: list[float] = []  # one variant run image by image (a static batch-1 engine): its per-image times
     for v in variants:
         outs, run = prepare(
-            runnable, fmt, x, v.get("float_precision"), static=bool(v.get("static")), fixed=fixed_batch, times=times if len(variants) == 1 else None
+            runnable,
+            fmt,
+            x,
+            v.get("float_precision"),
+            static=bool(v.get("static")),
+            fixed=fixed_batch,
+            times=times if len(variants) == 1 else None,
+            threads=threads,
         )
         key = variant_key(v)
         np.savez(folder / f"outputs.{key}.npz", **outs)  # type: ignore[arg-type]  # numpy's stub: any **key could be allow_pickle
@@ -318,12 +327,14 @@ def prepare(
     batch: int = 16,
     fixed: int | None = None,
     times: list[float] | None = None,
+    threads: int | None = None,
 ) -> tuple[dict[str, np.ndarray], Callable[[], object]]:
     """Outputs on the held-out images of a (quantized) model on the CPU, and a batch-1 run to time it with.
     ``path``: a file, or a model in memory (an ``ov.Model``, which is not changed; an ONNX model's bytes).
     ``x``: the images, or for a dynamic-size model a list of arrays, one per input size (outputs follow that order;
     the batch-1 run and ``times`` are of the first size).
     ``times``: where a model run image by image (OpenVINO ``static``) appends each image's wall time (ms).
+    ``threads``: inference threads (default: the runtime's, all cores; a Ray task runs with its share).
 
     OpenVINO ``static``: the model reshaped to batch 1, as ``vitedge compile`` makes latency engines, and
     run image by image.  It is measured, not assumed equal to the dynamic model: on an AMX CPU the static
@@ -338,7 +349,11 @@ def prepare(
     one = np.ascontiguousarray(parts[0][: fixed or 1])
     outs: list[list[np.ndarray]] = []  # per batch, the outputs in order
     if fmt == "openvino":
-        cfg = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_PRECISION_HINT": float_precision} if float_precision else {})}
+        cfg = {
+            "PERFORMANCE_HINT": "LATENCY",
+            **({"INFERENCE_PRECISION_HINT": float_precision} if float_precision else {}),
+            **({"INFERENCE_NUM_THREADS": int(threads)} if threads else {}),
+        }
         if static:
             batch = 1
         if not isinstance(path, (str, Path)):
@@ -357,7 +372,7 @@ def prepare(
                 outs.append([np.array(got[o]) for o in compiled.outputs])  # copies: the request's tensors are reused by the next call
         run = lambda: req.infer({0: one})  # noqa: E731 - keeps compiled/req alive with the closure
     else:
-        sess = session(path, precision="int8")
+        sess = session(path, precision="int8", threads=threads)
         name = sess.get_inputs()[0].name
         names = [o.name for o in sess.get_outputs()]
         outs = [sess.run(None, {name: xs[i : i + batch]}) for xs in parts for i in range(0, len(xs), batch)]
@@ -432,6 +447,33 @@ def reference_outputs(fmt: str, source: str, data: Data, out: str, fixed_batch: 
     outs, _ = prepare(Path(source), fmt, [np.asarray(p) for p in _parts(data)], "f32" if fmt == "openvino" else None, fixed=fixed_batch)
     np.savez(out, **outs)  # type: ignore[arg-type]  # numpy's stub: any **key could be allow_pickle
     return out
+
+
+def ray_calls(job: Any, steps: list[tuple[str, dict]]) -> dict:
+    """A Ray task of the search (``--ray``): ``steps``, calls of :data:`CALLS` run in order in this task's process, and
+    their results (``{"results": [...]}``); ``{"error": ...}`` when a call fails, which costs that item only (the
+    search records it, as a crashed call of the local worker).  A file of the search that this node cannot see is
+    a :class:`~vitedge.errors.FileProblem`, raised: every task would fail alike (no shared filesystem)."""
+    made = {kw.get("out") for name, kw in steps if name == "quantize_base"}  # files an earlier step writes
+    needed = [kw[key] for _, kw in steps for key in ("source", "base") if isinstance(kw.get(key), str) and kw[key] not in made]
+    needed += [p for _, kw in steps for p in _data_paths(kw.get("data") or kw.get("calib"))]
+    missing = [p for p in needed if not Path(p).exists()]
+    if missing:
+        raise FileProblem(
+            f"the INT8 search's file {missing[0]} is not on this Ray node",
+            "put -o on a filesystem that every node mounts at the same path (docs/distributed.md)",
+        )
+    results = []
+    try:
+        for name, kw in steps:
+            results.append(CALLS[name](**{**(job or {}), **kw}))
+    except Exception as exc:  # a candidate that fails is one row of the table, as in the local worker
+        return {"error": first_line(exc)}
+    return {"results": results}
+
+
+def _data_paths(data: Data | None) -> list[str]:
+    return [] if data is None else [data] if isinstance(data, str) else list(data)
 
 
 CALLS: dict[str, Callable[..., Any]] = {"quantize_base": quantize_base, "measure": measure, "time_models": time_models, "reference_outputs": reference_outputs}

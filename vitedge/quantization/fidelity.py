@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import compare
 from .._io import json_safe
-from ..errors import VitedgeError
+from ..errors import VitedgeError, first_line
 from ..options import Target
 from ..ui import err_console, note
 from .calibration import EvalSet
@@ -154,6 +154,7 @@ class FidelityResult:
     default: Row | None = None  # the default INT8 engine as deployed (what the search started from)
     settings: dict = field(default_factory=dict)  # whole-model settings tried on a calibration subset
     phases: dict = field(default_factory=dict)  # seconds per phase of the search (default, ranking, revert, settings)
+    ray: list = field(default_factory=list)  # what ran as Ray tasks (--ray): items, seconds, nodes per batch
 
     @property
     def int8_ms(self) -> float | None:
@@ -370,6 +371,8 @@ class _Search:
         self.rank_ref: dict[str, np.ndarray] | None = None
         self.settings: dict[str, dict] = {}  # whole-model settings tried on a calibration subset
         self.phases: dict[str, float] = {}  # seconds per phase, for the table
+        self.ray: Any = None  # distributed.RayOptions: the ranking and the settings run as Ray tasks (--ray)
+        self.ray_items: list[dict] = []  # what ran on Ray, for the table
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -565,24 +568,23 @@ class _Search:
         ref = self.rank_ref
         folder = self.scratch / "ranking"
 
-        def score(ops: list[str], tag: str) -> float:
-            res = self._call(
-                "measure",
-                max(30.0, self.left()),
-                f"INT8 ranking: {tag}",
-                fmt=self.fmt,
-                model=str(folder / tag / f"model{self.suffix}"),
-                data=self.arrays.rank,
-                out_dir=str(folder / tag),
-                variants=[variant],
-                fixed_batch=self.fixed_batch,
-                base=base,
-                keep_float=ops,
-                keep=False,
-            )
+        def call(ops: list[str], tag: str) -> dict:  # the worker call that scores one group
+            return {
+                "fmt": self.fmt,
+                "model": str(folder / tag / f"model{self.suffix}"),
+                "data": self.arrays.rank,
+                "out_dir": str(folder / tag),
+                "variants": [variant],
+                "fixed_batch": self.fixed_batch,
+                "base": base,
+                "keep_float": ops,
+                "keep": False,
+            }
+
+        def divergence_of(res: dict) -> float:
             return divergence(ref, _load_npz(res["variants"][0]["outputs"]), self.classifier)
 
-        base_div = score([], "none")
+        base_div = divergence_of(self._call("measure", max(30.0, self.left()), "INT8 ranking: none", **call([], "none")))
         by_block: dict[int, list[Group]] = {}
         for g in candidates:
             if g.block is not None:
@@ -591,12 +593,12 @@ class _Search:
         level1 += [g for g in candidates if g.block is None]
         images = min(RANK_IMAGES, self.arrays.calib_count)
         err_console.print(f"[bold]INT8 ranking[/]: what keeping each of {len(level1)} blocks and groups in float buys ({images} calibration images)")
-        ranking = self._score_all(level1, score, "block")
+        ranking = self._score_all(level1, call, divergence_of, "block")
         blocks = [r for r in ranking if r["block"] is not None and len(by_block[r["block"]]) > 1 and r["divergence"] is not None and r["divergence"] < base_div]
         refine = [r["block"] for r in sorted(blocks, key=lambda r: r["divergence"])[:REFINE_BLOCKS]]
         if refine:
             err_console.print(f"[bold]INT8 ranking[/]: the parts of block{'s' if len(refine) > 1 else ''} {', '.join(map(str, refine))}")
-            ranking += self._score_all([g for b in refine for g in by_block[b]], score, "part")
+            ranking += self._score_all([g for b in refine for g in by_block[b]], call, divergence_of, "part")
             for r in ranking:  # a refined block is reverted through its parts
                 r["refined"] = r["level"] == "block" and r["block"] in refine
         for r in ranking:
@@ -605,19 +607,62 @@ class _Search:
                 r["gain"] = base_div - r["divergence"]
         return ranking
 
-    def _score_all(self, groups: list[Group], score, level: str) -> list[dict]:
+    def _score_all(self, groups: list[Group], call: Callable[[list[str], str], dict], divergence_of: Callable[[dict], float], level: str) -> list[dict]:
+        """Each group's entry of the ranking: ``call(ops, tag)`` is its worker call, ``divergence_of`` reads the result.
+        With ``--ray`` the groups run as Ray tasks, all at once; else one after the other in the worker."""
+        entries: list[dict] = [
+            {"group": g.name, "ops": list(g.ops), "share": g.share, "block": g.block, "level": level, "gain": None, "divergence": None} for g in groups
+        ]
+        tags = [f"{level}{k}" for k in range(len(groups))]
+        remote = self.on_ray([[("measure", call(list(g.ops), tag))] for g, tag in zip(groups, tags, strict=True)], [f"ranking {g.name}" for g in groups])
+        if remote is not None:
+            for e, res in zip(entries, remote, strict=True):
+                if "error" in res:
+                    e["error"] = res["error"][:160]
+                else:
+                    e["divergence"] = divergence_of(res["results"][0])
+            return entries
         out = []
-        for k, g in enumerate(groups):
+        for k, (e, g, tag) in enumerate(zip(entries, groups, tags, strict=True)):
             if self.left() <= 5:
                 note(f"INT8 search budget ({self.budget_s:.0f} s) used up while ranking ({k} of {len(groups)}); pass --search-budget to allow more")
                 break
-            entry = {"group": g.name, "ops": list(g.ops), "share": g.share, "block": g.block, "level": level, "gain": None, "divergence": None}
             try:
-                entry["divergence"] = score(list(g.ops), f"{level}{k}")
+                e["divergence"] = divergence_of(self._call("measure", max(30.0, self.left()), f"INT8 ranking: {tag}", **call(list(g.ops), tag)))
             except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
-                entry["error"] = str(exc)[:160]
-            out.append(entry)
+                e["error"] = str(exc)[:160]
+            out.append(e)
         return out
+
+    def on_ray(self, items: list[list[tuple[str, dict]]], names: list[str]) -> list[dict] | None:
+        """Independent items of the search (each a list of worker calls run in order) as Ray tasks, with ``--ray``:
+        each item's ``{"results": [...]}`` or ``{"error": ...}``.  None without ``--ray``, for fewer than two items,
+        or when Ray cannot run them (said in a note): the caller then runs them in its worker, one after the other.
+        The tasks run on nodes whose instruction sets are this machine's (INT8 kernels differ with them)."""
+        if self.ray is None or len(items) < 2 or self.left() <= 5:
+            return None
+        from .. import distributed
+        from ..sysinfo import instruction_sets
+        from .candidates import ray_calls
+
+        t0 = time.perf_counter()
+        try:
+            run = distributed.run_shards(
+                ray_calls,
+                {"threads": 1},  # one core per task: Ray runs as many tasks as the cluster has CPUs
+                items,
+                names,
+                self.ray,
+                isa=instruction_sets(),
+                why_isa="INT8 candidates compute with the CPU's instruction sets (VNNI, BF16)",
+            )
+        except VitedgeError as exc:
+            note(f"INT8 search: {len(items)} items could not run on Ray ({first_line(exc)}); running them here")
+            return None
+        where = {n.ip for n in run.nodes if n.shards}
+        self.ray_items.append({"items": len(items), "seconds": time.perf_counter() - t0, "nodes": sorted(where)})
+        err_console.print(f"  {len(items)} items on Ray ({len(where)} node{'s' if len(where) != 1 else ''}) in {time.perf_counter() - t0:.0f} s")
+        return run.results
 
 
 SHAPE_GAP = 3.0  # one file's static and dynamic engines this far apart (divergence) compute different things
@@ -687,17 +732,21 @@ def search(
     float_candidate: bool = False,
     enforce: bool = True,
     worker: Worker | None = None,
+    ray: Any = None,
 ) -> FidelityResult:
     """Quantize once with ``base_config``, measure every engine variant of ``variants``; when the target is missed,
     rank the groups and revert the harmful ones, then try whole-model settings, within ``budget_s`` seconds.
     ``fmt``: NNCF's output, ``openvino`` (an IR) or ``onnx`` (QDQ ONNX for ONNX Runtime).  ``float_candidate`` (``--auto``): the FP32 model is measured
     alike at the CPU's fastest float precision and timed beside the chosen INT8.  ``enforce=False`` (random-weight
     presets, whose predictions mean nothing): the fastest sound variant of the default is chosen, no search.
-    ``worker``: one started earlier (:meth:`Worker.early`), closed here like the one made otherwise."""
+    ``worker``: one started earlier (:meth:`Worker.early`), closed here like the one made otherwise.  ``ray``: a
+    :class:`~vitedge.distributed.RayOptions`: the ranking's groups and the whole-model settings, independent of each
+    other, run as Ray tasks (the candidates that build on each other stay in the worker)."""
     t0 = time.perf_counter()
     with worker or Worker(scratch) as worker:
         worker.start()  # its imports (NNCF, OpenVINO, ONNX Runtime) overlap with preparing the images here
         s = _Search(src, fmt, _Arrays(scratch, calib_stream, ev), ev, scratch, target, bool(classifier), fixed_batch, final_name, worker, budget_s, t0, enforce)
+        s.ray = ray
         base_cfg = base_config
         err_console.print(f"[bold]INT8 default[/]: {base_cfg.describe()}")
         try:
@@ -751,6 +800,7 @@ def search(
         _deployed_default(first),
         s.settings,
         {k: round(v, 1) for k, v in s.phases.items()},
+        s.ray_items,
     )
 
 
@@ -836,35 +886,63 @@ def _settings_search(s: _Search, base_cfg: Int8Config, default: Row, ranking: li
         {name: base_cfg.but(**change) for name, change in SETTINGS if base_cfg.but(**change) != base_cfg and not (s.fmt == "onnx" and name in ONNX_UNSUPPORTED)}
     )
     err_console.print(f"[bold]INT8 settings[/]: each on {subset or 'all'} calibration images, against the default on the same images")
-    for k, (name, cfg) in enumerate(configs.items()):
+
+    def steps(k: int, cfg: Int8Config) -> list[tuple[str, dict]]:  # quantize on the subset, then score on the ranking images
+        folder = s.scratch / f"setting{k}"
+        base = folder / f"base{s.suffix}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        quantize = {
+            "source": str(s.src),
+            "fmt": s.fmt,
+            "config": cfg.to_dict(),
+            "calib": s.arrays.calib,
+            "out": str(base),
+            "count": subset,
+            "fixed_batch": s.fixed_batch,
+        }
+        measure = {
+            "fmt": s.fmt,
+            "model": str(folder / f"model{s.suffix}"),
+            "data": s.arrays.rank,
+            "out_dir": str(folder),
+            "variants": [score_variant],
+            "fixed_batch": s.fixed_batch,
+            "base": str(base),
+            "keep_float": [],
+            "keep": False,
+        }
+        return [("quantize_base", quantize), ("measure", measure)]
+
+    def record(name: str, cfg: Int8Config, res: dict | None, error: str | None, status: str = "failed") -> None:
+        if res is None:
+            s.settings[name] = {"config": cfg.to_dict(), "status": status, "error": (error or "")[:200], "divergence": None}
+            err_console.print(f"  setting '{name}': {status} ({(error or '')[:120]})", soft_wrap=True)
+            return
+        d = divergence(s.rank_ref or {}, _load_npz(res["variants"][0]["outputs"]), s.classifier)
+        s.settings[name] = {"config": cfg.to_dict(), "status": "ok", "divergence": d, "images": subset or s.arrays.calib_count}
+        err_console.print(f"  setting '{name}': divergence {d:.4g} on the ranking images", soft_wrap=True)
+
+    items = list(configs.items())
+    remote = s.on_ray([steps(k, cfg) for k, (_, cfg) in enumerate(items)], [f"setting '{name}'" for name, _ in items])
+    for k, (name, cfg) in enumerate(items):
+        if remote is not None:
+            got = remote[k]
+            record(name, cfg, got["results"][1] if "results" in got else None, got.get("error"))
+            continue
         if s.left() <= 5:
             note(f"INT8 search budget ({s.budget_s:.0f} s) used up before trying '{name}'; pass --search-budget to allow more")
             break
-        folder = s.scratch / f"setting{k}"
+        quantize, measure = (kw for _, kw in steps(k, cfg))
         try:
-            base, _, _ = s.quantize(cfg, folder.name, count=subset, timeout=max(5.0, min(SETTING_TIMEOUT_S, s.left())))
-            res = s._call(
-                "measure",
-                max(30.0, s.left()),
-                f"INT8 setting '{name}': measuring",
-                fmt=s.fmt,
-                model=str(folder / f"model{s.suffix}"),
-                data=s.arrays.rank,
-                out_dir=str(folder),
-                variants=[score_variant],
-                fixed_batch=s.fixed_batch,
-                base=base,
-                keep_float=[],
-                keep=False,
+            s._call(
+                "quantize_base",
+                max(5.0, min(SETTING_TIMEOUT_S, s.left())),
+                f"INT8: quantizing with {cfg.describe()} on {subset or s.arrays.calib_count} calibration images",
+                **quantize,
             )
+            record(name, cfg, s._call("measure", max(30.0, s.left()), f"INT8 setting '{name}': measuring", **measure), None)
         except (WorkerCrashed, WorkerTimeout, WorkerFailed) as exc:
-            status = _status(exc)
-            s.settings[name] = {"config": cfg.to_dict(), "status": status, "error": str(exc)[:200], "divergence": None}
-            err_console.print(f"  setting '{name}': {status} ({str(exc)[:120]})", soft_wrap=True)
-            continue
-        d = divergence(s.rank_ref, _load_npz(res["variants"][0]["outputs"]), s.classifier)
-        s.settings[name] = {"config": cfg.to_dict(), "status": "ok", "divergence": d, "images": subset or s.arrays.calib_count}
-        err_console.print(f"  setting '{name}': divergence {d:.4g} on the ranking images", soft_wrap=True)
+            record(name, cfg, None, str(exc), _status(exc))
     ref = (s.settings.get("default") or {}).get("divergence")
     tried = [(n, v["divergence"]) for n, v in s.settings.items() if n != "default" and v["divergence"] is not None]
     if ref is None or not tried or s.left() <= 5:
@@ -1004,6 +1082,10 @@ def add_attention(path_json: Path, path_md: Path, maps: dict) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def _ray_batch(b: dict) -> str:
+    return f"{b['items']} items in {b['seconds']:.0f} s on {len(b['nodes'])} node(s)"
+
+
 def _per_size_lines(result: FidelityResult) -> list[str]:
     """A dynamic-size model: the chosen candidate at each input size (the target holds at every one)."""
     per = result.chosen.metrics.get("per_size")
@@ -1048,6 +1130,7 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
         "ranking": result.ranking,
         "settings": result.settings,
         "phases_s": result.phases,
+        "ray": result.ray,
         "float_reference": result.reference.to_dict() if result.reference else None,
         "speedup_vs_float": result.speedup_vs_float,
         "max_float_mac_share": MAX_FLOAT_SHARE,
@@ -1063,6 +1146,7 @@ def write_table(result: FidelityResult, path_json: Path, path_md: Path, *, model
         ),
         f"- result: {result.summary()}",
         *([f"- time: {', '.join(f'{k} {v:.0f} s' for k, v in result.phases.items())}"] if result.phases else []),
+        *([f"- on Ray: {', '.join(_ray_batch(b) for b in result.ray)}"] if result.ray else []),
         "",
         (
             "| # | step | configuration | float MACs | float parts | engine batch | status | verdict | top-1 agreement | drop pp | min cosine "

@@ -24,6 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from .._io import commit_files, json_safe, save_onnx
 from ..backends.openvino import default_precision_hint
@@ -65,6 +66,7 @@ class Job:
     samples: int | None
     fixed_batch: int | None  # a fixed-batch model is fed batches of exactly that size
     worker: Worker | None = None  # the search's worker process, started early by the front door (``uses_worker``)
+    ray: Any = None  # distributed.RayOptions: the search's independent items as Ray tasks (``--ray``)
 
     @property
     def calib(self) -> ImageSet:
@@ -183,6 +185,7 @@ class NNCFQuantizer(Quantizer):
             float_candidate=job.precision == "auto",
             enforce=job.enforce,
             worker=job.worker,
+            ray=job.ray,
         )
         fid.copy_chosen(res, job.out, self.format)
         tj, tm = f"{job.output.name}.fidelity.json", f"{job.output.name}.fidelity.md"
