@@ -28,7 +28,7 @@ from vitedge.recipes import load_recipe, run_recipe, schema
 FLAGS = {
     "export": {"--opset", "--batch", "--img-size", "--calib", "--merge-tokens", "--merge-every", "--val", "--max-drop", "--backend", "--dynamic-size", "--min-size", "--max-size"},
     "quantize": {"--int8", "--fp16", "--auto", "--backend", "--calib", "--calib-samples", "--method", "--target-agreement",
-                 "--target-cosine", "--search-budget", "--max-drop", "--min-calib", "--val", "--seed", "--reference"},
+                 "--target-cosine", "--search-budget", "--max-drop", "--min-calib", "--val", "--seed", "--reference", "--ray"},
     "compile": {"--backend", "--batch", "--img-size", "--img-size-profile", "--threads", "--hint", "--precision-hint", "--device",
                 "--streams", "--blob", "--workspace-mb", "--profile", "--timing-cache"},
     "validate": {"--max-drop", "--min-speedup", "--reference-threads", "--strict", "--backend", "--precision-hint", "--ci-method",

@@ -317,7 +317,7 @@ def test_the_search_ranks_on_ray_as_it_does_here(token_model, tmp_path):
 
 def test_a_search_item_that_fails_costs_that_item_and_a_missing_file_is_named(tmp_path):
     from vitedge.errors import FileProblem
-    from vitedge.quantization.candidates import ray_calls
+    from vitedge.quantization.worker import ray_calls
 
     assert "error" in ray_calls({}, [("time_models", {"fmt": "onnx", "models": [{"path": str(tmp_path)}], "sample": []})])
     with pytest.raises(FileProblem, match="not on this Ray node"):

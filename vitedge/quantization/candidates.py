@@ -29,7 +29,6 @@ from .._io import needs_external_data, save_onnx
 from ..backends.base import pad_batch
 from ..backends.onnxruntime import session
 from ..backends.openvino import compiled_model, split_keepdims_reductions
-from ..errors import FileProblem, first_line
 from ..timing import Slot, flat_samples, interleaved
 from .nncf_int8 import Int8Config, float_names, quantize_nncf
 from .roles import graph_roles
@@ -447,33 +446,6 @@ def reference_outputs(fmt: str, source: str, data: Data, out: str, fixed_batch: 
     outs, _ = prepare(Path(source), fmt, [np.asarray(p) for p in _parts(data)], "f32" if fmt == "openvino" else None, fixed=fixed_batch)
     np.savez(out, **outs)  # type: ignore[arg-type]  # numpy's stub: any **key could be allow_pickle
     return out
-
-
-def ray_calls(job: Any, steps: list[tuple[str, dict]]) -> dict:
-    """A Ray task of the search (``--ray``): ``steps``, calls of :data:`CALLS` run in order in this task's process, and
-    their results (``{"results": [...]}``); ``{"error": ...}`` when a call fails, which costs that item only (the
-    search records it, as a crashed call of the local worker).  A file of the search that this node cannot see is
-    a :class:`~vitedge.errors.FileProblem`, raised: every task would fail alike (no shared filesystem)."""
-    made = {kw.get("out") for name, kw in steps if name == "quantize_base"}  # files an earlier step writes
-    needed = [kw[key] for _, kw in steps for key in ("source", "base") if isinstance(kw.get(key), str) and kw[key] not in made]
-    needed += [p for _, kw in steps for p in _data_paths(kw.get("data") or kw.get("calib"))]
-    missing = [p for p in needed if not Path(p).exists()]
-    if missing:
-        raise FileProblem(
-            f"the INT8 search's file {missing[0]} is not on this Ray node",
-            "put -o on a filesystem that every node mounts at the same path (docs/distributed.md)",
-        )
-    results = []
-    try:
-        for name, kw in steps:
-            results.append(CALLS[name](**{**(job or {}), **kw}))
-    except Exception as exc:  # a candidate that fails is one row of the table, as in the local worker
-        return {"error": first_line(exc)}
-    return {"results": results}
-
-
-def _data_paths(data: Data | None) -> list[str]:
-    return [] if data is None else [data] if isinstance(data, str) else list(data)
 
 
 CALLS: dict[str, Callable[..., Any]] = {"quantize_base": quantize_base, "measure": measure, "time_models": time_models, "reference_outputs": reference_outputs}

@@ -40,15 +40,16 @@ from typing import Any
 
 import numpy as np
 
-from .. import compare
+from .. import compare, distributed
 from .._io import json_safe
 from ..errors import VitedgeError, first_line
 from ..options import Target
+from ..sysinfo import instruction_sets
 from ..ui import err_console, note
 from .calibration import EvalSet
 from .nncf_int8 import Int8Config
 from .roles import Group, graph_roles, matrix_macs, merge, structural_groups
-from .worker import Worker, WorkerCrashed, WorkerFailed, WorkerTimeout
+from .worker import Worker, WorkerCrashed, WorkerFailed, WorkerTimeout, ray_calls
 
 QUANTIZE_TIMEOUT_S = 3600.0  # one NNCF quantization (the default one is never cut by the budget, only by this)
 SETTING_TIMEOUT_S = 900.0  # one whole-model setting's quantization: at most this, and never past the budget
@@ -641,10 +642,6 @@ class _Search:
         The tasks run on nodes whose instruction sets are this machine's (INT8 kernels differ with them)."""
         if self.ray is None or len(items) < 2 or self.left() <= 5:
             return None
-        from .. import distributed
-        from ..sysinfo import instruction_sets
-        from .candidates import ray_calls
-
         t0 = time.perf_counter()
         try:
             run = distributed.run_shards(

@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from ..errors import VitedgeError, first_line
+from ..errors import FileProblem, VitedgeError, first_line
 from ..ui import err_console
 
 START_TIMEOUT_S = 120.0  # importing NNCF, OpenVINO and ONNX Runtime on a busy machine
@@ -227,3 +227,32 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def ray_calls(job: Any, steps: list[tuple[str, dict]]) -> dict:
+    """A Ray task of the search (``--ray``): ``steps``, calls of :data:`CALLS` run in order in this task's process, and
+    their results (``{"results": [...]}``); ``{"error": ...}`` when a call fails, which costs that item only (the
+    search records it, as a crashed call of the local worker).  A file of the search that this node cannot see is
+    a :class:`~vitedge.errors.FileProblem`, raised: every task would fail alike (no shared filesystem)."""
+    made = {kw.get("out") for name, kw in steps if name == "quantize_base"}  # files an earlier step writes
+    needed = [kw[key] for _, kw in steps for key in ("source", "base") if isinstance(kw.get(key), str) and kw[key] not in made]
+    needed += [p for _, kw in steps for p in _data_paths(kw.get("data") or kw.get("calib"))]
+    missing = [p for p in needed if not Path(p).exists()]
+    if missing:
+        raise FileProblem(
+            f"the INT8 search's file {missing[0]} is not on this Ray node",
+            "put -o on a filesystem that every node mounts at the same path (docs/distributed.md)",
+        )
+    from .candidates import CALLS  # (as the worker's own process: only the process that runs candidates loads them)
+
+    results = []
+    try:
+        for name, kw in steps:
+            results.append(CALLS[name](**{**(job or {}), **kw}))
+    except Exception as exc:  # a candidate that fails is one row of the table, as in the local worker
+        return {"error": first_line(exc)}
+    return {"results": results}
+
+
+def _data_paths(data: str | list[str] | None) -> list[str]:
+    return [] if data is None else [data] if isinstance(data, str) else list(data)
