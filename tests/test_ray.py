@@ -332,7 +332,7 @@ def test_ray_is_refused_where_there_is_no_search(ref_onnx, tmp_path):
     assert "\n" not in str(err.value) and not (tmp_path / "h.onnx").exists()
 
 
-@pytest.mark.parametrize("size", [None, (48, 80)])
+@pytest.mark.parametrize("size", [pytest.param(None, marks=pytest.mark.e2e), (48, 80)])  # (the default suite keeps --size)
 def test_a_dynamic_size_engine_on_ray_gives_the_local_numbers(tmp_path_factory, val_dir, size):
     """--size reaches the shard tasks: each model is fed at that size there as here (without it, a dynamic-size engine
     at its own size, as here)."""
