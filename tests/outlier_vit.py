@@ -89,6 +89,18 @@ def write_outlier_images(folder: str | Path, n: int, seed: int) -> list[Path]:
     return paths
 
 
+def exported_case(model, folder: str | Path, name: str) -> Path:
+    """``model`` exported to ``folder/name.onnx`` beside 64 calibration (``calib/``) and 100 held-out (``val/``) photo
+    crops, as the search's tests use them; returns the ONNX path."""
+    from vitedge import export_onnx
+
+    folder = Path(folder)
+    path, _ = export_onnx(model, folder / f"{name}.onnx")
+    write_outlier_images(folder / "calib", 64, 1)
+    write_outlier_images(folder / "val", 100, 2)
+    return path
+
+
 def onnx_node_modules(onnx_path: str | Path) -> dict[str, str]:
     """MatMul/Gemm/Conv node name -> module path (``blocks.1.attn.qkv``; ``blocks.1.attn/matmul_2`` for the
     attention core), from the exporter's metadata.  OpenVINO friendly names are the ONNX node names

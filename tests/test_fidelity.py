@@ -270,16 +270,13 @@ def test_shared_qdq_pairs_are_dedicated_so_onnx_runtime_runs_integer_matmuls(tmp
 @pytest.fixture(scope="module")
 def outlier_case(tmp_path_factory):
     """The outlier ViT exported to ONNX, 64 calibration and 100 held-out photo crops (folders and preprocessed arrays)."""
-    from outlier_vit import outlier_vit, write_outlier_images
+    from outlier_vit import exported_case, outlier_vit
 
-    from vitedge import export_onnx
     from vitedge.data import ImageSet
     from vitedge.manifest import Manifest
 
     d = tmp_path_factory.mktemp("outliers")
-    path, _ = export_onnx(outlier_vit(0), d / "outlier.onnx")
-    write_outlier_images(d / "calib", 64, 1)
-    write_outlier_images(d / "val", 100, 2)
+    path = exported_case(outlier_vit(0), d, "outlier")
     pre = Manifest.find(path)[1].preprocessing_obj
     xc, xv = (ImageSet.from_path(d / k).load_all(pre).x for k in ("calib", "val"))
     return path, d, xc, xv, _run_ort(path, xv)

@@ -284,15 +284,10 @@ def test_without_ray_flag_ray_is_never_imported(ref_onnx, val_dir, tmp_path):
 @pytest.fixture(scope="module")
 def token_model(tmp_path_factory):
     """The token-outlier ViT (its default INT8 misses the target, so the search ranks its groups) and its photo crops."""
-    from outlier_vit import token_outlier_vit, write_outlier_images
-
-    from vitedge import export_onnx
+    from outlier_vit import exported_case, token_outlier_vit
 
     d = tmp_path_factory.mktemp("token")
-    path, _ = export_onnx(token_outlier_vit(0), d / "token.onnx")
-    write_outlier_images(d / "calib", 64, 1)
-    write_outlier_images(d / "val", 100, 2)
-    return path, d
+    return exported_case(token_outlier_vit(0), d, "token"), d
 
 
 @pytest.mark.e2e  # two searches of tens of seconds each

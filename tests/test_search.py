@@ -22,16 +22,13 @@ TARGET = 0.98  # vitedge's default: top-1 agreement with FP32 on held-out images
 def token_case(tmp_path_factory):
     """The token-outlier ViT exported to ONNX, 64 calibration and 100 held-out photo crops (folders, preprocessed
     arrays, the calibration as the search's .npy) and the FP32 logits on the held-out images."""
-    from outlier_vit import token_outlier_vit, write_outlier_images
+    from outlier_vit import exported_case, token_outlier_vit
 
-    from vitedge import export_onnx
     from vitedge.data import ImageSet
     from vitedge.manifest import Manifest
 
     d = tmp_path_factory.mktemp("token")
-    path, _ = export_onnx(token_outlier_vit(0), d / "token.onnx")
-    write_outlier_images(d / "calib", 64, 1)
-    write_outlier_images(d / "val", 100, 2)
+    path = exported_case(token_outlier_vit(0), d, "token")
     pre = Manifest.find(path)[1].preprocessing_obj
     xc, xv = (ImageSet.from_path(d / k).load_all(pre).x for k in ("calib", "val"))
     np.save(d / "calib.npy", xc)
