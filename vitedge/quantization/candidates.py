@@ -32,6 +32,7 @@ from ..backends.openvino import compiled_model, split_keepdims_reductions
 from ..timing import Slot, flat_samples, interleaved
 from .nncf_int8 import Int8Config, float_names, quantize_nncf
 from .roles import graph_roles
+from .worker import data_paths
 
 _cache: dict[tuple, Any] = {}  # this process's loaded models and arrays (the worker lives for one search)
 
@@ -49,7 +50,7 @@ Data = str | list[str]
 
 def _parts(data: Data, count: int | None = None) -> list[np.ndarray]:
     """The arrays of ``data``, one per input size; ``count``: the first ``count`` images, taken evenly from the sizes."""
-    parts = [_array(p) for p in ([data] if isinstance(data, str) else data)]
+    parts = [_array(p) for p in data_paths(data)]
     if count:
         per = -(-count // len(parts))
         parts = [x[:per] for x in parts]

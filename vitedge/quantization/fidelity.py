@@ -49,7 +49,7 @@ from ..ui import err_console, note
 from .calibration import EvalSet
 from .nncf_int8 import Int8Config
 from .roles import Group, graph_roles, matrix_macs, merge, structural_groups
-from .worker import Worker, WorkerCrashed, WorkerFailed, WorkerTimeout, ray_calls
+from .worker import Worker, WorkerCrashed, WorkerFailed, WorkerTimeout, data_paths, ray_calls
 
 QUANTIZE_TIMEOUT_S = 3600.0  # one NNCF quantization (the default one is never cut by the budget, only by this)
 SETTING_TIMEOUT_S = 900.0  # one whole-model setting's quantization: at most this, and never past the budget
@@ -295,17 +295,13 @@ class _Arrays:
         self.dir = scratch
         self.calib = _to_npy(scratch / "calib.npy", calib_stream)
         self.eval = _to_npy(scratch / "eval.npy", ev.batches(32))
-        calib = [np.load(p, mmap_mode="r") for p in _paths(self.calib)]
+        calib = [np.load(p, mmap_mode="r") for p in data_paths(self.calib)]
         self.calib_count = sum(len(x) for x in calib)
         per = -(-RANK_IMAGES // len(calib))  # the ranking's images: as many of each size
-        ranks = [scratch / f"rank{Path(p).name.removeprefix('calib')}" for p in _paths(self.calib)]
+        ranks = [scratch / f"rank{Path(p).name.removeprefix('calib')}" for p in data_paths(self.calib)]
         for x, path in zip(calib, ranks, strict=True):
             np.save(path, np.asarray(x[:per]))
         self.rank: str | list[str] = str(ranks[0]) if isinstance(self.calib, str) else [str(r) for r in ranks]
-
-
-def _paths(data: str | list[str]) -> list[str]:
-    return [data] if isinstance(data, str) else list(data)
 
 
 def _to_npy(path: Path, batches) -> str | list[str]:

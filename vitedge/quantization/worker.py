@@ -236,7 +236,7 @@ def ray_calls(job: Any, steps: list[tuple[str, dict]]) -> dict:
     a :class:`~vitedge.errors.FileProblem`, raised: every task would fail alike (no shared filesystem)."""
     made = {kw.get("out") for name, kw in steps if name == "quantize_base"}  # files an earlier step writes
     needed = [kw[key] for _, kw in steps for key in ("source", "base") if isinstance(kw.get(key), str) and kw[key] not in made]
-    needed += [p for _, kw in steps for p in _data_paths(kw.get("data") or kw.get("calib"))]
+    needed += [p for _, kw in steps for p in data_paths(kw.get("data") or kw.get("calib"))]
     missing = [p for p in needed if not Path(p).exists()]
     if missing:
         raise FileProblem(
@@ -254,5 +254,6 @@ def ray_calls(job: Any, steps: list[tuple[str, dict]]) -> dict:
     return {"results": results}
 
 
-def _data_paths(data: str | list[str] | None) -> list[str]:
+def data_paths(data: str | list[str] | None) -> list[str]:
+    """The ``.npy`` files of a set of preprocessed images: one, or one per input size (``candidates.Data``)."""
     return [] if data is None else [data] if isinstance(data, str) else list(data)
